@@ -1,0 +1,2424 @@
+#!/usr/bin/env python3
+"""ductwork.py: durable multi-step pipelines on SQLite or PostgreSQL, in one file.
+
+A map of this module, top to bottom (search for the ``# ===`` banners):
+
+    errors & constants   exception classes, version
+    logging              text/JSON log lines, password masking
+    config               YAML sections, strict validation, override maps
+    storage              SQLite / pg8000 connections, SQL dialects, migrations, every SQL statement
+    definitions          Step, Pipeline, the definition builder and its graph
+    engine               trigger, claim, commit, advance, hand back, reap, revive, Run
+    runners              job worker / advancer threads, heartbeats, one process runtime
+    supervisor           the pre-fork process manager (single-threaded selectors loop)
+    cli                  argument parsing and the commands
+
+Every unit of work is a database row. A worker claims a step row, runs it, and commits
+its result only if it still holds the claim (fencing); an advancer claims a branch row
+whose step finished and writes the next step rows in one transaction.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import queue
+import random
+import re
+import selectors
+import signal
+import socket
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.parse
+import uuid
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+__version__ = "0.1.0"
+
+if __name__ == "__main__":
+    # `python ductwork.py` runs this file as __main__; app code that does `import ductwork`
+    # must get this very module (one registry of pipelines and hooks), not a second copy.
+    sys.modules.setdefault("ductwork", sys.modules[__name__])
+
+__all__ = [
+    "Step", "Pipeline", "Run", "StepRecord", "RunContext", "StepContext",
+    "DuctworkError", "DefinitionError", "ConfigError", "ContextError", "StepOutputError",
+    "configure", "validate", "current_step", "healthy", "migrate", "main",
+    "on_supervisor_start", "on_supervisor_stop", "on_advancer_start", "on_advancer_stop",
+    "on_worker_start", "on_worker_stop", "__version__",
+]
+
+# =====================================================================================
+# errors & constants
+# =====================================================================================
+
+
+class DuctworkError(Exception):
+    """Base class of every error ductwork raises on purpose."""
+
+
+class DefinitionError(DuctworkError):
+    """A pipeline definition is wrong (raised at import/define time)."""
+
+
+class ConfigError(DuctworkError):
+    """Configuration or usage is wrong; the CLI prints it on one line and exits 2."""
+
+
+class ContextError(DuctworkError):
+    """A write-once context key was set again with a different value."""
+
+
+class StepOutputError(DuctworkError):
+    """A step returned something that is not JSON."""
+
+
+class FaultInjected(DuctworkError):
+    """Raised by the fault hook's ``raise`` action (tests only)."""
+
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+# Halt reasons (SPEC §9).
+JOB_RETRIES_EXHAUSTED = "job_retries_exhausted"
+JOB_CRASHES_EXHAUSTED = "job_crashes_exhausted"
+CONDITION_UNMATCHED = "condition_unmatched"
+MAX_FANOUT_EXCEEDED = "max_fanout_exceeded"
+ADVANCER_RETRIES_EXHAUSTED = "advancer_retries_exhausted"
+TRANSITION_INVALID = "transition_invalid"
+DEFINITION_CHANGED = "definition_changed"
+
+# =====================================================================================
+# logging: one line per event, text or JSON, with pid/role/pipeline; secrets masked
+# =====================================================================================
+
+log = logging.getLogger("ductwork")
+_SECRETS: set[str] = set()
+_PROCESS_ROLE = {"role": "app"}
+
+
+def _remember_secret(secret: str | None) -> None:
+    if secret:
+        _SECRETS.add(secret)
+        _SECRETS.add(urllib.parse.quote(secret, safe=""))
+
+
+def mask(text: str) -> str:
+    """Replace every known password in ``text`` with ``***``."""
+    for secret in _SECRETS:
+        if secret and secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, fmt: str):
+        super().__init__()
+        self.json = fmt == "json"
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        fields = {key: getattr(record, key) for key in ("pipeline", "run", "step") if getattr(record, key, None) is not None}
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + ".%03dZ" % record.msecs
+        role = _PROCESS_ROLE["role"]
+        if self.json:
+            out = {"ts": ts, "level": record.levelname.lower(), "pid": record.process, "role": role,
+                   "thread": record.threadName, "msg": message, **fields}
+            return mask(json.dumps(out, default=str))
+        extra = "".join(f" {k}={v}" for k, v in fields.items())
+        return mask(f"{ts} {record.levelname:<7} [{record.process} {role} {record.threadName}] {message}{extra}")
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    """Send ductwork's log lines to stdout in the configured format (idempotent)."""
+    for handler in list(log.handlers):
+        if getattr(handler, "_ductwork", False):
+            log.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stdout)
+    handler._ductwork = True  # type: ignore[attr-defined]
+    handler.setFormatter(_Formatter(fmt))
+    log.addHandler(handler)
+    log.setLevel(level.upper())
+    log.propagate = False
+
+# =====================================================================================
+# config: YAML environment sections, strict validation, per-pipeline/per-step overrides
+# =====================================================================================
+
+DEFAULT_CONFIG_PATH = "config/ductwork.yml"
+DEFAULT_DATABASE_URL = "sqlite:///ductwork.sqlite3"
+ROLES = ("all", "supervisor", "advancer", "worker")
+
+
+def _fail(path: str, problem: str) -> None:
+    raise ConfigError(f"config key '{path}' {problem}")
+
+
+def _number(minimum: float, *, integer: bool = False, allow: tuple = ()) -> Callable[[str, Any], Any]:
+    """A validator for a number >= minimum (or one of ``allow``); bools are not numbers."""
+    kind = "a whole number" if integer else "a number"
+
+    def check(path: str, value: Any) -> Any:
+        ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok_type:
+            _fail(path, f"must be {kind} >= {minimum}{' or ' + ', '.join(map(str, allow)) if allow else ''}, got {value!r}")
+        if value < minimum and value not in allow:
+            _fail(path, f"must be >= {minimum}{' or ' + ', '.join(map(str, allow)) if allow else ''}, got {value!r}")
+        return value
+    return check
+
+
+def _choice(*choices: str) -> Callable[[str, Any], Any]:
+    def check(path: str, value: Any) -> Any:
+        if value not in choices:
+            _fail(path, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+    return check
+
+
+def _string(path: str, value: Any) -> Any:
+    if not isinstance(value, str) or not value:
+        _fail(path, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _names(path: str, value: Any) -> Any:
+    """A string or a list of strings (``app``)."""
+    if isinstance(value, str) and value:
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return value
+    _fail(path, f"must be a string or a list of strings, got {value!r}")
+
+
+def _pipelines(path: str, value: Any) -> Any:
+    if value == "*":
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return value
+    _fail(path, f"must be \"*\" or a list of pipeline names, got {value!r}")
+
+
+class _Override:
+    """A value that may be a scalar or a map ``{default: v, Pipeline: v | {default: v, Step: v}}``."""
+
+    def __init__(self, check: Callable[[str, Any], Any], default: Any, per_step: bool = True):
+        self.check, self.default, self.per_step = check, default, per_step
+
+    def validate(self, path: str, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return self.check(path, value)
+        for key, sub in value.items():
+            if not isinstance(key, str):
+                _fail(f"{path}.{key}", "must be named by a string (default or a pipeline name)")
+            if isinstance(sub, dict) and key != "default":
+                if not self.per_step:
+                    _fail(f"{path}.{key}", "takes one value per pipeline, not per step")
+                for step, v in sub.items():
+                    self.check(f"{path}.{key}.{step}", v)
+            else:
+                self.check(f"{path}.{key}", sub)
+        return value
+
+
+SCHEMA: dict[str, Any] = {
+    "app": (_names, None),
+    "database_url": (_string, DEFAULT_DATABASE_URL),
+    "role": (_choice(*ROLES), "all"),
+    "pipelines": (_pipelines, "*"),
+    "forking": (_choice("default", "none"), "default"),
+    "logger": {
+        "level": (_choice("debug", "info", "warning", "error"), "info"),
+        "format": (_choice("text", "json"), "text"),
+    },
+    "job_worker": {
+        "count": _Override(_number(1, integer=True), 5, per_step=False),
+        "max_retry": _Override(_number(0, integer=True), 3),
+        "retry_delay": _Override(_number(0), 10),
+        "max_crash": _Override(_number(0, integer=True), 10),
+        "polling_timeout": _Override(_number(0.001), 1, per_step=False),
+        "shutdown_timeout": (_number(0), 20),
+    },
+    "pipeline_advancer": {
+        "count": _Override(_number(1, integer=True), 1, per_step=False),
+        "max_retry": _Override(_number(0, integer=True), 10),
+        "polling_timeout": _Override(_number(0.001), 1, per_step=False),
+        "shutdown_timeout": (_number(0), 20),
+        "steps": {"max_depth": _Override(_number(0, integer=True, allow=(-1,)), -1)},
+    },
+    "supervisor": {
+        "polling_timeout": (_number(0.001), 1),
+        "shutdown_timeout": (_number(0), 30),
+        "heartbeat_interval": (_number(0.01), 5),
+        "hang_timeout": (_number(0.1), 60),
+        "reaper_timeout": (_number(0.1), 60),
+        "max_boot_failures": (_number(0, integer=True), 10),
+    },
+    "healthcheck": {"max_age": (_number(0.001), 300)},
+}
+
+
+def _schema_defaults(schema: dict) -> dict:
+    out: dict[str, Any] = {}
+    for key, spec in schema.items():
+        if isinstance(spec, dict):
+            out[key] = _schema_defaults(spec)
+        elif isinstance(spec, _Override):
+            out[key] = spec.default
+        else:
+            out[key] = spec[1]
+    return out
+
+
+def _validate_tree(schema: dict, data: Any, prefix: str = "") -> dict:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '(top level)'}' must be a mapping, got {data!r}")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            near = difflib.get_close_matches(str(key), list(schema), n=1)
+            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else f" (valid keys: {', '.join(schema)})"
+            raise ConfigError(f"unknown config key '{path}'{hint}")
+        spec = schema[key]
+        if isinstance(spec, dict):
+            out[key] = _validate_tree(spec, value, path + ".")
+        elif isinstance(spec, _Override):
+            out[key] = spec.validate(path, value)
+        else:
+            out[key] = spec[0](path, value)
+    return out
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not isinstance(SCHEMA.get(key), _Override):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@dataclasses.dataclass
+class Config:
+    """Validated configuration: ``get("job_worker.max_retry", pipeline, step)``."""
+
+    data: dict
+    path: str | None = None
+    environment: str = "development"
+
+    def get(self, key: str, pipeline: str | None = None, step: str | None = None) -> Any:
+        node: Any = self.data
+        spec: Any = SCHEMA
+        for part in key.split("."):
+            node, spec = node[part], spec[part]
+        if not isinstance(node, dict) or not isinstance(spec, _Override):
+            return node
+        candidates = []
+        per_pipeline = node.get(pipeline) if pipeline is not None else None
+        if isinstance(per_pipeline, dict):
+            if step is not None:
+                candidates.append(per_pipeline.get(step))
+            candidates.append(per_pipeline.get("default"))
+        else:
+            candidates.append(per_pipeline)
+        candidates.append(node.get("default"))
+        for value in candidates:
+            if value is not None:  # zero is a real value, None means "not given here"
+                return value
+        return spec.default
+
+    @property
+    def role(self) -> str:
+        return "all" if self.data["role"] == "supervisor" else self.data["role"]
+
+    def warnings(self) -> list[str]:
+        out = []
+        worker, sup = self.get("job_worker.shutdown_timeout"), self.get("supervisor.shutdown_timeout")
+        if worker >= sup:
+            out.append(f"job_worker.shutdown_timeout ({worker}s) should be below supervisor.shutdown_timeout ({sup}s)")
+        if self.get("pipeline_advancer.shutdown_timeout") >= sup:
+            out.append("pipeline_advancer.shutdown_timeout should be below supervisor.shutdown_timeout")
+        if self.get("supervisor.reaper_timeout") <= self.get("supervisor.heartbeat_interval"):
+            out.append("supervisor.reaper_timeout should be several heartbeat_interval long")
+        if self.get("healthcheck.max_age") <= self.get("supervisor.heartbeat_interval"):
+            out.append("healthcheck.max_age should be longer than supervisor.heartbeat_interval")
+        return out
+
+
+def _read_yaml(path: str) -> Any:
+    import yaml  # PyYAML; only safe_load is ever used
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"invalid YAML in {path}{at}: {problem}") from None
+
+
+def _select_section(doc: Any, path: str, env_name: str) -> dict:
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    if any(key in SCHEMA for key in doc):  # a flat file: config keys at the top
+        return doc
+    if env_name in doc:
+        section = doc[env_name]
+    elif "default" in doc:
+        section = doc["default"]
+    else:
+        raise ConfigError(f"config file {path} has no section '{env_name}' and no 'default' section "
+                          f"(sections: {', '.join(map(str, doc))})")
+    return section or {}
+
+
+def load_config(path: str | None = None, overrides: dict | None = None,
+                environ: dict | None = None, data: dict | None = None) -> Config:
+    """Build the configuration: flag ``overrides`` > environment > file (or ``data``) > defaults."""
+    env = os.environ if environ is None else environ
+    env_name = env.get("DUCTWORK_ENV") or "development"
+    if path is None and data is None and os.path.exists(DEFAULT_CONFIG_PATH):
+        path = DEFAULT_CONFIG_PATH
+    file_data = _select_section(_read_yaml(path), path, env_name) if path else (data or {})
+    merged = _deep_merge(_schema_defaults(SCHEMA), _validate_tree(SCHEMA, file_data))
+    from_env: dict[str, Any] = {}
+    if env.get("DUCTWORK_ROLE"):
+        from_env["role"] = env["DUCTWORK_ROLE"].strip()
+    url = env.get("DUCTWORK_DATABASE_URL") or env.get("DATABASE_URL")
+    if url:
+        from_env["database_url"] = url
+    if env.get("DUCTWORK_APP"):
+        from_env["app"] = [a for a in re.split(r"[,\s]+", env["DUCTWORK_APP"]) if a]
+    for source in (from_env, {k: v for k, v in (overrides or {}).items() if v is not None}):
+        merged = _deep_merge(merged, _validate_tree(SCHEMA, source))
+    config = Config(merged, path, env_name)
+    parse_database_url(config.data["database_url"])  # fail early on a bad URL
+    return config
+
+# =====================================================================================
+# storage: connections (SQLite or pg8000), one dialect layer, migrations
+# =====================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseInfo:
+    dialect: str                # "sqlite" | "postgres"
+    path: str = ""              # sqlite file
+    host: str = "localhost"
+    port: int = 5432
+    user: str = "postgres"
+    password: str | None = dataclasses.field(default=None, repr=False)
+    database: str = "postgres"
+    sslmode: str = "prefer"
+    connect_timeout: float = 5.0
+
+    @property
+    def display(self) -> str:
+        if self.dialect == "sqlite":
+            return f"sqlite:///{self.path}"
+        return f"postgresql://{self.user}{':***' if self.password else ''}@{self.host}:{self.port}/{self.database}"
+
+
+def parse_database_url(url: str) -> DatabaseInfo:
+    """Parse ``sqlite:///rel.db``, ``sqlite:////abs.db`` or ``postgres[ql]://user:pass@host:port/db?sslmode=...``."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme == "sqlite":
+        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+        if not path:
+            raise ConfigError(f"invalid SQLite URL {url!r}: use sqlite:///relative.db or sqlite:////absolute.db")
+        return DatabaseInfo("sqlite", path=path)
+    if parsed.scheme in ("postgres", "postgresql"):
+        password = urllib.parse.unquote(parsed.password) if parsed.password else os.environ.get("PGPASSWORD")
+        _remember_secret(password)
+        query = dict(urllib.parse.parse_qsl(parsed.query))
+        sslmode = query.pop("sslmode", "prefer")
+        if sslmode not in ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"):
+            raise ConfigError(f"invalid sslmode {sslmode!r} in database_url")
+        timeout = float(query.pop("connect_timeout", 5))
+        try:
+            port = parsed.port or 5432
+        except ValueError:
+            raise ConfigError("invalid port in database_url") from None
+        return DatabaseInfo("postgres", host=parsed.hostname or "localhost", port=port,
+                            user=urllib.parse.unquote(parsed.username or "") or os.environ.get("PGUSER", "postgres"),
+                            password=password, database=(parsed.path or "/").lstrip("/") or "postgres",
+                            sslmode=sslmode, connect_timeout=timeout)
+    raise ConfigError(f"unsupported database_url scheme {parsed.scheme!r} (use sqlite:/// or postgresql://)")
+
+
+class DatabaseUnavailable(DuctworkError):
+    """The database could not be reached (connection refused, dropped, timed out)."""
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    if isinstance(exc, (OSError, DatabaseUnavailable)):
+        return True
+    name = type(exc).__name__
+    if name == "InterfaceError":
+        return True
+    text = str(exc)
+    # 57P01 admin shutdown / terminate_backend, 57P02/57P03 crash or startup, 08xxx connection class
+    return any(code in text for code in ("57P01", "57P02", "57P03", "'08")) or "network error" in text
+
+
+class Tx:
+    """One open transaction: ``all``/``one``/``run`` statements written with ``?`` and ``{now}``."""
+
+    def __init__(self, store: "Store", conn: Any):
+        self.store, self.conn = store, conn
+
+    def _cursor(self, sql: str, params: Sequence) -> Any:
+        cur = self.conn.cursor()
+        cur.execute(self.store.sql(sql), tuple(params))
+        return cur
+
+    def all(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        cur = self._cursor(sql, params)
+        return [tuple(r) for r in cur.fetchall()] if cur.description else []
+
+    def one(self, sql: str, params: Sequence = ()) -> tuple | None:
+        rows = self.all(sql, params)
+        return rows[0] if rows else None
+
+    def run(self, sql: str, params: Sequence = ()) -> int:
+        """Execute; return the affected row count."""
+        return self._cursor(sql, params).rowcount
+
+    def notify(self, channel: str, payload: str = "") -> None:
+        self.store.notify_in(self, channel, payload)
+
+
+class Store:
+    """Connections to one database, one per thread, reopened after fork or failure."""
+
+    NOW = {"sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
+           "postgres": "(extract(epoch from clock_timestamp())::float8)"}
+
+    def __init__(self, url: str):
+        self.url = url
+        self.info = parse_database_url(url)
+        self.dialect = self.info.dialect
+        self._local = threading.local()
+        self._pid = os.getpid()
+        self._sql: dict[str, str] = {}
+        self.notify_hook: Callable[[str, str], None] | None = None  # in-process wake-ups
+
+    # -- connections ------------------------------------------------------------------
+    def _connect(self) -> Any:
+        if self.dialect == "sqlite":
+            conn = sqlite3.connect(self.info.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            return conn
+        try:
+            import pg8000.dbapi
+        except ImportError:
+            raise ConfigError("PostgreSQL URLs need pg8000: pip install pg8000") from None
+        ssl_context: Any = None
+        if self.info.sslmode in ("require", "verify-ca", "verify-full"):
+            import ssl
+            ssl_context = ssl.create_default_context()
+            if self.info.sslmode == "require":
+                ssl_context.check_hostname = False
+                ssl_context.verify_mode = ssl.CERT_NONE
+        try:
+            return pg8000.dbapi.connect(user=self.info.user, password=self.info.password, host=self.info.host,
+                                        port=self.info.port, database=self.info.database,
+                                        timeout=self.info.connect_timeout, ssl_context=ssl_context,
+                                        application_name="ductwork")
+        except Exception as exc:
+            raise DatabaseUnavailable(mask(f"cannot connect to {self.info.display}: {exc}")) from None
+
+    def connection(self) -> Any:
+        if os.getpid() != self._pid:
+            # After fork: never touch the parent's connections (closing a Postgres one would
+            # end the parent's session); forget them and open our own.
+            self._local = threading.local()
+            self._pid = os.getpid()
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    def discard(self) -> None:
+        """Drop this thread's connection (after an error that may have broken it)."""
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None and os.getpid() == self._pid:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    close = discard
+
+    @contextlib.contextmanager
+    def tx(self, write: bool = True) -> Iterator[Tx]:
+        conn = self.connection()
+        try:
+            if self.dialect == "sqlite":
+                # IMMEDIATE takes the write lock up front: no deadlocking lock upgrades.
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            t = Tx(self, conn)
+            t.pending = []  # type: ignore[attr-defined]
+            yield t
+            conn.commit()
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                conn.rollback()
+            if _is_connection_error(exc) or (self.dialect == "postgres" and not isinstance(exc, DuctworkError)):
+                self.discard()
+            if _is_connection_error(exc) and not isinstance(exc, DatabaseUnavailable):
+                raise DatabaseUnavailable(mask(f"database error: {exc}")) from exc
+            raise
+        for channel, payload in t.pending:  # type: ignore[attr-defined]
+            if self.notify_hook:
+                self.notify_hook(channel, payload)
+
+    def notify_in(self, t: Tx, channel: str, payload: str) -> None:
+        """Wake-up hint delivered on commit: NOTIFY on Postgres, in-process hook always."""
+        if self.dialect == "postgres":
+            t.run("SELECT pg_notify(?, ?)", (channel, payload))
+        t.pending.append((channel, payload))  # type: ignore[attr-defined]
+
+    def sql(self, text: str) -> str:
+        out = self._sql.get(text)
+        if out is None:
+            out = text.replace("{now}", self.NOW[self.dialect])
+            if self.dialect == "postgres":
+                out = out.replace("?", "%s").replace("{skip_locked}", "FOR UPDATE SKIP LOCKED")
+            else:
+                out = out.replace("{skip_locked}", "")
+            self._sql[text] = out
+        return out
+
+    def now(self) -> float:
+        """The database server's clock, epoch seconds."""
+        with self.tx(write=False) as t:
+            return float(t.one("SELECT {now}")[0])
+
+
+# -- migrations ------------------------------------------------------------------------
+# Each migration is a list of statements with {pk}/{float} type placeholders; never
+# "drop and recreate". Applied under a lock (advisory lock / SQLite write lock), so
+# concurrent `migrate` runs are safe.
+
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (1, [
+        """CREATE TABLE ductwork_processes (
+            id {pk}, pid INTEGER NOT NULL, machine_identifier TEXT NOT NULL, role TEXT NOT NULL,
+            pipelines TEXT NOT NULL DEFAULT '', parent_id BIGINT, state TEXT NOT NULL DEFAULT 'running',
+            restarts INTEGER NOT NULL DEFAULT 0, info TEXT NOT NULL DEFAULT '{}',
+            started_at {float} NOT NULL, last_heartbeat_at {float} NOT NULL)""",
+        "CREATE INDEX ductwork_processes_machine ON ductwork_processes (machine_identifier, role)",
+        """CREATE TABLE ductwork_definitions (
+            hash TEXT PRIMARY KEY, pipeline TEXT NOT NULL, body TEXT NOT NULL, created_at {float} NOT NULL)""",
+        """CREATE TABLE ductwork_runs (
+            id {pk}, pipeline TEXT NOT NULL, definition TEXT NOT NULL, status TEXT NOT NULL,
+            input TEXT NOT NULL, output TEXT, halt_reasons TEXT NOT NULL DEFAULT '[]',
+            halt_epoch INTEGER NOT NULL DEFAULT 0, halt_notified INTEGER NOT NULL DEFAULT 0,
+            created_at {float} NOT NULL, updated_at {float} NOT NULL, finished_at {float})""",
+        "CREATE INDEX ductwork_runs_pipeline_status ON ductwork_runs (pipeline, status)",
+        """CREATE TABLE ductwork_branches (
+            id {pk}, run_id BIGINT NOT NULL, pipeline TEXT NOT NULL, definition TEXT NOT NULL,
+            parent_id BIGINT, origin_step_id BIGINT, position INTEGER NOT NULL DEFAULT 0,
+            node INTEGER NOT NULL, status TEXT NOT NULL, expected INTEGER NOT NULL DEFAULT 0,
+            arrived INTEGER NOT NULL DEFAULT 0, output TEXT, halt_reason TEXT,
+            claimed_by BIGINT, claim_token TEXT, claimed_at {float},
+            advance_failures INTEGER NOT NULL DEFAULT 0, available_at {float} NOT NULL,
+            created_at {float} NOT NULL, updated_at {float} NOT NULL)""",
+        "CREATE INDEX ductwork_branches_advance ON ductwork_branches (pipeline, available_at) WHERE status = 'advance'",
+        "CREATE INDEX ductwork_branches_claimed ON ductwork_branches (claimed_by) WHERE status = 'advancing'",
+        "CREATE INDEX ductwork_branches_origin ON ductwork_branches (origin_step_id, position)",
+        "CREATE INDEX ductwork_branches_run ON ductwork_branches (run_id)",
+        """CREATE TABLE ductwork_steps (
+            id {pk}, run_id BIGINT NOT NULL, branch_id BIGINT NOT NULL, pipeline TEXT NOT NULL,
+            node INTEGER NOT NULL, name TEXT NOT NULL, status TEXT NOT NULL, input TEXT NOT NULL,
+            output TEXT, attempts INTEGER NOT NULL DEFAULT 0, crashes INTEGER NOT NULL DEFAULT 0,
+            error TEXT, halt_reason TEXT, claimed_by BIGINT, claim_token TEXT, claimed_at {float},
+            available_at {float} NOT NULL, created_at {float} NOT NULL, finished_at {float})""",
+        "CREATE INDEX ductwork_steps_queue ON ductwork_steps (pipeline, available_at) WHERE status = 'queued'",
+        "CREATE INDEX ductwork_steps_claimed ON ductwork_steps (claimed_by) WHERE status = 'running'",
+        "CREATE INDEX ductwork_steps_branch ON ductwork_steps (branch_id, id)",
+        "CREATE INDEX ductwork_steps_run ON ductwork_steps (run_id)",
+        """CREATE TABLE ductwork_executions (
+            id {pk}, step_id BIGINT NOT NULL, run_id BIGINT NOT NULL, process_id BIGINT,
+            attempt INTEGER NOT NULL, outcome TEXT NOT NULL, error TEXT,
+            started_at {float}, finished_at {float} NOT NULL)""",
+        "CREATE INDEX ductwork_executions_step ON ductwork_executions (step_id)",
+        """CREATE TABLE ductwork_context (
+            run_id BIGINT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (run_id, key))""",
+    ]),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+_TYPES = {"sqlite": {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "float": "REAL"},
+          "postgres": {"pk": "BIGSERIAL PRIMARY KEY", "float": "DOUBLE PRECISION"}}
+
+
+def migrate_store(store: Store) -> list[int]:
+    """Apply pending migrations; returns the versions applied (empty when up to date)."""
+    applied: list[int] = []
+    with store.tx() as t:
+        if store.dialect == "postgres":
+            t.run("SELECT pg_advisory_xact_lock(?)", (0x6475637477,))  # "ductw": one migrator at a time
+        t.run("CREATE TABLE IF NOT EXISTS ductwork_schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+        done = {row[0] for row in t.all("SELECT version FROM ductwork_schema_migrations")}
+        for version, statements in MIGRATIONS:
+            if version in done:
+                continue
+            for statement in statements:
+                t.run(statement.replace("{pk}", _TYPES[store.dialect]["pk"]).replace("{float}", _TYPES[store.dialect]["float"]))
+            t.run("INSERT INTO ductwork_schema_migrations (version, applied_at) VALUES (?, ?)",
+                  (version, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+            applied.append(version)
+    return applied
+
+
+def schema_is_current(store: Store) -> bool:
+    try:
+        with store.tx(write=False) as t:
+            row = t.one("SELECT max(version) FROM ductwork_schema_migrations")
+        return bool(row and row[0] == SCHEMA_VERSION)
+    except DatabaseUnavailable:
+        raise
+    except Exception:
+        return False
+
+# =====================================================================================
+# definitions: Step, Pipeline and the builder that turns define(p) into a graph
+# =====================================================================================
+# The graph is a list of nodes; node 0 is the start step. Each node names its step and
+# what happens after it ("after"):
+#   {"kind": "chain",  "next": n}
+#   {"kind": "expand", "child": n, "join": n | None}      one child branch per element
+#   {"kind": "divide", "children": [n, ...], "join": ...}  same input to every child
+#   {"kind": "divert", "cases": {"key": n, ..., "otherwise": n}, "join": ...}
+#   {"kind": "end"}                                        the branch is finished
+# A branch is one line of steps. A fan-out parks the branch and starts child branches;
+# when every child has finished, the join step (collapse/combine/converge) runs on the
+# parked branch with the children's outputs, or, with no join (a fan-out left open at
+# the end of the pipeline), the branch finishes with that list as its output.
+
+
+class Step:
+    """Subclass and implement ``execute(self, input)``; the return value must be JSON."""
+
+    context: "RunContext"
+    run_id: int
+    attempt: int
+    idempotency_key: str
+    step_id: int
+    pipeline: str
+
+    def execute(self, *args: Any) -> Any:  # pragma: no cover - always overridden
+        raise NotImplementedError(f"{type(self).__name__}.execute is not implemented")
+
+
+def _step_name(step: Any, pipeline: str) -> str:
+    if inspect.isclass(step):
+        if not issubclass(step, Step):
+            raise DefinitionError(f"pipeline {pipeline}: {step.__name__} is a class but not a ductwork.Step subclass")
+        if step.execute is Step.execute:
+            raise DefinitionError(f"pipeline {pipeline}: step {step.__name__} does not define execute()")
+        return step.__name__
+    if callable(step) and hasattr(step, "__name__"):
+        if step.__name__ == "<lambda>":
+            raise DefinitionError(f"pipeline {pipeline}: a lambda cannot be a step (it has no stable name); use a def")
+        return step.__name__
+    raise DefinitionError(f"pipeline {pipeline}: {step!r} is not a ductwork.Step subclass or a function")
+
+
+@dataclasses.dataclass
+class _Frame:
+    """An open fan-out on a builder handle's stack."""
+    kind: str          # expand | divide | divert
+    node: int          # the node whose step fans out
+
+
+class Handle:
+    """The tip of one line of a definition; transitions move it forward and return it."""
+
+    def __init__(self, builder: "Builder", tip: int, stack: list[_Frame]):
+        self._b, self._tip, self._stack = builder, tip, stack
+        self._group: Group | None = None   # set on the handles of a divide/divert
+        self._closed = False
+
+    def _live(self, what: str) -> None:
+        if self._closed:
+            raise DefinitionError(f"pipeline {self._b.name}: {what} on a branch that was already combined/converged or divided")
+
+    def chain(self, to: Any) -> "Handle":
+        self._live("chain")
+        self._tip = self._b.link(self._tip, {"kind": "chain"}, to, "next")
+        return self
+
+    def expand(self, to: Any) -> "Handle":
+        self._live("expand")
+        parent = self._tip
+        self._tip = self._b.link(parent, {"kind": "expand", "join": None}, to, "child")
+        self._stack = self._stack + [_Frame("expand", parent)]
+        return self
+
+    def collapse(self, into: Any) -> "Handle":
+        self._live("collapse")
+        if not self._stack or self._stack[-1].kind != "expand":
+            raise DefinitionError(f"pipeline {self._b.name}: collapse without a matching expand")
+        frame = self._stack[-1]
+        self._b.end(self._tip)
+        self._tip = self._b.join(frame.node, into)
+        self._stack = self._stack[:-1]
+        return self
+
+    def divide(self, to: Sequence[Any]) -> "Group":
+        self._live("divide")
+        if not isinstance(to, (list, tuple)) or len(to) < 1:
+            raise DefinitionError(f"pipeline {self._b.name}: divide(to=...) needs a non-empty list of steps")
+        parent = self._tip
+        children = [self._b.add(step) for step in to]
+        self._b.nodes[parent]["after"] = {"kind": "divide", "children": children, "join": None}
+        return self._fan_out("divide", parent, children, [str(i) for i in range(len(children))])
+
+    def divert(self, to: dict) -> "Group":
+        self._live("divert")
+        if not isinstance(to, dict) or not to:
+            raise DefinitionError(f"pipeline {self._b.name}: divert(to=...) needs a mapping of keys to steps")
+        if "otherwise" not in to:
+            raise DefinitionError(f"pipeline {self._b.name}: divert without an 'otherwise' branch")
+        parent = self._tip
+        cases = {str(key): self._b.add(step) for key, step in to.items()}
+        if len(cases) != len(to):
+            raise DefinitionError(f"pipeline {self._b.name}: divert keys collide once turned into strings")
+        self._b.nodes[parent]["after"] = {"kind": "divert", "cases": cases, "join": None}
+        return self._fan_out("divert", parent, list(cases.values()), list(cases))
+
+    def _fan_out(self, kind: str, parent: int, children: list[int], keys: list[str]) -> "Group":
+        group = Group(self, kind, parent, keys)
+        stack = self._stack + [_Frame(kind, parent)]
+        for child in children:
+            handle = Handle(self._b, child, list(stack))
+            handle._group = group
+            group.handles.append(handle)
+        self._closed = True
+        return group
+
+    def combine(self, *others: "Handle", into: Any) -> "Handle":
+        self._live("combine")
+        if self._group is None or self._group.kind != "divide":
+            raise DefinitionError(f"pipeline {self._b.name}: combine without a matching divide")
+        return self._group.close("combine", [self, *others], into)
+
+    def converge(self, *others: "Handle", into: Any) -> "Handle":
+        self._live("converge")
+        if self._group is None or self._group.kind != "divert":
+            raise DefinitionError(f"pipeline {self._b.name}: converge without a matching divert")
+        return self._group.close("converge", [self, *others], into)
+
+
+class Group:
+    """The branches of a divide or divert: unpack them (``a, b = ...``) or close them all."""
+
+    def __init__(self, parent: Handle, kind: str, node: int, keys: list[str]):
+        self.parent, self.kind, self.node, self.keys = parent, kind, node, keys
+        self.handles: list[Handle] = []
+
+    def __iter__(self) -> Iterator[Handle]:
+        return iter(self.handles)
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    def __getitem__(self, key: int | str) -> Handle:
+        return self.handles[self.keys.index(str(key)) if isinstance(key, str) else key]
+
+    def combine(self, into: Any) -> Handle:
+        if self.kind != "divide":
+            raise DefinitionError(f"pipeline {self.parent._b.name}: combine without a matching divide (this is a divert; use converge)")
+        return self.close("combine", list(self.handles), into)
+
+    def converge(self, into: Any) -> Handle:
+        if self.kind != "divert":
+            raise DefinitionError(f"pipeline {self.parent._b.name}: converge without a matching divert (this is a divide; use combine)")
+        return self.close("converge", list(self.handles), into)
+
+    def close(self, verb: str, handles: list[Handle], into: Any) -> Handle:
+        b = self.parent._b
+        if any(h._group is not self for h in handles) or len({id(h) for h in handles}) != len(self.handles):
+            raise DefinitionError(f"pipeline {b.name}: {verb} must name every branch of its {self.kind} exactly once")
+        for h in handles:
+            h._live(verb)
+            if h._stack[-1].node != self.node:
+                raise DefinitionError(f"pipeline {b.name}: a branch has an expand that is not collapsed before {verb}")
+            b.end(h._tip)
+            h._closed = True
+        parent = self.parent
+        parent._tip = b.join(self.node, into)
+        parent._closed = False
+        return parent
+
+
+class Builder:
+    """What ``define(p)`` receives: ``p.start(Step)`` and ``p.on_halt(handler)``."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes: list[dict] = []
+        self.steps: dict[str, Any] = {}
+        self.halt_handlers: list[Callable] = []
+        self._started = False
+
+    def start(self, step: Any) -> Handle:
+        if self._started:
+            raise DefinitionError(f"pipeline {self.name}: start called twice")
+        self._started = True
+        return Handle(self, self.add(step), [])
+
+    def on_halt(self, handler: Callable) -> Callable:
+        if not callable(handler):
+            raise DefinitionError(f"pipeline {self.name}: on_halt needs a callable")
+        self.halt_handlers.append(handler)
+        return handler
+
+    def add(self, step: Any) -> int:
+        name = _step_name(step, self.name)
+        known = self.steps.get(name)
+        if known is not None and known is not step:
+            raise DefinitionError(f"pipeline {self.name}: two different steps are named {name}")
+        self.steps[name] = step
+        self.nodes.append({"id": len(self.nodes), "step": name, "after": {"kind": "end"}})
+        return len(self.nodes) - 1
+
+    def link(self, src: int, after: dict, step: Any, field: str) -> int:
+        dst = self.add(step)
+        after[field] = dst
+        self.nodes[src]["after"] = after
+        return dst
+
+    def end(self, node: int) -> None:
+        self.nodes[node]["after"] = {"kind": "end"}
+
+    def join(self, fan_out_node: int, step: Any) -> int:
+        dst = self.add(step)
+        self.nodes[fan_out_node]["after"]["join"] = dst
+        return dst
+
+
+@dataclasses.dataclass
+class Definition:
+    """A compiled pipeline graph (what each run stores)."""
+
+    pipeline: str
+    nodes: list[dict]
+
+    @property
+    def body(self) -> str:
+        return json.dumps({"pipeline": self.pipeline, "nodes": self.nodes}, sort_keys=True, separators=(",", ":"))
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(self.body.encode()).hexdigest()[:32]
+
+    @classmethod
+    def from_body(cls, body: str) -> "Definition":
+        data = json.loads(body)
+        return cls(data["pipeline"], data["nodes"])
+
+
+_REGISTRY: dict[str, type["Pipeline"]] = {}
+
+
+class Pipeline:
+    """Subclass with ``@staticmethod define(p)``; the class name is the pipeline name."""
+
+    definition: Definition
+    steps: dict[str, Any]
+    halt_handlers: list[Callable]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__name__
+        if "define" not in cls.__dict__:
+            raise DefinitionError(f"pipeline {name}: define(p) is missing")
+        builder = Builder(name)
+        try:
+            cls.define(builder)
+        except DefinitionError:
+            raise
+        except TypeError as exc:
+            raise DefinitionError(f"pipeline {name}: {exc}") from None
+        if not builder.nodes:
+            raise DefinitionError(f"pipeline {name}: define(p) never called p.start(...)")
+        cls.definition = Definition(name, builder.nodes)
+        cls.steps = builder.steps
+        cls.halt_handlers = builder.halt_handlers
+        known = _REGISTRY.get(name)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__) \
+                and inspect.getsourcefile(known) != inspect.getsourcefile(cls):
+            raise DefinitionError(f"pipeline {name}: defined twice ({known.__module__} and {cls.__module__}); names must be unique")
+        _REGISTRY[name] = cls
+
+    @classmethod
+    def trigger(cls, *args: Any) -> "Run":
+        """Start a run in one transaction; the arguments go to the start step."""
+        return trigger(cls.__name__, *args)
+
+
+def registered_pipelines() -> dict[str, type[Pipeline]]:
+    return dict(_REGISTRY)
+
+
+def validate() -> list[str]:
+    """Check every registered pipeline; raises DefinitionError, returns the names checked."""
+    for name, cls in _REGISTRY.items():
+        nodes = cls.definition.nodes
+        for node in nodes:
+            if node["step"] not in cls.steps:
+                raise DefinitionError(f"pipeline {name}: node {node['id']} names unknown step {node['step']}")
+            _step_name(cls.steps[node["step"]], name)
+        json.loads(cls.definition.body)
+    return sorted(_REGISTRY)
+
+# =====================================================================================
+# engine: every state change of runs, branches and steps; each SQL statement lives here
+# =====================================================================================
+# Step rows are the job queue (status queued -> running -> succeeded | failed). A claim
+# stamps claimed_by (the process row id: one per incarnation) and a random claim_token;
+# every later write about that claim repeats both in its WHERE clause, so a process that
+# lost its claim (reaped, handed back) cannot commit. Branch rows are the advancement
+# queue (status running -> advance -> advancing -> running | waiting | completed | halted),
+# fenced the same way.
+
+CH_JOBS, CH_ADVANCE = "ductwork_jobs", "ductwork_advance"
+
+
+class SQL:
+    """One place for each SQL statement. ``?`` parameters, ``{now}`` = the database clock."""
+
+    insert_definition = ("INSERT INTO ductwork_definitions (hash, pipeline, body, created_at) VALUES (?, ?, ?, {now}) "
+                         "ON CONFLICT (hash) DO NOTHING")
+    select_definition = "SELECT body FROM ductwork_definitions WHERE hash = ?"
+    insert_run = ("INSERT INTO ductwork_runs (pipeline, definition, status, input, created_at, updated_at) "
+                  "VALUES (?, ?, 'in_progress', ?, {now}, {now}) RETURNING id")
+    insert_branch = ("INSERT INTO ductwork_branches (run_id, pipeline, definition, parent_id, origin_step_id, position, "
+                     "node, status, available_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', {now}, {now}, {now}) "
+                     "RETURNING id, position")
+    insert_step = ("INSERT INTO ductwork_steps (run_id, branch_id, pipeline, node, name, status, input, available_at, created_at) "
+                   "VALUES (?, ?, ?, ?, ?, 'queued', ?, {now}, {now})")
+    claim_steps = ("UPDATE ductwork_steps SET status = 'running', claimed_by = ?, claim_token = ?, claimed_at = {now} "
+                   "WHERE id IN (SELECT id FROM ductwork_steps WHERE pipeline = ? AND status = 'queued' "
+                   "AND available_at <= {now} ORDER BY available_at, id LIMIT ? {skip_locked}) "
+                   "RETURNING id, run_id, branch_id, node, name, input, attempts, crashes, claimed_at")
+    step_succeeded = ("UPDATE ductwork_steps SET status = 'succeeded', output = ?, attempts = attempts + 1, "
+                      "finished_at = {now}, claimed_by = NULL, claim_token = NULL "
+                      "WHERE id = ? AND status = 'running' AND claimed_by = ? AND claim_token = ?")
+    step_failed = ("UPDATE ductwork_steps SET status = ?, error = ?, halt_reason = ?, attempts = attempts + 1, "
+                   "available_at = {now} + ?, finished_at = {now}, claimed_by = NULL, claim_token = NULL "
+                   "WHERE id = ? AND status = 'running' AND claimed_by = ? AND claim_token = ?")
+    steps_held_by = ("SELECT id, run_id, branch_id, pipeline, name, attempts, crashes, claimed_at FROM ductwork_steps "
+                     "WHERE claimed_by = ? AND status = 'running' ORDER BY id")
+    step_crashed = ("UPDATE ductwork_steps SET status = ?, crashes = crashes + 1, halt_reason = ?, error = COALESCE(?, error), "
+                    "available_at = {now} + ?, claimed_by = NULL, claim_token = NULL "
+                    "WHERE id = ? AND status = 'running' AND claimed_by = ?")
+    insert_execution = ("INSERT INTO ductwork_executions (step_id, run_id, process_id, attempt, outcome, error, started_at, finished_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, {now})")
+    branch_ready = ("UPDATE ductwork_branches SET status = 'advance', available_at = {now}, updated_at = {now} "
+                    "WHERE id = ? AND status = 'running'")
+    claim_branches = ("UPDATE ductwork_branches SET status = 'advancing', claimed_by = ?, claim_token = ?, claimed_at = {now} "
+                      "WHERE id IN (SELECT id FROM ductwork_branches WHERE pipeline = ? AND status = 'advance' "
+                      "AND available_at <= {now} ORDER BY available_at, id LIMIT ? {skip_locked}) "
+                      "RETURNING id, run_id, pipeline, definition, parent_id, node, expected, arrived, advance_failures")
+    current_step = "SELECT id, status, output, halt_reason FROM ductwork_steps WHERE branch_id = ? ORDER BY id DESC LIMIT 1"
+    children_of = "SELECT status, output FROM ductwork_branches WHERE origin_step_id = ? ORDER BY position"
+    apply_branch = ("UPDATE ductwork_branches SET status = ?, node = ?, expected = ?, arrived = 0, output = ?, halt_reason = ?, "
+                    "claimed_by = NULL, claim_token = NULL, advance_failures = 0, updated_at = {now} "
+                    "WHERE id = ? AND status = 'advancing' AND claim_token = ?")
+    child_arrived = ("UPDATE ductwork_branches SET arrived = arrived + 1, "
+                     "status = CASE WHEN arrived + 1 >= expected THEN 'advance' ELSE status END, "
+                     "available_at = {now}, updated_at = {now} WHERE id = ? AND status = 'waiting' RETURNING status, pipeline")
+    release_branch = ("UPDATE ductwork_branches SET status = 'advance', claimed_by = NULL, claim_token = NULL, "
+                      "advance_failures = advance_failures + ?, available_at = {now} + ?, updated_at = {now} "
+                      "WHERE id = ? AND status = 'advancing' AND claim_token = ? RETURNING advance_failures")
+    release_branches_of = ("UPDATE ductwork_branches SET status = 'advance', claimed_by = NULL, claim_token = NULL, "
+                           "available_at = {now} WHERE claimed_by = ? AND status = 'advancing' RETURNING pipeline")
+    run_completed = ("UPDATE ductwork_runs SET status = 'completed', output = ?, finished_at = {now}, updated_at = {now} "
+                     "WHERE id = ? AND status = 'in_progress'")
+    halt_reasons = "SELECT halt_reason FROM ductwork_branches WHERE run_id = ? AND halt_reason IS NOT NULL ORDER BY id"
+    run_halted = ("UPDATE ductwork_runs SET status = 'halted', halt_reasons = ?, halt_epoch = halt_epoch + 1, "
+                  "finished_at = {now}, updated_at = {now} WHERE id = ? AND status = 'in_progress'")
+    claim_halt_notice = ("UPDATE ductwork_runs SET halt_notified = halt_epoch "
+                         "WHERE id = ? AND status = 'halted' AND halt_notified < halt_epoch")
+    select_run = ("SELECT id, pipeline, status, input, output, halt_reasons, created_at, finished_at, definition "
+                  "FROM ductwork_runs WHERE id = ?")
+    select_steps = ("SELECT id, name, node, status, input, output, attempts, crashes, error, halt_reason, branch_id, "
+                    "created_at, finished_at FROM ductwork_steps WHERE run_id = ? ORDER BY id")
+    halted_leaves = ("SELECT id, parent_id FROM ductwork_branches WHERE run_id = ? AND status = 'halted' "
+                     "AND halt_reason IS NOT NULL ORDER BY id")
+    requeue_step = ("UPDATE ductwork_steps SET status = 'queued', attempts = 0, crashes = 0, halt_reason = NULL, "
+                    "available_at = {now} WHERE id = ?")
+    reopen_leaf = ("UPDATE ductwork_branches SET status = ?, halt_reason = NULL, advance_failures = 0, "
+                   "available_at = {now}, updated_at = {now} WHERE id = ?")
+    branch_parent = "SELECT status, parent_id FROM ductwork_branches WHERE id = ?"
+    reopen_parent = ("UPDATE ductwork_branches SET status = 'waiting', arrived = arrived - 1, updated_at = {now} "
+                     "WHERE id = ?")
+    run_reopened = ("UPDATE ductwork_runs SET status = 'in_progress', halt_reasons = '[]', finished_at = NULL, "
+                    "updated_at = {now} WHERE id = ? AND status = 'halted'")
+    context_all = "SELECT key, value FROM ductwork_context WHERE run_id = ? ORDER BY key"
+    context_get = "SELECT value FROM ductwork_context WHERE run_id = ? AND key = ?"
+    context_insert = "INSERT INTO ductwork_context (run_id, key, value) VALUES (?, ?, ?) ON CONFLICT (run_id, key) DO NOTHING"
+    context_upsert = ("INSERT INTO ductwork_context (run_id, key, value) VALUES (?, ?, ?) "
+                      "ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value")
+    # processes (heartbeats, reaping)
+    register_process = ("INSERT INTO ductwork_processes (pid, machine_identifier, role, pipelines, parent_id, state, restarts, "
+                        "info, started_at, last_heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, {now}, {now}) RETURNING id")
+    heartbeat = "UPDATE ductwork_processes SET last_heartbeat_at = {now}, state = ?, restarts = ?, info = ? WHERE id = ?"
+    delete_process = "DELETE FROM ductwork_processes WHERE id = ?"
+    stale_processes = ("SELECT id FROM ductwork_processes WHERE last_heartbeat_at < {now} - ? AND id <> ? "
+                       "ORDER BY id")
+    reap_process = "DELETE FROM ductwork_processes WHERE id = ? AND last_heartbeat_at < {now} - ? RETURNING id, machine_identifier, pid, role"
+    process_exists = "SELECT 1 FROM ductwork_processes WHERE id = ?"
+    processes = ("SELECT id, pid, machine_identifier, role, pipelines, parent_id, state, restarts, info, started_at, "
+                 "last_heartbeat_at, {now} - last_heartbeat_at, {now} - started_at FROM ductwork_processes "
+                 "ORDER BY machine_identifier, parent_id, id")
+    run_counts = "SELECT pipeline, status, count(*) FROM ductwork_runs GROUP BY pipeline, status ORDER BY pipeline, status"
+    recent_halts = ("SELECT id, pipeline, halt_reasons, finished_at FROM ductwork_runs WHERE status = 'halted' "
+                    "ORDER BY finished_at DESC LIMIT ?")
+    recent_errors = ("SELECT e.step_id, e.run_id, s.pipeline, s.name, e.outcome, e.error, e.finished_at "
+                     "FROM ductwork_executions e JOIN ductwork_steps s ON s.id = e.step_id "
+                     "WHERE e.outcome IN ('failed', 'crashed') ORDER BY e.id DESC LIMIT ?")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+@dataclasses.dataclass
+class JobClaim:
+    step_id: int
+    run_id: int
+    branch_id: int
+    node: int
+    name: str
+    input: str
+    attempts: int
+    crashes: int
+    claimed_at: float
+    pipeline: str
+    process_id: int
+    token: str
+
+    @property
+    def attempt(self) -> int:
+        """1 for the first execution; every failed attempt and every crash adds one."""
+        return self.attempts + self.crashes + 1
+
+
+@dataclasses.dataclass
+class BranchClaim:
+    id: int
+    run_id: int
+    pipeline: str
+    definition: str
+    parent_id: int | None
+    node: int
+    expected: int
+    arrived: int
+    advance_failures: int
+    process_id: int
+    token: str
+
+
+@dataclasses.dataclass
+class _Outcome:
+    """What an advancement decided for a branch (computed before any write)."""
+    status: str
+    node: int
+    expected: int = 0
+    output: str | None = None
+    halt_reason: str | None = None
+    new_step: tuple[int, str] | None = None               # (node, input json) on this branch
+    children: list[tuple[int, int, str]] = dataclasses.field(default_factory=list)  # (position, node, input json)
+
+
+class Engine:
+    """The state machine over one Store, with the configuration's budgets."""
+
+    def __init__(self, store: Store, config: Config):
+        self.store, self.config = store, config
+        self._definitions: dict[str, Definition] = {}
+        self._stored_definitions: set[str] = set()
+
+    # -- definitions --------------------------------------------------------------------
+    def definition(self, digest: str, t: Tx | None = None) -> Definition:
+        found = self._definitions.get(digest)
+        if found is None:
+            if t is None:
+                with self.store.tx(write=False) as t2:
+                    row = t2.one(SQL.select_definition, (digest,))
+            else:
+                row = t.one(SQL.select_definition, (digest,))
+            if row is None:
+                raise DuctworkError(f"definition {digest} is missing")
+            found = self._definitions[digest] = Definition.from_body(row[0])
+        return found
+
+    # -- trigger ------------------------------------------------------------------------
+    def trigger(self, name: str, args: Sequence[Any]) -> int:
+        cls = _REGISTRY.get(name)
+        if cls is None:
+            raise ConfigError(f"pipeline {name!r} not found (registered: {', '.join(sorted(_REGISTRY)) or 'none'})")
+        try:
+            args_json = _dumps(list(args))
+        except (TypeError, ValueError) as exc:
+            raise DuctworkError(f"trigger arguments of {name} must be JSON: {exc}") from None
+        d = cls.definition
+        digest = d.hash
+        self._definitions.setdefault(digest, d)
+        with self.store.tx() as t:
+            if digest not in self._stored_definitions:
+                t.run(SQL.insert_definition, (digest, name, d.body))
+            run_id = t.one(SQL.insert_run, (name, digest, args_json))[0]
+            branch_id = t.one(SQL.insert_branch, (run_id, name, digest, None, None, 0, 0))[0]
+            t.run(SQL.insert_step, (run_id, branch_id, name, 0, d.nodes[0]["step"], args_json))
+            t.notify(CH_JOBS, name)
+        self._stored_definitions.add(digest)
+        return int(run_id)
+
+    # -- job claims and commits ---------------------------------------------------------
+    def claim_steps(self, pipeline: str, process_id: int, limit: int = 1) -> list[JobClaim]:
+        token = uuid.uuid4().hex
+        with self.store.tx() as t:
+            rows = t.all(SQL.claim_steps, (process_id, token, pipeline, limit))
+        return [JobClaim(*row, pipeline=pipeline, process_id=process_id, token=token) for row in sorted(rows)]
+
+    def commit_success(self, c: JobClaim, output_json: str) -> bool:
+        with self.store.tx() as t:
+            if t.run(SQL.step_succeeded, (output_json, c.step_id, c.process_id, c.token)) != 1:
+                return False
+            t.run(SQL.insert_execution, (c.step_id, c.run_id, c.process_id, c.attempt, "succeeded", None, c.claimed_at))
+            t.run(SQL.branch_ready, (c.branch_id,))
+            t.notify(CH_ADVANCE, c.pipeline)
+        return True
+
+    def commit_failure(self, c: JobClaim, error: str, permanent_reason: str | None = None) -> tuple[bool, str]:
+        """Record a failed attempt; returns (accepted, "retry" | "failed")."""
+        max_retry = self.config.get("job_worker.max_retry", c.pipeline, c.name)
+        failed = permanent_reason is not None or c.attempts + 1 > max_retry
+        reason = permanent_reason or (JOB_RETRIES_EXHAUSTED if failed else None)
+        delay = 0 if failed else float(self.config.get("job_worker.retry_delay", c.pipeline, c.name))
+        with self.store.tx() as t:
+            if t.run(SQL.step_failed, ("failed" if failed else "queued", error, reason, delay,
+                                       c.step_id, c.process_id, c.token)) != 1:
+                return False, ""
+            t.run(SQL.insert_execution, (c.step_id, c.run_id, c.process_id, c.attempt, "failed", error, c.claimed_at))
+            if failed:
+                t.run(SQL.branch_ready, (c.branch_id,))
+                t.notify(CH_ADVANCE, c.pipeline)
+            else:
+                t.notify(CH_JOBS, c.pipeline)
+        return True, "failed" if failed else "retry"
+
+    def hand_back(self, process_id: int, step_ids: Iterable[int] | None = None, why: str = "process crashed") -> int:
+        """Close a process's in-flight executions as crashes and re-enqueue them (immediately
+        claimable); with no ``step_ids`` also release its branch claims. Crashes never touch
+        the retry budget; after ``max_crash`` the step fails."""
+        with self.store.tx() as t:
+            return self._hand_back(t, process_id, step_ids, why)
+
+    def reap(self, process_id: int, timeout: float) -> bool:
+        """Delete a process row whose heartbeat is stale and hand back its work, in one
+        transaction; idempotent and safe when several peers reap at once."""
+        with self.store.tx() as t:
+            row = t.one(SQL.reap_process, (process_id, timeout))
+            if row is None:
+                return False
+            count = self._hand_back(t, process_id, None, "process reaped: heartbeat stale")
+        log.warning("reaped process row %s (%s pid %s, %s); %d step(s) handed back", row[0], row[1], row[2], row[3], count)
+        return True
+
+    def _hand_back(self, t: Tx, process_id: int, step_ids: Iterable[int] | None, why: str) -> int:
+        wanted = None if step_ids is None else set(step_ids)
+        count = 0
+        for step_id, run_id, branch_id, pipeline, name, attempts, crashes, claimed_at in t.all(SQL.steps_held_by, (process_id,)):
+            if wanted is not None and step_id not in wanted:
+                continue
+            crashes += 1
+            exhausted = crashes > self.config.get("job_worker.max_crash", pipeline, name)
+            delay = 0.0 if crashes <= 2 else float(min(2 ** (crashes - 3), 30))
+            t.run(SQL.step_crashed, ("failed" if exhausted else "queued", JOB_CRASHES_EXHAUSTED if exhausted else None,
+                                     f"crashed: {why}" if exhausted else None, delay, step_id, process_id))
+            t.run(SQL.insert_execution, (step_id, run_id, process_id, attempts + crashes, "crashed", why, claimed_at))
+            t.notify(CH_ADVANCE if exhausted else CH_JOBS, pipeline)
+            if exhausted:
+                t.run(SQL.branch_ready, (branch_id,))
+            count += 1
+        if wanted is None:
+            for pipeline in {row[0] for row in t.all(SQL.release_branches_of, (process_id,))}:
+                t.notify(CH_ADVANCE, pipeline)
+        return count
+
+    # -- advancement ----------------------------------------------------------------------
+    def claim_branches(self, pipeline: str, process_id: int, limit: int = 1) -> list[BranchClaim]:
+        token = uuid.uuid4().hex
+        with self.store.tx() as t:
+            rows = t.all(SQL.claim_branches, (process_id, token, pipeline, limit))
+        return [BranchClaim(*row, process_id=process_id, token=token) for row in sorted(rows)]
+
+    def advance(self, b: BranchClaim) -> int | None:
+        """Apply one advancement; returns the run id when the run just halted (for on_halt)."""
+        with self.store.tx() as t:
+            d = self.definition(b.definition, t)
+            step = t.one(SQL.current_step, (b.id,))
+            outcome = self._decide(t, b, d, step)
+            if t.run(SQL.apply_branch, (outcome.status, outcome.node, outcome.expected, outcome.output,
+                                        outcome.halt_reason, b.id, b.token)) != 1:
+                log.warning("advancement of branch %s rejected: its claim was lost", b.id, extra={"run": b.run_id})
+                raise _Rejected()
+            if outcome.new_step is not None:
+                node, value = outcome.new_step
+                t.run(SQL.insert_step, (b.run_id, b.id, b.pipeline, node, d.nodes[node]["step"], value))
+                t.notify(CH_JOBS, b.pipeline)
+            if outcome.children:
+                self._insert_children(t, b, d, step[0], outcome.children)
+            if outcome.status in ("completed", "halted"):
+                return self._branch_finished(t, b.run_id, b.parent_id, outcome.status, outcome.output)
+        return None
+
+    def _decide(self, t: Tx, b: BranchClaim, d: Definition, step: tuple | None) -> _Outcome:
+        node = d.nodes[b.node]
+        after = node["after"]
+        if b.expected > 0:  # every child of the fan-out has finished: the join
+            children = t.all(SQL.children_of, (step[0],))
+            if any(status != "completed" for status, _ in children):
+                return _Outcome("halted", b.node)
+            values = [_loads(out) for _, out in children]
+            return self._join(b, d, after, values if after["kind"] != "divert" else values[0])
+        if step is None:
+            return _Outcome("halted", b.node, halt_reason=TRANSITION_INVALID)
+        step_id, status, output_json, reason = step
+        if status == "failed":
+            return _Outcome("halted", b.node, halt_reason=reason or JOB_RETRIES_EXHAUSTED)
+        kind = after["kind"]
+        if kind == "end":
+            return _Outcome("completed", b.node, output=output_json)
+        if kind == "chain":
+            return self._continue(b, d, after["next"], output_json)
+        value = _loads(output_json)
+        if kind == "expand":
+            if not isinstance(value, list):
+                log.warning("expand after %s needs a list, got %s", node["step"], type(value).__name__, extra={"run": b.run_id})
+                return _Outcome("halted", b.node, halt_reason=TRANSITION_INVALID)
+            max_depth = self.config.get("pipeline_advancer.steps.max_depth", b.pipeline, node["step"])
+            if max_depth >= 0 and len(value) > max_depth:
+                log.warning("expand after %s has %d elements, more than max_depth %d", node["step"], len(value), max_depth,
+                            extra={"run": b.run_id})
+                return _Outcome("halted", b.node, halt_reason=MAX_FANOUT_EXCEEDED)
+            if not value:
+                return self._join(b, d, after, [])
+            children = [(i, after["child"], _dumps(v)) for i, v in enumerate(value)]
+        elif kind == "divide":
+            max_depth = self.config.get("pipeline_advancer.steps.max_depth", b.pipeline, node["step"])
+            if max_depth >= 0 and len(after["children"]) > max_depth:
+                return _Outcome("halted", b.node, halt_reason=MAX_FANOUT_EXCEEDED)
+            children = [(i, child, output_json) for i, child in enumerate(after["children"])]
+        elif kind == "divert":
+            # The branch is chosen by str() of the output after its JSON round trip:
+            # "abc" -> "abc", True -> "True", None -> "None", 3 -> "3", 2.5 -> "2.5".
+            key = str(value)
+            cases = after["cases"]
+            chosen = key if key in cases else "otherwise" if "otherwise" in cases else None
+            if chosen is None:
+                return _Outcome("halted", b.node, halt_reason=CONDITION_UNMATCHED)
+            children = [(list(cases).index(chosen), cases[chosen], output_json)]
+        else:
+            return _Outcome("halted", b.node, halt_reason=TRANSITION_INVALID)
+        if any(not self._step_exists(b.pipeline, d, child) for _, child, _ in children):
+            return _Outcome("halted", b.node, halt_reason=DEFINITION_CHANGED)
+        return _Outcome("waiting", b.node, expected=len(children), children=children)
+
+    def _join(self, b: BranchClaim, d: Definition, after: dict, value: Any) -> _Outcome:
+        if after.get("join") is None:  # a fan-out left open at the end: the list is the branch's output
+            return _Outcome("completed", b.node, output=_dumps(value))
+        return self._continue(b, d, after["join"], _dumps(value))
+
+    def _continue(self, b: BranchClaim, d: Definition, node: int, value_json: str) -> _Outcome:
+        if not self._step_exists(b.pipeline, d, node):
+            return _Outcome("halted", b.node, halt_reason=DEFINITION_CHANGED)
+        return _Outcome("running", node, new_step=(node, value_json))
+
+    @staticmethod
+    def _step_exists(pipeline: str, d: Definition, node: int) -> bool:
+        cls = _REGISTRY.get(pipeline)
+        return cls is None or d.nodes[node]["step"] in cls.steps  # unknown here: the worker decides
+
+    def _insert_children(self, t: Tx, b: BranchClaim, d: Definition, origin_step: int,
+                         children: list[tuple[int, int, str]]) -> None:
+        for chunk_start in range(0, len(children), 400):
+            chunk = children[chunk_start:chunk_start + 400]
+            branch_sql = SQL.insert_branch.split(" VALUES ")[0] + " VALUES " + ", ".join(
+                ["(?, ?, ?, ?, ?, ?, ?, 'running', {now}, {now}, {now})"] * len(chunk)) + " RETURNING id, position"
+            params: list[Any] = []
+            for position, node, _ in chunk:
+                params += [b.run_id, b.pipeline, b.definition, b.id, origin_step, position, node]
+            ids = dict((pos, bid) for bid, pos in t.all(branch_sql, params))
+            step_sql = SQL.insert_step.split(" VALUES ")[0] + " VALUES " + ", ".join(
+                ["(?, ?, ?, ?, ?, 'queued', ?, {now}, {now})"] * len(chunk))
+            params = []
+            for position, node, value in chunk:
+                params += [b.run_id, ids[position], b.pipeline, node, d.nodes[node]["step"], value]
+            t.run(step_sql, params)
+        t.notify(CH_JOBS, b.pipeline)
+
+    def _branch_finished(self, t: Tx, run_id: int, parent_id: int | None, status: str, output: str | None) -> int | None:
+        if parent_id is not None:
+            row = t.one(SQL.child_arrived, (parent_id,))
+            if row and row[0] == "advance":
+                t.notify(CH_ADVANCE, row[1])
+            return None
+        if status == "completed":
+            t.run(SQL.run_completed, (output, run_id))
+            log.info("run %s completed", run_id, extra={"run": run_id})
+            return None
+        reasons = [r for (r,) in t.all(SQL.halt_reasons, (run_id,))]
+        t.run(SQL.run_halted, (_dumps(reasons), run_id))
+        log.warning("run %s halted: %s", run_id, ", ".join(reasons) or "halted", extra={"run": run_id})
+        return run_id
+
+    def release_branch(self, b: BranchClaim, count_failure: bool, delay: float = 0.0) -> int:
+        with self.store.tx() as t:
+            row = t.one(SQL.release_branch, (1 if count_failure else 0, delay, b.id, b.token))
+            t.notify(CH_ADVANCE, b.pipeline)
+        return int(row[0]) if row else 0
+
+    def halt_branch(self, b: BranchClaim, reason: str) -> int | None:
+        """Halt a claimed branch outright (advancer retries exhausted)."""
+        with self.store.tx() as t:
+            if t.run(SQL.apply_branch, ("halted", b.node, 0, None, reason, b.id, b.token)) != 1:
+                return None
+            return self._branch_finished(t, b.run_id, b.parent_id, "halted", None)
+
+    def notify_halt(self, run_id: int) -> None:
+        """Run the pipeline's on_halt handlers, at most once per halt, outside any transaction."""
+        with self.store.tx() as t:
+            if t.run(SQL.claim_halt_notice, (run_id,)) != 1:
+                return
+        run = Run.load(run_id, self)
+        cls = _REGISTRY.get(run.pipeline)
+        for handler in (cls.halt_handlers if cls else []):
+            try:
+                handler(run, list(run.halt_reasons))
+            except Exception:
+                log.exception("on_halt handler %s of %s raised", getattr(handler, "__name__", handler), run.pipeline,
+                              extra={"run": run_id})
+
+    # -- revive ---------------------------------------------------------------------------
+    def revive(self, run_id: int) -> bool:
+        """halted -> in_progress: re-run only the failed steps (fresh budgets), keep completed work."""
+        with self.store.tx() as t:
+            if t.run(SQL.run_reopened, (run_id,)) != 1:
+                return False
+            for branch_id, parent_id in t.all(SQL.halted_leaves, (run_id,)):
+                step = t.one(SQL.current_step, (branch_id,))
+                if step is not None and step[1] == "failed":
+                    t.run(SQL.requeue_step, (step[0],))
+                    t.run(SQL.reopen_leaf, ("running", branch_id))
+                else:
+                    t.run(SQL.reopen_leaf, ("advance", branch_id))
+                while parent_id is not None:  # un-finish the ancestors this halt had finished
+                    status, grandparent = t.one(SQL.branch_parent, (parent_id,))
+                    t.run(SQL.reopen_parent, (parent_id,))
+                    parent_id = grandparent if status == "halted" else None
+            pipeline = t.one(SQL.select_run, (run_id,))[1]
+            t.notify(CH_JOBS, pipeline)
+            t.notify(CH_ADVANCE, pipeline)
+        return True
+
+    # -- context --------------------------------------------------------------------------
+    def context_set(self, run_id: int, key: str, value: Any, overwrite: bool) -> None:
+        text = _dumps(value)
+        with self.store.tx() as t:
+            if overwrite:
+                t.run(SQL.context_upsert, (run_id, key, text))
+            elif t.run(SQL.context_insert, (run_id, key, text)) != 1:
+                current = t.one(SQL.context_get, (run_id, key))[0]
+                if json.loads(current) != value:  # same value again (a re-run) is fine
+                    raise ContextError(f"context key {key!r} of run {run_id} is already set; pass overwrite=True to replace it")
+
+    def context_get(self, run_id: int, key: str, default: Any = None) -> Any:
+        with self.store.tx(write=False) as t:
+            row = t.one(SQL.context_get, (run_id, key))
+        return default if row is None else json.loads(row[0])
+
+    def context_all(self, run_id: int) -> dict:
+        with self.store.tx(write=False) as t:
+            return {k: json.loads(v) for k, v in t.all(SQL.context_all, (run_id,))}
+
+
+class _Rejected(DuctworkError):
+    """An advancement whose branch claim was lost (fencing)."""
+
+
+# -- app-facing records ------------------------------------------------------------------
+
+@dataclasses.dataclass
+class StepRecord:
+    """One step of a run, as stored."""
+    id: int
+    name: str
+    node: int
+    status: str
+    input: Any
+    output: Any
+    attempts: int
+    crashes: int
+    error: str | None
+    halt_reason: str | None
+    branch_id: int
+    created_at: float
+    finished_at: float | None
+
+
+class RunContext:
+    """The run-wide key/value store: keys are write-once unless ``overwrite=True``."""
+
+    def __init__(self, engine: Engine, run_id: int):
+        self._engine, self.run_id = engine, run_id
+
+    def set(self, key: str, value: Any, overwrite: bool = False) -> None:
+        self._engine.context_set(self.run_id, key, value, overwrite)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._engine.context_get(self.run_id, key, default)
+
+    def to_dict(self) -> dict:
+        return self._engine.context_all(self.run_id)
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What a running step sees (also ``ductwork.current_step()`` for function steps)."""
+    context: RunContext
+    run_id: int
+    step_id: int
+    attempt: int
+    idempotency_key: str
+    pipeline: str
+    step: str
+
+
+_CURRENT = threading.local()
+
+
+def current_step() -> StepContext:
+    """The step running in this thread (for plain-function steps)."""
+    found = getattr(_CURRENT, "step", None)
+    if found is None:
+        raise DuctworkError("current_step() called outside a running step")
+    return found
+
+
+class Run:
+    """A pipeline run. ``Run.get(id)``, ``refresh()``, ``wait()``, ``revive()``."""
+
+    def __init__(self, run_id: int, engine: Engine | None = None):
+        self.id = int(run_id)
+        self._engine = engine
+        self.pipeline = ""
+        self.status = ""
+        self.input: Any = None
+        self.output: Any = None
+        self.halt_reasons: list[str] = []
+        self.created_at = 0.0
+        self.finished_at: float | None = None
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine or _app_engine()
+
+    @classmethod
+    def get(cls, run_id: int) -> "Run":
+        return cls.load(run_id, _app_engine())
+
+    @classmethod
+    def load(cls, run_id: int, engine: Engine) -> "Run":
+        return cls(run_id, engine).refresh()
+
+    def refresh(self) -> "Run":
+        with self.engine.store.tx(write=False) as t:
+            row = t.one(SQL.select_run, (self.id,))
+        if row is None:
+            raise DuctworkError(f"run {self.id} not found")
+        _, self.pipeline, self.status, inp, out, reasons, self.created_at, self.finished_at, _ = row
+        self.input, self.output, self.halt_reasons = _loads(inp), _loads(out), _loads(reasons)
+        return self
+
+    def wait(self, timeout: float | None = None, poll: float = 0.02) -> str:
+        """Poll until the run is completed or halted (or ``timeout`` passes); returns the status."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = threading.Event()
+        while self.refresh().status == "in_progress":
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            pause.wait(poll)
+            poll = min(poll * 1.5, 0.25)
+        return self.status
+
+    @property
+    def steps(self) -> list[StepRecord]:
+        with self.engine.store.tx(write=False) as t:
+            rows = t.all(SQL.select_steps, (self.id,))
+        return [StepRecord(r[0], r[1], r[2], r[3], _loads(r[4]), _loads(r[5]), *r[6:]) for r in rows]
+
+    @property
+    def context(self) -> dict:
+        return self.engine.context_all(self.id)
+
+    def revive(self) -> bool:
+        """Re-run the failed steps of a halted run; returns False when it was not halted."""
+        revived = self.engine.revive(self.id)
+        self.refresh()
+        return revived
+
+    def __repr__(self) -> str:
+        return f"<Run {self.id} {self.pipeline} {self.status}>"
+
+
+# -- module-level app state: configure(), the engine app code uses -------------------------
+
+class _AppState:
+    def __init__(self) -> None:
+        self.config: Config | None = None
+        self.engine: Engine | None = None
+        self.migrated: set[str] = set()
+        self.lock = threading.Lock()
+
+
+_APP = _AppState()
+
+
+def configure(database_url: str | None = None, config: str | dict | None = None, **overrides: Any) -> Config:
+    """Set the configuration app code uses: a config file path or a dict, plus overrides."""
+    if database_url is not None:
+        overrides["database_url"] = database_url
+    path, data = (config, None) if isinstance(config, str) else (None, config)
+    cfg = load_config(path, overrides=overrides, data=data)
+    with _APP.lock:
+        old = _APP.engine
+        _APP.config, _APP.engine = cfg, None
+    if old is not None:
+        old.store.close()
+    return cfg
+
+
+def _app_engine() -> Engine:
+    with _APP.lock:
+        if _APP.config is None:
+            _APP.config = load_config()
+        if _APP.engine is None:
+            _APP.engine = Engine(Store(_APP.config.data["database_url"]), _APP.config)
+        engine = _APP.engine
+    if engine.store.url not in _APP.migrated:
+        ensure_schema(engine.store)
+        _APP.migrated.add(engine.store.url)
+    return engine
+
+
+def ensure_schema(store: Store) -> None:
+    if not schema_is_current(store):
+        migrate_store(store)
+
+
+def migrate(database_url: str | None = None) -> list[int]:
+    """Create or upgrade the schema (idempotent)."""
+    store = Store(database_url) if database_url else _app_engine().store
+    return migrate_store(store)
+
+
+def trigger(name: str, *args: Any) -> Run:
+    engine = _app_engine()
+    return Run(engine.trigger(name, args), engine).refresh()
+
+# =====================================================================================
+# runners: job worker and advancer threads, heartbeats and reaping, one process runtime
+# =====================================================================================
+
+_HOOKS: dict[str, list[Callable[[], Any]]] = {k: [] for k in (
+    "supervisor_start", "supervisor_stop", "advancer_start", "advancer_stop", "worker_start", "worker_stop")}
+
+
+def _hook_registrar(kind: str) -> Callable[[Callable], Callable]:
+    def register(fn: Callable[[], Any]) -> Callable[[], Any]:
+        if not callable(fn):
+            raise TypeError(f"on_{kind} needs a callable")
+        _HOOKS[kind].append(fn)
+        return fn
+    register.__name__ = f"on_{kind}"
+    register.__doc__ = f"Register a hook run at {kind.replace('_', ' ')} (decorator or call)."
+    return register
+
+
+on_supervisor_start = _hook_registrar("supervisor_start")
+on_supervisor_stop = _hook_registrar("supervisor_stop")
+on_advancer_start = _hook_registrar("advancer_start")
+on_advancer_stop = _hook_registrar("advancer_stop")
+on_worker_start = _hook_registrar("worker_start")
+on_worker_stop = _hook_registrar("worker_stop")
+
+
+class HookFailed(DuctworkError):
+    pass
+
+
+def run_hooks(kind: str) -> None:
+    """Start hooks: the first that raises fails the boot. Stop hooks: log and go on."""
+    for fn in _HOOKS[kind]:
+        try:
+            fn()
+        except Exception as exc:
+            name = getattr(fn, "__name__", repr(fn))
+            if kind.endswith("_start"):
+                raise HookFailed(f"on_{kind} hook {name} raised {type(exc).__name__}: {exc}") from exc
+            log.exception("on_%s hook %s raised; shutdown goes on", kind, name)
+
+
+def machine_identifier() -> str:
+    """DUCTWORK_MACHINE_ID, else the host name (unique per container/pod, unlike /etc/machine-id)."""
+    return os.environ.get("DUCTWORK_MACHINE_ID") or socket.gethostname()
+
+
+class Fault:
+    """Test-only fault injection: ``DUCTWORK_FAULT=checkpoint:action[:arg][@Step],...``.
+
+    Checkpoints: after_claim, before_commit (the step returned, nothing committed),
+    after_branch_claim, after_advance, boot. Actions: kill (SIGKILL self), exit (os._exit 1),
+    raise, sleep:SECONDS, stop (SIGSTOP self). With DUCTWORK_FAULT_ONCE=path each fault fires
+    once across all processes (the first to create ``path.<checkpoint>`` wins)."""
+
+    def __init__(self, spec: str | None = None, once: str | None = None):
+        spec = os.environ.get("DUCTWORK_FAULT", "") if spec is None else spec
+        self.once = os.environ.get("DUCTWORK_FAULT_ONCE") if once is None else once
+        self.points: dict[str, list[tuple[str, str, str | None]]] = {}
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            item, _, step = item.partition("@")
+            point, _, rest = item.partition(":")
+            action, _, arg = rest.partition(":")
+            self.points.setdefault(point, []).append((action or "raise", arg, step or None))
+
+    def __call__(self, point: str, step: str | None = None) -> None:
+        for action, arg, only in self.points.get(point, ()):
+            if only and only != step:
+                continue
+            if self.once:
+                try:
+                    os.close(os.open(f"{self.once}.{point}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    continue
+            log.warning("fault injected at %s: %s", point, action)
+            if action == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif action == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)
+            elif action == "exit":
+                os._exit(int(arg or 1))
+            elif action == "sleep":
+                threading.Event().wait(float(arg or 1))
+            else:
+                raise FaultInjected(f"fault injected at {point}")
+
+
+class Outage:
+    """Logs a database outage once when it starts and once when it ends; gives the backoff."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.down_since: float | None = None
+        self.failures = 0
+
+    def failed(self, exc: BaseException) -> float:
+        with self.lock:
+            self.failures += 1
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                log.warning("database unavailable, retrying with backoff: %s", mask(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__)
+            return min(0.05 * 2 ** min(self.failures, 8), 5.0) * random.uniform(0.8, 1.2)
+
+    def ok(self) -> None:
+        if self.down_since is None:
+            return
+        with self.lock:
+            if self.down_since is not None:
+                log.info("database reachable again after %.1fs", time.monotonic() - self.down_since)
+            self.down_since, self.failures = None, 0
+
+
+class Wakeups:
+    """Per-(channel, pipeline) events that commits, NOTIFY and shutdown set."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.events: dict[tuple[str, str], list[threading.Event]] = {}
+
+    def event(self, channel: str, pipeline: str) -> threading.Event:
+        ev = threading.Event()
+        with self.lock:
+            self.events.setdefault((channel, pipeline), []).append(ev)
+        return ev
+
+    def notify(self, channel: str, pipeline: str) -> None:
+        for ev in self.events.get((channel, pipeline), ()):
+            ev.set()
+
+    def all(self) -> None:
+        with self.lock:
+            for evs in self.events.values():
+                for ev in evs:
+                    ev.set()
+
+
+class Runtime:
+    """One process's job worker and/or advancer threads plus its heartbeat/reaper thread.
+
+    Used by ``forking: none`` (both roles), the foreground roles, and every forked child."""
+
+    def __init__(self, config: Config, role: str, pipelines: list[str], *, worker_pipelines: list[str] | None = None,
+                 parent_row: int | None = None, report_fd: int | None = None, restarts: int = 0):
+        self.config = config
+        self.role = role                        # advancer | worker | combined
+        self.pipelines = pipelines              # advanced pipelines
+        self.worker_pipelines = pipelines if worker_pipelines is None else worker_pipelines
+        self.parent_row, self.report_fd, self.restarts = parent_row, report_fd, restarts
+        self.parent_pid = os.getppid() if report_fd is not None else None
+        self.store = Store(config.data["database_url"])
+        self.engine = Engine(self.store, config)
+        self.wakeups = Wakeups()
+        self.store.notify_hook = self.wakeups.notify
+        self.outage = Outage()
+        self.fault = Fault()
+        self.stopping = threading.Event()       # stop claiming
+        self.dead = threading.Event()           # exit now, nothing more to commit
+        self.process_id = 0
+        self.in_flight: dict[int, JobClaim] = {}
+        self.in_flight_lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+        self.signals: "queue.SimpleQueue[int]" = queue.SimpleQueue()
+        self.machine = machine_identifier()
+
+    # -- process row ------------------------------------------------------------------
+    @property
+    def row_role(self) -> str:
+        return {"combined": "supervisor"}.get(self.role, self.role)
+
+    def register(self) -> None:
+        info = _dumps({"threads": len(self.threads)})
+        pipes = ",".join(self.worker_pipelines if self.role == "worker" else self.pipelines)
+        with self.store.tx() as t:
+            self.process_id = int(t.one(SQL.register_process, (os.getpid(), self.machine, self.row_role, pipes,
+                                                               self.parent_row, "running", self.restarts, info))[0])
+        log.debug("registered process row %s", self.process_id)
+
+    def heartbeat(self) -> None:
+        state = "draining" if self.stopping.is_set() else "running"
+        with self.store.tx() as t:
+            alive = t.run(SQL.heartbeat, (state, self.restarts, _dumps({"in_flight": len(self.in_flight)}), self.process_id))
+        if alive != 1:
+            log.warning("process row %s was reaped while this process was paused; registering again", self.process_id)
+            self.register()
+        _touch_local_heartbeat(self.machine, self.row_role, self.process_id)
+
+    def reap(self) -> int:
+        timeout = float(self.config.get("supervisor.reaper_timeout"))
+        with self.store.tx(write=False) as t:
+            stale = [r[0] for r in t.all(SQL.stale_processes, (timeout, self.process_id))]
+        reaped = 0
+        for pid_row in stale:
+            if self.engine.reap(pid_row, timeout):
+                reaped += 1
+        return reaped
+
+    # -- threads ----------------------------------------------------------------------
+    def start_threads(self) -> None:
+        if self.role in ("worker", "combined"):
+            for pipeline in self.worker_pipelines:
+                for n in range(int(self.config.get("job_worker.count", pipeline))):
+                    self._spawn(f"ductwork.worker.{pipeline}.{n}", self.worker_loop, pipeline)
+        if self.role in ("advancer", "combined"):
+            for pipeline in self.pipelines:
+                for n in range(int(self.config.get("pipeline_advancer.count", pipeline))):
+                    self._spawn(f"ductwork.advancer.{pipeline}.{n}", self.advancer_loop, pipeline)
+        self._spawn(f"ductwork.{self.row_role}.heartbeat.0", self.heartbeat_loop, None)
+        if self.store.dialect == "postgres":
+            self._spawn(f"ductwork.{self.row_role}.listener.0", self.listen_loop, None)
+
+    def _spawn(self, name: str, target: Callable, arg: Any) -> None:
+        thread = threading.Thread(target=target, args=(arg,) if arg is not None else (), name=name, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def _db_retry(self, fn: Callable[[], Any], give_up: threading.Event | None = None) -> Any:
+        """Run ``fn`` until the database answers (outages: log once, capped backoff)."""
+        while True:
+            try:
+                result = fn()
+                self.outage.ok()
+                return result
+            except DatabaseUnavailable as exc:
+                pause = self.outage.failed(exc)
+            except sqlite3.OperationalError as exc:  # locked past the busy timeout
+                pause = self.outage.failed(exc)
+            if (give_up or self.dead).wait(pause):
+                raise DatabaseUnavailable("gave up waiting for the database")
+
+    def worker_loop(self, pipeline: str) -> None:
+        wake = self.wakeups.event(CH_JOBS, pipeline)
+        idle = float(self.config.get("job_worker.polling_timeout", pipeline))
+        while not self.stopping.is_set():
+            wake.clear()
+            try:
+                claims = self._db_retry(lambda: self.engine.claim_steps(pipeline, self.process_id, 1), self.stopping)
+            except DatabaseUnavailable:
+                break
+            except Exception:
+                log.exception("claiming steps of %s failed", pipeline)
+                self.stopping.wait(1)
+                continue
+            for claim in claims:
+                self.execute(claim)
+            if not claims:
+                wake.wait(idle)
+
+    def execute(self, c: JobClaim) -> None:
+        with self.in_flight_lock:
+            self.in_flight[c.step_id] = c
+        try:
+            self.fault("after_claim", c.name)
+            cls = _REGISTRY.get(c.pipeline)
+            fn = cls.steps.get(c.name) if cls else None
+            if fn is None:
+                why = f"step {c.name} is not defined in pipeline {c.pipeline} any more"
+                log.warning(why, extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
+                self._commit(lambda: self.engine.commit_failure(c, why, DEFINITION_CHANGED)[0], c)
+                return
+            ok, value = self._call(c, fn)
+            self.fault("before_commit", c.name)
+            if ok:
+                self._commit(lambda: self.engine.commit_success(c, value), c)
+            else:
+                accepted = self._commit(lambda: self.engine.commit_failure(c, value)[0], c)
+                if accepted:
+                    log.info("step %s failed (attempt %d): %s", c.name, c.attempt, value.splitlines()[0],
+                             extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
+        finally:
+            with self.in_flight_lock:
+                self.in_flight.pop(c.step_id, None)
+
+    def _call(self, c: JobClaim, fn: Any) -> tuple[bool, str]:
+        """Run the step; (True, output json) or (False, error text with a bounded traceback)."""
+        ctx = StepContext(RunContext(self.engine, c.run_id), c.run_id, c.step_id, c.attempt,
+                          f"{c.pipeline}:{c.run_id}:{c.step_id}", c.pipeline, c.name)
+        _CURRENT.step = ctx
+        try:
+            value = _loads(c.input)
+            args = value if c.node == 0 else [value]
+            if inspect.isclass(fn):
+                obj = fn()
+                obj.context, obj.run_id, obj.attempt, obj.idempotency_key = ctx.context, c.run_id, c.attempt, ctx.idempotency_key
+                obj.step_id, obj.pipeline = c.step_id, c.pipeline
+                result = obj.execute(*args)
+            else:
+                result = fn(*args)
+            try:
+                return True, _dumps(result)
+            except (TypeError, ValueError):
+                raise StepOutputError(f"step {c.name} returned a non-JSON value of type {type(result).__name__}") from None
+        except Exception as exc:
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=20))
+            return False, f"{type(exc).__name__}: {exc}\n{tb[-8000:]}"
+        finally:
+            _CURRENT.step = None
+
+    def _commit(self, fn: Callable[[], bool], c: JobClaim) -> bool:
+        try:
+            accepted = self._db_retry(fn, self.dead)
+        except DatabaseUnavailable:
+            return False
+        if not accepted:
+            log.warning("commit of step %s rejected: this process no longer holds its claim", c.name,
+                        extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
+        return bool(accepted)
+
+    def advancer_loop(self, pipeline: str) -> None:
+        wake = self.wakeups.event(CH_ADVANCE, pipeline)
+        idle = float(self.config.get("pipeline_advancer.polling_timeout", pipeline))
+        while not self.stopping.is_set():
+            wake.clear()
+            try:
+                claims = self._db_retry(lambda: self.engine.claim_branches(pipeline, self.process_id, 1), self.stopping)
+            except DatabaseUnavailable:
+                break
+            except Exception:
+                log.exception("claiming branches of %s failed", pipeline)
+                self.stopping.wait(1)
+                continue
+            for claim in claims:
+                self.advance(claim)
+            if not claims:
+                wake.wait(idle)
+
+    def advance(self, b: BranchClaim) -> None:
+        halted: int | None = None
+        try:
+            self.fault("after_branch_claim")
+            halted = self.engine.advance(b)
+            self.fault("after_advance")
+        except _Rejected:
+            return
+        except (DatabaseUnavailable, sqlite3.OperationalError) as exc:
+            # Infrastructure: hand the claim back without spending the advancer budget.
+            self.outage.failed(exc)
+            with contextlib.suppress(DatabaseUnavailable):
+                self._db_retry(lambda: self.engine.release_branch(b, False), self.dead)
+            return
+        except FaultInjected:
+            raise
+        except Exception as exc:
+            log.exception("advancing branch %s of run %s failed", b.id, b.run_id, extra={"run": b.run_id, "pipeline": b.pipeline})
+            failures = b.advance_failures + 1
+            if failures > int(self.config.get("pipeline_advancer.max_retry", b.pipeline)):
+                halted = self.engine.halt_branch(b, ADVANCER_RETRIES_EXHAUSTED)
+            else:
+                self.engine.release_branch(b, True, min(0.1 * 2 ** failures, 30))
+            del exc
+        if halted is not None:
+            self.engine.notify_halt(halted)
+
+    def heartbeat_loop(self) -> None:
+        interval = float(self.config.get("supervisor.heartbeat_interval"))
+        next_reap = 0.0
+        while not self.dead.wait(interval):
+            try:
+                self.heartbeat()
+                if time.monotonic() >= next_reap:
+                    self.reap()
+                    next_reap = time.monotonic() + min(interval * 2, float(self.config.get("supervisor.reaper_timeout")) / 2)
+                self.outage.ok()
+            except (DatabaseUnavailable, sqlite3.OperationalError) as exc:
+                self.outage.failed(exc)
+            except Exception:
+                log.exception("heartbeat failed")
+
+    def listen_loop(self) -> None:
+        """Postgres LISTEN as a wake-up hint; polling stays the fallback."""
+        channels = {CH_JOBS, CH_ADVANCE}
+        conn = None
+        while not self.dead.is_set():
+            try:
+                if conn is None:
+                    conn = self.store._connect()
+                    conn.autocommit = True
+                    cur = conn.cursor()
+                    for ch in channels:
+                        cur.execute(f"LISTEN {ch}")
+                    self.wakeups.all()  # we may have missed hints while reconnecting
+                sel = selectors.DefaultSelector()
+                sel.register(conn._usock, selectors.EVENT_READ)
+                sel.select(timeout=1.0)
+                sel.close()
+                conn.cursor().execute("SELECT 1")   # pumps pending notifications into conn.notifications
+                while conn.notifications:
+                    _, channel, payload = conn.notifications.popleft()
+                    self.wakeups.notify(channel, payload)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    conn.close()
+                conn = None
+                self.dead.wait(1.0)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    # -- lifecycle --------------------------------------------------------------------
+    def install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN, signal.SIGHUP):
+            signal.signal(sig, lambda signum, frame: self.signals.put(signum))
+
+    def hooks(self, phase: str) -> None:
+        kinds = {"advancer": ["advancer"], "worker": ["worker"], "combined": ["supervisor", "advancer", "worker"]}[self.role]
+        if phase == "stop":
+            kinds = list(reversed(kinds))
+        for kind in kinds:
+            run_hooks(f"{kind}_{phase}")
+
+    def serve(self) -> int:
+        """Run until told to stop; returns the exit code."""
+        _PROCESS_ROLE["role"] = self.row_role
+        self.hooks("start")
+        self._db_retry(lambda: ensure_schema(self.store))
+        self._db_retry(self.register)
+        self._check_clock()
+        self.start_threads()
+        self._report(f"R {self.process_id}")
+        log.info("%s started (pid %d, row %d) for %s", self.row_role, os.getpid(), self.process_id,
+                 ", ".join(sorted(set(self.pipelines) | set(self.worker_pipelines))) or "no pipelines")
+        code = self.loop()
+        self.hooks("stop")
+        return code
+
+    def loop(self) -> int:
+        tick = min(1.0, float(self.config.get("supervisor.heartbeat_interval")))
+        while True:
+            self._report(".")
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                log.warning("supervisor (pid %d) is gone; draining", self.parent_pid)
+                return self.drain()
+            try:
+                signum = self.signals.get(timeout=tick)
+            except queue.Empty:
+                continue
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                return self.drain()
+            if signum == signal.SIGQUIT:
+                return self.quit()
+            if signum == signal.SIGTTIN:
+                dump_threads(self.row_role)
+
+    def drain(self) -> int:
+        """Stop claiming, give in-flight steps the drain budget, hand back the rest, exit."""
+        started = time.monotonic()
+        self.stopping.set()
+        self.wakeups.all()
+        budget = float(self.config.get("job_worker.shutdown_timeout"))
+        if self.role == "advancer":
+            budget = float(self.config.get("pipeline_advancer.shutdown_timeout"))
+        deadline = started + budget
+        for thread in self.threads:
+            if thread.name.endswith(("heartbeat.0", "listener.0")):
+                continue
+            thread.join(max(0.0, deadline - time.monotonic()))
+        handed = self._hand_back_in_flight("drain deadline passed")
+        self.dead.set()
+        self._unregister()
+        log.info("drained in %.2fs (%d step(s) handed back)", time.monotonic() - started, handed)
+        return EXIT_OK
+
+    def quit(self) -> int:
+        self.stopping.set()
+        handed = self._hand_back_in_flight("quit")
+        self.dead.set()
+        self._unregister()
+        log.info("quit: %d step(s) handed back", handed)
+        return EXIT_OK
+
+    def _hand_back_in_flight(self, why: str) -> int:
+        with self.in_flight_lock:
+            ids = list(self.in_flight)
+        if not ids or not self.process_id:
+            return 0
+        try:
+            return self.engine.hand_back(self.process_id, ids, why)
+        except Exception as exc:
+            log.warning("could not hand back %d step(s): %s (a peer reaps them later)", len(ids), exc)
+            return 0
+
+    def _unregister(self) -> None:
+        if not self.process_id:
+            return
+        try:
+            with self.store.tx() as t:
+                t.run(SQL.delete_process, (self.process_id,))
+        except Exception as exc:
+            log.warning("could not delete process row %s: %s", self.process_id, exc)
+        _remove_local_heartbeat(self.machine, self.row_role, self.process_id)
+
+    def _report(self, message: str) -> None:
+        if self.report_fd is None:
+            return
+        try:
+            os.write(self.report_fd, (message + "\n").encode())
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.report_fd = None
+
+    def _check_clock(self) -> None:
+        try:
+            skew = self.store.now() - time.time()
+        except Exception:
+            return
+        if abs(skew) > 5:
+            log.warning("host clock differs from the database clock by %.1fs; ductwork uses the database clock", skew)
+
+
+def dump_threads(role: str) -> None:
+    """TTIN: print every thread's stack, labelled by its name, to stdout."""
+    frames = sys._current_frames()
+    out = [f"=== ductwork thread dump: pid {os.getpid()} role {role} ==="]
+    for thread in threading.enumerate():
+        out.append(f"--- {thread.name} (pid {os.getpid()}, role {role})")
+        frame = frames.get(thread.ident or -1)
+        if frame is not None:
+            out.extend(line.rstrip() for line in traceback.format_stack(frame))
+    print("\n".join(out), flush=True)
+
+
+def _local_heartbeat_dir(machine: str) -> str:
+    return os.path.join(tempfile.gettempdir(), f"ductwork-{re.sub(r'[^A-Za-z0-9_.-]', '_', machine)}")
+
+
+def _touch_local_heartbeat(machine: str, role: str, row: int) -> None:
+    """Local proof of life for the health check when the database is unreachable."""
+    try:
+        path = _local_heartbeat_dir(machine)
+        os.makedirs(path, exist_ok=True)
+        name = os.path.join(path, f"{role}.{os.getpid()}")
+        with open(name, "w") as fh:
+            fh.write(str(row))
+    except OSError:
+        pass
+
+
+def _remove_local_heartbeat(machine: str, role: str, row: int) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(_local_heartbeat_dir(machine), f"{role}.{os.getpid()}"))
+
+# =====================================================================================
+# supervisor: the pre-fork process manager (placeholder until the next section lands)
+# =====================================================================================
+
+# =====================================================================================
+# cli: python ductwork.py [COMMAND] [OPTIONS]
+# =====================================================================================
+
+COMMANDS = ("run", "healthcheck", "health", "migrate", "trigger", "status", "validate")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        raise ConfigError(message)
+
+
+def _add_common(parser: argparse.ArgumentParser, top: bool) -> None:
+    d = None if top else argparse.SUPPRESS
+    parser.add_argument("-c", "--config", default=d, help="config file (default config/ductwork.yml if it exists)")
+    parser.add_argument("--app", action="append", default=d, help="module or .py file that defines pipelines (repeatable)")
+    parser.add_argument("--role", choices=ROLES, default=d, help="all (=supervisor) | advancer | worker")
+    parser.add_argument("--database-url", default=d, help="sqlite:///path or postgresql://user:pass@host/db")
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS, help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ductwork", description="Durable multi-step pipelines: supervisor, workers, tools.")
+    parser.add_argument("--version", action="version", version=f"ductwork {__version__}")
+    _add_common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    for name, help_text in (("run", "start the configured role (default)"),
+                            ("migrate", "create or upgrade the schema"),
+                            ("validate", "import the app and validate every pipeline"),
+                            ("status", "processes, runs per pipeline, recent halts and errors"),
+                            ("healthcheck", "liveness probe for this machine and role"),
+                            ("health", "alias of healthcheck")):
+        p = sub.add_parser(name, help=help_text)
+        _add_common(p, top=False)
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        if name in ("healthcheck", "health"):
+            p.add_argument("--pid", type=int, help="check this process id instead of the role's row")
+            p.add_argument("--max-age", type=float, help="heartbeat age limit in seconds")
+            p.add_argument("-v", "--verbose", action="store_true", help="one block per process")
+    p = sub.add_parser("trigger", help="trigger a pipeline: trigger NAME [JSON ...]")
+    _add_common(p, top=False)
+    p.add_argument("name")
+    p.add_argument("args", nargs="*", help="one JSON value per argument of the start step")
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace) -> Config:
+    overrides = {"role": args.role, "database_url": args.database_url, "app": args.app}
+    return load_config(args.config, overrides=overrides)
+
+
+def import_app(targets: Iterable[str]) -> None:
+    """Import each module name or .py path so its pipelines register."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for target in targets:
+        try:
+            if target.endswith(".py") or os.sep in target:
+                path = os.path.abspath(target)
+                if not os.path.exists(path):
+                    raise ConfigError(f"app file {target} does not exist")
+                name = os.path.splitext(os.path.basename(path))[0]
+                if os.path.dirname(path) not in sys.path:
+                    sys.path.insert(0, os.path.dirname(path))
+                if name in sys.modules and getattr(sys.modules[name], "__file__", None) == path:
+                    continue
+                spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+                sys.modules[name] = module
+                spec.loader.exec_module(module)  # type: ignore[union-attr]
+            else:
+                importlib.import_module(target)
+        except (ConfigError, DefinitionError):
+            raise
+        except Exception as exc:
+            raise ConfigError(f"cannot import app {target}: {type(exc).__name__}: {exc}") from exc
+
+
+def selected_pipelines(config: Config) -> list[str]:
+    wanted = config.data["pipelines"]
+    if wanted == "*":
+        return sorted(_REGISTRY)
+    missing = [name for name in wanted if name not in _REGISTRY]
+    if missing:
+        raise ConfigError(f"pipeline {missing[0]!r} not found (registered: {', '.join(sorted(_REGISTRY)) or 'none'})")
+    return list(wanted)
+
+
+def _prepare(args: argparse.Namespace) -> Config:
+    config = _config_from_args(args)
+    setup_logging(config.data["logger"]["level"], config.data["logger"]["format"])
+    import_app(config.data["app"] or [])
+    with _APP.lock:
+        _APP.config, _APP.engine = config, None
+    return config
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    for warning in config.warnings():
+        log.warning("config: %s", warning)
+    pipelines = selected_pipelines(config)
+    validate()
+    role = config.role
+    if role == "all" and config.data["forking"] == "default" and "Supervisor" in globals():
+        return globals()["Supervisor"](config, pipelines).run()
+    runtime_role = {"all": "combined", "advancer": "advancer", "worker": "worker"}[role]
+    runtime = Runtime(config, runtime_role, pipelines)
+    runtime.install_signals()
+    return runtime.serve()
+
+
+def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
+    store = Store(config.data["database_url"])
+    applied = migrate_store(store)
+    print(f"migrated {store.info.display}: " + (f"applied {', '.join(map(str, applied))}" if applied else "up to date"))
+    return EXIT_OK
+
+
+def cmd_trigger(args: argparse.Namespace, config: Config) -> int:
+    values = []
+    for text in args.args:
+        try:
+            values.append(json.loads(text))
+        except ValueError:
+            raise ConfigError(f"argument {text!r} is not valid JSON") from None
+    if args.name not in _REGISTRY:
+        raise ConfigError(f"pipeline {args.name!r} not found (registered: {', '.join(sorted(_REGISTRY)) or 'none'})")
+    print(trigger(args.name, *values).id)
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace, config: Config) -> int:
+    names = validate()
+    selected_pipelines(config)
+    print(f"ok: {len(names)} pipeline(s): {', '.join(names)}" if names else "ok: no pipelines registered")
+    return EXIT_OK
+
+
+def status_report(engine: Engine) -> dict:
+    with engine.store.tx(write=False) as t:
+        procs = t.all(SQL.processes)
+        counts = t.all(SQL.run_counts)
+        halts = t.all(SQL.recent_halts, (10,))
+        errors = t.all(SQL.recent_errors, (10,))
+    runs: dict[str, dict[str, int]] = {}
+    for pipeline, status, n in counts:
+        runs.setdefault(pipeline, {})[status] = int(n)
+    return {
+        "processes": [{"id": r[0], "pid": r[1], "machine": r[2], "role": r[3], "pipelines": [p for p in r[4].split(",") if p],
+                       "parent_id": r[5], "state": r[6], "restarts": r[7], "info": _loads(r[8]),
+                       "heartbeat_age": round(float(r[11]), 3), "age": round(float(r[12]), 3)} for r in procs],
+        "runs": runs,
+        "recent_halts": [{"run": r[0], "pipeline": r[1], "reasons": _loads(r[2]), "finished_at": r[3]} for r in halts],
+        "recent_errors": [{"step": r[0], "run": r[1], "pipeline": r[2], "name": r[3], "outcome": r[4],
+                           "error": (r[5] or "").splitlines()[0] if r[5] else "", "at": r[6]} for r in errors],
+    }
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    engine = Engine(Store(config.data["database_url"]), config)
+    ensure_schema(engine.store)
+    report = status_report(engine)
+    if getattr(args, "json", False):
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return EXIT_OK
+    print(f"processes ({len(report['processes'])}):")
+    for p in report["processes"]:
+        print(f"  {p['machine']:<20} pid {p['pid']:<7} {p['role']:<10} {p['state']:<9} heartbeat {p['heartbeat_age']:.1f}s ago"
+              f"  up {p['age']:.0f}s  restarts {p['restarts']}  {','.join(p['pipelines'])}")
+    print("runs:")
+    for pipeline, by_status in sorted(report["runs"].items()):
+        print(f"  {pipeline:<28} " + "  ".join(f"{s} {n}" for s, n in sorted(by_status.items())))
+    if report["recent_halts"]:
+        print("recent halts:")
+        for h in report["recent_halts"]:
+            print(f"  run {h['run']} {h['pipeline']}: {', '.join(h['reasons']) or 'halted'}")
+    if report["recent_errors"]:
+        print("recent step errors:")
+        for e in report["recent_errors"]:
+            print(f"  run {e['run']} step {e['step']} {e['pipeline']}.{e['name']} {e['outcome']}: {e['error']}")
+    return EXIT_OK
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
+    "run": cmd_run, "migrate": cmd_migrate, "trigger": cmd_trigger, "validate": cmd_validate, "status": cmd_status,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a in COMMANDS for a in argv if not a.startswith("-")) and not any(a in ("-h", "--help", "--version") for a in argv):
+        argv = ["run", *argv]
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        command = {"health": "healthcheck"}.get(args.command or "run", args.command or "run")
+        if command == "healthcheck" and "healthcheck" in HANDLERS:
+            return HANDLERS["healthcheck"](args, None)  # type: ignore[arg-type]
+        config = _prepare(args)
+        return HANDLERS[command](args, config)
+    except (ConfigError, DefinitionError) as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"ductwork: error: {mask(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except DatabaseUnavailable as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"ductwork: error: {mask(str(exc))}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

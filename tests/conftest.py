@@ -1,0 +1,136 @@
+"""Shared fixtures: a real SQLite file per test and a private PostgreSQL database per session.
+
+Postgres tests need the server at DUCTWORK_TEST_PG (default postgresql://postgres@127.0.0.1:5432/test).
+On a laptop without it they skip with the reason; in CI (CI=true) a missing server fails them.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import ductwork  # noqa: E402
+
+PG_ADMIN_URL = os.environ.get("DUCTWORK_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+TABLES = ["ductwork_processes", "ductwork_definitions", "ductwork_runs", "ductwork_branches",
+          "ductwork_steps", "ductwork_executions", "ductwork_context"]
+FAST = {
+    "job_worker": {"retry_delay": 0, "polling_timeout": 0.05, "count": 2, "shutdown_timeout": 2},
+    "pipeline_advancer": {"polling_timeout": 0.05, "shutdown_timeout": 2},
+    "supervisor": {"heartbeat_interval": 0.2, "shutdown_timeout": 5},
+}
+
+
+def _pg_connect(url: str):
+    import pg8000.dbapi
+    info = ductwork.parse_database_url(url)
+    conn = pg8000.dbapi.connect(user=info.user, password=info.password, host=info.host, port=info.port,
+                                database=info.database, timeout=5)
+    conn.autocommit = True
+    return conn
+
+
+def _pg_unavailable_reason() -> str | None:
+    try:
+        _pg_connect(PG_ADMIN_URL).close()
+        return None
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        return f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}"
+
+
+@pytest.fixture(scope="session")
+def pg_server_url():
+    """A fresh database for this test session on the shared server, dropped at the end."""
+    reason = _pg_unavailable_reason()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {reason}")
+        pytest.skip(reason)
+    name = f"ductwork_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = _pg_connect(PG_ADMIN_URL)
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    admin.cursor().execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+    admin.cursor().execute(f"DROP DATABASE IF EXISTS {name}")
+    admin.close()
+
+
+def truncate_pg(url: str) -> None:
+    conn = _pg_connect(url)
+    cur = conn.cursor()
+    cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'ductwork%%'")
+    existing = {r[0] for r in cur.fetchall()}
+    present = [t for t in TABLES if t in existing]
+    if present:
+        cur.execute(f"TRUNCATE {', '.join(present)} RESTART IDENTITY")
+    conn.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path):
+    """The same test on a real SQLite file and on a real PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/ductwork.sqlite3"
+    url = request.getfixturevalue("pg_server_url")
+    truncate_pg(url)
+    return url
+
+
+@pytest.fixture
+def engine(db_url):
+    """App-level configuration pointing at the test database; returns the Engine."""
+    ductwork.configure(database_url=db_url, config=FAST)
+    eng = ductwork._app_engine()
+    yield eng
+    eng.store.close()
+
+
+class RuntimeHandle:
+    def __init__(self, runtime: ductwork.Runtime):
+        self.runtime = runtime
+        self.code = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        self.code = self.runtime.serve()
+
+    def stop(self, timeout: float = 10) -> int | None:
+        self.runtime.signals.put(signal.SIGTERM)
+        self.thread.join(timeout)
+        return self.code
+
+
+@pytest.fixture
+def start_runtime(engine):
+    """Start an in-process runtime (worker + advancer threads, as `forking: none`)."""
+    handles: list[RuntimeHandle] = []
+
+    def start(pipelines: list[str], role: str = "combined", **overrides) -> RuntimeHandle:
+        config = ductwork.load_config(data=FAST, overrides={"database_url": engine.store.url, **overrides})
+        handle = RuntimeHandle(ductwork.Runtime(config, role, pipelines))
+        handles.append(handle)
+        return handle
+
+    yield start
+    for handle in handles:
+        handle.stop()
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 60, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python ductwork.py ARGS` for real and capture its output."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    return subprocess.run([sys.executable, str(ROOT / "ductwork.py"), *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=str(cwd or ROOT))
