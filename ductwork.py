@@ -1047,7 +1047,7 @@ class SQL:
                       "RETURNING id, run_id, pipeline, definition, parent_id, node, expected, arrived, advance_failures")
     current_step = "SELECT id, status, output, halt_reason FROM ductwork_steps WHERE branch_id = ? ORDER BY id DESC LIMIT 1"
     children_of = "SELECT status, output FROM ductwork_branches WHERE origin_step_id = ? ORDER BY position"
-    apply_branch = ("UPDATE ductwork_branches SET status = ?, node = ?, expected = ?, arrived = 0, output = ?, halt_reason = ?, "
+    apply_branch = ("UPDATE ductwork_branches SET status = ?, node = ?, expected = ?, arrived = ?, output = ?, halt_reason = ?, "
                     "claimed_by = NULL, claim_token = NULL, advance_failures = 0, updated_at = {now} "
                     "WHERE id = ? AND status = 'advancing' AND claim_token = ?")
     child_arrived = ("UPDATE ductwork_branches SET arrived = arrived + 1, "
@@ -1155,6 +1155,7 @@ class _Outcome:
     status: str
     node: int
     expected: int = 0
+    arrived: int = 0         # a join that halts keeps its counts, so revive() can reopen it
     output: str | None = None
     halt_reason: str | None = None
     new_step: tuple[int, str] | None = None               # (node, input json) on this branch
@@ -1291,7 +1292,7 @@ class Engine:
             d = self.definition(b.definition, t)
             step = t.one(SQL.current_step, (b.id,))
             outcome = self._decide(t, b, d, step)
-            if t.run(SQL.apply_branch, (outcome.status, outcome.node, outcome.expected, outcome.output,
+            if t.run(SQL.apply_branch, (outcome.status, outcome.node, outcome.expected, outcome.arrived, outcome.output,
                                         outcome.halt_reason, b.id, b.token)) != 1:
                 log.warning("advancement of branch %s rejected: its claim was lost", b.id, extra={"run": b.run_id})
                 raise _Rejected()
@@ -1311,7 +1312,7 @@ class Engine:
         if b.expected > 0:  # every child of the fan-out has finished: the join
             children = t.all(SQL.children_of, (step[0],))
             if any(status != "completed" for status, _ in children):
-                return _Outcome("halted", b.node)
+                return _Outcome("halted", b.node, expected=b.expected, arrived=b.expected)
             values = [_loads(out) for _, out in children]
             return self._join(b, d, after, values if after["kind"] != "divert" else values[0])
         if step is None:
@@ -1414,7 +1415,7 @@ class Engine:
     def halt_branch(self, b: BranchClaim, reason: str) -> int | None:
         """Halt a claimed branch outright (advancer retries exhausted)."""
         with self.store.tx() as t:
-            if t.run(SQL.apply_branch, ("halted", b.node, 0, None, reason, b.id, b.token)) != 1:
+            if t.run(SQL.apply_branch, ("halted", b.node, b.expected, b.arrived, None, reason, b.id, b.token)) != 1:
                 return None
             return self._branch_finished(t, b.run_id, b.parent_id, "halted", None)
 
