@@ -2203,8 +2203,406 @@ def _remove_local_heartbeat(machine: str, role: str, row: int) -> None:
         os.unlink(os.path.join(_local_heartbeat_dir(machine), f"{role}.{os.getpid()}"))
 
 # =====================================================================================
-# supervisor: the pre-fork process manager (placeholder until the next section lands)
+# supervisor: the pre-fork process manager (single-threaded, one selectors loop)
 # =====================================================================================
+# Shape borrowed from gunicorn's arbiter: signal handlers only queue the signal and write
+# a byte to a wake-up pipe; one loop selects on that pipe and on one pipe per child
+# (children write a line every tick of their control loop: that is how hangs are seen),
+# then handles queued signals, reaps exited children (waitpid), kills silent ones,
+# starts due children and writes the heartbeat. Nothing here runs in a thread.
+
+BOOT_BACKOFF_START, BOOT_BACKOFF_CAP = 0.5, 30.0
+
+
+@dataclasses.dataclass
+class ChildSpec:
+    """One child the supervisor keeps alive: the advancer, or the worker of one pipeline."""
+    key: str                      # "advancer" | "worker:<Pipeline>"
+    role: str                     # advancer | worker
+    pipelines: list[str]
+    restarts: int = 0
+    boot_failures: int = 0
+    next_start: float = 0.0       # monotonic time when it may start again
+    last_error: str = ""
+
+
+@dataclasses.dataclass
+class Child:
+    spec: ChildSpec
+    pid: int
+    fd: int
+    started: float
+    last_seen: float
+    row_id: int | None = None
+    ready: bool = False
+    buffer: bytes = b""
+    killed_for: str = ""
+    retiring: bool = False
+
+
+class Supervisor:
+    """Forks one advancer and one job worker per pipeline, keeps them alive, drains them."""
+
+    def __init__(self, config: Config, pipelines: list[str]):
+        self.config = config
+        self.specs = [ChildSpec("advancer", "advancer", list(pipelines))]
+        self.specs += [ChildSpec(f"worker:{p}", "worker", [p]) for p in pipelines]
+        self.children: dict[int, Child] = {}
+        self.signals: list[int] = []
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, None)
+        self.store = Store(config.data["database_url"])
+        self.engine = Engine(self.store, config)
+        self.outage = Outage()
+        self.row_id = 0
+        self.machine = machine_identifier()
+        self.stopping_since: float | None = None
+        self.exit_code = EXIT_OK
+        self.next_heartbeat = 0.0
+
+    # -- entry point --------------------------------------------------------------------
+    def run(self) -> int:
+        _PROCESS_ROLE["role"] = "supervisor"
+        try:
+            run_hooks("supervisor_start")
+        except HookFailed as exc:
+            log.error("supervisor boot failed: %s", exc)
+            return EXIT_FAILURE
+        self._with_db(lambda: ensure_schema(self.store), forever=True)
+        self._with_db(self.register, forever=True)
+        self.store.close()
+        self.install_signals()
+        self.log_drain_arithmetic()
+        log.info("supervisor started (pid %d, row %d) on %s: %d child(ren)", os.getpid(), self.row_id,
+                 self.store.info.display, len(self.specs))
+        for spec in self.specs:
+            self.spawn(spec)
+        while self.children or self.stopping_since is None:
+            self.loop_once()
+        self._with_db(lambda: self._delete_row(), forever=False)
+        self.store.close()
+        run_hooks("supervisor_stop")
+        log.info("supervisor stopped (exit %d)", self.exit_code)
+        return self.exit_code
+
+    def loop_once(self) -> None:
+        for key, _ in self.selector.select(self.next_timeout()):
+            if key.fd == self.wake_r:
+                self._drain_wake_pipe()
+            else:
+                self.read_child(key.data)
+        self.handle_signals()
+        self.reap_children()
+        self.kill_hung_children()
+        if self.stopping_since is None:
+            self.start_due_children()
+        else:
+            self.enforce_shutdown_deadline()
+        self.maybe_heartbeat()
+
+    def next_timeout(self) -> float:
+        now = time.monotonic()
+        timeout = float(self.config.get("supervisor.polling_timeout"))
+        pending = [s.next_start for s in self.specs if not self._running(s) and s.next_start > now]
+        if pending and self.stopping_since is None:
+            timeout = min(timeout, max(0.0, min(pending) - now))
+        return max(0.0, min(timeout, self.next_heartbeat - now))
+
+    # -- signals ------------------------------------------------------------------------
+    def install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)
+        with contextlib.suppress(OSError):
+            os.write(self.wake_w, b"!")
+
+    def _drain_wake_pipe(self) -> None:
+        with contextlib.suppress(OSError):
+            while os.read(self.wake_r, 4096):
+                pass
+
+    def handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                if self.stopping_since is None:
+                    self.begin_shutdown(f"received {signal.Signals(signum).name}")
+                else:
+                    log.warning("second %s: stopping now", signal.Signals(signum).name)
+                    self.quit_now()
+            elif signum == signal.SIGQUIT:
+                self.quit_now()
+            elif signum == signal.SIGTTIN:
+                dump_threads("supervisor")
+                self.signal_children(signal.SIGTTIN)
+            elif signum == signal.SIGHUP and self.stopping_since is None:
+                self.rolling_restart()
+
+    def begin_shutdown(self, why: str, code: int = EXIT_OK) -> None:
+        log.info("shutting down (%s): draining %d child(ren), up to %ss", why, len(self.children),
+                 self.config.get("supervisor.shutdown_timeout"))
+        self.stopping_since = time.monotonic()
+        self.exit_code = max(self.exit_code, code)
+        self.signal_children(signal.SIGTERM)
+
+    def quit_now(self) -> None:
+        """QUIT or a second TERM: SIGKILL every child, hand its work back, exit."""
+        if self.stopping_since is None:
+            self.stopping_since = time.monotonic()
+        for child in list(self.children.values()):
+            child.killed_for = "quit"
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while self.children and time.monotonic() < deadline:
+            self.reap_children(block=True)
+
+    def signal_children(self, signum: int) -> None:
+        for child in self.children.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signum)
+
+    def rolling_restart(self) -> None:
+        """HUP: re-import the app, start fresh children, then drain the old ones."""
+        log.info("HUP: re-importing the app and restarting children")
+        for target in self.config.data["app"] or []:
+            name = os.path.splitext(os.path.basename(target))[0] if target.endswith(".py") else target
+            module = sys.modules.get(name)
+            if module is not None:
+                try:
+                    importlib.reload(module)
+                except Exception as exc:
+                    log.error("HUP: re-importing %s failed, keeping the running code: %s", target, exc)
+                    return
+        old = list(self.children.values())
+        for child in old:
+            child.retiring = True
+        for spec in self.specs:
+            self.spawn(spec)
+        for child in old:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
+
+    # -- children -----------------------------------------------------------------------
+    def _running(self, spec: ChildSpec) -> bool:
+        return any(c.spec is spec and not c.retiring for c in self.children.values())
+
+    def start_due_children(self) -> None:
+        now = time.monotonic()
+        for spec in self.specs:
+            if not self._running(spec) and spec.next_start <= now:
+                self.spawn(spec)
+
+    def spawn(self, spec: ChildSpec) -> None:
+        read_fd, write_fd = os.pipe()
+        self.store.close()  # never hold a database connection across fork
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            os.close(read_fd)
+            code = EXIT_FAILURE
+            try:
+                code = self._child_main(spec, write_fd)
+            except BaseException as exc:  # noqa: B036 - report any boot failure to the supervisor
+                message = mask(f"{type(exc).__name__}: {exc}")
+                with contextlib.suppress(OSError):
+                    os.write(write_fd, f"E {message}\n".encode())
+                if not isinstance(exc, (HookFailed, SystemExit)):
+                    log.exception("%s child failed", spec.key)
+                else:
+                    log.error("%s child failed to boot: %s", spec.key, message)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        now = time.monotonic()
+        child = Child(spec, pid, read_fd, now, now)
+        self.children[pid] = child
+        self.selector.register(read_fd, selectors.EVENT_READ, child)
+        log.info("started %s (pid %d)%s", spec.key, pid, f", restart {spec.restarts}" if spec.restarts else "")
+
+    def _child_main(self, spec: ChildSpec, write_fd: int) -> int:
+        self.selector.close()
+        for fd in (self.wake_r, self.wake_w):
+            os.close(fd)
+        for other in self.children.values():
+            with contextlib.suppress(OSError):
+                os.close(other.fd)
+        for sig in (signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        _PROCESS_ROLE["role"] = spec.role
+        Fault()("boot")
+        runtime = Runtime(self.config, spec.role, spec.pipelines, parent_row=self.row_id, report_fd=write_fd,
+                          restarts=spec.restarts)
+        runtime.install_signals()
+        return runtime.serve()
+
+    def read_child(self, child: Child) -> None:
+        try:
+            data = os.read(child.fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # EOF: the child is exiting; waitpid tells us how
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(child.fd)
+            return
+        child.last_seen = time.monotonic()
+        child.buffer += data
+        *lines, child.buffer = child.buffer.split(b"\n")
+        for line in lines:
+            if line.startswith(b"R "):
+                child.ready, child.row_id = True, int(line[2:])
+            elif line.startswith(b"E "):
+                child.spec.last_error = line[2:].decode(errors="replace")
+
+    def reap_children(self, block: bool = False) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is not None:  # as PID 1 we also reap orphans that are not ours
+                self.child_exited(child, status)
+            if block:
+                return
+
+    def child_exited(self, child: Child, status: int) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(child.fd)
+        with contextlib.suppress(OSError):
+            self.read_child(child)
+            os.close(child.fd)
+        spec = child.spec
+        how = (f"signal {signal.Signals(os.WTERMSIG(status)).name}" if os.WIFSIGNALED(status)
+               else f"exit {os.WEXITSTATUS(status)}")
+        handed = self.hand_back(child)
+        clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        if self.stopping_since is not None or child.retiring:
+            log.info("%s (pid %d) exited: %s%s", spec.key, child.pid, how, f"; {handed} step(s) handed back" if handed else "")
+            return
+        spec.restarts += 1
+        if not child.ready:  # died before it finished booting: back off
+            spec.boot_failures += 1
+            spec.last_error = spec.last_error or how
+            limit = int(self.config.get("supervisor.max_boot_failures"))
+            if limit and spec.boot_failures >= limit:
+                log.error("%s failed to boot %d times in a row; giving up. last error: %s", spec.key, spec.boot_failures,
+                          spec.last_error)
+                self.begin_shutdown(f"{spec.key} keeps failing to boot", EXIT_FAILURE)
+                return
+            delay = min(BOOT_BACKOFF_START * 2 ** (spec.boot_failures - 1), BOOT_BACKOFF_CAP)
+            spec.next_start = time.monotonic() + delay
+            log.warning("%s (pid %d) failed to boot (%s; %s); retrying in %.1fs", spec.key, child.pid, how,
+                        spec.last_error, delay)
+        else:  # it ran fine before: replace it at once
+            spec.boot_failures, spec.last_error, spec.next_start = 0, "", 0.0
+            why = child.killed_for or ("exited cleanly" if clean else "crashed")
+            log.warning("%s (pid %d) %s (%s); %d step(s) handed back; restarting", spec.key, child.pid, why, how, handed)
+
+    def hand_back(self, child: Child) -> int:
+        """Re-enqueue the dead child's in-flight steps and release its branches, now."""
+        def work() -> int:
+            with self.store.tx() as t:
+                rows = t.all("SELECT id FROM ductwork_processes WHERE parent_id = ? AND pid = ?", (self.row_id, child.pid))
+            ids = {r[0] for r in rows} | ({child.row_id} if child.row_id else set())
+            total = 0
+            for row in ids:
+                with self.store.tx() as t:
+                    total += self.engine._hand_back(t, row, None, f"{child.spec.key} process died")
+                    t.run(SQL.delete_process, (row,))
+            return total
+        return self._with_db(work, forever=False) or 0
+
+    def kill_hung_children(self) -> None:
+        limit = float(self.config.get("supervisor.hang_timeout"))
+        now = time.monotonic()
+        for child in self.children.values():
+            if not child.killed_for and now - child.last_seen > limit:
+                child.killed_for = f"was silent for {now - child.last_seen:.1f}s (hang_timeout {limit}s), killed"
+                log.warning("%s (pid %d) %s", child.spec.key, child.pid, child.killed_for)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGKILL)
+                    os.kill(child.pid, signal.SIGCONT)
+
+    def enforce_shutdown_deadline(self) -> None:
+        assert self.stopping_since is not None
+        if time.monotonic() - self.stopping_since < float(self.config.get("supervisor.shutdown_timeout")):
+            return
+        for child in self.children.values():
+            if not child.killed_for:
+                child.killed_for = "shutdown deadline passed"
+                log.warning("%s (pid %d) still running at the shutdown deadline: SIGKILL", child.spec.key, child.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGKILL)
+
+    # -- database: own row, heartbeat --------------------------------------------------
+    def _with_db(self, fn: Callable[[], Any], forever: bool) -> Any:
+        while True:
+            try:
+                result = fn()
+                self.outage.ok()
+                return result
+            except (DatabaseUnavailable, sqlite3.OperationalError) as exc:
+                pause = self.outage.failed(exc)
+                if not forever:
+                    return None
+                threading.Event().wait(pause)
+
+    def register(self) -> None:
+        with self.store.tx() as t:
+            self.row_id = int(t.one(SQL.register_process, (os.getpid(), self.machine, "supervisor", ",".join(
+                s.pipelines[0] for s in self.specs if s.role == "worker"), None, "running", 0, self.info_json()))[0])
+
+    def info_json(self) -> str:
+        now = time.monotonic()
+        return _dumps({"children": {s.key: {"pid": next((c.pid for c in self.children.values() if c.spec is s), None),
+                                            "restarts": s.restarts, "boot_failures": s.boot_failures,
+                                            "restart_in": round(max(0.0, s.next_start - now), 2),
+                                            "last_error": s.last_error} for s in self.specs}})
+
+    def maybe_heartbeat(self) -> None:
+        now = time.monotonic()
+        if now < self.next_heartbeat:
+            return
+        self.next_heartbeat = now + float(self.config.get("supervisor.heartbeat_interval"))
+
+        def beat() -> None:
+            state = "draining" if self.stopping_since is not None else "running"
+            restarts = sum(s.restarts for s in self.specs)
+            with self.store.tx() as t:
+                if t.run(SQL.heartbeat, (state, restarts, self.info_json(), self.row_id)) != 1:
+                    log.warning("supervisor row %s was reaped while paused; registering again", self.row_id)
+                    self.register()
+            _touch_local_heartbeat(self.machine, "supervisor", self.row_id)
+        self._with_db(beat, forever=False)
+
+    def _delete_row(self) -> None:
+        with self.store.tx() as t:
+            t.run(SQL.delete_process, (self.row_id,))
+        _remove_local_heartbeat(self.machine, "supervisor", self.row_id)
+
+    def log_drain_arithmetic(self) -> None:
+        worker = self.config.get("job_worker.shutdown_timeout")
+        sup = self.config.get("supervisor.shutdown_timeout")
+        log.info("drain: job workers get %ss for in-flight steps < supervisor waits %ss < give the process manager "
+                 "at least %ss (e.g. Kubernetes terminationGracePeriodSeconds, systemd TimeoutStopSec)",
+                 worker, sup, int(sup) + 5)
+        for warning in self.config.warnings():
+            log.warning("config: %s", warning)
+
 
 # =====================================================================================
 # cli: python ductwork.py [COMMAND] [OPTIONS]
@@ -2305,13 +2703,11 @@ def _prepare(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
-    for warning in config.warnings():
-        log.warning("config: %s", warning)
     pipelines = selected_pipelines(config)
     validate()
     role = config.role
-    if role == "all" and config.data["forking"] == "default" and "Supervisor" in globals():
-        return globals()["Supervisor"](config, pipelines).run()
+    if role == "all" and config.data["forking"] == "default":
+        return Supervisor(config, pipelines).run()
     runtime_role = {"all": "combined", "advancer": "advancer", "worker": "worker"}[role]
     runtime = Runtime(config, runtime_role, pipelines)
     runtime.install_signals()
