@@ -515,9 +515,12 @@ class Store:
     NOW = {"sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
            "postgres": "(extract(epoch from clock_timestamp())::float8)"}
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, connect_timeout: float | None = None, read_only: bool = False):
         self.url = url
         self.info = parse_database_url(url)
+        if connect_timeout is not None:
+            self.info = dataclasses.replace(self.info, connect_timeout=connect_timeout)
+        self.read_only = read_only
         self.dialect = self.info.dialect
         self._local = threading.local()
         self._pid = os.getpid()
@@ -527,6 +530,12 @@ class Store:
     # -- connections ------------------------------------------------------------------
     def _connect(self) -> Any:
         if self.dialect == "sqlite":
+            if self.read_only:  # a probe must not create the file or wait on locks for long
+                try:
+                    return sqlite3.connect(f"file:{urllib.parse.quote(self.info.path)}?mode=ro", uri=True,
+                                           timeout=self.info.connect_timeout, isolation_level=None)
+                except sqlite3.Error as exc:
+                    raise DatabaseUnavailable(f"cannot open {self.info.display}: {exc}") from None
             conn = sqlite3.connect(self.info.path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA busy_timeout=30000")
@@ -1845,7 +1854,6 @@ class Runtime:
         if alive != 1:
             log.warning("process row %s was reaped while this process was paused; registering again", self.process_id)
             self.register()
-        _touch_local_heartbeat(self.machine, self.row_role, self.process_id)
 
     def reap(self) -> int:
         timeout = float(self.config.get("supervisor.reaper_timeout"))
@@ -1904,7 +1912,13 @@ class Runtime:
                 self.stopping.wait(1)
                 continue
             for claim in claims:
-                self.execute(claim)
+                try:
+                    self.execute(claim)
+                except Exception as exc:  # the machinery around the step failed, not the step
+                    log.error("worker error around step %s: %s; handing it back", claim.name, exc,
+                              extra={"run": claim.run_id, "step": claim.step_id, "pipeline": pipeline})
+                    with contextlib.suppress(Exception):
+                        self._db_retry(lambda c=claim, why=str(exc): self.engine.hand_back(c.process_id, [c.step_id], why), self.dead)
             if not claims:
                 wake.wait(idle)
 
@@ -1994,22 +2008,22 @@ class Runtime:
             self.fault("after_advance")
         except _Rejected:
             return
-        except (DatabaseUnavailable, sqlite3.OperationalError) as exc:
+        except (DatabaseUnavailable, sqlite3.OperationalError, FaultInjected) as exc:
             # Infrastructure: hand the claim back without spending the advancer budget.
-            self.outage.failed(exc)
+            if isinstance(exc, FaultInjected):
+                log.warning("advancement of branch %s interrupted: %s", b.id, exc)
+            else:
+                self.outage.failed(exc)
             with contextlib.suppress(DatabaseUnavailable):
                 self._db_retry(lambda: self.engine.release_branch(b, False), self.dead)
             return
-        except FaultInjected:
-            raise
-        except Exception as exc:
+        except Exception:
             log.exception("advancing branch %s of run %s failed", b.id, b.run_id, extra={"run": b.run_id, "pipeline": b.pipeline})
             failures = b.advance_failures + 1
             if failures > int(self.config.get("pipeline_advancer.max_retry", b.pipeline)):
                 halted = self.engine.halt_branch(b, ADVANCER_RETRIES_EXHAUSTED)
             else:
                 self.engine.release_branch(b, True, min(0.1 * 2 ** failures, 30))
-            del exc
         if halted is not None:
             self.engine.notify_halt(halted)
 
@@ -2089,6 +2103,7 @@ class Runtime:
         tick = min(1.0, float(self.config.get("supervisor.heartbeat_interval")))
         while True:
             self._report(".")
+            _touch_local_heartbeat(self.machine, self.row_role)
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("supervisor (pid %d) is gone; draining", self.parent_pid)
                 return self.drain()
@@ -2149,7 +2164,7 @@ class Runtime:
                 t.run(SQL.delete_process, (self.process_id,))
         except Exception as exc:
             log.warning("could not delete process row %s: %s", self.process_id, exc)
-        _remove_local_heartbeat(self.machine, self.row_role, self.process_id)
+        _remove_local_heartbeat(self.machine, self.row_role)
 
     def _report(self, message: str) -> None:
         if self.report_fd is None:
@@ -2186,19 +2201,21 @@ def _local_heartbeat_dir(machine: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"ductwork-{re.sub(r'[^A-Za-z0-9_.-]', '_', machine)}")
 
 
-def _touch_local_heartbeat(machine: str, role: str, row: int) -> None:
-    """Local proof of life for the health check when the database is unreachable."""
+def _touch_local_heartbeat(machine: str, role: str) -> None:
+    """Local proof that this process's control loop runs: the health check's fallback when
+    the database is unreachable (a DB outage must not make an orchestrator restart every pod)."""
+    name = os.path.join(_local_heartbeat_dir(machine), f"{role}.{os.getpid()}")
     try:
-        path = _local_heartbeat_dir(machine)
-        os.makedirs(path, exist_ok=True)
-        name = os.path.join(path, f"{role}.{os.getpid()}")
-        with open(name, "w") as fh:
-            fh.write(str(row))
+        os.utime(name)
+    except FileNotFoundError:
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.dirname(name), exist_ok=True)
+            open(name, "w").close()
     except OSError:
         pass
 
 
-def _remove_local_heartbeat(machine: str, role: str, row: int) -> None:
+def _remove_local_heartbeat(machine: str, role: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(os.path.join(_local_heartbeat_dir(machine), f"{role}.{os.getpid()}"))
 
@@ -2586,13 +2603,13 @@ class Supervisor:
                 if t.run(SQL.heartbeat, (state, restarts, self.info_json(), self.row_id)) != 1:
                     log.warning("supervisor row %s was reaped while paused; registering again", self.row_id)
                     self.register()
-            _touch_local_heartbeat(self.machine, "supervisor", self.row_id)
+        _touch_local_heartbeat(self.machine, "supervisor")  # proof of looping, even when the database is down
         self._with_db(beat, forever=False)
 
     def _delete_row(self) -> None:
         with self.store.tx() as t:
             t.run(SQL.delete_process, (self.row_id,))
-        _remove_local_heartbeat(self.machine, "supervisor", self.row_id)
+        _remove_local_heartbeat(self.machine, "supervisor")
 
     def log_drain_arithmetic(self) -> None:
         worker = self.config.get("job_worker.shutdown_timeout")
@@ -2786,7 +2803,87 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+@dataclasses.dataclass
+class Health:
+    """The health check's verdict: ``code`` 0 healthy, 1 unhealthy/dead, 3 unreachable and no local proof."""
+    code: int
+    line: str
+    processes: list[dict] = dataclasses.field(default_factory=list)
+
+
+HEALTH_ROLE = {"all": "supervisor", "supervisor": "supervisor", "advancer": "advancer", "worker": "worker"}
+
+
+def check_health(config: Config, role: str | None = None, pid: int | None = None, max_age: float | None = None) -> Health:
+    """Is this machine's process for ``role`` (or ``pid``) alive? Database clock; local fallback."""
+    row_role = HEALTH_ROLE[role or config.data["role"]]
+    limit = float(max_age if max_age is not None else config.get("healthcheck.max_age"))
+    machine = machine_identifier()
+    store = Store(config.data["database_url"], connect_timeout=0.5, read_only=True)
+    try:
+        with store.tx(write=False) as t:
+            rows = t.all("SELECT id, pid, role, state, restarts, {now} - last_heartbeat_at, {now} - started_at "
+                         "FROM ductwork_processes WHERE machine_identifier = ? ORDER BY id", (machine,))
+    except (DatabaseUnavailable, sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
+        if "no such table" in str(exc) or "does not exist" in str(exc):
+            return Health(EXIT_FAILURE, "dead: no process (schema not created)")
+        return _local_health(machine, row_role, pid, limit)
+    finally:
+        store.close()
+    procs = [{"id": r[0], "pid": r[1], "role": r[2], "state": r[3], "restarts": r[4],
+              "heartbeat_age": round(float(r[5]), 3), "age": round(float(r[6]), 3)} for r in rows]
+    mine = [p for p in procs if (p["pid"] == pid if pid is not None else p["role"] == row_role)]
+    if not mine:
+        return Health(EXIT_FAILURE, "dead: no process", procs)
+    freshest = min(p["heartbeat_age"] for p in mine)
+    if freshest <= limit:
+        return Health(EXIT_OK, "healthy", mine)
+    return Health(EXIT_FAILURE, f"unhealthy: heartbeat {freshest:.0f}s old", mine)
+
+
+def _local_health(machine: str, role: str, pid: int | None, limit: float) -> Health:
+    """The database is unreachable: is a local process of this role alive and looping?"""
+    folder = _local_heartbeat_dir(machine)
+    now = time.time()
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        names = []
+    for name in names:
+        file_role, _, file_pid = name.rpartition(".")
+        if file_role != role or not file_pid.isdigit() or (pid is not None and int(file_pid) != pid):
+            continue
+        try:
+            fresh = now - os.stat(os.path.join(folder, name)).st_mtime <= min(limit, 60)
+            os.kill(int(file_pid), 0)
+        except (OSError, ProcessLookupError):
+            continue
+        if fresh:
+            return Health(EXIT_OK, "healthy (database unreachable)")
+    return Health(EXIT_UNREACHABLE, "unhealthy: database unreachable and no local proof of life")
+
+
+def healthy(max_age: float | None = None, role: str | None = None) -> bool:
+    """The health check for app code: True when this machine's process for ``role`` is alive."""
+    config = _APP.config or load_config()
+    return check_health(config, role, None, max_age).code == EXIT_OK
+
+
+def cmd_healthcheck(args: argparse.Namespace, config: Config | None) -> int:
+    config = config or _config_from_args(args)
+    if args.max_age is not None and args.max_age <= 0:
+        raise ConfigError("--max-age must be > 0")
+    health = check_health(config, args.role, args.pid, args.max_age)
+    print(health.line)
+    if args.verbose:
+        for p in health.processes:
+            print(f"  process {p['id']}: pid {p['pid']} role {p['role']} state {p['state']} "
+                  f"heartbeat {p['heartbeat_age']:.1f}s ago, up {p['age']:.0f}s, restarts {p['restarts']}")
+    return health.code
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
+    "healthcheck": cmd_healthcheck,
     "run": cmd_run, "migrate": cmd_migrate, "trigger": cmd_trigger, "validate": cmd_validate, "status": cmd_status,
 }
 
@@ -2799,8 +2896,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         command = {"health": "healthcheck"}.get(args.command or "run", args.command or "run")
-        if command == "healthcheck" and "healthcheck" in HANDLERS:
-            return HANDLERS["healthcheck"](args, None)  # type: ignore[arg-type]
+        if command == "healthcheck":  # light path: no app import, no logging setup
+            return cmd_healthcheck(args, None)
         config = _prepare(args)
         return HANDLERS[command](args, config)
     except (ConfigError, DefinitionError) as exc:
