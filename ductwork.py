@@ -44,7 +44,8 @@ import time
 import traceback
 import urllib.parse
 import uuid
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -134,7 +135,7 @@ class _Formatter(logging.Formatter):
         if record.exc_info:
             message += "\n" + self.formatException(record.exc_info)
         fields = {key: getattr(record, key) for key in ("pipeline", "run", "step") if getattr(record, key, None) is not None}
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + ".%03dZ" % record.msecs
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         role = _PROCESS_ROLE["role"]
         if self.json:
             out = {"ts": ts, "level": record.levelname.lower(), "pid": record.process, "role": role,
@@ -388,8 +389,10 @@ def _select_section(doc: Any, path: str, env_name: str) -> dict:
     elif "default" in doc:
         section = doc["default"]
     else:
+        typos = [(k, difflib.get_close_matches(str(k), list(SCHEMA), n=1)) for k in doc]
+        hint = "".join(f"; '{k}' is not a config key (did you mean '{near[0]}'?)" for k, near in typos if near)
         raise ConfigError(f"config file {path} has no section '{env_name}' and no 'default' section "
-                          f"(sections: {', '.join(map(str, doc))})")
+                          f"(sections: {', '.join(map(str, doc))}){hint}")
     return section or {}
 
 
@@ -445,9 +448,17 @@ def parse_database_url(url: str) -> DatabaseInfo:
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme == "sqlite":
         path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+        path, _, query = path.partition("?")
         if not path:
             raise ConfigError(f"invalid SQLite URL {url!r}: use sqlite:///relative.db or sqlite:////absolute.db")
-        return DatabaseInfo("sqlite", path=path)
+        options = dict(urllib.parse.parse_qsl(query))
+        try:
+            busy = float(options.pop("busy_timeout", 30))
+        except ValueError:
+            raise ConfigError("busy_timeout in a SQLite URL must be a number of seconds") from None
+        if options:
+            raise ConfigError(f"unknown SQLite URL option {next(iter(options))!r} (known: busy_timeout)")
+        return DatabaseInfo("sqlite", path=path, connect_timeout=busy)
     if parsed.scheme in ("postgres", "postgresql"):
         password = urllib.parse.unquote(parsed.password) if parsed.password else os.environ.get("PGPASSWORD")
         _remember_secret(password)
@@ -455,7 +466,12 @@ def parse_database_url(url: str) -> DatabaseInfo:
         sslmode = query.pop("sslmode", "prefer")
         if sslmode not in ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"):
             raise ConfigError(f"invalid sslmode {sslmode!r} in database_url")
-        timeout = float(query.pop("connect_timeout", 5))
+        try:
+            timeout = float(query.pop("connect_timeout", 5))
+        except ValueError:
+            timeout = -1.0
+        if not timeout > 0:
+            raise ConfigError("invalid connect_timeout in database_url: must be a number of seconds > 0")
         try:
             port = parsed.port or 5432
         except ValueError:
@@ -536,9 +552,10 @@ class Store:
                                            timeout=self.info.connect_timeout, isolation_level=None)
                 except sqlite3.Error as exc:
                     raise DatabaseUnavailable(f"cannot open {self.info.display}: {exc}") from None
-            conn = sqlite3.connect(self.info.path, timeout=30, isolation_level=None, check_same_thread=False)
+            # busy_timeout: how long a writer waits for the lock before the caller backs off and retries
+            conn = sqlite3.connect(self.info.path, timeout=self.info.connect_timeout, isolation_level=None,
+                                   check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA busy_timeout=30000")
             return conn
         try:
             import pg8000.dbapi
@@ -1122,6 +1139,14 @@ def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
+def _loads_for_display(text: str | None) -> Any:
+    """Records shown to people never fail on a corrupt stored value: they show its raw text."""
+    try:
+        return _loads(text)
+    except ValueError:
+        return text
+
+
 @dataclasses.dataclass
 class JobClaim:
     step_id: int
@@ -1485,6 +1510,10 @@ class Engine:
             return {k: json.loads(v) for k, v in t.all(SQL.context_all, (run_id,))}
 
 
+class _CorruptInput(DuctworkError):
+    """A step row whose stored input is not JSON (written by hand or by an older version)."""
+
+
 class _Rejected(DuctworkError):
     """An advancement whose branch claim was lost (fencing)."""
 
@@ -1598,7 +1627,7 @@ class Run:
     def steps(self) -> list[StepRecord]:
         with self.engine.store.tx(write=False) as t:
             rows = t.all(SQL.select_steps, (self.id,))
-        return [StepRecord(r[0], r[1], r[2], r[3], _loads(r[4]), _loads(r[5]), *r[6:]) for r in rows]
+        return [StepRecord(r[0], r[1], r[2], r[3], _loads_for_display(r[4]), _loads_for_display(r[5]), *r[6:]) for r in rows]
 
     @property
     def context(self) -> dict:
@@ -1939,7 +1968,8 @@ class Runtime:
             if ok:
                 self._commit(lambda: self.engine.commit_success(c, value), c)
             else:
-                accepted = self._commit(lambda: self.engine.commit_failure(c, value)[0], c)
+                permanent = TRANSITION_INVALID if value.startswith(_CorruptInput.__name__) else None
+                accepted = self._commit(lambda: self.engine.commit_failure(c, value, permanent)[0], c)
                 if accepted:
                     log.info("step %s failed (attempt %d): %s", c.name, c.attempt, value.splitlines()[0],
                              extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
@@ -1953,7 +1983,10 @@ class Runtime:
                           f"{c.pipeline}:{c.run_id}:{c.step_id}", c.pipeline, c.name)
         _CURRENT.step = ctx
         try:
-            value = _loads(c.input)
+            try:
+                value = _loads(c.input)
+            except ValueError as exc:
+                raise _CorruptInput(f"stored input of step {c.name} is not valid JSON: {exc}") from None
             args = value if c.node == 0 else [value]
             if inspect.isclass(fn):
                 obj = fn()
@@ -2091,8 +2124,8 @@ class Runtime:
         self._db_retry(lambda: ensure_schema(self.store))
         self._db_retry(self.register)
         self._check_clock()
+        self._report(f"R {self.process_id}")  # booted: from here on a death is a crash, not a failed boot
         self.start_threads()
-        self._report(f"R {self.process_id}")
         log.info("%s started (pid %d, row %d) for %s", self.row_role, os.getpid(), self.process_id,
                  ", ".join(sorted(set(self.pipelines) | set(self.worker_pipelines))) or "no pipelines")
         code = self.loop()
@@ -2522,8 +2555,8 @@ class Supervisor:
                 return
             delay = min(BOOT_BACKOFF_START * 2 ** (spec.boot_failures - 1), BOOT_BACKOFF_CAP)
             spec.next_start = time.monotonic() + delay
-            log.warning("%s (pid %d) failed to boot (%s; %s); retrying in %.1fs", spec.key, child.pid, how,
-                        spec.last_error, delay)
+            detail = how if spec.last_error == how else f"{how}; {spec.last_error}"
+            log.warning("%s (pid %d) failed to boot (%s); retrying in %.1fs", spec.key, child.pid, detail, delay)
         else:  # it ran fine before: replace it at once
             spec.boot_failures, spec.last_error, spec.next_start = 0, "", 0.0
             why = child.killed_for or ("exited cleanly" if clean else "crashed")
@@ -2636,7 +2669,8 @@ class _Parser(argparse.ArgumentParser):
 def _add_common(parser: argparse.ArgumentParser, top: bool) -> None:
     d = None if top else argparse.SUPPRESS
     parser.add_argument("-c", "--config", default=d, help="config file (default config/ductwork.yml if it exists)")
-    parser.add_argument("--app", action="append", default=d, help="module or .py file that defines pipelines (repeatable)")
+    parser.add_argument("--app", action="append", dest="app" if top else "app_after", default=d,
+                        help="module or .py file that defines pipelines (repeatable)")
     parser.add_argument("--role", choices=ROLES, default=d, help="all (=supervisor) | advancer | worker")
     parser.add_argument("--database-url", default=d, help="sqlite:///path or postgresql://user:pass@host/db")
     parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS, help="show tracebacks")
@@ -2669,7 +2703,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from_args(args: argparse.Namespace) -> Config:
-    overrides = {"role": args.role, "database_url": args.database_url, "app": args.app}
+    apps = (args.app or []) + (getattr(args, "app_after", None) or [])  # --app before and after the command
+    overrides = {"role": args.role, "database_url": args.database_url, "app": apps or None}
     return load_config(args.config, overrides=overrides)
 
 

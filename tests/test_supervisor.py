@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from procs import Proc, alive, children_of, pause, wait_until
+from procs import Proc, alive, children_of, wait_until
 
 import ductwork
 
