@@ -360,6 +360,9 @@ class Config:
             out.append("supervisor.reaper_timeout should be several heartbeat_interval long")
         if self.get("healthcheck.max_age") <= self.get("supervisor.heartbeat_interval"):
             out.append("healthcheck.max_age should be longer than supervisor.heartbeat_interval")
+        if self.get("supervisor.heartbeat_interval") >= 60:
+            out.append("supervisor.heartbeat_interval >= 60s: the health check's outage fallback accepts local proof "
+                       "of life up to 60s old")
         return out
 
 
@@ -494,8 +497,17 @@ def _is_connection_error(exc: BaseException) -> bool:
     if name == "InterfaceError":
         return True
     text = str(exc)
-    # 57P01 admin shutdown / terminate_backend, 57P02/57P03 crash or startup, 08xxx connection class
-    return any(code in text for code in ("57P01", "57P02", "57P03", "'08")) or "network error" in text
+    # 57P01 admin shutdown / terminate_backend, 57P02/57P03 crash or startup, 53300 too many
+    # connections, 08xxx connection class
+    return any(code in text for code in ("57P01", "57P02", "57P03", "53300", "'08")) or "network error" in text
+
+
+def _db_error_text(exc: BaseException) -> str:
+    """pg8000 errors carry a dict of fields; show its message (and code), not the raw dict."""
+    first = exc.args[0] if exc.args else None
+    if isinstance(first, dict) and "M" in first:
+        return f"{first['M']} ({first.get('C', '?')})"
+    return str(exc)
 
 
 class Tx:
@@ -553,9 +565,15 @@ class Store:
                 except sqlite3.Error as exc:
                     raise DatabaseUnavailable(f"cannot open {self.info.display}: {exc}") from None
             # busy_timeout: how long a writer waits for the lock before the caller backs off and retries
-            conn = sqlite3.connect(self.info.path, timeout=self.info.connect_timeout, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            try:
+                conn = sqlite3.connect(self.info.path, timeout=self.info.connect_timeout, isolation_level=None,
+                                       check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.OperationalError as exc:
+                if "unable to open" in str(exc):
+                    raise ConfigError(f"cannot open SQLite database {self.info.path} ({exc}; is the directory "
+                                      "writable?); set database_url or DATABASE_URL") from None
+                raise
             return conn
         try:
             import pg8000.dbapi
@@ -574,7 +592,7 @@ class Store:
                                         timeout=self.info.connect_timeout, ssl_context=ssl_context,
                                         application_name="ductwork")
         except Exception as exc:
-            raise DatabaseUnavailable(mask(f"cannot connect to {self.info.display}: {exc}")) from None
+            raise DatabaseUnavailable(mask(f"cannot connect to {self.info.display}: {_db_error_text(exc)}")) from None
 
     def connection(self) -> Any:
         if os.getpid() != self._pid:
@@ -614,7 +632,7 @@ class Store:
             if _is_connection_error(exc) or (self.dialect == "postgres" and not isinstance(exc, DuctworkError)):
                 self.discard()
             if _is_connection_error(exc) and not isinstance(exc, DatabaseUnavailable):
-                raise DatabaseUnavailable(mask(f"database error: {exc}")) from exc
+                raise DatabaseUnavailable(mask(f"database error: {_db_error_text(exc)}")) from exc
             raise
         for channel, payload in t.pending:  # type: ignore[attr-defined]
             if self.notify_hook:
@@ -1948,7 +1966,7 @@ class Runtime:
                               extra={"run": claim.run_id, "step": claim.step_id, "pipeline": pipeline})
                     with contextlib.suppress(Exception):
                         self._db_retry(lambda c=claim, why=str(exc): self.engine.hand_back(c.process_id, [c.step_id], why), self.dead)
-            if not claims:
+            if not claims and not self.stopping.is_set():  # stopping is set before the wake-ups fire
                 wake.wait(idle)
 
     def execute(self, c: JobClaim) -> None:
@@ -2030,7 +2048,7 @@ class Runtime:
                 continue
             for claim in claims:
                 self.advance(claim)
-            if not claims:
+            if not claims and not self.stopping.is_set():  # stopping is set before the wake-ups fire
                 wake.wait(idle)
 
     def advance(self, b: BranchClaim) -> None:
@@ -2128,6 +2146,13 @@ class Runtime:
         self.start_threads()
         log.info("%s started (pid %d, row %d) for %s", self.row_role, os.getpid(), self.process_id,
                  ", ".join(sorted(set(self.pipelines) | set(self.worker_pipelines))) or "no pipelines")
+        if self.report_fd is None:  # foreground: no supervisor to state the drain arithmetic
+            key = "pipeline_advancer.shutdown_timeout" if self.role == "advancer" else "job_worker.shutdown_timeout"
+            budget = self.config.get(key)
+            log.info("drain: this %s gets %ss (%s) after SIGTERM; give the orchestrator at least %ss "
+                     "(terminationGracePeriodSeconds / stop_grace_period)", self.row_role, budget, key, int(budget) + 5)
+            for warning in self.config.warnings():
+                log.warning("config: %s", warning)
         code = self.loop()
         self.hooks("stop")
         return code

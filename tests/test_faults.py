@@ -57,7 +57,8 @@ def assert_clean_ledger(runs):
 @pytest.mark.parametrize("checkpoint", ["after_claim", "before_commit", "after_branch_claim", "after_advance"])
 def test_fault_at_checkpoint_loses_nothing_and_commits_once(procs, tmp_path, app_db, checkpoint, action):
     env = {"DUCTWORK_FAULT": f"{checkpoint}:{action}", "DUCTWORK_FAULT_ONCE": str(tmp_path / "fault")}
-    sup = Proc(tmp_path, app_db, env=env, config={"pipelines": ["SupMixed"]})
+    # one worker thread: the killed process holds exactly the one execution the fault interrupted
+    sup = Proc(tmp_path, app_db, env=env, config={"pipelines": ["SupMixed"], "job_worker": {"count": 1}})
     procs.append(sup)
     runs = [sup_app.SupMixed.trigger(n) for n in (3, 4, 5)]
     for run in runs:

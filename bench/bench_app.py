@@ -1,0 +1,46 @@
+"""No-op pipelines for the benchmarks."""
+import ductwork
+
+
+def noop(x=None):
+    return x
+
+
+def fan(n):
+    return list(range(n))
+
+
+def count(values):
+    return len(values)
+
+
+class BenchSingle(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(noop)
+
+
+class BenchFan(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(fan).expand(to=noop).collapse(into=count)
+
+
+class BenchChain(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        h = p.start(noop)
+        for _ in range(9):
+            h = h.chain(to=noop)
+
+
+def nap(seconds):
+    import threading
+    threading.Event().wait(seconds)
+    return seconds
+
+
+class BenchNap(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(nap)

@@ -1,0 +1,141 @@
+"""Shared helpers for the benchmark scripts: databases, real supervisors, statistics."""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import ductwork  # noqa: E402
+
+PG_ADMIN = os.environ.get("DUCTWORK_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
+BENCH_APP = ROOT / "bench" / "bench_app.py"
+
+
+def pause(seconds: float) -> None:
+    threading.Event().wait(seconds)
+
+
+def pg_admin():
+    import pg8000.dbapi
+    info = ductwork.parse_database_url(PG_ADMIN)
+    conn = pg8000.dbapi.connect(user=info.user, password=info.password, host=info.host, port=info.port,
+                                database=info.database)
+    conn.autocommit = True
+    return conn
+
+
+class Database:
+    """A throwaway database: a fresh Postgres database or a SQLite file."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        if kind == "postgres":
+            self.name = f"ductwork_bench_{uuid.uuid4().hex[:8]}"
+            admin = pg_admin()
+            admin.cursor().execute(f"CREATE DATABASE {self.name}")
+            admin.close()
+            self.url = PG_ADMIN.rsplit("/", 1)[0] + "/" + self.name
+        else:
+            self.dir = tempfile.mkdtemp(prefix="ductwork-bench-")
+            self.url = f"sqlite:///{self.dir}/bench.sqlite3"
+        ductwork.migrate_store(ductwork.Store(self.url))
+
+    def drop(self) -> None:
+        if self.kind == "postgres":
+            admin = pg_admin()
+            admin.cursor().execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                                   "AND pid <> pg_backend_pid()", (self.name,))
+            admin.cursor().execute(f"DROP DATABASE IF EXISTS {self.name}")
+            admin.close()
+
+
+def write_config(path: Path, url: str, **extra) -> Path:
+    base = {"app": str(BENCH_APP), "database_url": url, "logger": {"level": "warning"},
+            "job_worker": {"polling_timeout": 1, "count": 4, "retry_delay": 0},
+            "pipeline_advancer": {"polling_timeout": 1, "count": 2},
+            "supervisor": {"heartbeat_interval": 1}}
+    for key, value in extra.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+def start(config: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "ductwork.py"), *args, "-c", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+def wait_for(predicate, timeout: float = 60, interval: float = 0.002):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark condition not reached")
+        pause(interval)
+    return value
+
+
+def summary(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def fmt(values: list[float], unit: str = "", digits: int = 1) -> str:
+    med, lo, hi = summary(values)
+    return f"{med:.{digits}f}{unit} [{lo:.{digits}f}–{hi:.{digits}f}]"
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
+    out = [f"\n### {title}", line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+    text = "\n".join(out)
+    print(text, flush=True)
+    return text
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return sorted(out)
+
+
+def memory_kb(pid: int) -> tuple[int, int]:
+    """(RSS, unique = private clean + private dirty) in kB, from /proc/PID/smaps_rollup."""
+    rss = uss = 0
+    with open(f"/proc/{pid}/smaps_rollup") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key == "Rss":
+                rss = int(rest.split()[0])
+            elif key in ("Private_Clean", "Private_Dirty"):
+                uss += int(rest.split()[0])
+    return rss, uss

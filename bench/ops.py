@@ -1,0 +1,109 @@
+"""Operations figures: health check wall time, restart latency, idle shutdown, drain overhead, memory.
+
+    python bench/ops.py [--repeat N] [--engines sqlite,postgres]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, Database, children_of, fmt, memory_kb, pause, start, stop, table, wait_for, write_config
+
+import ductwork
+
+_STORES: dict[str, ductwork.Store] = {}
+
+
+def rows(url: str, role: str | None = None) -> list[tuple]:
+    store = _STORES.setdefault(url, ductwork.Store(url))  # one connection: polling must not cost a connect
+    with store.tx(write=False) as t:
+        found = t.all("SELECT id, pid, role FROM ductwork_processes ORDER BY id")
+    return [r for r in found if role is None or r[2] == role]
+
+
+def timed(cmd: list[str], env: dict | None = None) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})}, check=False)
+    return (time.perf_counter() - t0) * 1000
+
+
+def bench_engine(kind: str, repeat: int, tmp: Path) -> list[list[str]]:
+    db = Database(kind)
+    out = []
+    try:
+        cfg = write_config(tmp / f"{kind}.yml", db.url, supervisor={"heartbeat_interval": 0.5})
+        sup = start(cfg)
+        wait_for(lambda: len(rows(db.url)) == 6, 30)  # supervisor + advancer + 4 workers (one per pipeline)
+        # health check: the whole process, interpreter start included
+        health = [timed([sys.executable, str(ROOT / "ductwork.py"), "healthcheck", "-c", str(cfg)]) for _ in range(repeat * 4)]
+        floor = [timed([sys.executable, "-c", "pass"]) for _ in range(repeat * 4)]
+        out.append([kind, "healthcheck wall time", fmt(health, " ms"), f"python -c pass: {fmt(floor, ' ms')}"])
+        # restart latency after SIGKILL of a worker child: until its replacement has registered
+        latencies = []
+        for _ in range(repeat):
+            victim = next(r for r in rows(db.url, "worker"))
+            t0 = time.perf_counter()
+            os.kill(victim[1], signal.SIGKILL)
+            wait_for(lambda v=victim: len(rows(db.url, "worker")) == 4 and all(r[1] != v[1] for r in rows(db.url, "worker")), 10)
+            latencies.append((time.perf_counter() - t0) * 1000)
+        out.append([kind, "restart after SIGKILL of a child (to new row)", fmt(latencies, " ms"), ""])
+        # memory
+        sup_rss, _ = memory_kb(sup.pid)
+        kids = [memory_kb(pid) for pid in children_of(sup.pid)]
+        out.append([kind, "supervisor RSS", f"{sup_rss / 1024:.1f} MB", ""])
+        out.append([kind, "per-child unique memory (USS)", fmt([u / 1024 for _, u in kids], " MB"),
+                    f"child RSS {fmt([r / 1024 for r, _ in kids], ' MB')}"])
+        stop(sup)
+        # idle shutdown: SIGTERM to exit
+        shutdowns = []
+        for _ in range(repeat):
+            sup = start(cfg)
+            wait_for(lambda: len(rows(db.url)) == 6, 30)
+            pause(1.0)  # idle: every thread has connected and is waiting for work
+            t0 = time.perf_counter()
+            os.kill(sup.pid, signal.SIGTERM)
+            sup.wait(30)
+            shutdowns.append((time.perf_counter() - t0) * 1000)
+        out.append([kind, "idle SIGTERM to exit", fmt(shutdowns, " ms"), ""])
+        # drain overhead: SIGTERM with a 0.5 s step in flight; overhead = exit time - the step's remaining time
+        overheads = []
+        ductwork.configure(database_url=db.url)
+        sys.path.insert(0, str(ROOT / "bench"))
+        import bench_app
+        for _ in range(repeat):
+            sup = start(cfg)
+            wait_for(lambda: len(rows(db.url)) == 6, 30)
+            run = bench_app.BenchNap.trigger(0.5)
+            wait_for(lambda r=run: r.steps[0].status == "running", 10)
+            claimed = time.perf_counter()
+            os.kill(sup.pid, signal.SIGTERM)
+            sup.wait(30)
+            # the step was claimed at most a poll before `claimed`; exit time beyond its 0.5 s is the overhead
+            overheads.append((time.perf_counter() - claimed) * 1000 - 500)
+            assert run.refresh().steps[0].status == "succeeded"
+        out.append([kind, "drain overhead (exit - step end)", fmt(overheads, " ms"), "0.5 s step in flight at SIGTERM"])
+    finally:
+        db.drop()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--engines", default="sqlite,postgres")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="ductwork-ops-"))
+    result = []
+    for kind in args.engines.split(","):
+        result += bench_engine(kind, args.repeat, tmp)
+    table("operations (median [min–max])", ["engine", "figure", "value", "baseline / note"], result)
+
+
+if __name__ == "__main__":
+    main()

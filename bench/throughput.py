@@ -1,0 +1,140 @@
+"""Work figures: steps/s, 10-step chain latency, fan-out/fan-in, backlog scaling.
+
+    python bench/throughput.py [--repeat 3] [--engines postgres,sqlite] [--steps 2000]
+
+Each figure runs real processes: 2 foreground job workers (`--role worker`, 4 threads each)
+and one advancer (`--role advancer`) on a fresh database.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import Database, fmt, pause, start, stop, table, wait_for, write_config
+
+import ductwork
+
+
+class Cluster:
+    """2 worker processes + 1 advancer process against one database."""
+
+    def __init__(self, db: Database, tmp: Path, workers: int = 2, **config):
+        self.cfg = write_config(tmp / f"cluster-{db.kind}.yml", db.url, **config)
+        self.procs = [start(self.cfg, "run", "--role", "worker") for _ in range(workers)]
+        self.procs.append(start(self.cfg, "run", "--role", "advancer"))
+        store = ductwork.Store(db.url)
+        self.store = store
+        wait_for(lambda: self.count("SELECT count(*) FROM ductwork_processes") == workers + 1, 30)
+        pause(0.5)
+
+    def count(self, sql: str, params=()) -> int:
+        with self.store.tx(write=False) as t:
+            return int(t.one(sql, params)[0])
+
+    def stop(self) -> None:
+        for p in self.procs:
+            stop(p)
+        self.store.close()
+
+
+def unfinished(cluster: Cluster) -> int:
+    return cluster.count("SELECT count(*) FROM ductwork_runs WHERE status = 'in_progress'")
+
+
+def throughput_single(db: Database, tmp: Path, steps: int) -> float:
+    import bench_app
+    ductwork.configure(database_url=db.url)
+    engine = ductwork._app_engine()
+    for _ in range(steps):
+        engine.trigger("BenchSingle", [None])
+    t0 = time.perf_counter()
+    cluster = Cluster(db, tmp)
+    boot = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    wait_for(lambda: unfinished(cluster) == 0, 300, 0.01)
+    took = time.perf_counter() - t0
+    cluster.stop()
+    del bench_app, boot
+    return steps / took
+
+
+def throughput_expand(db: Database, tmp: Path, steps: int) -> float:
+    import bench_app
+    ductwork.configure(database_url=db.url)
+    cluster = Cluster(db, tmp)
+    t0 = time.perf_counter()
+    run = bench_app.BenchFan.trigger(steps)
+    wait_for(lambda: unfinished(cluster) == 0, 300, 0.01)
+    took = time.perf_counter() - t0
+    assert run.refresh().output == steps
+    cluster.stop()
+    return (steps + 2) / took
+
+
+def chain_latency(db: Database, tmp: Path, n: int = 20) -> list[float]:
+    import bench_app
+    ductwork.configure(database_url=db.url)
+    cluster = Cluster(db, tmp)
+    engine = ductwork._app_engine()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        run_id = engine.trigger("BenchChain", [1])
+        wait_for(lambda r=run_id: cluster.count("SELECT count(*) FROM ductwork_runs WHERE id = ? AND status = 'completed'", (r,)),
+                 30, 0.0005)
+        out.append((time.perf_counter() - t0) * 1000)
+    cluster.stop()
+    del bench_app
+    return out
+
+
+def fan_in(db: Database, tmp: Path, width: int = 1000) -> float:
+    import bench_app
+    ductwork.configure(database_url=db.url)
+    cluster = Cluster(db, tmp)
+    t0 = time.perf_counter()
+    run = bench_app.BenchFan.trigger(width)
+    wait_for(lambda: unfinished(cluster) == 0, 300, 0.002)
+    took = time.perf_counter() - t0
+    assert run.refresh().output == width
+    cluster.stop()
+    return took
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--engines", default="postgres,sqlite")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--only", default="single,expand,chain,fan")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="ductwork-tp-"))
+    results: dict[tuple[str, str], list[float]] = {}
+    for _ in range(args.repeat):  # interleaved repetitions
+        for kind in args.engines.split(","):
+            for figure in args.only.split(","):
+                db = Database(kind)
+                try:
+                    if figure == "single":
+                        results.setdefault((kind, f"{args.steps} single-step runs, steps/s"), []).append(
+                            throughput_single(db, tmp, args.steps))
+                    elif figure == "expand":
+                        results.setdefault((kind, f"expand {args.steps} + collapse, steps/s"), []).append(
+                            throughput_expand(db, tmp, args.steps))
+                    elif figure == "chain":
+                        lat = chain_latency(db, tmp)
+                        results.setdefault((kind, "10-step chain median, ms"), []).append(statistics.median(lat))
+                        results.setdefault((kind, "10-step chain p90, ms"), []).append(sorted(lat)[int(len(lat) * 0.9) - 1])
+                    elif figure == "fan":
+                        results.setdefault((kind, "fan-out 1000 + fan-in, s"), []).append(fan_in(db, tmp))
+                finally:
+                    db.drop()
+    table("work (median [min–max] over repetitions)", ["engine", "figure", "value"],
+          [[k, f, fmt(v, digits=2 if "s" == f[-1] else 1)] for (k, f), v in results.items()])
+
+
+if __name__ == "__main__":
+    main()
