@@ -11,6 +11,7 @@ A map of this module, top to bottom (search for the ``# ===`` banners):
     engine               trigger, claim, commit, advance, hand back, reap, revive, Run
     runners              job worker / advancer threads, heartbeats, one process runtime
     supervisor           the pre-fork process manager (single-threaded selectors loop)
+    dashboard            read-only web pages, their JSON twins, Prometheus /metrics
     cli                  argument parsing and the commands
 
 Every unit of work is a database row. A worker claims a step row, runs it, and commits
@@ -20,10 +21,13 @@ whose step finished and writes the next step rows in one transaction.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import dataclasses
 import difflib
 import hashlib
+import hmac
+import html
 import importlib
 import importlib.util
 import inspect
@@ -33,6 +37,7 @@ import os
 import queue
 import random
 import re
+import secrets
 import selectors
 import signal
 import socket
@@ -510,20 +515,76 @@ def _db_error_text(exc: BaseException) -> str:
     return str(exc)
 
 
+class _SqliteConnection:
+    """sqlite3 behind the same small interface as the Postgres connection."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def execute(self, sql: str, params: Sequence) -> tuple[list[tuple], int]:
+        cur = self.conn.execute(sql, tuple(params))
+        return (cur.fetchall() if cur.description else []), cur.rowcount
+
+    def begin(self, write: bool) -> None:
+        # IMMEDIATE takes the write lock up front: no deadlocking lock upgrades.
+        self.conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    def commit(self) -> None:
+        self.conn.commit()
+
+    def rollback(self) -> None:
+        self.conn.rollback()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _PgConnection:
+    """pg8000.native with one server-side prepared statement per distinct SQL text: one round
+    trip per statement (pg8000's unnamed execution costs three: parse, describe, execute)."""
+
+    MAX_PREPARED = 256
+
+    def __init__(self, conn: Any):
+        self.conn = conn
+        self.prepared: dict[str, Any] = {}
+
+    def execute(self, sql: str, params: Sequence) -> tuple[list[tuple], int]:
+        statement = self.prepared.get(sql)
+        if statement is None:
+            if len(self.prepared) >= self.MAX_PREPARED:
+                for old in self.prepared.values():
+                    old.close()
+                self.prepared.clear()
+            statement = self.prepared[sql] = self.conn.prepare(sql)
+        rows = statement.run(**{f"p{i}": value for i, value in enumerate(params)})
+        return [tuple(r) for r in rows or ()], statement._context.row_count
+
+    def begin(self, write: bool) -> None:
+        self.conn.execute_simple("BEGIN")
+
+    def commit(self) -> None:
+        self.conn.execute_simple("COMMIT")
+
+    def rollback(self) -> None:
+        self.conn.execute_simple("ROLLBACK")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 class Tx:
     """One open transaction: ``all``/``one``/``run`` statements written with ``?`` and ``{now}``."""
 
     def __init__(self, store: "Store", conn: Any):
         self.store, self.conn = store, conn
-
-    def _cursor(self, sql: str, params: Sequence) -> Any:
-        cur = self.conn.cursor()
-        cur.execute(self.store.sql(sql), tuple(params))
-        return cur
+        self.pending: list[tuple[str, str]] = []   # wake-up hints to deliver after commit
+        self.arrivals: dict[int, int] = {}          # parent branch id -> children that finished here
+        self.halted: list[int] = []                 # runs halted here (on_halt fires after commit)
+        self.completed: list[Any] = []              # (run id, output) pairs, written in bulk
 
     def all(self, sql: str, params: Sequence = ()) -> list[tuple]:
-        cur = self._cursor(sql, params)
-        return [tuple(r) for r in cur.fetchall()] if cur.description else []
+        return self.conn.execute(self.store.sql(sql), params)[0]
 
     def one(self, sql: str, params: Sequence = ()) -> tuple | None:
         rows = self.all(sql, params)
@@ -531,7 +592,7 @@ class Tx:
 
     def run(self, sql: str, params: Sequence = ()) -> int:
         """Execute; return the affected row count."""
-        return self._cursor(sql, params).rowcount
+        return self.conn.execute(self.store.sql(sql), params)[1]
 
     def notify(self, channel: str, payload: str = "") -> None:
         self.store.notify_in(self, channel, payload)
@@ -560,8 +621,9 @@ class Store:
         if self.dialect == "sqlite":
             if self.read_only:  # a probe must not create the file or wait on locks for long
                 try:
-                    return sqlite3.connect(f"file:{urllib.parse.quote(self.info.path)}?mode=ro", uri=True,
-                                           timeout=self.info.connect_timeout, isolation_level=None)
+                    return _SqliteConnection(sqlite3.connect(f"file:{urllib.parse.quote(self.info.path)}?mode=ro",
+                                                             uri=True, timeout=self.info.connect_timeout,
+                                                             isolation_level=None))
                 except sqlite3.Error as exc:
                     raise DatabaseUnavailable(f"cannot open {self.info.display}: {exc}") from None
             # busy_timeout: how long a writer waits for the lock before the caller backs off and retries
@@ -574,9 +636,9 @@ class Store:
                     raise ConfigError(f"cannot open SQLite database {self.info.path} ({exc}; is the directory "
                                       "writable?); set database_url or DATABASE_URL") from None
                 raise
-            return conn
+            return _SqliteConnection(conn)
         try:
-            import pg8000.dbapi
+            import pg8000.native
         except ImportError:
             raise ConfigError("PostgreSQL URLs need pg8000: pip install pg8000") from None
         ssl_context: Any = None
@@ -587,10 +649,10 @@ class Store:
                 ssl_context.check_hostname = False
                 ssl_context.verify_mode = ssl.CERT_NONE
         try:
-            return pg8000.dbapi.connect(user=self.info.user, password=self.info.password, host=self.info.host,
-                                        port=self.info.port, database=self.info.database,
-                                        timeout=self.info.connect_timeout, ssl_context=ssl_context,
-                                        application_name="ductwork")
+            return _PgConnection(pg8000.native.Connection(
+                user=self.info.user, password=self.info.password, host=self.info.host, port=self.info.port,
+                database=self.info.database, timeout=self.info.connect_timeout, ssl_context=ssl_context,
+                application_name="ductwork"))
         except Exception as exc:
             raise DatabaseUnavailable(mask(f"cannot connect to {self.info.display}: {_db_error_text(exc)}")) from None
 
@@ -619,11 +681,8 @@ class Store:
     def tx(self, write: bool = True) -> Iterator[Tx]:
         conn = self.connection()
         try:
-            if self.dialect == "sqlite":
-                # IMMEDIATE takes the write lock up front: no deadlocking lock upgrades.
-                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            conn.begin(write)
             t = Tx(self, conn)
-            t.pending = []  # type: ignore[attr-defined]
             yield t
             conn.commit()
         except BaseException as exc:
@@ -634,22 +693,25 @@ class Store:
             if _is_connection_error(exc) and not isinstance(exc, DatabaseUnavailable):
                 raise DatabaseUnavailable(mask(f"database error: {_db_error_text(exc)}")) from exc
             raise
-        for channel, payload in t.pending:  # type: ignore[attr-defined]
+        for channel, payload in t.pending:
             if self.notify_hook:
                 self.notify_hook(channel, payload)
 
     def notify_in(self, t: Tx, channel: str, payload: str) -> None:
-        """Wake-up hint delivered on commit: NOTIFY on Postgres, in-process hook always."""
+        """Wake-up hint delivered on commit: NOTIFY on Postgres, in-process hook always (once per tx)."""
+        if (channel, payload) in t.pending:
+            return
         if self.dialect == "postgres":
             t.run("SELECT pg_notify(?, ?)", (channel, payload))
-        t.pending.append((channel, payload))  # type: ignore[attr-defined]
+        t.pending.append((channel, payload))
 
     def sql(self, text: str) -> str:
         out = self._sql.get(text)
         if out is None:
             out = text.replace("{now}", self.NOW[self.dialect])
             if self.dialect == "postgres":
-                out = out.replace("?", "%s").replace("{skip_locked}", "FOR UPDATE SKIP LOCKED")
+                counter = iter(range(1 << 16))
+                out = re.sub(r"\?", lambda _: f":p{next(counter)}", out).replace("{skip_locked}", "FOR UPDATE SKIP LOCKED")
             else:
                 out = out.replace("{skip_locked}", "")
             self._sql[text] = out
@@ -1051,6 +1113,9 @@ def validate() -> list[str]:
 # fenced the same way.
 
 CH_JOBS, CH_ADVANCE = "ductwork_jobs", "ductwork_advance"
+MAX_BATCH = 16          # most steps a worker thread claims at once (only while steps are quick)
+QUICK_STEP = 0.005      # a step faster than this lets the batch grow
+QUICK_COMMIT = 0.02     # a finished result waits at most this long for its batch before committing
 
 
 class SQL:
@@ -1070,9 +1135,6 @@ class SQL:
                    "WHERE id IN (SELECT id FROM ductwork_steps WHERE pipeline = ? AND status = 'queued' "
                    "AND available_at <= {now} ORDER BY available_at, id LIMIT ? {skip_locked}) "
                    "RETURNING id, run_id, branch_id, node, name, input, attempts, crashes, claimed_at")
-    step_succeeded = ("UPDATE ductwork_steps SET status = 'succeeded', output = ?, attempts = attempts + 1, "
-                      "finished_at = {now}, claimed_by = NULL, claim_token = NULL "
-                      "WHERE id = ? AND status = 'running' AND claimed_by = ? AND claim_token = ?")
     step_failed = ("UPDATE ductwork_steps SET status = ?, error = ?, halt_reason = ?, attempts = attempts + 1, "
                    "available_at = {now} + ?, finished_at = {now}, claimed_by = NULL, claim_token = NULL "
                    "WHERE id = ? AND status = 'running' AND claimed_by = ? AND claim_token = ?")
@@ -1089,21 +1151,26 @@ class SQL:
                       "WHERE id IN (SELECT id FROM ductwork_branches WHERE pipeline = ? AND status = 'advance' "
                       "AND available_at <= {now} ORDER BY available_at, id LIMIT ? {skip_locked}) "
                       "RETURNING id, run_id, pipeline, definition, parent_id, node, expected, arrived, advance_failures")
+    claim_branch = ("UPDATE ductwork_branches SET status = 'advancing', claimed_by = ?, claim_token = ?, claimed_at = {now} "
+                    "WHERE id = ? AND status = ? "
+                    "RETURNING id, run_id, pipeline, definition, parent_id, node, expected, arrived, advance_failures")
+    release_steps = ("UPDATE ductwork_steps SET status = 'queued', claimed_by = NULL, claim_token = NULL "
+                     "WHERE claimed_by = ? AND status = 'running' AND id IN ({ids})")
+    orphaned_steps = ("SELECT id FROM ductwork_steps WHERE claimed_by = ? AND status = 'running' "
+                      "AND claimed_at < {now} - ?")
     current_step = "SELECT id, status, output, halt_reason FROM ductwork_steps WHERE branch_id = ? ORDER BY id DESC LIMIT 1"
     children_of = "SELECT status, output FROM ductwork_branches WHERE origin_step_id = ? ORDER BY position"
     apply_branch = ("UPDATE ductwork_branches SET status = ?, node = ?, expected = ?, arrived = ?, output = ?, halt_reason = ?, "
                     "claimed_by = NULL, claim_token = NULL, advance_failures = 0, updated_at = {now} "
                     "WHERE id = ? AND status = 'advancing' AND claim_token = ?")
-    child_arrived = ("UPDATE ductwork_branches SET arrived = arrived + 1, "
-                     "status = CASE WHEN arrived + 1 >= expected THEN 'advance' ELSE status END, "
+    child_arrived = ("UPDATE ductwork_branches SET arrived = arrived + ?, "
+                     "status = CASE WHEN arrived + ? >= expected THEN 'advance' ELSE status END, "
                      "available_at = {now}, updated_at = {now} WHERE id = ? AND status = 'waiting' RETURNING status, pipeline")
     release_branch = ("UPDATE ductwork_branches SET status = 'advance', claimed_by = NULL, claim_token = NULL, "
                       "advance_failures = advance_failures + ?, available_at = {now} + ?, updated_at = {now} "
                       "WHERE id = ? AND status = 'advancing' AND claim_token = ? RETURNING advance_failures")
     release_branches_of = ("UPDATE ductwork_branches SET status = 'advance', claimed_by = NULL, claim_token = NULL, "
                            "available_at = {now} WHERE claimed_by = ? AND status = 'advancing' RETURNING pipeline")
-    run_completed = ("UPDATE ductwork_runs SET status = 'completed', output = ?, finished_at = {now}, updated_at = {now} "
-                     "WHERE id = ? AND status = 'in_progress'")
     halt_reasons = "SELECT halt_reason FROM ductwork_branches WHERE run_id = ? AND halt_reason IS NOT NULL ORDER BY id"
     run_halted = ("UPDATE ductwork_runs SET status = 'halted', halt_reasons = ?, halt_epoch = halt_epoch + 1, "
                   "finished_at = {now}, updated_at = {now} WHERE id = ? AND status = 'in_progress'")
@@ -1149,6 +1216,68 @@ class SQL:
                      "WHERE e.outcome IN ('failed', 'crashed') ORDER BY e.id DESC LIMIT ?")
 
 
+def _many(head: str, row: str, n: int, tail: str = "") -> str:
+    """``head VALUES row, row, ... tail`` for a multi-row INSERT of n rows."""
+    return f"{head} VALUES {', '.join([row] * n)}{tail}"
+
+
+def _rows(typed_row: str, n: int) -> str:
+    """An inline table of n parameter rows (typed by the first), for UPDATE ... FROM."""
+    plain = "SELECT " + ", ".join("?" * typed_row.count("?"))
+    return "(" + " UNION ALL ".join([f"SELECT {typed_row}"] + [plain] * (n - 1)) + ") AS v"
+
+
+class BulkSQL:
+    """Statements over many rows at once; they keep the claim fencing of their one-row versions."""
+
+    @staticmethod
+    def steps_succeeded(n: int) -> str:
+        return ("UPDATE ductwork_steps SET status = 'succeeded', output = v.output, attempts = attempts + 1, "
+                "finished_at = {now}, claimed_by = NULL, claim_token = NULL FROM "
+                + _rows("CAST(? AS BIGINT) AS id, CAST(? AS TEXT) AS output", n)
+                + " WHERE ductwork_steps.id = v.id AND ductwork_steps.status = 'running' "
+                "AND ductwork_steps.claimed_by = ? AND ductwork_steps.claim_token = ? RETURNING ductwork_steps.id")
+
+    @staticmethod
+    def claim_branches(n: int) -> str:
+        return ("UPDATE ductwork_branches SET status = 'advancing', claimed_by = ?, claim_token = ?, claimed_at = {now} "
+                f"WHERE status = 'running' AND id IN ({', '.join('?' * n)}) "
+                "RETURNING id, run_id, pipeline, definition, parent_id, node, expected, arrived, advance_failures")
+
+    @staticmethod
+    def apply_branches(n: int) -> str:
+        return ("UPDATE ductwork_branches SET status = v.status, node = v.node, expected = v.expected, "
+                "arrived = v.arrived, output = v.output, halt_reason = v.halt_reason, claimed_by = NULL, "
+                "claim_token = NULL, advance_failures = 0, updated_at = {now} FROM "
+                + _rows("CAST(? AS BIGINT) AS id, CAST(? AS TEXT) AS status, CAST(? AS INTEGER) AS node, "
+                        "CAST(? AS INTEGER) AS expected, CAST(? AS INTEGER) AS arrived, CAST(? AS TEXT) AS output, "
+                        "CAST(? AS TEXT) AS halt_reason", n)
+                + " WHERE ductwork_branches.id = v.id AND ductwork_branches.status = 'advancing' "
+                "AND ductwork_branches.claim_token = ? RETURNING ductwork_branches.id")
+
+    @staticmethod
+    def runs_completed(n: int) -> str:
+        return ("UPDATE ductwork_runs SET status = 'completed', output = v.output, finished_at = {now}, "
+                "updated_at = {now} FROM " + _rows("CAST(? AS BIGINT) AS id, CAST(? AS TEXT) AS output", n)
+                + " WHERE ductwork_runs.id = v.id AND ductwork_runs.status = 'in_progress'")
+
+    @staticmethod
+    def insert_steps(n: int) -> str:
+        return _many("INSERT INTO ductwork_steps (run_id, branch_id, pipeline, node, name, status, input, available_at, created_at)",
+                     "(?, ?, ?, ?, ?, 'queued', ?, {now}, {now})", n)
+
+    @staticmethod
+    def insert_branches(n: int) -> str:
+        return _many("INSERT INTO ductwork_branches (run_id, pipeline, definition, parent_id, origin_step_id, position, "
+                     "node, status, available_at, created_at, updated_at)",
+                     "(?, ?, ?, ?, ?, ?, ?, 'running', {now}, {now}, {now})", n, " RETURNING id, position")
+
+    @staticmethod
+    def insert_executions(n: int) -> str:
+        return _many("INSERT INTO ductwork_executions (step_id, run_id, process_id, attempt, outcome, error, started_at, "
+                     "finished_at)", "(?, ?, ?, ?, ?, ?, ?, {now})", n)
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, allow_nan=False, separators=(",", ":"))
 
@@ -1187,6 +1316,22 @@ class JobClaim:
 
 
 @dataclasses.dataclass
+class StepResult:
+    """A finished execution waiting to be committed (several are committed in one transaction)."""
+    claim: JobClaim
+    ok: bool
+    value: str                       # output JSON, or the error text
+    permanent: str | None = None     # a halt reason that makes retrying pointless
+
+
+@dataclasses.dataclass
+class Committed:
+    accepted: list[bool]
+    halted: list[int]                # runs that halted in this commit (on_halt to fire)
+    claims: list[JobClaim]           # claimed in the same transaction
+
+
+@dataclasses.dataclass
 class BranchClaim:
     id: int
     run_id: int
@@ -1217,8 +1362,12 @@ class _Outcome:
 class Engine:
     """The state machine over one Store, with the configuration's budgets."""
 
-    def __init__(self, store: Store, config: Config):
+    def __init__(self, store: Store, config: Config, inline: bool = True):
         self.store, self.config = store, config
+        # inline: a worker advances the branch of the step it commits in that same transaction
+        # (the advancer then only handles what is left: recovery, retries of failed advancements)
+        self.inline = inline
+        self.fault: Callable[..., None] = lambda point, step=None: None   # the runtime's fault hook (tests)
         self._definitions: dict[str, Definition] = {}
         self._stored_definitions: set[str] = set()
 
@@ -1266,31 +1415,104 @@ class Engine:
         return [JobClaim(*row, pipeline=pipeline, process_id=process_id, token=token) for row in sorted(rows)]
 
     def commit_success(self, c: JobClaim, output_json: str) -> bool:
-        with self.store.tx() as t:
-            if t.run(SQL.step_succeeded, (output_json, c.step_id, c.process_id, c.token)) != 1:
-                return False
-            t.run(SQL.insert_execution, (c.step_id, c.run_id, c.process_id, c.attempt, "succeeded", None, c.claimed_at))
-            t.run(SQL.branch_ready, (c.branch_id,))
-            t.notify(CH_ADVANCE, c.pipeline)
-        return True
+        return self.commit([StepResult(c, True, output_json)]).accepted[0]
 
-    def commit_failure(self, c: JobClaim, error: str, permanent_reason: str | None = None) -> tuple[bool, str]:
-        """Record a failed attempt; returns (accepted, "retry" | "failed")."""
-        max_retry = self.config.get("job_worker.max_retry", c.pipeline, c.name)
-        failed = permanent_reason is not None or c.attempts + 1 > max_retry
-        reason = permanent_reason or (JOB_RETRIES_EXHAUSTED if failed else None)
-        delay = 0 if failed else float(self.config.get("job_worker.retry_delay", c.pipeline, c.name))
+    def commit_failure(self, c: JobClaim, error: str, permanent_reason: str | None = None) -> bool:
+        return self.commit([StepResult(c, False, error, permanent_reason)]).accepted[0]
+
+    def commit(self, results: list[StepResult], claim_limit: int = 0) -> Committed:
+        """Commit finished executions in one transaction (fenced: only claims still held),
+        advance their branches inline, and claim up to ``claim_limit`` more steps."""
+        try:
+            return _retry_conflicts(lambda: self._commit(results, claim_limit, self.inline))
+        except (DatabaseUnavailable, sqlite3.OperationalError):
+            raise
+        except Exception:
+            if not self.inline:
+                raise
+            log.exception("inline advancement failed; committing without it (the advancer takes over)")
+            return _retry_conflicts(lambda: self._commit(results, claim_limit, False))
+
+    def _commit(self, results: list[StepResult], claim_limit: int, inline: bool) -> Committed:
+        token = uuid.uuid4().hex
+        out = Committed([False] * len(results), [], [])
+        finished: list[tuple[int, StepResult, tuple]] = []   # (index, result, current-step tuple)
+        executions: list[Any] = []
         with self.store.tx() as t:
-            if t.run(SQL.step_failed, ("failed" if failed else "queued", error, reason, delay,
-                                       c.step_id, c.process_id, c.token)) != 1:
-                return False, ""
-            t.run(SQL.insert_execution, (c.step_id, c.run_id, c.process_id, c.attempt, "failed", error, c.claimed_at))
-            if failed:
-                t.run(SQL.branch_ready, (c.branch_id,))
-                t.notify(CH_ADVANCE, c.pipeline)
-            else:
-                t.notify(CH_JOBS, c.pipeline)
-        return True, "failed" if failed else "retry"
+            accepted = self._write_successes(t, [r for r in results if r.ok])
+            for i, r in enumerate(results):
+                c = r.claim
+                if r.ok:
+                    if c.step_id in accepted:
+                        out.accepted[i] = True
+                        finished.append((i, r, (c.step_id, "succeeded", r.value, None)))
+                    continue
+                max_retry = self.config.get("job_worker.max_retry", c.pipeline, c.name)
+                failed = r.permanent is not None or c.attempts + 1 > max_retry
+                status = "failed" if failed else "queued"
+                reason = r.permanent or (JOB_RETRIES_EXHAUSTED if failed else None)
+                delay = 0 if failed else float(self.config.get("job_worker.retry_delay", c.pipeline, c.name))
+                out.accepted[i] = t.run(SQL.step_failed, (status, r.value, reason, delay, c.step_id, c.process_id, c.token)) == 1
+                if out.accepted[i] and failed:
+                    finished.append((i, r, (c.step_id, "failed", None, reason)))
+                elif out.accepted[i]:
+                    t.notify(CH_JOBS, c.pipeline)  # a retry, claimable after retry_delay
+            for i, r in enumerate(results):
+                if out.accepted[i]:
+                    c = r.claim
+                    executions += [c.step_id, c.run_id, c.process_id, c.attempt, "succeeded" if r.ok else "failed",
+                                   None if r.ok else r.value, c.claimed_at]
+            if finished:
+                self._advance_finished(t, finished, token, inline)
+            if executions:
+                t.run(BulkSQL.insert_executions(len(executions) // 7), executions)
+            if claim_limit and results:
+                pipeline, process_id = results[0].claim.pipeline, results[0].claim.process_id
+                rows = t.all(SQL.claim_steps, (process_id, token, pipeline, claim_limit))
+                out.claims = [JobClaim(*row, pipeline=pipeline, process_id=process_id, token=token) for row in sorted(rows)]
+            if results:
+                self._flush_arrivals(t, results[0].claim.process_id, token)
+            out.halted = t.halted
+        return out
+
+    @staticmethod
+    def _write_successes(t: Tx, results: list[StepResult]) -> set[int]:
+        """Mark succeeded steps in one statement per claim; returns the step ids still held."""
+        accepted: set[int] = set()
+        groups: dict[tuple[int, str], list[StepResult]] = {}
+        for r in results:
+            groups.setdefault((r.claim.process_id, r.claim.token), []).append(r)
+        for (process_id, token), group in groups.items():
+            params: list[Any] = []
+            for r in group:
+                params += [r.claim.step_id, r.value]
+            accepted |= {row[0] for row in t.all(BulkSQL.steps_succeeded(len(group)), (*params, process_id, token))}
+        return accepted
+
+    def _advance_finished(self, t: Tx, finished: list[tuple[int, StepResult, tuple]], token: str, inline: bool) -> None:
+        """The branches of just-finished steps: advanced here (inline) or queued for an advancer."""
+        by_branch = {r.claim.branch_id: (r, step) for _, r, step in finished}
+        claimed: list[tuple[BranchClaim, tuple]] = []
+        if inline:
+            process_id = finished[0][1].claim.process_id
+            rows = t.all(BulkSQL.claim_branches(len(by_branch)), (process_id, token, *by_branch))
+            claimed = [(BranchClaim(*row, process_id=process_id, token=token), by_branch.pop(row[0])[1]) for row in rows]
+            if claimed:
+                self.fault("after_branch_claim")
+        for branch_id, (r, _) in by_branch.items():  # not advanced here: the advancer's job
+            t.run(SQL.branch_ready, (branch_id,))
+            t.notify(CH_ADVANCE, r.claim.pipeline)
+        if claimed:
+            self._advance_many(t, claimed)
+
+    def release(self, process_id: int, step_ids: list[int], pipeline: str) -> int:
+        """Give back claims that never started: queued again, no crash counted."""
+        if not step_ids:
+            return 0
+        with self.store.tx() as t:
+            n = t.run(SQL.release_steps.replace("{ids}", ", ".join("?" * len(step_ids))), (process_id, *step_ids))
+            t.notify(CH_JOBS, pipeline)
+        return n
 
     def hand_back(self, process_id: int, step_ids: Iterable[int] | None = None, why: str = "process crashed") -> int:
         """Close a process's in-flight executions as crashes and re-enqueue them (immediately
@@ -1338,25 +1560,52 @@ class Engine:
             rows = t.all(SQL.claim_branches, (process_id, token, pipeline, limit))
         return [BranchClaim(*row, process_id=process_id, token=token) for row in sorted(rows)]
 
-    def advance(self, b: BranchClaim) -> int | None:
-        """Apply one advancement; returns the run id when the run just halted (for on_halt)."""
-        with self.store.tx() as t:
+    def advance(self, b: BranchClaim) -> list[int]:
+        """Apply one advancement; returns the runs that halted (for on_halt)."""
+        def work() -> list[int]:
+            with self.store.tx() as t:
+                self._advance_in(t, b)
+                self._flush_arrivals(t, b.process_id, b.token)
+            return t.halted
+        return _retry_conflicts(work)
+
+    def _advance_in(self, t: Tx, b: BranchClaim, step: tuple | None = None) -> None:
+        self._advance_many(t, [(b, step)])
+
+    def _advance_many(self, t: Tx, items: list[tuple[BranchClaim, tuple | None]]) -> None:
+        """Advance claimed branches inside ``t``: decide each, then write in bulk (fenced by the
+        claim token); ``step`` (when given) saves re-reading the step just committed."""
+        decided = []
+        for b, step in items:
             d = self.definition(b.definition, t)
-            step = t.one(SQL.current_step, (b.id,))
-            outcome = self._decide(t, b, d, step)
-            if t.run(SQL.apply_branch, (outcome.status, outcome.node, outcome.expected, outcome.arrived, outcome.output,
-                                        outcome.halt_reason, b.id, b.token)) != 1:
-                log.warning("advancement of branch %s rejected: its claim was lost", b.id, extra={"run": b.run_id})
+            if step is None:
+                step = t.one(SQL.current_step, (b.id,))
+            decided.append((b, d, step, self._decide(t, b, d, step)))
+        for token in {b.token for b, *_ in decided}:
+            group = [x for x in decided if x[0].token == token]
+            params: list[Any] = []
+            for b, _, _, o in group:
+                params += [b.id, o.status, o.node, o.expected, o.arrived, o.output, o.halt_reason]
+            applied = {row[0] for row in t.all(BulkSQL.apply_branches(len(group)), (*params, token))}
+            if len(applied) != len(group):
+                lost = [b.id for b, *_ in group if b.id not in applied]
+                log.warning("advancement of branch(es) %s rejected: the claim was lost", lost)
                 raise _Rejected()
-            if outcome.new_step is not None:
-                node, value = outcome.new_step
-                t.run(SQL.insert_step, (b.run_id, b.id, b.pipeline, node, d.nodes[node]["step"], value))
+        new_steps: list[Any] = []
+        for b, d, step, o in decided:
+            if o.new_step is not None:
+                node, value = o.new_step
+                new_steps += [b.run_id, b.id, b.pipeline, node, d.nodes[node]["step"], value]
                 t.notify(CH_JOBS, b.pipeline)
-            if outcome.children:
-                self._insert_children(t, b, d, step[0], outcome.children)
-            if outcome.status in ("completed", "halted"):
-                return self._branch_finished(t, b.run_id, b.parent_id, outcome.status, outcome.output)
-        return None
+            if o.children:
+                self._insert_children(t, b, d, step[0], o.children)
+            if o.status in ("completed", "halted"):
+                self._branch_finished(t, b, o.status, o.output)
+        if new_steps:
+            t.run(BulkSQL.insert_steps(len(new_steps) // 6), new_steps)
+        if t.completed:
+            t.run(BulkSQL.runs_completed(len(t.completed) // 2), t.completed)
+            t.completed = []
 
     def _decide(self, t: Tx, b: BranchClaim, d: Definition, step: tuple | None) -> _Outcome:
         node = d.nodes[b.node]
@@ -1429,34 +1678,45 @@ class Engine:
                          children: list[tuple[int, int, str]]) -> None:
         for chunk_start in range(0, len(children), 400):
             chunk = children[chunk_start:chunk_start + 400]
-            branch_sql = SQL.insert_branch.split(" VALUES ")[0] + " VALUES " + ", ".join(
-                ["(?, ?, ?, ?, ?, ?, ?, 'running', {now}, {now}, {now})"] * len(chunk)) + " RETURNING id, position"
             params: list[Any] = []
             for position, node, _ in chunk:
                 params += [b.run_id, b.pipeline, b.definition, b.id, origin_step, position, node]
-            ids = dict((pos, bid) for bid, pos in t.all(branch_sql, params))
-            step_sql = SQL.insert_step.split(" VALUES ")[0] + " VALUES " + ", ".join(
-                ["(?, ?, ?, ?, ?, 'queued', ?, {now}, {now})"] * len(chunk))
+            ids = {pos: bid for bid, pos in t.all(BulkSQL.insert_branches(len(chunk)), params)}
             params = []
             for position, node, value in chunk:
                 params += [b.run_id, ids[position], b.pipeline, node, d.nodes[node]["step"], value]
-            t.run(step_sql, params)
+            t.run(BulkSQL.insert_steps(len(chunk)), params)
         t.notify(CH_JOBS, b.pipeline)
 
-    def _branch_finished(self, t: Tx, run_id: int, parent_id: int | None, status: str, output: str | None) -> int | None:
-        if parent_id is not None:
-            row = t.one(SQL.child_arrived, (parent_id,))
-            if row and row[0] == "advance":
+    def _branch_finished(self, t: Tx, b: BranchClaim, status: str, output: str | None) -> None:
+        run_id = b.run_id
+        if b.parent_id is not None:
+            # Counted on the parent at the end of the transaction (_flush_arrivals): the parent
+            # row is the one hot row a fan-in shares, so its lock is held as briefly as possible.
+            t.arrivals[b.parent_id] = t.arrivals.get(b.parent_id, 0) + 1
+        elif status == "completed":
+            t.completed += [run_id, output]
+            log.debug("run %s completed", run_id, extra={"run": run_id})
+        else:
+            reasons = [r for (r,) in t.all(SQL.halt_reasons, (run_id,))]
+            t.run(SQL.run_halted, (_dumps(reasons), run_id))
+            log.warning("run %s halted: %s", run_id, ", ".join(reasons) or "halted", extra={"run": run_id})
+            t.halted.append(run_id)
+
+    def _flush_arrivals(self, t: Tx, process_id: int, token: str) -> None:
+        """Count finished children on their parents (in id order: no lock-order deadlocks between
+        transactions); a parent whose last child arrived is advanced right here (its join)."""
+        while t.arrivals:
+            parent_id = min(t.arrivals)
+            count = t.arrivals.pop(parent_id)
+            row = t.one(SQL.child_arrived, (count, count, parent_id))
+            if not row or row[0] != "advance":
+                continue
+            parent = t.one(SQL.claim_branch, (process_id, token, parent_id, "advance")) if self.inline else None
+            if parent is None:
                 t.notify(CH_ADVANCE, row[1])
-            return None
-        if status == "completed":
-            t.run(SQL.run_completed, (output, run_id))
-            log.info("run %s completed", run_id, extra={"run": run_id})
-            return None
-        reasons = [r for (r,) in t.all(SQL.halt_reasons, (run_id,))]
-        t.run(SQL.run_halted, (_dumps(reasons), run_id))
-        log.warning("run %s halted: %s", run_id, ", ".join(reasons) or "halted", extra={"run": run_id})
-        return run_id
+                continue
+            self._advance_in(t, BranchClaim(*parent, process_id=process_id, token=token))
 
     def release_branch(self, b: BranchClaim, count_failure: bool, delay: float = 0.0) -> int:
         with self.store.tx() as t:
@@ -1464,12 +1724,14 @@ class Engine:
             t.notify(CH_ADVANCE, b.pipeline)
         return int(row[0]) if row else 0
 
-    def halt_branch(self, b: BranchClaim, reason: str) -> int | None:
+    def halt_branch(self, b: BranchClaim, reason: str) -> list[int]:
         """Halt a claimed branch outright (advancer retries exhausted)."""
         with self.store.tx() as t:
             if t.run(SQL.apply_branch, ("halted", b.node, b.expected, b.arrived, None, reason, b.id, b.token)) != 1:
-                return None
-            return self._branch_finished(t, b.run_id, b.parent_id, "halted", None)
+                return []
+            self._branch_finished(t, b, "halted", None)
+            self._flush_arrivals(t, b.process_id, b.token)
+        return t.halted
 
     def notify_halt(self, run_id: int) -> None:
         """Run the pipeline's on_halt handlers, at most once per halt, outside any transaction."""
@@ -1526,6 +1788,18 @@ class Engine:
     def context_all(self, run_id: int) -> dict:
         with self.store.tx(write=False) as t:
             return {k: json.loads(v) for k, v in t.all(SQL.context_all, (run_id,))}
+
+
+def _retry_conflicts(fn: Callable[[], Any], attempts: int = 5) -> Any:
+    """Re-run a transaction that Postgres aborted as a deadlock or serialization failure."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:
+            text = str(exc)
+            if attempt == attempts - 1 or not ("40P01" in text or "40001" in text):
+                raise
+            threading.Event().wait(random.uniform(0.001, 0.01) * (attempt + 1))
 
 
 class _CorruptInput(DuctworkError):
@@ -1872,10 +2146,11 @@ class Runtime:
         self.store.notify_hook = self.wakeups.notify
         self.outage = Outage()
         self.fault = Fault()
+        self.engine.fault = self.fault
         self.stopping = threading.Event()       # stop claiming
         self.dead = threading.Event()           # exit now, nothing more to commit
         self.process_id = 0
-        self.in_flight: dict[int, JobClaim] = {}
+        self.in_flight: dict[int, tuple[JobClaim, bool]] = {}   # step id -> (claim, started)
         self.in_flight_lock = threading.Lock()
         self.threads: list[threading.Thread] = []
         self.signals: "queue.SimpleQueue[int]" = queue.SimpleQueue()
@@ -1946,32 +2221,61 @@ class Runtime:
                 raise DatabaseUnavailable("gave up waiting for the database")
 
     def worker_loop(self, pipeline: str) -> None:
+        """Claim, run, commit. Quick steps are claimed and committed in growing batches (one
+        transaction for a batch's results, its branches' advancement and the next claim);
+        slow steps go one at a time so other threads and processes share them."""
         wake = self.wakeups.event(CH_JOBS, pipeline)
         idle = float(self.config.get("job_worker.polling_timeout", pipeline))
+        limit = 1
+        claims: list[JobClaim] = []
         while not self.stopping.is_set():
-            wake.clear()
-            try:
-                claims = self._db_retry(lambda: self.engine.claim_steps(pipeline, self.process_id, 1), self.stopping)
-            except DatabaseUnavailable:
-                break
-            except Exception:
-                log.exception("claiming steps of %s failed", pipeline)
-                self.stopping.wait(1)
-                continue
-            for claim in claims:
+            if not claims:
+                wake.clear()
                 try:
-                    self.execute(claim)
-                except Exception as exc:  # the machinery around the step failed, not the step
-                    log.error("worker error around step %s: %s; handing it back", claim.name, exc,
-                              extra={"run": claim.run_id, "step": claim.step_id, "pipeline": pipeline})
-                    with contextlib.suppress(Exception):
-                        self._db_retry(lambda c=claim, why=str(exc): self.engine.hand_back(c.process_id, [c.step_id], why), self.dead)
-            if not claims and not self.stopping.is_set():  # stopping is set before the wake-ups fire
-                wake.wait(idle)
+                    claims = self._db_retry(lambda n=limit: self.engine.claim_steps(pipeline, self.process_id, n), self.stopping)
+                except DatabaseUnavailable:
+                    break
+                except Exception:
+                    log.exception("claiming steps of %s failed", pipeline)
+                    self.stopping.wait(1)
+                    continue
+                if not claims:
+                    limit = 1
+                    if not self.stopping.is_set():  # stopping is set before the wake-ups fire
+                        wake.wait(idle)
+                    continue
+            started = time.monotonic()
+            count = len(claims)
+            claims = self.run_batch(claims, limit)
+            per_step = (time.monotonic() - started) / count
+            limit = min(limit * 2, MAX_BATCH) if per_step < QUICK_STEP else 1
+        if claims:
+            self._release(claims)
 
-    def execute(self, c: JobClaim) -> None:
+    def run_batch(self, claims: list[JobClaim], next_limit: int) -> list[JobClaim]:
+        """Run the claimed steps in order; commit their results (early when a result has waited
+        QUICK_COMMIT seconds); return the steps claimed in the final commit's transaction."""
+        self._track(claims)
+        results: list[StepResult] = []
+        waiting_since = 0.0
+        for i, c in enumerate(claims):
+            if self.stopping.is_set():
+                self._commit_results(results, 0)
+                self._release(claims[i:])
+                return []
+            result = self.run_step(c)
+            if result is not None:
+                results.append(result)
+                waiting_since = waiting_since or time.monotonic()
+            if results and i < len(claims) - 1 and time.monotonic() - waiting_since > QUICK_COMMIT:
+                self._commit_results(results, 0)
+                results, waiting_since = [], 0.0
+        return self._commit_results(results, 0 if self.stopping.is_set() else next_limit)
+
+    def run_step(self, c: JobClaim) -> StepResult | None:
+        """Execute one claimed step; None when it was handed back instead (machinery failure)."""
         with self.in_flight_lock:
-            self.in_flight[c.step_id] = c
+            self.in_flight[c.step_id] = (c, True)
         try:
             self.fault("after_claim", c.name)
             cls = _REGISTRY.get(c.pipeline)
@@ -1979,21 +2283,22 @@ class Runtime:
             if fn is None:
                 why = f"step {c.name} is not defined in pipeline {c.pipeline} any more"
                 log.warning(why, extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
-                self._commit(lambda: self.engine.commit_failure(c, why, DEFINITION_CHANGED)[0], c)
-                return
+                return StepResult(c, False, why, DEFINITION_CHANGED)
             ok, value = self._call(c, fn)
             self.fault("before_commit", c.name)
-            if ok:
-                self._commit(lambda: self.engine.commit_success(c, value), c)
-            else:
-                permanent = TRANSITION_INVALID if value.startswith(_CorruptInput.__name__) else None
-                accepted = self._commit(lambda: self.engine.commit_failure(c, value, permanent)[0], c)
-                if accepted:
-                    log.info("step %s failed (attempt %d): %s", c.name, c.attempt, value.splitlines()[0],
-                             extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
-        finally:
-            with self.in_flight_lock:
-                self.in_flight.pop(c.step_id, None)
+        except Exception as exc:  # the machinery around the step failed, not the step
+            log.error("worker error around step %s: %s; handing it back", c.name, exc,
+                      extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
+            with contextlib.suppress(DatabaseUnavailable):
+                self._db_retry(lambda why=str(exc): self.engine.hand_back(c.process_id, [c.step_id], why), self.dead)
+            self._untrack([c])
+            return None
+        if not ok:
+            permanent = TRANSITION_INVALID if value.startswith(_CorruptInput.__name__) else None
+            log.info("step %s failed (attempt %d): %s", c.name, c.attempt, value.splitlines()[0],
+                     extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
+            return StepResult(c, False, value, permanent)
+        return StepResult(c, True, value)
 
     def _call(self, c: JobClaim, fn: Any) -> tuple[bool, str]:
         """Run the step; (True, output json) or (False, error text with a bounded traceback)."""
@@ -2023,15 +2328,48 @@ class Runtime:
         finally:
             _CURRENT.step = None
 
-    def _commit(self, fn: Callable[[], bool], c: JobClaim) -> bool:
+    def _commit_results(self, results: list[StepResult], claim_limit: int) -> list[JobClaim]:
+        if not results:
+            return []
         try:
-            accepted = self._db_retry(fn, self.dead)
+            done: Committed = self._db_retry(lambda: self.engine.commit(results, claim_limit), self.dead)
         except DatabaseUnavailable:
-            return False
-        if not accepted:
-            log.warning("commit of step %s rejected: this process no longer holds its claim", c.name,
-                        extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
-        return bool(accepted)
+            return []
+        finally:
+            self._untrack([r.claim for r in results])
+        for r, accepted in zip(results, done.accepted, strict=True):
+            if not accepted:
+                c = r.claim
+                log.warning("commit of step %s rejected: this process no longer holds its claim", c.name,
+                            extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
+        self._track(done.claims)
+        for run_id in done.halted:
+            self.engine.notify_halt(run_id)
+        if any(done.accepted):
+            try:
+                self.fault("after_advance")  # committed: the steps' results and their branches' advancement
+            except FaultInjected as exc:
+                log.warning("%s (after the commit: nothing to undo)", exc)
+        return done.claims
+
+    def _track(self, claims: list[JobClaim]) -> None:
+        with self.in_flight_lock:
+            for c in claims:
+                self.in_flight[c.step_id] = (c, False)
+
+    def _untrack(self, claims: list[JobClaim]) -> None:
+        with self.in_flight_lock:
+            for c in claims:
+                self.in_flight.pop(c.step_id, None)
+
+    def _release(self, claims: list[JobClaim]) -> None:
+        """Claims that never started go back to the queue without counting a crash."""
+        if not claims:
+            return
+        with contextlib.suppress(DatabaseUnavailable):
+            self._db_retry(lambda: self.engine.release(claims[0].process_id, [c.step_id for c in claims],
+                                                       claims[0].pipeline), self.dead)
+        self._untrack(claims)
 
     def advancer_loop(self, pipeline: str) -> None:
         wake = self.wakeups.event(CH_ADVANCE, pipeline)
@@ -2052,7 +2390,7 @@ class Runtime:
                 wake.wait(idle)
 
     def advance(self, b: BranchClaim) -> None:
-        halted: int | None = None
+        halted: list[int] = []
         try:
             self.fault("after_branch_claim")
             halted = self.engine.advance(b)
@@ -2075,8 +2413,8 @@ class Runtime:
                 halted = self.engine.halt_branch(b, ADVANCER_RETRIES_EXHAUSTED)
             else:
                 self.engine.release_branch(b, True, min(0.1 * 2 ** failures, 30))
-        if halted is not None:
-            self.engine.notify_halt(halted)
+        for run_id in halted:
+            self.engine.notify_halt(run_id)
 
     def heartbeat_loop(self) -> None:
         interval = float(self.config.get("supervisor.heartbeat_interval"))
@@ -2100,17 +2438,15 @@ class Runtime:
         while not self.dead.is_set():
             try:
                 if conn is None:
-                    conn = self.store._connect()
-                    conn.autocommit = True
-                    cur = conn.cursor()
+                    conn = self.store._connect().conn  # the raw pg8000 connection, no transaction
                     for ch in channels:
-                        cur.execute(f"LISTEN {ch}")
+                        conn.execute_simple(f"LISTEN {ch}")
                     self.wakeups.all()  # we may have missed hints while reconnecting
                 sel = selectors.DefaultSelector()
                 sel.register(conn._usock, selectors.EVENT_READ)
                 sel.select(timeout=1.0)
                 sel.close()
-                conn.cursor().execute("SELECT 1")   # pumps pending notifications into conn.notifications
+                conn.execute_simple("SELECT 1")   # pumps pending notifications into conn.notifications
                 while conn.notifications:
                     _, channel, payload = conn.notifications.popleft()
                     self.wakeups.notify(channel, payload)
@@ -2204,15 +2540,20 @@ class Runtime:
         return EXIT_OK
 
     def _hand_back_in_flight(self, why: str) -> int:
+        """At the drain deadline: started steps are closed as crashes, unstarted ones released."""
         with self.in_flight_lock:
-            ids = list(self.in_flight)
-        if not ids or not self.process_id:
-            return 0
+            entries = list(self.in_flight.values())
+        started = [c for c, running in entries if running]
+        unstarted = [c for c, running in entries if not running]
+        handed = 0
         try:
-            return self.engine.hand_back(self.process_id, ids, why)
+            for process_id in {c.process_id for c in started}:
+                handed += self.engine.hand_back(process_id, [c.step_id for c in started if c.process_id == process_id], why)
+            for c in unstarted:
+                self.engine.release(c.process_id, [c.step_id], c.pipeline)
         except Exception as exc:
-            log.warning("could not hand back %d step(s): %s (a peer reaps them later)", len(ids), exc)
-            return 0
+            log.warning("could not hand back %d step(s): %s (a peer reaps them later)", len(entries), exc)
+        return handed
 
     def _unregister(self) -> None:
         if not self.process_id:
@@ -2680,10 +3021,528 @@ class Supervisor:
 
 
 # =====================================================================================
+# dashboard: read-only pages, their JSON twins under /api/..., and /metrics
+# =====================================================================================
+# `python ductwork.py dashboard` serves / (overview), /runs (filters, pages), /runs/<id>
+# (the step tree: branches nest under the step that fanned them out), /errors (failed and
+# crashed executions), each with a JSON twin under /api/..., and /metrics (Prometheus text
+# format). Stdlib only. A page polls its JSON twin and, when its ETag changed, swaps in a freshly
+# rendered <main> (a few lines of inline JS). Only SELECTs; each request thread's
+# connection is closed when the request ends. Everything stored is shown html-escaped.
+
+DASHBOARD_PER_PAGE, DASHBOARD_MAX_STEPS, DASHBOARD_MINUTES = 50, 2000, 15
+
+
+class DashboardSQL:
+    """The dashboard's statements (SELECTs only). ``{where}`` takes fixed ``AND column = ?`` fragments."""
+
+    pipelines = "SELECT DISTINCT pipeline FROM ductwork_runs ORDER BY pipeline"
+    runs = ("SELECT id, pipeline, status, created_at, finished_at, halt_reasons FROM ductwork_runs WHERE 1 = 1{where} "
+            "ORDER BY id DESC LIMIT ? OFFSET ?")
+    steps = ("SELECT id, name, node, status, input, output, attempts, crashes, error, halt_reason, branch_id, "
+             "created_at, claimed_at, finished_at FROM ductwork_steps WHERE run_id = ? ORDER BY id LIMIT ?")
+    branches = ("SELECT id, parent_id, origin_step_id, position, status, halt_reason FROM ductwork_branches "
+                "WHERE run_id = ? ORDER BY id")
+    executions = ("SELECT e.step_id, e.attempt, e.outcome, e.error, e.process_id, e.started_at, e.finished_at "
+                  "FROM ductwork_executions e JOIN ductwork_steps s ON s.id = e.step_id WHERE s.run_id = ? ORDER BY e.id")
+    errors = ("SELECT e.id, e.step_id, e.run_id, s.pipeline, s.name, e.outcome, e.attempt, e.error, e.finished_at "
+              "FROM ductwork_executions e JOIN ductwork_steps s ON s.id = e.step_id "
+              "WHERE e.outcome IN ('failed', 'crashed'){where} ORDER BY e.id DESC LIMIT ? OFFSET ?")
+    # per-minute buckets (0 = the last 60 s); integer division truncates alike on both databases
+    runs_per_minute = ("SELECT CAST(({now} - finished_at) * 1000 AS BIGINT) / 60000, count(*) FROM ductwork_runs "
+                       "WHERE status = 'completed' AND finished_at >= {now} - ? GROUP BY 1")
+    steps_per_minute = ("SELECT CAST(({now} - finished_at) * 1000 AS BIGINT) / 60000, count(*) FROM ductwork_steps "
+                        "WHERE status IN ('succeeded', 'failed') AND finished_at >= {now} - ? GROUP BY 1")
+    executed = ("SELECT s.pipeline, e.outcome, count(*) FROM ductwork_executions e "
+                "JOIN ductwork_steps s ON s.id = e.step_id GROUP BY s.pipeline, e.outcome")
+    queue = ("SELECT pipeline, count(*), max({now} - available_at) FROM ductwork_steps "
+             "WHERE status = 'queued' AND available_at <= {now} GROUP BY pipeline")
+    processes = ("SELECT role, sum(CASE WHEN last_heartbeat_at >= {now} - ? THEN 1 ELSE 0 END), sum(restarts) "
+                 "FROM ductwork_processes GROUP BY role")
+
+
+class _BadRequest(DuctworkError):
+    """A query parameter the dashboard cannot use (answered with 400)."""
+
+
+def _records(rows: list[tuple], columns: str, decode: str = "") -> list[dict]:
+    """Rows as dicts keyed by ``columns``; the ``decode`` columns hold JSON (shown raw when corrupt)."""
+    out = [dict(zip(columns.split(), row, strict=True)) for row in rows]
+    for record in out:
+        for key in decode.split():
+            record[key] = _loads_for_display(record[key])
+    return out
+
+
+def _duration(start: float | None, end: float | None) -> float | None:
+    return round(float(end) - float(start), 3) if start is not None and end is not None else None
+
+
+# -- data: the JSON twins ------------------------------------------------------------------
+
+def dashboard_overview(engine: Engine, minutes: int = DASHBOARD_MINUTES) -> dict:
+    report = status_report(engine)
+    with engine.store.tx(write=False) as t:
+        per_minute = {key: {int(m): int(n) for m, n in t.all(sql, (minutes * 60,))} for key, sql in
+                      (("runs_completed", DashboardSQL.runs_per_minute), ("steps_finished", DashboardSQL.steps_per_minute))}
+    report["throughput"] = {"minutes": minutes, **{k: [v.get(m, 0) for m in range(minutes)] for k, v in per_minute.items()}}
+    report["stale_after"] = float(engine.config.get("supervisor.reaper_timeout"))
+    return report
+
+
+def _paged(store: Store, key: str, sql: str, columns: str, filters: dict[str, str | None], page: int, per_page: int,
+           decode: str = "") -> dict:
+    """One page of rows, newest first; ``filters`` maps a fixed column name to a value (None = any)."""
+    given = [(column, value) for column, value in filters.items() if value]
+    where = "".join(f" AND {column} = ?" for column, _ in given)
+    with store.tx(write=False) as t:
+        rows = t.all(sql.replace("{where}", where), (*(v for _, v in given), per_page + 1, (page - 1) * per_page))
+        pipelines = [r[0] for r in t.all(DashboardSQL.pipelines)]
+    return {key: _records(rows[:per_page], columns, decode), "page": page, "per_page": per_page,
+            "has_next": len(rows) > per_page, "pipelines": pipelines, **{k.split(".")[-1]: v for k, v in filters.items()}}
+
+
+def dashboard_runs(store: Store, pipeline: str | None = None, status: str | None = None, page: int = 1,
+                   per_page: int = DASHBOARD_PER_PAGE) -> dict:
+    data = _paged(store, "runs", DashboardSQL.runs, "id pipeline status created_at finished_at halt_reasons",
+                  {"pipeline": pipeline, "status": status}, page, per_page, decode="halt_reasons")
+    for run in data["runs"]:
+        run["duration"] = _duration(run["created_at"], run["finished_at"])
+    return data
+
+
+def dashboard_errors(store: Store, pipeline: str | None = None, page: int = 1, per_page: int = DASHBOARD_PER_PAGE) -> dict:
+    return _paged(store, "errors", DashboardSQL.errors, "id step run pipeline name outcome attempt error finished_at",
+                  {"s.pipeline": pipeline}, page, per_page)
+
+
+def dashboard_run(store: Store, run_id: int, max_steps: int = DASHBOARD_MAX_STEPS) -> dict | None:
+    """One run and its tree: ``tree`` is the root branch; a step's ``branches`` are the fan-out
+    (expand/divide/divert) that followed it, in position order; its join step comes after it."""
+    with store.tx(write=False) as t:
+        row = t.one(SQL.select_run, (run_id,))
+        if row is None:
+            return None
+        branch_rows = t.all(DashboardSQL.branches, (run_id,))
+        step_rows = t.all(DashboardSQL.steps, (run_id, max_steps + 1))
+        execution_rows = t.all(DashboardSQL.executions, (run_id,))
+        context = {k: _loads_for_display(v) for k, v in t.all(SQL.context_all, (run_id,))}
+    run = _records([row[:8]], "id pipeline status input output halt_reasons created_at finished_at",
+                   "input output halt_reasons")[0]
+    run.update(duration=_duration(run["created_at"], run["finished_at"]), context=context)
+    branches = {b["id"]: {**b, "steps": []}
+                for b in _records(branch_rows, "id parent_id origin_step_id position status halt_reason")}
+    steps: dict[int, dict] = {}
+    for step in _records(step_rows[:max_steps], "id name node status input output attempts crashes error halt_reason branch_id "
+                                                "created_at started_at finished_at", "input output"):
+        step.update(duration=_duration(step["started_at"], step["finished_at"]), executions=[], branches=[])
+        steps[step["id"]] = step
+        branches[step["branch_id"]]["steps"].append(step)
+    for e in _records(execution_rows, "step_id attempt outcome error process_id started_at finished_at"):
+        if e["step_id"] in steps:
+            steps[e.pop("step_id")]["executions"].append({**e, "duration": _duration(e["started_at"], e["finished_at"])})
+    root = None
+    for branch in sorted(branches.values(), key=lambda b: (b["position"], b["id"])):
+        if branch["parent_id"] is None:
+            root = root or branch
+        elif branch["origin_step_id"] in steps:  # else beyond max_steps
+            steps[branch["origin_step_id"]]["branches"].append(branch)
+    return {"run": run, "tree": root, "steps": len(steps), "truncated": len(step_rows) > max_steps}
+
+
+def dashboard_metrics(engine: Engine) -> str:
+    """Prometheus text format (0.0.4), with zero-valued series for every known pipeline and role."""
+    with engine.store.tx(write=False) as t:
+        runs = {(p, s): int(n) for p, s, n in t.all(SQL.run_counts)}
+        executed = {(p, o): int(n) for p, o, n in t.all(DashboardSQL.executed)}
+        queue = {p: (int(n), round(float(age or 0), 3)) for p, n, age in t.all(DashboardSQL.queue)}
+        procs = {r: (int(n or 0), int(restarts or 0)) for r, n, restarts in
+                 t.all(DashboardSQL.processes, (float(engine.config.get("supervisor.reaper_timeout")),))}
+    for (pipeline, _), n in list(runs.items()):
+        runs[pipeline, "triggered"] = runs.get((pipeline, "triggered"), 0) + n
+    pipelines = sorted(set(_REGISTRY) | {p for p, _ in runs} | {p for p, _ in executed} | set(queue))
+    roles = sorted(set(procs) | {"supervisor", "advancer", "worker"})
+    families = [
+        ("ductwork_runs_total", "counter", "Runs per pipeline: triggered (all), completed, halted (revive() lowers halted).",
+         [({"pipeline": p, "status": s}, runs.get((p, s), 0)) for p in pipelines for s in ("triggered", "completed", "halted")]),
+        ("ductwork_runs_in_progress", "gauge", "Runs in progress per pipeline.",
+         [({"pipeline": p}, runs.get((p, "in_progress"), 0)) for p in pipelines]),
+        ("ductwork_steps_executed_total", "counter", "Step executions per pipeline and outcome (succeeded, failed, crashed).",
+         [({"pipeline": p, "outcome": o}, executed.get((p, o), 0))
+          for p in pipelines for o in ("succeeded", "failed", "crashed")]),
+        ("ductwork_queue_depth", "gauge", "Claimable steps (queued and available now) per pipeline.",
+         [({"pipeline": p}, queue.get(p, (0, 0.0))[0]) for p in pipelines]),
+        ("ductwork_queue_oldest_age_seconds", "gauge", "Seconds the oldest claimable step has waited (0 when none).",
+         [({"pipeline": p}, queue.get(p, (0, 0.0))[1]) for p in pipelines]),
+        ("ductwork_processes", "gauge", "Live processes (heartbeat within supervisor.reaper_timeout) per role.",
+         [({"role": r}, procs.get(r, (0, 0))[0]) for r in roles]),
+        ("ductwork_process_restarts", "gauge", "Sum of the restart counts of the process rows, per role.",
+         [({"role": r}, procs.get(r, (0, 0))[1]) for r in roles]),
+    ]
+    lines = []
+    for name, kind, help_text, samples in families:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for labels, value in samples:
+            text = ",".join(f'{k}="{_prom_label(v)}"' for k, v in labels.items())
+            lines.append(f"{name}{{{text}}} {value!r}")
+    return "\n".join(lines) + "\n"
+
+
+def _prom_label(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+# -- html ------------------------------------------------------------------------------------
+
+_DASHBOARD_CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#222;background:#f7f7f9}
+nav{background:#223;padding:.6em 1.5em}nav a{color:#fff;margin-right:1.4em;text-decoration:none}
+nav b{color:#9cf;margin-right:2em}main{padding:.5em 1.5em 2em}summary{cursor:pointer;color:#336}form{margin:.6em 0}
+table{border-collapse:collapse;margin:.4em 0 1.4em;background:#fff}th{background:#eef}
+th,td{border:1px solid #ddd;padding:.2em .6em;text-align:left;vertical-align:top}
+pre{margin:.2em 0;white-space:pre-wrap;word-break:break-all;max-height:24em;overflow:auto;background:#f0f0f3;padding:.4em}
+.st{padding:0 .45em;border-radius:3px;background:#ddd;font-size:.9em}.st-completed,.st-succeeded{background:#c8f0c8}
+.st-halted,.st-failed,.st-crashed{background:#f6c4c4}.st-in_progress,.st-running,.st-advancing{background:#cfe0ff}
+.st-queued,.st-waiting,.st-advance{background:#fff2b8}.bar{display:inline-block;height:.8em;background:#69c;margin-right:.4em}
+ul.tree{list-style:none;padding-left:1.2em;border-left:2px solid #ccd;margin:.3em 0}li.step{margin:.35em 0}
+.muted{color:#777}.warn{color:#c00}"""
+
+# Poll the JSON twin; when its ETag (a hash of the data) differs from the page's, fetch this
+# page's <main> alone (X-Ductwork-Fragment) and swap it in, keeping open <details> open.
+_DASHBOARD_JS = """const b=document.body,every=1000*b.dataset.refresh;let cur=b.dataset.etag;
+async function tick(){try{const r=await fetch(b.dataset.api,{cache:"no-store",headers:{"If-None-Match":cur}});
+if(r.status===200&&r.headers.get("ETag")!==cur){
+const f=await fetch(location.href,{cache:"no-store",headers:{"X-Ductwork-Fragment":"1"}});
+if(f.ok){const h=await f.text(),open=[...document.querySelectorAll("details[open]")].map(d=>d.id);
+document.querySelector("main").innerHTML=h;cur=f.headers.get("ETag");
+open.forEach(i=>{const d=i&&document.getElementById(i);if(d)d.open=true});}}
+}catch(e){}setTimeout(tick,every);}setTimeout(tick,every);"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _ts(epoch: float | None) -> str:  # UTC, milliseconds
+    return "" if epoch is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}"
+
+
+def _secs(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}s" if value < 10 else f"{value:.1f}s"
+
+
+def _badge(status: str | None) -> str:
+    return f'<span class="st st-{_esc(status)}">{_esc(status)}</span>'
+
+
+def _reasons(value: Any) -> str:
+    return _esc(", ".join(map(str, value)) if isinstance(value, list) else value)
+
+
+def _href(path: str, **params: Any) -> str:
+    query = urllib.parse.urlencode({k: v for k, v in params.items() if v not in (None, "")})
+    return _esc(path + ("?" + query if query else ""))
+
+
+def _link(path: str, text: str) -> str:
+    return f'<a href="{_esc(path)}">{_esc(text)}</a>'
+
+
+def _table(headers: list[str], rows: list[list[str]], empty: str = "none") -> str:
+    if not rows:
+        return f'<p class="muted">{_esc(empty)}</p>'
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return "<table><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in headers) + f"</tr>{body}</table>"
+
+
+def _details(ident: str, summary: str, text: str) -> str:
+    return f'<details id="{_esc(ident)}"><summary>{summary}</summary><pre>{_esc(text)}</pre></details>'
+
+
+def _value(value: Any, label: str, ident: str, limit: int = 20000) -> str:
+    text, short = json.dumps(value, indent=2, ensure_ascii=False, default=str), json.dumps(value, ensure_ascii=False, default=str)
+    more = f"\n... ({len(text) - limit} more characters in the JSON twin)" if len(text) > limit else ""
+    short = short if len(short) <= 80 else short[:77] + "..."
+    return _details(ident, f"{_esc(label)} <code>{_esc(short)}</code>", text[:limit] + more)
+
+
+def _error(text: str | None, ident: str) -> str:  # first line as the summary, the traceback inside
+    first, _, rest = (text or "").partition("\n")
+    return _details(ident, _esc(first), rest or first) if text else ""
+
+
+def _paging(path: str, data: dict, **filters: Any) -> str:
+    size = data["per_page"] if data["per_page"] != DASHBOARD_PER_PAGE else None
+    newer = f'<a href="{_href(path, page=data["page"] - 1, per_page=size, **filters)}">&larr; newer</a> '
+    older = f' <a href="{_href(path, page=data["page"] + 1, per_page=size, **filters)}">older &rarr;</a>'
+    return f'<p>{newer if data["page"] > 1 else ""}page {data["page"]}{older if data["has_next"] else ""}</p>'
+
+
+def _filters(path: str, data: dict, **choices: list[str]) -> str:
+    selects = "".join(f'<select name="{name}"><option value="">any {name}</option>' + "".join(
+        f'<option value="{_esc(o)}"{" selected" if o == data.get(name) else ""}>{_esc(o)}</option>' for o in options)
+        + "</select> " for name, options in choices.items())
+    return f'<form method="get" action="{path}">{selects}<button>filter</button></form>'
+
+
+def render_overview(data: dict) -> str:
+    statuses = ("in_progress", "completed", "halted")
+    runs = [[f'<a href="{_href("/runs", pipeline=p)}">{_esc(p)}</a>',
+             *(f'<a href="{_href("/runs", pipeline=p, status=s)}">{counts.get(s, 0)}</a>' for s in statuses),
+             str(sum(counts.values()))] for p, counts in sorted(data["runs"].items())]
+    tp = data["throughput"]
+    top = max([1, *tp["runs_completed"], *tp["steps_finished"]])
+    bars = [[f"{m} min ago" if m else "last minute", *(f'<span class="bar" style="width:{round(120 * n / top)}px"></span>{n}'
+                                                       for n in (tp["runs_completed"][m], tp["steps_finished"][m]))]
+            for m in range(tp["minutes"])]
+    procs = [[_esc(p["machine"]), str(p["pid"]), _esc(p["role"]), _badge(p["state"]),
+              f'<span class="{"warn" if p["heartbeat_age"] > data["stale_after"] else ""}">'
+              f'{_secs(p["heartbeat_age"])} ago</span>',
+              _secs(p["age"]), str(p["restarts"]), _esc(",".join(p["pipelines"]))] for p in data["processes"]]
+    halts = [[_link(f'/runs/{h["run"]}', f'run {h["run"]}'), _esc(h["pipeline"]), _reasons(h["reasons"]), _ts(h["finished_at"])]
+             for h in data["recent_halts"]]
+    errors = [[_link(f'/runs/{e["run"]}#step-{e["step"]}', f'run {e["run"]} step {e["step"]}'),
+               _esc(f'{e["pipeline"]}.{e["name"]}'), _badge(e["outcome"]), _esc(e["error"]), _ts(e["at"])]
+              for e in data["recent_errors"]]
+    return ("<h2>Runs</h2>" + _table(["pipeline", *statuses, "total"], runs, "no runs yet")
+            + f'<h2>Throughput (last {tp["minutes"]} minutes)</h2>' + _table(["minute", "runs completed", "steps finished"], bars)
+            + "<h2>Processes</h2>"
+            + _table(["machine", "pid", "role", "state", "heartbeat", "up", "restarts", "pipelines"], procs, "no live processes")
+            + "<h2>Recent halts</h2>" + _table(["run", "pipeline", "reasons", "finished (UTC)"], halts)
+            + '<h2>Recent step errors <a href="/errors" class="muted">(all)</a></h2>'
+            + _table(["step", "pipeline.step", "outcome", "error", "at (UTC)"], errors))
+
+
+def render_runs(data: dict) -> str:
+    rows = [[_link(f'/runs/{r["id"]}', str(r["id"])), _esc(r["pipeline"]), _badge(r["status"]), _ts(r["created_at"]),
+             _ts(r["finished_at"]), _secs(r["duration"]), _reasons(r["halt_reasons"])] for r in data["runs"]]
+    return ("<h2>Runs</h2>" + _filters("/runs", data, pipeline=data["pipelines"], status=["in_progress", "completed", "halted"])
+            + _table(["run", "pipeline", "status", "created (UTC)", "finished (UTC)", "took", "halt reasons"], rows, "no runs")
+            + _paging("/runs", data, pipeline=data["pipeline"], status=data["status"]))
+
+
+def _render_branch(branch: dict) -> str:
+    where = f', position {branch["position"]}' if branch["parent_id"] is not None else " (root)"
+    reason = f' <span class="warn">{_esc(branch["halt_reason"])}</span>' if branch["halt_reason"] else ""
+    items = []
+    for s in branch["steps"]:
+        sid = int(s["id"])
+        attempts = "".join(f'<li>{_badge(e["outcome"])} attempt {_esc(e["attempt"])}, process {_esc(e["process_id"])}, '
+                           f'{_ts(e["started_at"])} &rarr; {_ts(e["finished_at"])} ({_secs(e["duration"])})'
+                           f'{_error(e["error"], f"err-{sid}-{i}")}</li>' for i, e in enumerate(s["executions"]))
+        children = "".join(_render_branch(b) for b in s["branches"])
+        items.append(
+            f'<li class="step" id="step-{sid}"><b>{_esc(s["name"])}</b> {_badge(s["status"])} <span class="muted">step {sid}, '
+            f'attempts {_esc(s["attempts"])}, crashes {_esc(s["crashes"])}, queued {_ts(s["created_at"])}, '
+            f'started {_ts(s["started_at"])}, finished {_ts(s["finished_at"])}, took {_secs(s["duration"])}</span>'
+            + (f' <span class="warn">{_esc(s["halt_reason"])}</span>' if s["halt_reason"] else "")
+            + _value(s["input"], "input", f"in-{sid}") + _value(s["output"], "output", f"out-{sid}")
+            + _error(s["error"], f"error-{sid}") + (f'<ul class="muted">{attempts}</ul>' if attempts else "")
+            + (f'<ul class="tree">{children}</ul>' if children else "") + "</li>")
+    return f'<li class="branch">branch {int(branch["id"])}{where} {_badge(branch["status"])}{reason}' \
+           f'<ul class="tree">{"".join(items)}</ul></li>'
+
+
+def render_run(data: dict) -> str:
+    r = data["run"]
+    summary = [[_esc(r["pipeline"]), _badge(r["status"]), _ts(r["created_at"]), _ts(r["finished_at"]), _secs(r["duration"]),
+                _reasons(r["halt_reasons"])]]
+    context = [[_esc(k), f"<pre>{_esc(json.dumps(v, ensure_ascii=False, default=str))}</pre>"] for k, v in r["context"].items()]
+    note = f'<p class="warn">showing the first {data["steps"]} steps only</p>' if data["truncated"] else ""
+    tree = f'<ul class="tree">{_render_branch(data["tree"])}</ul>' if data["tree"] else '<p class="muted">no branches</p>'
+    return (f'<h2>Run {int(r["id"])}</h2>'
+            + _table(["pipeline", "status", "created (UTC)", "finished (UTC)", "took", "halt reasons"], summary)
+            + _value(r["input"], "input", "run-in") + _value(r["output"], "output", "run-out")
+            + "<h3>Context</h3>" + _table(["key", "value"], context, "empty") + f"<h3>Steps</h3>{note}{tree}")
+
+
+def render_errors(data: dict) -> str:
+    rows = [[_ts(e["finished_at"]), _link(f'/runs/{e["run"]}#step-{e["step"]}', f'run {e["run"]} step {e["step"]}'),
+             _esc(f'{e["pipeline"]}.{e["name"]}'), _badge(e["outcome"]), _esc(e["attempt"]), _error(e["error"], f'x-{e["id"]}')]
+            for e in data["errors"]]
+    return ("<h2>Step errors</h2>" + _filters("/errors", data, pipeline=data["pipelines"])
+            + _table(["at (UTC)", "step", "pipeline.step", "outcome", "attempt", "error"], rows, "none failed or crashed")
+            + _paging("/errors", data, pipeline=data["pipeline"]))
+
+
+def _page(title: str, api: str, etag: str, main: str, nonce: str, refresh: float) -> str:
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)} - ductwork</title>'
+            f'<meta name="viewport" content="width=device-width"><style>{_DASHBOARD_CSS}</style></head>'
+            f'<body data-api="{_esc(api)}" data-etag="{_esc(etag)}" data-refresh="{refresh:g}"><nav><b>ductwork</b>'
+            '<a href="/">overview</a><a href="/runs">runs</a><a href="/errors">errors</a><a href="/metrics">metrics</a></nav>'
+            f'<main>{main}</main><script nonce="{nonce}">{_DASHBOARD_JS}</script></body></html>')
+
+
+# -- http --------------------------------------------------------------------------------------
+
+def _int_param(query: dict, name: str, default: int, high: int) -> int:
+    try:
+        value = int(query.get(name) or default)
+    except ValueError:
+        raise _BadRequest(f"{name} must be an integer") from None
+    if not 1 <= value <= high:
+        raise _BadRequest(f"{name} must be between 1 and {high}")
+    return value
+
+
+def dashboard_route(engine: Engine, path: str, query: dict) -> tuple[str, dict, Any] | None:
+    """(title, data, renderer) for a page path (``/...``, without ``/api``); None when unknown."""
+    paging = {"page": _int_param(query, "page", 1, 10**6), "per_page": _int_param(query, "per_page", DASHBOARD_PER_PAGE, 500)}
+    if path in ("/", "/overview"):
+        return "overview", dashboard_overview(engine), render_overview
+    if path == "/runs":
+        return "runs", dashboard_runs(engine.store, query.get("pipeline"), query.get("status"), **paging), render_runs
+    if path == "/errors":
+        return "errors", dashboard_errors(engine.store, query.get("pipeline"), **paging), render_errors
+    match = re.fullmatch(r"/runs/(\d{1,18})", path)
+    data = dashboard_run(engine.store, int(match.group(1))) if match else None
+    return (f"run {match.group(1)}", data, render_run) if data else None  # type: ignore[union-attr]
+
+
+def _parse_auth(auth: str) -> tuple[str, str]:
+    user, sep, password = auth.partition(":")
+    if not sep or not user or not password:
+        raise ConfigError("dashboard auth must be user:password (--auth or DUCTWORK_DASHBOARD_AUTH)")
+    _remember_secret(password)
+    return user, password
+
+
+def _is_loopback(host: str) -> bool:
+    """A loopback address literal or ``localhost`` (never resolved: other names count as public)."""
+    import ipaddress
+    host = host.strip("[]").lower()
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(host).is_loopback
+    return host == "localhost"
+
+
+def make_dashboard_server(config: Config, host: str, port: int, auth: str | None = None, insecure: bool = False,
+                          refresh: float = 5.0) -> Any:
+    """A ThreadingHTTPServer for the dashboard (not started: call serve_forever()). Without auth it
+    only binds loopback addresses (unless ``insecure``) and then only answers loopback Host headers
+    (no DNS rebinding)."""
+    import http.server
+    credentials = _parse_auth(auth) if auth else None
+    loopback = _is_loopback(host)
+    if credentials is None and not loopback and not insecure:
+        raise ConfigError(f"refusing to serve the dashboard on {host} without auth: pass --auth user:password "
+                          "(or set DUCTWORK_DASHBOARD_AUTH), or --insecure")
+    engine = Engine(Store(config.data["database_url"]), config)
+    ensure_schema(engine.store)
+    engine.store.close()
+    expected = b"Basic " + base64.b64encode(":".join(credentials).encode()) if credentials else b""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        server_version = f"ductwork/{__version__}"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            log.debug("dashboard %s " + format, self.address_string(), *args)
+
+        def do_GET(self) -> None:  # noqa: N802
+            nonce, self.etag = secrets.token_urlsafe(16), ""
+            try:
+                code, ctype, body = self._answer(nonce)
+            except _BadRequest as exc:
+                code, ctype, body = 400, "text/plain", str(exc)
+            except DatabaseUnavailable as exc:
+                code, ctype, body = 503, "text/plain", f"database unavailable: {mask(str(exc))}"
+            except Exception as exc:
+                log.exception("dashboard request %s failed", self.path)
+                code, ctype, body = 500, "text/plain", f"internal error: {type(exc).__name__}"
+            finally:
+                engine.store.close()  # this request thread ends here: drop its connection
+            if code >= 400 and self.path.startswith("/api/") and ctype == "text/plain":
+                ctype, body = "application/json", json.dumps({"error": body})
+            if code == 200 and self.etag and self.headers.get("If-None-Match") == self.etag:
+                code, body = 304, ""
+            data = body.encode()
+            self.send_response(code)
+            csp = (f"default-src 'none'; style-src 'unsafe-inline'; script-src 'nonce-{nonce}'; connect-src 'self'; "
+                   "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+            for name, value in (("Content-Type", f"{ctype}; charset=utf-8"), ("Content-Length", str(len(data))),
+                                ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"), ("ETag", self.etag),
+                                ("Content-Security-Policy", csp),
+                                ("WWW-Authenticate", 'Basic realm="ductwork", charset="UTF-8"' if code == 401 else "")):
+                if value:
+                    self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _answer(self, nonce: str) -> tuple[int, str, str]:
+            if credentials and not hmac.compare_digest(self.headers.get("Authorization", "").encode(), expected):
+                return 401, "text/plain", "authentication required"
+            try:
+                host_header = urllib.parse.urlsplit("//" + self.headers.get("Host", "")).hostname or ""
+            except ValueError:
+                host_header = ""
+            if not credentials and loopback and not _is_loopback(host_header):  # no DNS rebinding
+                return 403, "text/plain", "unexpected Host header (the dashboard without auth answers loopback names only)"
+            url = urllib.parse.urlsplit(self.path)
+            query = dict(urllib.parse.parse_qsl(url.query))
+            if url.path == "/metrics":
+                return 200, "text/plain; version=0.0.4", dashboard_metrics(engine)
+            api = url.path.startswith("/api/")
+            found = dashboard_route(engine, url.path[4:] if api else url.path, query)
+            if found is None:
+                return 404, "text/plain", "not found"
+            title, data, render = found
+            text = json.dumps(data, default=str)
+            self.etag = f'"{hashlib.sha1(text.encode()).hexdigest()[:24]}"'  # the same for a page and its twin
+            if api:
+                return 200, "application/json", text
+            if self.headers.get("X-Ductwork-Fragment") == "1":
+                return 200, "text/html", render(data)
+            api_url = "/api" + (url.path if url.path != "/" else "/overview") + (f"?{url.query}" if url.query else "")
+            return 200, "text/html", _page(title, api_url, self.etag, render(data), nonce, refresh)
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+    try:
+        Server.address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0] if host else socket.AF_INET
+        return Server((host, port), Handler)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def cmd_dashboard(args: argparse.Namespace, config: Config) -> int:
+    """Serve the dashboard until SIGTERM/SIGINT; exit 0."""
+    if not 0 <= args.port <= 65535 or not args.refresh > 0:
+        raise ConfigError("--port must be between 0 and 65535 and --refresh above 0")
+    auth = args.auth or os.environ.get("DUCTWORK_DASHBOARD_AUTH") or None
+    server = make_dashboard_server(config, args.host, args.port, auth=auth, insecure=args.insecure, refresh=args.refresh)
+    received: list[int] = []  # the handlers only record the signal
+    previous = {sig: signal.signal(sig, lambda signum, _: received.append(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="ductwork.dashboard", daemon=True).start()
+    host, port = server.server_address[:2]
+    log.info("dashboard on http://%s:%s/ (JSON under /api/, Prometheus at /metrics)%s", f"[{host}]" if ":" in host else host,
+             port, "" if auth else ", no auth")
+    try:
+        while not received:
+            time.sleep(0.2)
+    finally:
+        server.shutdown()
+        server.server_close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("dashboard stopped")
+    return EXIT_OK
+
+
+def add_dashboard_parser(sub: Any, add_common: Any) -> None:
+    p = sub.add_parser("dashboard", help="read-only web dashboard, JSON API and Prometheus /metrics")
+    add_common(p, top=False)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --auth or --insecure)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port)")
+    p.add_argument("--auth", help="user:password for HTTP basic auth (default: env DUCTWORK_DASHBOARD_AUTH)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without auth")
+    p.add_argument("--refresh", type=float, default=5.0, help="seconds between a page's refresh polls (default 5)")
+
+
+# =====================================================================================
 # cli: python ductwork.py [COMMAND] [OPTIONS]
 # =====================================================================================
 
-COMMANDS = ("run", "healthcheck", "health", "migrate", "trigger", "status", "validate")
+COMMANDS = ("run", "healthcheck", "health", "migrate", "trigger", "status", "validate", "dashboard")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -2724,6 +3583,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, top=False)
     p.add_argument("name")
     p.add_argument("args", nargs="*", help="one JSON value per argument of the start step")
+    add_dashboard_parser(sub, _add_common)
     return parser
 
 
@@ -2944,6 +3804,7 @@ def cmd_healthcheck(args: argparse.Namespace, config: Config | None) -> int:
 
 HANDLERS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "healthcheck": cmd_healthcheck,
+    "dashboard": cmd_dashboard,
     "run": cmd_run, "migrate": cmd_migrate, "trigger": cmd_trigger, "validate": cmd_validate, "status": cmd_status,
 }
 

@@ -438,6 +438,7 @@ def test_zombie_commit_is_rejected(engine):
 
 
 def test_advancement_with_a_lost_branch_claim_is_rejected(engine):
+    engine.inline = False  # leave the advancement to an advancer claim, which is what this test fences
     run = EngChain.trigger(1, 2)
     [c] = engine.claim_steps("EngChain", 555_001)
     assert engine.commit_success(c, "3")

@@ -1,0 +1,424 @@
+"""The dashboard on real SQLite and PostgreSQL with a real in-process runtime: JSON twins,
+/metrics, html escaping, auth, the bind refusal, the command, and a real headless Chromium."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import ROOT
+
+import ductwork
+
+dash = ductwork  # the dashboard is a section of ductwork.py
+DASHBOARD_CMD = [sys.executable, str(ROOT / "ductwork.py"), "dashboard"]
+
+
+def dash_list(n):
+    ductwork.current_step().context.set("source", "<i>crm</i>")
+    return list(range(n))
+
+
+def dash_html(x):
+    return f"<script>alert({x})</script>"
+
+
+def dash_ident(x):
+    return x
+
+
+def dash_add(x):
+    return x + 1
+
+
+def dash_double(x):
+    return x * 2
+
+
+def dash_boom(x):
+    raise ValueError(f"<b>bad</b> input {x}")
+
+
+class DashFan(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(dash_list).expand(to=dash_html).collapse(into=dash_ident)
+
+
+class DashSplit(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(dash_ident).divide(to=[dash_add, dash_double]).combine(into=dash_ident)
+
+
+class DashFail(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(dash_boom)
+
+
+class DashIdle(ductwork.Pipeline):  # no runtime serves it: its steps stay queued
+    @staticmethod
+    def define(p):
+        p.start(dash_ident)
+
+
+SERVED = ["DashFan", "DashSplit", "DashFail"]
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def get(url: str, auth: str | None = None, headers: dict | None = None) -> tuple[int, dict, str]:
+    request = urllib.request.Request(url, headers=headers or {})
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with _NO_PROXY.open(request, timeout=15) as response:
+            return response.status, dict(response.headers), response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read().decode()
+
+
+def get_json(url: str) -> dict:
+    code, headers, body = get(url)
+    assert code == 200, body
+    assert headers["Content-Type"].startswith("application/json")
+    return json.loads(body)
+
+
+@pytest.fixture
+def runs(start_runtime):
+    """A runtime serving three pipelines and one finished run of each."""
+    start_runtime(SERVED)
+    made = {"fan": DashFan.trigger(3), "split": DashSplit.trigger(5), "fail": DashFail.trigger(1)}
+    for run in made.values():
+        assert run.wait(30) != "in_progress", f"{run} did not finish"
+    return made
+
+
+@pytest.fixture
+def serve(engine):
+    """Start make_dashboard_server() on a free loopback port in a thread; returns its base URL."""
+    servers = []
+
+    def start(**kwargs) -> str:
+        server = dash.make_dashboard_server(engine.config, "127.0.0.1", 0, **kwargs)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
+    """Samples of the Prometheus text format; every sample's family has # HELP and # TYPE before it."""
+    declared: dict[str, set] = {}
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("# "):
+            kind, name = line.split()[1:3]
+            declared.setdefault(name, set()).add(kind)
+            continue
+        match = re.fullmatch(r'([a-z_]+)\{(.*)\} (\S+)', line)
+        assert match, f"bad sample line {line!r}"
+        name, labels, value = match.groups()
+        assert declared.get(name) == {"HELP", "TYPE"}, f"{name} lacks HELP/TYPE"
+        pairs = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels))
+        samples[name, pairs] = float(value)
+    return samples
+
+
+def m(samples: dict, name: str, **labels: str) -> float:
+    return samples[name, frozenset(labels.items())]
+
+
+# -- JSON twins --------------------------------------------------------------------------------
+def test_json_twins_overview_runs_tree_errors(runs, serve):
+    fan, split, fail = runs["fan"], runs["split"], runs["fail"]
+    base = serve()
+
+    overview = get_json(base + "/api/overview")
+    assert overview["runs"] == {"DashFan": {"completed": 1}, "DashSplit": {"completed": 1}, "DashFail": {"halted": 1}}
+    assert [p["role"] for p in overview["processes"]] == ["supervisor"]  # the combined runtime's row
+    assert overview["processes"][0]["heartbeat_age"] < 5 and overview["processes"][0]["restarts"] == 0
+    assert sum(overview["throughput"]["runs_completed"]) == 2
+    assert sum(overview["throughput"]["steps_finished"]) == 5 + 4 + 1  # fan 5, split 4, the failed step 1
+    assert overview["throughput"]["runs_completed"][0] == 2  # all in the last minute
+    assert [(h["run"], h["reasons"]) for h in overview["recent_halts"]] == [(fail.id, ["job_retries_exhausted"])]
+
+    listed = get_json(base + "/api/runs")
+    assert [r["id"] for r in listed["runs"]] == [fail.id, split.id, fan.id] and not listed["has_next"]
+    assert listed["pipelines"] == ["DashFail", "DashFan", "DashSplit"]
+    assert [r["id"] for r in get_json(base + "/api/runs?pipeline=DashFan")["runs"]] == [fan.id]
+    halted = get_json(base + "/api/runs?status=halted")["runs"]
+    assert [(r["id"], r["halt_reasons"]) for r in halted] == [(fail.id, ["job_retries_exhausted"])]
+    assert get_json(base + "/api/runs?status=halted&pipeline=DashFan")["runs"] == []
+    page1, page2 = get_json(base + "/api/runs?per_page=2"), get_json(base + "/api/runs?per_page=2&page=2")
+    assert [r["id"] for r in page1["runs"]] == [fail.id, split.id] and page1["has_next"]
+    assert [r["id"] for r in page2["runs"]] == [fan.id] and not page2["has_next"]
+
+    detail = get_json(base + f"/api/runs/{fan.id}")
+    assert detail["run"]["status"] == "completed" and detail["run"]["context"] == {"source": "<i>crm</i>"}
+    tree = detail["tree"]
+    assert tree["parent_id"] is None and [s["name"] for s in tree["steps"]] == ["dash_list", "dash_ident"]
+    start, join = tree["steps"]
+    assert (start["input"], start["output"]) == ([3], [0, 1, 2])
+    expected = [f"<script>alert({i})</script>" for i in range(3)]
+    children = start["branches"]
+    assert [b["position"] for b in children] == [0, 1, 2]
+    assert [(b["steps"][0]["name"], b["steps"][0]["input"], b["steps"][0]["output"]) for b in children] == \
+        [("dash_html", i, expected[i]) for i in range(3)]
+    assert (join["input"], join["output"]) == (expected, expected) and detail["steps"] == 5
+    for step in [start, join, *(b["steps"][0] for b in children)]:
+        assert (step["status"], step["attempts"], step["crashes"]) == ("succeeded", 1, 0)
+        assert [e["outcome"] for e in step["executions"]] == ["succeeded"]
+        assert step["created_at"] <= step["started_at"] <= step["finished_at"] and step["duration"] >= 0
+
+    split_tree = get_json(base + f"/api/runs/{split.id}")["tree"]
+    divided = split_tree["steps"][0]["branches"]
+    assert [(b["steps"][0]["name"], b["steps"][0]["output"]) for b in divided] == [("dash_add", 6), ("dash_double", 10)]
+    assert split_tree["steps"][1]["input"] == [6, 10]
+
+    failed = get_json(base + f"/api/runs/{fail.id}")["tree"]["steps"][0]
+    assert (failed["status"], failed["attempts"], failed["halt_reason"]) == ("failed", 4, "job_retries_exhausted")
+    assert failed["error"].startswith("ValueError: <b>bad</b> input 1") and "Traceback" in failed["error"]
+    assert [(e["attempt"], e["outcome"]) for e in failed["executions"]] == [(i, "failed") for i in (1, 2, 3, 4)]
+    assert all("Traceback" in e["error"] for e in failed["executions"])
+
+    errors = get_json(base + "/api/errors")
+    assert [(e["run"], e["name"], e["outcome"], e["attempt"]) for e in errors["errors"]] == \
+        [(fail.id, "dash_boom", "failed", i) for i in (4, 3, 2, 1)]
+    assert get_json(base + "/api/errors?pipeline=DashFan")["errors"] == []
+    assert [e["attempt"] for e in get_json(base + "/api/errors?per_page=3&page=2")["errors"]] == [1]
+
+    for path, code in (("/api/runs/999999", 404), ("/api/runs?page=x", 400), ("/api/runs?per_page=0", 400), ("/api/nope", 404)):
+        status, headers, body = get(base + path)
+        assert status == code and headers["Content-Type"].startswith("application/json") and "error" in json.loads(body)
+
+
+# -- /metrics ------------------------------------------------------------------------------------
+def test_metrics_values(runs, serve, engine):
+    idle = [DashIdle.trigger(i) for i in range(2)]
+    claimed = engine.claim_steps("DashIdle", process_id=424242)  # a process that takes a step and dies:
+    assert len(claimed) == 1 and engine.hand_back(424242) == 1   # the supervisor hands its work back
+    time.sleep(0.3)
+    code, headers, text = get(serve() + "/metrics")
+    assert code == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    s = parse_metrics(text)
+    assert m(s, "ductwork_runs_total", pipeline="DashFan", status="triggered") == 1
+    assert m(s, "ductwork_runs_total", pipeline="DashFan", status="completed") == 1
+    assert m(s, "ductwork_runs_total", pipeline="DashFail", status="halted") == 1
+    assert m(s, "ductwork_runs_total", pipeline="DashFail", status="completed") == 0
+    assert m(s, "ductwork_runs_total", pipeline="DashIdle", status="triggered") == len(idle)
+    assert m(s, "ductwork_runs_in_progress", pipeline="DashIdle") == 2
+    assert m(s, "ductwork_steps_executed_total", pipeline="DashFan", outcome="succeeded") == 5
+    assert m(s, "ductwork_steps_executed_total", pipeline="DashFail", outcome="failed") == 4
+    assert m(s, "ductwork_steps_executed_total", pipeline="DashIdle", outcome="crashed") == 1
+    assert m(s, "ductwork_queue_depth", pipeline="DashIdle") == 2
+    assert m(s, "ductwork_queue_depth", pipeline="DashFan") == 0
+    assert 0.25 <= m(s, "ductwork_queue_oldest_age_seconds", pipeline="DashIdle") < 60
+    assert m(s, "ductwork_queue_oldest_age_seconds", pipeline="DashSplit") == 0
+    assert m(s, "ductwork_processes", role="supervisor") == 1
+    assert m(s, "ductwork_processes", role="worker") == 0
+    assert m(s, "ductwork_process_restarts", role="supervisor") == 0
+    assert "# TYPE ductwork_runs_total counter" in text and "# TYPE ductwork_queue_depth gauge" in text
+
+
+# -- escaping, fragments, headers -------------------------------------------------------------------
+def test_html_escapes_everything_stored(runs, serve):
+    base = serve()
+    fan = runs["fan"]
+    code, headers, page = get(base + f"/runs/{fan.id}")
+    assert code == 200 and headers["Content-Type"].startswith("text/html")
+    assert "<script>alert(" not in page and "&lt;script&gt;alert(0)&lt;/script&gt;" in page
+    assert "<i>crm" not in page and "&lt;i&gt;crm&lt;/i&gt;" in page
+    nonce = re.search(r"script-src 'nonce-([^']+)'", headers["Content-Security-Policy"]).group(1)
+    assert page.count("<script") == 1 and f'<script nonce="{nonce}">' in page
+    assert f'data-api="/api/runs/{fan.id}"' in page
+    etag = get(base + f"/api/runs/{fan.id}")[1]["ETag"]  # the page and its twin: same data, same ETag
+    assert headers["ETag"] == etag and f'data-etag="{etag.replace(chr(34), "&quot;")}"' in page
+    assert get(base + f"/api/runs/{fan.id}", headers={"If-None-Match": etag})[0] == 304
+    for path in ("/errors", "/", f"/runs/{runs['fail'].id}"):
+        code, _, page = get(base + path)
+        assert code == 200 and "<b>bad" not in page and "&lt;b&gt;bad&lt;/b&gt;" in page, path
+        assert page.count("<script") == 1
+    code, _, fragment = get(base + f"/runs/{fan.id}", headers={"X-Ductwork-Fragment": "1"})
+    assert code == 200 and fragment.startswith("<h2>Run") and "<html" not in fragment and "dash_html" in fragment
+    code, _, listed = get(base + "/runs?pipeline=%3Cx%3E&status=halted")
+    assert code == 200 and "<x>" not in listed and "no runs" in listed
+    assert get(base + "/", headers={"Host": "evil.example:80"})[0] == 403  # DNS rebinding onto a loopback dashboard
+
+
+# -- auth and binding -------------------------------------------------------------------------------
+def test_basic_auth(engine, serve):
+    base = serve(auth="admin:s3cret")
+    for path in ("/", "/api/overview", "/runs", "/metrics"):
+        code, headers, _ = get(base + path)
+        assert code == 401 and headers["WWW-Authenticate"].startswith("Basic realm=")
+        assert get(base + path, auth="admin:wrong")[0] == 401
+        assert get(base + path, auth="admin:s3cret")[0] == 200
+    assert get(base + "/api/overview", auth="admin:s3cret", headers={"Host": "dashboard.example"})[0] == 200
+    with pytest.raises(ductwork.ConfigError, match="user:password"):
+        dash.make_dashboard_server(engine.config, "127.0.0.1", 0, auth="no-password-here")
+
+
+def test_refuses_public_bind_without_auth(engine, monkeypatch):
+    with pytest.raises(ductwork.ConfigError, match="refusing to serve the dashboard on 0.0.0.0 without auth"):
+        dash.make_dashboard_server(engine.config, "0.0.0.0", 0)
+    for allowed in ({"auth": "a:b"}, {"insecure": True}):
+        dash.make_dashboard_server(engine.config, "0.0.0.0", 0, **allowed).server_close()
+    dash.make_dashboard_server(engine.config, "localhost", 0).server_close()
+    parser = ductwork._Parser(prog="ductwork")
+    dash.add_dashboard_parser(parser.add_subparsers(dest="command", parser_class=ductwork._Parser), ductwork._add_common)
+    args = parser.parse_args(["dashboard", "--host", "0.0.0.0", "--port", "0"])
+    assert (args.host, args.port, args.auth, args.insecure) == ("0.0.0.0", 0, None, False)
+    monkeypatch.delenv("DUCTWORK_DASHBOARD_AUTH", raising=False)
+    with pytest.raises(ductwork.ConfigError, match="refusing"):
+        dash.cmd_dashboard(args, engine.config)
+    with pytest.raises(ductwork.ConfigError):
+        parser.parse_args(["dashboard", "--port", "eighty"])
+    with pytest.raises(ductwork.ConfigError, match="--port"):
+        dash.cmd_dashboard(parser.parse_args(["dashboard", "--port", "70000"]), engine.config)
+
+
+def test_command_serves_until_sigterm(engine, db_url):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("DUCTWORK_DASHBOARD_AUTH", None)
+    refused = subprocess.run([*DASHBOARD_CMD, "--host", "0.0.0.0", "--port", "0", "--database-url", db_url],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=30)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith("ductwork: error: refusing to serve the dashboard on 0.0.0.0 without auth")
+    env["DUCTWORK_DASHBOARD_AUTH"] = "ops:pa55"
+    proc = subprocess.Popen([*DASHBOARD_CMD, "--host", "0.0.0.0", "--port", "0", "--database-url", db_url],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "dashboard on http://" in line:
+                break
+        found = re.search(r"dashboard on http://0\.0\.0\.0:(\d+)/", "".join(lines))
+        assert found, "".join(lines)
+        port = int(found.group(1))
+        assert get(f"http://127.0.0.1:{port}/metrics")[0] == 401
+        code, _, text = get(f"http://127.0.0.1:{port}/metrics", auth="ops:pa55")
+        assert code == 200 and "ductwork_queue_depth" in text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert "pa55" not in "".join(lines) + proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# -- a real browser -------------------------------------------------------------------------------
+ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
+
+
+class WebDriver:
+    """The W3C WebDriver protocol over HTTP to chromedriver, with urllib only."""
+
+    def __init__(self, chromium: str, driver: str, tmp_path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.log = open(tmp_path / "chromedriver.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen([driver, f"--port={port}"], stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if self.call("GET", "/status")["ready"]:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "chromedriver did not start"
+            time.sleep(0.1)
+        args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1280,2000",
+                f"--user-data-dir={tmp_path / 'chromium-profile'}"]
+        caps = {"capabilities": {"alwaysMatch": {"goog:chromeOptions": {"binary": chromium, "args": args}}}}
+        self.session = "/session/" + self.call("POST", "/session", caps)["sessionId"]
+
+    def call(self, method: str, path: str, body: dict | None = None):
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with _NO_PROXY.open(request, timeout=60) as response:
+                return json.loads(response.read())["value"]
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"webdriver {method} {path}: {json.loads(exc.read())['value'].get('message', '')[:300]}") from None
+
+    def do(self, method: str, path: str, body: dict | None = None):
+        return self.call(method, self.session + path, body)
+
+    def find_all(self, css: str) -> list[str]:
+        return [e[ELEMENT] for e in self.do("POST", "/elements", {"using": "css selector", "value": css})]
+
+    def wait_for(self, css: str, timeout: float = 15) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while not (found := self.find_all(css)):
+            assert time.monotonic() < deadline, f"no element matches {css!r} on {self.do('GET', '/url')}"
+            time.sleep(0.1)
+        return found
+
+    def text(self, element: str) -> str:
+        return self.do("GET", f"/element/{element}/text")
+
+    def close(self) -> None:
+        try:
+            self.call("DELETE", self.session)
+        finally:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.log.close()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_browser_follows_a_run_and_sees_live_updates(runs, serve, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("chromium and chromedriver are not installed (.ci/install-chromium.sh installs them)")
+    base = serve(refresh=0.3)
+    browser = WebDriver(chromium, driver, tmp_path)
+    try:
+        browser.do("POST", "/url", {"url": base + "/"})
+        assert "Processes" in browser.text(browser.wait_for("main")[0])
+        runs_link, fan_link = 'nav a[href="/runs"]', f'a[href="/runs/{runs["fan"].id}"]'
+        browser.do("POST", f"/element/{browser.wait_for(runs_link)[0]}/click", {})
+        browser.wait_for(fan_link)
+        # the page refreshes itself (no reload): a run triggered now appears while our marker survives
+        browser.do("POST", "/execute/sync", {"script": "window.dashboardMarker = 42;", "args": []})
+        newer = DashSplit.trigger(1)
+        assert newer.wait(30) == "completed"
+        browser.wait_for(f'a[href="/runs/{newer.id}"]')
+        assert browser.do("POST", "/execute/sync", {"script": "return window.dashboardMarker;", "args": []}) == 42
+        browser.do("POST", f"/element/{browser.find_all(fan_link)[0]}/click", {})
+        steps = browser.wait_for("li.step")
+        assert browser.do("GET", "/url") == f"{base}/runs/{runs['fan'].id}"
+        names = [browser.text(browser.do("POST", f"/element/{s}/element", {"using": "css selector", "value": "b"})[ELEMENT])
+                 for s in steps]
+        assert names == ["dash_list", "dash_html", "dash_html", "dash_html", "dash_ident"]
+        summaries = [browser.text(e) for e in browser.find_all("li.branch li.branch li.step details summary")]
+        assert 'output "<script>alert(0)</script>"' in summaries  # shown as text, never run
+        assert browser.do("POST", "/execute/sync", {"script": "return document.title;", "args": []}).startswith("run ")
+        shot = tmp_path / "dashboard-run.png"
+        shot.write_bytes(base64.b64decode(browser.do("GET", "/screenshot")))
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
+    finally:
+        browser.close()
