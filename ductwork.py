@@ -684,6 +684,9 @@ class Store:
             conn.begin(write)
             t = Tx(self, conn)
             yield t
+            if self.dialect == "postgres":  # NOTIFY is delivered at commit; sent last so hints can be dropped
+                for channel, payload in t.pending:
+                    t.run("SELECT pg_notify(?, ?)", (channel, payload))
             conn.commit()
         except BaseException as exc:
             with contextlib.suppress(Exception):
@@ -699,11 +702,8 @@ class Store:
 
     def notify_in(self, t: Tx, channel: str, payload: str) -> None:
         """Wake-up hint delivered on commit: NOTIFY on Postgres, in-process hook always (once per tx)."""
-        if (channel, payload) in t.pending:
-            return
-        if self.dialect == "postgres":
-            t.run("SELECT pg_notify(?, ?)", (channel, payload))
-        t.pending.append((channel, payload))
+        if (channel, payload) not in t.pending:
+            t.pending.append((channel, payload))
 
     def sql(self, text: str) -> str:
         out = self._sql.get(text)
@@ -752,7 +752,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             claimed_by BIGINT, claim_token TEXT, claimed_at {float},
             advance_failures INTEGER NOT NULL DEFAULT 0, available_at {float} NOT NULL,
             created_at {float} NOT NULL, updated_at {float} NOT NULL)""",
-        "CREATE INDEX ductwork_branches_advance ON ductwork_branches (pipeline, available_at) WHERE status = 'advance'",
+        "CREATE INDEX ductwork_branches_advance ON ductwork_branches (pipeline, available_at, id) WHERE status = 'advance'",
         "CREATE INDEX ductwork_branches_claimed ON ductwork_branches (claimed_by) WHERE status = 'advancing'",
         "CREATE INDEX ductwork_branches_origin ON ductwork_branches (origin_step_id, position)",
         "CREATE INDEX ductwork_branches_run ON ductwork_branches (run_id)",
@@ -762,7 +762,9 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             output TEXT, attempts INTEGER NOT NULL DEFAULT 0, crashes INTEGER NOT NULL DEFAULT 0,
             error TEXT, halt_reason TEXT, claimed_by BIGINT, claim_token TEXT, claimed_at {float},
             available_at {float} NOT NULL, created_at {float} NOT NULL, finished_at {float})""",
-        "CREATE INDEX ductwork_steps_queue ON ductwork_steps (pipeline, available_at) WHERE status = 'queued'",
+        # (pipeline, available_at, id): the claim's ORDER BY is read off the index, so its cost
+        # stays flat however long the backlog is
+        "CREATE INDEX ductwork_steps_queue ON ductwork_steps (pipeline, available_at, id) WHERE status = 'queued'",
         "CREATE INDEX ductwork_steps_claimed ON ductwork_steps (claimed_by) WHERE status = 'running'",
         "CREATE INDEX ductwork_steps_branch ON ductwork_steps (branch_id, id)",
         "CREATE INDEX ductwork_steps_run ON ductwork_steps (run_id)",
@@ -1470,6 +1472,9 @@ class Engine:
                 pipeline, process_id = results[0].claim.pipeline, results[0].claim.process_id
                 rows = t.all(SQL.claim_steps, (process_id, token, pipeline, claim_limit))
                 out.claims = [JobClaim(*row, pipeline=pipeline, process_id=process_id, token=token) for row in sorted(rows)]
+                if len(rows) < claim_limit and (CH_JOBS, pipeline) in t.pending:
+                    # this claim took every claimable step of the pipeline: waking others is pointless
+                    t.pending.remove((CH_JOBS, pipeline))
             if results:
                 self._flush_arrivals(t, results[0].claim.process_id, token)
             out.halted = t.halted
@@ -2104,27 +2109,50 @@ class Outage:
 
 
 class Wakeups:
-    """Per-(channel, pipeline) events that commits, NOTIFY and shutdown set."""
+    """Wake-up hints inside one process: one idle thread per hint (no thundering herd).
+
+    A thread that finds a full batch wakes one more sibling, so a burst spreads over the idle
+    threads one by one. A hint that finds nobody idle is kept, so a thread about to wait
+    does not miss it. ``all()`` wakes everybody (shutdown)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.events: dict[tuple[str, str], list[threading.Event]] = {}
+        self.everyone: list[threading.Event] = []
+        self.idle: dict[tuple[str, str], list[threading.Event]] = {}
+        self.pending: set[tuple[str, str]] = set()
 
     def event(self, channel: str, pipeline: str) -> threading.Event:
         ev = threading.Event()
         with self.lock:
-            self.events.setdefault((channel, pipeline), []).append(ev)
+            self.everyone.append(ev)
         return ev
 
+    def wait(self, channel: str, pipeline: str, ev: threading.Event, timeout: float) -> None:
+        key = (channel, pipeline)
+        with self.lock:
+            if key in self.pending:
+                self.pending.discard(key)
+                return
+            self.idle.setdefault(key, []).append(ev)
+        ev.wait(timeout)
+        with self.lock:
+            with contextlib.suppress(ValueError):
+                self.idle.get(key, []).remove(ev)
+        ev.clear()
+
     def notify(self, channel: str, pipeline: str) -> None:
-        for ev in self.events.get((channel, pipeline), ()):
-            ev.set()
+        key = (channel, pipeline)
+        with self.lock:
+            waiting = self.idle.get(key)
+            if waiting:
+                waiting.pop(0).set()
+            else:
+                self.pending.add(key)
 
     def all(self) -> None:
         with self.lock:
-            for evs in self.events.values():
-                for ev in evs:
-                    ev.set()
+            for ev in self.everyone:
+                ev.set()
 
 
 class Runtime:
@@ -2230,7 +2258,6 @@ class Runtime:
         claims: list[JobClaim] = []
         while not self.stopping.is_set():
             if not claims:
-                wake.clear()
                 try:
                     claims = self._db_retry(lambda n=limit: self.engine.claim_steps(pipeline, self.process_id, n), self.stopping)
                 except DatabaseUnavailable:
@@ -2242,8 +2269,10 @@ class Runtime:
                 if not claims:
                     limit = 1
                     if not self.stopping.is_set():  # stopping is set before the wake-ups fire
-                        wake.wait(idle)
+                        self.wakeups.wait(CH_JOBS, pipeline, wake, idle)
                     continue
+                if len(claims) == limit:  # there may be more: let an idle sibling look too
+                    self.wakeups.notify(CH_JOBS, pipeline)
             started = time.monotonic()
             count = len(claims)
             claims = self.run_batch(claims, limit)
@@ -2343,6 +2372,8 @@ class Runtime:
                 log.warning("commit of step %s rejected: this process no longer holds its claim", c.name,
                             extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
         self._track(done.claims)
+        if claim_limit and len(done.claims) == claim_limit:
+            self.wakeups.notify(CH_JOBS, results[0].claim.pipeline)
         for run_id in done.halted:
             self.engine.notify_halt(run_id)
         if any(done.accepted):
@@ -2375,7 +2406,6 @@ class Runtime:
         wake = self.wakeups.event(CH_ADVANCE, pipeline)
         idle = float(self.config.get("pipeline_advancer.polling_timeout", pipeline))
         while not self.stopping.is_set():
-            wake.clear()
             try:
                 claims = self._db_retry(lambda: self.engine.claim_branches(pipeline, self.process_id, 1), self.stopping)
             except DatabaseUnavailable:
@@ -2384,10 +2414,12 @@ class Runtime:
                 log.exception("claiming branches of %s failed", pipeline)
                 self.stopping.wait(1)
                 continue
+            if claims:
+                self.wakeups.notify(CH_ADVANCE, pipeline)  # there may be more: let an idle sibling look too
             for claim in claims:
                 self.advance(claim)
             if not claims and not self.stopping.is_set():  # stopping is set before the wake-ups fire
-                wake.wait(idle)
+                self.wakeups.wait(CH_ADVANCE, pipeline, wake, idle)
 
     def advance(self, b: BranchClaim) -> None:
         halted: list[int] = []
