@@ -82,9 +82,10 @@ def bench_engine(kind: str, repeat: int, tmp: Path) -> list[list[str]]:
             run = bench_app.BenchNap.trigger(0.5)
             wait_for(lambda r=run: r.steps[0].status == "running", 10)
             claimed = time.perf_counter()
+            pause(0.1)  # the step has surely started (a claim not yet started would be released, not drained)
             os.kill(sup.pid, signal.SIGTERM)
             sup.wait(30)
-            # the step was claimed at most a poll before `claimed`; exit time beyond its 0.5 s is the overhead
+            # the step ends about 0.5 s after its claim; exit time beyond that is the drain overhead
             overheads.append((time.perf_counter() - claimed) * 1000 - 500)
             assert run.refresh().steps[0].status == "succeeded"
         out.append([kind, "drain overhead (exit - step end)", fmt(overheads, " ms"), "0.5 s step in flight at SIGTERM"])
