@@ -582,6 +582,7 @@ class Tx:
         self.arrivals: dict[int, int] = {}          # parent branch id -> children that finished here
         self.halted: list[int] = []                 # runs halted here (on_halt fires after commit)
         self.completed: list[Any] = []              # (run id, output) pairs, written in bulk
+        self.claimers: dict[int, bool] = {}         # process rows locked here (claims need a live claimer)
 
     def all(self, sql: str, params: Sequence = ()) -> list[tuple]:
         return self.conn.execute(self.store.sql(sql), params)[0]
@@ -712,8 +713,9 @@ class Store:
             if self.dialect == "postgres":
                 counter = iter(range(1 << 16))
                 out = re.sub(r"\?", lambda _: f":p{next(counter)}", out).replace("{skip_locked}", "FOR UPDATE SKIP LOCKED")
+                out = out.replace("{key_share}", "FOR KEY SHARE")
             else:
-                out = out.replace("{skip_locked}", "")
+                out = out.replace("{skip_locked}", "").replace("{key_share}", "")
             self._sql[text] = out
         return out
 
@@ -1207,6 +1209,9 @@ class SQL:
                        "ORDER BY id")
     reap_process = "DELETE FROM ductwork_processes WHERE id = ? AND last_heartbeat_at < {now} - ? RETURNING id, machine_identifier, pid, role"
     process_exists = "SELECT 1 FROM ductwork_processes WHERE id = ?"
+    # a claim holds its claimer's row (KEY SHARE: heartbeats still pass) so a concurrent reap or
+    # hand-back, which deletes the row first, waits for the claim and then sees it
+    lock_claimer = "SELECT 1 FROM ductwork_processes WHERE id = ? {key_share}"
     processes = ("SELECT id, pid, machine_identifier, role, pipelines, parent_id, state, restarts, info, started_at, "
                  "last_heartbeat_at, {now} - last_heartbeat_at, {now} - started_at FROM ductwork_processes "
                  "ORDER BY machine_identifier, parent_id, id")
@@ -1393,6 +1398,17 @@ class Engine:
         self.fault: Callable[..., None] = lambda point, step=None: None   # the runtime's fault hook (tests)
         self._definitions: dict[str, Definition] = {}
         self._stored_definitions: set[str] = set()
+        # fence_claims: every claim first locks the claimer's process row (KEY SHARE) and claims nothing when
+        # it is gone (reaped while paused, handed back after death); set by Runtime, off for bare Engine use
+        self.fence_claims = False
+
+    def _claimer_alive(self, t: Tx, process_id: int) -> bool:
+        """Lock the claimer's process row for this transaction (once); False when it is gone."""
+        if not self.fence_claims:
+            return True
+        if process_id not in t.claimers:
+            t.claimers[process_id] = t.one(SQL.lock_claimer, (process_id,)) is not None
+        return t.claimers[process_id]
 
     # -- definitions --------------------------------------------------------------------
     def definition(self, digest: str, t: Tx | None = None) -> Definition:
@@ -1434,6 +1450,8 @@ class Engine:
     def claim_steps(self, pipeline: str, process_id: int, limit: int = 1) -> list[JobClaim]:
         token = uuid.uuid4().hex
         with self.store.tx() as t:
+            if not self._claimer_alive(t, process_id):  # reaped while paused
+                return []
             rows = t.all(SQL.claim_steps, (process_id, token, pipeline, limit))
         return [JobClaim(*row, pipeline=pipeline, process_id=process_id, token=token) for row in sorted(rows)]
 
@@ -1489,7 +1507,7 @@ class Engine:
                 self._advance_finished(t, finished, token, inline)
             if executions:
                 t.run(BulkSQL.insert_executions(len(executions) // 7), executions)
-            if claim_limit and results:
+            if claim_limit and results and self._claimer_alive(t, results[0].claim.process_id):
                 pipeline, process_id = results[0].claim.pipeline, results[0].claim.process_id
                 rows = t.all(SQL.claim_steps, (process_id, token, pipeline, claim_limit))
                 out.claims = [JobClaim(*row, pipeline=pipeline, process_id=process_id, token=token) for row in sorted(rows)]
@@ -1519,7 +1537,7 @@ class Engine:
         """The branches of just-finished steps: advanced here (inline) or queued for an advancer."""
         by_branch = {r.claim.branch_id: (r, step) for _, r, step in finished}
         claimed: list[tuple[BranchClaim, tuple]] = []
-        if inline:
+        if inline and self._claimer_alive(t, finished[0][1].claim.process_id):
             process_id = finished[0][1].claim.process_id
             rows = t.all(BulkSQL.claim_branches(len(by_branch)), (process_id, token, *by_branch))
             claimed = [(BranchClaim(*row, process_id=process_id, token=token), by_branch.pop(row[0])[1]) for row in rows]
@@ -1583,6 +1601,8 @@ class Engine:
     def claim_branches(self, pipeline: str, process_id: int, limit: int = 1) -> list[BranchClaim]:
         token = uuid.uuid4().hex
         with self.store.tx() as t:
+            if not self._claimer_alive(t, process_id):
+                return []
             rows = t.all(SQL.claim_branches, (process_id, token, pipeline, limit))
         return [BranchClaim(*row, process_id=process_id, token=token) for row in sorted(rows)]
 
@@ -2188,6 +2208,7 @@ class Runtime:
         self.parent_pid = os.getppid() if report_fd is not None else None
         self.store = Store(config.data["database_url"])
         self.engine = Engine(self.store, config)
+        self.engine.fence_claims = True  # claims only under this process's live row (section 6)
         self.wakeups = Wakeups()
         self.store.notify_hook = self.wakeups.notify
         self.outage = Outage()
@@ -2596,6 +2617,8 @@ class Runtime:
         started = [c for c, running in entries if running]
         unstarted = [c for c, running in entries if not running]
         handed = 0
+        if entries:
+            self.store.discard()  # this thread's connection dates from register(): a server restart since then broke it
         try:
             for process_id in {c.process_id for c in started}:
                 handed += self.engine.hand_back(process_id, [c.step_id for c in started if c.process_id == process_id], why)
@@ -2608,6 +2631,7 @@ class Runtime:
     def _unregister(self) -> None:
         if not self.process_id:
             return
+        self.store.discard()
         try:
             with self.store.tx() as t:
                 t.run(SQL.delete_process, (self.process_id,))
@@ -2987,8 +3011,8 @@ class Supervisor:
             total = 0
             for row in ids:
                 with self.store.tx() as t:
+                    t.run(SQL.delete_process, (row,))  # process row first, like Engine.reap; waits for its claims in flight
                     total += self.engine._hand_back(t, row, None, f"{child.spec.key} process died")
-                    t.run(SQL.delete_process, (row,))
             return total
         return self._with_db(work, forever=False) or 0
 
@@ -3026,6 +3050,12 @@ class Supervisor:
                 if not forever:
                     return None
                 threading.Event().wait(pause)
+            except Exception as exc:  # e.g. a Postgres deadlock (40P01): never fatal to the supervisor loop
+                if forever:
+                    raise
+                log.error("database error in the supervisor loop (a peer's reaper covers it): %s",
+                          mask(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__)
+                return None
 
     def register(self) -> None:
         with self.store.tx() as t:
@@ -3049,9 +3079,10 @@ class Supervisor:
             state = "draining" if self.stopping_since is not None else "running"
             restarts = sum(s.restarts for s in self.specs)
             with self.store.tx() as t:
-                if t.run(SQL.heartbeat, (state, restarts, self.info_json(), self.row_id)) != 1:
-                    log.warning("supervisor row %s was reaped while paused; registering again", self.row_id)
-                    self.register()
+                alive = t.run(SQL.heartbeat, (state, restarts, self.info_json(), self.row_id))
+            if alive != 1:  # outside the heartbeat transaction: register() opens its own
+                log.warning("supervisor row %s was reaped while paused; registering again", self.row_id)
+                self.register()
         _touch_local_heartbeat(self.machine, "supervisor")  # proof of looping, even when the database is down
         self._with_db(beat, forever=False)
 

@@ -134,3 +134,20 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 60, cwd: str |
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     return subprocess.run([sys.executable, str(ROOT / "ductwork.py"), *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=str(cwd or ROOT))
+
+
+@pytest.fixture
+def app_db(db_url):
+    """App code (trigger, Run.get) pointed at the test database, schema created."""
+    ductwork.configure(database_url=db_url)
+    ductwork.migrate()
+    return db_url
+
+
+@pytest.fixture
+def procs():
+    """Real `python ductwork.py` subprocesses started by a test; killed at teardown if still running."""
+    started: list = []
+    yield started
+    for p in started:
+        p.close()

@@ -19,21 +19,6 @@ import sup_app  # noqa: E402
 EXPECTED = {n: sum(i * i for i in range(n)) + 1 + 10 * sum(i * i for i in range(n)) for n in range(6)}
 
 
-@pytest.fixture
-def app_db(db_url):
-    ductwork.configure(database_url=db_url)
-    ductwork.migrate()
-    return db_url
-
-
-@pytest.fixture
-def procs():
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.close()
-
-
 def query(sql, params=()):
     with ductwork._app_engine().store.tx(write=False) as t:
         return t.all(sql, params)

@@ -6,7 +6,6 @@ import os
 import signal
 import sys
 
-import pytest
 import yaml
 from conftest import run_cli
 from procs import BASE_CONFIG, Proc, wait_until
@@ -15,21 +14,6 @@ import ductwork
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "apps"))
 import sup_app  # noqa: E402,F401
-
-
-@pytest.fixture
-def app_db(db_url):
-    ductwork.configure(database_url=db_url)
-    ductwork.migrate()
-    return db_url
-
-
-@pytest.fixture
-def procs():
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.close()
 
 
 def write_config(tmp_path, db_url, name="probe.yml", **extra):

@@ -17,21 +17,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "apps"))
 import sup_app  # noqa: E402
 
 
-@pytest.fixture
-def app_db(db_url):
-    ductwork.configure(database_url=db_url)
-    ductwork.migrate()
-    return db_url
-
-
-@pytest.fixture
-def procs():
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.close()
-
-
 def start(procs, tmp_path, db_url, **kw) -> Proc:
     p = Proc(tmp_path, db_url, **kw)
     procs.append(p)
