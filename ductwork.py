@@ -106,6 +106,7 @@ MAX_FANOUT_EXCEEDED = "max_fanout_exceeded"
 ADVANCER_RETRIES_EXHAUSTED = "advancer_retries_exhausted"
 TRANSITION_INVALID = "transition_invalid"
 DEFINITION_CHANGED = "definition_changed"
+PIPELINE_NOT_CONFIGURED = "pipeline_not_configured"
 
 # =====================================================================================
 # logging: one line per event, text or JSON, with pid/role/pipeline; secrets masked
@@ -266,6 +267,9 @@ SCHEMA: dict[str, Any] = {
         "polling_timeout": _Override(_number(0.001), 1, per_step=False),
         "shutdown_timeout": (_number(0), 20),
         "steps": {"max_depth": _Override(_number(0, integer=True, allow=(-1,)), -1)},
+        # halt runs of a pipeline that neither this app nor any live process knows, once they
+        # are this old (seconds); -1 = never (rolling deploys and scaled-to-zero workers wait)
+        "unknown_pipeline_grace": (_number(0, allow=(-1,)), -1),
     },
     "supervisor": {
         "polling_timeout": (_number(0.001), 1),
@@ -1212,6 +1216,9 @@ class SQL:
     # a claim holds its claimer's row (KEY SHARE: heartbeats still pass) so a concurrent reap or
     # hand-back, which deletes the row first, waits for the claim and then sees it
     lock_claimer = "SELECT 1 FROM ductwork_processes WHERE id = ? {key_share}"
+    stale_pipelines = ("SELECT DISTINCT pipeline FROM ductwork_runs WHERE status = 'in_progress' "
+                       "AND created_at < {now} - ?")
+    live_pipelines = "SELECT pipelines FROM ductwork_processes WHERE last_heartbeat_at >= {now} - ?"
     processes = ("SELECT id, pid, machine_identifier, role, pipelines, parent_id, state, restarts, info, started_at, "
                  "last_heartbeat_at, {now} - last_heartbeat_at, {now} - started_at FROM ductwork_processes "
                  "ORDER BY machine_identifier, parent_id, id")
@@ -2495,12 +2502,37 @@ class Runtime:
                 self.heartbeat()
                 if time.monotonic() >= next_reap:
                     self.reap()
+                    if self.role in ("advancer", "combined"):
+                        self.halt_unknown_pipelines()
                     next_reap = time.monotonic() + min(interval * 2, float(self.config.get("supervisor.reaper_timeout")) / 2)
                 self.outage.ok()
             except (DatabaseUnavailable, sqlite3.OperationalError) as exc:
                 self.outage.failed(exc)
             except Exception:
                 log.exception("heartbeat failed")
+
+    def halt_unknown_pipelines(self) -> int:
+        """Runs of a pipeline that no live process serves and this app does not define, older
+        than ``pipeline_advancer.unknown_pipeline_grace``: their queued steps fail with
+        ``pipeline_not_configured`` and the runs halt (revive() re-runs them once it is served)."""
+        grace = float(self.config.get("pipeline_advancer.unknown_pipeline_grace"))
+        if grace < 0:
+            return 0
+        reaper = float(self.config.get("supervisor.reaper_timeout"))
+        with self.store.tx(write=False) as t:
+            candidates = {r[0] for r in t.all(SQL.stale_pipelines, (grace,))}
+            served = {p for (row,) in t.all(SQL.live_pipelines, (reaper,)) for p in row.split(",") if p}
+        halted = 0
+        for pipeline in sorted(candidates - served - set(_REGISTRY)):
+            claims = self.engine.claim_steps(pipeline, self.process_id, 100)
+            why = f"pipeline {pipeline} is not configured in any running process"
+            if claims:
+                done = self.engine.commit([StepResult(c, False, why, PIPELINE_NOT_CONFIGURED) for c in claims])
+                halted += len(done.halted)
+                for run_id in done.halted:
+                    self.engine.notify_halt(run_id)
+                log.warning("%s: halted %d run(s)", why, len(done.halted))
+        return halted
 
     def listen_loop(self) -> None:
         """Postgres LISTEN as a wake-up hint; polling stays the fallback."""

@@ -194,3 +194,31 @@ def test_corrupt_rows_halt_their_run_and_others_flow(procs, tmp_path, app_db):
     assert "Traceback" not in sup.log()
     sup.signal(signal.SIGTERM)
     assert sup.wait() == 0
+
+
+def test_runs_of_a_pipeline_nobody_serves_halt_when_asked(procs, tmp_path, app_db):
+    # a hand-made run of pipeline "Ghost" (no app defines it, no process serves it)
+    sup_app.SupMixed.trigger(2).wait(0)  # stores a definition to borrow
+    engine = ductwork._app_engine()
+    with engine.store.tx() as t:
+        digest = t.one("SELECT definition FROM ductwork_runs ORDER BY id LIMIT 1")[0]
+        run_id = t.one("INSERT INTO ductwork_runs (pipeline, definition, status, input, created_at, updated_at) "
+                       "VALUES ('Ghost', ?, 'in_progress', '[2]', {now} - 100, {now} - 100) RETURNING id", (digest,))[0]
+        branch = t.one("INSERT INTO ductwork_branches (run_id, pipeline, definition, node, status, available_at, "
+                       "created_at, updated_at) VALUES (?, 'Ghost', ?, 0, 'running', 0, 0, 0) RETURNING id",
+                       (run_id, digest))[0]
+        t.run("INSERT INTO ductwork_steps (run_id, branch_id, pipeline, node, name, status, input, available_at, created_at) "
+              "VALUES (?, ?, 'Ghost', 0, 'fan', 'queued', '[2]', 0, 0)", (run_id, branch))
+    sup = Proc(tmp_path, app_db, config={"pipeline_advancer": {"unknown_pipeline_grace": 30}})
+    procs.append(sup)
+    ghost = ductwork.Run.get(run_id)
+    others = [sup_app.SupMixed.trigger(n) for n in (2, 3)]
+    assert ghost.wait(20) == "halted"
+    assert ghost.halt_reasons == ["pipeline_not_configured"]
+    assert "not configured in any running process" in ghost.steps[0].error
+    for run in others:
+        assert run.wait(20) == "completed"
+    sup.signal(signal.SIGTERM)
+    assert sup.wait() == 0
+    # the default (-1) never halts such runs: rolling deploys and scaled-to-zero workers wait
+    assert ductwork.load_config(data={}).get("pipeline_advancer.unknown_pipeline_grace") == -1
