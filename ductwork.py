@@ -3623,15 +3623,15 @@ def cmd_dashboard(args: argparse.Namespace, config: Config) -> int:
         raise ConfigError("--port must be between 0 and 65535 and --refresh above 0")
     auth = args.auth or os.environ.get("DUCTWORK_DASHBOARD_AUTH") or None
     server = make_dashboard_server(config, args.host, args.port, auth=auth, insecure=args.insecure, refresh=args.refresh)
-    received: list[int] = []  # the handlers only record the signal
-    previous = {sig: signal.signal(sig, lambda signum, _: received.append(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop = threading.Event()  # the handlers only record the signal
+    previous = {sig: signal.signal(sig, lambda signum, _: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="ductwork.dashboard", daemon=True).start()
     host, port = server.server_address[:2]
     log.info("dashboard on http://%s:%s/ (JSON under /api/, Prometheus at /metrics)%s", f"[{host}]" if ":" in host else host,
              port, "" if auth else ", no auth")
     try:
-        while not received:
-            time.sleep(0.2)
+        while not stop.wait(1.0):
+            pass
     finally:
         server.shutdown()
         server.server_close()
