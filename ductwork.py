@@ -1164,8 +1164,11 @@ class SQL:
                     "RETURNING id, run_id, pipeline, definition, parent_id, node, expected, arrived, advance_failures")
     release_steps = ("UPDATE ductwork_steps SET status = 'queued', claimed_by = NULL, claim_token = NULL "
                      "WHERE claimed_by = ? AND status = 'running' AND id IN ({ids})")
-    orphaned_steps = ("SELECT id FROM ductwork_steps WHERE claimed_by = ? AND status = 'running' "
+    orphaned_steps = ("SELECT id, pipeline FROM ductwork_steps WHERE claimed_by = ? AND status = 'running' "
                       "AND claimed_at < {now} - ?")
+    release_orphaned_branches = ("UPDATE ductwork_branches SET status = 'advance', claimed_by = NULL, claim_token = NULL, "
+                                 "available_at = {now} WHERE claimed_by = ? AND status = 'advancing' "
+                                 "AND claimed_at < {now} - ? RETURNING pipeline")
     current_step = "SELECT id, status, output, halt_reason FROM ductwork_steps WHERE branch_id = ? ORDER BY id DESC LIMIT 1"
     children_of = "SELECT status, output FROM ductwork_branches WHERE origin_step_id = ? ORDER BY position"
     apply_branch = ("UPDATE ductwork_branches SET status = ?, node = ?, expected = ?, arrived = ?, output = ?, halt_reason = ?, "
@@ -1592,8 +1595,9 @@ class Engine:
             crashes += 1
             exhausted = crashes > self.config.get("job_worker.max_crash", pipeline, name)
             delay = 0.0 if crashes <= 2 else float(min(2 ** (crashes - 3), 30))
-            t.run(SQL.step_crashed, ("failed" if exhausted else "queued", JOB_CRASHES_EXHAUSTED if exhausted else None,
-                                     f"crashed: {why}" if exhausted else None, delay, step_id, process_id))
+            if t.run(SQL.step_crashed, ("failed" if exhausted else "queued", JOB_CRASHES_EXHAUSTED if exhausted else None,
+                                        f"crashed: {why}" if exhausted else None, delay, step_id, process_id)) != 1:
+                continue  # committed by its (resumed) claimer since the SELECT: nothing to hand back
             t.run(SQL.insert_execution, (step_id, run_id, process_id, attempts + crashes, "crashed", why, claimed_at))
             t.notify(CH_ADVANCE if exhausted else CH_JOBS, pipeline)
             if exhausted:
@@ -1668,7 +1672,10 @@ class Engine:
             if any(status != "completed" for status, _ in children):
                 return _Outcome("halted", b.node, expected=b.expected, arrived=b.expected)
             values = [_loads(out) for _, out in children]
-            return self._join(b, d, after, values if after["kind"] != "divert" else values[0])
+            joined = self._join(b, d, after, values if after["kind"] != "divert" else values[0])
+            if joined.status == "halted":  # keep the counts: revive() reopens the join, not the fan-out
+                joined.expected = joined.arrived = b.expected
+            return joined
         if step is None:
             return _Outcome("halted", b.node, halt_reason=TRANSITION_INVALID)
         step_id, status, output_json, reason = step
@@ -2399,7 +2406,9 @@ class Runtime:
                 raise StepOutputError(f"step {c.name} returned a non-JSON value of type {type(result).__name__}") from None
         except Exception as exc:
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=20))
-            return False, f"{type(exc).__name__}: {exc}\n{tb[-8000:]}"
+            text = f"{type(exc).__name__}: {exc}\n{tb[-8000:]}"
+            # storable everywhere: no lone surrogates (UTF-8), no NUL (Postgres TEXT)
+            return False, text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
         finally:
             _CURRENT.step = None
 
@@ -2409,6 +2418,11 @@ class Runtime:
         try:
             done: Committed = self._db_retry(lambda: self.engine.commit(results, claim_limit), self.dead)
         except DatabaseUnavailable:
+            return []
+        except Exception:  # never let a commit error kill the thread and strand its claims
+            log.exception("commit of %d result(s) failed; handing them back", len(results))
+            with contextlib.suppress(Exception):
+                self.engine.hand_back(results[0].claim.process_id, [r.claim.step_id for r in results], "commit failed")
             return []
         finally:
             self._untrack([r.claim for r in results])
@@ -2502,6 +2516,7 @@ class Runtime:
                 self.heartbeat()
                 if time.monotonic() >= next_reap:
                     self.reap()
+                    self.release_orphans()
                     if self.role in ("advancer", "combined"):
                         self.halt_unknown_pipelines()
                     next_reap = time.monotonic() + min(interval * 2, float(self.config.get("supervisor.reaper_timeout")) / 2)
@@ -2510,6 +2525,26 @@ class Runtime:
                 self.outage.failed(exc)
             except Exception:
                 log.exception("heartbeat failed")
+
+    def release_orphans(self) -> int:
+        """Claims this process holds that no thread knows of (a claim whose commit reached the
+        database but whose reply was lost): old ones go back to the queue, no crash counted."""
+        grace = float(self.config.get("supervisor.reaper_timeout"))
+        with self.in_flight_lock:
+            tracked = set(self.in_flight)
+        with self.store.tx(write=False) as t:
+            rows = [r for r in t.all(SQL.orphaned_steps, (self.process_id, grace)) if r[0] not in tracked]
+        released = 0
+        for pipeline in {p for _, p in rows}:
+            released += self.engine.release(self.process_id, [sid for sid, p in rows if p == pipeline], pipeline)
+        with self.store.tx() as t:
+            branches = t.all(SQL.release_orphaned_branches, (self.process_id, grace))
+            for pipeline in {p for (p,) in branches}:
+                t.notify(CH_ADVANCE, pipeline)
+        if released or branches:
+            log.warning("released %d step claim(s) and %d branch claim(s) that no thread held (lost replies)",
+                        released, len(branches))
+        return released + len(branches)
 
     def halt_unknown_pipelines(self) -> int:
         """Runs of a pipeline that no live process serves and this app does not define, older
@@ -2667,6 +2702,9 @@ class Runtime:
         try:
             with self.store.tx() as t:
                 t.run(SQL.delete_process, (self.process_id,))
+                # like reap(): whatever this row still holds (a hand-back that failed, a claim made after
+                # the in-flight snapshot) goes back with it; nobody could reap it once the row is gone
+                self.engine._hand_back(t, self.process_id, None, "process exited holding it")
         except Exception as exc:
             log.warning("could not delete process row %s: %s", self.process_id, exc)
         _remove_local_heartbeat(self.machine, self.row_role)

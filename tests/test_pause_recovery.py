@@ -81,3 +81,22 @@ def test_claim_by_a_reaped_process_is_not_lost(procs, tmp_path, db_url):
     procs.append(a2)
     assert run.wait(30) == "completed", f"{run.refresh()} steps={run.steps}"
     assert run.output == 4 and run.steps[0].attempts == 1
+
+
+def test_claims_whose_reply_was_lost_are_released(tmp_path, app_db):
+    """A claim committed in the database that no thread knows of (its reply was lost) goes back
+    to the queue once older than reaper_timeout, without counting a crash."""
+    config = ductwork.load_config(data={"supervisor": {"reaper_timeout": 0.5, "heartbeat_interval": 0.1},
+                                        "job_worker": {"polling_timeout": 0.05}},
+                                  overrides={"database_url": app_db})
+    runtime = ductwork.Runtime(config, "worker", ["SupMixed"])
+    runtime.register()
+    run = sup_app.SupMixed.trigger(2)
+    [lost] = runtime.engine.claim_steps("SupMixed", runtime.process_id, 1)  # nobody tracks this claim
+    assert run.steps[0].status == "running"
+    pause(0.7)
+    assert runtime.release_orphans() == 1
+    step = run.steps[0]
+    assert (step.status, step.crashes, step.attempts) == ("queued", 0, 0)
+    assert runtime.engine.commit_success(lost, "[0, 1]") is False  # the lost claim can no longer commit
+    runtime.store.close()

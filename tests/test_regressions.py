@@ -1,0 +1,205 @@
+"""Regressions found by an independent review: each test reproduced its bug before the fix."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+from conftest import truncate_pg
+
+import ductwork
+
+
+def rv_list(n):
+    return list(range(n))
+
+
+def rv_inc(x):
+    return x + 1
+
+
+def rv_sum(values):
+    return values
+
+
+class RvFan(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(rv_list).expand(to=rv_inc).collapse(into=rv_sum)
+
+
+def run_all(engine, pipeline, pid=4242):
+    """Drive steps to completion by hand (inline advancement in the commit)."""
+    for _ in range(100):
+        claims = engine.claim_steps(pipeline, pid, 100)
+        if not claims:
+            return
+        results = []
+        for c in claims:
+            fn = ductwork._REGISTRY[pipeline].steps[c.name]
+            args = ductwork._loads(c.input)
+            value = fn(*args) if c.node == 0 else fn(args)
+            results.append(ductwork.StepResult(c, True, ductwork._dumps(value)))
+        engine.commit(results)
+
+
+def test_revive_after_definition_changed_at_a_join_refans_out(engine):
+    run = RvFan.trigger(3)
+    removed = RvFan.steps.pop("rv_sum")        # a deploy dropped the join step
+    try:
+        run_all(engine, "RvFan")
+    finally:
+        RvFan.steps["rv_sum"] = removed        # the next deploy brings it back
+    assert run.refresh().status == "halted" and run.halt_reasons == ["definition_changed"]
+    assert run.revive() is True
+    # the advancer re-advances the reopened join branch
+    for _ in range(5):
+        for b in engine.claim_branches("RvFan", 4242, 10):
+            engine.advance(b)
+        run_all(engine, "RvFan")
+    run.refresh()
+    assert run.status == "completed"
+    names = [s.name for s in run.steps]
+    print("OUTPUT", run.output, names)
+    assert names.count("rv_inc") == 3, names      # expanded children must not re-run
+    assert run.output == [1, 2, 3]
+
+
+def rv_bad_error(x):
+    raise ValueError("cannot decode \udcff byte")   # e.g. a surrogateescape'd filename/bytes in a message
+
+
+class RvBadError(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(rv_bad_error)
+
+
+def test_unencodable_error_text_kills_the_worker_thread_and_strands_the_claim(start_runtime):
+    h = start_runtime(["RvBadError"], job_worker={"max_retry": 0, "count": 1, "polling_timeout": 0.05})
+    run = RvBadError.trigger(1)
+    status = run.wait(5)
+    steps = run.steps
+    workers = [t for t in h.runtime.threads if ".worker." in t.name]
+    print("STATUS", status, [(s.status, s.attempts) for s in steps], [t.is_alive() for t in workers])
+    assert status == "halted", (status, [(s.status) for s in steps])
+
+
+def rv_nul_error(x):
+    raise ValueError("bad\x00byte")   # Postgres TEXT rejects NUL
+
+
+class RvNulError(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(rv_nul_error)
+
+
+def test_nul_in_error_text(start_runtime):
+    h = start_runtime(["RvNulError"], job_worker={"max_retry": 0, "count": 1, "polling_timeout": 0.05})
+    run = RvNulError.trigger(1)
+    status = run.wait(5)
+    workers = [t for t in h.runtime.threads if ".worker." in t.name]
+    print("STATUS", status, [(s.status, s.attempts) for s in run.steps], [t.is_alive() for t in workers])
+    assert status == "halted"
+
+
+class RvOne(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(rv_inc)
+
+
+@pytest.mark.postgres
+def test_hand_back_ignores_that_the_step_was_committed_meanwhile(pg_server_url, monkeypatch):
+    """Needs concurrent writers (Postgres): the claimer commits between hand-back's SELECT and UPDATE."""
+    truncate_pg(pg_server_url)
+    ductwork.configure(database_url=pg_server_url)
+    engine = ductwork._app_engine()
+    config = ductwork.load_config(data={"job_worker": {"max_crash": 1, "max_retry": 5, "retry_delay": 0}},
+                                  overrides={"database_url": engine.store.url})
+    eng = ductwork.Engine(engine.store, config)
+    run = RvOne.trigger(1)
+    [c] = eng.claim_steps("RvOne", 555_001)
+    eng.hand_back(555_001, why="first crash")                 # crashes = 1 (= max_crash)
+    [c] = eng.claim_steps("RvOne", 555_002)
+    original = ductwork.Tx.all
+
+    def all_(self, sql, params=()):
+        rows = original(self, sql, params)
+        if sql is ductwork.SQL.steps_held_by:
+            # the (paused, now resumed) worker commits a retryable failure between the SELECT and the UPDATE
+            th = threading.Thread(target=lambda: eng.commit_failure(c, "transient app error"))
+            th.start()
+            th.join()
+        return rows
+    monkeypatch.setattr(ductwork.Tx, "all", all_)
+    handed = eng.hand_back(555_002, why="reaped")
+    monkeypatch.setattr(ductwork.Tx, "all", original)
+    assert run.steps[0].status == "queued"  # the retry the claimer committed stands
+    for b in eng.claim_branches("RvOne", 555_003, 10):
+        eng.advance(b)
+    run.refresh()
+    assert handed == 0
+    assert run.status == "in_progress"      # the step is queued for its retry: nothing is finished
+
+
+
+_FIRST = []
+_NEVER = threading.Event()
+
+
+def rv_slow(x):
+    if not _FIRST:               # the first execution "dies with its process" (never returns here)
+        _FIRST.append(1)
+        _NEVER.wait(30)
+    return x
+
+
+class RvSlow(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(rv_slow)
+
+
+def test_failed_hand_back_at_drain_then_row_deleted_orphans_the_step(start_runtime):
+    import time
+    _FIRST.clear()
+    _NEVER.clear()
+    h = start_runtime(["RvSlow"], job_worker={"count": 1, "shutdown_timeout": 0.2, "polling_timeout": 0.05})
+    run = RvSlow.trigger(1)
+    for _ in range(100):
+        if run.steps[0].status == "running":
+            break
+        time.sleep(0.02)
+    real = h.runtime.engine.hand_back
+    calls = []
+
+    def flaky(*a, **k):   # a DB blip exactly at the drain deadline
+        calls.append(a)
+        raise ductwork.DatabaseUnavailable("connection reset")
+    h.runtime.engine.hand_back = flaky
+    assert h.stop() == 0
+    h.runtime.engine.hand_back = real
+    assert calls
+    # a fresh peer with a short reaper timeout: should recover the step "later", as the log promises
+    start_runtime(["RvSlow"], supervisor={"heartbeat_interval": 0.1, "reaper_timeout": 0.5})
+    status = run.wait(6)
+    _NEVER.set()  # let the abandoned first execution's thread end
+    assert status == "completed"
+
+
+def test_claim_whose_commit_ack_is_lost_is_stranded_while_the_process_lives(start_runtime, monkeypatch):
+    original = ductwork.Engine.claim_steps
+    lost = []
+
+    def claim(self, pipeline, process_id, limit=1):
+        got = original(self, pipeline, process_id, limit)
+        if got and not lost:      # COMMIT reached the server, the connection died before the reply
+            lost.append(got)
+            raise ductwork.DatabaseUnavailable("server closed the connection unexpectedly")
+        return got
+    monkeypatch.setattr(ductwork.Engine, "claim_steps", claim)
+    start_runtime(["RvOne"], supervisor={"heartbeat_interval": 0.1, "reaper_timeout": 0.5})
+    run = RvOne.trigger(1)
+    status = run.wait(5)
+    assert status == "completed"
