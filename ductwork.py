@@ -2149,7 +2149,8 @@ class Outage:
             if self.down_since is None:
                 self.down_since = time.monotonic()
                 log.warning("database unavailable, retrying with backoff: %s", mask(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__)
-            return min(0.05 * 2 ** min(self.failures, 8), 5.0) * random.uniform(0.8, 1.2)
+            # capped at 2 s: a returning database is noticed within about 2 s, without a busy loop
+            return min(0.05 * 2 ** min(self.failures, 8), 2.0) * random.uniform(0.8, 1.2)
 
     def ok(self) -> None:
         if self.down_since is None:
@@ -2298,6 +2299,7 @@ class Runtime:
                 pause = self.outage.failed(exc)
             except sqlite3.OperationalError as exc:  # locked past the busy timeout
                 pause = self.outage.failed(exc)
+            self._report(".")  # waiting for the database is not a hang (a booting child has no loop yet)
             if (give_up or self.dead).wait(pause):
                 raise DatabaseUnavailable("gave up waiting for the database")
 
@@ -2990,6 +2992,7 @@ class Supervisor:
         log.info("started %s (pid %d)%s", spec.key, pid, f", restart {spec.restarts}" if spec.restarts else "")
 
     def _child_main(self, spec: ChildSpec, write_fd: int) -> int:
+        os.set_blocking(write_fd, False)  # a stopped supervisor must never block a child's report
         self.selector.close()
         for fd in (self.wake_r, self.wake_w):
             os.close(fd)

@@ -153,6 +153,7 @@ def test_sqlite_locked_past_busy_timeout_is_retried(procs, tmp_path):
         assert run.wait(20) == "completed"
     assert [r.output for r in runs] == [EXPECTED[2], EXPECTED[3]]
     assert alive_children(sup) == 2
+    assert "was silent" not in sup.log()  # waiting for a locked database is not a hang
     sup.signal(signal.SIGTERM)
     assert sup.wait() == 0
 
