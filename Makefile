@@ -22,6 +22,7 @@ soak: $(STAMP)
 	$(PYTHON) -m pytest -q -ra -m slow -o addopts=''
 
 bench: $(STAMP)
+	$(PYTHON) -m pip install -q -e '.[bench]'
 	$(PYTHON) bench/run.py
 
 clean:

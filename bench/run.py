@@ -7,6 +7,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-for script, args in (("floor.py", []), ("throughput.py", []), ("scale.py", []), ("ops.py", [])):
+for script, args in (("floor.py", []), ("throughput.py", []), ("peers.py", []), ("scale.py", []), ("ops.py", [])):
     print(f"\n## bench/{script} {' '.join(args)}", flush=True)
     subprocess.run([sys.executable, str(HERE / script), *args], check=True)
