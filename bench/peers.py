@@ -48,33 +48,7 @@ CREATE TABLE IF NOT EXISTS bench_ready (worker text PRIMARY KEY);
 """
 
 
-# ---------------------------------------------------------------- helpers (like common.py)
-
-def pause(seconds: float) -> None:
-    time.sleep(seconds)
-
-
-def wait_for(predicate, timeout: float = 60, interval: float = 0.002):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark condition not reached")
-        pause(interval)
-    return value
-
-
-def fmt(values: list[float], digits: int = 1) -> str:
-    med, lo, hi = statistics.median(values), min(values), max(values)
-    return f"{med:.{digits}f} [{lo:.{digits}f}–{hi:.{digits}f}]"
-
-
-def table(title: str, header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
-    out = [f"\n### {title}", line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
-    text = "\n".join(out)
-    print(text, flush=True)
-    return text
+from common import fmt, pause, table, wait_for  # noqa: E402 - shared with the other benches
 
 
 def _connect(url: str):
