@@ -1137,8 +1137,6 @@ class SQL:
     insert_branch = ("INSERT INTO ductwork_branches (run_id, pipeline, definition, parent_id, origin_step_id, position, "
                      "node, status, available_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', {now}, {now}, {now}) "
                      "RETURNING id, position")
-    insert_step = ("INSERT INTO ductwork_steps (run_id, branch_id, pipeline, node, name, status, input, available_at, created_at) "
-                   "VALUES (?, ?, ?, ?, ?, 'queued', ?, {now}, {now})")
     claim_steps = ("UPDATE ductwork_steps SET status = 'running', claimed_by = ?, claim_token = ?, claimed_at = {now} "
                    "WHERE id IN (SELECT id FROM ductwork_steps WHERE pipeline = ? AND status = 'queued' "
                    "AND available_at <= {now} ORDER BY available_at, id LIMIT ? {skip_locked}) "
@@ -1151,8 +1149,6 @@ class SQL:
     step_crashed = ("UPDATE ductwork_steps SET status = ?, crashes = crashes + 1, halt_reason = ?, error = COALESCE(?, error), "
                     "available_at = {now} + ?, claimed_by = NULL, claim_token = NULL "
                     "WHERE id = ? AND status = 'running' AND claimed_by = ?")
-    insert_execution = ("INSERT INTO ductwork_executions (step_id, run_id, process_id, attempt, outcome, error, started_at, finished_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, {now})")
     branch_ready = ("UPDATE ductwork_branches SET status = 'advance', available_at = {now}, updated_at = {now} "
                     "WHERE id = ? AND status = 'running'")
     claim_branches = ("UPDATE ductwork_branches SET status = 'advancing', claimed_by = ?, claim_token = ?, claimed_at = {now} "
@@ -1171,9 +1167,6 @@ class SQL:
                                  "AND claimed_at < {now} - ? RETURNING pipeline")
     current_step = "SELECT id, status, output, halt_reason FROM ductwork_steps WHERE branch_id = ? ORDER BY id DESC LIMIT 1"
     children_of = "SELECT status, output FROM ductwork_branches WHERE origin_step_id = ? ORDER BY position"
-    apply_branch = ("UPDATE ductwork_branches SET status = ?, node = ?, expected = ?, arrived = ?, output = ?, halt_reason = ?, "
-                    "claimed_by = NULL, claim_token = NULL, advance_failures = 0, updated_at = {now} "
-                    "WHERE id = ? AND status = 'advancing' AND claim_token = ?")
     child_arrived = ("UPDATE ductwork_branches SET arrived = arrived + ?, "
                      "status = CASE WHEN arrived + ? >= expected THEN 'advance' ELSE status END, "
                      "available_at = {now}, updated_at = {now} WHERE id = ? AND status = 'waiting' RETURNING status, pipeline")
@@ -1212,10 +1205,14 @@ class SQL:
                         "info, started_at, last_heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, {now}, {now}) RETURNING id")
     heartbeat = "UPDATE ductwork_processes SET last_heartbeat_at = {now}, state = ?, restarts = ?, info = ? WHERE id = ?"
     delete_process = "DELETE FROM ductwork_processes WHERE id = ?"
+    rows_of_child = "SELECT id FROM ductwork_processes WHERE parent_id = ? AND pid = ?"
+    machine_processes = ("SELECT id, pid, role, state, restarts, {now} - last_heartbeat_at, {now} - started_at "
+                         "FROM ductwork_processes WHERE machine_identifier = ? ORDER BY id")
+    orphaned_branches = ("SELECT id FROM ductwork_branches WHERE claimed_by = ? AND status = 'advancing' "
+                         "AND claimed_at < {now} - ?")
     stale_processes = ("SELECT id FROM ductwork_processes WHERE last_heartbeat_at < {now} - ? AND id <> ? "
                        "ORDER BY id")
     reap_process = "DELETE FROM ductwork_processes WHERE id = ? AND last_heartbeat_at < {now} - ? RETURNING id, machine_identifier, pid, role"
-    process_exists = "SELECT 1 FROM ductwork_processes WHERE id = ?"
     # a claim holds its claimer's row (KEY SHARE: heartbeats still pass) so a concurrent reap or
     # hand-back, which deletes the row first, waits for the claim and then sees it
     lock_claimer = "SELECT 1 FROM ductwork_processes WHERE id = ? {key_share}"
@@ -1451,7 +1448,7 @@ class Engine:
                 t.run(SQL.insert_definition, (digest, name, d.body))
             run_id = t.one(SQL.insert_run, (name, digest, args_json))[0]
             branch_id = t.one(SQL.insert_branch, (run_id, name, digest, None, None, 0, 0))[0]
-            t.run(SQL.insert_step, (run_id, branch_id, name, 0, d.nodes[0]["step"], args_json))
+            t.run(BulkSQL.insert_steps(1), (run_id, branch_id, name, 0, d.nodes[0]["step"], args_json))
             t.notify(CH_JOBS, name)
         self._stored_definitions.add(digest)
         return int(run_id)
@@ -1586,6 +1583,16 @@ class Engine:
         log.warning("reaped process row %s (%s pid %s, %s); %d step(s) handed back", row[0], row[1], row[2], row[3], count)
         return True
 
+    def retire(self, process_id: int, why: str) -> int:
+        """Delete a process row and hand back everything it still holds, in one transaction.
+
+        The row goes first: a claim in flight under it (which holds the row with KEY SHARE)
+        finishes before, and is seen by the hand-back; one made after finds no row and claims
+        nothing. Used when a child dies, when a process exits, and (fenced on staleness) by reap."""
+        with self.store.tx() as t:
+            t.run(SQL.delete_process, (process_id,))
+            return self._hand_back(t, process_id, None, why)
+
     def _hand_back(self, t: Tx, process_id: int, step_ids: Iterable[int] | None, why: str) -> int:
         wanted = None if step_ids is None else set(step_ids)
         count = 0
@@ -1598,7 +1605,7 @@ class Engine:
             if t.run(SQL.step_crashed, ("failed" if exhausted else "queued", JOB_CRASHES_EXHAUSTED if exhausted else None,
                                         f"crashed: {why}" if exhausted else None, delay, step_id, process_id)) != 1:
                 continue  # committed by its (resumed) claimer since the SELECT: nothing to hand back
-            t.run(SQL.insert_execution, (step_id, run_id, process_id, attempts + crashes, "crashed", why, claimed_at))
+            t.run(BulkSQL.insert_executions(1), (step_id, run_id, process_id, attempts + crashes, "crashed", why, claimed_at))
             t.notify(CH_ADVANCE if exhausted else CH_JOBS, pipeline)
             if exhausted:
                 t.run(SQL.branch_ready, (branch_id,))
@@ -1784,7 +1791,7 @@ class Engine:
     def halt_branch(self, b: BranchClaim, reason: str) -> list[int]:
         """Halt a claimed branch outright (advancer retries exhausted)."""
         with self.store.tx() as t:
-            if t.run(SQL.apply_branch, ("halted", b.node, b.expected, b.arrived, None, reason, b.id, b.token)) != 1:
+            if not t.all(BulkSQL.apply_branches(1), (b.id, "halted", b.node, b.expected, b.arrived, None, reason, b.token)):
                 return []
             self._branch_finished(t, b, "halted", None)
             self._flush_arrivals(t, b.process_id, b.token)
@@ -2536,13 +2543,16 @@ class Runtime:
             tracked = set(self.in_flight)
         with self.store.tx(write=False) as t:
             rows = [r for r in t.all(SQL.orphaned_steps, (self.process_id, grace)) if r[0] not in tracked]
+            stuck = t.all(SQL.orphaned_branches, (self.process_id, grace))
         released = 0
         for pipeline in {p for _, p in rows}:
             released += self.engine.release(self.process_id, [sid for sid, p in rows if p == pipeline], pipeline)
-        with self.store.tx() as t:
-            branches = t.all(SQL.release_orphaned_branches, (self.process_id, grace))
-            for pipeline in {p for (p,) in branches}:
-                t.notify(CH_ADVANCE, pipeline)
+        branches: list[tuple] = []
+        if stuck:
+            with self.store.tx() as t:
+                branches = t.all(SQL.release_orphaned_branches, (self.process_id, grace))
+                for pipeline in {p for (p,) in branches}:
+                    t.notify(CH_ADVANCE, pipeline)
         if released or branches:
             log.warning("released %d step claim(s) and %d branch claim(s) that no thread held (lost replies)",
                         released, len(branches))
@@ -2702,11 +2712,9 @@ class Runtime:
             return
         self.store.discard()
         try:
-            with self.store.tx() as t:
-                t.run(SQL.delete_process, (self.process_id,))
-                # like reap(): whatever this row still holds (a hand-back that failed, a claim made after
-                # the in-flight snapshot) goes back with it; nobody could reap it once the row is gone
-                self.engine._hand_back(t, self.process_id, None, "process exited holding it")
+            # whatever the row still holds (a hand-back that failed, a claim made after the in-flight
+            # snapshot) goes back with it: nobody could reap it once the row is gone
+            self.engine.retire(self.process_id, "process exited holding it")
         except Exception as exc:
             log.warning("could not delete process row %s: %s", self.process_id, exc)
         _remove_local_heartbeat(self.machine, self.row_role)
@@ -3078,15 +3086,10 @@ class Supervisor:
     def hand_back(self, child: Child) -> int:
         """Re-enqueue the dead child's in-flight steps and release its branches, now."""
         def work() -> int:
-            with self.store.tx() as t:
-                rows = t.all("SELECT id FROM ductwork_processes WHERE parent_id = ? AND pid = ?", (self.row_id, child.pid))
+            with self.store.tx(write=False) as t:
+                rows = t.all(SQL.rows_of_child, (self.row_id, child.pid))
             ids = {r[0] for r in rows} | ({child.row_id} if child.row_id else set())
-            total = 0
-            for row in ids:
-                with self.store.tx() as t:
-                    t.run(SQL.delete_process, (row,))  # process row first, like Engine.reap; waits for its claims in flight
-                    total += self.engine._hand_back(t, row, None, f"{child.spec.key} process died")
-            return total
+            return sum(self.engine.retire(row, f"{child.spec.key} process died") for row in ids)
         return self._with_db(work, forever=False) or 0
 
     def kill_hung_children(self) -> None:
@@ -3896,8 +3899,7 @@ def check_health(config: Config, role: str | None = None, pid: int | None = None
     store = Store(config.data["database_url"], connect_timeout=0.5, read_only=True)
     try:
         with store.tx(write=False) as t:
-            rows = t.all("SELECT id, pid, role, state, restarts, {now} - last_heartbeat_at, {now} - started_at "
-                         "FROM ductwork_processes WHERE machine_identifier = ? ORDER BY id", (machine,))
+            rows = t.all(SQL.machine_processes, (machine,))
     except (DatabaseUnavailable, sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
         if "no such table" in str(exc) or "does not exist" in str(exc):
             return Health(EXIT_FAILURE, "dead: no process (schema not created)")

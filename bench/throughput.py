@@ -62,16 +62,7 @@ def throughput_single(db: Database, tmp: Path, steps: int) -> float:
 
 
 def throughput_expand(db: Database, tmp: Path, steps: int) -> float:
-    import bench_app
-    ductwork.configure(database_url=db.url)
-    cluster = Cluster(db, tmp)
-    t0 = time.perf_counter()
-    run = bench_app.BenchFan.trigger(steps)
-    wait_for(lambda: unfinished(cluster) == 0, 300, 0.01)
-    took = time.perf_counter() - t0
-    assert run.refresh().output == steps
-    cluster.stop()
-    return (steps + 2) / took
+    return (steps + 2) / fan_in(db, tmp, steps)  # the fan, its `steps` children and the collapse
 
 
 def chain_latency(db: Database, tmp: Path, n: int = 20) -> list[float]:
