@@ -586,7 +586,9 @@ class Tx:
         self.arrivals: dict[int, int] = {}          # parent branch id -> children that finished here
         self.halted: list[int] = []                 # runs halted here (on_halt fires after commit)
         self.completed: list[Any] = []              # (run id, output) pairs, written in bulk
-        self.claimers: dict[int, bool] = {}         # process rows locked here (claims need a live claimer)
+        # pipeline -> ids of the steps this transaction made claimable (None: not all known); when
+        # its own claim takes them all, nobody else needs waking for them
+        self.new_steps: dict[str, set[int] | None] = {}
 
     def all(self, sql: str, params: Sequence = ()) -> list[tuple]:
         return self.conn.execute(self.store.sql(sql), params)[0]
@@ -600,7 +602,22 @@ class Tx:
         return self.conn.execute(self.store.sql(sql), params)[1]
 
     def notify(self, channel: str, payload: str = "") -> None:
+        if channel == CH_JOBS:
+            self.new_steps[payload] = None  # a hint about steps we cannot name: it must go out
         self.store.notify_in(self, channel, payload)
+
+    def queued(self, pipeline: str, step_ids: Iterable[int]) -> None:
+        """These steps became claimable here: wake a worker for them (unless this transaction claims them all)."""
+        known = self.new_steps.get(pipeline, set())
+        self.store.notify_in(self, CH_JOBS, pipeline)
+        self.new_steps[pipeline] = None if known is None else known | set(step_ids)
+
+    def claimed(self, pipeline: str, step_ids: set[int], everything: bool) -> None:
+        """This transaction claimed these steps (``everything``: all that were claimable); drop
+        the wake-up when no step it made claimable is left for others."""
+        mine = self.new_steps.get(pipeline)
+        if (everything or (mine is not None and mine <= step_ids)) and (CH_JOBS, pipeline) in self.pending:
+            self.pending.remove((CH_JOBS, pipeline))
 
 
 class Store:
@@ -683,16 +700,23 @@ class Store:
     close = discard
 
     @contextlib.contextmanager
-    def tx(self, write: bool = True) -> Iterator[Tx]:
+    def tx(self, write: bool = True, single: bool = False) -> Iterator[Tx]:
+        """A transaction. ``single``: the body runs exactly one statement, which Postgres runs
+        as its own transaction (one round trip instead of BEGIN, statement, COMMIT); SQLite
+        still opens it with BEGIN IMMEDIATE (a read that upgrades to a write in autocommit
+        could fail on a busy snapshot), which costs nothing there."""
         conn = self.connection()
+        explicit = not (single and self.dialect == "postgres")
         try:
-            conn.begin(write)
+            if explicit:
+                conn.begin(write)
             t = Tx(self, conn)
             yield t
             if self.dialect == "postgres":  # NOTIFY is delivered at commit; sent last so hints can be dropped
                 for channel, payload in t.pending:
                     t.run("SELECT pg_notify(?, ?)", (channel, payload))
-            conn.commit()
+            if explicit:
+                conn.commit()
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 conn.rollback()
@@ -1137,9 +1161,10 @@ class SQL:
     insert_branch = ("INSERT INTO ductwork_branches (run_id, pipeline, definition, parent_id, origin_step_id, position, "
                      "node, status, available_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', {now}, {now}, {now}) "
                      "RETURNING id, position")
+    # A claim by a supervised process is fenced on its live process row ({fence}, see FENCE).
     claim_steps = ("UPDATE ductwork_steps SET status = 'running', claimed_by = ?, claim_token = ?, claimed_at = {now} "
                    "WHERE id IN (SELECT id FROM ductwork_steps WHERE pipeline = ? AND status = 'queued' "
-                   "AND available_at <= {now} ORDER BY available_at, id LIMIT ? {skip_locked}) "
+                   "AND available_at <= {now} ORDER BY available_at, id LIMIT ? {skip_locked}){fence} "
                    "RETURNING id, run_id, branch_id, node, name, input, attempts, crashes, claimed_at")
     step_failed = ("UPDATE ductwork_steps SET status = ?, error = ?, halt_reason = ?, attempts = attempts + 1, "
                    "available_at = {now} + ?, finished_at = {now}, claimed_by = NULL, claim_token = NULL "
@@ -1153,7 +1178,7 @@ class SQL:
                     "WHERE id = ? AND status = 'running'")
     claim_branches = ("UPDATE ductwork_branches SET status = 'advancing', claimed_by = ?, claim_token = ?, claimed_at = {now} "
                       "WHERE id IN (SELECT id FROM ductwork_branches WHERE pipeline = ? AND status = 'advance' "
-                      "AND available_at <= {now} ORDER BY available_at, id LIMIT ? {skip_locked}) "
+                      "AND available_at <= {now} ORDER BY available_at, id LIMIT ? {skip_locked}){fence} "
                       "RETURNING id, run_id, pipeline, definition, parent_id, node, expected, arrived, advance_failures")
     claim_branch = ("UPDATE ductwork_branches SET status = 'advancing', claimed_by = ?, claim_token = ?, claimed_at = {now} "
                     "WHERE id = ? AND status = ? "
@@ -1213,9 +1238,15 @@ class SQL:
     stale_processes = ("SELECT id FROM ductwork_processes WHERE last_heartbeat_at < {now} - ? AND id <> ? "
                        "ORDER BY id")
     reap_process = "DELETE FROM ductwork_processes WHERE id = ? AND last_heartbeat_at < {now} - ? RETURNING id, machine_identifier, pid, role"
-    # a claim holds its claimer's row (KEY SHARE: heartbeats still pass) so a concurrent reap or
-    # hand-back, which deletes the row first, waits for the claim and then sees it
-    lock_claimer = "SELECT 1 FROM ductwork_processes WHERE id = ? {key_share}"
+    # A fenced claim holds its claimer's row (KEY SHARE: heartbeats still pass), so a concurrent
+    # reap or hand-back, which deletes the row first, waits for the claim and then sees it; a
+    # claimer whose row is gone (reaped while paused) claims nothing. Part of the claim statement
+    # itself: no extra round trip. The last parameter repeats the claimer's process id.
+    FENCE = " AND EXISTS (SELECT 1 FROM ductwork_processes WHERE id = ? {key_share})"
+
+    @classmethod
+    def fenced(cls, statement: str, fence: bool) -> str:
+        return statement.replace("{fence}", cls.FENCE if fence else "")
     stale_pipelines = ("SELECT DISTINCT pipeline FROM ductwork_runs WHERE status = 'in_progress' "
                        "AND created_at < {now} - ?")
     live_pipelines = "SELECT pipelines FROM ductwork_processes WHERE last_heartbeat_at >= {now} - ?"
@@ -1278,7 +1309,7 @@ class BulkSQL:
     @staticmethod
     def insert_steps(n: int) -> str:
         return _many("INSERT INTO ductwork_steps (run_id, branch_id, pipeline, node, name, status, input, available_at, created_at)",
-                     "(?, ?, ?, ?, ?, 'queued', ?, {now}, {now})", n)
+                     "(?, ?, ?, ?, ?, 'queued', ?, {now}, {now})", n, " RETURNING id, pipeline")
 
     # A fan-out's rows travel as one JSON document (a 1000-way expand is 2 statements with 2
     # big parameters, not 14 000 small ones: per-parameter cost dominates in pg8000).
@@ -1405,17 +1436,14 @@ class Engine:
         self.fault: Callable[..., None] = lambda point, step=None: None   # the runtime's fault hook (tests)
         self._definitions: dict[str, Definition] = {}
         self._stored_definitions: set[str] = set()
-        # fence_claims: every claim first locks the claimer's process row (KEY SHARE) and claims nothing when
+        # fence_claims: every claim holds the claimer's process row (KEY SHARE) and claims nothing when
         # it is gone (reaped while paused, handed back after death); set by Runtime, off for bare Engine use
         self.fence_claims = False
 
-    def _claimer_alive(self, t: Tx, process_id: int) -> bool:
-        """Lock the claimer's process row for this transaction (once); False when it is gone."""
-        if not self.fence_claims:
-            return True
-        if process_id not in t.claimers:
-            t.claimers[process_id] = t.one(SQL.lock_claimer, (process_id,)) is not None
-        return t.claimers[process_id]
+    def _claim_steps_in(self, t: Tx, pipeline: str, process_id: int, token: str, limit: int) -> list[JobClaim]:
+        params: tuple = (process_id, token, pipeline, limit) + ((process_id,) if self.fence_claims else ())
+        rows = t.all(SQL.fenced(SQL.claim_steps, self.fence_claims), params)
+        return [JobClaim(*row, pipeline=pipeline, process_id=process_id, token=token) for row in sorted(rows)]
 
     # -- definitions --------------------------------------------------------------------
     def definition(self, digest: str, t: Tx | None = None) -> Definition:
@@ -1455,12 +1483,8 @@ class Engine:
 
     # -- job claims and commits ---------------------------------------------------------
     def claim_steps(self, pipeline: str, process_id: int, limit: int = 1) -> list[JobClaim]:
-        token = uuid.uuid4().hex
-        with self.store.tx() as t:
-            if not self._claimer_alive(t, process_id):  # reaped while paused
-                return []
-            rows = t.all(SQL.claim_steps, (process_id, token, pipeline, limit))
-        return [JobClaim(*row, pipeline=pipeline, process_id=process_id, token=token) for row in sorted(rows)]
+        with self.store.tx(single=True) as t:
+            return self._claim_steps_in(t, pipeline, process_id, uuid.uuid4().hex, limit)
 
     def commit_success(self, c: JobClaim, output_json: str) -> bool:
         return self.commit([StepResult(c, True, output_json)]).accepted[0]
@@ -1504,7 +1528,7 @@ class Engine:
                 if out.accepted[i] and failed:
                     finished.append((i, r, (c.step_id, "failed", None, reason)))
                 elif out.accepted[i]:
-                    t.notify(CH_JOBS, c.pipeline)  # a retry, claimable after retry_delay
+                    t.queued(c.pipeline, [c.step_id])  # a retry, claimable after retry_delay
             for i, r in enumerate(results):
                 if out.accepted[i]:
                     c = r.claim
@@ -1514,13 +1538,10 @@ class Engine:
                 self._advance_finished(t, finished, token, inline)
             if executions:
                 t.run(BulkSQL.insert_executions(len(executions) // 7), executions)
-            if claim_limit and results and self._claimer_alive(t, results[0].claim.process_id):
+            if claim_limit and results:
                 pipeline, process_id = results[0].claim.pipeline, results[0].claim.process_id
-                rows = t.all(SQL.claim_steps, (process_id, token, pipeline, claim_limit))
-                out.claims = [JobClaim(*row, pipeline=pipeline, process_id=process_id, token=token) for row in sorted(rows)]
-                if len(rows) < claim_limit and (CH_JOBS, pipeline) in t.pending:
-                    # this claim took every claimable step of the pipeline: waking others is pointless
-                    t.pending.remove((CH_JOBS, pipeline))
+                out.claims = self._claim_steps_in(t, pipeline, process_id, token, claim_limit)
+                t.claimed(pipeline, {c.step_id for c in out.claims}, everything=len(out.claims) < claim_limit)
             if results:
                 self._flush_arrivals(t, results[0].claim.process_id, token)
             out.halted = t.halted
@@ -1544,7 +1565,8 @@ class Engine:
         """The branches of just-finished steps: advanced here (inline) or queued for an advancer."""
         by_branch = {r.claim.branch_id: (r, step) for _, r, step in finished}
         claimed: list[tuple[BranchClaim, tuple]] = []
-        if inline and self._claimer_alive(t, finished[0][1].claim.process_id):
+        # Not fenced on the process row: a branch claimed here is released in this same transaction.
+        if inline:
             process_id = finished[0][1].claim.process_id
             rows = t.all(BulkSQL.claim_branches(len(by_branch)), (process_id, token, *by_branch))
             claimed = [(BranchClaim(*row, process_id=process_id, token=token), by_branch.pop(row[0])[1]) for row in rows]
@@ -1618,10 +1640,9 @@ class Engine:
     # -- advancement ----------------------------------------------------------------------
     def claim_branches(self, pipeline: str, process_id: int, limit: int = 1) -> list[BranchClaim]:
         token = uuid.uuid4().hex
-        with self.store.tx() as t:
-            if not self._claimer_alive(t, process_id):
-                return []
-            rows = t.all(SQL.claim_branches, (process_id, token, pipeline, limit))
+        params: tuple = (process_id, token, pipeline, limit) + ((process_id,) if self.fence_claims else ())
+        with self.store.tx(single=True) as t:
+            rows = t.all(SQL.fenced(SQL.claim_branches, self.fence_claims), params)
         return [BranchClaim(*row, process_id=process_id, token=token) for row in sorted(rows)]
 
     def advance(self, b: BranchClaim) -> list[int]:
@@ -1660,13 +1681,13 @@ class Engine:
             if o.new_step is not None:
                 node, value = o.new_step
                 new_steps += [b.run_id, b.id, b.pipeline, node, d.nodes[node]["step"], value]
-                t.notify(CH_JOBS, b.pipeline)
             if o.children:
                 self._insert_children(t, b, d, step[0], o.children)
             if o.status in ("completed", "halted"):
                 self._branch_finished(t, b, o.status, o.output)
         if new_steps:
-            t.run(BulkSQL.insert_steps(len(new_steps) // 6), new_steps)
+            for step_id, pipeline in t.all(BulkSQL.insert_steps(len(new_steps) // 6), new_steps):
+                t.queued(pipeline, [step_id])
         if t.completed:
             t.run(BulkSQL.runs_completed(len(t.completed) // 2), t.completed)
             t.completed = []
