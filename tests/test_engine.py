@@ -523,3 +523,49 @@ def test_reaping_a_stale_process_hands_back_its_work(engine):
     step = run.steps[0]
     assert (step.status, step.crashes, step.attempts) == ("queued", 1, 0)
     assert engine.commit_success(c, '"late"') is False
+
+
+def _register(engine, pid=4343):
+    with engine.store.tx() as t:
+        return t.one(ductwork.SQL.register_process, (pid, "here", "worker", "[]", None, "running", 0, "{}"))[0]
+
+
+def test_fenced_claims_need_the_claimers_live_process_row(engine):
+    """The liveness fence is part of each claim statement: steps, branches and the claim that
+    rides on a commit all come back empty for a claimer whose row is gone."""
+    engine.fence_claims = True
+    engine.inline = False
+    run = EngChain.trigger(1, 2)
+    assert engine.claim_steps("EngChain", 919_191) == []          # no such process row
+    row = _register(engine)
+    [c] = engine.claim_steps("EngChain", row)
+    assert engine.commit_success(c, "3")
+    assert engine.claim_branches("EngChain", 919_191) == []
+    [b] = engine.claim_branches("EngChain", row)
+    engine.advance(b)
+    [c2] = engine.claim_steps("EngChain", row)
+    EngSingle.trigger(7)
+    with engine.store.tx() as t:
+        t.run(ductwork.SQL.delete_process, (row,))                  # reaped while it ran c2
+    done = engine.commit([ductwork.StepResult(c2, True, "4")], claim_limit=5)
+    assert done.accepted == [True] and done.claims == []           # its result counts, no new claims
+    assert [s.status for s in run.steps] == ["succeeded", "succeeded"]
+
+
+def test_wake_up_hint_is_dropped_only_when_the_commit_claims_every_step_it_queued(engine):
+    hints: list[tuple[str, str]] = []
+    engine.store.notify_hook = lambda channel, payload: hints.append((channel, payload))
+    EngChain.trigger(1, 2)
+    [c] = engine.claim_steps("EngChain", 31_001)
+    hints.clear()
+    done = engine.commit([ductwork.StepResult(c, True, "3")], claim_limit=4)
+    assert [x.name for x in done.claims] == ["add_one"] and hints == []   # it took its own next step
+    done = engine.commit([ductwork.StepResult(done.claims[0], True, "4")], claim_limit=0)
+    assert hints == [(ductwork.CH_JOBS, "EngChain")]                       # claimed nothing: others are woken
+    hints.clear()
+    run = EngExpand.trigger(3)
+    [c] = engine.claim_steps("EngExpand", 31_001)
+    hints.clear()
+    done = engine.commit([ductwork.StepResult(c, True, "[0, 1, 2]")], claim_limit=2)
+    assert len(done.claims) == 2 and hints == [(ductwork.CH_JOBS, "EngExpand")]  # one child is left for others
+    assert len(run.steps) == 4
