@@ -21,34 +21,23 @@ whose step finished and writes the next step rows in one transaction.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import dataclasses
-import difflib
-import hashlib
-import hmac
-import html
 import importlib
-import importlib.util
 import inspect
 import json
 import logging
 import os
 import queue
-import random
 import re
-import secrets
 import selectors
 import signal
-import socket
 import sqlite3
 import sys
-import tempfile
 import threading
 import time
 import traceback
 import urllib.parse
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -170,6 +159,11 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
 DEFAULT_CONFIG_PATH = "config/ductwork.yml"
 DEFAULT_DATABASE_URL = "sqlite:///ductwork.sqlite3"
 ROLES = ("all", "supervisor", "advancer", "worker")
+
+
+def _close_matches(word: Any, choices: Iterable[str]) -> list[str]:
+    import difflib  # only for error messages: not loaded on the healthy path
+    return difflib.get_close_matches(str(word), list(choices), n=1)
 
 
 def _fail(path: str, problem: str) -> None:
@@ -302,7 +296,7 @@ def _validate_tree(schema: dict, data: Any, prefix: str = "") -> dict:
     for key, value in data.items():
         path = f"{prefix}{key}"
         if key not in schema:
-            near = difflib.get_close_matches(str(key), list(schema), n=1)
+            near = _close_matches(key, schema)
             hint = f" (did you mean '{prefix}{near[0]}'?)" if near else f" (valid keys: {', '.join(schema)})"
             raise ConfigError(f"unknown config key '{path}'{hint}")
         spec = schema[key]
@@ -401,7 +395,7 @@ def _select_section(doc: Any, path: str, env_name: str) -> dict:
     elif "default" in doc:
         section = doc["default"]
     else:
-        typos = [(k, difflib.get_close_matches(str(k), list(SCHEMA), n=1)) for k in doc]
+        typos = [(k, _close_matches(k, SCHEMA)) for k in doc]
         hint = "".join(f"; '{k}' is not a config key (did you mean '{near[0]}'?)" for k, near in typos if near)
         raise ConfigError(f"config file {path} has no section '{env_name}' and no 'default' section "
                           f"(sections: {', '.join(map(str, doc))}){hint}")
@@ -620,6 +614,27 @@ class Tx:
             self.pending.remove((CH_JOBS, pipeline))
 
 
+def _defer_scramp() -> None:
+    """pg8000 imports scramp eagerly, and scramp loads asn1crypto's X.509 parser: about 11 MB
+    and 20 ms in every process that talks to Postgres (the supervisor, each child, every
+    health check), needed only when the server asks for SCRAM authentication. Stand in for
+    the module until pg8000 first uses it (``scramp.ScramClient`` during a SCRAM login)."""
+    if "scramp" in sys.modules:
+        return
+    import types
+    proxy = types.ModuleType("scramp", "deferred: the real scramp is imported on first use")
+
+    def load(name: str) -> Any:
+        if sys.modules.get("scramp") is proxy:
+            del sys.modules["scramp"]
+        real = importlib.import_module("scramp")
+        proxy.__dict__.update({k: v for k, v in vars(real).items() if not k.startswith("__")})
+        return getattr(real, name)
+
+    proxy.__getattr__ = load  # type: ignore[method-assign]
+    sys.modules["scramp"] = proxy
+
+
 class Store:
     """Connections to one database, one per thread, reopened after fork or failure."""
 
@@ -660,6 +675,7 @@ class Store:
                 raise
             return _SqliteConnection(conn)
         try:
+            _defer_scramp()
             import pg8000.native
         except ImportError:
             raise ConfigError("PostgreSQL URLs need pg8000: pip install pg8000") from None
@@ -1072,6 +1088,7 @@ class Definition:
 
     @property
     def hash(self) -> str:
+        import hashlib
         return hashlib.sha256(self.body.encode()).hexdigest()[:32]
 
     @classmethod
@@ -1344,6 +1361,11 @@ class BulkSQL:
                      "finished_at)", "(?, ?, ?, ?, ?, ?, ?, {now})", n)
 
 
+def _token() -> str:
+    """A random claim token (128 bits, hex): fences every write about one claim."""
+    return os.urandom(16).hex()
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, allow_nan=False, separators=(",", ":"))
 
@@ -1484,7 +1506,7 @@ class Engine:
     # -- job claims and commits ---------------------------------------------------------
     def claim_steps(self, pipeline: str, process_id: int, limit: int = 1) -> list[JobClaim]:
         with self.store.tx(single=True) as t:
-            return self._claim_steps_in(t, pipeline, process_id, uuid.uuid4().hex, limit)
+            return self._claim_steps_in(t, pipeline, process_id, _token(), limit)
 
     def commit_success(self, c: JobClaim, output_json: str) -> bool:
         return self.commit([StepResult(c, True, output_json)]).accepted[0]
@@ -1506,7 +1528,7 @@ class Engine:
             return _retry_conflicts(lambda: self._commit(results, claim_limit, False))
 
     def _commit(self, results: list[StepResult], claim_limit: int, inline: bool) -> Committed:
-        token = uuid.uuid4().hex
+        token = _token()
         out = Committed([False] * len(results), [], [])
         finished: list[tuple[int, StepResult, tuple]] = []   # (index, result, current-step tuple)
         executions: list[Any] = []
@@ -1639,7 +1661,7 @@ class Engine:
 
     # -- advancement ----------------------------------------------------------------------
     def claim_branches(self, pipeline: str, process_id: int, limit: int = 1) -> list[BranchClaim]:
-        token = uuid.uuid4().hex
+        token = _token()
         params: tuple = (process_id, token, pipeline, limit) + ((process_id,) if self.fence_claims else ())
         with self.store.tx(single=True) as t:
             rows = t.all(SQL.fenced(SQL.claim_branches, self.fence_claims), params)
@@ -1884,6 +1906,7 @@ def _retry_conflicts(fn: Callable[[], Any], attempts: int = 5) -> Any:
             text = str(exc)
             if attempt == attempts - 1 or not ("40P01" in text or "40001" in text):
                 raise
+            import random
             threading.Event().wait(random.uniform(0.001, 0.01) * (attempt + 1))
 
 
@@ -2120,7 +2143,7 @@ def run_hooks(kind: str) -> None:
 
 def machine_identifier() -> str:
     """DUCTWORK_MACHINE_ID, else the host name (unique per container/pod, unlike /etc/machine-id)."""
-    return os.environ.get("DUCTWORK_MACHINE_ID") or socket.gethostname()
+    return os.environ.get("DUCTWORK_MACHINE_ID") or os.uname().nodename
 
 
 class Fault:
@@ -2178,6 +2201,7 @@ class Outage:
                 self.down_since = time.monotonic()
                 log.warning("database unavailable, retrying with backoff: %s", mask(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__)
             # capped at 2 s: a returning database is noticed within about 2 s, without a busy loop
+            import random
             return min(0.05 * 2 ** min(self.failures, 8), 2.0) * random.uniform(0.8, 1.2)
 
     def ok(self) -> None:
@@ -2772,6 +2796,7 @@ def dump_threads(role: str) -> None:
 
 
 def _local_heartbeat_dir(machine: str) -> str:
+    import tempfile
     return os.path.join(tempfile.gettempdir(), f"ductwork-{re.sub(r'[^A-Za-z0-9_.-]', '_', machine)}")
 
 
@@ -3397,6 +3422,7 @@ open.forEach(i=>{const d=i&&document.getElementById(i);if(d)d.open=true});}}
 
 
 def _esc(value: Any) -> str:
+    import html
     return html.escape("" if value is None else str(value), quote=True)
 
 
@@ -3598,7 +3624,12 @@ def make_dashboard_server(config: Config, host: str, port: int, auth: str | None
     """A ThreadingHTTPServer for the dashboard (not started: call serve_forever()). Without auth it
     only binds loopback addresses (unless ``insecure``) and then only answers loopback Host headers
     (no DNS rebinding)."""
+    import base64
+    import hashlib
+    import hmac
     import http.server
+    import secrets
+    import socket
     credentials = _parse_auth(auth) if auth else None
     loopback = _is_loopback(host)
     if credentials is None and not loopback and not insecure:
@@ -3786,8 +3817,9 @@ def import_app(targets: Iterable[str]) -> None:
                     sys.path.insert(0, os.path.dirname(path))
                 if name in sys.modules and getattr(sys.modules[name], "__file__", None) == path:
                     continue
-                spec = importlib.util.spec_from_file_location(name, path)
-                module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+                from importlib.util import module_from_spec, spec_from_file_location
+                spec = spec_from_file_location(name, path)
+                module = module_from_spec(spec)  # type: ignore[arg-type]
                 sys.modules[name] = module
                 spec.loader.exec_module(module)  # type: ignore[union-attr]
             else:

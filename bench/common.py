@@ -72,8 +72,28 @@ def write_config(path: Path, url: str, **extra) -> Path:
     return path
 
 
-def start(config: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "ductwork.py"), *args, "-c", str(config)],
+def compiled_copy(tmp: Path) -> Path:
+    """A folder holding ductwork.py with its bytecode compiled, as a built image has it (see
+    examples/deploy/Dockerfile): `python -m ductwork` run there skips compiling the module."""
+    import py_compile
+    import shutil
+    folder = tmp / "compiled"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(ROOT / "ductwork.py", folder / "ductwork.py")
+    py_compile.compile(str(folder / "ductwork.py"), doraise=True)
+    return folder
+
+
+def command(compiled: Path | None = None) -> tuple[list[str], Path | None]:
+    """How to run ductwork: the script (`python ductwork.py`), or the module from a compiled copy."""
+    if compiled is None:
+        return [sys.executable, str(ROOT / "ductwork.py")], None
+    return [sys.executable, "-m", "ductwork"], compiled
+
+
+def start(config: Path, *args: str, env: dict | None = None, compiled: Path | None = None) -> subprocess.Popen:
+    cmd, cwd = command(compiled)
+    return subprocess.Popen([*cmd, *args, "-c", str(config)], cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
 

@@ -6,6 +6,9 @@ gives a container (or the unit gives systemd) are run here as the orchestrator w
 them (same argv, same working directory = the image's WORKDIR = the repository root, same
 environment except DATABASE_URL, which points at the test database, and the machine id,
 which Kubernetes takes from the pod name), on SQLite and on PostgreSQL.
+
+Every file runs `python -m ductwork ...`: the module form loads the bytecode the Dockerfile
+compiles at build time (a script, `python ductwork.py`, is compiled afresh at every start).
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ UNIT = DEPLOY / "systemd" / "ductwork.service"
 DOCKERFILE = DEPLOY / "Dockerfile"
 ROLE_OF_ROW = {"all": "supervisor", "supervisor": "supervisor", "advancer": "advancer", "worker": "worker"}
 UNREACHABLE_DB = "postgresql://nobody@127.0.0.1:1/nothing?connect_timeout=0.3"
+MODULE = ["-m", "ductwork"]              # argv[1:3] of every command: `python -m ductwork ...`
 
 
 # -- reading the deployment files ---------------------------------------------------------
@@ -99,7 +103,7 @@ def compose_launches() -> list[Launch]:
     doc = yaml_docs(COMPOSE)[0]
     out = []
     for name, service in doc["services"].items():
-        if "command" not in service or "ductwork.py" not in compose_command(service) \
+        if "command" not in service or compose_command(service)[1:3] != MODULE \
                 or "migrate" in compose_command(service):
             continue
         probe = service["healthcheck"]["test"]
@@ -146,7 +150,7 @@ def migrate_commands() -> list[tuple[str, list[str], dict]]:
             out.append((f"k8s:{doc['metadata']['name']}", [*container["command"], *container.get("args", [])],
                         k8s_env(container)))
     for name, service in yaml_docs(COMPOSE)[0]["services"].items():
-        if "command" in service and compose_command(service)[1:3] == ["ductwork.py", "migrate"]:
+        if "command" in service and compose_command(service)[1:4] == [*MODULE, "migrate"]:
             out.append((f"compose:{name}", compose_command(service), compose_env(service)))
     return out
 
@@ -179,7 +183,7 @@ def all_launches() -> list[Launch]:
 def local_argv(argv: list[str]) -> list[str]:
     """The image's `python` (or the unit's venv python) is this interpreter here."""
     assert Path(argv[0]).name.startswith("python"), f"{argv}: expected a python command"
-    assert argv[1] == "ductwork.py", f"{argv}: expected `python ductwork.py ...` run from the app directory"
+    assert argv[1:3] == MODULE, f"{argv}: expected `python -m ductwork ...` run from the app directory"
     return [sys.executable, *argv[1:]]
 
 
@@ -268,8 +272,8 @@ def wait_run(db_url: str, run_id: int, timeout: float = 30) -> ductwork.Run:
 
 
 def trigger(db_url: str, env: dict, name: str, *args) -> int:
-    """`python ductwork.py trigger ...` as the compose file's header shows (`compose exec worker ...`)."""
-    result = run(["python", "ductwork.py", "trigger", name, *map(json.dumps, args), "-c", "examples/config/ductwork.yml"], env)
+    """`python -m ductwork trigger ...` as the compose file's header shows (`compose exec worker ...`)."""
+    result = run(["python", *MODULE, "trigger", name, *map(json.dumps, args), "-c", "examples/config/ductwork.yml"], env)
     assert result.returncode == 0, result.stdout + result.stderr
     return int(result.stdout.strip())
 
@@ -315,7 +319,7 @@ def test_timeouts_agree_with_the_config_each_file_names():
         assert config.warnings() == [], f"{where}: {config.warnings()}"
         if launch.probe is not None:
             assert launch.probe_timeout is not None and launch.probe_timeout <= 1, f"{where}: probe timeout {launch.probe_timeout}"
-            assert launch.probe[:3] == ["python", "ductwork.py", "healthcheck"], launch.probe
+            assert launch.probe[:4] == ["python", *MODULE, "healthcheck"], launch.probe
             assert config_path_of(launch.probe) == config_path_of(launch.argv), f"{where}: the probe reads another config"
         if launch.source != "systemd":   # one role per container, matching its config file
             role = launch.env.get("DUCTWORK_ROLE")
@@ -379,7 +383,7 @@ def test_kubernetes_manifests_shape():
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     (job,) = [d for d in docs if d["kind"] == "Job"]
     (container,) = job["spec"]["template"]["spec"]["containers"]
-    assert container["command"][:3] == ["python", "ductwork.py", "migrate"]
+    assert container["command"][:4] == ["python", *MODULE, "migrate"]
     assert job["spec"]["template"]["spec"]["restartPolicy"] in ("Never", "OnFailure")
 
 
@@ -413,7 +417,9 @@ def test_dockerfile_builds_an_app_directory_where_its_cmd_works(tmp_path):
     assert "USER" in ops and ops.index("RUN") < ops.index("CMD")
     assert any(op == "RUN" and re.search(r"\bpip install (\S+ )*\.(\s|$)", arg) for op, arg in steps), "pip install the project"
     cmd = json.loads(dict(steps)["CMD"])
-    assert cmd == ["python", "ductwork.py", "-c", "examples/config/ductwork.yml"]
+    assert cmd == ["python", *MODULE, "-c", "examples/config/ductwork.yml"]
+    compile_step = [arg for op, arg in steps if op == "RUN" and "compileall" in arg]
+    assert compile_step and ops.index("RUN", ops.index("COPY")) < ops.index("USER"), "bytecode compiled before USER"
 
     ignore_file = DOCKERFILE.with_name(DOCKERFILE.name + ".dockerignore")
     ignored = [p.strip() for p in ignore_file.read_text().splitlines() if p.strip() and not p.startswith("#")]
@@ -451,8 +457,12 @@ def test_dockerfile_builds_an_app_directory_where_its_cmd_works(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DUCTWORK_") and k != "DATABASE_URL"}
     env.update(image_env)
     env["DATABASE_URL"] = f"sqlite:///{tmp_path / 'image.sqlite3'}"
-    # The CMD's interpreter, script and config, from the image's WORKDIR; `validate` imports the app.
-    result = subprocess.run([sys.executable, cmd[1], "validate", *cmd[2:]], cwd=workdir, env=env,
+    # The build's compile step, then the CMD's module and config from the image's WORKDIR; `validate` imports the app.
+    compiled = subprocess.run([sys.executable, *shlex.split(compile_step[0])[1:]], cwd=workdir, capture_output=True,
+                              text=True, timeout=60)
+    assert compiled.returncode == 0, compiled.stdout + compiled.stderr
+    assert list(workdir.glob("__pycache__/ductwork.*.pyc")), "the compile step left no bytecode for ductwork.py"
+    result = subprocess.run([sys.executable, *cmd[1:3], "validate", *cmd[3:]], cwd=workdir, env=env,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and result.stdout.startswith("ok: 5 pipeline(s)"), result.stdout + result.stderr
     for config in ("ductwork.pipeline_advancer.yml", "ductwork.job_worker.yml"):
@@ -516,7 +526,7 @@ def test_container_roles_run_as_the_compose_and_k8s_files_say(db_url, tmp_path):
             done = wait_run(db_url, run_id)
             assert done.status == "completed" and done.output == expected, (done.status, done.output, done.halt_reasons)
 
-        status = run(["python", "ductwork.py", "status", "--json", "-c", "examples/config/ductwork.yml"], worker.env)
+        status = run(["python", *MODULE, "status", "--json", "-c", "examples/config/ductwork.yml"], worker.env)
         machines = {(p["machine"], p["role"]) for p in json.loads(status.stdout)["processes"]}
         for proc in running:
             assert (proc.env["DUCTWORK_MACHINE_ID"], proc.env["DUCTWORK_ROLE"]) in machines, (machines, status.stderr)
@@ -551,7 +561,7 @@ def test_systemd_unit_runs_reloads_and_stops_the_supervisor(db_url, tmp_path):
         proc.wait_log(r"advancer started \(pid")
         proc.wait_log(r"worker started \(pid", count=5)      # one job worker process per demo pipeline
         assert re.search(r"drain: job workers get 20s .* supervisor waits 30s", proc.log()), proc.log()[-2000:]
-        health = run(["python", "ductwork.py", "healthcheck", "-c", config_path_of(launch.argv)], env)
+        health = run(["python", *MODULE, "healthcheck", "-c", config_path_of(launch.argv)], env)
         assert health.returncode == 0 and health.stdout.strip() == "healthy", health.stdout + health.stderr
 
         # systemctl reload: ExecReload with $MAINPID, run for real.
@@ -564,7 +574,7 @@ def test_systemd_unit_runs_reloads_and_stops_the_supervisor(db_url, tmp_path):
         run_id = trigger(db_url, env, "TextStats", "Deploys drain gracefully")
         done = wait_run(db_url, run_id)
         assert done.status == "completed" and done.output == {"words": 3, "vowels": 7, "longest": "gracefully"}, done.output
-        health = run(["python", "ductwork.py", "healthcheck", "-c", config_path_of(launch.argv)], env)
+        health = run(["python", *MODULE, "healthcheck", "-c", config_path_of(launch.argv)], env)
         assert health.returncode == 0 and health.stdout.strip() == "healthy", health.stdout + health.stderr
 
         # systemctl stop: KillSignal=SIGTERM to the main process (KillMode=mixed), TimeoutStopSec to drain.
