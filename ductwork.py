@@ -614,6 +614,37 @@ class Tx:
             self.pending.remove((CH_JOBS, pipeline))
 
 
+class _TLS:
+    """The SSL context pg8000 gets: pg8000 only calls ``wrap_socket``, once the server has
+    agreed to TLS, so the context (and the ssl module) is made then, once per process and mode.
+    Left to itself, pg8000 builds a default context for every connection, loading the system
+    CA bundle (about 17 ms of CPU) even when the server has no TLS or verification is off."""
+
+    contexts: dict[str, Any] = {}
+    refused: set[tuple[str | None, int]] = set()   # servers that said no to TLS (sslmode prefer/allow)
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def wrap_socket(self, sock: Any, server_hostname: str | None = None) -> Any:
+        return self.context(self.mode).wrap_socket(sock, server_hostname=server_hostname)
+
+    @classmethod
+    def context(cls, mode: str) -> Any:
+        ctx = cls.contexts.get(mode)
+        if ctx is None:
+            import ssl
+            if mode in ("verify-ca", "verify-full"):   # the server's certificate must chain to a trusted CA
+                ctx = ssl.create_default_context()
+                ctx.check_hostname = mode == "verify-full"
+            else:                                      # prefer, allow, require: encrypted, not verified (as libpq)
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            cls.contexts[mode] = ctx
+        return ctx
+
+
 def _defer_scramp() -> None:
     """pg8000 imports scramp eagerly, and scramp loads asn1crypto's X.509 parser: about 11 MB
     and 20 ms in every process that talks to Postgres (the supervisor, each child, every
@@ -679,20 +710,25 @@ class Store:
             import pg8000.native
         except ImportError:
             raise ConfigError("PostgreSQL URLs need pg8000: pip install pg8000") from None
-        ssl_context: Any = None
-        if self.info.sslmode in ("require", "verify-ca", "verify-full"):
-            import ssl
-            ssl_context = ssl.create_default_context()
-            if self.info.sslmode == "require":
-                ssl_context.check_hostname = False
-                ssl_context.verify_mode = ssl.CERT_NONE
+        info = self.info
+        plain_ok = info.sslmode in ("disable", "allow", "prefer")
+        known_plain = info.sslmode == "disable" or (plain_ok and (info.host, info.port) in _TLS.refused)
+        tls = False if known_plain else _TLS(info.sslmode)
+
+        def connect(ssl_context: Any) -> Any:
+            return pg8000.native.Connection(
+                user=info.user, password=info.password, host=info.host, port=info.port, database=info.database,
+                timeout=info.connect_timeout, ssl_context=ssl_context, application_name="ductwork")
         try:
-            return _PgConnection(pg8000.native.Connection(
-                user=self.info.user, password=self.info.password, host=self.info.host, port=self.info.port,
-                database=self.info.database, timeout=self.info.connect_timeout, ssl_context=ssl_context,
-                application_name="ductwork"))
+            try:
+                return _PgConnection(connect(tls))
+            except pg8000.native.InterfaceError as exc:
+                if not (tls and plain_ok and "refuses SSL" in str(exc)):
+                    raise
+                _TLS.refused.add((info.host, info.port))  # prefer/allow: plain, now and for later connections
+                return _PgConnection(connect(False))
         except Exception as exc:
-            raise DatabaseUnavailable(mask(f"cannot connect to {self.info.display}: {_db_error_text(exc)}")) from None
+            raise DatabaseUnavailable(mask(f"cannot connect to {info.display}: {_db_error_text(exc)}")) from None
 
     def connection(self) -> Any:
         if os.getpid() != self._pid:

@@ -78,8 +78,9 @@ class PrivateCluster:
         except OSError:
             return ""
 
-    def create(self, password: str | None = None) -> None:
-        """initdb; with ``password`` the superuser has it and every login must use SCRAM-SHA-256."""
+    def create(self, password: str | None = None, tls: bool = False) -> None:
+        """initdb; with ``password`` the superuser has it and every login must use SCRAM-SHA-256;
+        with ``tls`` the server offers TLS with a fresh self-signed certificate (CN=localhost)."""
         auth = ["--auth=trust"]
         if password is not None:
             pwfile = self.root / "pwfile"
@@ -92,6 +93,18 @@ class PrivateCluster:
         with open(self.data / "postgresql.conf", "a") as fh:
             fh.write(f"\nport = {self.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{self.root}'\n"
                      "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 100\n")
+            if tls:
+                fh.write("ssl = on\n")
+        if tls:
+            openssl = shutil.which("openssl")
+            if not openssl:
+                reason = "a TLS cluster needs the openssl command"
+                if os.environ.get("CI") == "true":
+                    pytest.fail(f"CI=true but {reason}")
+                pytest.skip(reason)
+            self._run(openssl, "req", "-new", "-x509", "-days", "2", "-nodes", "-subj", "/CN=localhost",
+                      "-keyout", str(self.data / "server.key"), "-out", str(self.data / "server.crt"))
+            os.chmod(self.data / "server.key", 0o600)
 
     def start(self) -> None:
         self._run(self.pg_ctl, "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "30", "start")

@@ -56,3 +56,48 @@ def test_a_wrong_password_is_one_masked_line(scram_cluster):
 def test_a_trusted_login_never_loads_the_scram_stack():
     """pg8000 imports scramp eagerly (11 MB of X.509 parsing); ductwork defers it to the first SCRAM login."""
     assert probe(PG_ADMIN_URL) == "NoneType False"
+
+
+# -- TLS: sslmode as libpq means it; the context is built once per process, on first use ----------
+TLS_PROBE = ("import sys, ductwork\n"
+             "store = ductwork.Store(sys.argv[1])\n"
+             "for _ in range(3):  # several connections: one context, made when the server said yes\n"
+             "    with store.tx(write=False) as t:\n"
+             "        ssl = t.one('SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()')[0]\n"
+             "    store.close()\n"
+             "print(ssl, sorted(ductwork._TLS.contexts), 'ssl' in sys.modules)")
+
+
+@pytest.fixture(scope="module")
+def tls_cluster():
+    pg = PrivateCluster()
+    try:
+        pg.create(tls=True)
+        pg.start()
+        yield pg
+    finally:
+        pg.remove()
+
+
+def tls_probe(url: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", TLS_PROBE, url], capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+
+
+@pytest.mark.parametrize("mode, expected", [("prefer", "True ['prefer'] True"), ("require", "True ['require'] True"),
+                                            ("disable", "False [] False")])
+def test_sslmode_against_a_tls_server(tls_cluster, mode, expected):
+    out = tls_probe(f"{tls_cluster.url.split('?')[0]}?sslmode={mode}")
+    assert out.returncode == 0 and out.stdout.strip() == expected, out.stderr
+
+
+def test_verify_full_rejects_a_self_signed_certificate(tls_cluster):
+    out = run_cli("status", "--database-url", f"{tls_cluster.url.split('?')[0]}?sslmode=verify-full")
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "certificate verify failed" in out.stderr, out.stderr
+
+
+def test_sslmode_against_a_server_without_tls():
+    plain = PG_ADMIN_URL.split("?")[0]
+    out = tls_probe(f"{plain}?sslmode=prefer")       # plain after the server's no: no context was ever built
+    assert out.returncode == 0 and out.stdout.strip() == "False [] True", out.stderr  # (pg8000 imports ssl to ask)
+    out = run_cli("status", "--database-url", f"{plain}?sslmode=require")
+    assert out.returncode == 1 and "refuses SSL" in out.stderr and out.stderr.count("\n") == 1, out.stderr
