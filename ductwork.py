@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib
 import inspect
 import json
@@ -579,10 +580,14 @@ class Tx:
         self.pending: list[tuple[str, str]] = []   # wake-up hints to deliver after commit
         self.arrivals: dict[int, int] = {}          # parent branch id -> children that finished here
         self.halted: list[int] = []                 # runs halted here (on_halt fires after commit)
-        self.completed: list[Any] = []              # (run id, output) pairs, written in bulk
+        self.completed: list[tuple] = []            # (run id, output) pairs, written in bulk
         # pipeline -> ids of the steps this transaction made claimable (None: not all known); when
         # its own claim takes them all, nobody else needs waking for them
         self.new_steps: dict[str, set[int] | None] = {}
+
+    @property
+    def dialect(self) -> str:
+        return self.store.dialect
 
     def all(self, sql: str, params: Sequence = ()) -> list[tuple]:
         return self.conn.execute(self.store.sql(sql), params)[0]
@@ -1314,87 +1319,90 @@ class SQL:
                      "WHERE e.outcome IN ('failed', 'crashed') ORDER BY e.id DESC LIMIT ?")
 
 
-def _many(head: str, row: str, n: int, tail: str = "") -> str:
-    """``head VALUES row, row, ... tail`` for a multi-row INSERT of n rows."""
-    return f"{head} VALUES {', '.join([row] * n)}{tail}"
-
-
-def _rows(typed_row: str, n: int) -> str:
-    """An inline table of n parameter rows (typed by the first), for UPDATE ... FROM."""
-    plain = "SELECT " + ", ".join("?" * typed_row.count("?"))
-    return "(" + " UNION ALL ".join([f"SELECT {typed_row}"] + [plain] * (n - 1)) + ") AS v"
-
-
 class BulkSQL:
-    """Statements over many rows at once; they keep the claim fencing of their one-row versions."""
+    """Statements over a batch of rows. The rows travel as one JSON document (an array of
+    objects): one parameter and one statement text whatever the batch size, so each statement
+    is prepared once per connection, and pg8000 encodes one value instead of seven per row
+    (per-parameter cost dominates there: a 1000-way expand is 2 statements with 2 big
+    parameters, not 14 000 small ones). They keep the claim fencing of their one-row versions."""
 
-    @staticmethod
-    def steps_succeeded(n: int) -> str:
-        return ("UPDATE ductwork_steps SET status = 'succeeded', output = v.output, attempts = attempts + 1, "
-                "finished_at = {now}, claimed_by = NULL, claim_token = NULL FROM "
-                + _rows("CAST(? AS BIGINT) AS id, CAST(? AS TEXT) AS output", n)
-                + " WHERE ductwork_steps.id = v.id AND ductwork_steps.status = 'running' "
-                "AND ductwork_steps.claimed_by = ? AND ductwork_steps.claim_token = ? RETURNING ductwork_steps.id")
-
-    @staticmethod
-    def claim_branches(n: int) -> str:
-        return ("UPDATE ductwork_branches SET status = 'advancing', claimed_by = ?, claim_token = ?, claimed_at = {now} "
-                f"WHERE status = 'running' AND id IN ({', '.join('?' * n)}) "
-                "RETURNING id, run_id, pipeline, definition, parent_id, node, expected, arrived, advance_failures")
-
-    @staticmethod
-    def apply_branches(n: int) -> str:
-        return ("UPDATE ductwork_branches SET status = v.status, node = v.node, expected = v.expected, "
-                "arrived = v.arrived, output = v.output, halt_reason = v.halt_reason, claimed_by = NULL, "
-                "claim_token = NULL, advance_failures = 0, updated_at = {now} FROM "
-                + _rows("CAST(? AS BIGINT) AS id, CAST(? AS TEXT) AS status, CAST(? AS INTEGER) AS node, "
-                        "CAST(? AS INTEGER) AS expected, CAST(? AS INTEGER) AS arrived, CAST(? AS TEXT) AS output, "
-                        "CAST(? AS TEXT) AS halt_reason", n)
-                + " WHERE ductwork_branches.id = v.id AND ductwork_branches.status = 'advancing' "
-                "AND ductwork_branches.claim_token = ? RETURNING ductwork_branches.id")
-
-    @staticmethod
-    def runs_completed(n: int) -> str:
-        return ("UPDATE ductwork_runs SET status = 'completed', output = v.output, finished_at = {now}, "
-                "updated_at = {now} FROM " + _rows("CAST(? AS BIGINT) AS id, CAST(? AS TEXT) AS output", n)
-                + " WHERE ductwork_runs.id = v.id AND ductwork_runs.status = 'in_progress'")
-
-    @staticmethod
-    def insert_steps(n: int) -> str:
-        return _many("INSERT INTO ductwork_steps (run_id, branch_id, pipeline, node, name, status, input, available_at, created_at)",
-                     "(?, ?, ?, ?, ?, 'queued', ?, {now}, {now})", n, " RETURNING id, pipeline")
-
-    # A fan-out's rows travel as one JSON document (a 1000-way expand is 2 statements with 2
-    # big parameters, not 14 000 small ones: per-parameter cost dominates in pg8000).
     JSON_ROWS = {
         "postgres": "json_to_recordset(CAST(? AS JSON)) AS r({columns})",
         "sqlite": "(SELECT {extract} FROM json_each(?)) AS r",
     }
+    STEP = [("id", "BIGINT"), ("output", "TEXT")]
+    BRANCH = [("id", "BIGINT"), ("status", "TEXT"), ("node", "INTEGER"), ("expected", "INTEGER"),
+              ("arrived", "INTEGER"), ("output", "TEXT"), ("halt_reason", "TEXT")]
+    NEW_STEP = [("run_id", "BIGINT"), ("branch_id", "BIGINT"), ("pipeline", "TEXT"), ("node", "INTEGER"),
+                ("name", "TEXT"), ("input", "TEXT")]
+    EXECUTION = [("step_id", "BIGINT"), ("run_id", "BIGINT"), ("process_id", "BIGINT"), ("attempt", "INTEGER"),
+                 ("outcome", "TEXT"), ("error", "TEXT"), ("started_at", "DOUBLE PRECISION")]
 
     @classmethod
-    def from_json(cls, dialect: str, columns: list[tuple[str, str]]) -> str:
-        """A row source over a JSON array of objects with these (name, SQL type) columns."""
+    def rows(cls, dialect: str, columns: list[tuple[str, str]]) -> str:
+        """A row source ``r`` over a JSON array of objects with these (name, SQL type) columns."""
         if dialect == "postgres":
             return cls.JSON_ROWS["postgres"].replace("{columns}", ", ".join(f"{n} {t}" for n, t in columns))
         return cls.JSON_ROWS["sqlite"].replace("{extract}", ", ".join(f"json_extract(value, '$.{n}') AS {n}" for n, _ in columns))
 
     @classmethod
+    @functools.cache
+    def steps_succeeded(cls, dialect: str) -> str:
+        return ("UPDATE ductwork_steps SET status = 'succeeded', output = r.output, attempts = attempts + 1, "
+                "finished_at = {now}, claimed_by = NULL, claim_token = NULL FROM " + cls.rows(dialect, cls.STEP)
+                + " WHERE ductwork_steps.id = r.id AND ductwork_steps.status = 'running' "
+                "AND ductwork_steps.claimed_by = ? AND ductwork_steps.claim_token = ? RETURNING ductwork_steps.id")
+
+    @classmethod
+    @functools.cache
+    def claim_branches(cls, dialect: str) -> str:
+        return ("UPDATE ductwork_branches SET status = 'advancing', claimed_by = ?, claim_token = ?, claimed_at = {now} "
+                "WHERE status = 'running' AND id IN (SELECT r.id FROM " + cls.rows(dialect, cls.STEP[:1]) + ") "
+                "RETURNING id, run_id, pipeline, definition, parent_id, node, expected, arrived, advance_failures")
+
+    @classmethod
+    @functools.cache
+    def apply_branches(cls, dialect: str) -> str:
+        return ("UPDATE ductwork_branches SET status = r.status, node = r.node, expected = r.expected, "
+                "arrived = r.arrived, output = r.output, halt_reason = r.halt_reason, claimed_by = NULL, "
+                "claim_token = NULL, advance_failures = 0, updated_at = {now} FROM " + cls.rows(dialect, cls.BRANCH)
+                + " WHERE ductwork_branches.id = r.id AND ductwork_branches.status = 'advancing' "
+                "AND ductwork_branches.claim_token = ? RETURNING ductwork_branches.id")
+
+    @classmethod
+    @functools.cache
+    def runs_completed(cls, dialect: str) -> str:
+        return ("UPDATE ductwork_runs SET status = 'completed', output = r.output, finished_at = {now}, "
+                "updated_at = {now} FROM " + cls.rows(dialect, cls.STEP)
+                + " WHERE ductwork_runs.id = r.id AND ductwork_runs.status = 'in_progress'")
+
+    @classmethod
+    @functools.cache
+    def insert_steps(cls, dialect: str) -> str:
+        return ("INSERT INTO ductwork_steps (run_id, branch_id, pipeline, node, name, status, input, available_at, created_at) "
+                "SELECT r.run_id, r.branch_id, r.pipeline, r.node, r.name, 'queued', r.input, {now}, {now} FROM "
+                + cls.rows(dialect, cls.NEW_STEP) + " RETURNING id, pipeline")
+
+    @classmethod
+    @functools.cache
     def insert_child_branches(cls, dialect: str) -> str:
         return ("INSERT INTO ductwork_branches (run_id, pipeline, definition, parent_id, origin_step_id, position, node, "
                 "status, available_at, created_at, updated_at) SELECT CAST(? AS BIGINT), CAST(? AS TEXT), CAST(? AS TEXT), "
                 "CAST(? AS BIGINT), CAST(? AS BIGINT), r.position, r.node, 'running', {now}, {now}, {now} FROM "
-                + cls.from_json(dialect, [("position", "INTEGER"), ("node", "INTEGER")]) + " RETURNING id, position")
+                + cls.rows(dialect, [("position", "INTEGER"), ("node", "INTEGER")]) + " RETURNING id, position")
 
     @classmethod
-    def insert_child_steps(cls, dialect: str) -> str:
-        return ("INSERT INTO ductwork_steps (run_id, branch_id, pipeline, node, name, status, input, available_at, created_at) "
-                "SELECT CAST(? AS BIGINT), r.branch_id, CAST(? AS TEXT), r.node, r.name, 'queued', r.input, {now}, {now} FROM "
-                + cls.from_json(dialect, [("branch_id", "BIGINT"), ("node", "INTEGER"), ("name", "TEXT"), ("input", "TEXT")]))
+    @functools.cache
+    def insert_executions(cls, dialect: str) -> str:
+        return ("INSERT INTO ductwork_executions (step_id, run_id, process_id, attempt, outcome, error, started_at, "
+                "finished_at) SELECT r.step_id, r.run_id, r.process_id, r.attempt, r.outcome, r.error, r.started_at, "
+                "{now} FROM " + cls.rows(dialect, cls.EXECUTION))
 
-    @staticmethod
-    def insert_executions(n: int) -> str:
-        return _many("INSERT INTO ductwork_executions (step_id, run_id, process_id, attempt, outcome, error, started_at, "
-                     "finished_at)", "(?, ?, ?, ?, ?, ?, ?, {now})", n)
+
+def _document(columns: list[tuple[str, str]], rows: Iterable[Sequence[Any]]) -> str:
+    """Rows (tuples in ``columns`` order) as the JSON document a BulkSQL statement reads."""
+    names = [name for name, _ in columns]
+    return _dumps([dict(zip(names, row, strict=True)) for row in rows])
 
 
 def _token() -> str:
@@ -1534,7 +1542,8 @@ class Engine:
                 t.run(SQL.insert_definition, (digest, name, d.body))
             run_id = t.one(SQL.insert_run, (name, digest, args_json))[0]
             branch_id = t.one(SQL.insert_branch, (run_id, name, digest, None, None, 0, 0))[0]
-            t.run(BulkSQL.insert_steps(1), (run_id, branch_id, name, 0, d.nodes[0]["step"], args_json))
+            t.run(BulkSQL.insert_steps(t.dialect),
+                  (_document(BulkSQL.NEW_STEP, [(run_id, branch_id, name, 0, d.nodes[0]["step"], args_json)]),))
             t.notify(CH_JOBS, name)
         self._stored_definitions.add(digest)
         return int(run_id)
@@ -1567,7 +1576,7 @@ class Engine:
         token = _token()
         out = Committed([False] * len(results), [], [])
         finished: list[tuple[int, StepResult, tuple]] = []   # (index, result, current-step tuple)
-        executions: list[Any] = []
+        executions: list[tuple] = []
         with self.store.tx() as t:
             accepted = self._write_successes(t, [r for r in results if r.ok])
             for i, r in enumerate(results):
@@ -1590,12 +1599,12 @@ class Engine:
             for i, r in enumerate(results):
                 if out.accepted[i]:
                     c = r.claim
-                    executions += [c.step_id, c.run_id, c.process_id, c.attempt, "succeeded" if r.ok else "failed",
-                                   None if r.ok else r.value, c.claimed_at]
+                    executions.append((c.step_id, c.run_id, c.process_id, c.attempt, "succeeded" if r.ok else "failed",
+                                       None if r.ok else r.value, c.claimed_at))
             if finished:
                 self._advance_finished(t, finished, token, inline)
             if executions:
-                t.run(BulkSQL.insert_executions(len(executions) // 7), executions)
+                t.run(BulkSQL.insert_executions(t.dialect), (_document(BulkSQL.EXECUTION, executions),))
             if claim_limit and results:
                 pipeline, process_id = results[0].claim.pipeline, results[0].claim.process_id
                 out.claims = self._claim_steps_in(t, pipeline, process_id, token, claim_limit)
@@ -1613,10 +1622,8 @@ class Engine:
         for r in results:
             groups.setdefault((r.claim.process_id, r.claim.token), []).append(r)
         for (process_id, token), group in groups.items():
-            params: list[Any] = []
-            for r in group:
-                params += [r.claim.step_id, r.value]
-            accepted |= {row[0] for row in t.all(BulkSQL.steps_succeeded(len(group)), (*params, process_id, token))}
+            rows = _document(BulkSQL.STEP, [(r.claim.step_id, r.value) for r in group])
+            accepted |= {row[0] for row in t.all(BulkSQL.steps_succeeded(t.dialect), (rows, process_id, token))}
         return accepted
 
     def _advance_finished(self, t: Tx, finished: list[tuple[int, StepResult, tuple]], token: str, inline: bool) -> None:
@@ -1626,7 +1633,8 @@ class Engine:
         # Not fenced on the process row: a branch claimed here is released in this same transaction.
         if inline:
             process_id = finished[0][1].claim.process_id
-            rows = t.all(BulkSQL.claim_branches(len(by_branch)), (process_id, token, *by_branch))
+            rows = t.all(BulkSQL.claim_branches(t.dialect),
+                         (process_id, token, _document(BulkSQL.STEP[:1], [(b,) for b in by_branch])))
             claimed = [(BranchClaim(*row, process_id=process_id, token=token), by_branch.pop(row[0])[1]) for row in rows]
             if claimed:
                 self.fault("after_branch_claim")
@@ -1685,7 +1693,8 @@ class Engine:
             if t.run(SQL.step_crashed, ("failed" if exhausted else "queued", JOB_CRASHES_EXHAUSTED if exhausted else None,
                                         f"crashed: {why}" if exhausted else None, delay, step_id, process_id)) != 1:
                 continue  # committed by its (resumed) claimer since the SELECT: nothing to hand back
-            t.run(BulkSQL.insert_executions(1), (step_id, run_id, process_id, attempts + crashes, "crashed", why, claimed_at))
+            t.run(BulkSQL.insert_executions(t.dialect), (_document(BulkSQL.EXECUTION, [
+                (step_id, run_id, process_id, attempts + crashes, "crashed", why, claimed_at)]),))
             t.notify(CH_ADVANCE if exhausted else CH_JOBS, pipeline)
             if exhausted:
                 t.run(SQL.branch_ready, (branch_id,))
@@ -1726,29 +1735,36 @@ class Engine:
             decided.append((b, d, step, self._decide(t, b, d, step)))
         for token in {b.token for b, *_ in decided}:
             group = [x for x in decided if x[0].token == token]
-            params: list[Any] = []
-            for b, _, _, o in group:
-                params += [b.id, o.status, o.node, o.expected, o.arrived, o.output, o.halt_reason]
-            applied = {row[0] for row in t.all(BulkSQL.apply_branches(len(group)), (*params, token))}
+            rows = _document(BulkSQL.BRANCH, [(b.id, o.status, o.node, o.expected, o.arrived, o.output, o.halt_reason)
+                                              for b, _, _, o in group])
+            applied = {row[0] for row in t.all(BulkSQL.apply_branches(t.dialect), (rows, token))}
             if len(applied) != len(group):
                 lost = [b.id for b, *_ in group if b.id not in applied]
                 log.warning("advancement of branch(es) %s rejected: the claim was lost", lost)
                 raise _Rejected()
-        new_steps: list[Any] = []
+        new_steps: list[tuple] = []
         for b, d, step, o in decided:
             if o.new_step is not None:
                 node, value = o.new_step
-                new_steps += [b.run_id, b.id, b.pipeline, node, d.nodes[node]["step"], value]
+                new_steps.append((b.run_id, b.id, b.pipeline, node, d.nodes[node]["step"], value))
             if o.children:
                 self._insert_children(t, b, d, step[0], o.children)
             if o.status in ("completed", "halted"):
                 self._branch_finished(t, b, o.status, o.output)
         if new_steps:
-            for step_id, pipeline in t.all(BulkSQL.insert_steps(len(new_steps) // 6), new_steps):
-                t.queued(pipeline, [step_id])
+            self._insert_steps(t, new_steps)
         if t.completed:
-            t.run(BulkSQL.runs_completed(len(t.completed) // 2), t.completed)
+            t.run(BulkSQL.runs_completed(t.dialect), (_document(BulkSQL.STEP, t.completed),))
             t.completed = []
+
+    @staticmethod
+    def _insert_steps(t: Tx, rows: list[tuple]) -> None:
+        """Queue new steps (BulkSQL.NEW_STEP rows); a worker is woken for them after commit."""
+        by_pipeline: dict[str, list[int]] = {}
+        for step_id, pipeline in t.all(BulkSQL.insert_steps(t.dialect), (_document(BulkSQL.NEW_STEP, rows),)):
+            by_pipeline.setdefault(pipeline, []).append(step_id)
+        for pipeline, ids in by_pipeline.items():
+            t.queued(pipeline, ids)
 
     def _decide(self, t: Tx, b: BranchClaim, d: Definition, step: tuple | None) -> _Outcome:
         node = d.nodes[b.node]
@@ -1822,14 +1838,11 @@ class Engine:
 
     def _insert_children(self, t: Tx, b: BranchClaim, d: Definition, origin_step: int,
                          children: list[tuple[int, int, str]]) -> None:
-        dialect = self.store.dialect
         rows = _dumps([{"position": position, "node": node} for position, node, _ in children])
-        ids = {pos: bid for bid, pos in t.all(BulkSQL.insert_child_branches(dialect),
+        ids = {pos: bid for bid, pos in t.all(BulkSQL.insert_child_branches(t.dialect),
                                                (b.run_id, b.pipeline, b.definition, b.id, origin_step, rows))}
-        rows = _dumps([{"branch_id": ids[position], "node": node, "name": d.nodes[node]["step"], "input": value}
-                       for position, node, value in children])
-        t.run(BulkSQL.insert_child_steps(dialect), (b.run_id, b.pipeline, rows))
-        t.notify(CH_JOBS, b.pipeline)
+        self._insert_steps(t, [(b.run_id, ids[position], b.pipeline, node, d.nodes[node]["step"], value)
+                               for position, node, value in children])
 
     def _branch_finished(self, t: Tx, b: BranchClaim, status: str, output: str | None) -> None:
         run_id = b.run_id
@@ -1838,7 +1851,7 @@ class Engine:
             # row is the one hot row a fan-in shares, so its lock is held as briefly as possible.
             t.arrivals[b.parent_id] = t.arrivals.get(b.parent_id, 0) + 1
         elif status == "completed":
-            t.completed += [run_id, output]
+            t.completed.append((run_id, output))
             log.debug("run %s completed", run_id, extra={"run": run_id})
         else:
             reasons = [r for (r,) in t.all(SQL.halt_reasons, (run_id,))]
@@ -1870,7 +1883,8 @@ class Engine:
     def halt_branch(self, b: BranchClaim, reason: str) -> list[int]:
         """Halt a claimed branch outright (advancer retries exhausted)."""
         with self.store.tx() as t:
-            if not t.all(BulkSQL.apply_branches(1), (b.id, "halted", b.node, b.expected, b.arrived, None, reason, b.token)):
+            row = (b.id, "halted", b.node, b.expected, b.arrived, None, reason)
+            if not t.all(BulkSQL.apply_branches(t.dialect), (_document(BulkSQL.BRANCH, [row]), b.token)):
                 return []
             self._branch_finished(t, b, "halted", None)
             self._flush_arrivals(t, b.process_id, b.token)
@@ -2252,9 +2266,9 @@ class Outage:
 class Wakeups:
     """Wake-up hints inside one process: one idle thread per hint (no thundering herd).
 
-    A thread that finds a full batch wakes one more sibling, so a burst spreads over the idle
-    threads one by one. A hint that finds nobody idle is kept, so a thread about to wait
-    does not miss it. ``all()`` wakes everybody (shutdown)."""
+    A thread whose claim came back full (there is likely more) wakes every idle sibling, so a
+    burst reaches all threads at once. A hint that finds nobody idle is kept, so a thread
+    about to wait does not miss it. ``all()`` wakes everybody (shutdown)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -2281,14 +2295,17 @@ class Wakeups:
                 self.idle.get(key, []).remove(ev)
         ev.clear()
 
-    def notify(self, channel: str, pipeline: str) -> None:
+    def notify(self, channel: str, pipeline: str, every_idle: bool = False) -> None:
+        """Wake one idle thread (``every_idle``: all of them) of this channel and pipeline."""
         key = (channel, pipeline)
         with self.lock:
             waiting = self.idle.get(key)
-            if waiting:
-                waiting.pop(0).set()
-            else:
+            if not waiting:
                 self.pending.add(key)
+                return
+            for ev in waiting[:] if every_idle else waiting[:1]:
+                waiting.remove(ev)
+                ev.set()
 
     def all(self) -> None:
         with self.lock:
@@ -2414,35 +2431,38 @@ class Runtime:
                     if not self.stopping.is_set():  # stopping is set before the wake-ups fire
                         self.wakeups.wait(CH_JOBS, pipeline, wake, idle)
                     continue
-                if len(claims) == limit:  # there may be more: let an idle sibling look too
-                    self.wakeups.notify(CH_JOBS, pipeline)
-            started = time.monotonic()
+                if len(claims) == limit:  # there may be more: let the idle siblings look too
+                    self.wakeups.notify(CH_JOBS, pipeline, every_idle=True)
             count = len(claims)
-            claims = self.run_batch(claims, limit)
-            per_step = (time.monotonic() - started) / count
-            limit = min(limit * 2, MAX_BATCH) if per_step < QUICK_STEP else 1
+            claims, running = self.run_batch(claims, limit)
+            # Sized by the steps' own run time: a slow commit (a busy database) is a reason to
+            # batch more, never less; slow steps go one at a time so siblings share them.
+            limit = min(limit * 2, MAX_BATCH) if running / count < QUICK_STEP else 1
         if claims:
             self._release(claims)
 
-    def run_batch(self, claims: list[JobClaim], next_limit: int) -> list[JobClaim]:
+    def run_batch(self, claims: list[JobClaim], next_limit: int) -> tuple[list[JobClaim], float]:
         """Run the claimed steps in order; commit their results (early when a result has waited
-        QUICK_COMMIT seconds); return the steps claimed in the final commit's transaction."""
+        QUICK_COMMIT seconds). Returns the steps claimed in the final commit's transaction and
+        the seconds spent running steps (commits excluded)."""
         self._track(claims)
         results: list[StepResult] = []
-        waiting_since = 0.0
+        waiting_since = running = 0.0
         for i, c in enumerate(claims):
             if self.stopping.is_set():
                 self._commit_results(results, 0)
                 self._release(claims[i:])
-                return []
+                return [], running
+            started = time.monotonic()
             result = self.run_step(c)
+            running += time.monotonic() - started
             if result is not None:
                 results.append(result)
                 waiting_since = waiting_since or time.monotonic()
             if results and i < len(claims) - 1 and time.monotonic() - waiting_since > QUICK_COMMIT:
                 self._commit_results(results, 0)
                 results, waiting_since = [], 0.0
-        return self._commit_results(results, 0 if self.stopping.is_set() else next_limit)
+        return self._commit_results(results, 0 if self.stopping.is_set() else next_limit), running
 
     def run_step(self, c: JobClaim) -> StepResult | None:
         """Execute one claimed step; None when it was handed back instead (machinery failure)."""
@@ -2523,7 +2543,7 @@ class Runtime:
                             extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
         self._track(done.claims)
         if claim_limit and len(done.claims) == claim_limit:
-            self.wakeups.notify(CH_JOBS, results[0].claim.pipeline)
+            self.wakeups.notify(CH_JOBS, results[0].claim.pipeline, every_idle=True)
         for run_id in done.halted:
             self.engine.notify_halt(run_id)
         if any(done.accepted):

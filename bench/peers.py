@@ -13,6 +13,8 @@ threads each). Figures:
 - throughput: N no-op jobs enqueued before the workers start; jobs/s from the first job body
   run (wall clock, written once by each worker) to the moment the queue is seen empty
   (polled every 10 ms);
+- warm throughput: the same N jobs enqueued in one call to workers already running and idle;
+  jobs/s from the enqueue to the queue seen empty (polled every 2 ms);
 - 10-step chain: each job enqueues the next, the last writes a row; trigger -> row seen,
   median of 20 runs, in ms;
 - fan-out 1000 + fan-in: 1000 no-op jobs each bump a counter row; the one that reaches 1000
@@ -212,6 +214,7 @@ class Peer:
 
     def install(self, url: str) -> None: ...
     def enqueue_noop(self, url: str, n: int) -> None: ...
+    def enqueue_noop_open(self, n: int) -> None: ...
     def enqueue_chain(self, url: str, run: str) -> None: ...
     def enqueue_fan(self, url: str, run: str, width: int) -> None: ...
     def pending(self, db: Database) -> int: ...
@@ -256,6 +259,9 @@ class PgQueuerPeer(Peer):
         self.loop.run_until_complete(self.conn.close())
         self.loop.close()
 
+    def enqueue_noop_open(self, n: int) -> None:
+        self.loop.run_until_complete(self.q.enqueue(["noop"] * n, [None] * n, [0] * n))
+
     def enqueue_chain(self, url: str, run: str) -> None:
         self.loop.run_until_complete(self.q.enqueue("chain", f"{run}:{CHAIN_STEPS}".encode()))
 
@@ -297,6 +303,9 @@ class ProcrastinatePeer(Peer):
     def close(self) -> None:
         self.loop.run_until_complete(self.ctx.__aexit__(None, None, None))
         self.loop.close()
+
+    def enqueue_noop_open(self, n: int) -> None:
+        self.loop.run_until_complete(self.tasks["noop"].batch_defer_async(*[{} for _ in range(n)]))
 
     def enqueue_chain(self, url: str, run: str) -> None:
         self.loop.run_until_complete(self.tasks["chain"].defer_async(run=run, n=CHAIN_STEPS))
@@ -348,6 +357,21 @@ def throughput(peer: Peer, db: Database, tmp: Path, n: int) -> float:
         cluster.stop()
 
 
+def throughput_warm(peer: Peer, db: Database, tmp: Path, n: int) -> float:
+    """N jobs enqueued in one call to workers already running and idle: jobs/s from the
+    enqueue to the queue seen empty (polled every 2 ms), as bench/throughput.py's warm figure."""
+    cluster = Cluster(peer, db, tmp)
+    peer.open(db.url)
+    try:
+        t0 = time.perf_counter()
+        peer.enqueue_noop_open(n)
+        wait_for(lambda: peer.pending(db) == 0, 300, 0.002)
+        return n / (time.perf_counter() - t0)
+    finally:
+        peer.close()
+        cluster.stop()
+
+
 def chain_latency(peer: Peer, db: Database, tmp: Path) -> list[float]:
     cluster = Cluster(peer, db, tmp)
     peer.open(db.url)
@@ -387,7 +411,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--peers", default="pgqueuer,procrastinate")
     parser.add_argument("--jobs", type=int, default=2000)
-    parser.add_argument("--only", default="throughput,chain,fan")
+    parser.add_argument("--only", default="throughput,warm,chain,fan")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--mark", help=argparse.SUPPRESS)
@@ -424,6 +448,9 @@ def main() -> None:
                     if figure == "throughput":
                         key = f"{args.jobs} no-op jobs, jobs/s"
                         results.setdefault((peer.label(), key), []).append(throughput(peer, db, tmp, args.jobs))
+                    elif figure == "warm":
+                        key = f"{args.jobs} no-op jobs, warm workers, jobs/s"
+                        results.setdefault((peer.label(), key), []).append(throughput_warm(peer, db, tmp, args.jobs))
                     elif figure == "chain":
                         lat = chain_latency(peer, db, tmp)
                         results.setdefault((peer.label(), "10-step chain median, ms"), []).append(statistics.median(lat))

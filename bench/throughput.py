@@ -61,6 +61,28 @@ def throughput_single(db: Database, tmp: Path, steps: int) -> float:
     return steps / (last - first)
 
 
+def throughput_warm(db: Database, tmp: Path, steps: int) -> float:
+    """The same backlog, released at once to a cluster already running and idle: steps/s from
+    the release (one transaction, with its wake-up) to the last run seen finished, wall clock.
+    What a running deployment sustains, without the processes' boot in the figure."""
+    import bench_app  # noqa: F401 - registers the pipelines
+    ductwork.configure(database_url=db.url)
+    engine = ductwork._app_engine()
+    for _ in range(steps):
+        engine.trigger("BenchSingle", [None])
+    with engine.store.tx() as t:  # held back while the cluster boots
+        t.run("UPDATE ductwork_steps SET available_at = available_at + 3600")
+    cluster = Cluster(db, tmp)
+    t0 = time.perf_counter()
+    with engine.store.tx() as t:
+        t.run("UPDATE ductwork_steps SET available_at = {now} WHERE status = 'queued'")
+        t.notify(ductwork.CH_JOBS, "BenchSingle")
+    wait_for(lambda: unfinished(cluster) == 0, 300, 0.002)
+    took = time.perf_counter() - t0
+    cluster.stop()
+    return steps / took
+
+
 def throughput_expand(db: Database, tmp: Path, steps: int) -> float:
     return (steps + 2) / fan_in(db, tmp, steps)  # the fan, its `steps` children and the collapse
 
@@ -100,7 +122,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--engines", default="postgres,sqlite")
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--only", default="single,expand,chain,fan")
+    parser.add_argument("--only", default="single,warm,expand,chain,fan")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ductwork-tp-"))
     results: dict[tuple[str, str], list[float]] = {}
@@ -112,6 +134,9 @@ def main() -> None:
                     if figure == "single":
                         results.setdefault((kind, f"{args.steps} single-step runs, steps/s"), []).append(
                             throughput_single(db, tmp, args.steps))
+                    elif figure == "warm":
+                        results.setdefault((kind, f"{args.steps} single-step runs, warm workers, steps/s"), []).append(
+                            throughput_warm(db, tmp, args.steps))
                     elif figure == "expand":
                         results.setdefault((kind, f"expand {args.steps} + collapse, steps/s"), []).append(
                             throughput_expand(db, tmp, args.steps))
