@@ -569,3 +569,53 @@ def test_wake_up_hint_is_dropped_only_when_the_commit_claims_every_step_it_queue
     done = engine.commit([ductwork.StepResult(c, True, "[0, 1, 2]")], claim_limit=2)
     assert len(done.claims) == 2 and hints == [(ductwork.CH_JOBS, "EngExpand")]  # one child is left for others
     assert len(run.steps) == 4
+
+
+# -- adaptive batches: quick steps are claimed and committed many at a time, slow ones singly ---------
+def nap_20ms(x):
+    threading.Event().wait(0.02)
+    return x
+
+
+class EngSlow(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(nap_20ms)
+
+
+def _batches(engine, start_runtime, pipeline, runs, commit_delay=0.0):
+    """Release ``runs`` (already triggered) at once to one worker thread; the sizes of its commits."""
+    with engine.store.tx() as t:  # held back until the worker is up and observed
+        t.run("UPDATE ductwork_steps SET available_at = available_at + 3600")
+    sizes: list[int] = []
+    handle = start_runtime([pipeline], role="worker", job_worker={"count": 1, "polling_timeout": 0.05})
+    real = handle.runtime.engine.commit
+
+    def commit(results, claim_limit=0):
+        sizes.append(len(results))
+        threading.Event().wait(commit_delay)   # a slow database: the commit's round trips take longer
+        return real(results, claim_limit)
+    handle.runtime.engine.commit = commit
+    with engine.store.tx() as t:
+        t.run("UPDATE ductwork_steps SET available_at = {now} WHERE status = 'queued'")
+    for run in runs:
+        assert run.wait(30) == "completed"
+    return sizes
+
+
+def test_quick_steps_are_committed_in_growing_batches(engine, start_runtime):
+    runs = [EngSingle.trigger(i) for i in range(120)]
+    sizes = _batches(engine, start_runtime, "EngSingle", runs)
+    assert sum(sizes) == 120 and max(sizes) == ductwork.MAX_BATCH and len(sizes) < 120 / 4, sizes
+
+
+def test_a_slow_commit_does_not_shrink_batches_of_quick_steps(engine, start_runtime):
+    runs = [EngSingle.trigger(i) for i in range(120)]
+    sizes = _batches(engine, start_runtime, "EngSingle", runs, commit_delay=0.01)   # 2x QUICK_STEP per commit
+    assert sum(sizes) == 120 and max(sizes) == ductwork.MAX_BATCH, sizes
+
+
+def test_slow_steps_are_claimed_one_at_a_time(engine, start_runtime):
+    runs = [EngSlow.trigger(i) for i in range(6)]
+    sizes = _batches(engine, start_runtime, "EngSlow", runs)
+    assert sizes == [1] * 6
