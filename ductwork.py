@@ -798,9 +798,10 @@ class Store:
             if self.dialect == "postgres":
                 counter = iter(range(1 << 16))
                 out = re.sub(r"\?", lambda _: f":p{next(counter)}", out).replace("{skip_locked}", "FOR UPDATE SKIP LOCKED")
+                out = out.replace("{for_update}", "FOR UPDATE")
                 out = out.replace("{key_share}", "FOR KEY SHARE")
             else:
-                out = out.replace("{skip_locked}", "").replace("{key_share}", "")
+                out = out.replace("{skip_locked}", "").replace("{key_share}", "").replace("{for_update}", "")
             self._sql[text] = out
         return out
 
@@ -1331,8 +1332,8 @@ class BulkSQL:
         "sqlite": "(SELECT {extract} FROM json_each(?)) AS r",
     }
     STEP = [("id", "BIGINT"), ("output", "TEXT")]
-    BRANCH = [("id", "BIGINT"), ("status", "TEXT"), ("node", "INTEGER"), ("expected", "INTEGER"),
-              ("arrived", "INTEGER"), ("output", "TEXT"), ("halt_reason", "TEXT")]
+    BRANCH = [("id", "BIGINT"), ("held", "TEXT"), ("token", "TEXT"), ("status", "TEXT"), ("node", "INTEGER"),
+              ("expected", "INTEGER"), ("arrived", "INTEGER"), ("output", "TEXT"), ("halt_reason", "TEXT")]
     NEW_STEP = [("run_id", "BIGINT"), ("branch_id", "BIGINT"), ("pipeline", "TEXT"), ("node", "INTEGER"),
                 ("name", "TEXT"), ("input", "TEXT")]
     EXECUTION = [("step_id", "BIGINT"), ("run_id", "BIGINT"), ("process_id", "BIGINT"), ("attempt", "INTEGER"),
@@ -1355,10 +1356,12 @@ class BulkSQL:
 
     @classmethod
     @functools.cache
-    def claim_branches(cls, dialect: str) -> str:
-        return ("UPDATE ductwork_branches SET status = 'advancing', claimed_by = ?, claim_token = ?, claimed_at = {now} "
-                "WHERE status = 'running' AND id IN (SELECT r.id FROM " + cls.rows(dialect, cls.STEP[:1]) + ") "
-                "RETURNING id, run_id, pipeline, definition, parent_id, node, expected, arrived, advance_failures")
+    def lock_branches(cls, dialect: str) -> str:
+        """The running branches of steps committed in this transaction, row-locked (not claimed:
+        they are advanced before this transaction ends, so no second row version is written)."""
+        return ("SELECT id, run_id, pipeline, definition, parent_id, node, expected, arrived, advance_failures "
+                "FROM ductwork_branches WHERE status = 'running' AND id IN (SELECT r.id FROM "
+                + cls.rows(dialect, cls.STEP[:1]) + ") ORDER BY id {for_update}")
 
     @classmethod
     @functools.cache
@@ -1366,8 +1369,8 @@ class BulkSQL:
         return ("UPDATE ductwork_branches SET status = r.status, node = r.node, expected = r.expected, "
                 "arrived = r.arrived, output = r.output, halt_reason = r.halt_reason, claimed_by = NULL, "
                 "claim_token = NULL, advance_failures = 0, updated_at = {now} FROM " + cls.rows(dialect, cls.BRANCH)
-                + " WHERE ductwork_branches.id = r.id AND ductwork_branches.status = 'advancing' "
-                "AND ductwork_branches.claim_token = ? RETURNING ductwork_branches.id")
+                + " WHERE ductwork_branches.id = r.id AND ductwork_branches.status = r.held "
+                "AND COALESCE(ductwork_branches.claim_token, '') = r.token RETURNING ductwork_branches.id")
 
     @classmethod
     @functools.cache
@@ -1475,7 +1478,8 @@ class BranchClaim:
     arrived: int
     advance_failures: int
     process_id: int
-    token: str
+    token: str             # "" for a branch locked (not claimed) by the transaction that advances it
+    held: str = "advancing"  # the status it is held in: "running" when locked by a step's own commit
 
 
 @dataclasses.dataclass
@@ -1630,12 +1634,12 @@ class Engine:
         """The branches of just-finished steps: advanced here (inline) or queued for an advancer."""
         by_branch = {r.claim.branch_id: (r, step) for _, r, step in finished}
         claimed: list[tuple[BranchClaim, tuple]] = []
-        # Not fenced on the process row: a branch claimed here is released in this same transaction.
+        # Locked, not claimed (nor fenced on the process row): advanced before this transaction ends.
         if inline:
             process_id = finished[0][1].claim.process_id
-            rows = t.all(BulkSQL.claim_branches(t.dialect),
-                         (process_id, token, _document(BulkSQL.STEP[:1], [(b,) for b in by_branch])))
-            claimed = [(BranchClaim(*row, process_id=process_id, token=token), by_branch.pop(row[0])[1]) for row in rows]
+            rows = t.all(BulkSQL.lock_branches(t.dialect), (_document(BulkSQL.STEP[:1], [(b,) for b in by_branch]),))
+            claimed = [(BranchClaim(*row, process_id=process_id, token="", held="running"), by_branch.pop(row[0])[1])
+                       for row in rows]
             if claimed:
                 self.fault("after_branch_claim")
         for branch_id, (r, _) in by_branch.items():  # not advanced here: the advancer's job
@@ -1733,15 +1737,13 @@ class Engine:
             if step is None:
                 step = t.one(SQL.current_step, (b.id,))
             decided.append((b, d, step, self._decide(t, b, d, step)))
-        for token in {b.token for b, *_ in decided}:
-            group = [x for x in decided if x[0].token == token]
-            rows = _document(BulkSQL.BRANCH, [(b.id, o.status, o.node, o.expected, o.arrived, o.output, o.halt_reason)
-                                              for b, _, _, o in group])
-            applied = {row[0] for row in t.all(BulkSQL.apply_branches(t.dialect), (rows, token))}
-            if len(applied) != len(group):
-                lost = [b.id for b, *_ in group if b.id not in applied]
-                log.warning("advancement of branch(es) %s rejected: the claim was lost", lost)
-                raise _Rejected()
+        rows = _document(BulkSQL.BRANCH, [(b.id, b.held, b.token, o.status, o.node, o.expected, o.arrived, o.output,
+                                           o.halt_reason) for b, _, _, o in decided])
+        applied = {row[0] for row in t.all(BulkSQL.apply_branches(t.dialect), (rows,))}
+        if len(applied) != len(decided):
+            lost = [b.id for b, *_ in decided if b.id not in applied]
+            log.warning("advancement of branch(es) %s rejected: the claim was lost", lost)
+            raise _Rejected()
         new_steps: list[tuple] = []
         for b, d, step, o in decided:
             if o.new_step is not None:
@@ -1883,8 +1885,8 @@ class Engine:
     def halt_branch(self, b: BranchClaim, reason: str) -> list[int]:
         """Halt a claimed branch outright (advancer retries exhausted)."""
         with self.store.tx() as t:
-            row = (b.id, "halted", b.node, b.expected, b.arrived, None, reason)
-            if not t.all(BulkSQL.apply_branches(t.dialect), (_document(BulkSQL.BRANCH, [row]), b.token)):
+            row = (b.id, b.held, b.token, "halted", b.node, b.expected, b.arrived, None, reason)
+            if not t.all(BulkSQL.apply_branches(t.dialect), (_document(BulkSQL.BRANCH, [row]),)):
                 return []
             self._branch_finished(t, b, "halted", None)
             self._flush_arrivals(t, b.process_id, b.token)
