@@ -671,6 +671,85 @@ def _defer_scramp() -> None:
     sys.modules["scramp"] = proxy
 
 
+class LocalWakeups:
+    """NOTIFY for SQLite: every process of a SQLite database runs on one machine, so a commit
+    with wake-up hints sends them as datagrams to the Unix sockets that the database's worker
+    and advancer processes listen on (one folder of sockets per database file, in the temp
+    dir, private to the user). A hint only shortens an idle wait; polling stays the fallback,
+    so a lost datagram (a full socket buffer, a process that just died) costs nothing but time."""
+
+    @staticmethod
+    def folder(db_path: str) -> str:
+        import hashlib
+        import tempfile
+        digest = hashlib.sha1(os.path.abspath(db_path).encode()).hexdigest()[:16]
+        return os.path.join(tempfile.gettempdir(), f"ductwork-wake-{os.getuid() if hasattr(os, 'getuid') else 0}-{digest}")
+
+    @classmethod
+    def listen(cls, db_path: str) -> Any:
+        """A bound datagram socket of this process; None where that is impossible (no Unix
+        sockets, a folder we cannot write): the process then only polls."""
+        import socket
+        if not hasattr(socket, "AF_UNIX"):
+            return None
+        path = os.path.join(cls.folder(db_path), f"{os.getpid()}-{threading.get_ident()}.sock")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            sock.bind(path)
+        except OSError as exc:
+            sock.close()
+            log.warning("no cross-process wake-ups for SQLite (%s): idle threads poll", exc)
+            return None
+        sock.settimeout(1.0)
+        return sock
+
+    @classmethod
+    def send(cls, db_path: str, hints: list[tuple[str, str]]) -> None:
+        import socket
+        if not hasattr(socket, "AF_UNIX"):
+            return
+        folder = cls.folder(db_path)
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            return  # nobody listens yet
+        own = f"{os.getpid()}-"   # this process got its hints in-process (notify_hook)
+        messages = [f"{channel}\n{payload}".encode() for channel, payload in hints]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            for name in names:
+                if name.startswith(own) or not name.endswith(".sock"):
+                    continue
+                path = os.path.join(folder, name)
+                for message in messages:
+                    try:
+                        sock.sendto(message, path)
+                    except (ConnectionRefusedError, FileNotFoundError):
+                        with contextlib.suppress(OSError):
+                            os.unlink(path)   # its process is gone
+                        break
+                    except OSError:
+                        break                 # a full buffer: that process is busy anyway
+
+    @staticmethod
+    def receive(sock: Any) -> tuple[str, str] | None:
+        """The next hint, or None after a second without one."""
+        try:
+            channel, _, payload = sock.recv(4096).decode().partition("\n")
+        except (OSError, UnicodeDecodeError):  # OSError includes the timeout
+            return None
+        return channel, payload
+
+    @staticmethod
+    def close(sock: Any) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(sock.getsockname())
+        sock.close()
+
+
 class Store:
     """Connections to one database, one per thread, reopened after fork or failure."""
 
@@ -782,6 +861,8 @@ class Store:
             if _is_connection_error(exc) and not isinstance(exc, DatabaseUnavailable):
                 raise DatabaseUnavailable(mask(f"database error: {_db_error_text(exc)}")) from exc
             raise
+        if t.pending and self.dialect == "sqlite":
+            LocalWakeups.send(self.info.path, t.pending)
         for channel, payload in t.pending:
             if self.notify_hook:
                 self.notify_hook(channel, payload)
@@ -2387,8 +2468,8 @@ class Runtime:
                 for n in range(int(self.config.get("pipeline_advancer.count", pipeline))):
                     self._spawn(f"ductwork.advancer.{pipeline}.{n}", self.advancer_loop, pipeline)
         self._spawn(f"ductwork.{self.row_role}.heartbeat.0", self.heartbeat_loop, None)
-        if self.store.dialect == "postgres":
-            self._spawn(f"ductwork.{self.row_role}.listener.0", self.listen_loop, None)
+        listen = self.listen_loop if self.store.dialect == "postgres" else self.local_listen_loop
+        self._spawn(f"ductwork.{self.row_role}.listener.0", listen, None)
 
     def _spawn(self, name: str, target: Callable, arg: Any) -> None:
         thread = threading.Thread(target=target, args=(arg,) if arg is not None else (), name=name, daemon=True)
@@ -2439,7 +2520,7 @@ class Runtime:
             claims, running = self.run_batch(claims, limit)
             # Sized by the steps' own run time: a slow commit (a busy database) is a reason to
             # batch more, never less; slow steps go one at a time so siblings share them.
-            limit = min(limit * 2, MAX_BATCH) if running / count < QUICK_STEP else 1
+            limit = min(limit * 4, MAX_BATCH) if running / count < QUICK_STEP else 1
         if claims:
             self._release(claims)
 
@@ -2711,6 +2792,19 @@ class Runtime:
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.close()
+
+    def local_listen_loop(self) -> None:
+        """SQLite: the wake-up hints other processes' commits send (LocalWakeups)."""
+        sock = LocalWakeups.listen(self.store.info.path)
+        if sock is None:
+            return
+        try:
+            while not self.dead.is_set():
+                hint = LocalWakeups.receive(sock)
+                if hint is not None:
+                    self.wakeups.notify(*hint)
+        finally:
+            LocalWakeups.close(sock)
 
     # -- lifecycle --------------------------------------------------------------------
     def install_signals(self) -> None:

@@ -252,6 +252,50 @@ def test_foreground_worker_and_advancer_run_pipelines_and_reap(procs, tmp_path, 
         assert p.wait(10) == 0
 
 
+def test_idle_processes_are_woken_by_a_trigger_not_by_their_poll(procs, tmp_path, app_db):
+    """Postgres: LISTEN/NOTIFY; SQLite: datagrams to each process's socket (LocalWakeups).
+    Idle threads poll only every 30 s here, so every hop of these runs is a wake-up."""
+    slow_poll = {"job_worker": {"polling_timeout": 30}, "pipeline_advancer": {"polling_timeout": 30}}
+    w = start(procs, tmp_path, app_db, name="w", args=("run", "--role", "worker"), config=slow_poll)
+    a = start(procs, tmp_path, app_db, name="adv", args=("run", "--role", "advancer"), config=slow_poll)
+    w.wait_log("worker started")
+    a.wait_log("advancer started")
+    time.sleep(0.5)  # every thread has claimed nothing and is in its 30 s wait
+    started = time.monotonic()
+    runs = [sup_app.SupMixed.trigger(n) for n in (2, 3)]
+    assert [r.wait(20) for r in runs] == ["completed", "completed"]
+    assert time.monotonic() - started < 30 / 6, "the runs waited for a poll"
+    assert [r.output for r in runs] == [(1 + 1) + 10, (5 + 1) + 50]
+    for p in (w, a):
+        p.signal(signal.SIGTERM)
+        assert p.wait(10) == 0
+
+
+def test_local_wakeups_drop_the_socket_of_a_dead_process(tmp_path):
+    import socket
+    db = str(tmp_path / "x.sqlite3")
+    folder = ductwork.LocalWakeups.folder(db)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    dead = os.path.join(folder, "999999-1.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(dead)
+    s.close()                                   # its process is gone; the file stays
+    live = ductwork.LocalWakeups.listen(db)
+    try:
+        ductwork.LocalWakeups.send(db, [(ductwork.CH_JOBS, "P")])  # from this process: not to itself
+        assert not os.path.exists(dead)
+        assert ductwork.LocalWakeups.receive(live) is None
+        child = os.fork()
+        if child == 0:
+            ductwork.LocalWakeups.send(db, [(ductwork.CH_JOBS, "P")])
+            os._exit(0)
+        os.waitpid(child, 0)
+        assert ductwork.LocalWakeups.receive(live) == (ductwork.CH_JOBS, "P")
+    finally:
+        ductwork.LocalWakeups.close(live)
+    assert os.listdir(folder) == []
+
+
 def test_forking_none_runs_everything_in_one_process(procs, tmp_path, app_db):
     p = start(procs, tmp_path, app_db, config={"forking": "none"})
     run = sup_app.SupMixed.trigger(3)
