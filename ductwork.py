@@ -589,6 +589,15 @@ class Tx:
     def dialect(self) -> str:
         return self.store.dialect
 
+    def ids(self, ids: Iterable[int]) -> str:
+        """The parameter of a BulkSQL id condition: an array literal on Postgres, JSON on SQLite."""
+        ids = [int(i) for i in ids]
+        return "{" + ",".join(map(str, ids)) + "}" if self.dialect == "postgres" else json.dumps(ids)
+
+    def keyed(self, columns: list[tuple[str, str]], rows: list[tuple]) -> tuple[str, str]:
+        """The parameters of a BulkSQL statement over ``rows`` keyed by their first column, the id."""
+        return _document(columns, rows), self.ids(row[0] for row in rows)
+
     def all(self, sql: str, params: Sequence = ()) -> list[tuple]:
         return self.conn.execute(self.store.sql(sql), params)[0]
 
@@ -1412,6 +1421,12 @@ class BulkSQL:
         "postgres": "json_to_recordset(CAST(? AS JSON)) AS r({columns})",
         "sqlite": "(SELECT {extract} FROM json_each(?)) AS r",
     }
+    # Joined to a big table, the rows also name their ids in a condition the planner can put on
+    # the table's primary key: Postgres guesses 100 rows for any JSON row source, and for that
+    # many a hash join over a sequential scan of the whole table looks cheaper than 100 index
+    # lookups (it is not: its cost grows with the table). The parameter is an id list (Tx.ids).
+    IDS = {"postgres": "{table}.id = ANY(CAST(? AS BIGINT[]))",
+           "sqlite": "{table}.id IN (SELECT value FROM json_each(?))"}
     STEP = [("id", "BIGINT"), ("output", "TEXT")]
     BRANCH = [("id", "BIGINT"), ("held", "TEXT"), ("token", "TEXT"), ("status", "TEXT"), ("node", "INTEGER"),
               ("expected", "INTEGER"), ("arrived", "INTEGER"), ("output", "TEXT"), ("halt_reason", "TEXT")]
@@ -1419,6 +1434,10 @@ class BulkSQL:
                 ("name", "TEXT"), ("input", "TEXT")]
     EXECUTION = [("step_id", "BIGINT"), ("run_id", "BIGINT"), ("process_id", "BIGINT"), ("attempt", "INTEGER"),
                  ("outcome", "TEXT"), ("error", "TEXT"), ("started_at", "DOUBLE PRECISION")]
+
+    @classmethod
+    def ids(cls, dialect: str, table: str) -> str:
+        return cls.IDS[dialect].replace("{table}", table)
 
     @classmethod
     def rows(cls, dialect: str, columns: list[tuple[str, str]]) -> str:
@@ -1432,7 +1451,8 @@ class BulkSQL:
     def steps_succeeded(cls, dialect: str) -> str:
         return ("UPDATE ductwork_steps SET status = 'succeeded', output = r.output, attempts = attempts + 1, "
                 "finished_at = {now}, claimed_by = NULL, claim_token = NULL FROM " + cls.rows(dialect, cls.STEP)
-                + " WHERE ductwork_steps.id = r.id AND ductwork_steps.status = 'running' "
+                + " WHERE ductwork_steps.id = r.id AND " + cls.ids(dialect, "ductwork_steps")
+                + " AND ductwork_steps.status = 'running' "
                 "AND ductwork_steps.claimed_by = ? AND ductwork_steps.claim_token = ? RETURNING ductwork_steps.id")
 
     @classmethod
@@ -1441,8 +1461,8 @@ class BulkSQL:
         """The running branches of steps committed in this transaction, row-locked (not claimed:
         they are advanced before this transaction ends, so no second row version is written)."""
         return ("SELECT id, run_id, pipeline, definition, parent_id, node, expected, arrived, advance_failures "
-                "FROM ductwork_branches WHERE status = 'running' AND id IN (SELECT r.id FROM "
-                + cls.rows(dialect, cls.STEP[:1]) + ") ORDER BY id {for_update}")
+                "FROM ductwork_branches WHERE status = 'running' AND " + cls.ids(dialect, "ductwork_branches")
+                + " ORDER BY id {for_update}")
 
     @classmethod
     @functools.cache
@@ -1450,7 +1470,8 @@ class BulkSQL:
         return ("UPDATE ductwork_branches SET status = r.status, node = r.node, expected = r.expected, "
                 "arrived = r.arrived, output = r.output, halt_reason = r.halt_reason, claimed_by = NULL, "
                 "claim_token = NULL, advance_failures = 0, updated_at = {now} FROM " + cls.rows(dialect, cls.BRANCH)
-                + " WHERE ductwork_branches.id = r.id AND ductwork_branches.status = r.held "
+                + " WHERE ductwork_branches.id = r.id AND " + cls.ids(dialect, "ductwork_branches")
+                + " AND ductwork_branches.status = r.held "
                 "AND COALESCE(ductwork_branches.claim_token, '') = r.token RETURNING ductwork_branches.id")
 
     @classmethod
@@ -1458,7 +1479,8 @@ class BulkSQL:
     def runs_completed(cls, dialect: str) -> str:
         return ("UPDATE ductwork_runs SET status = 'completed', output = r.output, finished_at = {now}, "
                 "updated_at = {now} FROM " + cls.rows(dialect, cls.STEP)
-                + " WHERE ductwork_runs.id = r.id AND ductwork_runs.status = 'in_progress'")
+                + " WHERE ductwork_runs.id = r.id AND " + cls.ids(dialect, "ductwork_runs")
+                + " AND ductwork_runs.status = 'in_progress'")
 
     @classmethod
     @functools.cache
@@ -1707,8 +1729,9 @@ class Engine:
         for r in results:
             groups.setdefault((r.claim.process_id, r.claim.token), []).append(r)
         for (process_id, token), group in groups.items():
-            rows = _document(BulkSQL.STEP, [(r.claim.step_id, r.value) for r in group])
-            accepted |= {row[0] for row in t.all(BulkSQL.steps_succeeded(t.dialect), (rows, process_id, token))}
+            rows = [(r.claim.step_id, r.value) for r in group]
+            accepted |= {row[0] for row in t.all(BulkSQL.steps_succeeded(t.dialect), (*t.keyed(BulkSQL.STEP, rows),
+                                                                                         process_id, token))}
         return accepted
 
     def _advance_finished(self, t: Tx, finished: list[tuple[int, StepResult, tuple]], token: str, inline: bool) -> None:
@@ -1718,7 +1741,7 @@ class Engine:
         # Locked, not claimed (nor fenced on the process row): advanced before this transaction ends.
         if inline:
             process_id = finished[0][1].claim.process_id
-            rows = t.all(BulkSQL.lock_branches(t.dialect), (_document(BulkSQL.STEP[:1], [(b,) for b in by_branch]),))
+            rows = t.all(BulkSQL.lock_branches(t.dialect), (t.ids(by_branch),))
             claimed = [(BranchClaim(*row, process_id=process_id, token="", held="running"), by_branch.pop(row[0])[1])
                        for row in rows]
             if claimed:
@@ -1818,9 +1841,9 @@ class Engine:
             if step is None:
                 step = t.one(SQL.current_step, (b.id,))
             decided.append((b, d, step, self._decide(t, b, d, step)))
-        rows = _document(BulkSQL.BRANCH, [(b.id, b.held, b.token, o.status, o.node, o.expected, o.arrived, o.output,
-                                           o.halt_reason) for b, _, _, o in decided])
-        applied = {row[0] for row in t.all(BulkSQL.apply_branches(t.dialect), (rows,))}
+        rows = [(b.id, b.held, b.token, o.status, o.node, o.expected, o.arrived, o.output, o.halt_reason)
+                for b, _, _, o in decided]
+        applied = {row[0] for row in t.all(BulkSQL.apply_branches(t.dialect), t.keyed(BulkSQL.BRANCH, rows))}
         if len(applied) != len(decided):
             lost = [b.id for b, *_ in decided if b.id not in applied]
             log.warning("advancement of branch(es) %s rejected: the claim was lost", lost)
@@ -1837,7 +1860,7 @@ class Engine:
         if new_steps:
             self._insert_steps(t, new_steps)
         if t.completed:
-            t.run(BulkSQL.runs_completed(t.dialect), (_document(BulkSQL.STEP, t.completed),))
+            t.run(BulkSQL.runs_completed(t.dialect), t.keyed(BulkSQL.STEP, t.completed))
             t.completed = []
 
     @staticmethod
@@ -1967,7 +1990,7 @@ class Engine:
         """Halt a claimed branch outright (advancer retries exhausted)."""
         with self.store.tx() as t:
             row = (b.id, b.held, b.token, "halted", b.node, b.expected, b.arrived, None, reason)
-            if not t.all(BulkSQL.apply_branches(t.dialect), (_document(BulkSQL.BRANCH, [row]),)):
+            if not t.all(BulkSQL.apply_branches(t.dialect), t.keyed(BulkSQL.BRANCH, [row])):
                 return []
             self._branch_finished(t, b, "halted", None)
             self._flush_arrivals(t, b.process_id, b.token)
