@@ -619,3 +619,33 @@ def test_slow_steps_are_claimed_one_at_a_time(engine, start_runtime):
     runs = [EngSlow.trigger(i) for i in range(6)]
     sizes = _batches(engine, start_runtime, "EngSlow", runs)
     assert sizes == [1] * 6
+
+
+# -- plans: a batch's statements find their rows by index, whatever the size of the tables ---------
+def test_batch_statements_use_indexes_on_big_tables(engine):
+    """Postgres guesses 100 rows for a JSON row source; without the id condition it chose a
+    sequential scan of the whole table for every batch (cost growing with the table)."""
+    B, dialect = ductwork.BulkSQL, engine.store.dialect
+    with engine.store.tx() as t:
+        for table, columns, values in (
+                ("ductwork_runs", "pipeline, definition, status, input, created_at, updated_at",
+                 "'P', 'd', 'in_progress', '[]', 0, 0"),
+                ("ductwork_branches", "run_id, pipeline, definition, node, status, available_at, created_at, updated_at",
+                 "1, 'P', 'd', 0, 'running', 0, 0, 0"),
+                ("ductwork_steps", "run_id, branch_id, pipeline, node, name, status, input, available_at, created_at",
+                 "1, 1, 'P', 0, 's', 'succeeded', '[]', 0, 0")):
+            t.run(f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000) "
+                  f"INSERT INTO {table} ({columns}) SELECT {values} FROM n")
+        t.run("ANALYZE")
+        batch = range(5000, 5016)
+        plans = {
+            "steps_succeeded": (B.steps_succeeded(dialect), (*t.keyed(B.STEP, [(i, "1") for i in batch]), 1, "x")),
+            "lock_branches": (B.lock_branches(dialect), (t.ids(batch),)),
+            "apply_branches": (B.apply_branches(dialect),
+                               t.keyed(B.BRANCH, [(i, "running", "", "completed", 0, 0, 0, "1", None) for i in batch])),
+            "runs_completed": (B.runs_completed(dialect), t.keyed(B.STEP, [(i, "1") for i in batch])),
+        }
+        for name, (sql, params) in plans.items():
+            plan = " | ".join(str(row[-1]) for row in t.all(("EXPLAIN " if dialect == "postgres" else "EXPLAIN QUERY PLAN ")
+                                                             + sql, params))
+            assert "Seq Scan on ductwork_" not in plan and "SCAN ductwork_" not in plan, f"{name}: {plan}"
