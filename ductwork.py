@@ -1447,13 +1447,20 @@ class BulkSQL:
         return cls.JSON_ROWS["sqlite"].replace("{extract}", ", ".join(f"json_extract(value, '$.{n}') AS {n}" for n, _ in columns))
 
     @classmethod
+    def update(cls, dialect: str, table: str, assignments: str, columns: list[tuple[str, str]], fence: str,
+               returning: str = "") -> str:
+        """UPDATE ``table`` from the rows ``r`` (matched on id; parameters: Tx.keyed's two, then
+        the fence's), only where ``fence`` still holds."""
+        return (f"UPDATE {table} SET {assignments} FROM {cls.rows(dialect, columns)} WHERE {table}.id = r.id "
+                f"AND {cls.ids(dialect, table)} AND {fence}{returning}")
+
+    @classmethod
     @functools.cache
     def steps_succeeded(cls, dialect: str) -> str:
-        return ("UPDATE ductwork_steps SET status = 'succeeded', output = r.output, attempts = attempts + 1, "
-                "finished_at = {now}, claimed_by = NULL, claim_token = NULL FROM " + cls.rows(dialect, cls.STEP)
-                + " WHERE ductwork_steps.id = r.id AND " + cls.ids(dialect, "ductwork_steps")
-                + " AND ductwork_steps.status = 'running' "
-                "AND ductwork_steps.claimed_by = ? AND ductwork_steps.claim_token = ? RETURNING ductwork_steps.id")
+        return cls.update(dialect, "ductwork_steps", "status = 'succeeded', output = r.output, attempts = attempts + 1, "
+                          "finished_at = {now}, claimed_by = NULL, claim_token = NULL", cls.STEP,
+                          "ductwork_steps.status = 'running' AND ductwork_steps.claimed_by = ? "
+                          "AND ductwork_steps.claim_token = ?", " RETURNING ductwork_steps.id")
 
     @classmethod
     @functools.cache
@@ -1467,20 +1474,17 @@ class BulkSQL:
     @classmethod
     @functools.cache
     def apply_branches(cls, dialect: str) -> str:
-        return ("UPDATE ductwork_branches SET status = r.status, node = r.node, expected = r.expected, "
-                "arrived = r.arrived, output = r.output, halt_reason = r.halt_reason, claimed_by = NULL, "
-                "claim_token = NULL, advance_failures = 0, updated_at = {now} FROM " + cls.rows(dialect, cls.BRANCH)
-                + " WHERE ductwork_branches.id = r.id AND " + cls.ids(dialect, "ductwork_branches")
-                + " AND ductwork_branches.status = r.held "
-                "AND COALESCE(ductwork_branches.claim_token, '') = r.token RETURNING ductwork_branches.id")
+        return cls.update(dialect, "ductwork_branches", "status = r.status, node = r.node, expected = r.expected, "
+                          "arrived = r.arrived, output = r.output, halt_reason = r.halt_reason, claimed_by = NULL, "
+                          "claim_token = NULL, advance_failures = 0, updated_at = {now}", cls.BRANCH,
+                          "ductwork_branches.status = r.held AND COALESCE(ductwork_branches.claim_token, '') = r.token",
+                          " RETURNING ductwork_branches.id")
 
     @classmethod
     @functools.cache
     def runs_completed(cls, dialect: str) -> str:
-        return ("UPDATE ductwork_runs SET status = 'completed', output = r.output, finished_at = {now}, "
-                "updated_at = {now} FROM " + cls.rows(dialect, cls.STEP)
-                + " WHERE ductwork_runs.id = r.id AND " + cls.ids(dialect, "ductwork_runs")
-                + " AND ductwork_runs.status = 'in_progress'")
+        return cls.update(dialect, "ductwork_runs", "status = 'completed', output = r.output, finished_at = {now}, "
+                          "updated_at = {now}", cls.STEP, "ductwork_runs.status = 'in_progress'")
 
     @classmethod
     @functools.cache

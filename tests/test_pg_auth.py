@@ -18,15 +18,19 @@ PROBE = ("import sys, ductwork; ductwork.Store(sys.argv[1]).now(); "
          "print(type(sys.modules['scramp'].__dict__.get('ScramClient')).__name__, 'asn1crypto' in sys.modules)")
 
 
-@pytest.fixture(scope="module")
-def scram_cluster():
+def running_cluster(**create):
     pg = PrivateCluster()
     try:
-        pg.create(password=PASSWORD)
+        pg.create(**create)
         pg.start()
         yield pg
     finally:
         pg.remove()
+
+
+@pytest.fixture(scope="module")
+def scram_cluster():
+    yield from running_cluster(password=PASSWORD)
 
 
 def probe(url: str) -> str:
@@ -70,13 +74,7 @@ TLS_PROBE = ("import sys, ductwork\n"
 
 @pytest.fixture(scope="module")
 def tls_cluster():
-    pg = PrivateCluster()
-    try:
-        pg.create(tls=True)
-        pg.start()
-        yield pg
-    finally:
-        pg.remove()
+    yield from running_cluster(tls=True)
 
 
 def tls_probe(url: str) -> subprocess.CompletedProcess:
