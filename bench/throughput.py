@@ -3,7 +3,8 @@
     python bench/throughput.py [--repeat 3] [--engines postgres,sqlite] [--steps 2000]
 
 Each figure runs real processes: 2 foreground job workers (`--role worker`, 4 threads each)
-and one advancer (`--role advancer`) on a fresh database.
+and one advancer (`--role advancer`) on a fresh database, started as the deployment files
+start them (`python -m ductwork` on compiled bytecode; `--form script` for `python ductwork.py`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Database, fmt, pause, start, stop, table, wait_for, write_config
+from common import Database, compiled_copy, fmt, pause, start, stop, table, wait_for, write_config
 
 import ductwork
 
@@ -21,10 +22,12 @@ import ductwork
 class Cluster:
     """2 worker processes + 1 advancer process against one database."""
 
+    compiled: Path | None = None   # the folder of a compiled copy (python -m ductwork), or None: the script
+
     def __init__(self, db: Database, tmp: Path, workers: int = 2, **config):
         self.cfg = write_config(tmp / f"cluster-{db.kind}.yml", db.url, **config)
-        self.procs = [start(self.cfg, "run", "--role", "worker") for _ in range(workers)]
-        self.procs.append(start(self.cfg, "run", "--role", "advancer"))
+        self.procs = [start(self.cfg, "run", "--role", "worker", compiled=self.compiled) for _ in range(workers)]
+        self.procs.append(start(self.cfg, "run", "--role", "advancer", compiled=self.compiled))
         store = ductwork.Store(db.url)
         self.store = store
         wait_for(lambda: self.count("SELECT count(*) FROM ductwork_processes") == workers + 1, 30)
@@ -123,8 +126,10 @@ def main() -> None:
     parser.add_argument("--engines", default="postgres,sqlite")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--only", default="single,warm,expand,chain,fan")
+    parser.add_argument("--form", choices=["module", "script"], default="module")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ductwork-tp-"))
+    Cluster.compiled = compiled_copy(tmp) if args.form == "module" else None
     results: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.repeat):  # interleaved repetitions
         for kind in args.engines.split(","):
