@@ -620,11 +620,11 @@ class Tx:
         self.store.notify_in(self, CH_JOBS, pipeline)
         self.new_steps[pipeline] = None if known is None else known | set(step_ids)
 
-    def claimed(self, pipeline: str, step_ids: set[int], everything: bool) -> None:
-        """This transaction claimed these steps (``everything``: all that were claimable); drop
-        the wake-up when no step it made claimable is left for others."""
+    def claimed(self, pipeline: str, step_ids: set[int]) -> None:
+        """This transaction claimed these steps: drop the wake-up when every step it made
+        claimable is among them (nothing of its own is left for others)."""
         mine = self.new_steps.get(pipeline)
-        if (everything or (mine is not None and mine <= step_ids)) and (CH_JOBS, pipeline) in self.pending:
+        if mine is not None and mine <= step_ids and (CH_JOBS, pipeline) in self.pending:
             self.pending.remove((CH_JOBS, pipeline))
 
 
@@ -683,31 +683,53 @@ def _defer_scramp() -> None:
 class LocalWakeups:
     """NOTIFY for SQLite: every process of a SQLite database runs on one machine, so a commit
     with wake-up hints sends them as datagrams to the Unix sockets that the database's worker
-    and advancer processes listen on (one folder of sockets per database file, in the temp
-    dir, private to the user). A hint only shortens an idle wait; polling stays the fallback,
-    so a lost datagram (a full socket buffer, a process that just died) costs nothing but time."""
+    and advancer processes listen on (one folder of sockets per database file, private to the
+    user: $XDG_RUNTIME_DIR, else the temp dir). A hint only shortens an idle wait; polling
+    stays the fallback, so a lost datagram (a full socket buffer, a process that just died)
+    costs nothing but time, and a folder we cannot trust means polling only."""
+
+    _serial = iter(range(1 << 62))   # socket names: pid-serial (short: sun_path holds ~100 bytes)
 
     @staticmethod
     def folder(db_path: str) -> str:
         import hashlib
         import tempfile
-        digest = hashlib.sha1(os.path.abspath(db_path).encode()).hexdigest()[:16]
-        return os.path.join(tempfile.gettempdir(), f"ductwork-wake-{os.getuid() if hasattr(os, 'getuid') else 0}-{digest}")
+        base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+        digest = hashlib.sha1(os.path.realpath(db_path).encode()).hexdigest()[:12]
+        return os.path.join(base, f"ductwork-wake-{os.getuid()}-{digest}")
+
+    @staticmethod
+    def _trusted(folder: str) -> bool:
+        """A real directory (not a symlink) of ours that nobody else may read or write: another
+        local user could otherwise read pipeline names, or silence and redirect the hints."""
+        import stat
+        try:
+            st = os.lstat(folder)
+        except OSError:
+            return False
+        return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
 
     @classmethod
     def listen(cls, db_path: str) -> Any:
         """A bound datagram socket of this process; None where that is impossible (no Unix
-        sockets, a folder we cannot write): the process then only polls."""
+        sockets, a folder we cannot create or trust): the process then only polls."""
         import socket
         if not hasattr(socket, "AF_UNIX"):
             return None
-        path = os.path.join(cls.folder(db_path), f"{os.getpid()}-{threading.get_ident()}.sock")
+        folder = cls.folder(db_path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            sock.bind(path)
+            for attempt in range(3):  # the last process of another generation may remove the folder meanwhile
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(folder, 0o700)
+                if not cls._trusted(folder):
+                    raise OSError(f"{folder} is not a private directory of this user")
+                try:
+                    sock.bind(os.path.join(folder, f"{os.getpid()}-{next(cls._serial)}.sock"))
+                    break
+                except FileNotFoundError:
+                    if attempt == 2:
+                        raise
         except OSError as exc:
             sock.close()
             log.warning("no cross-process wake-ups for SQLite (%s): idle threads poll", exc)
@@ -716,21 +738,20 @@ class LocalWakeups:
         return sock
 
     @classmethod
-    def send(cls, db_path: str, hints: list[tuple[str, str]]) -> None:
+    def send(cls, db_path: str, hints: list[tuple[str, str]], skip_own: bool) -> None:
+        """Send the hints to every listening process (``skip_own``: not to this one's sockets,
+        when this process already got them in-process)."""
         import socket
-        if not hasattr(socket, "AF_UNIX"):
-            return
+        import stat
         folder = cls.folder(db_path)
-        try:
-            names = os.listdir(folder)
-        except OSError:
-            return  # nobody listens yet
-        own = f"{os.getpid()}-"   # this process got its hints in-process (notify_hook)
+        if not hasattr(socket, "AF_UNIX") or not cls._trusted(folder):
+            return  # nobody listens yet, or the folder is not ours
+        own = f"{os.getpid()}-"
         messages = [f"{channel}\n{payload}".encode() for channel, payload in hints]
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.setblocking(False)
-            for name in names:
-                if name.startswith(own) or not name.endswith(".sock"):
+            for name in os.listdir(folder):
+                if (skip_own and name.startswith(own)) or not name.endswith(".sock"):
                     continue
                 path = os.path.join(folder, name)
                 for message in messages:
@@ -738,14 +759,15 @@ class LocalWakeups:
                         sock.sendto(message, path)
                     except (ConnectionRefusedError, FileNotFoundError):
                         with contextlib.suppress(OSError):
-                            os.unlink(path)   # its process is gone
+                            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                                os.unlink(path)   # its process is gone
                         break
                     except OSError:
-                        break                 # a full buffer: that process is busy anyway
+                        break                     # a full buffer: that process is busy anyway
 
     @staticmethod
     def receive(sock: Any) -> tuple[str, str] | None:
-        """The next hint, or None after a second without one."""
+        """The next hint, or None after a second without one (or once the socket is closed)."""
         try:
             channel, _, payload = sock.recv(4096).decode().partition("\n")
         except (OSError, UnicodeDecodeError):  # OSError includes the timeout
@@ -754,8 +776,11 @@ class LocalWakeups:
 
     @staticmethod
     def close(sock: Any) -> None:
+        """Close and remove this process's socket (and the folder, when it was the last one)."""
         with contextlib.suppress(OSError):
-            os.unlink(sock.getsockname())
+            path = sock.getsockname()
+            os.unlink(path)
+            os.rmdir(os.path.dirname(path))
         sock.close()
 
 
@@ -871,7 +896,7 @@ class Store:
                 raise DatabaseUnavailable(mask(f"database error: {_db_error_text(exc)}")) from exc
             raise
         if t.pending and self.dialect == "sqlite":
-            LocalWakeups.send(self.info.path, t.pending)
+            LocalWakeups.send(self.info.path, t.pending, skip_own=self.notify_hook is not None)
         for channel, payload in t.pending:
             if self.notify_hook:
                 self.notify_hook(channel, payload)
@@ -1719,7 +1744,7 @@ class Engine:
             if claim_limit and results:
                 pipeline, process_id = results[0].claim.pipeline, results[0].claim.process_id
                 out.claims = self._claim_steps_in(t, pipeline, process_id, token, claim_limit)
-                t.claimed(pipeline, {c.step_id for c in out.claims}, everything=len(out.claims) < claim_limit)
+                t.claimed(pipeline, {c.step_id for c in out.claims})
             if results:
                 self._flush_arrivals(t, results[0].claim.process_id, token)
             out.halted = t.halted
@@ -2442,6 +2467,7 @@ class Runtime:
         self.wakeups = Wakeups()
         self.store.notify_hook = self.wakeups.notify
         self.outage = Outage()
+        self.wake_socket: Any = None   # SQLite: this process's LocalWakeups socket
         self.fault = Fault()
         self.engine.fault = self.fault
         self.stopping = threading.Event()       # stop claiming
@@ -2822,7 +2848,7 @@ class Runtime:
 
     def local_listen_loop(self) -> None:
         """SQLite: the wake-up hints other processes' commits send (LocalWakeups)."""
-        sock = LocalWakeups.listen(self.store.info.path)
+        sock = self.wake_socket = LocalWakeups.listen(self.store.info.path)
         if sock is None:
             return
         try:
@@ -2932,6 +2958,8 @@ class Runtime:
         return handed
 
     def _unregister(self) -> None:
+        if self.wake_socket is not None:   # gone with the process, not a second later with its listener
+            LocalWakeups.close(self.wake_socket)
         if not self.process_id:
             return
         self.store.discard()

@@ -547,9 +547,13 @@ def test_fenced_claims_need_the_claimers_live_process_row(engine):
     EngSingle.trigger(7)
     with engine.store.tx() as t:
         t.run(ductwork.SQL.delete_process, (row,))                  # reaped while it ran c2
+    hints: list[tuple[str, str]] = []
+    engine.store.notify_hook = lambda channel, payload: hints.append((channel, payload))
+    engine.inline = True                                           # this commit queues the next step itself
     done = engine.commit([ductwork.StepResult(c2, True, "4")], claim_limit=5)
     assert done.accepted == [True] and done.claims == []           # its result counts, no new claims
-    assert [s.status for s in run.steps] == ["succeeded", "succeeded"]
+    assert (ductwork.CH_JOBS, "EngChain") in hints                 # so the step it queued needs someone else
+    assert [s.status for s in run.steps] == ["succeeded", "succeeded", "queued"]
 
 
 def test_wake_up_hint_is_dropped_only_when_the_commit_claims_every_step_it_queued(engine):

@@ -282,18 +282,49 @@ def test_local_wakeups_drop_the_socket_of_a_dead_process(tmp_path):
     s.close()                                   # its process is gone; the file stays
     live = ductwork.LocalWakeups.listen(db)
     try:
-        ductwork.LocalWakeups.send(db, [(ductwork.CH_JOBS, "P")])  # from this process: not to itself
+        ductwork.LocalWakeups.send(db, [(ductwork.CH_JOBS, "P")], skip_own=True)  # got it in-process already
         assert not os.path.exists(dead)
         assert ductwork.LocalWakeups.receive(live) is None
+        ductwork.LocalWakeups.send(db, [(ductwork.CH_JOBS, "Q")], skip_own=False)  # e.g. app code's own Store
+        assert ductwork.LocalWakeups.receive(live) == (ductwork.CH_JOBS, "Q")
         child = os.fork()
         if child == 0:
-            ductwork.LocalWakeups.send(db, [(ductwork.CH_JOBS, "P")])
+            ductwork.LocalWakeups.send(db, [(ductwork.CH_JOBS, "P")], skip_own=True)
             os._exit(0)
         os.waitpid(child, 0)
         assert ductwork.LocalWakeups.receive(live) == (ductwork.CH_JOBS, "P")
     finally:
         ductwork.LocalWakeups.close(live)
-    assert os.listdir(folder) == []
+    assert not os.path.exists(folder)   # the last socket took its folder with it
+
+
+def test_local_wakeups_refuse_a_folder_others_can_touch(tmp_path):
+    """Another local user who made the folder first (or a symlink in its place) gets nothing:
+    the process falls back to polling rather than share its hints."""
+    import socket
+    db = str(tmp_path / "y.sqlite3")
+    folder = ductwork.LocalWakeups.folder(db)
+    os.makedirs(folder)
+    os.chmod(folder, 0o777)
+    try:
+        assert ductwork.LocalWakeups.listen(db) is None
+        planted = os.path.join(folder, "1-1.sock")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.bind(planted)
+        ductwork.LocalWakeups.send(db, [(ductwork.CH_JOBS, "Secret")], skip_own=False)
+        s.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            s.recv(100)                      # nothing was sent into a folder we do not trust
+        s.close()
+    finally:
+        shutil.rmtree(folder)
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    os.symlink(target, folder)
+    try:
+        assert ductwork.LocalWakeups.listen(db) is None and list(target.iterdir()) == []
+    finally:
+        os.unlink(folder)
 
 
 def test_forking_none_runs_everything_in_one_process(procs, tmp_path, app_db):
