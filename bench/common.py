@@ -1,6 +1,7 @@
 """Shared helpers for the benchmark scripts: databases, real supervisors, statistics."""
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -133,6 +134,27 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
     text = "\n".join(out)
     print(text, flush=True)
     return text
+
+
+# The figures bench/run.py puts side by side, by what each script calls them.
+SIDE_BY_SIDE = {
+    "single-step runs, steps/s": "throughput, backlog then start, per s",
+    "no-op jobs, jobs/s": "throughput, backlog then start, per s",
+    "warm workers": "throughput, released to running workers, per s",
+    "10-step chain median, ms": "10-step chain, median ms",
+    "fan-out 1000 + fan-in, s": "fan-out 1000 + fan-in, s",
+    "1 job per commit": "physical floor: 1 job per commit, per s",
+}
+
+
+def record(who: str, label: str, values: list[float]) -> None:
+    """Keep a figure for bench/run.py's side-by-side table, when it asked for them
+    (DUCTWORK_BENCH_RESULTS names the file)."""
+    path = os.environ.get("DUCTWORK_BENCH_RESULTS")
+    figure = next((v for k, v in reversed(SIDE_BY_SIDE.items()) if k in label), None)
+    if path and figure:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"who": who, "figure": figure, "median": statistics.median(values)}) + "\n")
 
 
 def children_of(pid: int) -> list[int]:

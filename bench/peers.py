@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS bench_ready (worker text PRIMARY KEY);
 """
 
 
-from common import fmt, pause, table, wait_for  # noqa: E402 - shared with the other benches
+from common import fmt, pause, record, table, wait_for  # noqa: E402 - shared with the other benches
 
 
 def _connect(url: str):
@@ -465,6 +465,8 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     table(f"peers (median [min–max] over {args.repeat} repetitions)", ["library", "figure", "value"],
           [[lib, f, fmt(v, digits=2 if f.endswith(", s") else 1)] for (lib, f), v in results.items()])
+    for (lib, figure), values in results.items():
+        record(lib.split()[0], figure, values)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Database, compiled_copy, fmt, pause, start, stop, table, wait_for, write_config
+from common import Database, compiled_copy, fmt, pause, record, start, stop, table, wait_for, write_config
 
 import ductwork
 
@@ -155,6 +155,8 @@ def main() -> None:
                     db.drop()
     table("work (median [min–max] over repetitions)", ["engine", "figure", "value"],
           [[k, f, fmt(v, digits=2 if "s" == f[-1] else 1)] for (k, f), v in results.items()])
+    for (kind, figure), values in results.items():
+        record(f"ductwork ({kind})", figure, values)
 
 
 if __name__ == "__main__":
