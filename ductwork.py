@@ -2547,7 +2547,9 @@ class Runtime:
     def worker_loop(self, pipeline: str) -> None:
         """Claim, run, commit. Quick steps are claimed and committed in growing batches (one
         transaction for a batch's results, its branches' advancement and the next claim);
-        slow steps go one at a time so other threads and processes share them."""
+        slow steps go one at a time so other threads and processes share them. The batch size
+        survives an idle spell (a burst is claimed in full batches at once): a step that turns
+        out slow gives the rest of its batch back to the queue instead of holding it."""
         wake = self.wakeups.event(CH_JOBS, pipeline)
         idle = float(self.config.get("job_worker.polling_timeout", pipeline))
         limit = 1
@@ -2563,42 +2565,48 @@ class Runtime:
                     self.stopping.wait(1)
                     continue
                 if not claims:
-                    limit = 1
                     if not self.stopping.is_set():  # stopping is set before the wake-ups fire
                         self.wakeups.wait(CH_JOBS, pipeline, wake, idle)
                     continue
                 if len(claims) == limit:  # there may be more: let the idle siblings look too
                     self.wakeups.notify(CH_JOBS, pipeline, every_idle=True)
-            count = len(claims)
-            claims, running = self.run_batch(claims, limit)
+            claims, per_step = self.run_batch(claims, limit)
             # Sized by the steps' own run time: a slow commit (a busy database) is a reason to
             # batch more, never less; slow steps go one at a time so siblings share them.
-            limit = min(limit * 4, MAX_BATCH) if running / count < QUICK_STEP else 1
+            limit = min(limit * 4, MAX_BATCH) if per_step < QUICK_STEP else 1
         if claims:
             self._release(claims)
 
     def run_batch(self, claims: list[JobClaim], next_limit: int) -> tuple[list[JobClaim], float]:
         """Run the claimed steps in order; commit their results (early when a result has waited
         QUICK_COMMIT seconds). Returns the steps claimed in the final commit's transaction and
-        the seconds spent running steps (commits excluded)."""
+        the mean run time of the steps it ran (commits excluded)."""
         self._track(claims)
         results: list[StepResult] = []
         waiting_since = running = 0.0
         for i, c in enumerate(claims):
+            rest = claims[i + 1:]
             if self.stopping.is_set():
                 self._commit_results(results, 0)
-                self._release(claims[i:])
-                return [], running
+                self._release([c, *rest])
+                return [], running / max(i, 1)
             started = time.monotonic()
             result = self.run_step(c)
-            running += time.monotonic() - started
+            took = time.monotonic() - started
+            running += took
             if result is not None:
                 results.append(result)
                 waiting_since = waiting_since or time.monotonic()
-            if results and i < len(claims) - 1 and time.monotonic() - waiting_since > QUICK_COMMIT:
+            if rest and took >= QUICK_STEP:
+                # A slow step: the steps still waiting behind it go back to the queue, for idle
+                # threads and processes, instead of waiting for it (and for each other).
+                self._commit_results(results, 0)
+                self._release(rest)
+                return [], running / (i + 1)
+            if results and rest and time.monotonic() - waiting_since > QUICK_COMMIT:
                 self._commit_results(results, 0)
                 results, waiting_since = [], 0.0
-        return self._commit_results(results, 0 if self.stopping.is_set() else next_limit), running
+        return self._commit_results(results, 0 if self.stopping.is_set() else next_limit), running / len(claims)
 
     def run_step(self, c: JobClaim) -> StepResult | None:
         """Execute one claimed step; None when it was handed back instead (machinery failure)."""

@@ -587,24 +587,41 @@ class EngSlow(ductwork.Pipeline):
         p.start(nap_20ms)
 
 
-def _batches(engine, start_runtime, pipeline, runs, commit_delay=0.0):
-    """Release ``runs`` (already triggered) at once to one worker thread; the sizes of its commits."""
-    with engine.store.tx() as t:  # held back until the worker is up and observed
+def _hold(engine):
+    with engine.store.tx() as t:  # queued steps held back until the worker is up and observed
         t.run("UPDATE ductwork_steps SET available_at = available_at + 3600")
-    sizes: list[int] = []
+
+
+def _release_held(engine, runs):
+    """Make the held steps of these runs claimable in one transaction (with its wake-up); wait for the runs."""
+    ids = ", ".join(str(run.id) for run in runs)
+    with engine.store.tx() as t:
+        t.run(f"UPDATE ductwork_steps SET available_at = {{now}} WHERE status = 'queued' AND run_id IN ({ids})")
+        t.notify(ductwork.CH_JOBS, runs[0].pipeline)
+    for run in runs:
+        assert run.wait(30) == "completed"
+
+
+def _observed_worker(start_runtime, pipeline, commit_delay=0.0):
+    """One worker thread whose commits are recorded: the inputs of each commit's results."""
+    commits: list[list[str]] = []
     handle = start_runtime([pipeline], role="worker", job_worker={"count": 1, "polling_timeout": 0.05})
     real = handle.runtime.engine.commit
 
     def commit(results, claim_limit=0):
-        sizes.append(len(results))
+        commits.append([r.claim.input for r in results])
         threading.Event().wait(commit_delay)   # a slow database: the commit's round trips take longer
         return real(results, claim_limit)
     handle.runtime.engine.commit = commit
-    with engine.store.tx() as t:
-        t.run("UPDATE ductwork_steps SET available_at = {now} WHERE status = 'queued'")
-    for run in runs:
-        assert run.wait(30) == "completed"
-    return sizes
+    return commits
+
+
+def _batches(engine, start_runtime, pipeline, runs, commit_delay=0.0):
+    """Release ``runs`` (already triggered) at once to one worker thread; the sizes of its commits."""
+    _hold(engine)
+    commits = _observed_worker(start_runtime, pipeline, commit_delay)
+    _release_held(engine, runs)
+    return [len(c) for c in commits]
 
 
 def test_quick_steps_are_committed_in_growing_batches(engine, start_runtime):
@@ -653,3 +670,37 @@ def test_batch_statements_use_indexes_on_big_tables(engine):
             plan = " | ".join(str(row[-1]) for row in t.all(("EXPLAIN " if dialect == "postgres" else "EXPLAIN QUERY PLAN ")
                                                              + sql, params))
             assert "Seq Scan on ductwork_" not in plan and "SCAN ductwork_" not in plan, f"{name}: {plan}"
+
+
+def nap_input(seconds):
+    threading.Event().wait(seconds)
+    return seconds
+
+
+class EngNapMix(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(nap_input)
+
+
+def test_a_slow_step_gives_the_rest_of_its_batch_back(engine, start_runtime):
+    slow = 0.012  # slower than QUICK_STEP, quicker than QUICK_COMMIT (which would end its batch anyway)
+    runs = [EngNapMix.trigger(0) for _ in range(30)] + [EngNapMix.trigger(slow)] + [EngNapMix.trigger(0) for _ in range(20)]
+    _hold(engine)
+    commits = _observed_worker(start_runtime, "EngNapMix")
+    _release_held(engine, runs)
+    [batch] = [c for c in commits if f"[{slow}]" in c]
+    assert batch[-1] == f"[{slow}]", commits       # nothing ran behind it in its batch: the rest went back
+    assert max(len(c) for c in commits) == ductwork.MAX_BATCH
+    assert all((s.attempts, s.crashes) == (1, 0) for r in runs for s in r.steps)   # given back, not crashed
+
+
+def test_the_batch_size_survives_an_idle_spell(engine, start_runtime):
+    first, second = [EngSingle.trigger(i) for i in range(40)], [EngSingle.trigger(i) for i in range(40)]
+    _hold(engine)
+    commits = _observed_worker(start_runtime, "EngSingle")
+    _release_held(engine, first)
+    threading.Event().wait(0.3)                      # idle: several empty polls
+    seen = len(commits)
+    _release_held(engine, second)
+    assert len(commits[seen]) > 1, commits[seen:]    # the burst after the pause is claimed in a batch at once
