@@ -246,6 +246,7 @@ def test_soak_under_chaos(soak_db, capsys):
     if backend == "sqlite":
         url = f"sqlite:///{workdir}/soak.sqlite3"
     passed = False
+    tracebacks = 0
     seed = int(os.environ.get("DUCTWORK_SOAK_SEED", str(int(time.time()))))
     rng = random.Random(seed)
     ductwork.configure(database_url=url)
@@ -376,5 +377,5 @@ def test_soak_under_chaos(soak_db, capsys):
         for host in hosts:
             host.close()
         ductwork._app_engine().store.close()
-        if passed and not os.environ.get("DUCTWORK_SOAK_KEEP"):
-            shutil.rmtree(workdir, ignore_errors=True)
+        if passed and not tracebacks and not os.environ.get("DUCTWORK_SOAK_KEEP"):
+            shutil.rmtree(workdir, ignore_errors=True)   # kept when a log holds a traceback, to read it
