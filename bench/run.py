@@ -17,6 +17,10 @@ from common import SIDE_BY_SIDE, table  # noqa: E402
 OURS = "ductwork (postgres)"
 
 
+def number(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
 def side_by_side(path: Path) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     value = {(r["who"], r["figure"]): r["median"] for r in rows}
@@ -26,10 +30,10 @@ def side_by_side(path: Path) -> None:
         ours = value.get((OURS, figure))
         if ours is None:
             continue
-        cells = [figure, f"{ours:.1f}"]
+        cells = [figure, number(ours)]
         for peer in peers:
             theirs = value.get((peer, figure))
-            cells += [f"{theirs:.1f}" if theirs else "—", f"{ours / theirs:.2f}" if theirs else "—"]
+            cells += [number(theirs) if theirs else "—", f"{ours / theirs:.2f}" if theirs else "—"]
         out.append(cells)
     floor = value.get(("raw pg8000", SIDE_BY_SIDE["1 job per commit"]))
     for figure in ("throughput, backlog then start, per s", "throughput, released to running workers, per s"):
