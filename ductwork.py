@@ -691,6 +691,7 @@ class LocalWakeups:
     _serial = iter(range(1 << 62))   # socket names: pid-serial (short: sun_path holds ~100 bytes)
 
     @staticmethod
+    @functools.cache
     def folder(db_path: str) -> str:
         import hashlib
         import tempfile
@@ -1419,6 +1420,7 @@ class SQL:
     FENCE = " AND EXISTS (SELECT 1 FROM ductwork_processes WHERE id = ? {key_share})"
 
     @classmethod
+    @functools.cache
     def fenced(cls, statement: str, fence: bool) -> str:
         return statement.replace("{fence}", cls.FENCE if fence else "")
     stale_pipelines = ("SELECT DISTINCT pipeline FROM ductwork_runs WHERE status = 'in_progress' "
@@ -1642,10 +1644,14 @@ class Engine:
         # it is gone (reaped while paused, handed back after death); set by Runtime, off for bare Engine use
         self.fence_claims = False
 
-    def _claim_steps_in(self, t: Tx, pipeline: str, process_id: int, token: str, limit: int) -> list[JobClaim]:
+    def _claim_rows(self, t: Tx, statement: str, pipeline: str, process_id: int, token: str, limit: int) -> list[tuple]:
+        """Run a claim statement (SQL.claim_steps / claim_branches), fenced when fence_claims is on."""
         params: tuple = (process_id, token, pipeline, limit) + ((process_id,) if self.fence_claims else ())
-        rows = t.all(SQL.fenced(SQL.claim_steps, self.fence_claims), params)
-        return [JobClaim(*row, pipeline=pipeline, process_id=process_id, token=token) for row in sorted(rows)]
+        return sorted(t.all(SQL.fenced(statement, self.fence_claims), params))
+
+    def _claim_steps_in(self, t: Tx, pipeline: str, process_id: int, token: str, limit: int) -> list[JobClaim]:
+        rows = self._claim_rows(t, SQL.claim_steps, pipeline, process_id, token, limit)
+        return [JobClaim(*row, pipeline=pipeline, process_id=process_id, token=token) for row in rows]
 
     # -- definitions --------------------------------------------------------------------
     def definition(self, digest: str, t: Tx | None = None) -> Definition:
@@ -1844,10 +1850,9 @@ class Engine:
     # -- advancement ----------------------------------------------------------------------
     def claim_branches(self, pipeline: str, process_id: int, limit: int = 1) -> list[BranchClaim]:
         token = _token()
-        params: tuple = (process_id, token, pipeline, limit) + ((process_id,) if self.fence_claims else ())
         with self.store.tx(single=True) as t:
-            rows = t.all(SQL.fenced(SQL.claim_branches, self.fence_claims), params)
-        return [BranchClaim(*row, process_id=process_id, token=token) for row in sorted(rows)]
+            rows = self._claim_rows(t, SQL.claim_branches, pipeline, process_id, token, limit)
+        return [BranchClaim(*row, process_id=process_id, token=token) for row in rows]
 
     def advance(self, b: BranchClaim) -> list[int]:
         """Apply one advancement; returns the runs that halted (for on_halt)."""
@@ -2544,6 +2549,18 @@ class Runtime:
             if (give_up or self.dead).wait(pause):
                 raise DatabaseUnavailable("gave up waiting for the database")
 
+    def _claim(self, claim: Callable[[], list], what: str, pipeline: str) -> list | None:
+        """A claim through the outage retry: its claims; [] after an error (logged, then a
+        second's pause); None once the database is given up on (stopping)."""
+        try:
+            return self._db_retry(claim, self.stopping)
+        except DatabaseUnavailable:
+            return None
+        except Exception:
+            log.exception("claiming %s of %s failed", what, pipeline)
+            self.stopping.wait(1)
+            return []
+
     def worker_loop(self, pipeline: str) -> None:
         """Claim, run, commit. Quick steps are claimed and committed in growing batches (one
         transaction for a batch's results, its branches' advancement and the next claim);
@@ -2556,14 +2573,10 @@ class Runtime:
         claims: list[JobClaim] = []
         while not self.stopping.is_set():
             if not claims:
-                try:
-                    claims = self._db_retry(lambda n=limit: self.engine.claim_steps(pipeline, self.process_id, n), self.stopping)
-                except DatabaseUnavailable:
+                got = self._claim(lambda n=limit: self.engine.claim_steps(pipeline, self.process_id, n), "steps", pipeline)
+                if got is None:
                     break
-                except Exception:
-                    log.exception("claiming steps of %s failed", pipeline)
-                    self.stopping.wait(1)
-                    continue
+                claims = got
                 if not claims:
                     if not self.stopping.is_set():  # stopping is set before the wake-ups fire
                         self.wakeups.wait(CH_JOBS, pipeline, wake, idle)
@@ -2585,10 +2598,10 @@ class Runtime:
         results: list[StepResult] = []
         waiting_since = running = 0.0
         for i, c in enumerate(claims):
-            rest = claims[i + 1:]
+            more = i < len(claims) - 1
             if self.stopping.is_set():
                 self._commit_results(results, 0)
-                self._release([c, *rest])
+                self._release(claims[i:])
                 return [], running / max(i, 1)
             started = time.monotonic()
             result = self.run_step(c)
@@ -2597,13 +2610,13 @@ class Runtime:
             if result is not None:
                 results.append(result)
                 waiting_since = waiting_since or time.monotonic()
-            if rest and took >= QUICK_STEP:
+            if more and took >= QUICK_STEP:
                 # A slow step: the steps still waiting behind it go back to the queue, for idle
                 # threads and processes, instead of waiting for it (and for each other).
                 self._commit_results(results, 0)
-                self._release(rest)
+                self._release(claims[i + 1:])
                 return [], running / (i + 1)
-            if results and rest and time.monotonic() - waiting_since > QUICK_COMMIT:
+            if results and more and time.monotonic() - waiting_since > QUICK_COMMIT:
                 self._commit_results(results, 0)
                 results, waiting_since = [], 0.0
         return self._commit_results(results, 0 if self.stopping.is_set() else next_limit), running / len(claims)
@@ -2720,14 +2733,9 @@ class Runtime:
         wake = self.wakeups.event(CH_ADVANCE, pipeline)
         idle = float(self.config.get("pipeline_advancer.polling_timeout", pipeline))
         while not self.stopping.is_set():
-            try:
-                claims = self._db_retry(lambda: self.engine.claim_branches(pipeline, self.process_id, 1), self.stopping)
-            except DatabaseUnavailable:
+            claims = self._claim(lambda: self.engine.claim_branches(pipeline, self.process_id, 1), "branches", pipeline)
+            if claims is None:
                 break
-            except Exception:
-                log.exception("claiming branches of %s failed", pipeline)
-                self.stopping.wait(1)
-                continue
             if claims:
                 self.wakeups.notify(CH_ADVANCE, pipeline)  # there may be more: let an idle sibling look too
             for claim in claims:
