@@ -3,14 +3,18 @@
 
 A map of this module, top to bottom (search for the ``# ===`` banners):
 
-    errors & constants   exception classes, version
+    errors & constants   exception classes, exit codes, halt reasons, wake-up channels
     logging              text/JSON log lines, password masking
     config               YAML sections, strict validation, override maps
-    storage              SQLite / pg8000 connections, SQL dialects, migrations, every SQL statement
+    storage              database URLs, SQLite / pg8000 connections, TLS, Store and Tx, migrations
     definitions          Step, Pipeline, the definition builder and its graph
-    engine               trigger, claim, commit, advance, hand back, reap, revive, Run
-    runners              job worker / advancer threads, heartbeats, one process runtime
+    engine               SQL by table, bulk SQL, records; trigger, claim, commit, advance, hand back, revive
+    app API              Run, StepRecord, run and step contexts, configure(), trigger(), lifecycle hooks
+    wake-ups             in-process hints (Wakeups) and SQLite's cross-process ones (LocalWakeups)
+    runners              one process runtime: process row, job worker, advancer, heartbeat & reaper,
+                         listeners, lifecycle
     supervisor           the pre-fork process manager (single-threaded selectors loop)
+    health & status      the liveness verdict (heartbeat rows, local fallback), the status report
     dashboard            read-only web pages, their JSON twins, Prometheus /metrics
     cli                  argument parsing and the commands
 
@@ -57,8 +61,9 @@ __all__ = [
     "on_worker_start", "on_worker_stop", "__version__",
 ]
 
+
 # =====================================================================================
-# errors & constants
+# errors & constants: the exceptions ductwork raises, exit codes, halt reasons, channels
 # =====================================================================================
 
 
@@ -86,6 +91,24 @@ class FaultInjected(DuctworkError):
     """Raised by the fault hook's ``raise`` action (tests only)."""
 
 
+class DatabaseUnavailable(DuctworkError):
+    """The database could not be reached (connection refused, dropped, timed out)."""
+
+
+class HookFailed(DuctworkError):
+    pass
+
+
+class _CorruptInput(DuctworkError):
+    """A step row whose stored input is not JSON (written by hand or by an older version)."""
+
+
+class _Rejected(DuctworkError):
+    """An advancement whose branch claim was lost (fencing)."""
+
+
+class _BadRequest(DuctworkError):
+    """A query parameter the dashboard cannot use (answered with 400)."""
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 # Halt reasons (SPEC §9).
@@ -97,6 +120,10 @@ ADVANCER_RETRIES_EXHAUSTED = "advancer_retries_exhausted"
 TRANSITION_INVALID = "transition_invalid"
 DEFINITION_CHANGED = "definition_changed"
 PIPELINE_NOT_CONFIGURED = "pipeline_not_configured"
+
+
+CH_JOBS, CH_ADVANCE = "ductwork_jobs", "ductwork_advance"
+
 
 # =====================================================================================
 # logging: one line per event, text or JSON, with pid/role/pipeline; secrets masked
@@ -152,6 +179,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     log.addHandler(handler)
     log.setLevel(level.upper())
     log.propagate = False
+
 
 # =====================================================================================
 # config: YAML environment sections, strict validation, per-pipeline/per-step overrides
@@ -426,8 +454,9 @@ def load_config(path: str | None = None, overrides: dict | None = None,
     parse_database_url(config.data["database_url"])  # fail early on a bad URL
     return config
 
+
 # =====================================================================================
-# storage: connections (SQLite or pg8000), one dialect layer, migrations
+# storage: database URLs, connections (SQLite or pg8000), TLS, the Store, migrations
 # =====================================================================================
 
 
@@ -488,10 +517,6 @@ def parse_database_url(url: str) -> DatabaseInfo:
                             password=password, database=(parsed.path or "/").lstrip("/") or "postgres",
                             sslmode=sslmode, connect_timeout=timeout)
     raise ConfigError(f"unsupported database_url scheme {parsed.scheme!r} (use sqlite:/// or postgresql://)")
-
-
-class DatabaseUnavailable(DuctworkError):
-    """The database could not be reached (connection refused, dropped, timed out)."""
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -572,6 +597,58 @@ class _PgConnection:
         self.conn.close()
 
 
+class _TLS:
+    """The SSL context pg8000 gets: pg8000 only calls ``wrap_socket``, once the server has
+    agreed to TLS, so the context (and the ssl module) is made then, once per process and mode.
+    Left to itself, pg8000 builds a default context for every connection, loading the system
+    CA bundle (about 17 ms of CPU) even when the server has no TLS or verification is off."""
+
+    contexts: dict[str, Any] = {}
+    refused: set[tuple[str | None, int]] = set()   # servers that said no to TLS (sslmode prefer/allow)
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def wrap_socket(self, sock: Any, server_hostname: str | None = None) -> Any:
+        return self.context(self.mode).wrap_socket(sock, server_hostname=server_hostname)
+
+    @classmethod
+    def context(cls, mode: str) -> Any:
+        ctx = cls.contexts.get(mode)
+        if ctx is None:
+            import ssl
+            if mode in ("verify-ca", "verify-full"):   # the server's certificate must chain to a trusted CA
+                ctx = ssl.create_default_context()
+                ctx.check_hostname = mode == "verify-full"
+            else:                                      # prefer, allow, require: encrypted, not verified (as libpq)
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            cls.contexts[mode] = ctx
+        return ctx
+
+
+def _defer_scramp() -> None:
+    """pg8000 imports scramp eagerly, and scramp loads asn1crypto's X.509 parser: about 11 MB
+    and 20 ms in every process that talks to Postgres (the supervisor, each child, every
+    health check), needed only when the server asks for SCRAM authentication. Stand in for
+    the module until pg8000 first uses it (``scramp.ScramClient`` during a SCRAM login)."""
+    if "scramp" in sys.modules:
+        return
+    import types
+    proxy = types.ModuleType("scramp", "deferred: the real scramp is imported on first use")
+
+    def load(name: str) -> Any:
+        if sys.modules.get("scramp") is proxy:
+            del sys.modules["scramp"]
+        real = importlib.import_module("scramp")
+        proxy.__dict__.update({k: v for k, v in vars(real).items() if not k.startswith("__")})
+        return getattr(real, name)
+
+    proxy.__getattr__ = load  # type: ignore[method-assign]
+    sys.modules["scramp"] = proxy
+
+
 class Tx:
     """One open transaction: ``all``/``one``/``run`` statements written with ``?`` and ``{now}``."""
 
@@ -626,163 +703,6 @@ class Tx:
         mine = self.new_steps.get(pipeline)
         if mine is not None and mine <= step_ids and (CH_JOBS, pipeline) in self.pending:
             self.pending.remove((CH_JOBS, pipeline))
-
-
-class _TLS:
-    """The SSL context pg8000 gets: pg8000 only calls ``wrap_socket``, once the server has
-    agreed to TLS, so the context (and the ssl module) is made then, once per process and mode.
-    Left to itself, pg8000 builds a default context for every connection, loading the system
-    CA bundle (about 17 ms of CPU) even when the server has no TLS or verification is off."""
-
-    contexts: dict[str, Any] = {}
-    refused: set[tuple[str | None, int]] = set()   # servers that said no to TLS (sslmode prefer/allow)
-
-    def __init__(self, mode: str):
-        self.mode = mode
-
-    def wrap_socket(self, sock: Any, server_hostname: str | None = None) -> Any:
-        return self.context(self.mode).wrap_socket(sock, server_hostname=server_hostname)
-
-    @classmethod
-    def context(cls, mode: str) -> Any:
-        ctx = cls.contexts.get(mode)
-        if ctx is None:
-            import ssl
-            if mode in ("verify-ca", "verify-full"):   # the server's certificate must chain to a trusted CA
-                ctx = ssl.create_default_context()
-                ctx.check_hostname = mode == "verify-full"
-            else:                                      # prefer, allow, require: encrypted, not verified (as libpq)
-                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            cls.contexts[mode] = ctx
-        return ctx
-
-
-def _defer_scramp() -> None:
-    """pg8000 imports scramp eagerly, and scramp loads asn1crypto's X.509 parser: about 11 MB
-    and 20 ms in every process that talks to Postgres (the supervisor, each child, every
-    health check), needed only when the server asks for SCRAM authentication. Stand in for
-    the module until pg8000 first uses it (``scramp.ScramClient`` during a SCRAM login)."""
-    if "scramp" in sys.modules:
-        return
-    import types
-    proxy = types.ModuleType("scramp", "deferred: the real scramp is imported on first use")
-
-    def load(name: str) -> Any:
-        if sys.modules.get("scramp") is proxy:
-            del sys.modules["scramp"]
-        real = importlib.import_module("scramp")
-        proxy.__dict__.update({k: v for k, v in vars(real).items() if not k.startswith("__")})
-        return getattr(real, name)
-
-    proxy.__getattr__ = load  # type: ignore[method-assign]
-    sys.modules["scramp"] = proxy
-
-
-class LocalWakeups:
-    """NOTIFY for SQLite: every process of a SQLite database runs on one machine, so a commit
-    with wake-up hints sends them as datagrams to the Unix sockets that the database's worker
-    and advancer processes listen on (one folder of sockets per database file, private to the
-    user: $XDG_RUNTIME_DIR, else the temp dir). A hint only shortens an idle wait; polling
-    stays the fallback, so a lost datagram (a full socket buffer, a process that just died)
-    costs nothing but time, and a folder we cannot trust means polling only."""
-
-    _serial = iter(range(1 << 62))   # socket names: pid-serial (short: sun_path holds ~100 bytes)
-
-    @staticmethod
-    @functools.cache
-    def folder(db_path: str) -> str:
-        import hashlib
-        import tempfile
-        base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-        digest = hashlib.sha1(os.path.realpath(db_path).encode()).hexdigest()[:12]
-        return os.path.join(base, f"ductwork-wake-{os.getuid()}-{digest}")
-
-    @staticmethod
-    def _trusted(folder: str) -> bool:
-        """A real directory (not a symlink) of ours that nobody else may read or write: another
-        local user could otherwise read pipeline names, or silence and redirect the hints."""
-        import stat
-        try:
-            st = os.lstat(folder)
-        except OSError:
-            return False
-        return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
-
-    @classmethod
-    def listen(cls, db_path: str) -> Any:
-        """A bound datagram socket of this process; None where that is impossible (no Unix
-        sockets, a folder we cannot create or trust): the process then only polls."""
-        import socket
-        if not hasattr(socket, "AF_UNIX"):
-            return None
-        folder = cls.folder(db_path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            for attempt in range(3):  # the last process of another generation may remove the folder meanwhile
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(folder, 0o700)
-                if not cls._trusted(folder):
-                    raise OSError(f"{folder} is not a private directory of this user")
-                try:
-                    sock.bind(os.path.join(folder, f"{os.getpid()}-{next(cls._serial)}.sock"))
-                    break
-                except FileNotFoundError:
-                    if attempt == 2:
-                        raise
-        except OSError as exc:
-            sock.close()
-            log.warning("no cross-process wake-ups for SQLite (%s): idle threads poll", exc)
-            return None
-        sock.settimeout(1.0)
-        return sock
-
-    @classmethod
-    def send(cls, db_path: str, hints: list[tuple[str, str]], skip_own: bool) -> None:
-        """Send the hints to every listening process (``skip_own``: not to this one's sockets,
-        when this process already got them in-process)."""
-        import socket
-        import stat
-        folder = cls.folder(db_path)
-        if not hasattr(socket, "AF_UNIX") or not cls._trusted(folder):
-            return  # nobody listens yet, or the folder is not ours
-        own = f"{os.getpid()}-"
-        messages = [f"{channel}\n{payload}".encode() for channel, payload in hints]
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.setblocking(False)
-            for name in os.listdir(folder):
-                if (skip_own and name.startswith(own)) or not name.endswith(".sock"):
-                    continue
-                path = os.path.join(folder, name)
-                for message in messages:
-                    try:
-                        sock.sendto(message, path)
-                    except (ConnectionRefusedError, FileNotFoundError):
-                        with contextlib.suppress(OSError):
-                            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                                os.unlink(path)   # its process is gone
-                        break
-                    except OSError:
-                        break                     # a full buffer: that process is busy anyway
-
-    @staticmethod
-    def receive(sock: Any) -> tuple[str, str] | None:
-        """The next hint, or None after a second without one (or once the socket is closed)."""
-        try:
-            channel, _, payload = sock.recv(4096).decode().partition("\n")
-        except (OSError, UnicodeDecodeError):  # OSError includes the timeout
-            return None
-        return channel, payload
-
-    @staticmethod
-    def close(sock: Any) -> None:
-        """Close and remove this process's socket (and the folder, when it was the last one)."""
-        with contextlib.suppress(OSError):
-            path = sock.getsockname()
-            os.unlink(path)
-            os.rmdir(os.path.dirname(path))
-        sock.close()
 
 
 class Store:
@@ -927,11 +847,23 @@ class Store:
             return float(t.one("SELECT {now}")[0])
 
 
+def _retry_conflicts(fn: Callable[[], Any], attempts: int = 5) -> Any:
+    """Re-run a transaction that Postgres aborted as a deadlock or serialization failure."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:
+            text = str(exc)
+            if attempt == attempts - 1 or not ("40P01" in text or "40001" in text):
+                raise
+            import random
+            threading.Event().wait(random.uniform(0.001, 0.01) * (attempt + 1))
+
+
 # -- migrations ------------------------------------------------------------------------
 # Each migration is a list of statements with {pk}/{float} type placeholders; never
 # "drop and recreate". Applied under a lock (advisory lock / SQLite write lock), so
 # concurrent `migrate` runs are safe.
-
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (1, [
         """CREATE TABLE ductwork_processes (
@@ -1014,6 +946,7 @@ def schema_is_current(store: Store) -> bool:
         raise
     except Exception:
         return False
+
 
 # =====================================================================================
 # definitions: Step, Pipeline and the builder that turns define(p) into a graph
@@ -1309,8 +1242,9 @@ def validate() -> list[str]:
         json.loads(cls.definition.body)
     return sorted(_REGISTRY)
 
+
 # =====================================================================================
-# engine: every state change of runs, branches and steps; each SQL statement lives here
+# engine: every state change of runs, branches and steps; its SQL, its records
 # =====================================================================================
 # Step rows are the job queue (status queued -> running -> succeeded | failed). A claim
 # stamps claimed_by (the process row id: one per incarnation) and a random claim_token;
@@ -1318,11 +1252,6 @@ def validate() -> list[str]:
 # lost its claim (reaped, handed back) cannot commit. Branch rows are the advancement
 # queue (status running -> advance -> advancing -> running | waiting | completed | halted),
 # fenced the same way.
-
-CH_JOBS, CH_ADVANCE = "ductwork_jobs", "ductwork_advance"
-MAX_BATCH = 16          # most steps a worker thread claims at once (only while steps are quick)
-QUICK_STEP = 0.005      # a step faster than this lets the batch grow
-QUICK_COMMIT = 0.02     # a finished result waits at most this long for its batch before committing
 
 
 class SQL:
@@ -2087,29 +2016,12 @@ class Engine:
             return {k: json.loads(v) for k, v in t.all(SQL.context_all, (run_id,))}
 
 
-def _retry_conflicts(fn: Callable[[], Any], attempts: int = 5) -> Any:
-    """Re-run a transaction that Postgres aborted as a deadlock or serialization failure."""
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except Exception as exc:
-            text = str(exc)
-            if attempt == attempts - 1 or not ("40P01" in text or "40001" in text):
-                raise
-            import random
-            threading.Event().wait(random.uniform(0.001, 0.01) * (attempt + 1))
-
-
-class _CorruptInput(DuctworkError):
-    """A step row whose stored input is not JSON (written by hand or by an older version)."""
-
-
-class _Rejected(DuctworkError):
-    """An advancement whose branch claim was lost (fencing)."""
+# =====================================================================================
+# app API: Run, StepRecord, contexts, configure(), trigger(), lifecycle hooks
+# =====================================================================================
 
 
 # -- app-facing records ------------------------------------------------------------------
-
 @dataclasses.dataclass
 class StepRecord:
     """One step of a run, as stored."""
@@ -2234,7 +2146,6 @@ class Run:
 
 
 # -- module-level app state: configure(), the engine app code uses -------------------------
-
 class _AppState:
     def __init__(self) -> None:
         self.config: Config | None = None
@@ -2288,9 +2199,6 @@ def trigger(name: str, *args: Any) -> Run:
     engine = _app_engine()
     return Run(engine.trigger(name, args), engine).refresh()
 
-# =====================================================================================
-# runners: job worker and advancer threads, heartbeats and reaping, one process runtime
-# =====================================================================================
 
 _HOOKS: dict[str, list[Callable[[], Any]]] = {k: [] for k in (
     "supervisor_start", "supervisor_stop", "advancer_start", "advancer_stop", "worker_start", "worker_stop")}
@@ -2315,10 +2223,6 @@ on_worker_start = _hook_registrar("worker_start")
 on_worker_stop = _hook_registrar("worker_stop")
 
 
-class HookFailed(DuctworkError):
-    pass
-
-
 def run_hooks(kind: str) -> None:
     """Start hooks: the first that raises fails the boot. Stop hooks: log and go on."""
     for fn in _HOOKS[kind]:
@@ -2329,6 +2233,176 @@ def run_hooks(kind: str) -> None:
             if kind.endswith("_start"):
                 raise HookFailed(f"on_{kind} hook {name} raised {type(exc).__name__}: {exc}") from exc
             log.exception("on_%s hook %s raised; shutdown goes on", kind, name)
+
+
+# =====================================================================================
+# wake-ups: hints that end an idle wait early, inside a process and across SQLite processes
+# =====================================================================================
+# Postgres carries them as NOTIFY (Runtime.listen_loop); polling is always the fallback.
+
+
+class Wakeups:
+    """Wake-up hints inside one process: one idle thread per hint (no thundering herd).
+
+    A thread whose claim came back full (there is likely more) wakes every idle sibling, so a
+    burst reaches all threads at once. A hint that finds nobody idle is kept, so a thread
+    about to wait does not miss it. ``all()`` wakes everybody (shutdown)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.everyone: list[threading.Event] = []
+        self.idle: dict[tuple[str, str], list[threading.Event]] = {}
+        self.pending: set[tuple[str, str]] = set()
+
+    def event(self, channel: str, pipeline: str) -> threading.Event:
+        ev = threading.Event()
+        with self.lock:
+            self.everyone.append(ev)
+        return ev
+
+    def wait(self, channel: str, pipeline: str, ev: threading.Event, timeout: float) -> None:
+        key = (channel, pipeline)
+        with self.lock:
+            if key in self.pending:
+                self.pending.discard(key)
+                return
+            self.idle.setdefault(key, []).append(ev)
+        ev.wait(timeout)
+        with self.lock:
+            with contextlib.suppress(ValueError):
+                self.idle.get(key, []).remove(ev)
+        ev.clear()
+
+    def notify(self, channel: str, pipeline: str, every_idle: bool = False) -> None:
+        """Wake one idle thread (``every_idle``: all of them) of this channel and pipeline."""
+        key = (channel, pipeline)
+        with self.lock:
+            waiting = self.idle.get(key)
+            if not waiting:
+                self.pending.add(key)
+                return
+            for ev in waiting[:] if every_idle else waiting[:1]:
+                waiting.remove(ev)
+                ev.set()
+
+    def all(self) -> None:
+        with self.lock:
+            for ev in self.everyone:
+                ev.set()
+
+
+class LocalWakeups:
+    """NOTIFY for SQLite: every process of a SQLite database runs on one machine, so a commit
+    with wake-up hints sends them as datagrams to the Unix sockets that the database's worker
+    and advancer processes listen on (one folder of sockets per database file, private to the
+    user: $XDG_RUNTIME_DIR, else the temp dir). A hint only shortens an idle wait; polling
+    stays the fallback, so a lost datagram (a full socket buffer, a process that just died)
+    costs nothing but time, and a folder we cannot trust means polling only."""
+
+    _serial = iter(range(1 << 62))   # socket names: pid-serial (short: sun_path holds ~100 bytes)
+
+    @staticmethod
+    @functools.cache
+    def folder(db_path: str) -> str:
+        import hashlib
+        import tempfile
+        base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+        digest = hashlib.sha1(os.path.realpath(db_path).encode()).hexdigest()[:12]
+        return os.path.join(base, f"ductwork-wake-{os.getuid()}-{digest}")
+
+    @staticmethod
+    def _trusted(folder: str) -> bool:
+        """A real directory (not a symlink) of ours that nobody else may read or write: another
+        local user could otherwise read pipeline names, or silence and redirect the hints."""
+        import stat
+        try:
+            st = os.lstat(folder)
+        except OSError:
+            return False
+        return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+    @classmethod
+    def listen(cls, db_path: str) -> Any:
+        """A bound datagram socket of this process; None where that is impossible (no Unix
+        sockets, a folder we cannot create or trust): the process then only polls."""
+        import socket
+        if not hasattr(socket, "AF_UNIX"):
+            return None
+        folder = cls.folder(db_path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            for attempt in range(3):  # the last process of another generation may remove the folder meanwhile
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(folder, 0o700)
+                if not cls._trusted(folder):
+                    raise OSError(f"{folder} is not a private directory of this user")
+                try:
+                    sock.bind(os.path.join(folder, f"{os.getpid()}-{next(cls._serial)}.sock"))
+                    break
+                except FileNotFoundError:
+                    if attempt == 2:
+                        raise
+        except OSError as exc:
+            sock.close()
+            log.warning("no cross-process wake-ups for SQLite (%s): idle threads poll", exc)
+            return None
+        sock.settimeout(1.0)
+        return sock
+
+    @classmethod
+    def send(cls, db_path: str, hints: list[tuple[str, str]], skip_own: bool) -> None:
+        """Send the hints to every listening process (``skip_own``: not to this one's sockets,
+        when this process already got them in-process)."""
+        import socket
+        import stat
+        folder = cls.folder(db_path)
+        if not hasattr(socket, "AF_UNIX") or not cls._trusted(folder):
+            return  # nobody listens yet, or the folder is not ours
+        own = f"{os.getpid()}-"
+        messages = [f"{channel}\n{payload}".encode() for channel, payload in hints]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            for name in os.listdir(folder):
+                if (skip_own and name.startswith(own)) or not name.endswith(".sock"):
+                    continue
+                path = os.path.join(folder, name)
+                for message in messages:
+                    try:
+                        sock.sendto(message, path)
+                    except (ConnectionRefusedError, FileNotFoundError):
+                        with contextlib.suppress(OSError):
+                            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                                os.unlink(path)   # its process is gone
+                        break
+                    except OSError:
+                        break                     # a full buffer: that process is busy anyway
+
+    @staticmethod
+    def receive(sock: Any) -> tuple[str, str] | None:
+        """The next hint, or None after a second without one (or once the socket is closed)."""
+        try:
+            channel, _, payload = sock.recv(4096).decode().partition("\n")
+        except (OSError, UnicodeDecodeError):  # OSError includes the timeout
+            return None
+        return channel, payload
+
+    @staticmethod
+    def close(sock: Any) -> None:
+        """Close and remove this process's socket (and the folder, when it was the last one)."""
+        with contextlib.suppress(OSError):
+            path = sock.getsockname()
+            os.unlink(path)
+            os.rmdir(os.path.dirname(path))
+        sock.close()
+
+
+# =====================================================================================
+# runners: job worker and advancer threads, heartbeats and reaping, one process runtime
+# =====================================================================================
+
+MAX_BATCH = 16          # most steps a worker thread claims at once (only while steps are quick)
+QUICK_STEP = 0.005      # a step faster than this lets the batch grow
+QUICK_COMMIT = 0.02     # a finished result waits at most this long for its batch before committing
 
 
 def machine_identifier() -> str:
@@ -2403,56 +2477,6 @@ class Outage:
             self.down_since, self.failures = None, 0
 
 
-class Wakeups:
-    """Wake-up hints inside one process: one idle thread per hint (no thundering herd).
-
-    A thread whose claim came back full (there is likely more) wakes every idle sibling, so a
-    burst reaches all threads at once. A hint that finds nobody idle is kept, so a thread
-    about to wait does not miss it. ``all()`` wakes everybody (shutdown)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.everyone: list[threading.Event] = []
-        self.idle: dict[tuple[str, str], list[threading.Event]] = {}
-        self.pending: set[tuple[str, str]] = set()
-
-    def event(self, channel: str, pipeline: str) -> threading.Event:
-        ev = threading.Event()
-        with self.lock:
-            self.everyone.append(ev)
-        return ev
-
-    def wait(self, channel: str, pipeline: str, ev: threading.Event, timeout: float) -> None:
-        key = (channel, pipeline)
-        with self.lock:
-            if key in self.pending:
-                self.pending.discard(key)
-                return
-            self.idle.setdefault(key, []).append(ev)
-        ev.wait(timeout)
-        with self.lock:
-            with contextlib.suppress(ValueError):
-                self.idle.get(key, []).remove(ev)
-        ev.clear()
-
-    def notify(self, channel: str, pipeline: str, every_idle: bool = False) -> None:
-        """Wake one idle thread (``every_idle``: all of them) of this channel and pipeline."""
-        key = (channel, pipeline)
-        with self.lock:
-            waiting = self.idle.get(key)
-            if not waiting:
-                self.pending.add(key)
-                return
-            for ev in waiting[:] if every_idle else waiting[:1]:
-                waiting.remove(ev)
-                ev.set()
-
-    def all(self) -> None:
-        with self.lock:
-            for ev in self.everyone:
-                ev.set()
-
-
 class Runtime:
     """One process's job worker and/or advancer threads plus its heartbeat/reaper thread.
 
@@ -2484,7 +2508,7 @@ class Runtime:
         self.signals: "queue.SimpleQueue[int]" = queue.SimpleQueue()
         self.machine = machine_identifier()
 
-    # -- process row ------------------------------------------------------------------
+    # -- process row -------------------------------------------------------------------
     @property
     def row_role(self) -> str:
         return {"combined": "supervisor"}.get(self.role, self.role)
@@ -2497,43 +2521,21 @@ class Runtime:
                                                                self.parent_row, "running", self.restarts, info))[0])
         log.debug("registered process row %s", self.process_id)
 
-    def heartbeat(self) -> None:
-        state = "draining" if self.stopping.is_set() else "running"
-        with self.store.tx() as t:
-            alive = t.run(SQL.heartbeat, (state, self.restarts, _dumps({"in_flight": len(self.in_flight)}), self.process_id))
-        if alive != 1:
-            log.warning("process row %s was reaped while this process was paused; registering again", self.process_id)
-            self.register()
+    def _unregister(self) -> None:
+        if self.wake_socket is not None:   # gone with the process, not a second later with its listener
+            LocalWakeups.close(self.wake_socket)
+        if not self.process_id:
+            return
+        self.store.discard()
+        try:
+            # whatever the row still holds (a hand-back that failed, a claim made after the in-flight
+            # snapshot) goes back with it: nobody could reap it once the row is gone
+            self.engine.retire(self.process_id, "process exited holding it")
+        except Exception as exc:
+            log.warning("could not delete process row %s: %s", self.process_id, exc)
+        _remove_local_heartbeat(self.machine, self.row_role)
 
-    def reap(self) -> int:
-        timeout = float(self.config.get("supervisor.reaper_timeout"))
-        with self.store.tx(write=False) as t:
-            stale = [r[0] for r in t.all(SQL.stale_processes, (timeout, self.process_id))]
-        reaped = 0
-        for pid_row in stale:
-            if self.engine.reap(pid_row, timeout):
-                reaped += 1
-        return reaped
-
-    # -- threads ----------------------------------------------------------------------
-    def start_threads(self) -> None:
-        if self.role in ("worker", "combined"):
-            for pipeline in self.worker_pipelines:
-                for n in range(int(self.config.get("job_worker.count", pipeline))):
-                    self._spawn(f"ductwork.worker.{pipeline}.{n}", self.worker_loop, pipeline)
-        if self.role in ("advancer", "combined"):
-            for pipeline in self.pipelines:
-                for n in range(int(self.config.get("pipeline_advancer.count", pipeline))):
-                    self._spawn(f"ductwork.advancer.{pipeline}.{n}", self.advancer_loop, pipeline)
-        self._spawn(f"ductwork.{self.row_role}.heartbeat.0", self.heartbeat_loop, None)
-        listen = self.listen_loop if self.store.dialect == "postgres" else self.local_listen_loop
-        self._spawn(f"ductwork.{self.row_role}.listener.0", listen, None)
-
-    def _spawn(self, name: str, target: Callable, arg: Any) -> None:
-        thread = threading.Thread(target=target, args=(arg,) if arg is not None else (), name=name, daemon=True)
-        self.threads.append(thread)
-        thread.start()
-
+    # -- database retries --------------------------------------------------------------
     def _db_retry(self, fn: Callable[[], Any], give_up: threading.Event | None = None) -> Any:
         """Run ``fn`` until the database answers (outages: log once, capped backoff)."""
         while True:
@@ -2561,6 +2563,7 @@ class Runtime:
             self.stopping.wait(1)
             return []
 
+    # -- job worker --------------------------------------------------------------------
     def worker_loop(self, pipeline: str) -> None:
         """Claim, run, commit. Quick steps are claimed and committed in growing batches (one
         transaction for a batch's results, its branches' advancement and the next claim);
@@ -2729,6 +2732,7 @@ class Runtime:
                                                        claims[0].pipeline), self.dead)
         self._untrack(claims)
 
+    # -- advancer ----------------------------------------------------------------------
     def advancer_loop(self, pipeline: str) -> None:
         wake = self.wakeups.event(CH_ADVANCE, pipeline)
         idle = float(self.config.get("pipeline_advancer.polling_timeout", pipeline))
@@ -2770,6 +2774,7 @@ class Runtime:
         for run_id in halted:
             self.engine.notify_halt(run_id)
 
+    # -- heartbeat & reaper ------------------------------------------------------------
     def heartbeat_loop(self) -> None:
         interval = float(self.config.get("supervisor.heartbeat_interval"))
         next_reap = 0.0
@@ -2787,6 +2792,24 @@ class Runtime:
                 self.outage.failed(exc)
             except Exception:
                 log.exception("heartbeat failed")
+
+    def heartbeat(self) -> None:
+        state = "draining" if self.stopping.is_set() else "running"
+        with self.store.tx() as t:
+            alive = t.run(SQL.heartbeat, (state, self.restarts, _dumps({"in_flight": len(self.in_flight)}), self.process_id))
+        if alive != 1:
+            log.warning("process row %s was reaped while this process was paused; registering again", self.process_id)
+            self.register()
+
+    def reap(self) -> int:
+        timeout = float(self.config.get("supervisor.reaper_timeout"))
+        with self.store.tx(write=False) as t:
+            stale = [r[0] for r in t.all(SQL.stale_processes, (timeout, self.process_id))]
+        reaped = 0
+        for pid_row in stale:
+            if self.engine.reap(pid_row, timeout):
+                reaped += 1
+        return reaped
 
     def release_orphans(self) -> int:
         """Claims this process holds that no thread knows of (a claim whose commit reached the
@@ -2834,6 +2857,7 @@ class Runtime:
                 log.warning("%s: halted %d run(s)", why, len(done.halted))
         return halted
 
+    # -- listeners ---------------------------------------------------------------------
     def listen_loop(self) -> None:
         """Postgres LISTEN as a wake-up hint; polling stays the fallback."""
         channels = {CH_JOBS, CH_ADVANCE}
@@ -2875,7 +2899,7 @@ class Runtime:
         finally:
             LocalWakeups.close(sock)
 
-    # -- lifecycle --------------------------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------------------
     def install_signals(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN, signal.SIGHUP):
             signal.signal(sig, lambda signum, frame: self.signals.put(signum))
@@ -2908,6 +2932,24 @@ class Runtime:
         code = self.loop()
         self.hooks("stop")
         return code
+
+    def start_threads(self) -> None:
+        if self.role in ("worker", "combined"):
+            for pipeline in self.worker_pipelines:
+                for n in range(int(self.config.get("job_worker.count", pipeline))):
+                    self._spawn(f"ductwork.worker.{pipeline}.{n}", self.worker_loop, pipeline)
+        if self.role in ("advancer", "combined"):
+            for pipeline in self.pipelines:
+                for n in range(int(self.config.get("pipeline_advancer.count", pipeline))):
+                    self._spawn(f"ductwork.advancer.{pipeline}.{n}", self.advancer_loop, pipeline)
+        self._spawn(f"ductwork.{self.row_role}.heartbeat.0", self.heartbeat_loop, None)
+        listen = self.listen_loop if self.store.dialect == "postgres" else self.local_listen_loop
+        self._spawn(f"ductwork.{self.row_role}.listener.0", listen, None)
+
+    def _spawn(self, name: str, target: Callable, arg: Any) -> None:
+        thread = threading.Thread(target=target, args=(arg,) if arg is not None else (), name=name, daemon=True)
+        self.threads.append(thread)
+        thread.start()
 
     def loop(self) -> int:
         tick = min(1.0, float(self.config.get("supervisor.heartbeat_interval")))
@@ -2973,20 +3015,6 @@ class Runtime:
             log.warning("could not hand back %d step(s): %s (a peer reaps them later)", len(entries), exc)
         return handed
 
-    def _unregister(self) -> None:
-        if self.wake_socket is not None:   # gone with the process, not a second later with its listener
-            LocalWakeups.close(self.wake_socket)
-        if not self.process_id:
-            return
-        self.store.discard()
-        try:
-            # whatever the row still holds (a hand-back that failed, a claim made after the in-flight
-            # snapshot) goes back with it: nobody could reap it once the row is gone
-            self.engine.retire(self.process_id, "process exited holding it")
-        except Exception as exc:
-            log.warning("could not delete process row %s: %s", self.process_id, exc)
-        _remove_local_heartbeat(self.machine, self.row_role)
-
     def _report(self, message: str) -> None:
         if self.report_fd is None:
             return
@@ -3017,29 +3045,6 @@ def dump_threads(role: str) -> None:
             out.extend(line.rstrip() for line in traceback.format_stack(frame))
     print("\n".join(out), flush=True)
 
-
-def _local_heartbeat_dir(machine: str) -> str:
-    import tempfile
-    return os.path.join(tempfile.gettempdir(), f"ductwork-{re.sub(r'[^A-Za-z0-9_.-]', '_', machine)}")
-
-
-def _touch_local_heartbeat(machine: str, role: str) -> None:
-    """Local proof that this process's control loop runs: the health check's fallback when
-    the database is unreachable (a DB outage must not make an orchestrator restart every pod)."""
-    name = os.path.join(_local_heartbeat_dir(machine), f"{role}.{os.getpid()}")
-    try:
-        os.utime(name)
-    except FileNotFoundError:
-        with contextlib.suppress(OSError):
-            os.makedirs(os.path.dirname(name), exist_ok=True)
-            open(name, "w").close()
-    except OSError:
-        pass
-
-
-def _remove_local_heartbeat(machine: str, role: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(os.path.join(_local_heartbeat_dir(machine), f"{role}.{os.getpid()}"))
 
 # =====================================================================================
 # supervisor: the pre-fork process manager (single-threaded, one selectors loop)
@@ -3447,6 +3452,120 @@ class Supervisor:
 
 
 # =====================================================================================
+# health & status: the liveness verdict (database rows, local fallback) and the status report
+# =====================================================================================
+
+
+def status_report(engine: Engine) -> dict:
+    with engine.store.tx(write=False) as t:
+        procs = t.all(SQL.processes)
+        counts = t.all(SQL.run_counts)
+        halts = t.all(SQL.recent_halts, (10,))
+        errors = t.all(SQL.recent_errors, (10,))
+    runs: dict[str, dict[str, int]] = {}
+    for pipeline, status, n in counts:
+        runs.setdefault(pipeline, {})[status] = int(n)
+    return {
+        "processes": [{"id": r[0], "pid": r[1], "machine": r[2], "role": r[3], "pipelines": [p for p in r[4].split(",") if p],
+                       "parent_id": r[5], "state": r[6], "restarts": r[7], "info": _loads(r[8]),
+                       "heartbeat_age": round(float(r[11]), 3), "age": round(float(r[12]), 3)} for r in procs],
+        "runs": runs,
+        "recent_halts": [{"run": r[0], "pipeline": r[1], "reasons": _loads(r[2]), "finished_at": r[3]} for r in halts],
+        "recent_errors": [{"step": r[0], "run": r[1], "pipeline": r[2], "name": r[3], "outcome": r[4],
+                           "error": (r[5] or "").splitlines()[0] if r[5] else "", "at": r[6]} for r in errors],
+    }
+
+
+@dataclasses.dataclass
+class Health:
+    """The health check's verdict: ``code`` 0 healthy, 1 unhealthy/dead, 3 unreachable and no local proof."""
+    code: int
+    line: str
+    processes: list[dict] = dataclasses.field(default_factory=list)
+
+
+HEALTH_ROLE = {"all": "supervisor", "supervisor": "supervisor", "advancer": "advancer", "worker": "worker"}
+
+
+def check_health(config: Config, role: str | None = None, pid: int | None = None, max_age: float | None = None) -> Health:
+    """Is this machine's process for ``role`` (or ``pid``) alive? Database clock; local fallback."""
+    row_role = HEALTH_ROLE[role or config.data["role"]]
+    limit = float(max_age if max_age is not None else config.get("healthcheck.max_age"))
+    machine = machine_identifier()
+    store = Store(config.data["database_url"], connect_timeout=0.5, read_only=True)
+    try:
+        with store.tx(write=False) as t:
+            rows = t.all(SQL.machine_processes, (machine,))
+    except (DatabaseUnavailable, sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
+        if "no such table" in str(exc) or "does not exist" in str(exc):
+            return Health(EXIT_FAILURE, "dead: no process (schema not created)")
+        return _local_health(machine, row_role, pid, limit)
+    finally:
+        store.close()
+    procs = [{"id": r[0], "pid": r[1], "role": r[2], "state": r[3], "restarts": r[4],
+              "heartbeat_age": round(float(r[5]), 3), "age": round(float(r[6]), 3)} for r in rows]
+    mine = [p for p in procs if (p["pid"] == pid if pid is not None else p["role"] == row_role)]
+    if not mine:
+        return Health(EXIT_FAILURE, "dead: no process", procs)
+    freshest = min(p["heartbeat_age"] for p in mine)
+    if freshest <= limit:
+        return Health(EXIT_OK, "healthy", mine)
+    return Health(EXIT_FAILURE, f"unhealthy: heartbeat {freshest:.0f}s old", mine)
+
+
+def _local_health(machine: str, role: str, pid: int | None, limit: float) -> Health:
+    """The database is unreachable: is a local process of this role alive and looping?"""
+    folder = _local_heartbeat_dir(machine)
+    now = time.time()
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        names = []
+    for name in names:
+        file_role, _, file_pid = name.rpartition(".")
+        if file_role != role or not file_pid.isdigit() or (pid is not None and int(file_pid) != pid):
+            continue
+        try:
+            fresh = now - os.stat(os.path.join(folder, name)).st_mtime <= min(limit, 60)
+            os.kill(int(file_pid), 0)
+        except (OSError, ProcessLookupError):
+            continue
+        if fresh:
+            return Health(EXIT_OK, "healthy (database unreachable)")
+    return Health(EXIT_UNREACHABLE, "unhealthy: database unreachable and no local proof of life")
+
+
+def healthy(max_age: float | None = None, role: str | None = None) -> bool:
+    """The health check for app code: True when this machine's process for ``role`` is alive."""
+    config = _APP.config or load_config()
+    return check_health(config, role, None, max_age).code == EXIT_OK
+
+
+def _local_heartbeat_dir(machine: str) -> str:
+    import tempfile
+    return os.path.join(tempfile.gettempdir(), f"ductwork-{re.sub(r'[^A-Za-z0-9_.-]', '_', machine)}")
+
+
+def _touch_local_heartbeat(machine: str, role: str) -> None:
+    """Local proof that this process's control loop runs: the health check's fallback when
+    the database is unreachable (a DB outage must not make an orchestrator restart every pod)."""
+    name = os.path.join(_local_heartbeat_dir(machine), f"{role}.{os.getpid()}")
+    try:
+        os.utime(name)
+    except FileNotFoundError:
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.dirname(name), exist_ok=True)
+            open(name, "w").close()
+    except OSError:
+        pass
+
+
+def _remove_local_heartbeat(machine: str, role: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(_local_heartbeat_dir(machine), f"{role}.{os.getpid()}"))
+
+
+# =====================================================================================
 # dashboard: read-only pages, their JSON twins under /api/..., and /metrics
 # =====================================================================================
 # `python ductwork.py dashboard` serves / (overview), /runs (filters, pages), /runs/<id>
@@ -3487,10 +3606,6 @@ class DashboardSQL:
                  "FROM ductwork_processes GROUP BY role")
 
 
-class _BadRequest(DuctworkError):
-    """A query parameter the dashboard cannot use (answered with 400)."""
-
-
 def _records(rows: list[tuple], columns: str, decode: str = "") -> list[dict]:
     """Rows as dicts keyed by ``columns``; the ``decode`` columns hold JSON (shown raw when corrupt)."""
     out = [dict(zip(columns.split(), row, strict=True)) for row in rows]
@@ -3505,7 +3620,6 @@ def _duration(start: float | None, end: float | None) -> float | None:
 
 
 # -- data: the JSON twins ------------------------------------------------------------------
-
 def dashboard_overview(engine: Engine, minutes: int = DASHBOARD_MINUTES) -> dict:
     report = status_report(engine)
     with engine.store.tx(write=False) as t:
@@ -3619,7 +3733,6 @@ def _prom_label(value: str) -> str:
 
 
 # -- html ------------------------------------------------------------------------------------
-
 _DASHBOARD_CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#222;background:#f7f7f9}
 nav{background:#223;padding:.6em 1.5em}nav a{color:#fff;margin-right:1.4em;text-decoration:none}
 nav b{color:#9cf;margin-right:2em}main{padding:.5em 1.5em 2em}summary{cursor:pointer;color:#336}form{margin:.6em 0}
@@ -3800,7 +3913,6 @@ def _page(title: str, api: str, etag: str, main: str, nonce: str, refresh: float
 
 
 # -- http --------------------------------------------------------------------------------------
-
 def _int_param(query: dict, name: str, default: int, high: int) -> int:
     try:
         value = int(query.get(name) or default)
@@ -3936,40 +4048,6 @@ def make_dashboard_server(config: Config, host: str, port: int, auth: str | None
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-def cmd_dashboard(args: argparse.Namespace, config: Config) -> int:
-    """Serve the dashboard until SIGTERM/SIGINT; exit 0."""
-    if not 0 <= args.port <= 65535 or not args.refresh > 0:
-        raise ConfigError("--port must be between 0 and 65535 and --refresh above 0")
-    auth = args.auth or os.environ.get("DUCTWORK_DASHBOARD_AUTH") or None
-    server = make_dashboard_server(config, args.host, args.port, auth=auth, insecure=args.insecure, refresh=args.refresh)
-    stop = threading.Event()  # the handlers only record the signal
-    previous = {sig: signal.signal(sig, lambda signum, _: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="ductwork.dashboard", daemon=True).start()
-    host, port = server.server_address[:2]
-    log.info("dashboard on http://%s:%s/ (JSON under /api/, Prometheus at /metrics)%s", f"[{host}]" if ":" in host else host,
-             port, "" if auth else ", no auth")
-    try:
-        while not stop.wait(1.0):
-            pass
-    finally:
-        server.shutdown()
-        server.server_close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    log.info("dashboard stopped")
-    return EXIT_OK
-
-
-def add_dashboard_parser(sub: Any, add_common: Any) -> None:
-    p = sub.add_parser("dashboard", help="read-only web dashboard, JSON API and Prometheus /metrics")
-    add_common(p, top=False)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --auth or --insecure)")
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port)")
-    p.add_argument("--auth", help="user:password for HTTP basic auth (default: env DUCTWORK_DASHBOARD_AUTH)")
-    p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without auth")
-    p.add_argument("--refresh", type=float, default=5.0, help="seconds between a page's refresh polls (default 5)")
-
-
 # =====================================================================================
 # cli: python ductwork.py [COMMAND] [OPTIONS]
 # =====================================================================================
@@ -4017,6 +4095,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", help="one JSON value per argument of the start step")
     add_dashboard_parser(sub, _add_common)
     return parser
+
+
+def add_dashboard_parser(sub: Any, add_common: Any) -> None:
+    p = sub.add_parser("dashboard", help="read-only web dashboard, JSON API and Prometheus /metrics")
+    add_common(p, top=False)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --auth or --insecure)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port)")
+    p.add_argument("--auth", help="user:password for HTTP basic auth (default: env DUCTWORK_DASHBOARD_AUTH)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without auth")
+    p.add_argument("--refresh", type=float, default=5.0, help="seconds between a page's refresh polls (default 5)")
 
 
 def _config_from_args(args: argparse.Namespace) -> Config:
@@ -4111,26 +4199,6 @@ def cmd_validate(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-def status_report(engine: Engine) -> dict:
-    with engine.store.tx(write=False) as t:
-        procs = t.all(SQL.processes)
-        counts = t.all(SQL.run_counts)
-        halts = t.all(SQL.recent_halts, (10,))
-        errors = t.all(SQL.recent_errors, (10,))
-    runs: dict[str, dict[str, int]] = {}
-    for pipeline, status, n in counts:
-        runs.setdefault(pipeline, {})[status] = int(n)
-    return {
-        "processes": [{"id": r[0], "pid": r[1], "machine": r[2], "role": r[3], "pipelines": [p for p in r[4].split(",") if p],
-                       "parent_id": r[5], "state": r[6], "restarts": r[7], "info": _loads(r[8]),
-                       "heartbeat_age": round(float(r[11]), 3), "age": round(float(r[12]), 3)} for r in procs],
-        "runs": runs,
-        "recent_halts": [{"run": r[0], "pipeline": r[1], "reasons": _loads(r[2]), "finished_at": r[3]} for r in halts],
-        "recent_errors": [{"step": r[0], "run": r[1], "pipeline": r[2], "name": r[3], "outcome": r[4],
-                           "error": (r[5] or "").splitlines()[0] if r[5] else "", "at": r[6]} for r in errors],
-    }
-
-
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     engine = Engine(Store(config.data["database_url"]), config)
     ensure_schema(engine.store)
@@ -4156,71 +4224,6 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-@dataclasses.dataclass
-class Health:
-    """The health check's verdict: ``code`` 0 healthy, 1 unhealthy/dead, 3 unreachable and no local proof."""
-    code: int
-    line: str
-    processes: list[dict] = dataclasses.field(default_factory=list)
-
-
-HEALTH_ROLE = {"all": "supervisor", "supervisor": "supervisor", "advancer": "advancer", "worker": "worker"}
-
-
-def check_health(config: Config, role: str | None = None, pid: int | None = None, max_age: float | None = None) -> Health:
-    """Is this machine's process for ``role`` (or ``pid``) alive? Database clock; local fallback."""
-    row_role = HEALTH_ROLE[role or config.data["role"]]
-    limit = float(max_age if max_age is not None else config.get("healthcheck.max_age"))
-    machine = machine_identifier()
-    store = Store(config.data["database_url"], connect_timeout=0.5, read_only=True)
-    try:
-        with store.tx(write=False) as t:
-            rows = t.all(SQL.machine_processes, (machine,))
-    except (DatabaseUnavailable, sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
-        if "no such table" in str(exc) or "does not exist" in str(exc):
-            return Health(EXIT_FAILURE, "dead: no process (schema not created)")
-        return _local_health(machine, row_role, pid, limit)
-    finally:
-        store.close()
-    procs = [{"id": r[0], "pid": r[1], "role": r[2], "state": r[3], "restarts": r[4],
-              "heartbeat_age": round(float(r[5]), 3), "age": round(float(r[6]), 3)} for r in rows]
-    mine = [p for p in procs if (p["pid"] == pid if pid is not None else p["role"] == row_role)]
-    if not mine:
-        return Health(EXIT_FAILURE, "dead: no process", procs)
-    freshest = min(p["heartbeat_age"] for p in mine)
-    if freshest <= limit:
-        return Health(EXIT_OK, "healthy", mine)
-    return Health(EXIT_FAILURE, f"unhealthy: heartbeat {freshest:.0f}s old", mine)
-
-
-def _local_health(machine: str, role: str, pid: int | None, limit: float) -> Health:
-    """The database is unreachable: is a local process of this role alive and looping?"""
-    folder = _local_heartbeat_dir(machine)
-    now = time.time()
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        names = []
-    for name in names:
-        file_role, _, file_pid = name.rpartition(".")
-        if file_role != role or not file_pid.isdigit() or (pid is not None and int(file_pid) != pid):
-            continue
-        try:
-            fresh = now - os.stat(os.path.join(folder, name)).st_mtime <= min(limit, 60)
-            os.kill(int(file_pid), 0)
-        except (OSError, ProcessLookupError):
-            continue
-        if fresh:
-            return Health(EXIT_OK, "healthy (database unreachable)")
-    return Health(EXIT_UNREACHABLE, "unhealthy: database unreachable and no local proof of life")
-
-
-def healthy(max_age: float | None = None, role: str | None = None) -> bool:
-    """The health check for app code: True when this machine's process for ``role`` is alive."""
-    config = _APP.config or load_config()
-    return check_health(config, role, None, max_age).code == EXIT_OK
-
-
 def cmd_healthcheck(args: argparse.Namespace, config: Config | None) -> int:
     config = config or _config_from_args(args)
     if args.max_age is not None and args.max_age <= 0:
@@ -4232,6 +4235,30 @@ def cmd_healthcheck(args: argparse.Namespace, config: Config | None) -> int:
             print(f"  process {p['id']}: pid {p['pid']} role {p['role']} state {p['state']} "
                   f"heartbeat {p['heartbeat_age']:.1f}s ago, up {p['age']:.0f}s, restarts {p['restarts']}")
     return health.code
+
+
+def cmd_dashboard(args: argparse.Namespace, config: Config) -> int:
+    """Serve the dashboard until SIGTERM/SIGINT; exit 0."""
+    if not 0 <= args.port <= 65535 or not args.refresh > 0:
+        raise ConfigError("--port must be between 0 and 65535 and --refresh above 0")
+    auth = args.auth or os.environ.get("DUCTWORK_DASHBOARD_AUTH") or None
+    server = make_dashboard_server(config, args.host, args.port, auth=auth, insecure=args.insecure, refresh=args.refresh)
+    stop = threading.Event()  # the handlers only record the signal
+    previous = {sig: signal.signal(sig, lambda signum, _: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="ductwork.dashboard", daemon=True).start()
+    host, port = server.server_address[:2]
+    log.info("dashboard on http://%s:%s/ (JSON under /api/, Prometheus at /metrics)%s", f"[{host}]" if ":" in host else host,
+             port, "" if auth else ", no auth")
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        server.shutdown()
+        server.server_close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("dashboard stopped")
+    return EXIT_OK
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
