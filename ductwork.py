@@ -125,6 +125,16 @@ PIPELINE_NOT_CONFIGURED = "pipeline_not_configured"
 CH_JOBS, CH_ADVANCE = "ductwork_jobs", "ductwork_advance"
 
 
+def backoff(attempt: int, base: float, cap: float, jitter: float = 0.0) -> float:
+    """The one backoff formula: ``base`` doubled for every attempt after the first, at most
+    ``cap``, spread by up to ``jitter`` (a fraction) either way so that peers drift apart."""
+    delay = min(base * 2 ** min(max(attempt - 1, 0), 62), cap)
+    if jitter:
+        import random  # only where peers must not retry in step
+        delay *= random.uniform(1 - jitter, 1 + jitter)
+    return delay
+
+
 # =====================================================================================
 # logging: one line per event, text or JSON, with pid/role/pipeline; secrets masked
 # =====================================================================================
@@ -539,14 +549,19 @@ def _db_error_text(exc: BaseException) -> str:
     return str(exc)
 
 
+# A statement's parameters: a sequence for ``?`` placeholders, or a dict for ``:name`` ones
+# (sqlite3 and pg8000.native both take names natively; a name may appear more than once).
+Params = Sequence[Any] | dict[str, Any]
+
+
 class _SqliteConnection:
     """sqlite3 behind the same small interface as the Postgres connection."""
 
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
 
-    def execute(self, sql: str, params: Sequence) -> tuple[list[tuple], int]:
-        cur = self.conn.execute(sql, tuple(params))
+    def execute(self, sql: str, params: Params) -> tuple[list[tuple], int]:
+        cur = self.conn.execute(sql, params if isinstance(params, dict) else tuple(params))
         return (cur.fetchall() if cur.description else []), cur.rowcount
 
     def begin(self, write: bool) -> None:
@@ -573,7 +588,7 @@ class _PgConnection:
         self.conn = conn
         self.prepared: dict[str, Any] = {}
 
-    def execute(self, sql: str, params: Sequence) -> tuple[list[tuple], int]:
+    def execute(self, sql: str, params: Params) -> tuple[list[tuple], int]:
         statement = self.prepared.get(sql)
         if statement is None:
             if len(self.prepared) >= self.MAX_PREPARED:
@@ -581,7 +596,8 @@ class _PgConnection:
                     old.close()
                 self.prepared.clear()
             statement = self.prepared[sql] = self.conn.prepare(sql)
-        rows = statement.run(**{f"p{i}": value for i, value in enumerate(params)})
+        named = params if isinstance(params, dict) else {f"p{i}": value for i, value in enumerate(params)}
+        rows = statement.run(**named)
         return [tuple(r) for r in rows or ()], statement._context.row_count
 
     def begin(self, write: bool) -> None:
@@ -650,7 +666,8 @@ def _defer_scramp() -> None:
 
 
 class Tx:
-    """One open transaction: ``all``/``one``/``run`` statements written with ``?`` and ``{now}``."""
+    """One open transaction: ``all``/``one``/``run`` statements with ``?`` or ``:name``
+    parameters and ``{now}`` (the database clock)."""
 
     def __init__(self, store: "Store", conn: Any):
         self.store, self.conn = store, conn
@@ -675,14 +692,14 @@ class Tx:
         """The parameters of a BulkSQL statement over ``rows`` keyed by their first column, the id."""
         return _document(columns, rows), self.ids(row[0] for row in rows)
 
-    def all(self, sql: str, params: Sequence = ()) -> list[tuple]:
+    def all(self, sql: str, params: Params = ()) -> list[tuple]:
         return self.conn.execute(self.store.sql(sql), params)[0]
 
-    def one(self, sql: str, params: Sequence = ()) -> tuple | None:
+    def one(self, sql: str, params: Params = ()) -> tuple | None:
         rows = self.all(sql, params)
         return rows[0] if rows else None
 
-    def run(self, sql: str, params: Sequence = ()) -> int:
+    def run(self, sql: str, params: Params = ()) -> int:
         """Execute; return the affected row count."""
         return self.conn.execute(self.store.sql(sql), params)[1]
 
@@ -856,8 +873,7 @@ def _retry_conflicts(fn: Callable[[], Any], attempts: int = 5) -> Any:
             text = str(exc)
             if attempt == attempts - 1 or not ("40P01" in text or "40001" in text):
                 raise
-            import random
-            threading.Event().wait(random.uniform(0.001, 0.01) * (attempt + 1))
+            threading.Event().wait(backoff(attempt + 1, 0.005, 0.05, jitter=0.8))
 
 
 # -- migrations ------------------------------------------------------------------------
@@ -1761,7 +1777,7 @@ class Engine:
                 continue
             crashes += 1
             exhausted = crashes > self.config.get("job_worker.max_crash", pipeline, name)
-            delay = 0.0 if crashes <= 2 else float(min(2 ** (crashes - 3), 30))
+            delay = 0.0 if crashes <= 2 else backoff(crashes - 2, 1.0, 30.0)  # the first two re-runs at once
             if t.run(SQL.step_crashed, ("failed" if exhausted else "queued", JOB_CRASHES_EXHAUSTED if exhausted else None,
                                         f"crashed: {why}" if exhausted else None, delay, step_id, process_id)) != 1:
                 continue  # committed by its (resumed) claimer since the SELECT: nothing to hand back
@@ -2465,8 +2481,7 @@ class Outage:
                 self.down_since = time.monotonic()
                 log.warning("database unavailable, retrying with backoff: %s", mask(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__)
             # capped at 2 s: a returning database is noticed within about 2 s, without a busy loop
-            import random
-            return min(0.05 * 2 ** min(self.failures, 8), 2.0) * random.uniform(0.8, 1.2)
+            return backoff(self.failures + 1, 0.05, 2.0, jitter=0.2)
 
     def ok(self) -> None:
         if self.down_since is None:
@@ -2770,7 +2785,7 @@ class Runtime:
             if failures > int(self.config.get("pipeline_advancer.max_retry", b.pipeline)):
                 halted = self.engine.halt_branch(b, ADVANCER_RETRIES_EXHAUSTED)
             else:
-                self.engine.release_branch(b, True, min(0.1 * 2 ** failures, 30))
+                self.engine.release_branch(b, True, backoff(failures + 1, 0.1, 30.0))
         for run_id in halted:
             self.engine.notify_halt(run_id)
 
@@ -3348,7 +3363,7 @@ class Supervisor:
                           spec.last_error)
                 self.begin_shutdown(f"{spec.key} keeps failing to boot", EXIT_FAILURE)
                 return
-            delay = min(BOOT_BACKOFF_START * 2 ** (spec.boot_failures - 1), BOOT_BACKOFF_CAP)
+            delay = backoff(spec.boot_failures, BOOT_BACKOFF_START, BOOT_BACKOFF_CAP)
             spec.next_start = time.monotonic() + delay
             detail = how if spec.last_error == how else f"{how}; {spec.last_error}"
             log.warning("%s (pid %d) failed to boot (%s); retrying in %.1fs", spec.key, child.pid, detail, delay)
