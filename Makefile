@@ -1,7 +1,7 @@
 PYTHON ?= python3
 STAMP := .make-installed
 
-.PHONY: install test demo lint soak bench clean
+.PHONY: install test demo lint soak bench dist clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -q -e '.[test]'
@@ -25,5 +25,11 @@ bench: $(STAMP)
 	$(PYTHON) -m pip install -q -e '.[bench]'
 	$(PYTHON) bench/run.py
 
+# sdist + wheel in dist/, checked as PyPI would (the sdist carries the tests, see MANIFEST.in)
+dist: $(STAMP)
+	rm -rf dist
+	$(PYTHON) -m build
+	$(PYTHON) -m twine check --strict dist/*
+
 clean:
-	rm -rf $(STAMP) *.egg-info .pytest_cache ductwork.sqlite3*
+	rm -rf $(STAMP) *.egg-info .pytest_cache ductwork.sqlite3* dist build
