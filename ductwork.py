@@ -667,35 +667,23 @@ def _defer_scramp() -> None:
 
 class Tx:
     """One open transaction: ``all``/``one``/``run`` statements with ``?`` or ``:name``
-    parameters and ``{now}`` (the database clock)."""
+    parameters and the placeholders of ``Store.sql``; wake-up hints go out after it commits."""
 
     def __init__(self, store: "Store", conn: Any):
         self.store, self.conn = store, conn
-        self.pending: list[tuple[str, str]] = []   # wake-up hints to deliver after commit
-        self.arrivals: dict[int, int] = {}          # parent branch id -> children that finished here
-        self.halted: list[int] = []                 # runs halted here (on_halt fires after commit)
-        self.completed: list[tuple] = []            # (run id, output) pairs, written in bulk
-        # pipeline -> ids of the steps this transaction made claimable (None: not all known); when
-        # its own claim takes them all, nobody else needs waking for them
-        self.new_steps: dict[str, set[int] | None] = {}
+        self.pending: list[tuple[str, str]] = []   # wake-up hints (channel, payload) to deliver after commit
 
     @property
     def dialect(self) -> str:
+        """"sqlite" or "postgres"."""
         return self.store.dialect
 
-    def ids(self, ids: Iterable[int]) -> str:
-        """The parameter of a BulkSQL id condition: an array literal on Postgres, JSON on SQLite."""
-        ids = [int(i) for i in ids]
-        return "{" + ",".join(map(str, ids)) + "}" if self.dialect == "postgres" else json.dumps(ids)
-
-    def keyed(self, columns: list[tuple[str, str]], rows: list[tuple]) -> tuple[str, str]:
-        """The parameters of a BulkSQL statement over ``rows`` keyed by their first column, the id."""
-        return _document(columns, rows), self.ids(row[0] for row in rows)
-
     def all(self, sql: str, params: Params = ()) -> list[tuple]:
+        """Execute; return every row."""
         return self.conn.execute(self.store.sql(sql), params)[0]
 
     def one(self, sql: str, params: Params = ()) -> tuple | None:
+        """Execute; return the first row, or None."""
         rows = self.all(sql, params)
         return rows[0] if rows else None
 
@@ -704,22 +692,47 @@ class Tx:
         return self.conn.execute(self.store.sql(sql), params)[1]
 
     def notify(self, channel: str, payload: str = "") -> None:
-        if channel == CH_JOBS:
-            self.new_steps[payload] = None  # a hint about steps we cannot name: it must go out
-        self.store.notify_in(self, channel, payload)
+        """A wake-up hint, delivered once this transaction commits (once per channel and payload)."""
+        if (channel, payload) not in self.pending:
+            self.pending.append((channel, payload))
 
-    def queued(self, pipeline: str, step_ids: Iterable[int]) -> None:
-        """These steps became claimable here: wake a worker for them (unless this transaction claims them all)."""
-        known = self.new_steps.get(pipeline, set())
-        self.store.notify_in(self, CH_JOBS, pipeline)
-        self.new_steps[pipeline] = None if known is None else known | set(step_ids)
 
-    def claimed(self, pipeline: str, step_ids: set[int]) -> None:
-        """This transaction claimed these steps: drop the wake-up when every step it made
-        claimable is among them (nothing of its own is left for others)."""
-        mine = self.new_steps.get(pipeline)
-        if mine is not None and mine <= step_ids and (CH_JOBS, pipeline) in self.pending:
-            self.pending.remove((CH_JOBS, pipeline))
+class StoreSQL:
+    """The storage layer's own statements: notifications, the clock, the migrations' bookkeeping."""
+
+    # Deliver a wake-up hint (Postgres: at commit, to every LISTENing session).
+    notify = """
+        SELECT pg_notify(:channel, :payload)"""
+
+    # The database server's clock.
+    now = """
+        SELECT {now}"""
+
+    # One migrator at a time (Postgres; SQLite's write lock does it there). The key spells "ductw".
+    migration_lock = """
+        SELECT pg_advisory_xact_lock(:key)"""
+    MIGRATION_LOCK_KEY = 0x6475637477
+
+    # The migrations' own table.
+    create_migrations = """
+        CREATE TABLE IF NOT EXISTS ductwork_schema_migrations (
+            version INTEGER PRIMARY KEY,
+            applied_at TEXT NOT NULL)"""
+
+    # The versions applied so far.
+    applied_versions = """
+        SELECT version
+        FROM ductwork_schema_migrations"""
+
+    # The newest version applied.
+    schema_version = """
+        SELECT max(version)
+        FROM ductwork_schema_migrations"""
+
+    # A migration was applied.
+    record_version = """
+        INSERT INTO ductwork_schema_migrations (version, applied_at)
+        VALUES (:version, :applied_at)"""
 
 
 class Store:
@@ -808,21 +821,21 @@ class Store:
     close = discard
 
     @contextlib.contextmanager
-    def tx(self, write: bool = True, single: bool = False) -> Iterator[Tx]:
-        """A transaction. ``single``: the body runs exactly one statement, which Postgres runs
-        as its own transaction (one round trip instead of BEGIN, statement, COMMIT); SQLite
-        still opens it with BEGIN IMMEDIATE (a read that upgrades to a write in autocommit
-        could fail on a busy snapshot), which costs nothing there."""
+    def tx(self, write: bool = True, single: bool = False, kind: type[Tx] = Tx) -> Iterator[Any]:
+        """A transaction (a ``kind``, Tx or a subclass). ``single``: the body runs exactly one
+        statement, which Postgres runs as its own transaction (one round trip instead of BEGIN,
+        statement, COMMIT); SQLite still opens it with BEGIN IMMEDIATE (a read that upgrades to a
+        write in autocommit could fail on a busy snapshot), which costs nothing there."""
         conn = self.connection()
         explicit = not (single and self.dialect == "postgres")
         try:
             if explicit:
                 conn.begin(write)
-            t = Tx(self, conn)
+            t = kind(self, conn)
             yield t
             if self.dialect == "postgres":  # NOTIFY is delivered at commit; sent last so hints can be dropped
                 for channel, payload in t.pending:
-                    t.run("SELECT pg_notify(?, ?)", (channel, payload))
+                    t.run(StoreSQL.notify, {"channel": channel, "payload": payload})
             if explicit:
                 conn.commit()
         except BaseException as exc:
@@ -839,12 +852,8 @@ class Store:
             if self.notify_hook:
                 self.notify_hook(channel, payload)
 
-    def notify_in(self, t: Tx, channel: str, payload: str) -> None:
-        """Wake-up hint delivered on commit: NOTIFY on Postgres, in-process hook always (once per tx)."""
-        if (channel, payload) not in t.pending:
-            t.pending.append((channel, payload))
-
     def sql(self, text: str) -> str:
+        """The statement as this database runs it: placeholders filled in (once per text)."""
         out = self._sql.get(text)
         if out is None:
             out = text.replace("{now}", self.NOW[self.dialect])
@@ -861,7 +870,7 @@ class Store:
     def now(self) -> float:
         """The database server's clock, epoch seconds."""
         with self.tx(write=False) as t:
-            return float(t.one("SELECT {now}")[0])
+            return float(t.one(StoreSQL.now)[0])
 
 
 def _retry_conflicts(fn: Callable[[], Any], attempts: int = 5) -> Any:
@@ -939,24 +948,26 @@ def migrate_store(store: Store) -> list[int]:
     applied: list[int] = []
     with store.tx() as t:
         if store.dialect == "postgres":
-            t.run("SELECT pg_advisory_xact_lock(?)", (0x6475637477,))  # "ductw": one migrator at a time
-        t.run("CREATE TABLE IF NOT EXISTS ductwork_schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
-        done = {row[0] for row in t.all("SELECT version FROM ductwork_schema_migrations")}
+            t.run(StoreSQL.migration_lock, {"key": StoreSQL.MIGRATION_LOCK_KEY})
+        t.run(StoreSQL.create_migrations)
+        done = {row[0] for row in t.all(StoreSQL.applied_versions)}
+        types = _TYPES[store.dialect]
         for version, statements in MIGRATIONS:
             if version in done:
                 continue
             for statement in statements:
-                t.run(statement.replace("{pk}", _TYPES[store.dialect]["pk"]).replace("{float}", _TYPES[store.dialect]["float"]))
-            t.run("INSERT INTO ductwork_schema_migrations (version, applied_at) VALUES (?, ?)",
-                  (version, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+                t.run(statement.replace("{pk}", types["pk"]).replace("{float}", types["float"]))
+            t.run(StoreSQL.record_version,
+                  {"version": version, "applied_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             applied.append(version)
     return applied
 
 
 def schema_is_current(store: Store) -> bool:
+    """Is the schema at SCHEMA_VERSION? (False when it is missing or older; raises when unreachable.)"""
     try:
         with store.tx(write=False) as t:
-            row = t.one("SELECT max(version) FROM ductwork_schema_migrations")
+            row = t.one(StoreSQL.schema_version)
         return bool(row and row[0] == SCHEMA_VERSION)
     except DatabaseUnavailable:
         raise
@@ -1269,216 +1280,732 @@ def validate() -> list[str]:
 # queue (status running -> advance -> advancing -> running | waiting | completed | halted),
 # fenced the same way.
 
+# -- records: one per row shape ------------------------------------------------------------
+# A record read from the database names its select list in COLUMNS, one item per field
+# ("expression AS field", or a plain column named like the field), and is built by name
+# from it (from_row): the statement and the field order cannot drift apart.
+
+class _Row:
+    """Mixin of the records read from SQL: ``COLUMNS`` is their select list."""
+
+    COLUMNS: tuple[str, ...] = ()
+
+    @classmethod
+    def select_list(cls) -> str:
+        """The ``COLUMNS`` as a select list (for SELECT and RETURNING)."""
+        return ",\n    ".join(cls.COLUMNS)
+
+    @classmethod
+    @functools.cache
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(item.rsplit(" AS ", 1)[-1].split(".")[-1] for item in cls.COLUMNS)
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any], **extra: Any) -> Any:
+        """The record of one row of a statement that selected ``select_list()``."""
+        return cls(**dict(zip(cls.field_names(), row, strict=True)), **extra)
+
+
+@dataclasses.dataclass
+class JobClaim(_Row):
+    """A step this process claimed to run (a row of ``SQL.claim_steps``)."""
+
+    COLUMNS = ("id AS step_id", "run_id", "branch_id", "node", "name", "input", "attempts", "crashes",
+               "claimed_at")
+    step_id: int
+    run_id: int
+    branch_id: int
+    node: int                  # the step's node in the run's definition (0: the start step)
+    name: str                  # the step's name
+    input: str                 # its input, JSON as stored
+    attempts: int              # failed attempts so far (the retry budget)
+    crashes: int               # crashed executions so far (the crash budget)
+    claimed_at: float          # database clock, epoch seconds
+    pipeline: str
+    process_id: int            # the claimer's process row: every write about the claim is fenced on it
+    token: str                 # the claim token: ... and on this
+    received: float = dataclasses.field(default_factory=time.monotonic, repr=False)  # when the claim came back
+    started_at: float | None = None   # database clock when it started running (set by the runner)
+
+    @property
+    def attempt(self) -> int:
+        """1 for the first execution; every failed attempt and every crash adds one."""
+        return self.attempts + self.crashes + 1
+
+    def mark_started(self) -> None:
+        """Record the real start: the claim time plus what passed here since the claim came back
+        (a batch's later steps start well after their claim), on the database's clock."""
+        self.started_at = self.claimed_at + (time.monotonic() - self.received)
+
+
+@dataclasses.dataclass
+class StepResult:
+    """A finished execution waiting to be committed (several are committed in one transaction)."""
+    claim: JobClaim
+    ok: bool
+    value: str                       # output JSON, or the error text
+    permanent: str | None = None     # a halt reason that makes retrying pointless
+
+
+@dataclasses.dataclass
+class Committed:
+    """What one commit of results did."""
+    accepted: list[bool]             # per result: still held, so written
+    halted: list[int]                # runs that halted in this commit (on_halt to fire)
+    claims: list[JobClaim]           # claimed in the same transaction
+
+
+@dataclasses.dataclass
+class BranchClaim(_Row):
+    """A branch held for advancement: claimed (``SQL.claim_branches``) or row-locked by the
+    transaction that commits its step (``BulkSQL.lock_branches``)."""
+
+    COLUMNS = ("id", "run_id", "pipeline", "definition", "parent_id", "node", "expected", "arrived",
+               "advance_failures")
+    id: int
+    run_id: int
+    pipeline: str
+    definition: str          # the hash of the run's definition
+    parent_id: int | None    # the branch this one is a child of (a fan-out), None for the root
+    node: int                # the node of its current step
+    expected: int            # children of its open fan-out (0: none)
+    arrived: int             # ... of which this many have finished
+    advance_failures: int    # failed advancements so far (the advancer's retry budget)
+    process_id: int
+    token: str               # "" for a branch locked (not claimed) by the transaction that advances it
+    held: str = "advancing"  # the status it is held in: "running" when locked by a step's own commit
+
+
+@dataclasses.dataclass
+class StepState(_Row):
+    """The latest step of a branch, as an advancement reads it (``SQL.current_step``)."""
+
+    COLUMNS = ("id AS step_id", "status", "output", "halt_reason")
+    step_id: int
+    status: str
+    output: str | None       # JSON as stored
+    halt_reason: str | None
+
+
+@dataclasses.dataclass
+class HeldStep(_Row):
+    """A running step held by a process that is being retired or reaped (``SQL.steps_held_by``)."""
+
+    COLUMNS = ("id AS step_id", "run_id", "branch_id", "pipeline", "name", "attempts", "crashes", "claimed_at")
+    step_id: int
+    run_id: int
+    branch_id: int
+    pipeline: str
+    name: str
+    attempts: int
+    crashes: int
+    claimed_at: float
+
+
+@dataclasses.dataclass
+class StepRecord(_Row):
+    """One step of a run, as stored (``Run.steps``; input and output decoded)."""
+
+    COLUMNS = ("id", "name", "node", "status", "input", "output", "attempts", "crashes", "error", "halt_reason",
+               "branch_id", "created_at", "finished_at")
+    id: int
+    name: str
+    node: int
+    status: str              # queued | running | succeeded | failed
+    input: Any
+    output: Any
+    attempts: int
+    crashes: int
+    error: str | None        # the last failure's text (class, message, traceback)
+    halt_reason: str | None
+    branch_id: int
+    created_at: float
+    finished_at: float | None
+
+
+@dataclasses.dataclass
+class RunRow(_Row):
+    """A run row as stored (``SQL.select_run``); JSON columns still encoded."""
+
+    COLUMNS = ("id", "pipeline", "status", "input", "output", "halt_reasons", "created_at", "finished_at",
+               "definition")
+    id: int
+    pipeline: str
+    status: str              # in_progress | completed | halted
+    input: str
+    output: str | None
+    halt_reasons: str        # a JSON list
+    created_at: float
+    finished_at: float | None
+    definition: str          # the hash of its definition
+
+
+@dataclasses.dataclass
+class ProcessRow(_Row):
+    """A process row with its ages on the database clock (``SQL.processes``)."""
+
+    COLUMNS = ("id", "pid", "machine_identifier AS machine", "role", "pipelines", "parent_id", "state", "restarts",
+               "info", "started_at", "last_heartbeat_at", "{now} - last_heartbeat_at AS heartbeat_age",
+               "{now} - started_at AS age")
+    id: int
+    pid: int
+    machine: str
+    role: str                # supervisor | advancer | worker
+    pipelines: str           # comma-separated
+    parent_id: int | None    # the supervisor's row, for a forked child
+    state: str               # running | draining
+    restarts: int
+    info: str                # JSON: children (supervisor), in-flight count (runtime)
+    started_at: float
+    last_heartbeat_at: float
+    heartbeat_age: float     # seconds since the last heartbeat
+    age: float               # seconds since it registered
+
+    def report(self) -> dict:
+        """The row as status and the dashboard show it (pipelines as a list, info decoded, ages rounded)."""
+        return {"id": self.id, "pid": self.pid, "machine": self.machine, "role": self.role,
+                "pipelines": [p for p in self.pipelines.split(",") if p], "parent_id": self.parent_id,
+                "state": self.state, "restarts": self.restarts, "info": _loads(self.info),
+                "heartbeat_age": round(float(self.heartbeat_age), 3), "age": round(float(self.age), 3)}
+
+
+@dataclasses.dataclass
+class _Outcome:
+    """What an advancement decided for a branch (computed before any write)."""
+    status: str
+    node: int
+    expected: int = 0
+    arrived: int = 0         # a join that halts keeps its counts, so revive() can reopen it
+    output: str | None = None
+    halt_reason: str | None = None
+    new_step: tuple[int, str] | None = None               # (node, input json) on this branch
+    children: list[tuple[int, int, str]] = dataclasses.field(default_factory=list)  # (position, node, input json)
+    warning: str | None = None   # why it halted, for the log
+
+
+# -- SQL, grouped by table ---------------------------------------------------------------
+# Placeholders: ``:name`` parameters; ``{now}`` the database clock (epoch seconds);
+# ``{skip_locked}``, ``{for_update}``, ``{key_share}`` row locks (Postgres only); ``{fence}``
+# the claimer-liveness condition (SQL.FENCE). Store.sql() fills them in once per text.
 
 class SQL:
-    """One place for each SQL statement. ``?`` parameters, ``{now}`` = the database clock."""
+    """One place for each SQL statement of the engine and the runners."""
 
-    insert_definition = ("INSERT INTO ductwork_definitions (hash, pipeline, body, created_at) VALUES (?, ?, ?, {now}) "
-                         "ON CONFLICT (hash) DO NOTHING")
-    select_definition = "SELECT body FROM ductwork_definitions WHERE hash = ?"
-    insert_run = ("INSERT INTO ductwork_runs (pipeline, definition, status, input, created_at, updated_at) "
-                  "VALUES (?, ?, 'in_progress', ?, {now}, {now}) RETURNING id")
-    insert_branch = ("INSERT INTO ductwork_branches (run_id, pipeline, definition, parent_id, origin_step_id, position, "
-                     "node, status, available_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', {now}, {now}, {now}) "
-                     "RETURNING id, position")
-    # A claim by a supervised process is fenced on its live process row ({fence}, see FENCE).
-    claim_steps = ("UPDATE ductwork_steps SET status = 'running', claimed_by = ?, claim_token = ?, claimed_at = {now} "
-                   "WHERE id IN (SELECT id FROM ductwork_steps WHERE pipeline = ? AND status = 'queued' "
-                   "AND available_at <= {now} ORDER BY available_at, id LIMIT ? {skip_locked}){fence} "
-                   "RETURNING id, run_id, branch_id, node, name, input, attempts, crashes, claimed_at")
-    step_failed = ("UPDATE ductwork_steps SET status = ?, error = ?, halt_reason = ?, attempts = attempts + 1, "
-                   "available_at = {now} + ?, finished_at = {now}, claimed_by = NULL, claim_token = NULL "
-                   "WHERE id = ? AND status = 'running' AND claimed_by = ? AND claim_token = ?")
-    steps_held_by = ("SELECT id, run_id, branch_id, pipeline, name, attempts, crashes, claimed_at FROM ductwork_steps "
-                     "WHERE claimed_by = ? AND status = 'running' ORDER BY id")
-    step_crashed = ("UPDATE ductwork_steps SET status = ?, crashes = crashes + 1, halt_reason = ?, error = COALESCE(?, error), "
-                    "available_at = {now} + ?, claimed_by = NULL, claim_token = NULL "
-                    "WHERE id = ? AND status = 'running' AND claimed_by = ?")
-    branch_ready = ("UPDATE ductwork_branches SET status = 'advance', available_at = {now}, updated_at = {now} "
-                    "WHERE id = ? AND status = 'running'")
-    claim_branches = ("UPDATE ductwork_branches SET status = 'advancing', claimed_by = ?, claim_token = ?, claimed_at = {now} "
-                      "WHERE id IN (SELECT id FROM ductwork_branches WHERE pipeline = ? AND status = 'advance' "
-                      "AND available_at <= {now} ORDER BY available_at, id LIMIT ? {skip_locked}){fence} "
-                      "RETURNING id, run_id, pipeline, definition, parent_id, node, expected, arrived, advance_failures")
-    claim_branch = ("UPDATE ductwork_branches SET status = 'advancing', claimed_by = ?, claim_token = ?, claimed_at = {now} "
-                    "WHERE id = ? AND status = ? "
-                    "RETURNING id, run_id, pipeline, definition, parent_id, node, expected, arrived, advance_failures")
-    release_steps = ("UPDATE ductwork_steps SET status = 'queued', claimed_by = NULL, claim_token = NULL "
-                     "WHERE claimed_by = ? AND status = 'running' AND id IN ({ids})")
-    orphaned_steps = ("SELECT id, pipeline FROM ductwork_steps WHERE claimed_by = ? AND status = 'running' "
-                      "AND claimed_at < {now} - ?")
-    release_orphaned_branches = ("UPDATE ductwork_branches SET status = 'advance', claimed_by = NULL, claim_token = NULL, "
-                                 "available_at = {now} WHERE claimed_by = ? AND status = 'advancing' "
-                                 "AND claimed_at < {now} - ? RETURNING pipeline")
-    current_step = "SELECT id, status, output, halt_reason FROM ductwork_steps WHERE branch_id = ? ORDER BY id DESC LIMIT 1"
-    children_of = "SELECT status, output FROM ductwork_branches WHERE origin_step_id = ? ORDER BY position"
-    child_arrived = ("UPDATE ductwork_branches SET arrived = arrived + ?, "
-                     "status = CASE WHEN arrived + ? >= expected THEN 'advance' ELSE status END, "
-                     "available_at = {now}, updated_at = {now} WHERE id = ? AND status = 'waiting' RETURNING status, pipeline")
-    release_branch = ("UPDATE ductwork_branches SET status = 'advance', claimed_by = NULL, claim_token = NULL, "
-                      "advance_failures = advance_failures + ?, available_at = {now} + ?, updated_at = {now} "
-                      "WHERE id = ? AND status = 'advancing' AND claim_token = ? RETURNING advance_failures")
-    release_branches_of = ("UPDATE ductwork_branches SET status = 'advance', claimed_by = NULL, claim_token = NULL, "
-                           "available_at = {now} WHERE claimed_by = ? AND status = 'advancing' RETURNING pipeline")
-    halt_reasons = "SELECT halt_reason FROM ductwork_branches WHERE run_id = ? AND halt_reason IS NOT NULL ORDER BY id"
-    run_halted = ("UPDATE ductwork_runs SET status = 'halted', halt_reasons = ?, halt_epoch = halt_epoch + 1, "
-                  "finished_at = {now}, updated_at = {now} WHERE id = ? AND status = 'in_progress'")
-    claim_halt_notice = ("UPDATE ductwork_runs SET halt_notified = halt_epoch "
-                         "WHERE id = ? AND status = 'halted' AND halt_notified < halt_epoch")
-    select_run = ("SELECT id, pipeline, status, input, output, halt_reasons, created_at, finished_at, definition "
-                  "FROM ductwork_runs WHERE id = ?")
-    select_steps = ("SELECT id, name, node, status, input, output, attempts, crashes, error, halt_reason, branch_id, "
-                    "created_at, finished_at FROM ductwork_steps WHERE run_id = ? ORDER BY id")
-    halted_leaves = ("SELECT id, parent_id FROM ductwork_branches WHERE run_id = ? AND status = 'halted' "
-                     "AND halt_reason IS NOT NULL ORDER BY id")
-    requeue_step = ("UPDATE ductwork_steps SET status = 'queued', attempts = 0, crashes = 0, halt_reason = NULL, "
-                    "available_at = {now} WHERE id = ?")
-    reopen_leaf = ("UPDATE ductwork_branches SET status = ?, halt_reason = NULL, advance_failures = 0, "
-                   "available_at = {now}, updated_at = {now} WHERE id = ?")
-    branch_parent = "SELECT status, parent_id FROM ductwork_branches WHERE id = ?"
-    reopen_parent = ("UPDATE ductwork_branches SET status = 'waiting', arrived = arrived - 1, updated_at = {now} "
-                     "WHERE id = ?")
-    run_reopened = ("UPDATE ductwork_runs SET status = 'in_progress', halt_reasons = '[]', finished_at = NULL, "
-                    "updated_at = {now} WHERE id = ? AND status = 'halted'")
-    context_all = "SELECT key, value FROM ductwork_context WHERE run_id = ? ORDER BY key"
-    context_get = "SELECT value FROM ductwork_context WHERE run_id = ? AND key = ?"
-    context_insert = "INSERT INTO ductwork_context (run_id, key, value) VALUES (?, ?, ?) ON CONFLICT (run_id, key) DO NOTHING"
-    context_upsert = ("INSERT INTO ductwork_context (run_id, key, value) VALUES (?, ?, ?) "
-                      "ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value")
-    # processes (heartbeats, reaping)
-    register_process = ("INSERT INTO ductwork_processes (pid, machine_identifier, role, pipelines, parent_id, state, restarts, "
-                        "info, started_at, last_heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, {now}, {now}) RETURNING id")
-    heartbeat = "UPDATE ductwork_processes SET last_heartbeat_at = {now}, state = ?, restarts = ?, info = ? WHERE id = ?"
-    delete_process = "DELETE FROM ductwork_processes WHERE id = ?"
-    rows_of_child = "SELECT id FROM ductwork_processes WHERE parent_id = ? AND pid = ?"
-    machine_processes = ("SELECT id, pid, role, state, restarts, {now} - last_heartbeat_at, {now} - started_at "
-                         "FROM ductwork_processes WHERE machine_identifier = ? ORDER BY id")
-    orphaned_branches = ("SELECT id FROM ductwork_branches WHERE claimed_by = ? AND status = 'advancing' "
-                         "AND claimed_at < {now} - ?")
-    stale_processes = ("SELECT id FROM ductwork_processes WHERE last_heartbeat_at < {now} - ? AND id <> ? "
-                       "ORDER BY id")
-    reap_process = "DELETE FROM ductwork_processes WHERE id = ? AND last_heartbeat_at < {now} - ? RETURNING id, machine_identifier, pid, role"
+    # -- ductwork_definitions: one row per distinct pipeline graph, keyed by its hash ---------
+
+    # Store a definition the first time a run of it is triggered.
+    insert_definition = """
+        INSERT INTO ductwork_definitions (hash, pipeline, body, created_at)
+        VALUES (:hash, :pipeline, :body, {now})
+        ON CONFLICT (hash) DO NOTHING"""
+
+    # The graph a run was triggered with.
+    select_definition = """
+        SELECT body
+        FROM ductwork_definitions
+        WHERE hash = :hash"""
+
+    # -- ductwork_runs: one row per run ----------------------------------------------------------
+
+    # A new run.
+    insert_run = """
+        INSERT INTO ductwork_runs (pipeline, definition, status, input, created_at, updated_at)
+        VALUES (:pipeline, :definition, 'in_progress', :input, {now}, {now})
+        RETURNING id"""
+
+    # One run, as stored.
+    select_run = f"""
+        SELECT {RunRow.select_list()}
+        FROM ductwork_runs
+        WHERE id = :id"""
+
+    # A run halts once (its branch halted); the epoch lets on_halt fire once per halt.
+    run_halted = """
+        UPDATE ductwork_runs
+        SET status = 'halted', halt_reasons = :halt_reasons, halt_epoch = halt_epoch + 1,
+            finished_at = {now}, updated_at = {now}
+        WHERE id = :id
+          AND status = 'in_progress'"""
+
+    # Take the right to run a halted run's on_halt handlers (one process wins per halt).
+    claim_halt_notice = """
+        UPDATE ductwork_runs
+        SET halt_notified = halt_epoch
+        WHERE id = :id
+          AND status = 'halted'
+          AND halt_notified < halt_epoch"""
+
+    # revive(): a halted run is in progress again.
+    run_reopened = """
+        UPDATE ductwork_runs
+        SET status = 'in_progress', halt_reasons = '[]', finished_at = NULL, updated_at = {now}
+        WHERE id = :id
+          AND status = 'halted'"""
+
+    # status and /metrics: runs per pipeline and status.
+    run_counts = """
+        SELECT pipeline, status, count(*)
+        FROM ductwork_runs
+        GROUP BY pipeline, status
+        ORDER BY pipeline, status"""
+
+    # status: the latest halts.
+    recent_halts = """
+        SELECT id, pipeline, halt_reasons, finished_at
+        FROM ductwork_runs
+        WHERE status = 'halted'
+        ORDER BY finished_at DESC
+        LIMIT :limit"""
+
+    # Pipelines with runs in progress older than the grace (candidates for pipeline_not_configured).
+    stale_pipelines = """
+        SELECT DISTINCT pipeline
+        FROM ductwork_runs
+        WHERE status = 'in_progress'
+          AND created_at < {now} - :grace"""
+
+    # -- ductwork_branches: the advancement queue (running -> advance -> advancing -> ...) -------
+
+    # The root branch of a new run.
+    insert_branch = """
+        INSERT INTO ductwork_branches (run_id, pipeline, definition, node, status, available_at, created_at,
+                                       updated_at)
+        VALUES (:run_id, :pipeline, :definition, 0, 'running', {now}, {now}, {now})
+        RETURNING id"""
+
+    # A branch whose step finished waits for an advancer.
+    branch_ready = """
+        UPDATE ductwork_branches
+        SET status = 'advance', available_at = {now}, updated_at = {now}
+        WHERE id = :id
+          AND status = 'running'"""
+
+    # Claim up to :limit branches to advance, oldest first (fenced on the claimer's row).
+    claim_branches = f"""
+        UPDATE ductwork_branches
+        SET status = 'advancing', claimed_by = :process_id, claim_token = :token, claimed_at = {{now}}
+        WHERE id IN (SELECT id
+                     FROM ductwork_branches
+                     WHERE pipeline = :pipeline
+                       AND status = 'advance'
+                       AND available_at <= {{now}}
+                     ORDER BY available_at, id
+                     LIMIT :limit
+                     {{skip_locked}}){{fence}}
+        RETURNING {BranchClaim.select_list()}"""
+
+    # Claim one branch by id in a known status (a join whose last child arrived here).
+    claim_branch = f"""
+        UPDATE ductwork_branches
+        SET status = 'advancing', claimed_by = :process_id, claim_token = :token, claimed_at = {{now}}
+        WHERE id = :id
+          AND status = :status
+        RETURNING {BranchClaim.select_list()}"""
+
+    # The children of a fan-out, in position order (their outputs feed the join).
+    children_of = """
+        SELECT status, output
+        FROM ductwork_branches
+        WHERE origin_step_id = :origin_step_id
+        ORDER BY position"""
+
+    # Count finished children on their parent; the last one makes the parent ready for its join.
+    child_arrived = """
+        UPDATE ductwork_branches
+        SET arrived = arrived + :count,
+            status = CASE WHEN arrived + :count >= expected THEN 'advance' ELSE status END,
+            available_at = {now}, updated_at = {now}
+        WHERE id = :id
+          AND status = 'waiting'
+        RETURNING status, pipeline"""
+
+    # Give a claimed branch back (after an error: counted, and later by :delay seconds).
+    release_branch = """
+        UPDATE ductwork_branches
+        SET status = 'advance', claimed_by = NULL, claim_token = NULL,
+            advance_failures = advance_failures + :failure, available_at = {now} + :delay, updated_at = {now}
+        WHERE id = :id
+          AND status = 'advancing'
+          AND claim_token = :token
+        RETURNING advance_failures"""
+
+    # Give back every branch a retired process held.
+    release_branches_of = """
+        UPDATE ductwork_branches
+        SET status = 'advance', claimed_by = NULL, claim_token = NULL, available_at = {now}
+        WHERE claimed_by = :process_id
+          AND status = 'advancing'
+        RETURNING pipeline"""
+
+    # A run's halt reasons, from its halted branches.
+    halt_reasons = """
+        SELECT halt_reason
+        FROM ductwork_branches
+        WHERE run_id = :run_id
+          AND halt_reason IS NOT NULL
+        ORDER BY id"""
+
+    # revive(): the branches whose halt halted the run.
+    halted_leaves = """
+        SELECT id, parent_id
+        FROM ductwork_branches
+        WHERE run_id = :run_id
+          AND status = 'halted'
+          AND halt_reason IS NOT NULL
+        ORDER BY id"""
+
+    # revive(): a halted branch runs (its failed step again) or advances again.
+    reopen_leaf = """
+        UPDATE ductwork_branches
+        SET status = :status, halt_reason = NULL, advance_failures = 0, available_at = {now}, updated_at = {now}
+        WHERE id = :id"""
+
+    # revive(): a parent of a reopened branch.
+    branch_parent = """
+        SELECT status, parent_id
+        FROM ductwork_branches
+        WHERE id = :id"""
+
+    # revive(): the parent waits for the reopened child again.
+    reopen_parent = """
+        UPDATE ductwork_branches
+        SET status = 'waiting', arrived = arrived - 1, updated_at = {now}
+        WHERE id = :id"""
+
+    # Branch claims of this process older than the grace (lost replies: no thread holds them).
+    orphaned_branches = """
+        SELECT id
+        FROM ductwork_branches
+        WHERE claimed_by = :process_id
+          AND status = 'advancing'
+          AND claimed_at < {now} - :grace"""
+
+    # ... given back.
+    release_orphaned_branches = """
+        UPDATE ductwork_branches
+        SET status = 'advance', claimed_by = NULL, claim_token = NULL, available_at = {now}
+        WHERE claimed_by = :process_id
+          AND status = 'advancing'
+          AND claimed_at < {now} - :grace
+        RETURNING pipeline"""
+
+    # -- ductwork_steps: the job queue (queued -> running -> succeeded | failed) -----------------
+
+    # Claim up to :limit claimable steps, oldest first (fenced on the claimer's row).
+    claim_steps = f"""
+        UPDATE ductwork_steps
+        SET status = 'running', claimed_by = :process_id, claim_token = :token, claimed_at = {{now}}
+        WHERE id IN (SELECT id
+                     FROM ductwork_steps
+                     WHERE pipeline = :pipeline
+                       AND status = 'queued'
+                       AND available_at <= {{now}}
+                     ORDER BY available_at, id
+                     LIMIT :limit
+                     {{skip_locked}}){{fence}}
+        RETURNING {JobClaim.select_list()}"""
+
+    # A failed attempt: queued again after :delay, or failed for good (fenced on the claim).
+    step_failed = """
+        UPDATE ductwork_steps
+        SET status = :status, error = :error, halt_reason = :halt_reason, attempts = attempts + 1,
+            available_at = {now} + :delay, finished_at = {now}, claimed_by = NULL, claim_token = NULL
+        WHERE id = :id
+          AND status = 'running'
+          AND claimed_by = :process_id
+          AND claim_token = :token"""
+
+    # The running steps a process holds (hand-back).
+    steps_held_by = f"""
+        SELECT {HeldStep.select_list()}
+        FROM ductwork_steps
+        WHERE claimed_by = :process_id
+          AND status = 'running'
+        ORDER BY id"""
+
+    # A crashed execution: queued again after :delay, or failed when the crash budget is spent.
+    step_crashed = """
+        UPDATE ductwork_steps
+        SET status = :status, crashes = crashes + 1, halt_reason = :halt_reason, error = COALESCE(:error, error),
+            available_at = {now} + :delay, claimed_by = NULL, claim_token = NULL
+        WHERE id = :id
+          AND status = 'running'
+          AND claimed_by = :process_id"""
+
+    # Step claims of this process older than the grace (lost replies: no thread holds them).
+    orphaned_steps = """
+        SELECT id, pipeline
+        FROM ductwork_steps
+        WHERE claimed_by = :process_id
+          AND status = 'running'
+          AND claimed_at < {now} - :grace"""
+
+    # A branch's latest step.
+    current_step = f"""
+        SELECT {StepState.select_list()}
+        FROM ductwork_steps
+        WHERE branch_id = :branch_id
+        ORDER BY id DESC
+        LIMIT 1"""
+
+    # Run.steps: every step of a run.
+    select_steps = f"""
+        SELECT {StepRecord.select_list()}
+        FROM ductwork_steps
+        WHERE run_id = :run_id
+        ORDER BY id"""
+
+    # revive(): a failed step runs again with fresh budgets.
+    requeue_step = """
+        UPDATE ductwork_steps
+        SET status = 'queued', attempts = 0, crashes = 0, halt_reason = NULL, available_at = {now}
+        WHERE id = :id"""
+
+    # -- ductwork_executions: one row per attempt (succeeded, failed, crashed) -------------------
+
+    # status: the latest failed and crashed executions.
+    recent_errors = """
+        SELECT e.step_id, e.run_id, s.pipeline, s.name, e.outcome, e.error, e.finished_at
+        FROM ductwork_executions e
+        JOIN ductwork_steps s ON s.id = e.step_id
+        WHERE e.outcome IN ('failed', 'crashed')
+        ORDER BY e.id DESC
+        LIMIT :limit"""
+
+    # -- ductwork_context: a run's key/value store -----------------------------------------------
+
+    # Every key of a run.
+    context_all = """
+        SELECT key, value
+        FROM ductwork_context
+        WHERE run_id = :run_id
+        ORDER BY key"""
+
+    # One key.
+    context_get = """
+        SELECT value
+        FROM ductwork_context
+        WHERE run_id = :run_id
+          AND key = :key"""
+
+    # A write-once key (a second write changes nothing: the caller compares).
+    context_insert = """
+        INSERT INTO ductwork_context (run_id, key, value)
+        VALUES (:run_id, :key, :value)
+        ON CONFLICT (run_id, key) DO NOTHING"""
+
+    # overwrite=True.
+    context_upsert = """
+        INSERT INTO ductwork_context (run_id, key, value)
+        VALUES (:run_id, :key, :value)
+        ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value"""
+
+    # -- ductwork_processes: one row per live process (heartbeats, reaping, fencing) -------------
+
+    # A process starts.
+    register_process = """
+        INSERT INTO ductwork_processes (pid, machine_identifier, role, pipelines, parent_id, state, restarts, info,
+                                        started_at, last_heartbeat_at)
+        VALUES (:pid, :machine, :role, :pipelines, :parent_id, :state, :restarts, :info, {now}, {now})
+        RETURNING id"""
+
+    # Proof of life (0 rows: the row was reaped meanwhile).
+    heartbeat = """
+        UPDATE ductwork_processes
+        SET last_heartbeat_at = {now}, state = :state, restarts = :restarts, info = :info
+        WHERE id = :id"""
+
+    # A process exits (or is retired after its death).
+    delete_process = """
+        DELETE FROM ductwork_processes
+        WHERE id = :id"""
+
+    # The rows a dead child registered (it may have registered again under a new id).
+    rows_of_child = """
+        SELECT id
+        FROM ductwork_processes
+        WHERE parent_id = :parent_id
+          AND pid = :pid"""
+
+    # Every process, for status and the dashboard.
+    processes = f"""
+        SELECT {ProcessRow.select_list()}
+        FROM ductwork_processes
+        ORDER BY machine_identifier, parent_id, id"""
+
+    # The processes of one machine, for its health check.
+    machine_processes = f"""
+        SELECT {ProcessRow.select_list()}
+        FROM ductwork_processes
+        WHERE machine_identifier = :machine
+        ORDER BY id"""
+
+    # Rows whose heartbeat is older than :timeout (reap candidates), not our own.
+    stale_processes = """
+        SELECT id
+        FROM ductwork_processes
+        WHERE last_heartbeat_at < {now} - :timeout
+          AND id <> :own_id
+        ORDER BY id"""
+
+    # Reap one stale row (still stale: a peer may have reaped it, or it beat, meanwhile).
+    reap_process = """
+        DELETE FROM ductwork_processes
+        WHERE id = :id
+          AND last_heartbeat_at < {now} - :timeout
+        RETURNING id, machine_identifier, pid, role"""
+
+    # The pipelines live processes serve.
+    live_pipelines = """
+        SELECT pipelines
+        FROM ductwork_processes
+        WHERE last_heartbeat_at >= {now} - :window"""
+
     # A fenced claim holds its claimer's row (KEY SHARE: heartbeats still pass), so a concurrent
     # reap or hand-back, which deletes the row first, waits for the claim and then sees it; a
     # claimer whose row is gone (reaped while paused) claims nothing. Part of the claim statement
-    # itself: no extra round trip. The last parameter repeats the claimer's process id.
-    FENCE = " AND EXISTS (SELECT 1 FROM ductwork_processes WHERE id = ? {key_share})"
+    # itself: no extra round trip.
+    FENCE = """
+          AND EXISTS (SELECT 1 FROM ductwork_processes WHERE id = :process_id {key_share})"""
 
     @classmethod
     @functools.cache
     def fenced(cls, statement: str, fence: bool) -> str:
+        """``statement`` with its ``{fence}`` filled in (or removed)."""
         return statement.replace("{fence}", cls.FENCE if fence else "")
-    stale_pipelines = ("SELECT DISTINCT pipeline FROM ductwork_runs WHERE status = 'in_progress' "
-                       "AND created_at < {now} - ?")
-    live_pipelines = "SELECT pipelines FROM ductwork_processes WHERE last_heartbeat_at >= {now} - ?"
-    processes = ("SELECT id, pid, machine_identifier, role, pipelines, parent_id, state, restarts, info, started_at, "
-                 "last_heartbeat_at, {now} - last_heartbeat_at, {now} - started_at FROM ductwork_processes "
-                 "ORDER BY machine_identifier, parent_id, id")
-    run_counts = "SELECT pipeline, status, count(*) FROM ductwork_runs GROUP BY pipeline, status ORDER BY pipeline, status"
-    recent_halts = ("SELECT id, pipeline, halt_reasons, finished_at FROM ductwork_runs WHERE status = 'halted' "
-                    "ORDER BY finished_at DESC LIMIT ?")
-    recent_errors = ("SELECT e.step_id, e.run_id, s.pipeline, s.name, e.outcome, e.error, e.finished_at "
-                     "FROM ductwork_executions e JOIN ductwork_steps s ON s.id = e.step_id "
-                     "WHERE e.outcome IN ('failed', 'crashed') ORDER BY e.id DESC LIMIT ?")
 
 
 class BulkSQL:
     """Statements over a batch of rows. The rows travel as one JSON document (an array of
-    objects): one parameter and one statement text whatever the batch size, so each statement
-    is prepared once per connection, and pg8000 encodes one value instead of seven per row
-    (per-parameter cost dominates there: a 1000-way expand is 2 statements with 2 big
+    objects, ``:rows``): one parameter and one statement text whatever the batch size, so each
+    statement is prepared once per connection, and pg8000 encodes one value instead of seven per
+    row (per-parameter cost dominates there: a 1000-way expand is 2 statements with 2 big
     parameters, not 14 000 small ones). They keep the claim fencing of their one-row versions."""
 
     JSON_ROWS = {
-        "postgres": "json_to_recordset(CAST(? AS JSON)) AS r({columns})",
-        "sqlite": "(SELECT {extract} FROM json_each(?)) AS r",
+        "postgres": "json_to_recordset(CAST(:rows AS JSON)) AS r({columns})",
+        "sqlite": "(SELECT {extract} FROM json_each(:rows)) AS r",
     }
     # Joined to a big table, the rows also name their ids in a condition the planner can put on
     # the table's primary key: Postgres guesses 100 rows for any JSON row source, and for that
     # many a hash join over a sequential scan of the whole table looks cheaper than 100 index
     # lookups (it is not: its cost grows with the table). The parameter is an id list (Tx.ids).
-    IDS = {"postgres": "{table}.id = ANY(CAST(? AS BIGINT[]))",
-           "sqlite": "{table}.id IN (SELECT value FROM json_each(?))"}
+    IDS = {"postgres": "{table}.id = ANY(CAST(:ids AS BIGINT[]))",
+           "sqlite": "{table}.id IN (SELECT value FROM json_each(:ids))"}
     STEP = [("id", "BIGINT"), ("output", "TEXT")]
     BRANCH = [("id", "BIGINT"), ("held", "TEXT"), ("token", "TEXT"), ("status", "TEXT"), ("node", "INTEGER"),
               ("expected", "INTEGER"), ("arrived", "INTEGER"), ("output", "TEXT"), ("halt_reason", "TEXT")]
     NEW_STEP = [("run_id", "BIGINT"), ("branch_id", "BIGINT"), ("pipeline", "TEXT"), ("node", "INTEGER"),
                 ("name", "TEXT"), ("input", "TEXT")]
+    CHILD_BRANCH = [("position", "INTEGER"), ("node", "INTEGER")]
     EXECUTION = [("step_id", "BIGINT"), ("run_id", "BIGINT"), ("process_id", "BIGINT"), ("attempt", "INTEGER"),
                  ("outcome", "TEXT"), ("error", "TEXT"), ("started_at", "DOUBLE PRECISION")]
 
     @classmethod
     def ids(cls, dialect: str, table: str) -> str:
+        """The condition ``table.id`` is one of ``:ids``."""
         return cls.IDS[dialect].replace("{table}", table)
+
+    @staticmethod
+    def id_list(dialect: str, ids: Iterable[int]) -> str:
+        """The ``:ids`` parameter: an array literal on Postgres, a JSON array on SQLite."""
+        ids = [int(i) for i in ids]
+        return "{" + ",".join(map(str, ids)) + "}" if dialect == "postgres" else json.dumps(ids)
+
+    @classmethod
+    def keyed(cls, dialect: str, columns: list[tuple[str, str]], rows: list[tuple]) -> dict[str, str]:
+        """The ``:rows`` and ``:ids`` parameters of a statement over ``rows``, keyed by their first column."""
+        return {"rows": _document(columns, rows), "ids": cls.id_list(dialect, (row[0] for row in rows))}
 
     @classmethod
     def rows(cls, dialect: str, columns: list[tuple[str, str]]) -> str:
         """A row source ``r`` over a JSON array of objects with these (name, SQL type) columns."""
         if dialect == "postgres":
             return cls.JSON_ROWS["postgres"].replace("{columns}", ", ".join(f"{n} {t}" for n, t in columns))
-        return cls.JSON_ROWS["sqlite"].replace("{extract}", ", ".join(f"json_extract(value, '$.{n}') AS {n}" for n, _ in columns))
+        extract = ", ".join(f"json_extract(value, '$.{n}') AS {n}" for n, _ in columns)
+        return cls.JSON_ROWS["sqlite"].replace("{extract}", extract)
 
     @classmethod
     def update(cls, dialect: str, table: str, assignments: str, columns: list[tuple[str, str]], fence: str,
                returning: str = "") -> str:
-        """UPDATE ``table`` from the rows ``r`` (matched on id; parameters: Tx.keyed's two, then
-        the fence's), only where ``fence`` still holds."""
-        return (f"UPDATE {table} SET {assignments} FROM {cls.rows(dialect, columns)} WHERE {table}.id = r.id "
-                f"AND {cls.ids(dialect, table)} AND {fence}{returning}")
+        """UPDATE ``table`` from the rows ``r`` (matched on id; parameters: Tx.keyed's ``rows``
+        and ``ids``, and the fence's), only where ``fence`` still holds."""
+        return (f"\n        UPDATE {table}\n        SET {assignments}\n        FROM {cls.rows(dialect, columns)}"
+                f"\n        WHERE {table}.id = r.id\n          AND {cls.ids(dialect, table)}\n          AND {fence}"
+                + (f"\n        RETURNING {returning}" if returning else ""))
 
+    # Steps that succeeded, with their outputs (fenced on their claim).
     @classmethod
     @functools.cache
     def steps_succeeded(cls, dialect: str) -> str:
-        return cls.update(dialect, "ductwork_steps", "status = 'succeeded', output = r.output, attempts = attempts + 1, "
-                          "finished_at = {now}, claimed_by = NULL, claim_token = NULL", cls.STEP,
-                          "ductwork_steps.status = 'running' AND ductwork_steps.claimed_by = ? "
-                          "AND ductwork_steps.claim_token = ?", " RETURNING ductwork_steps.id")
+        return cls.update(dialect, "ductwork_steps",
+                          "status = 'succeeded', output = r.output, attempts = attempts + 1, finished_at = {now}, "
+                          "claimed_by = NULL, claim_token = NULL", cls.STEP,
+                          "ductwork_steps.status = 'running' AND ductwork_steps.claimed_by = :process_id "
+                          "AND ductwork_steps.claim_token = :token", "ductwork_steps.id")
 
+    # Release claimed steps that never started: queued again, no crash counted.
+    @classmethod
+    @functools.cache
+    def release_steps(cls, dialect: str) -> str:
+        return ("\n        UPDATE ductwork_steps\n        SET status = 'queued', claimed_by = NULL, claim_token = NULL"
+                "\n        WHERE claimed_by = :process_id\n          AND status = 'running'"
+                "\n          AND " + cls.ids(dialect, "ductwork_steps"))
+
+    # The running branches of steps committed in this transaction, row-locked (not claimed: they
+    # are advanced before this transaction ends, so no second row version is written).
     @classmethod
     @functools.cache
     def lock_branches(cls, dialect: str) -> str:
-        """The running branches of steps committed in this transaction, row-locked (not claimed:
-        they are advanced before this transaction ends, so no second row version is written)."""
-        return ("SELECT id, run_id, pipeline, definition, parent_id, node, expected, arrived, advance_failures "
-                "FROM ductwork_branches WHERE status = 'running' AND " + cls.ids(dialect, "ductwork_branches")
-                + " ORDER BY id {for_update}")
+        return (f"\n        SELECT {BranchClaim.select_list()}\n        FROM ductwork_branches"
+                "\n        WHERE status = 'running'\n          AND " + cls.ids(dialect, "ductwork_branches")
+                + "\n        ORDER BY id\n        {for_update}")
 
+    # Write advancement decisions (fenced: the status the branch is held in, and its claim token).
     @classmethod
     @functools.cache
     def apply_branches(cls, dialect: str) -> str:
-        return cls.update(dialect, "ductwork_branches", "status = r.status, node = r.node, expected = r.expected, "
-                          "arrived = r.arrived, output = r.output, halt_reason = r.halt_reason, claimed_by = NULL, "
-                          "claim_token = NULL, advance_failures = 0, updated_at = {now}", cls.BRANCH,
+        return cls.update(dialect, "ductwork_branches",
+                          "status = r.status, node = r.node, expected = r.expected, arrived = r.arrived, "
+                          "output = r.output, halt_reason = r.halt_reason, claimed_by = NULL, claim_token = NULL, "
+                          "advance_failures = 0, updated_at = {now}", cls.BRANCH,
                           "ductwork_branches.status = r.held AND COALESCE(ductwork_branches.claim_token, '') = r.token",
-                          " RETURNING ductwork_branches.id")
+                          "ductwork_branches.id")
 
+    # Runs whose root branch completed, with their outputs.
     @classmethod
     @functools.cache
     def runs_completed(cls, dialect: str) -> str:
         return cls.update(dialect, "ductwork_runs", "status = 'completed', output = r.output, finished_at = {now}, "
                           "updated_at = {now}", cls.STEP, "ductwork_runs.status = 'in_progress'")
 
+    # Queue new steps.
     @classmethod
     @functools.cache
     def insert_steps(cls, dialect: str) -> str:
-        return ("INSERT INTO ductwork_steps (run_id, branch_id, pipeline, node, name, status, input, available_at, created_at) "
-                "SELECT r.run_id, r.branch_id, r.pipeline, r.node, r.name, 'queued', r.input, {now}, {now} FROM "
-                + cls.rows(dialect, cls.NEW_STEP) + " RETURNING id, pipeline")
+        return ("\n        INSERT INTO ductwork_steps (run_id, branch_id, pipeline, node, name, status, input, "
+                "available_at, created_at)\n        SELECT r.run_id, r.branch_id, r.pipeline, r.node, r.name, "
+                "'queued', r.input, {now}, {now}\n        FROM " + cls.rows(dialect, cls.NEW_STEP)
+                + "\n        RETURNING id, pipeline")
 
+    # The child branches of a fan-out (one per position).
     @classmethod
     @functools.cache
     def insert_child_branches(cls, dialect: str) -> str:
-        return ("INSERT INTO ductwork_branches (run_id, pipeline, definition, parent_id, origin_step_id, position, node, "
-                "status, available_at, created_at, updated_at) SELECT CAST(? AS BIGINT), CAST(? AS TEXT), CAST(? AS TEXT), "
-                "CAST(? AS BIGINT), CAST(? AS BIGINT), r.position, r.node, 'running', {now}, {now}, {now} FROM "
-                + cls.rows(dialect, [("position", "INTEGER"), ("node", "INTEGER")]) + " RETURNING id, position")
+        return ("\n        INSERT INTO ductwork_branches (run_id, pipeline, definition, parent_id, origin_step_id, "
+                "position, node, status, available_at, created_at, updated_at)"
+                "\n        SELECT CAST(:run_id AS BIGINT), CAST(:pipeline AS TEXT), CAST(:definition AS TEXT), "
+                "CAST(:parent_id AS BIGINT), CAST(:origin_step_id AS BIGINT), r.position, r.node, 'running', "
+                "{now}, {now}, {now}\n        FROM " + cls.rows(dialect, cls.CHILD_BRANCH)
+                + "\n        RETURNING id, position")
 
+    # One execution row per finished (or crashed) attempt.
     @classmethod
     @functools.cache
     def insert_executions(cls, dialect: str) -> str:
-        return ("INSERT INTO ductwork_executions (step_id, run_id, process_id, attempt, outcome, error, started_at, "
-                "finished_at) SELECT r.step_id, r.run_id, r.process_id, r.attempt, r.outcome, r.error, r.started_at, "
-                "{now} FROM " + cls.rows(dialect, cls.EXECUTION))
+        return ("\n        INSERT INTO ductwork_executions (step_id, run_id, process_id, attempt, outcome, error, "
+                "started_at, finished_at)\n        SELECT r.step_id, r.run_id, r.process_id, r.attempt, r.outcome, "
+                "r.error, r.started_at, {now}\n        FROM " + cls.rows(dialect, cls.EXECUTION))
 
 
 def _document(columns: list[tuple[str, str]], rows: Iterable[Sequence[Any]]) -> str:
@@ -1493,10 +2020,12 @@ def _token() -> str:
 
 
 def _dumps(value: Any) -> str:
+    """Compact JSON; NaN and infinities are refused (not JSON)."""
     return json.dumps(value, allow_nan=False, separators=(",", ":"))
 
 
 def _loads(text: str | None) -> Any:
+    """JSON text as stored (None stays None)."""
     return None if text is None else json.loads(text)
 
 
@@ -1508,71 +2037,179 @@ def _loads_for_display(text: str | None) -> Any:
         return text
 
 
+class _EngineTx(Tx):
+    """An engine transaction: a Tx plus what its writes gather for the end of the transaction
+    (arrivals on fan-in parents, completed and halted runs) and the wake-ups it may drop."""
+
+    def __init__(self, store: Store, conn: Any):
+        super().__init__(store, conn)
+        self.arrivals: dict[int, int] = {}          # parent branch id -> children that finished here
+        self.halted: list[int] = []                 # runs halted here (on_halt fires after commit)
+        self.completed: list[tuple] = []            # (run id, output) pairs, written in bulk
+        # pipeline -> ids of the steps this transaction made claimable (None: not all known); when
+        # its own claim takes them all, nobody else needs waking for them
+        self.new_steps: dict[str, set[int] | None] = {}
+
+    def ids(self, ids: Iterable[int]) -> str:
+        """The ``:ids`` parameter of a BulkSQL id condition."""
+        return BulkSQL.id_list(self.dialect, ids)
+
+    def keyed(self, columns: list[tuple[str, str]], rows: list[tuple]) -> dict[str, str]:
+        """The ``:rows`` and ``:ids`` of a BulkSQL statement over ``rows`` keyed by their first column."""
+        return BulkSQL.keyed(self.dialect, columns, rows)
+
+    def notify(self, channel: str, payload: str = "") -> None:
+        if channel == CH_JOBS:
+            self.new_steps[payload] = None  # a hint about steps we cannot name: it must go out
+        super().notify(channel, payload)
+
+    def queued(self, pipeline: str, step_ids: Iterable[int]) -> None:
+        """These steps became claimable here: wake a worker for them (unless this transaction claims them all)."""
+        known = self.new_steps.get(pipeline, set())
+        super().notify(CH_JOBS, pipeline)
+        self.new_steps[pipeline] = None if known is None else known | set(step_ids)
+
+    def claimed(self, pipeline: str, step_ids: set[int]) -> None:
+        """This transaction claimed these steps: drop the wake-up when every step it made
+        claimable is among them (nothing of its own is left for others)."""
+        mine = self.new_steps.get(pipeline)
+        if mine is not None and mine <= step_ids and (CH_JOBS, pipeline) in self.pending:
+            self.pending.remove((CH_JOBS, pipeline))
+
+
+# -- decisions: what an advancement does, as a pure function -----------------------------
+
+FAN_OUTS = ("expand", "divide", "divert")
+
+
 @dataclasses.dataclass
-class JobClaim:
-    step_id: int
-    run_id: int
-    branch_id: int
-    node: int
-    name: str
-    input: str
-    attempts: int
-    crashes: int
-    claimed_at: float
-    pipeline: str
-    process_id: int
-    token: str
+class Situation:
+    """Everything one advancement decides on, read before deciding: ``decide()`` reads no
+    database and writes nothing, so each rule is a plain function of this record."""
+    node: int                            # the node of the branch's current step
+    nodes: list[dict]                    # the run's definition graph
+    step: StepState | None               # the branch's latest step
+    expected: int = 0                    # children of the branch's open fan-out (0: none)
+    children: list[tuple[str, str | None]] = dataclasses.field(default_factory=list)  # (status, output) by position
+    max_depth: int = -1                  # pipeline_advancer.steps.max_depth for this step (-1: no limit)
+    defined: Any = None                  # the step names this process defines for the pipeline (None: unknown here)
 
     @property
-    def attempt(self) -> int:
-        """1 for the first execution; every failed attempt and every crash adds one."""
-        return self.attempts + self.crashes + 1
+    def after(self) -> dict:
+        """The transition that follows the current step."""
+        return self.nodes[self.node]["after"]
+
+    def halt(self, reason: str | None, warning: str | None = None) -> _Outcome:
+        """The branch halts at its current node."""
+        return _Outcome("halted", self.node, halt_reason=reason, warning=warning)
+
+    def runs(self, node: int) -> bool:
+        """Can the step of ``node`` run? (Unknown to this process: the worker decides.)"""
+        return self.defined is None or self.nodes[node]["step"] in self.defined
 
 
-@dataclasses.dataclass
-class StepResult:
-    """A finished execution waiting to be committed (several are committed in one transaction)."""
-    claim: JobClaim
-    ok: bool
-    value: str                       # output JSON, or the error text
-    permanent: str | None = None     # a halt reason that makes retrying pointless
+def decide(s: Situation) -> _Outcome:
+    """The next state of a branch whose step finished (or whose fan-out's children all did)."""
+    if s.expected > 0:
+        return _decide_join(s)
+    if s.step is None:
+        return s.halt(TRANSITION_INVALID)
+    if s.step.status == "failed":
+        return s.halt(s.step.halt_reason or JOB_RETRIES_EXHAUSTED)
+    return DECISIONS.get(s.after["kind"], _decide_unknown)(s)
 
 
-@dataclasses.dataclass
-class Committed:
-    accepted: list[bool]
-    halted: list[int]                # runs that halted in this commit (on_halt to fire)
-    claims: list[JobClaim]           # claimed in the same transaction
+def _decide_end(s: Situation) -> _Outcome:
+    """The last step of a line: the branch completes with its output."""
+    return _Outcome("completed", s.node, output=s.step.output)
 
 
-@dataclasses.dataclass
-class BranchClaim:
-    id: int
-    run_id: int
-    pipeline: str
-    definition: str
-    parent_id: int | None
-    node: int
-    expected: int
-    arrived: int
-    advance_failures: int
-    process_id: int
-    token: str             # "" for a branch locked (not claimed) by the transaction that advances it
-    held: str = "advancing"  # the status it is held in: "running" when locked by a step's own commit
+def _decide_chain(s: Situation) -> _Outcome:
+    """The next step runs on the output."""
+    return _continue(s, s.after["next"], s.step.output)
 
 
-@dataclasses.dataclass
-class _Outcome:
-    """What an advancement decided for a branch (computed before any write)."""
-    status: str
-    node: int
-    expected: int = 0
-    arrived: int = 0         # a join that halts keeps its counts, so revive() can reopen it
-    output: str | None = None
-    halt_reason: str | None = None
-    new_step: tuple[int, str] | None = None               # (node, input json) on this branch
-    children: list[tuple[int, int, str]] = dataclasses.field(default_factory=list)  # (position, node, input json)
+def _decide_expand(s: Situation) -> _Outcome:
+    """One child branch per element of the output (a list)."""
+    value, step = _loads(s.step.output), s.nodes[s.node]["step"]
+    if not isinstance(value, list):
+        return s.halt(TRANSITION_INVALID, f"expand after {step} needs a list, got {type(value).__name__}")
+    if 0 <= s.max_depth < len(value):
+        return s.halt(MAX_FANOUT_EXCEEDED,
+                      f"expand after {step} has {len(value)} elements, more than max_depth {s.max_depth}")
+    if not value:
+        return _join_outcome(s, [])
+    return _fan_out(s, [(i, s.after["child"], _dumps(v)) for i, v in enumerate(value)])
 
+
+def _decide_divide(s: Situation) -> _Outcome:
+    """Every child branch gets the same output."""
+    children = s.after["children"]
+    if 0 <= s.max_depth < len(children):
+        return s.halt(MAX_FANOUT_EXCEEDED)
+    return _fan_out(s, [(i, child, s.step.output) for i, child in enumerate(children)])
+
+
+def _decide_divert(s: Situation) -> _Outcome:
+    """One child branch, chosen by str() of the output after its JSON round trip:
+    "abc" -> "abc", True -> "True", None -> "None", 3 -> "3", 2.5 -> "2.5"."""
+    key, cases = str(_loads(s.step.output)), s.after["cases"]
+    chosen = key if key in cases else "otherwise" if "otherwise" in cases else None
+    if chosen is None:
+        return s.halt(CONDITION_UNMATCHED)
+    return _fan_out(s, [(list(cases).index(chosen), cases[chosen], s.step.output)])
+
+
+def _decide_unknown(s: Situation) -> _Outcome:
+    """A transition this version does not know."""
+    return s.halt(TRANSITION_INVALID)
+
+
+def _decide_join(s: Situation) -> _Outcome:
+    """Every child of the fan-out finished: the join runs on their outputs (a divert's one
+    output as it is), or the branch halts when a child did not complete. A join that halts
+    keeps its counts, so revive() reopens the join, not the fan-out."""
+    if any(status != "completed" for status, _ in s.children):
+        return _Outcome("halted", s.node, expected=s.expected, arrived=s.expected)
+    values = [_loads(output) for _, output in s.children]
+    joined = _join_outcome(s, values[0] if s.after["kind"] == "divert" else values)
+    if joined.status == "halted":
+        joined.expected = joined.arrived = s.expected
+    return joined
+
+
+def _join_outcome(s: Situation, value: Any) -> _Outcome:
+    """The join step runs on ``value``; with no join (a fan-out left open at the end of the
+    pipeline) the branch completes with it."""
+    if s.after.get("join") is None:
+        return _Outcome("completed", s.node, output=_dumps(value))
+    return _continue(s, s.after["join"], _dumps(value))
+
+
+def _continue(s: Situation, node: int, value_json: str) -> _Outcome:
+    """The branch goes on with the step of ``node``."""
+    if not s.runs(node):
+        return s.halt(DEFINITION_CHANGED)
+    return _Outcome("running", node, new_step=(node, value_json))
+
+
+def _fan_out(s: Situation, children: list[tuple[int, int, str]]) -> _Outcome:
+    """The branch waits for these (position, node, input) children."""
+    if not all(s.runs(child) for _, child, _ in children):
+        return s.halt(DEFINITION_CHANGED)
+    return _Outcome("waiting", s.node, expected=len(children), children=children)
+
+
+DECISIONS: dict[str, Callable[[Situation], _Outcome]] = {
+    "end": _decide_end,
+    "chain": _decide_chain,
+    "expand": _decide_expand,
+    "divide": _decide_divide,
+    "divert": _decide_divert,
+}
+
+
+# -- the engine ----------------------------------------------------------------------------
 
 class Engine:
     """The state machine over one Store, with the configuration's budgets."""
@@ -1589,24 +2226,29 @@ class Engine:
         # it is gone (reaped while paused, handed back after death); set by Runtime, off for bare Engine use
         self.fence_claims = False
 
+    def _tx(self, write: bool = True, single: bool = False) -> Any:
+        """An engine transaction (_EngineTx)."""
+        return self.store.tx(write, single, kind=_EngineTx)
+
     def _claim_rows(self, t: Tx, statement: str, pipeline: str, process_id: int, token: str, limit: int) -> list[tuple]:
         """Run a claim statement (SQL.claim_steps / claim_branches), fenced when fence_claims is on."""
-        params: tuple = (process_id, token, pipeline, limit) + ((process_id,) if self.fence_claims else ())
+        params = {"process_id": process_id, "token": token, "pipeline": pipeline, "limit": limit}
         return sorted(t.all(SQL.fenced(statement, self.fence_claims), params))
 
     def _claim_steps_in(self, t: Tx, pipeline: str, process_id: int, token: str, limit: int) -> list[JobClaim]:
         rows = self._claim_rows(t, SQL.claim_steps, pipeline, process_id, token, limit)
-        return [JobClaim(*row, pipeline=pipeline, process_id=process_id, token=token) for row in rows]
+        return [JobClaim.from_row(row, pipeline=pipeline, process_id=process_id, token=token) for row in rows]
 
     # -- definitions --------------------------------------------------------------------
     def definition(self, digest: str, t: Tx | None = None) -> Definition:
+        """The definition a run was triggered with (cached: a digest never changes)."""
         found = self._definitions.get(digest)
         if found is None:
             if t is None:
                 with self.store.tx(write=False) as t2:
-                    row = t2.one(SQL.select_definition, (digest,))
+                    row = t2.one(SQL.select_definition, {"hash": digest})
             else:
-                row = t.one(SQL.select_definition, (digest,))
+                row = t.one(SQL.select_definition, {"hash": digest})
             if row is None:
                 raise DuctworkError(f"definition {digest} is missing")
             found = self._definitions[digest] = Definition.from_body(row[0])
@@ -1614,6 +2256,7 @@ class Engine:
 
     # -- trigger ------------------------------------------------------------------------
     def trigger(self, name: str, args: Sequence[Any]) -> int:
+        """Start a run of pipeline ``name``: its run, root branch and first step, in one transaction."""
         cls = _REGISTRY.get(name)
         if cls is None:
             raise ConfigError(f"pipeline {name!r} not found (registered: {', '.join(sorted(_REGISTRY)) or 'none'})")
@@ -1624,26 +2267,27 @@ class Engine:
         d = cls.definition
         digest = d.hash
         self._definitions.setdefault(digest, d)
-        with self.store.tx() as t:
+        with self._tx() as t:
             if digest not in self._stored_definitions:
-                t.run(SQL.insert_definition, (digest, name, d.body))
-            run_id = t.one(SQL.insert_run, (name, digest, args_json))[0]
-            branch_id = t.one(SQL.insert_branch, (run_id, name, digest, None, None, 0, 0))[0]
-            t.run(BulkSQL.insert_steps(t.dialect),
-                  (_document(BulkSQL.NEW_STEP, [(run_id, branch_id, name, 0, d.nodes[0]["step"], args_json)]),))
-            t.notify(CH_JOBS, name)
+                t.run(SQL.insert_definition, {"hash": digest, "pipeline": name, "body": d.body})
+            run_id = t.one(SQL.insert_run, {"pipeline": name, "definition": digest, "input": args_json})[0]
+            branch_id = t.one(SQL.insert_branch, {"run_id": run_id, "pipeline": name, "definition": digest})[0]
+            self._insert_steps(t, [(run_id, branch_id, name, 0, d.nodes[0]["step"], args_json)])
         self._stored_definitions.add(digest)
         return int(run_id)
 
     # -- job claims and commits ---------------------------------------------------------
     def claim_steps(self, pipeline: str, process_id: int, limit: int = 1) -> list[JobClaim]:
+        """Claim up to ``limit`` claimable steps of ``pipeline`` for ``process_id``."""
         with self.store.tx(single=True) as t:
             return self._claim_steps_in(t, pipeline, process_id, _token(), limit)
 
     def commit_success(self, c: JobClaim, output_json: str) -> bool:
+        """Commit one successful execution; False when the claim was lost."""
         return self.commit([StepResult(c, True, output_json)]).accepted[0]
 
     def commit_failure(self, c: JobClaim, error: str, permanent_reason: str | None = None) -> bool:
+        """Commit one failed execution; False when the claim was lost."""
         return self.commit([StepResult(c, False, error, permanent_reason)]).accepted[0]
 
     def commit(self, results: list[StepResult], claim_limit: int = 0) -> Committed:
@@ -1661,83 +2305,99 @@ class Engine:
 
     def _commit(self, results: list[StepResult], claim_limit: int, inline: bool) -> Committed:
         token = _token()
-        out = Committed([False] * len(results), [], [])
-        finished: list[tuple[int, StepResult, tuple]] = []   # (index, result, current-step tuple)
-        executions: list[tuple] = []
-        with self.store.tx() as t:
-            accepted = self._write_successes(t, [r for r in results if r.ok])
-            for i, r in enumerate(results):
-                c = r.claim
-                if r.ok:
-                    if c.step_id in accepted:
-                        out.accepted[i] = True
-                        finished.append((i, r, (c.step_id, "succeeded", r.value, None)))
-                    continue
-                max_retry = self.config.get("job_worker.max_retry", c.pipeline, c.name)
-                failed = r.permanent is not None or c.attempts + 1 > max_retry
-                status = "failed" if failed else "queued"
-                reason = r.permanent or (JOB_RETRIES_EXHAUSTED if failed else None)
-                delay = 0 if failed else float(self.config.get("job_worker.retry_delay", c.pipeline, c.name))
-                out.accepted[i] = t.run(SQL.step_failed, (status, r.value, reason, delay, c.step_id, c.process_id, c.token)) == 1
-                if out.accepted[i] and failed:
-                    finished.append((i, r, (c.step_id, "failed", None, reason)))
-                elif out.accepted[i]:
-                    t.queued(c.pipeline, [c.step_id])  # a retry, claimable after retry_delay
-            for i, r in enumerate(results):
-                if out.accepted[i]:
-                    c = r.claim
-                    executions.append((c.step_id, c.run_id, c.process_id, c.attempt, "succeeded" if r.ok else "failed",
-                                       None if r.ok else r.value, c.claimed_at))
+        finished: list[tuple[StepResult, StepState]] = []    # the steps that are done, with their states
+        with self._tx() as t:
+            succeeded = self._write_successes(t, [r for r in results if r.ok])
+            accepted = [self._settle(t, r, succeeded, finished) for r in results]
             if finished:
-                self._advance_finished(t, finished, token, inline)
-            if executions:
-                t.run(BulkSQL.insert_executions(t.dialect), (_document(BulkSQL.EXECUTION, executions),))
-            if claim_limit and results:
-                pipeline, process_id = results[0].claim.pipeline, results[0].claim.process_id
-                out.claims = self._claim_steps_in(t, pipeline, process_id, token, claim_limit)
-                t.claimed(pipeline, {c.step_id for c in out.claims})
+                self._advance_finished(t, finished, inline)
+            self._record_executions(t, [r for r, ok in zip(results, accepted, strict=True) if ok])
+            claims = self._claim_next(t, results, claim_limit, token)
             if results:
                 self._flush_arrivals(t, results[0].claim.process_id, token)
-            out.halted = t.halted
-        return out
+        return Committed(accepted, t.halted, claims)
 
     @staticmethod
-    def _write_successes(t: Tx, results: list[StepResult]) -> set[int]:
+    def _write_successes(t: _EngineTx, results: list[StepResult]) -> set[int]:
         """Mark succeeded steps in one statement per claim; returns the step ids still held."""
         accepted: set[int] = set()
         groups: dict[tuple[int, str], list[StepResult]] = {}
         for r in results:
             groups.setdefault((r.claim.process_id, r.claim.token), []).append(r)
         for (process_id, token), group in groups.items():
-            rows = [(r.claim.step_id, r.value) for r in group]
-            accepted |= {row[0] for row in t.all(BulkSQL.steps_succeeded(t.dialect), (*t.keyed(BulkSQL.STEP, rows),
-                                                                                         process_id, token))}
+            params = {**t.keyed(BulkSQL.STEP, [(r.claim.step_id, r.value) for r in group]),
+                      "process_id": process_id, "token": token}
+            accepted |= {row[0] for row in t.all(BulkSQL.steps_succeeded(t.dialect), params)}
         return accepted
 
-    def _advance_finished(self, t: Tx, finished: list[tuple[int, StepResult, tuple]], token: str, inline: bool) -> None:
+    def _settle(self, t: _EngineTx, r: StepResult, succeeded: set[int],
+                finished: list[tuple[StepResult, StepState]]) -> bool:
+        """One result's step row: succeeded (written in bulk before), failed for good, or queued
+        for a retry. A step that is done joins ``finished``. False when the claim was lost."""
+        c = r.claim
+        if r.ok:
+            if c.step_id in succeeded:
+                finished.append((r, StepState(c.step_id, "succeeded", r.value, None)))
+            return c.step_id in succeeded
+        max_retry = self.config.get("job_worker.max_retry", c.pipeline, c.name)
+        failed = r.permanent is not None or c.attempts + 1 > max_retry
+        reason = r.permanent or (JOB_RETRIES_EXHAUSTED if failed else None)
+        delay = 0 if failed else float(self.config.get("job_worker.retry_delay", c.pipeline, c.name))
+        if t.run(SQL.step_failed, {"status": "failed" if failed else "queued", "error": r.value, "halt_reason": reason,
+                                   "delay": delay, "id": c.step_id, "process_id": c.process_id,
+                                   "token": c.token}) != 1:
+            return False
+        if failed:
+            finished.append((r, StepState(c.step_id, "failed", None, reason)))
+        else:
+            t.queued(c.pipeline, [c.step_id])  # a retry, claimable after retry_delay
+        return True
+
+    def _record_executions(self, t: Tx, results: list[StepResult]) -> None:
+        """One execution row per committed result, with its real start time."""
+        if results:
+            self._insert_executions(t, [(r.claim.step_id, r.claim.run_id, r.claim.process_id, r.claim.attempt,
+                                         "succeeded" if r.ok else "failed", None if r.ok else r.value,
+                                         r.claim.started_at or r.claim.claimed_at) for r in results])
+
+    def _claim_next(self, t: _EngineTx, results: list[StepResult], limit: int, token: str) -> list[JobClaim]:
+        """The next steps for the committing thread, claimed in the same transaction."""
+        if not (limit and results):
+            return []
+        pipeline, process_id = results[0].claim.pipeline, results[0].claim.process_id
+        claims = self._claim_steps_in(t, pipeline, process_id, token, limit)
+        t.claimed(pipeline, {c.step_id for c in claims})
+        return claims
+
+    @staticmethod
+    def _insert_executions(t: Tx, rows: list[tuple]) -> None:
+        """Execution rows (BulkSQL.EXECUTION tuples)."""
+        t.run(BulkSQL.insert_executions(t.dialect), {"rows": _document(BulkSQL.EXECUTION, rows)})
+
+    def _advance_finished(self, t: _EngineTx, finished: list[tuple[StepResult, StepState]], inline: bool) -> None:
         """The branches of just-finished steps: advanced here (inline) or queued for an advancer."""
-        by_branch = {r.claim.branch_id: (r, step) for _, r, step in finished}
-        claimed: list[tuple[BranchClaim, tuple]] = []
+        by_branch = {r.claim.branch_id: (r, step) for r, step in finished}
+        locked: list[tuple[BranchClaim, StepState | None]] = []
         # Locked, not claimed (nor fenced on the process row): advanced before this transaction ends.
         if inline:
-            process_id = finished[0][1].claim.process_id
-            rows = t.all(BulkSQL.lock_branches(t.dialect), (t.ids(by_branch),))
-            claimed = [(BranchClaim(*row, process_id=process_id, token="", held="running"), by_branch.pop(row[0])[1])
-                       for row in rows]
-            if claimed:
+            process_id = finished[0][0].claim.process_id
+            for row in t.all(BulkSQL.lock_branches(t.dialect), {"ids": t.ids(by_branch)}):
+                b = BranchClaim.from_row(row, process_id=process_id, token="", held="running")
+                locked.append((b, by_branch.pop(b.id)[1]))
+            if locked:
                 self.fault("after_branch_claim")
         for branch_id, (r, _) in by_branch.items():  # not advanced here: the advancer's job
-            t.run(SQL.branch_ready, (branch_id,))
+            t.run(SQL.branch_ready, {"id": branch_id})
             t.notify(CH_ADVANCE, r.claim.pipeline)
-        if claimed:
-            self._advance_many(t, claimed)
+        if locked:
+            self._advance_many(t, locked)
 
     def release(self, process_id: int, step_ids: list[int], pipeline: str) -> int:
         """Give back claims that never started: queued again, no crash counted."""
         if not step_ids:
             return 0
-        with self.store.tx() as t:
-            n = t.run(SQL.release_steps.replace("{ids}", ", ".join("?" * len(step_ids))), (process_id, *step_ids))
+        with self._tx() as t:
+            n = t.run(BulkSQL.release_steps(t.dialect), {"process_id": process_id, "ids": t.ids(step_ids)})
             t.notify(CH_JOBS, pipeline)
         return n
 
@@ -1745,18 +2405,19 @@ class Engine:
         """Close a process's in-flight executions as crashes and re-enqueue them (immediately
         claimable); with no ``step_ids`` also release its branch claims. Crashes never touch
         the retry budget; after ``max_crash`` the step fails."""
-        with self.store.tx() as t:
+        with self._tx() as t:
             return self._hand_back(t, process_id, step_ids, why)
 
     def reap(self, process_id: int, timeout: float) -> bool:
         """Delete a process row whose heartbeat is stale and hand back its work, in one
         transaction; idempotent and safe when several peers reap at once."""
-        with self.store.tx() as t:
-            row = t.one(SQL.reap_process, (process_id, timeout))
+        with self._tx() as t:
+            row = t.one(SQL.reap_process, {"id": process_id, "timeout": timeout})
             if row is None:
                 return False
             count = self._hand_back(t, process_id, None, "process reaped: heartbeat stale")
-        log.warning("reaped process row %s (%s pid %s, %s); %d step(s) handed back", row[0], row[1], row[2], row[3], count)
+        row_id, machine, pid, role = row
+        log.warning("reaped process row %s (%s pid %s, %s); %d step(s) handed back", row_id, machine, pid, role, count)
         return True
 
     def retire(self, process_id: int, why: str) -> int:
@@ -1765,75 +2426,76 @@ class Engine:
         The row goes first: a claim in flight under it (which holds the row with KEY SHARE)
         finishes before, and is seen by the hand-back; one made after finds no row and claims
         nothing. Used when a child dies, when a process exits, and (fenced on staleness) by reap."""
-        with self.store.tx() as t:
-            t.run(SQL.delete_process, (process_id,))
+        with self._tx() as t:
+            t.run(SQL.delete_process, {"id": process_id})
             return self._hand_back(t, process_id, None, why)
 
-    def _hand_back(self, t: Tx, process_id: int, step_ids: Iterable[int] | None, why: str) -> int:
+    def _hand_back(self, t: _EngineTx, process_id: int, step_ids: Iterable[int] | None, why: str) -> int:
+        """Crash the running steps ``process_id`` holds (those of ``step_ids``, or all of them and
+        its branch claims too); returns how many were handed back."""
         wanted = None if step_ids is None else set(step_ids)
-        count = 0
-        for step_id, run_id, branch_id, pipeline, name, attempts, crashes, claimed_at in t.all(SQL.steps_held_by, (process_id,)):
-            if wanted is not None and step_id not in wanted:
-                continue
-            crashes += 1
-            exhausted = crashes > self.config.get("job_worker.max_crash", pipeline, name)
-            delay = 0.0 if crashes <= 2 else backoff(crashes - 2, 1.0, 30.0)  # the first two re-runs at once
-            if t.run(SQL.step_crashed, ("failed" if exhausted else "queued", JOB_CRASHES_EXHAUSTED if exhausted else None,
-                                        f"crashed: {why}" if exhausted else None, delay, step_id, process_id)) != 1:
-                continue  # committed by its (resumed) claimer since the SELECT: nothing to hand back
-            t.run(BulkSQL.insert_executions(t.dialect), (_document(BulkSQL.EXECUTION, [
-                (step_id, run_id, process_id, attempts + crashes, "crashed", why, claimed_at)]),))
-            t.notify(CH_ADVANCE if exhausted else CH_JOBS, pipeline)
-            if exhausted:
-                t.run(SQL.branch_ready, (branch_id,))
-            count += 1
+        held = [HeldStep.from_row(row) for row in t.all(SQL.steps_held_by, {"process_id": process_id})]
+        count = sum(self._crash_step(t, s, process_id, why) for s in held if wanted is None or s.step_id in wanted)
         if wanted is None:
-            for pipeline in {row[0] for row in t.all(SQL.release_branches_of, (process_id,))}:
+            for (pipeline,) in set(t.all(SQL.release_branches_of, {"process_id": process_id})):
                 t.notify(CH_ADVANCE, pipeline)
         return count
 
+    def _crash_step(self, t: _EngineTx, s: HeldStep, process_id: int, why: str) -> bool:
+        """Close one running step as a crashed execution: queued again (at once for the first two
+        crashes, then backing off) or failed once ``max_crash`` is spent."""
+        crashes = s.crashes + 1
+        exhausted = crashes > self.config.get("job_worker.max_crash", s.pipeline, s.name)
+        delay = 0.0 if crashes <= 2 else backoff(crashes - 2, 1.0, 30.0)  # the first two re-runs at once
+        changed = t.run(SQL.step_crashed, {
+            "status": "failed" if exhausted else "queued", "halt_reason": JOB_CRASHES_EXHAUSTED if exhausted else None,
+            "error": f"crashed: {why}" if exhausted else None, "delay": delay, "id": s.step_id,
+            "process_id": process_id})
+        if changed != 1:
+            return False  # committed by its (resumed) claimer since the SELECT: nothing to hand back
+        self._insert_executions(t, [(s.step_id, s.run_id, process_id, s.attempts + crashes, "crashed", why,
+                                     s.claimed_at)])
+        t.notify(CH_ADVANCE if exhausted else CH_JOBS, s.pipeline)
+        if exhausted:
+            t.run(SQL.branch_ready, {"id": s.branch_id})
+        return True
+
     # -- advancement ----------------------------------------------------------------------
     def claim_branches(self, pipeline: str, process_id: int, limit: int = 1) -> list[BranchClaim]:
+        """Claim up to ``limit`` branches of ``pipeline`` that wait for advancement."""
         token = _token()
         with self.store.tx(single=True) as t:
             rows = self._claim_rows(t, SQL.claim_branches, pipeline, process_id, token, limit)
-        return [BranchClaim(*row, process_id=process_id, token=token) for row in rows]
+        return [BranchClaim.from_row(row, process_id=process_id, token=token) for row in rows]
 
     def advance(self, b: BranchClaim) -> list[int]:
         """Apply one advancement; returns the runs that halted (for on_halt)."""
         def work() -> list[int]:
-            with self.store.tx() as t:
-                self._advance_in(t, b)
+            with self._tx() as t:
+                self._advance_many(t, [(b, None)])
                 self._flush_arrivals(t, b.process_id, b.token)
             return t.halted
         return _retry_conflicts(work)
 
-    def _advance_in(self, t: Tx, b: BranchClaim, step: tuple | None = None) -> None:
-        self._advance_many(t, [(b, step)])
-
-    def _advance_many(self, t: Tx, items: list[tuple[BranchClaim, tuple | None]]) -> None:
-        """Advance claimed branches inside ``t``: decide each, then write in bulk (fenced by the
+    def _advance_many(self, t: _EngineTx, items: list[tuple[BranchClaim, StepState | None]]) -> None:
+        """Advance held branches inside ``t``: decide each, then write in bulk (fenced by the
         claim token); ``step`` (when given) saves re-reading the step just committed."""
         decided = []
         for b, step in items:
             d = self.definition(b.definition, t)
-            if step is None:
-                step = t.one(SQL.current_step, (b.id,))
-            decided.append((b, d, step, self._decide(t, b, d, step)))
-        rows = [(b.id, b.held, b.token, o.status, o.node, o.expected, o.arrived, o.output, o.halt_reason)
-                for b, _, _, o in decided]
-        applied = {row[0] for row in t.all(BulkSQL.apply_branches(t.dialect), t.keyed(BulkSQL.BRANCH, rows))}
-        if len(applied) != len(decided):
-            lost = [b.id for b, *_ in decided if b.id not in applied]
-            log.warning("advancement of branch(es) %s rejected: the claim was lost", lost)
-            raise _Rejected()
+            situation = self._situation(t, b, d, step)
+            outcome = decide(situation)
+            if outcome.warning:
+                log.warning(outcome.warning, extra={"run": b.run_id})
+            decided.append((b, d, situation.step, outcome))
+        self._apply_outcomes(t, [(b, o) for b, _, _, o in decided])
         new_steps: list[tuple] = []
         for b, d, step, o in decided:
             if o.new_step is not None:
                 node, value = o.new_step
                 new_steps.append((b.run_id, b.id, b.pipeline, node, d.nodes[node]["step"], value))
             if o.children:
-                self._insert_children(t, b, d, step[0], o.children)
+                self._insert_children(t, b, d, step.step_id, o.children)
             if o.status in ("completed", "halted"):
                 self._branch_finished(t, b, o.status, o.output)
         if new_steps:
@@ -1842,94 +2504,52 @@ class Engine:
             t.run(BulkSQL.runs_completed(t.dialect), t.keyed(BulkSQL.STEP, t.completed))
             t.completed = []
 
+    def _situation(self, t: Tx, b: BranchClaim, d: Definition, step: StepState | None) -> Situation:
+        """Read what deciding the branch's advancement needs."""
+        if step is None:
+            row = t.one(SQL.current_step, {"branch_id": b.id})
+            step = StepState.from_row(row) if row else None
+        node = d.nodes[b.node]
+        children = (t.all(SQL.children_of, {"origin_step_id": step.step_id})
+                    if b.expected > 0 and step is not None else [])
+        max_depth = (self.config.get("pipeline_advancer.steps.max_depth", b.pipeline, node["step"])
+                     if node["after"]["kind"] in FAN_OUTS else -1)
+        cls = _REGISTRY.get(b.pipeline)
+        return Situation(b.node, d.nodes, step, b.expected, children, max_depth, cls.steps if cls else None)
+
     @staticmethod
-    def _insert_steps(t: Tx, rows: list[tuple]) -> None:
+    def _apply_outcomes(t: _EngineTx, decided: list[tuple[BranchClaim, _Outcome]]) -> None:
+        """Write the decisions in one statement, fenced on each branch's hold; a lost one
+        rejects the whole advancement."""
+        rows = [(b.id, b.held, b.token, o.status, o.node, o.expected, o.arrived, o.output, o.halt_reason)
+                for b, o in decided]
+        applied = {row[0] for row in t.all(BulkSQL.apply_branches(t.dialect), t.keyed(BulkSQL.BRANCH, rows))}
+        if len(applied) != len(decided):
+            lost = [b.id for b, _ in decided if b.id not in applied]
+            log.warning("advancement of branch(es) %s rejected: the claim was lost", lost)
+            raise _Rejected()
+
+    @staticmethod
+    def _insert_steps(t: _EngineTx, rows: list[tuple]) -> None:
         """Queue new steps (BulkSQL.NEW_STEP rows); a worker is woken for them after commit."""
         by_pipeline: dict[str, list[int]] = {}
-        for step_id, pipeline in t.all(BulkSQL.insert_steps(t.dialect), (_document(BulkSQL.NEW_STEP, rows),)):
+        for step_id, pipeline in t.all(BulkSQL.insert_steps(t.dialect), {"rows": _document(BulkSQL.NEW_STEP, rows)}):
             by_pipeline.setdefault(pipeline, []).append(step_id)
         for pipeline, ids in by_pipeline.items():
             t.queued(pipeline, ids)
 
-    def _decide(self, t: Tx, b: BranchClaim, d: Definition, step: tuple | None) -> _Outcome:
-        node = d.nodes[b.node]
-        after = node["after"]
-        if b.expected > 0:  # every child of the fan-out has finished: the join
-            children = t.all(SQL.children_of, (step[0],))
-            if any(status != "completed" for status, _ in children):
-                return _Outcome("halted", b.node, expected=b.expected, arrived=b.expected)
-            values = [_loads(out) for _, out in children]
-            joined = self._join(b, d, after, values if after["kind"] != "divert" else values[0])
-            if joined.status == "halted":  # keep the counts: revive() reopens the join, not the fan-out
-                joined.expected = joined.arrived = b.expected
-            return joined
-        if step is None:
-            return _Outcome("halted", b.node, halt_reason=TRANSITION_INVALID)
-        step_id, status, output_json, reason = step
-        if status == "failed":
-            return _Outcome("halted", b.node, halt_reason=reason or JOB_RETRIES_EXHAUSTED)
-        kind = after["kind"]
-        if kind == "end":
-            return _Outcome("completed", b.node, output=output_json)
-        if kind == "chain":
-            return self._continue(b, d, after["next"], output_json)
-        value = _loads(output_json)
-        if kind == "expand":
-            if not isinstance(value, list):
-                log.warning("expand after %s needs a list, got %s", node["step"], type(value).__name__, extra={"run": b.run_id})
-                return _Outcome("halted", b.node, halt_reason=TRANSITION_INVALID)
-            max_depth = self.config.get("pipeline_advancer.steps.max_depth", b.pipeline, node["step"])
-            if max_depth >= 0 and len(value) > max_depth:
-                log.warning("expand after %s has %d elements, more than max_depth %d", node["step"], len(value), max_depth,
-                            extra={"run": b.run_id})
-                return _Outcome("halted", b.node, halt_reason=MAX_FANOUT_EXCEEDED)
-            if not value:
-                return self._join(b, d, after, [])
-            children = [(i, after["child"], _dumps(v)) for i, v in enumerate(value)]
-        elif kind == "divide":
-            max_depth = self.config.get("pipeline_advancer.steps.max_depth", b.pipeline, node["step"])
-            if max_depth >= 0 and len(after["children"]) > max_depth:
-                return _Outcome("halted", b.node, halt_reason=MAX_FANOUT_EXCEEDED)
-            children = [(i, child, output_json) for i, child in enumerate(after["children"])]
-        elif kind == "divert":
-            # The branch is chosen by str() of the output after its JSON round trip:
-            # "abc" -> "abc", True -> "True", None -> "None", 3 -> "3", 2.5 -> "2.5".
-            key = str(value)
-            cases = after["cases"]
-            chosen = key if key in cases else "otherwise" if "otherwise" in cases else None
-            if chosen is None:
-                return _Outcome("halted", b.node, halt_reason=CONDITION_UNMATCHED)
-            children = [(list(cases).index(chosen), cases[chosen], output_json)]
-        else:
-            return _Outcome("halted", b.node, halt_reason=TRANSITION_INVALID)
-        if any(not self._step_exists(b.pipeline, d, child) for _, child, _ in children):
-            return _Outcome("halted", b.node, halt_reason=DEFINITION_CHANGED)
-        return _Outcome("waiting", b.node, expected=len(children), children=children)
-
-    def _join(self, b: BranchClaim, d: Definition, after: dict, value: Any) -> _Outcome:
-        if after.get("join") is None:  # a fan-out left open at the end: the list is the branch's output
-            return _Outcome("completed", b.node, output=_dumps(value))
-        return self._continue(b, d, after["join"], _dumps(value))
-
-    def _continue(self, b: BranchClaim, d: Definition, node: int, value_json: str) -> _Outcome:
-        if not self._step_exists(b.pipeline, d, node):
-            return _Outcome("halted", b.node, halt_reason=DEFINITION_CHANGED)
-        return _Outcome("running", node, new_step=(node, value_json))
-
-    @staticmethod
-    def _step_exists(pipeline: str, d: Definition, node: int) -> bool:
-        cls = _REGISTRY.get(pipeline)
-        return cls is None or d.nodes[node]["step"] in cls.steps  # unknown here: the worker decides
-
-    def _insert_children(self, t: Tx, b: BranchClaim, d: Definition, origin_step: int,
+    def _insert_children(self, t: _EngineTx, b: BranchClaim, d: Definition, origin_step: int,
                          children: list[tuple[int, int, str]]) -> None:
-        rows = _dumps([{"position": position, "node": node} for position, node, _ in children])
-        ids = {pos: bid for bid, pos in t.all(BulkSQL.insert_child_branches(t.dialect),
-                                               (b.run_id, b.pipeline, b.definition, b.id, origin_step, rows))}
+        """The child branches of a fan-out, each with its first step."""
+        params = {"run_id": b.run_id, "pipeline": b.pipeline, "definition": b.definition, "parent_id": b.id,
+                  "origin_step_id": origin_step,
+                  "rows": _document(BulkSQL.CHILD_BRANCH, [(position, node) for position, node, _ in children])}
+        ids = {pos: bid for bid, pos in t.all(BulkSQL.insert_child_branches(t.dialect), params)}
         self._insert_steps(t, [(b.run_id, ids[position], b.pipeline, node, d.nodes[node]["step"], value)
                                for position, node, value in children])
 
-    def _branch_finished(self, t: Tx, b: BranchClaim, status: str, output: str | None) -> None:
+    def _branch_finished(self, t: _EngineTx, b: BranchClaim, status: str, output: str | None) -> None:
+        """A branch completed or halted: counted on its parent, or it ends its run."""
         run_id = b.run_id
         if b.parent_id is not None:
             # Counted on the parent at the end of the transaction (_flush_arrivals): the parent
@@ -1939,35 +2559,38 @@ class Engine:
             t.completed.append((run_id, output))
             log.debug("run %s completed", run_id, extra={"run": run_id})
         else:
-            reasons = [r for (r,) in t.all(SQL.halt_reasons, (run_id,))]
-            t.run(SQL.run_halted, (_dumps(reasons), run_id))
+            reasons = [r for (r,) in t.all(SQL.halt_reasons, {"run_id": run_id})]
+            t.run(SQL.run_halted, {"halt_reasons": _dumps(reasons), "id": run_id})
             log.warning("run %s halted: %s", run_id, ", ".join(reasons) or "halted", extra={"run": run_id})
             t.halted.append(run_id)
 
-    def _flush_arrivals(self, t: Tx, process_id: int, token: str) -> None:
+    def _flush_arrivals(self, t: _EngineTx, process_id: int, token: str) -> None:
         """Count finished children on their parents (in id order: no lock-order deadlocks between
         transactions); a parent whose last child arrived is advanced right here (its join)."""
         while t.arrivals:
             parent_id = min(t.arrivals)
             count = t.arrivals.pop(parent_id)
-            row = t.one(SQL.child_arrived, (count, count, parent_id))
+            row = t.one(SQL.child_arrived, {"count": count, "id": parent_id})
             if not row or row[0] != "advance":
                 continue
-            parent = t.one(SQL.claim_branch, (process_id, token, parent_id, "advance")) if self.inline else None
+            parent = (t.one(SQL.claim_branch, {"process_id": process_id, "token": token, "id": parent_id,
+                                               "status": "advance"}) if self.inline else None)
             if parent is None:
                 t.notify(CH_ADVANCE, row[1])
                 continue
-            self._advance_in(t, BranchClaim(*parent, process_id=process_id, token=token))
+            self._advance_many(t, [(BranchClaim.from_row(parent, process_id=process_id, token=token), None)])
 
     def release_branch(self, b: BranchClaim, count_failure: bool, delay: float = 0.0) -> int:
-        with self.store.tx() as t:
-            row = t.one(SQL.release_branch, (1 if count_failure else 0, delay, b.id, b.token))
+        """Give a claimed branch back (``count_failure``: an advancement error); returns its failure count."""
+        with self._tx() as t:
+            row = t.one(SQL.release_branch, {"failure": 1 if count_failure else 0, "delay": delay, "id": b.id,
+                                             "token": b.token})
             t.notify(CH_ADVANCE, b.pipeline)
         return int(row[0]) if row else 0
 
     def halt_branch(self, b: BranchClaim, reason: str) -> list[int]:
         """Halt a claimed branch outright (advancer retries exhausted)."""
-        with self.store.tx() as t:
+        with self._tx() as t:
             row = (b.id, b.held, b.token, "halted", b.node, b.expected, b.arrived, None, reason)
             if not t.all(BulkSQL.apply_branches(t.dialect), t.keyed(BulkSQL.BRANCH, [row])):
                 return []
@@ -1978,7 +2601,7 @@ class Engine:
     def notify_halt(self, run_id: int) -> None:
         """Run the pipeline's on_halt handlers, at most once per halt, outside any transaction."""
         with self.store.tx() as t:
-            if t.run(SQL.claim_halt_notice, (run_id,)) != 1:
+            if t.run(SQL.claim_halt_notice, {"id": run_id}) != 1:
                 return
         run = Run.load(run_id, self)
         cls = _REGISTRY.get(run.pipeline)
@@ -1992,68 +2615,65 @@ class Engine:
     # -- revive ---------------------------------------------------------------------------
     def revive(self, run_id: int) -> bool:
         """halted -> in_progress: re-run only the failed steps (fresh budgets), keep completed work."""
-        with self.store.tx() as t:
-            if t.run(SQL.run_reopened, (run_id,)) != 1:
+        with self._tx() as t:
+            if t.run(SQL.run_reopened, {"id": run_id}) != 1:
                 return False
-            for branch_id, parent_id in t.all(SQL.halted_leaves, (run_id,)):
-                step = t.one(SQL.current_step, (branch_id,))
-                if step is not None and step[1] == "failed":
-                    t.run(SQL.requeue_step, (step[0],))
-                    t.run(SQL.reopen_leaf, ("running", branch_id))
-                else:
-                    t.run(SQL.reopen_leaf, ("advance", branch_id))
-                while parent_id is not None:  # un-finish the ancestors this halt had finished
-                    status, grandparent = t.one(SQL.branch_parent, (parent_id,))
-                    t.run(SQL.reopen_parent, (parent_id,))
-                    parent_id = grandparent if status == "halted" else None
-            pipeline = t.one(SQL.select_run, (run_id,))[1]
+            for branch_id, parent_id in t.all(SQL.halted_leaves, {"run_id": run_id}):
+                self._reopen_leaf(t, branch_id)
+                self._reopen_ancestors(t, parent_id)
+            pipeline = RunRow.from_row(t.one(SQL.select_run, {"id": run_id})).pipeline
             t.notify(CH_JOBS, pipeline)
             t.notify(CH_ADVANCE, pipeline)
         return True
 
+    @staticmethod
+    def _reopen_leaf(t: Tx, branch_id: int) -> None:
+        """A halted branch: its failed step runs again, or it is advanced again."""
+        row = t.one(SQL.current_step, {"branch_id": branch_id})
+        step = StepState.from_row(row) if row else None
+        if step is not None and step.status == "failed":
+            t.run(SQL.requeue_step, {"id": step.step_id})
+            t.run(SQL.reopen_leaf, {"status": "running", "id": branch_id})
+        else:
+            t.run(SQL.reopen_leaf, {"status": "advance", "id": branch_id})
+
+    @staticmethod
+    def _reopen_ancestors(t: Tx, parent_id: int | None) -> None:
+        """Un-finish the ancestors this halt had finished: each waits for its child again."""
+        while parent_id is not None:
+            status, grandparent = t.one(SQL.branch_parent, {"id": parent_id})
+            t.run(SQL.reopen_parent, {"id": parent_id})
+            parent_id = grandparent if status == "halted" else None
+
     # -- context --------------------------------------------------------------------------
     def context_set(self, run_id: int, key: str, value: Any, overwrite: bool) -> None:
+        """Set a run's context key (write-once unless ``overwrite``)."""
         text = _dumps(value)
+        params = {"run_id": run_id, "key": key, "value": text}
         with self.store.tx() as t:
             if overwrite:
-                t.run(SQL.context_upsert, (run_id, key, text))
-            elif t.run(SQL.context_insert, (run_id, key, text)) != 1:
-                current = t.one(SQL.context_get, (run_id, key))[0]
+                t.run(SQL.context_upsert, params)
+            elif t.run(SQL.context_insert, params) != 1:
+                current = t.one(SQL.context_get, params)[0]
                 if json.loads(current) != value:  # same value again (a re-run) is fine
-                    raise ContextError(f"context key {key!r} of run {run_id} is already set; pass overwrite=True to replace it")
+                    raise ContextError(f"context key {key!r} of run {run_id} is already set; "
+                                       "pass overwrite=True to replace it")
 
     def context_get(self, run_id: int, key: str, default: Any = None) -> Any:
+        """A run's context key, or ``default``."""
         with self.store.tx(write=False) as t:
-            row = t.one(SQL.context_get, (run_id, key))
+            row = t.one(SQL.context_get, {"run_id": run_id, "key": key})
         return default if row is None else json.loads(row[0])
 
     def context_all(self, run_id: int) -> dict:
+        """A run's whole context."""
         with self.store.tx(write=False) as t:
-            return {k: json.loads(v) for k, v in t.all(SQL.context_all, (run_id,))}
+            return {k: json.loads(v) for k, v in t.all(SQL.context_all, {"run_id": run_id})}
 
 
 # =====================================================================================
 # app API: Run, StepRecord, contexts, configure(), trigger(), lifecycle hooks
 # =====================================================================================
-
-
-# -- app-facing records ------------------------------------------------------------------
-@dataclasses.dataclass
-class StepRecord:
-    """One step of a run, as stored."""
-    id: int
-    name: str
-    node: int
-    status: str
-    input: Any
-    output: Any
-    attempts: int
-    crashes: int
-    error: str | None
-    halt_reason: str | None
-    branch_id: int
-    created_at: float
-    finished_at: float | None
 
 
 class RunContext:
@@ -2123,11 +2743,12 @@ class Run:
 
     def refresh(self) -> "Run":
         with self.engine.store.tx(write=False) as t:
-            row = t.one(SQL.select_run, (self.id,))
+            row = t.one(SQL.select_run, {"id": self.id})
         if row is None:
             raise DuctworkError(f"run {self.id} not found")
-        _, self.pipeline, self.status, inp, out, reasons, self.created_at, self.finished_at, _ = row
-        self.input, self.output, self.halt_reasons = _loads(inp), _loads(out), _loads(reasons)
+        r = RunRow.from_row(row)
+        self.pipeline, self.status, self.created_at, self.finished_at = r.pipeline, r.status, r.created_at, r.finished_at
+        self.input, self.output, self.halt_reasons = _loads(r.input), _loads(r.output), _loads(r.halt_reasons)
         return self
 
     def wait(self, timeout: float | None = None, poll: float = 0.02) -> str:
@@ -2143,9 +2764,13 @@ class Run:
 
     @property
     def steps(self) -> list[StepRecord]:
+        """Every step of the run, in the order they were queued."""
         with self.engine.store.tx(write=False) as t:
-            rows = t.all(SQL.select_steps, (self.id,))
-        return [StepRecord(r[0], r[1], r[2], r[3], _loads_for_display(r[4]), _loads_for_display(r[5]), *r[6:]) for r in rows]
+            rows = t.all(SQL.select_steps, {"run_id": self.id})
+        records = [StepRecord.from_row(row) for row in rows]
+        for r in records:
+            r.input, r.output = _loads_for_display(r.input), _loads_for_display(r.output)
+        return records
 
     @property
     def context(self) -> dict:
@@ -2529,12 +3154,27 @@ class Runtime:
         return {"combined": "supervisor"}.get(self.role, self.role)
 
     def register(self) -> None:
-        info = _dumps({"threads": len(self.threads)})
+        """Insert this process's row (its id fences every claim this process makes)."""
         pipes = ",".join(self.worker_pipelines if self.role == "worker" else self.pipelines)
         with self.store.tx() as t:
-            self.process_id = int(t.one(SQL.register_process, (os.getpid(), self.machine, self.row_role, pipes,
-                                                               self.parent_row, "running", self.restarts, info))[0])
+            self.process_id = int(t.one(SQL.register_process, {
+                "pid": os.getpid(), "machine": self.machine, "role": self.row_role, "pipelines": pipes,
+                "parent_id": self.parent_row, "state": "running", "restarts": self.restarts,
+                "info": self.info_json()})[0])
         log.debug("registered process row %s", self.process_id)
+
+    def planned_threads(self) -> int:
+        """The threads this process runs: its workers and advancers, the heartbeat and the listener."""
+        workers = sum(int(self.config.get("job_worker.count", p)) for p in self.worker_pipelines) \
+            if self.role in ("worker", "combined") else 0
+        advancers = sum(int(self.config.get("pipeline_advancer.count", p)) for p in self.pipelines) \
+            if self.role in ("advancer", "combined") else 0
+        return workers + advancers + 2
+
+    def info_json(self) -> str:
+        """The row's ``info``: the threads (alive once started, else planned) and the steps in flight."""
+        alive = sum(thread.is_alive() for thread in self.threads) if self.threads else self.planned_threads()
+        return _dumps({"threads": alive, "in_flight": len(self.in_flight)})
 
     def _unregister(self) -> None:
         if self.wake_socket is not None:   # gone with the process, not a second later with its listener
@@ -2641,6 +3281,7 @@ class Runtime:
 
     def run_step(self, c: JobClaim) -> StepResult | None:
         """Execute one claimed step; None when it was handed back instead (machinery failure)."""
+        c.mark_started()
         with self.in_flight_lock:
             self.in_flight[c.step_id] = (c, True)
         try:
@@ -2811,7 +3452,8 @@ class Runtime:
     def heartbeat(self) -> None:
         state = "draining" if self.stopping.is_set() else "running"
         with self.store.tx() as t:
-            alive = t.run(SQL.heartbeat, (state, self.restarts, _dumps({"in_flight": len(self.in_flight)}), self.process_id))
+            alive = t.run(SQL.heartbeat, {"state": state, "restarts": self.restarts, "info": self.info_json(),
+                                          "id": self.process_id})
         if alive != 1:
             log.warning("process row %s was reaped while this process was paused; registering again", self.process_id)
             self.register()
@@ -2819,7 +3461,7 @@ class Runtime:
     def reap(self) -> int:
         timeout = float(self.config.get("supervisor.reaper_timeout"))
         with self.store.tx(write=False) as t:
-            stale = [r[0] for r in t.all(SQL.stale_processes, (timeout, self.process_id))]
+            stale = [r[0] for r in t.all(SQL.stale_processes, {"timeout": timeout, "own_id": self.process_id})]
         reaped = 0
         for pid_row in stale:
             if self.engine.reap(pid_row, timeout):
@@ -2833,15 +3475,16 @@ class Runtime:
         with self.in_flight_lock:
             tracked = set(self.in_flight)
         with self.store.tx(write=False) as t:
-            rows = [r for r in t.all(SQL.orphaned_steps, (self.process_id, grace)) if r[0] not in tracked]
-            stuck = t.all(SQL.orphaned_branches, (self.process_id, grace))
+            mine = {"process_id": self.process_id, "grace": grace}
+            rows = [r for r in t.all(SQL.orphaned_steps, mine) if r[0] not in tracked]
+            stuck = t.all(SQL.orphaned_branches, mine)
         released = 0
         for pipeline in {p for _, p in rows}:
             released += self.engine.release(self.process_id, [sid for sid, p in rows if p == pipeline], pipeline)
         branches: list[tuple] = []
         if stuck:
             with self.store.tx() as t:
-                branches = t.all(SQL.release_orphaned_branches, (self.process_id, grace))
+                branches = t.all(SQL.release_orphaned_branches, mine)
                 for pipeline in {p for (p,) in branches}:
                     t.notify(CH_ADVANCE, pipeline)
         if released or branches:
@@ -2858,8 +3501,8 @@ class Runtime:
             return 0
         reaper = float(self.config.get("supervisor.reaper_timeout"))
         with self.store.tx(write=False) as t:
-            candidates = {r[0] for r in t.all(SQL.stale_pipelines, (grace,))}
-            served = {p for (row,) in t.all(SQL.live_pipelines, (reaper,)) for p in row.split(",") if p}
+            candidates = {r[0] for r in t.all(SQL.stale_pipelines, {"grace": grace})}
+            served = {p for (row,) in t.all(SQL.live_pipelines, {"window": reaper}) for p in row.split(",") if p}
         halted = 0
         for pipeline in sorted(candidates - served - set(_REGISTRY)):
             claims = self.engine.claim_steps(pipeline, self.process_id, 100)
@@ -3376,7 +4019,7 @@ class Supervisor:
         """Re-enqueue the dead child's in-flight steps and release its branches, now."""
         def work() -> int:
             with self.store.tx(write=False) as t:
-                rows = t.all(SQL.rows_of_child, (self.row_id, child.pid))
+                rows = t.all(SQL.rows_of_child, {"parent_id": self.row_id, "pid": child.pid})
             ids = {r[0] for r in rows} | ({child.row_id} if child.row_id else set())
             return sum(self.engine.retire(row, f"{child.spec.key} process died") for row in ids)
         return self._with_db(work, forever=False) or 0
@@ -3424,8 +4067,10 @@ class Supervisor:
 
     def register(self) -> None:
         with self.store.tx() as t:
-            self.row_id = int(t.one(SQL.register_process, (os.getpid(), self.machine, "supervisor", ",".join(
-                s.pipelines[0] for s in self.specs if s.role == "worker"), None, "running", 0, self.info_json()))[0])
+            self.row_id = int(t.one(SQL.register_process, {
+                "pid": os.getpid(), "machine": self.machine, "role": "supervisor",
+                "pipelines": ",".join(s.pipelines[0] for s in self.specs if s.role == "worker"), "parent_id": None,
+                "state": "running", "restarts": 0, "info": self.info_json()})[0])
 
     def info_json(self) -> str:
         now = time.monotonic()
@@ -3444,7 +4089,8 @@ class Supervisor:
             state = "draining" if self.stopping_since is not None else "running"
             restarts = sum(s.restarts for s in self.specs)
             with self.store.tx() as t:
-                alive = t.run(SQL.heartbeat, (state, restarts, self.info_json(), self.row_id))
+                alive = t.run(SQL.heartbeat, {"state": state, "restarts": restarts, "info": self.info_json(),
+                                              "id": self.row_id})
             if alive != 1:  # outside the heartbeat transaction: register() opens its own
                 log.warning("supervisor row %s was reaped while paused; registering again", self.row_id)
                 self.register()
@@ -3453,7 +4099,7 @@ class Supervisor:
 
     def _delete_row(self) -> None:
         with self.store.tx() as t:
-            t.run(SQL.delete_process, (self.row_id,))
+            t.run(SQL.delete_process, {"id": self.row_id})
         _remove_local_heartbeat(self.machine, "supervisor")
 
     def log_drain_arithmetic(self) -> None:
@@ -3475,15 +4121,13 @@ def status_report(engine: Engine) -> dict:
     with engine.store.tx(write=False) as t:
         procs = t.all(SQL.processes)
         counts = t.all(SQL.run_counts)
-        halts = t.all(SQL.recent_halts, (10,))
-        errors = t.all(SQL.recent_errors, (10,))
+        halts = t.all(SQL.recent_halts, {"limit": 10})
+        errors = t.all(SQL.recent_errors, {"limit": 10})
     runs: dict[str, dict[str, int]] = {}
     for pipeline, status, n in counts:
         runs.setdefault(pipeline, {})[status] = int(n)
     return {
-        "processes": [{"id": r[0], "pid": r[1], "machine": r[2], "role": r[3], "pipelines": [p for p in r[4].split(",") if p],
-                       "parent_id": r[5], "state": r[6], "restarts": r[7], "info": _loads(r[8]),
-                       "heartbeat_age": round(float(r[11]), 3), "age": round(float(r[12]), 3)} for r in procs],
+        "processes": [ProcessRow.from_row(row).report() for row in procs],
         "runs": runs,
         "recent_halts": [{"run": r[0], "pipeline": r[1], "reasons": _loads(r[2]), "finished_at": r[3]} for r in halts],
         "recent_errors": [{"step": r[0], "run": r[1], "pipeline": r[2], "name": r[3], "outcome": r[4],
@@ -3510,15 +4154,16 @@ def check_health(config: Config, role: str | None = None, pid: int | None = None
     store = Store(config.data["database_url"], connect_timeout=0.5, read_only=True)
     try:
         with store.tx(write=False) as t:
-            rows = t.all(SQL.machine_processes, (machine,))
+            rows = t.all(SQL.machine_processes, {"machine": machine})
     except (DatabaseUnavailable, sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
         if "no such table" in str(exc) or "does not exist" in str(exc):
             return Health(EXIT_FAILURE, "dead: no process (schema not created)")
         return _local_health(machine, row_role, pid, limit)
     finally:
         store.close()
-    procs = [{"id": r[0], "pid": r[1], "role": r[2], "state": r[3], "restarts": r[4],
-              "heartbeat_age": round(float(r[5]), 3), "age": round(float(r[6]), 3)} for r in rows]
+    health_keys = ("id", "pid", "role", "state", "restarts", "heartbeat_age", "age")
+    procs = [{key: value for key, value in ProcessRow.from_row(row).report().items() if key in health_keys}
+             for row in rows]
     mine = [p for p in procs if (p["pid"] == pid if pid is not None else p["role"] == row_role)]
     if not mine:
         return Health(EXIT_FAILURE, "dead: no process", procs)
@@ -3675,13 +4320,13 @@ def dashboard_run(store: Store, run_id: int, max_steps: int = DASHBOARD_MAX_STEP
     """One run and its tree: ``tree`` is the root branch; a step's ``branches`` are the fan-out
     (expand/divide/divert) that followed it, in position order; its join step comes after it."""
     with store.tx(write=False) as t:
-        row = t.one(SQL.select_run, (run_id,))
+        row = t.one(SQL.select_run, {"id": run_id})
         if row is None:
             return None
         branch_rows = t.all(DashboardSQL.branches, (run_id,))
         step_rows = t.all(DashboardSQL.steps, (run_id, max_steps + 1))
         execution_rows = t.all(DashboardSQL.executions, (run_id,))
-        context = {k: _loads_for_display(v) for k, v in t.all(SQL.context_all, (run_id,))}
+        context = {k: _loads_for_display(v) for k, v in t.all(SQL.context_all, {"run_id": run_id})}
     run = _records([row[:8]], "id pipeline status input output halt_reasons created_at finished_at",
                    "input output halt_reasons")[0]
     run.update(duration=_duration(run["created_at"], run["finished_at"]), context=context)

@@ -515,7 +515,7 @@ def test_concurrent_claiming_processes_never_share_a_step(engine):
 def test_reaping_a_stale_process_hands_back_its_work(engine):
     run = EngSingle.trigger(1)
     with engine.store.tx() as t:
-        row = t.one(ductwork.SQL.register_process, (4242, "elsewhere", "worker", "EngSingle", None, "running", 0, "{}"))[0]
+        row = t.one(ductwork.SQL.register_process, _process(4242, "elsewhere", "EngSingle"))[0]
         t.run("UPDATE ductwork_processes SET last_heartbeat_at = last_heartbeat_at - 1000 WHERE id = ?", (row,))
     [c] = engine.claim_steps("EngSingle", row)
     assert engine.reap(row, 60) is True
@@ -525,9 +525,15 @@ def test_reaping_a_stale_process_hands_back_its_work(engine):
     assert engine.commit_success(c, '"late"') is False
 
 
+def _process(pid, machine, pipelines):
+    """SQL.register_process's parameters for a worker row."""
+    return {"pid": pid, "machine": machine, "role": "worker", "pipelines": pipelines, "parent_id": None,
+            "state": "running", "restarts": 0, "info": "{}"}
+
+
 def _register(engine, pid=4343):
     with engine.store.tx() as t:
-        return t.one(ductwork.SQL.register_process, (pid, "here", "worker", "[]", None, "running", 0, "{}"))[0]
+        return t.one(ductwork.SQL.register_process, _process(pid, "here", "[]"))[0]
 
 
 def test_fenced_claims_need_the_claimers_live_process_row(engine):
@@ -546,7 +552,7 @@ def test_fenced_claims_need_the_claimers_live_process_row(engine):
     [c2] = engine.claim_steps("EngChain", row)
     EngSingle.trigger(7)
     with engine.store.tx() as t:
-        t.run(ductwork.SQL.delete_process, (row,))                  # reaped while it ran c2
+        t.run(ductwork.SQL.delete_process, {"id": row})             # reaped while it ran c2
     hints: list[tuple[str, str]] = []
     engine.store.notify_hook = lambda channel, payload: hints.append((channel, payload))
     engine.inline = True                                           # this commit queues the next step itself
@@ -647,7 +653,7 @@ def test_batch_statements_use_indexes_on_big_tables(engine):
     """Postgres guesses 100 rows for a JSON row source; without the id condition it chose a
     sequential scan of the whole table for every batch (cost growing with the table)."""
     B, dialect = ductwork.BulkSQL, engine.store.dialect
-    with engine.store.tx() as t:
+    with engine.store.tx(kind=ductwork._EngineTx) as t:
         for table, columns, values in (
                 ("ductwork_runs", "pipeline, definition, status, input, created_at, updated_at",
                  "'P', 'd', 'in_progress', '[]', 0, 0"),
@@ -660,8 +666,9 @@ def test_batch_statements_use_indexes_on_big_tables(engine):
         t.run("ANALYZE")
         batch = range(5000, 5016)
         plans = {
-            "steps_succeeded": (B.steps_succeeded(dialect), (*t.keyed(B.STEP, [(i, "1") for i in batch]), 1, "x")),
-            "lock_branches": (B.lock_branches(dialect), (t.ids(batch),)),
+            "steps_succeeded": (B.steps_succeeded(dialect),
+                                {**t.keyed(B.STEP, [(i, "1") for i in batch]), "process_id": 1, "token": "x"}),
+            "lock_branches": (B.lock_branches(dialect), {"ids": t.ids(batch)}),
             "apply_branches": (B.apply_branches(dialect),
                                t.keyed(B.BRANCH, [(i, "running", "", "completed", 0, 0, 0, "1", None) for i in batch])),
             "runs_completed": (B.runs_completed(dialect), t.keyed(B.STEP, [(i, "1") for i in batch])),
