@@ -1324,8 +1324,7 @@ class JobClaim(_Row):
     pipeline: str
     process_id: int            # the claimer's process row: every write about the claim is fenced on it
     token: str                 # the claim token: ... and on this
-    received: float = dataclasses.field(default_factory=time.monotonic, repr=False)  # when the claim came back
-    started_at: float | None = None   # database clock when it started running (set by the runner)
+    started: float | None = None   # time.monotonic() when it began running (set by the runner)
 
     @property
     def attempt(self) -> int:
@@ -1333,9 +1332,13 @@ class JobClaim(_Row):
         return self.attempts + self.crashes + 1
 
     def mark_started(self) -> None:
-        """Record the real start: the claim time plus what passed here since the claim came back
-        (a batch's later steps start well after their claim), on the database's clock."""
-        self.started_at = self.claimed_at + (time.monotonic() - self.received)
+        """It begins running now (a batch's later steps start well after their claim)."""
+        self.started = time.monotonic()
+
+    def ran_for(self) -> float | None:
+        """Seconds since it began running (None: it never did): its execution row's start is
+        the commit's database time less this, so start and finish share one clock."""
+        return None if self.started is None else time.monotonic() - self.started
 
 
 @dataclasses.dataclass
@@ -1899,7 +1902,8 @@ class BulkSQL:
                 ("name", "TEXT"), ("input", "TEXT")]
     CHILD_BRANCH = [("position", "INTEGER"), ("node", "INTEGER")]
     EXECUTION = [("step_id", "BIGINT"), ("run_id", "BIGINT"), ("process_id", "BIGINT"), ("attempt", "INTEGER"),
-                 ("outcome", "TEXT"), ("error", "TEXT"), ("started_at", "DOUBLE PRECISION")]
+                 ("outcome", "TEXT"), ("error", "TEXT"), ("claimed_at", "DOUBLE PRECISION"),
+                 ("ran_for", "DOUBLE PRECISION")]
 
     @classmethod
     def ids(cls, dialect: str, table: str) -> str:
@@ -1999,13 +2003,15 @@ class BulkSQL:
                 "{now}, {now}, {now}\n        FROM " + cls.rows(dialect, cls.CHILD_BRANCH)
                 + "\n        RETURNING id, position")
 
-    # One execution row per finished (or crashed) attempt.
+    # One execution row per finished (or crashed) attempt. It started :ran_for seconds before now
+    # (measured by the runner), never before its claim; a crash's start is unknown: its claim time.
     @classmethod
     @functools.cache
     def insert_executions(cls, dialect: str) -> str:
         return ("\n        INSERT INTO ductwork_executions (step_id, run_id, process_id, attempt, outcome, error, "
                 "started_at, finished_at)\n        SELECT r.step_id, r.run_id, r.process_id, r.attempt, r.outcome, "
-                "r.error, r.started_at, {now}\n        FROM " + cls.rows(dialect, cls.EXECUTION))
+                "r.error,\n               CASE WHEN {now} - r.ran_for > r.claimed_at THEN {now} - r.ran_for "
+                "ELSE r.claimed_at END,\n               {now}\n        FROM " + cls.rows(dialect, cls.EXECUTION))
 
 
 def _document(columns: list[tuple[str, str]], rows: Iterable[Sequence[Any]]) -> str:
@@ -2358,7 +2364,7 @@ class Engine:
         if results:
             self._insert_executions(t, [(r.claim.step_id, r.claim.run_id, r.claim.process_id, r.claim.attempt,
                                          "succeeded" if r.ok else "failed", None if r.ok else r.value,
-                                         r.claim.started_at or r.claim.claimed_at) for r in results])
+                                         r.claim.claimed_at, r.claim.ran_for()) for r in results])
 
     def _claim_next(self, t: _EngineTx, results: list[StepResult], limit: int, token: str) -> list[JobClaim]:
         """The next steps for the committing thread, claimed in the same transaction."""
@@ -2454,7 +2460,7 @@ class Engine:
         if changed != 1:
             return False  # committed by its (resumed) claimer since the SELECT: nothing to hand back
         self._insert_executions(t, [(s.step_id, s.run_id, process_id, s.attempts + crashes, "crashed", why,
-                                     s.claimed_at)])
+                                     s.claimed_at, None)])
         t.notify(CH_ADVANCE if exhausted else CH_JOBS, s.pipeline)
         if exhausted:
             t.run(SQL.branch_ready, {"id": s.branch_id})
@@ -4231,44 +4237,119 @@ def _remove_local_heartbeat(machine: str, role: str) -> None:
 # `python ductwork.py dashboard` serves / (overview), /runs (filters, pages), /runs/<id>
 # (the step tree: branches nest under the step that fanned them out), /errors (failed and
 # crashed executions), each with a JSON twin under /api/..., and /metrics (Prometheus text
-# format). Stdlib only. A page polls its JSON twin and, when its ETag changed, swaps in a freshly
-# rendered <main> (a few lines of inline JS). Only SELECTs; each request thread's
+# format). Stdlib only. A page polls its JSON twin and, when its ETag changed, swaps in a
+# freshly rendered <main> (a few lines of inline JS). Only SELECTs; each request thread's
 # connection is closed when the request ends. Everything stored is shown html-escaped.
+# Layout: the statements, the data (JSON twins, /metrics), the html, then the http server.
 
 DASHBOARD_PER_PAGE, DASHBOARD_MAX_STEPS, DASHBOARD_MINUTES = 50, 2000, 15
 
 
 class DashboardSQL:
-    """The dashboard's statements (SELECTs only). ``{where}`` takes fixed ``AND column = ?`` fragments."""
+    """The dashboard's statements, SELECTs only: ``:name`` parameters, ``{now}`` the database clock.
 
-    pipelines = "SELECT DISTINCT pipeline FROM ductwork_runs ORDER BY pipeline"
-    runs = ("SELECT id, pipeline, status, created_at, finished_at, halt_reasons FROM ductwork_runs WHERE 1 = 1{where} "
-            "ORDER BY id DESC LIMIT ? OFFSET ?")
-    steps = ("SELECT id, name, node, status, input, output, attempts, crashes, error, halt_reason, branch_id, "
-             "created_at, claimed_at, finished_at FROM ductwork_steps WHERE run_id = ? ORDER BY id LIMIT ?")
-    branches = ("SELECT id, parent_id, origin_step_id, position, status, halt_reason FROM ductwork_branches "
-                "WHERE run_id = ? ORDER BY id")
-    executions = ("SELECT e.step_id, e.attempt, e.outcome, e.error, e.process_id, e.started_at, e.finished_at "
-                  "FROM ductwork_executions e JOIN ductwork_steps s ON s.id = e.step_id WHERE s.run_id = ? ORDER BY e.id")
-    errors = ("SELECT e.id, e.step_id, e.run_id, s.pipeline, s.name, e.outcome, e.attempt, e.error, e.finished_at "
-              "FROM ductwork_executions e JOIN ductwork_steps s ON s.id = e.step_id "
-              "WHERE e.outcome IN ('failed', 'crashed'){where} ORDER BY e.id DESC LIMIT ? OFFSET ?")
-    # per-minute buckets (0 = the last 60 s); integer division truncates alike on both databases
-    runs_per_minute = ("SELECT CAST(({now} - finished_at) * 1000 AS BIGINT) / 60000, count(*) FROM ductwork_runs "
-                       "WHERE status = 'completed' AND finished_at >= {now} - ? GROUP BY 1")
-    steps_per_minute = ("SELECT CAST(({now} - finished_at) * 1000 AS BIGINT) / 60000, count(*) FROM ductwork_steps "
-                        "WHERE status IN ('succeeded', 'failed') AND finished_at >= {now} - ? GROUP BY 1")
-    executed = ("SELECT s.pipeline, e.outcome, count(*) FROM ductwork_executions e "
-                "JOIN ductwork_steps s ON s.id = e.step_id GROUP BY s.pipeline, e.outcome")
-    queue = ("SELECT pipeline, count(*), max({now} - available_at) FROM ductwork_steps "
-             "WHERE status = 'queued' AND available_at <= {now} GROUP BY pipeline")
-    processes = ("SELECT role, sum(CASE WHEN last_heartbeat_at >= {now} - ? THEN 1 ELSE 0 END), sum(restarts) "
-                 "FROM ductwork_processes GROUP BY role")
+    ``{where}`` (``{{where}}`` in an f-string) takes the filters of a paged list: fixed ``AND column = :f_column``
+    fragments (see _paged). A ``*_COLUMNS`` list is both its statement's select list and its records' keys.
+    """
+
+    # the pipelines that have runs: the choices of the pipeline filter
+    pipelines = """
+        SELECT DISTINCT pipeline
+        FROM ductwork_runs
+        ORDER BY pipeline"""
+
+    # the runs page: one page of runs, newest first
+    RUN_COLUMNS = "id, pipeline, status, created_at, finished_at, halt_reasons"
+    runs = f"""
+        SELECT {RUN_COLUMNS}
+        FROM ductwork_runs
+        WHERE 1 = 1{{where}}
+        ORDER BY id DESC
+        LIMIT :limit OFFSET :offset"""
+
+    # a run's page: its first :limit steps, in the order they were made
+    STEP_COLUMNS = ("id, name, node, status, input, output, attempts, crashes, error, halt_reason, branch_id, "
+                    "created_at, claimed_at AS started_at, finished_at")
+    steps = f"""
+        SELECT {STEP_COLUMNS}
+        FROM ductwork_steps
+        WHERE run_id = :run_id
+        ORDER BY id
+        LIMIT :limit"""
+
+    # a run's page: its branches, the nodes of the step tree
+    BRANCH_COLUMNS = "id, parent_id, origin_step_id, position, status, halt_reason"
+    branches = f"""
+        SELECT {BRANCH_COLUMNS}
+        FROM ductwork_branches
+        WHERE run_id = :run_id
+        ORDER BY id"""
+
+    # a run's page: every execution (attempt) of its steps, oldest first
+    EXECUTION_COLUMNS = "e.step_id, e.attempt, e.outcome, e.error, e.process_id, e.started_at, e.finished_at"
+    executions = f"""
+        SELECT {EXECUTION_COLUMNS}
+        FROM ductwork_executions e
+        JOIN ductwork_steps s ON s.id = e.step_id
+        WHERE s.run_id = :run_id
+        ORDER BY e.id"""
+
+    # the errors page: one page of failed and crashed executions, newest first
+    ERROR_COLUMNS = ("e.id, e.step_id AS step, e.run_id AS run, s.pipeline, s.name, e.outcome, e.attempt, e.error, "
+                     "e.finished_at")
+    errors = f"""
+        SELECT {ERROR_COLUMNS}
+        FROM ductwork_executions e
+        JOIN ductwork_steps s ON s.id = e.step_id
+        WHERE e.outcome IN ('failed', 'crashed'){{where}}
+        ORDER BY e.id DESC
+        LIMIT :limit OFFSET :offset"""
+
+    # overview: runs completed per minute ago (0 = the last 60 s; integer division truncates alike on both databases)
+    runs_per_minute = """
+        SELECT CAST(({now} - finished_at) * 1000 AS BIGINT) / 60000, count(*)
+        FROM ductwork_runs
+        WHERE status = 'completed' AND finished_at >= {now} - :window
+        GROUP BY 1"""
+
+    # overview: steps finished (succeeded or failed) per minute ago, bucketed as runs_per_minute
+    steps_per_minute = """
+        SELECT CAST(({now} - finished_at) * 1000 AS BIGINT) / 60000, count(*)
+        FROM ductwork_steps
+        WHERE status IN ('succeeded', 'failed') AND finished_at >= {now} - :window
+        GROUP BY 1"""
+
+    # /metrics: step executions per pipeline and outcome
+    executed = """
+        SELECT s.pipeline, e.outcome, count(*)
+        FROM ductwork_executions e
+        JOIN ductwork_steps s ON s.id = e.step_id
+        GROUP BY s.pipeline, e.outcome"""
+
+    # /metrics: claimable steps per pipeline, and the seconds the oldest of them has waited
+    queue = """
+        SELECT pipeline, count(*), max({now} - available_at)
+        FROM ductwork_steps
+        WHERE status = 'queued' AND available_at <= {now}
+        GROUP BY pipeline"""
+
+    # /metrics: per role, the live processes (a heartbeat within :live_within seconds) and the sum of restarts
+    processes = """
+        SELECT role, sum(CASE WHEN last_heartbeat_at >= {now} - :live_within THEN 1 ELSE 0 END), sum(restarts)
+        FROM ductwork_processes
+        GROUP BY role"""
+
+
+def _bare(column: str) -> str:
+    """A column's name without its table prefix: ``s.pipeline`` -> ``pipeline``."""
+    return column.rpartition(".")[2]
 
 
 def _records(rows: list[tuple], columns: str, decode: str = "") -> list[dict]:
-    """Rows as dicts keyed by ``columns``; the ``decode`` columns hold JSON (shown raw when corrupt)."""
-    out = [dict(zip(columns.split(), row, strict=True)) for row in rows]
+    """Rows as dicts keyed by the select list ``columns`` (plain columns, each maybe ``AS alias``: the
+    key is the alias, else the bare column name); the ``decode`` keys hold JSON (shown raw when corrupt)."""
+    keys = [_bare(column.split()[-1]) for column in columns.split(",")]
+    out = [dict(zip(keys, row, strict=True)) for row in rows]
     for record in out:
         for key in decode.split():
             record[key] = _loads_for_display(record[key])
@@ -4276,120 +4357,189 @@ def _records(rows: list[tuple], columns: str, decode: str = "") -> list[dict]:
 
 
 def _duration(start: float | None, end: float | None) -> float | None:
+    """Seconds from start to end (None unless both are known)."""
     return round(float(end) - float(start), 3) if start is not None and end is not None else None
 
 
 # -- data: the JSON twins ------------------------------------------------------------------
 def dashboard_overview(engine: Engine, minutes: int = DASHBOARD_MINUTES) -> dict:
+    """The overview: the status report plus runs completed and steps finished per minute."""
     report = status_report(engine)
+    window = {"window": minutes * 60}
     with engine.store.tx(write=False) as t:
-        per_minute = {key: {int(m): int(n) for m, n in t.all(sql, (minutes * 60,))} for key, sql in
-                      (("runs_completed", DashboardSQL.runs_per_minute), ("steps_finished", DashboardSQL.steps_per_minute))}
-    report["throughput"] = {"minutes": minutes, **{k: [v.get(m, 0) for m in range(minutes)] for k, v in per_minute.items()}}
+        runs_completed = t.all(DashboardSQL.runs_per_minute, window)
+        steps_finished = t.all(DashboardSQL.steps_per_minute, window)
+    report["throughput"] = {"minutes": minutes, "runs_completed": _per_minute(runs_completed, minutes),
+                            "steps_finished": _per_minute(steps_finished, minutes)}
     report["stale_after"] = float(engine.config.get("supervisor.reaper_timeout"))
     return report
+
+
+def _per_minute(rows: list[tuple], minutes: int) -> list[int]:
+    """(minutes ago, count) rows as one count per minute, most recent first, zeros filled in."""
+    counts = {int(minute): int(n) for minute, n in rows}
+    return [counts.get(minute, 0) for minute in range(minutes)]
 
 
 def _paged(store: Store, key: str, sql: str, columns: str, filters: dict[str, str | None], page: int, per_page: int,
            decode: str = "") -> dict:
     """One page of rows, newest first; ``filters`` maps a fixed column name to a value (None = any)."""
-    given = [(column, value) for column, value in filters.items() if value]
-    where = "".join(f" AND {column} = ?" for column, _ in given)
+    given = {column: value for column, value in filters.items() if value}
+    where = "".join(f" AND {column} = :f_{_bare(column)}" for column in given)  # column names from code only
+    params = {"limit": per_page + 1, "offset": (page - 1) * per_page,
+              **{f"f_{_bare(column)}": value for column, value in given.items()}}
     with store.tx(write=False) as t:
-        rows = t.all(sql.replace("{where}", where), (*(v for _, v in given), per_page + 1, (page - 1) * per_page))
-        pipelines = [r[0] for r in t.all(DashboardSQL.pipelines)]
+        rows = t.all(sql.replace("{where}", where), params)
+        pipelines = [pipeline for (pipeline,) in t.all(DashboardSQL.pipelines)]
     return {key: _records(rows[:per_page], columns, decode), "page": page, "per_page": per_page,
-            "has_next": len(rows) > per_page, "pipelines": pipelines, **{k.split(".")[-1]: v for k, v in filters.items()}}
+            "has_next": len(rows) > per_page, "pipelines": pipelines,
+            **{_bare(column): value for column, value in filters.items()}}
 
 
 def dashboard_runs(store: Store, pipeline: str | None = None, status: str | None = None, page: int = 1,
                    per_page: int = DASHBOARD_PER_PAGE) -> dict:
-    data = _paged(store, "runs", DashboardSQL.runs, "id pipeline status created_at finished_at halt_reasons",
-                  {"pipeline": pipeline, "status": status}, page, per_page, decode="halt_reasons")
+    """The runs page: one page of runs (newest first), filtered by pipeline and status."""
+    data = _paged(store, "runs", DashboardSQL.runs, DashboardSQL.RUN_COLUMNS, {"pipeline": pipeline, "status": status},
+                  page, per_page, decode="halt_reasons")
     for run in data["runs"]:
         run["duration"] = _duration(run["created_at"], run["finished_at"])
     return data
 
 
-def dashboard_errors(store: Store, pipeline: str | None = None, page: int = 1, per_page: int = DASHBOARD_PER_PAGE) -> dict:
-    return _paged(store, "errors", DashboardSQL.errors, "id step run pipeline name outcome attempt error finished_at",
-                  {"s.pipeline": pipeline}, page, per_page)
+def dashboard_errors(store: Store, pipeline: str | None = None, page: int = 1,
+                     per_page: int = DASHBOARD_PER_PAGE) -> dict:
+    """The errors page: one page of failed and crashed executions (newest first), filtered by pipeline."""
+    return _paged(store, "errors", DashboardSQL.errors, DashboardSQL.ERROR_COLUMNS, {"s.pipeline": pipeline},
+                  page, per_page)
 
 
 def dashboard_run(store: Store, run_id: int, max_steps: int = DASHBOARD_MAX_STEPS) -> dict | None:
     """One run and its tree: ``tree`` is the root branch; a step's ``branches`` are the fan-out
     (expand/divide/divert) that followed it, in position order; its join step comes after it."""
+    by_run = {"run_id": run_id}
     with store.tx(write=False) as t:
         row = t.one(SQL.select_run, {"id": run_id})
         if row is None:
             return None
-        branch_rows = t.all(DashboardSQL.branches, (run_id,))
-        step_rows = t.all(DashboardSQL.steps, (run_id, max_steps + 1))
-        execution_rows = t.all(DashboardSQL.executions, (run_id,))
-        context = {k: _loads_for_display(v) for k, v in t.all(SQL.context_all, {"run_id": run_id})}
-    run = _records([row[:8]], "id pipeline status input output halt_reasons created_at finished_at",
-                   "input output halt_reasons")[0]
+        branch_rows = t.all(DashboardSQL.branches, by_run)
+        step_rows = t.all(DashboardSQL.steps, {**by_run, "limit": max_steps + 1})
+        execution_rows = t.all(DashboardSQL.executions, by_run)
+        context = {k: _loads_for_display(v) for k, v in t.all(SQL.context_all, by_run)}
+    run = _records([row], RunRow.select_list(), "input output halt_reasons")[0]
+    del run["definition"]
     run.update(duration=_duration(run["created_at"], run["finished_at"]), context=context)
-    branches = {b["id"]: {**b, "steps": []}
-                for b in _records(branch_rows, "id parent_id origin_step_id position status halt_reason")}
+    steps = _steps(step_rows[:max_steps], execution_rows)
+    return {"run": run, "tree": _tree(branch_rows, steps), "steps": len(steps), "truncated": len(step_rows) > max_steps}
+
+
+def _steps(step_rows: list[tuple], execution_rows: list[tuple]) -> dict[int, dict]:
+    """A run's steps by id, in order, each with its executions (oldest first) and room for its fan-out."""
     steps: dict[int, dict] = {}
-    for step in _records(step_rows[:max_steps], "id name node status input output attempts crashes error halt_reason branch_id "
-                                                "created_at started_at finished_at", "input output"):
+    for step in _records(step_rows, DashboardSQL.STEP_COLUMNS, "input output"):
         step.update(duration=_duration(step["started_at"], step["finished_at"]), executions=[], branches=[])
         steps[step["id"]] = step
-        branches[step["branch_id"]]["steps"].append(step)
-    for e in _records(execution_rows, "step_id attempt outcome error process_id started_at finished_at"):
+    for e in _records(execution_rows, DashboardSQL.EXECUTION_COLUMNS):
         if e["step_id"] in steps:
-            steps[e.pop("step_id")]["executions"].append({**e, "duration": _duration(e["started_at"], e["finished_at"])})
+            e["duration"] = _duration(e["started_at"], e["finished_at"])
+            steps[e.pop("step_id")]["executions"].append(e)
+    for step in steps.values():  # a finished step ran when its last execution did (it was claimed before)
+        last = step["executions"][-1] if step["executions"] else None
+        if step["status"] in ("succeeded", "failed") and last and last["started_at"] is not None:
+            step.update(started_at=last["started_at"], finished_at=last["finished_at"], duration=last["duration"])
+    return steps
+
+
+def _tree(branch_rows: list[tuple], steps: dict[int, dict]) -> dict | None:
+    """The root branch: each step in its branch's ``steps``, each child branch under the step it came from."""
+    branches = {b["id"]: {**b, "steps": []} for b in _records(branch_rows, DashboardSQL.BRANCH_COLUMNS)}
+    for step in steps.values():
+        branches[step["branch_id"]]["steps"].append(step)
     root = None
     for branch in sorted(branches.values(), key=lambda b: (b["position"], b["id"])):
         if branch["parent_id"] is None:
             root = root or branch
         elif branch["origin_step_id"] in steps:  # else beyond max_steps
             steps[branch["origin_step_id"]]["branches"].append(branch)
-    return {"run": run, "tree": root, "steps": len(steps), "truncated": len(step_rows) > max_steps}
+    return root
+
+
+# -- data: /metrics ------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MetricFamily:
+    """One /metrics family: a sample for every combination of its labels' values, read from one source."""
+
+    name: str
+    kind: str                # the Prometheus type: counter or gauge
+    labels: tuple[str, ...]  # label names; _metric_data() gives each label's values
+    source: str              # _metric_data()'s samples for it, keyed by the tuple of label values
+    help: str
+    zero: float = 0          # the value of a combination the source lacks
+
+
+DASHBOARD_METRICS = (
+    MetricFamily("ductwork_runs_total", "counter", ("pipeline", "status"), "runs",
+                 "Runs per pipeline: triggered (all), completed, halted (revive() lowers halted)."),
+    MetricFamily("ductwork_runs_in_progress", "gauge", ("pipeline",), "in_progress",
+                 "Runs in progress per pipeline."),
+    MetricFamily("ductwork_steps_executed_total", "counter", ("pipeline", "outcome"), "executed",
+                 "Step executions per pipeline and outcome (succeeded, failed, crashed)."),
+    MetricFamily("ductwork_queue_depth", "gauge", ("pipeline",), "queue_depth",
+                 "Claimable steps (queued and available now) per pipeline."),
+    MetricFamily("ductwork_queue_oldest_age_seconds", "gauge", ("pipeline",), "queue_age",
+                 "Seconds the oldest claimable step has waited (0 when none).", zero=0.0),
+    MetricFamily("ductwork_processes", "gauge", ("role",), "live",
+                 "Live processes (heartbeat within supervisor.reaper_timeout) per role."),
+    MetricFamily("ductwork_process_restarts", "gauge", ("role",), "restarts",
+                 "Sum of the restart counts of the process rows, per role."),
+)
+# The values of the fixed labels; "pipeline" and "role" take every known one (_metric_data).
+METRIC_LABEL_VALUES = {"status": ("triggered", "completed", "halted"), "outcome": ("succeeded", "failed", "crashed")}
+METRIC_ROLES = ("supervisor", "advancer", "worker")
+
+
+def _metric_data(engine: Engine) -> tuple[dict[str, Sequence[str]], dict[str, dict[tuple, float]]]:
+    """Each label's values (every known pipeline and role: zero-valued series too) and each source's samples."""
+    live_within = {"live_within": float(engine.config.get("supervisor.reaper_timeout"))}
+    with engine.store.tx(write=False) as t:
+        runs = {(p, s): int(n) for p, s, n in t.all(SQL.run_counts)}
+        executed = {(p, o): int(n) for p, o, n in t.all(DashboardSQL.executed)}
+        queue = t.all(DashboardSQL.queue)
+        processes = t.all(DashboardSQL.processes, live_within)
+    for (pipeline, _), n in list(runs.items()):
+        runs[pipeline, "triggered"] = runs.get((pipeline, "triggered"), 0) + n
+    sources: dict[str, dict[tuple, float]] = {
+        "runs": runs,
+        "in_progress": {(p,): n for (p, s), n in runs.items() if s == "in_progress"},
+        "executed": executed,
+        "queue_depth": {(p,): int(n) for p, n, _ in queue},
+        "queue_age": {(p,): round(float(age or 0), 3) for p, _, age in queue},
+        "live": {(role,): int(n or 0) for role, n, _ in processes},
+        "restarts": {(role,): int(restarts or 0) for role, _, restarts in processes},
+    }
+    pipelines = set(_REGISTRY) | {pipeline for pipeline, *_ in (*runs, *executed, *sources["queue_depth"])}
+    roles = {role for (role,) in sources["live"]} | set(METRIC_ROLES)
+    return {**METRIC_LABEL_VALUES, "pipeline": sorted(pipelines), "role": sorted(roles)}, sources
+
+
+def _prom_family(family: MetricFamily, labels: dict[str, Sequence[str]], samples: dict[tuple, float]) -> str:
+    """One family in the text format: # HELP, # TYPE, then one sample line per combination of label values."""
+    import itertools
+    lines = [f"# HELP {family.name} {family.help}", f"# TYPE {family.name} {family.kind}"]
+    for values in itertools.product(*(labels[name] for name in family.labels)):
+        text = ",".join(f'{name}="{_prom_label(value)}"' for name, value in zip(family.labels, values, strict=True))
+        lines.append(f"{family.name}{{{text}}} {samples.get(values, family.zero)!r}")
+    return "".join(line + "\n" for line in lines)
+
+
+def _prom_label(value: str) -> str:
+    """A label value escaped for the text format (backslash, newline, double quote)."""
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 def dashboard_metrics(engine: Engine) -> str:
     """Prometheus text format (0.0.4), with zero-valued series for every known pipeline and role."""
-    with engine.store.tx(write=False) as t:
-        runs = {(p, s): int(n) for p, s, n in t.all(SQL.run_counts)}
-        executed = {(p, o): int(n) for p, o, n in t.all(DashboardSQL.executed)}
-        queue = {p: (int(n), round(float(age or 0), 3)) for p, n, age in t.all(DashboardSQL.queue)}
-        procs = {r: (int(n or 0), int(restarts or 0)) for r, n, restarts in
-                 t.all(DashboardSQL.processes, (float(engine.config.get("supervisor.reaper_timeout")),))}
-    for (pipeline, _), n in list(runs.items()):
-        runs[pipeline, "triggered"] = runs.get((pipeline, "triggered"), 0) + n
-    pipelines = sorted(set(_REGISTRY) | {p for p, _ in runs} | {p for p, _ in executed} | set(queue))
-    roles = sorted(set(procs) | {"supervisor", "advancer", "worker"})
-    families = [
-        ("ductwork_runs_total", "counter", "Runs per pipeline: triggered (all), completed, halted (revive() lowers halted).",
-         [({"pipeline": p, "status": s}, runs.get((p, s), 0)) for p in pipelines for s in ("triggered", "completed", "halted")]),
-        ("ductwork_runs_in_progress", "gauge", "Runs in progress per pipeline.",
-         [({"pipeline": p}, runs.get((p, "in_progress"), 0)) for p in pipelines]),
-        ("ductwork_steps_executed_total", "counter", "Step executions per pipeline and outcome (succeeded, failed, crashed).",
-         [({"pipeline": p, "outcome": o}, executed.get((p, o), 0))
-          for p in pipelines for o in ("succeeded", "failed", "crashed")]),
-        ("ductwork_queue_depth", "gauge", "Claimable steps (queued and available now) per pipeline.",
-         [({"pipeline": p}, queue.get(p, (0, 0.0))[0]) for p in pipelines]),
-        ("ductwork_queue_oldest_age_seconds", "gauge", "Seconds the oldest claimable step has waited (0 when none).",
-         [({"pipeline": p}, queue.get(p, (0, 0.0))[1]) for p in pipelines]),
-        ("ductwork_processes", "gauge", "Live processes (heartbeat within supervisor.reaper_timeout) per role.",
-         [({"role": r}, procs.get(r, (0, 0))[0]) for r in roles]),
-        ("ductwork_process_restarts", "gauge", "Sum of the restart counts of the process rows, per role.",
-         [({"role": r}, procs.get(r, (0, 0))[1]) for r in roles]),
-    ]
-    lines = []
-    for name, kind, help_text, samples in families:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        for labels, value in samples:
-            text = ",".join(f'{k}="{_prom_label(v)}"' for k, v in labels.items())
-            lines.append(f"{name}{{{text}}} {value!r}")
-    return "\n".join(lines) + "\n"
-
-
-def _prom_label(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    labels, sources = _metric_data(engine)
+    return "".join(_prom_family(family, labels, sources[family.source]) for family in DASHBOARD_METRICS)
 
 
 # -- html ------------------------------------------------------------------------------------
@@ -4398,10 +4548,12 @@ nav{background:#223;padding:.6em 1.5em}nav a{color:#fff;margin-right:1.4em;text-
 nav b{color:#9cf;margin-right:2em}main{padding:.5em 1.5em 2em}summary{cursor:pointer;color:#336}form{margin:.6em 0}
 table{border-collapse:collapse;margin:.4em 0 1.4em;background:#fff}th{background:#eef}
 th,td{border:1px solid #ddd;padding:.2em .6em;text-align:left;vertical-align:top}
-pre{margin:.2em 0;white-space:pre-wrap;word-break:break-all;max-height:24em;overflow:auto;background:#f0f0f3;padding:.4em}
+pre{margin:.2em 0;white-space:pre-wrap;word-break:break-all;max-height:24em;overflow:auto;background:#f0f0f3;
+padding:.4em}
 .st{padding:0 .45em;border-radius:3px;background:#ddd;font-size:.9em}.st-completed,.st-succeeded{background:#c8f0c8}
 .st-halted,.st-failed,.st-crashed{background:#f6c4c4}.st-in_progress,.st-running,.st-advancing{background:#cfe0ff}
-.st-queued,.st-waiting,.st-advance{background:#fff2b8}.bar{display:inline-block;height:.8em;background:#69c;margin-right:.4em}
+.st-queued,.st-waiting,.st-advance{background:#fff2b8}
+.bar{display:inline-block;height:.8em;background:#69c;margin-right:.4em}
 ul.tree{list-style:none;padding-left:1.2em;border-left:2px solid #ccd;margin:.3em 0}li.step{margin:.35em 0}
 .muted{color:#777}.warn{color:#c00}"""
 
@@ -4418,12 +4570,16 @@ open.forEach(i=>{const d=i&&document.getElementById(i);if(d)d.open=true});}}
 
 
 def _esc(value: Any) -> str:
+    """Any value as html text (None as nothing), quotes escaped too."""
     import html
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def _ts(epoch: float | None) -> str:  # UTC, milliseconds
-    return "" if epoch is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}"
+def _ts(epoch: float | None) -> str:
+    """An epoch time as UTC with milliseconds."""
+    if epoch is None:
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}"
 
 
 def _secs(value: float | None) -> str:
@@ -4439,6 +4595,7 @@ def _reasons(value: Any) -> str:
 
 
 def _href(path: str, **params: Any) -> str:
+    """An escaped link to ``path`` with the given (non-empty) query parameters."""
     query = urllib.parse.urlencode({k: v for k, v in params.items() if v not in (None, "")})
     return _esc(path + ("?" + query if query else ""))
 
@@ -4448,6 +4605,7 @@ def _link(path: str, text: str) -> str:
 
 
 def _table(headers: list[str], rows: list[list[str]], empty: str = "none") -> str:
+    """A table of already escaped cells (or the ``empty`` note when there are no rows)."""
     if not rows:
         return f'<p class="muted">{_esc(empty)}</p>'
     body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
@@ -4459,18 +4617,22 @@ def _details(ident: str, summary: str, text: str) -> str:
 
 
 def _value(value: Any, label: str, ident: str, limit: int = 20000) -> str:
-    text, short = json.dumps(value, indent=2, ensure_ascii=False, default=str), json.dumps(value, ensure_ascii=False, default=str)
+    """A stored value: one short line as the summary, the indented JSON (up to ``limit`` characters) inside."""
+    text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    short = json.dumps(value, ensure_ascii=False, default=str)
     more = f"\n... ({len(text) - limit} more characters in the JSON twin)" if len(text) > limit else ""
     short = short if len(short) <= 80 else short[:77] + "..."
     return _details(ident, f"{_esc(label)} <code>{_esc(short)}</code>", text[:limit] + more)
 
 
-def _error(text: str | None, ident: str) -> str:  # first line as the summary, the traceback inside
+def _error(text: str | None, ident: str) -> str:
+    """An error: its first line as the summary, the traceback inside."""
     first, _, rest = (text or "").partition("\n")
     return _details(ident, _esc(first), rest or first) if text else ""
 
 
 def _paging(path: str, data: dict, **filters: Any) -> str:
+    """The newer/older links of a paged list, keeping its filters."""
     size = data["per_page"] if data["per_page"] != DASHBOARD_PER_PAGE else None
     newer = f'<a href="{_href(path, page=data["page"] - 1, per_page=size, **filters)}">&larr; newer</a> '
     older = f' <a href="{_href(path, page=data["page"] + 1, per_page=size, **filters)}">older &rarr;</a>'
@@ -4478,77 +4640,110 @@ def _paging(path: str, data: dict, **filters: Any) -> str:
 
 
 def _filters(path: str, data: dict, **choices: list[str]) -> str:
-    selects = "".join(f'<select name="{name}"><option value="">any {name}</option>' + "".join(
-        f'<option value="{_esc(o)}"{" selected" if o == data.get(name) else ""}>{_esc(o)}</option>' for o in options)
+    """A GET form with one <select> per filter (the current choice selected)."""
+    selects = "".join(
+        f'<select name="{name}"><option value="">any {name}</option>'
+        + "".join(f'<option value="{_esc(o)}"{" selected" if o == data.get(name) else ""}>{_esc(o)}</option>'
+                  for o in options)
         + "</select> " for name, options in choices.items())
     return f'<form method="get" action="{path}">{selects}<button>filter</button></form>'
 
 
 def render_overview(data: dict) -> str:
+    """The overview's <main>: runs per pipeline, throughput, processes, recent halts and errors."""
+    return (_overview_runs(data["runs"]) + _overview_throughput(data["throughput"])
+            + _overview_processes(data["processes"], data["stale_after"])
+            + _overview_halts(data["recent_halts"]) + _overview_errors(data["recent_errors"]))
+
+
+def _overview_runs(counts_by_pipeline: dict[str, dict[str, int]]) -> str:
     statuses = ("in_progress", "completed", "halted")
-    runs = [[f'<a href="{_href("/runs", pipeline=p)}">{_esc(p)}</a>',
+    rows = [[f'<a href="{_href("/runs", pipeline=p)}">{_esc(p)}</a>',
              *(f'<a href="{_href("/runs", pipeline=p, status=s)}">{counts.get(s, 0)}</a>' for s in statuses),
-             str(sum(counts.values()))] for p, counts in sorted(data["runs"].items())]
-    tp = data["throughput"]
+             str(sum(counts.values()))] for p, counts in sorted(counts_by_pipeline.items())]
+    return "<h2>Runs</h2>" + _table(["pipeline", *statuses, "total"], rows, "no runs yet")
+
+
+def _overview_throughput(tp: dict) -> str:
     top = max([1, *tp["runs_completed"], *tp["steps_finished"]])
-    bars = [[f"{m} min ago" if m else "last minute", *(f'<span class="bar" style="width:{round(120 * n / top)}px"></span>{n}'
-                                                       for n in (tp["runs_completed"][m], tp["steps_finished"][m]))]
+    rows = [[f"{m} min ago" if m else "last minute",
+             *(f'<span class="bar" style="width:{round(120 * n / top)}px"></span>{n}'
+               for n in (tp["runs_completed"][m], tp["steps_finished"][m]))]
             for m in range(tp["minutes"])]
-    procs = [[_esc(p["machine"]), str(p["pid"]), _esc(p["role"]), _badge(p["state"]),
-              f'<span class="{"warn" if p["heartbeat_age"] > data["stale_after"] else ""}">'
-              f'{_secs(p["heartbeat_age"])} ago</span>',
-              _secs(p["age"]), str(p["restarts"]), _esc(",".join(p["pipelines"]))] for p in data["processes"]]
-    halts = [[_link(f'/runs/{h["run"]}', f'run {h["run"]}'), _esc(h["pipeline"]), _reasons(h["reasons"]), _ts(h["finished_at"])]
-             for h in data["recent_halts"]]
-    errors = [[_link(f'/runs/{e["run"]}#step-{e["step"]}', f'run {e["run"]} step {e["step"]}'),
-               _esc(f'{e["pipeline"]}.{e["name"]}'), _badge(e["outcome"]), _esc(e["error"]), _ts(e["at"])]
-              for e in data["recent_errors"]]
-    return ("<h2>Runs</h2>" + _table(["pipeline", *statuses, "total"], runs, "no runs yet")
-            + f'<h2>Throughput (last {tp["minutes"]} minutes)</h2>' + _table(["minute", "runs completed", "steps finished"], bars)
-            + "<h2>Processes</h2>"
-            + _table(["machine", "pid", "role", "state", "heartbeat", "up", "restarts", "pipelines"], procs, "no live processes")
-            + "<h2>Recent halts</h2>" + _table(["run", "pipeline", "reasons", "finished (UTC)"], halts)
-            + '<h2>Recent step errors <a href="/errors" class="muted">(all)</a></h2>'
-            + _table(["step", "pipeline.step", "outcome", "error", "at (UTC)"], errors))
+    return (f'<h2>Throughput (last {tp["minutes"]} minutes)</h2>'
+            + _table(["minute", "runs completed", "steps finished"], rows))
+
+
+def _overview_processes(processes: list[dict], stale_after: float) -> str:
+    rows = [[_esc(p["machine"]), str(p["pid"]), _esc(p["role"]), _badge(p["state"]),
+             f'<span class="{"warn" if p["heartbeat_age"] > stale_after else ""}">'
+             f'{_secs(p["heartbeat_age"])} ago</span>',
+             _secs(p["age"]), str(p["restarts"]), _esc(",".join(p["pipelines"]))] for p in processes]
+    headers = ["machine", "pid", "role", "state", "heartbeat", "up", "restarts", "pipelines"]
+    return "<h2>Processes</h2>" + _table(headers, rows, "no live processes")
+
+
+def _overview_halts(halts: list[dict]) -> str:
+    rows = [[_link(f'/runs/{h["run"]}', f'run {h["run"]}'), _esc(h["pipeline"]), _reasons(h["reasons"]),
+             _ts(h["finished_at"])] for h in halts]
+    return "<h2>Recent halts</h2>" + _table(["run", "pipeline", "reasons", "finished (UTC)"], rows)
+
+
+def _overview_errors(errors: list[dict]) -> str:
+    rows = [[_link(f'/runs/{e["run"]}#step-{e["step"]}', f'run {e["run"]} step {e["step"]}'),
+             _esc(f'{e["pipeline"]}.{e["name"]}'), _badge(e["outcome"]), _esc(e["error"]), _ts(e["at"])]
+            for e in errors]
+    return ('<h2>Recent step errors <a href="/errors" class="muted">(all)</a></h2>'
+            + _table(["step", "pipeline.step", "outcome", "error", "at (UTC)"], rows))
 
 
 def render_runs(data: dict) -> str:
+    """The runs page's <main>: the filters, one page of runs, the paging links."""
     rows = [[_link(f'/runs/{r["id"]}', str(r["id"])), _esc(r["pipeline"]), _badge(r["status"]), _ts(r["created_at"]),
              _ts(r["finished_at"]), _secs(r["duration"]), _reasons(r["halt_reasons"])] for r in data["runs"]]
-    return ("<h2>Runs</h2>" + _filters("/runs", data, pipeline=data["pipelines"], status=["in_progress", "completed", "halted"])
-            + _table(["run", "pipeline", "status", "created (UTC)", "finished (UTC)", "took", "halt reasons"], rows, "no runs")
+    headers = ["run", "pipeline", "status", "created (UTC)", "finished (UTC)", "took", "halt reasons"]
+    return ("<h2>Runs</h2>"
+            + _filters("/runs", data, pipeline=data["pipelines"], status=["in_progress", "completed", "halted"])
+            + _table(headers, rows, "no runs")
             + _paging("/runs", data, pipeline=data["pipeline"], status=data["status"]))
 
 
 def _render_branch(branch: dict) -> str:
+    """A branch and its steps, each step followed by the branches it fanned out to (recursively)."""
     where = f', position {branch["position"]}' if branch["parent_id"] is not None else " (root)"
     reason = f' <span class="warn">{_esc(branch["halt_reason"])}</span>' if branch["halt_reason"] else ""
-    items = []
-    for s in branch["steps"]:
-        sid = int(s["id"])
-        attempts = "".join(f'<li>{_badge(e["outcome"])} attempt {_esc(e["attempt"])}, process {_esc(e["process_id"])}, '
-                           f'{_ts(e["started_at"])} &rarr; {_ts(e["finished_at"])} ({_secs(e["duration"])})'
-                           f'{_error(e["error"], f"err-{sid}-{i}")}</li>' for i, e in enumerate(s["executions"]))
-        children = "".join(_render_branch(b) for b in s["branches"])
-        items.append(
-            f'<li class="step" id="step-{sid}"><b>{_esc(s["name"])}</b> {_badge(s["status"])} <span class="muted">step {sid}, '
-            f'attempts {_esc(s["attempts"])}, crashes {_esc(s["crashes"])}, queued {_ts(s["created_at"])}, '
-            f'started {_ts(s["started_at"])}, finished {_ts(s["finished_at"])}, took {_secs(s["duration"])}</span>'
+    steps = "".join(_render_step(s) for s in branch["steps"])
+    return f'<li class="branch">branch {int(branch["id"])}{where} {_badge(branch["status"])}{reason}' \
+           f'<ul class="tree">{steps}</ul></li>'
+
+
+def _render_step(s: dict) -> str:
+    """One step: its status and times, input, output, error, its executions, then its fan-out."""
+    sid = int(s["id"])
+    attempts = "".join(f'<li>{_badge(e["outcome"])} attempt {_esc(e["attempt"])}, process {_esc(e["process_id"])}, '
+                       f'{_ts(e["started_at"])} &rarr; {_ts(e["finished_at"])} ({_secs(e["duration"])})'
+                       f'{_error(e["error"], f"err-{sid}-{i}")}</li>' for i, e in enumerate(s["executions"]))
+    children = "".join(_render_branch(b) for b in s["branches"])
+    return (f'<li class="step" id="step-{sid}"><b>{_esc(s["name"])}</b> {_badge(s["status"])} '
+            f'<span class="muted">step {sid}, attempts {_esc(s["attempts"])}, crashes {_esc(s["crashes"])}, '
+            f'queued {_ts(s["created_at"])}, started {_ts(s["started_at"])}, finished {_ts(s["finished_at"])}, '
+            f'took {_secs(s["duration"])}</span>'
             + (f' <span class="warn">{_esc(s["halt_reason"])}</span>' if s["halt_reason"] else "")
             + _value(s["input"], "input", f"in-{sid}") + _value(s["output"], "output", f"out-{sid}")
             + _error(s["error"], f"error-{sid}") + (f'<ul class="muted">{attempts}</ul>' if attempts else "")
             + (f'<ul class="tree">{children}</ul>' if children else "") + "</li>")
-    return f'<li class="branch">branch {int(branch["id"])}{where} {_badge(branch["status"])}{reason}' \
-           f'<ul class="tree">{"".join(items)}</ul></li>'
 
 
 def render_run(data: dict) -> str:
+    """A run's <main>: its summary, input, output, context, then the step tree."""
     r = data["run"]
-    summary = [[_esc(r["pipeline"]), _badge(r["status"]), _ts(r["created_at"]), _ts(r["finished_at"]), _secs(r["duration"]),
-                _reasons(r["halt_reasons"])]]
-    context = [[_esc(k), f"<pre>{_esc(json.dumps(v, ensure_ascii=False, default=str))}</pre>"] for k, v in r["context"].items()]
+    summary = [[_esc(r["pipeline"]), _badge(r["status"]), _ts(r["created_at"]), _ts(r["finished_at"]),
+                _secs(r["duration"]), _reasons(r["halt_reasons"])]]
+    context = [[_esc(k), f"<pre>{_esc(json.dumps(v, ensure_ascii=False, default=str))}</pre>"]
+               for k, v in r["context"].items()]
     note = f'<p class="warn">showing the first {data["steps"]} steps only</p>' if data["truncated"] else ""
-    tree = f'<ul class="tree">{_render_branch(data["tree"])}</ul>' if data["tree"] else '<p class="muted">no branches</p>'
+    tree = (f'<ul class="tree">{_render_branch(data["tree"])}</ul>' if data["tree"]
+            else '<p class="muted">no branches</p>')
     return (f'<h2>Run {int(r["id"])}</h2>'
             + _table(["pipeline", "status", "created (UTC)", "finished (UTC)", "took", "halt reasons"], summary)
             + _value(r["input"], "input", "run-in") + _value(r["output"], "output", "run-out")
@@ -4556,24 +4751,46 @@ def render_run(data: dict) -> str:
 
 
 def render_errors(data: dict) -> str:
+    """The errors page's <main>: the pipeline filter, one page of failed and crashed executions, paging."""
     rows = [[_ts(e["finished_at"]), _link(f'/runs/{e["run"]}#step-{e["step"]}', f'run {e["run"]} step {e["step"]}'),
-             _esc(f'{e["pipeline"]}.{e["name"]}'), _badge(e["outcome"]), _esc(e["attempt"]), _error(e["error"], f'x-{e["id"]}')]
-            for e in data["errors"]]
+             _esc(f'{e["pipeline"]}.{e["name"]}'), _badge(e["outcome"]), _esc(e["attempt"]),
+             _error(e["error"], f'x-{e["id"]}')] for e in data["errors"]]
+    headers = ["at (UTC)", "step", "pipeline.step", "outcome", "attempt", "error"]
     return ("<h2>Step errors</h2>" + _filters("/errors", data, pipeline=data["pipelines"])
-            + _table(["at (UTC)", "step", "pipeline.step", "outcome", "attempt", "error"], rows, "none failed or crashed")
+            + _table(headers, rows, "none failed or crashed")
             + _paging("/errors", data, pipeline=data["pipeline"]))
 
 
 def _page(title: str, api: str, etag: str, main: str, nonce: str, refresh: float) -> str:
+    """A whole page: nav, <main>, and the refresh script (allowed by its nonce) polling ``api``."""
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)} - ductwork</title>'
             f'<meta name="viewport" content="width=device-width"><style>{_DASHBOARD_CSS}</style></head>'
             f'<body data-api="{_esc(api)}" data-etag="{_esc(etag)}" data-refresh="{refresh:g}"><nav><b>ductwork</b>'
-            '<a href="/">overview</a><a href="/runs">runs</a><a href="/errors">errors</a><a href="/metrics">metrics</a></nav>'
-            f'<main>{main}</main><script nonce="{nonce}">{_DASHBOARD_JS}</script></body></html>')
+            '<a href="/">overview</a><a href="/runs">runs</a><a href="/errors">errors</a><a href="/metrics">metrics</a>'
+            f'</nav><main>{main}</main><script nonce="{nonce}">{_DASHBOARD_JS}</script></body></html>')
 
 
 # -- http --------------------------------------------------------------------------------------
+# Headers of every response: the security policy (a fresh script nonce each time) and fixed ones;
+# a 401 also carries the Basic challenge.
+DASHBOARD_CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'nonce-{nonce}'; connect-src 'self'; "
+                 "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+DASHBOARD_HEADERS = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"))
+DASHBOARD_CHALLENGE = 'Basic realm="ductwork", charset="UTF-8"'
+
+
+@dataclasses.dataclass(frozen=True)
+class DashboardReply:
+    """One response before it is sent: status code, content type, body and (for data) the data's ETag."""
+
+    code: int
+    ctype: str
+    body: str
+    etag: str = ""
+
+
 def _int_param(query: dict, name: str, default: int, high: int) -> int:
+    """A query parameter as an integer from 1 to ``high`` (400 otherwise)."""
     try:
         value = int(query.get(name) or default)
     except ValueError:
@@ -4585,7 +4802,8 @@ def _int_param(query: dict, name: str, default: int, high: int) -> int:
 
 def dashboard_route(engine: Engine, path: str, query: dict) -> tuple[str, dict, Any] | None:
     """(title, data, renderer) for a page path (``/...``, without ``/api``); None when unknown."""
-    paging = {"page": _int_param(query, "page", 1, 10**6), "per_page": _int_param(query, "per_page", DASHBOARD_PER_PAGE, 500)}
+    paging = {"page": _int_param(query, "page", 1, 10**6),
+              "per_page": _int_param(query, "per_page", DASHBOARD_PER_PAGE, 500)}
     if path in ("/", "/overview"):
         return "overview", dashboard_overview(engine), render_overview
     if path == "/runs":
@@ -4597,12 +4815,160 @@ def dashboard_route(engine: Engine, path: str, query: dict) -> tuple[str, dict, 
     return (f"run {match.group(1)}", data, render_run) if data else None  # type: ignore[union-attr]
 
 
+def _api_url(url: urllib.parse.SplitResult) -> str:
+    """The JSON twin of a page URL (the overview's is /api/overview), query kept."""
+    return "/api" + (url.path if url.path != "/" else "/overview") + (f"?{url.query}" if url.query else "")
+
+
+def _etag(text: str) -> str:
+    """The ETag of a page's data: the same for the page, its fragment and its JSON twin."""
+    import hashlib
+    return f'"{hashlib.sha1(text.encode()).hexdigest()[:24]}"'
+
+
+def _host_name(header: str) -> str:
+    """The host name in a Host header ('' when it cannot be parsed)."""
+    try:
+        return urllib.parse.urlsplit("//" + header).hostname or ""
+    except ValueError:
+        return ""
+
+
+def _failure_reply(path: str, exc: Exception) -> DashboardReply:
+    """The answer to a request that raised: 400 bad parameter, 503 database unavailable, else 500 (logged)."""
+    if isinstance(exc, _BadRequest):
+        return DashboardReply(400, "text/plain", str(exc))
+    if isinstance(exc, DatabaseUnavailable):
+        return DashboardReply(503, "text/plain", f"database unavailable: {mask(str(exc))}")
+    log.exception("dashboard request %s failed", path)
+    return DashboardReply(500, "text/plain", f"internal error: {type(exc).__name__}")
+
+
+def _final_reply(reply: DashboardReply, path: str, if_none_match: str | None) -> DashboardReply:
+    """Errors under /api/ as JSON; a 200 whose ETag the client already has as an empty 304."""
+    if reply.code >= 400 and path.startswith("/api/") and reply.ctype == "text/plain":
+        return dataclasses.replace(reply, ctype="application/json", body=json.dumps({"error": reply.body}))
+    if reply.code == 200 and reply.etag and if_none_match == reply.etag:
+        return dataclasses.replace(reply, code=304, body="")
+    return reply
+
+
+def _reply_headers(reply: DashboardReply, length: int, nonce: str) -> list[tuple[str, str]]:
+    """The response headers, in order; the empty ones (no ETag, no challenge) left out."""
+    headers = [("Content-Type", f"{reply.ctype}; charset=utf-8"), ("Content-Length", str(length)), *DASHBOARD_HEADERS,
+               ("ETag", reply.etag), ("Content-Security-Policy", DASHBOARD_CSP.format(nonce=nonce)),
+               ("WWW-Authenticate", DASHBOARD_CHALLENGE if reply.code == 401 else "")]
+    return [(name, value) for name, value in headers if value]
+
+
+# The server and its request handler are mixins, so that http.server is imported only when a dashboard
+# starts: _http_class() puts each over the http.server class that its ``http_base`` names.
+class DashboardServer:
+    """The dashboard's listening socket, a daemon thread per request, and what its requests share: the engine,
+    the Authorization header expected (b"" = no auth), whether the bind address is loopback, the refresh."""
+
+    http_base = "ThreadingHTTPServer"  # the http.server class under this one (see _http_class)
+    daemon_threads = True
+
+    def __init__(self, host: str, port: int, engine: Engine, expected_auth: bytes, loopback: bool, refresh: float):
+        import socket
+        self.engine, self.expected_auth, self.loopback, self.refresh = engine, expected_auth, loopback, refresh
+        self.address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0] if host else socket.AF_INET
+        super().__init__((host, port), _http_class(DashboardHandler))
+
+
+class DashboardHandler:
+    """One GET: authorize, check the Host header, route (and render), send; its connection is closed after."""
+
+    http_base = "BaseHTTPRequestHandler"
+    server: DashboardServer  # the one that accepted the request
+    server_version = f"ductwork/{__version__}"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        log.debug("dashboard %s " + format, self.address_string(), *args)
+
+    def do_GET(self) -> None:  # noqa: N802
+        import secrets
+        nonce = secrets.token_urlsafe(16)  # lets this response's one inline script run (DASHBOARD_CSP)
+        try:
+            reply = self.authorize() or self.check_host() or self.route(nonce)
+        except Exception as exc:
+            reply = _failure_reply(self.path, exc)
+        finally:
+            self.server.engine.store.close()  # this request thread ends here: drop its connection
+        self.send(reply, nonce)
+
+    def authorize(self) -> DashboardReply | None:
+        """401 unless auth is off or the Authorization header is the expected one (constant-time compare)."""
+        import hmac
+        expected = self.server.expected_auth
+        if expected and not hmac.compare_digest(self.headers.get("Authorization", "").encode(), expected):
+            return DashboardReply(401, "text/plain", "authentication required")
+        return None
+
+    def check_host(self) -> DashboardReply | None:
+        """403 for a non-loopback Host header on a loopback dashboard without auth (no DNS rebinding)."""
+        guarded = self.server.loopback and not self.server.expected_auth
+        if guarded and not _is_loopback(_host_name(self.headers.get("Host", ""))):
+            return DashboardReply(403, "text/plain",
+                                  "unexpected Host header (the dashboard without auth answers loopback names only)")
+        return None
+
+    def route(self, nonce: str) -> DashboardReply:
+        """/metrics, or the page a path names (under /api/: its JSON twin), rendered; else 404."""
+        url = urllib.parse.urlsplit(self.path)
+        if url.path == "/metrics":
+            return DashboardReply(200, "text/plain; version=0.0.4", dashboard_metrics(self.server.engine))
+        api = url.path.startswith("/api/")
+        query = dict(urllib.parse.parse_qsl(url.query))
+        found = dashboard_route(self.server.engine, url.path[4:] if api else url.path, query)
+        if found is None:
+            return DashboardReply(404, "text/plain", "not found")
+        return self.render(url, api, *found, nonce=nonce)
+
+    def render(self, url: urllib.parse.SplitResult, api: bool, title: str, data: dict, renderer: Any,
+               nonce: str) -> DashboardReply:
+        """The JSON twin, the <main> fragment alone (X-Ductwork-Fragment: 1) or the whole page."""
+        text = json.dumps(data, default=str)
+        etag = _etag(text)
+        if api:
+            return DashboardReply(200, "application/json", text, etag)
+        if self.headers.get("X-Ductwork-Fragment") == "1":
+            return DashboardReply(200, "text/html", renderer(data), etag)
+        page = _page(title, _api_url(url), etag, renderer(data), nonce, self.server.refresh)
+        return DashboardReply(200, "text/html", page, etag)
+
+    def send(self, reply: DashboardReply, nonce: str) -> None:
+        """The status line, the headers and the body (after _final_reply)."""
+        reply = _final_reply(reply, self.path, self.headers.get("If-None-Match"))
+        body = reply.body.encode()
+        self.send_response(reply.code)
+        for name, value in _reply_headers(reply, len(body), nonce):
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@functools.cache
+def _http_class(mixin: type) -> type:
+    """``mixin`` over the http.server class it names, made once: only the dashboard imports http.server."""
+    import http.server
+    return type(mixin.__name__, (mixin, getattr(http.server, mixin.http_base)), {"__doc__": mixin.__doc__})
+
+
 def _parse_auth(auth: str) -> tuple[str, str]:
+    """``user:password`` as a pair; the password is masked in logs from now on."""
     user, sep, password = auth.partition(":")
     if not sep or not user or not password:
         raise ConfigError("dashboard auth must be user:password (--auth or DUCTWORK_DASHBOARD_AUTH)")
     _remember_secret(password)
     return user, password
+
+
+def _expected_auth(credentials: tuple[str, str] | None) -> bytes:
+    """The Authorization header every request must carry (b"" when auth is off)."""
+    import base64
+    return b"Basic " + base64.b64encode(":".join(credentials).encode()) if credentials else b""
 
 
 def _is_loopback(host: str) -> bool:
@@ -4619,12 +4985,6 @@ def make_dashboard_server(config: Config, host: str, port: int, auth: str | None
     """A ThreadingHTTPServer for the dashboard (not started: call serve_forever()). Without auth it
     only binds loopback addresses (unless ``insecure``) and then only answers loopback Host headers
     (no DNS rebinding)."""
-    import base64
-    import hashlib
-    import hmac
-    import http.server
-    import secrets
-    import socket
     credentials = _parse_auth(auth) if auth else None
     loopback = _is_loopback(host)
     if credentials is None and not loopback and not insecure:
@@ -4633,77 +4993,8 @@ def make_dashboard_server(config: Config, host: str, port: int, auth: str | None
     engine = Engine(Store(config.data["database_url"]), config)
     ensure_schema(engine.store)
     engine.store.close()
-    expected = b"Basic " + base64.b64encode(":".join(credentials).encode()) if credentials else b""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        server_version = f"ductwork/{__version__}"
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            log.debug("dashboard %s " + format, self.address_string(), *args)
-
-        def do_GET(self) -> None:  # noqa: N802
-            nonce, self.etag = secrets.token_urlsafe(16), ""
-            try:
-                code, ctype, body = self._answer(nonce)
-            except _BadRequest as exc:
-                code, ctype, body = 400, "text/plain", str(exc)
-            except DatabaseUnavailable as exc:
-                code, ctype, body = 503, "text/plain", f"database unavailable: {mask(str(exc))}"
-            except Exception as exc:
-                log.exception("dashboard request %s failed", self.path)
-                code, ctype, body = 500, "text/plain", f"internal error: {type(exc).__name__}"
-            finally:
-                engine.store.close()  # this request thread ends here: drop its connection
-            if code >= 400 and self.path.startswith("/api/") and ctype == "text/plain":
-                ctype, body = "application/json", json.dumps({"error": body})
-            if code == 200 and self.etag and self.headers.get("If-None-Match") == self.etag:
-                code, body = 304, ""
-            data = body.encode()
-            self.send_response(code)
-            csp = (f"default-src 'none'; style-src 'unsafe-inline'; script-src 'nonce-{nonce}'; connect-src 'self'; "
-                   "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
-            for name, value in (("Content-Type", f"{ctype}; charset=utf-8"), ("Content-Length", str(len(data))),
-                                ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"), ("ETag", self.etag),
-                                ("Content-Security-Policy", csp),
-                                ("WWW-Authenticate", 'Basic realm="ductwork", charset="UTF-8"' if code == 401 else "")):
-                if value:
-                    self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _answer(self, nonce: str) -> tuple[int, str, str]:
-            if credentials and not hmac.compare_digest(self.headers.get("Authorization", "").encode(), expected):
-                return 401, "text/plain", "authentication required"
-            try:
-                host_header = urllib.parse.urlsplit("//" + self.headers.get("Host", "")).hostname or ""
-            except ValueError:
-                host_header = ""
-            if not credentials and loopback and not _is_loopback(host_header):  # no DNS rebinding
-                return 403, "text/plain", "unexpected Host header (the dashboard without auth answers loopback names only)"
-            url = urllib.parse.urlsplit(self.path)
-            query = dict(urllib.parse.parse_qsl(url.query))
-            if url.path == "/metrics":
-                return 200, "text/plain; version=0.0.4", dashboard_metrics(engine)
-            api = url.path.startswith("/api/")
-            found = dashboard_route(engine, url.path[4:] if api else url.path, query)
-            if found is None:
-                return 404, "text/plain", "not found"
-            title, data, render = found
-            text = json.dumps(data, default=str)
-            self.etag = f'"{hashlib.sha1(text.encode()).hexdigest()[:24]}"'  # the same for a page and its twin
-            if api:
-                return 200, "application/json", text
-            if self.headers.get("X-Ductwork-Fragment") == "1":
-                return 200, "text/html", render(data)
-            api_url = "/api" + (url.path if url.path != "/" else "/overview") + (f"?{url.query}" if url.query else "")
-            return 200, "text/html", _page(title, api_url, self.etag, render(data), nonce, refresh)
-
-    class Server(http.server.ThreadingHTTPServer):
-        daemon_threads = True
-
     try:
-        Server.address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0] if host else socket.AF_INET
-        return Server((host, port), Handler)
+        return _http_class(DashboardServer)(host, port, engine, _expected_auth(credentials), loopback, refresh)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
