@@ -96,7 +96,7 @@ class DatabaseUnavailable(DuctworkError):
 
 
 class HookFailed(DuctworkError):
-    pass
+    """A start hook (on_supervisor_start, ...) raised: the boot fails."""
 
 
 class _CorruptInput(DuctworkError):
@@ -159,6 +159,8 @@ def mask(text: str) -> str:
 
 
 class _Formatter(logging.Formatter):
+    """One line per record: text (``ts LEVEL [pid role thread] message k=v``) or a JSON object."""
+
     def __init__(self, fmt: str):
         super().__init__()
         self.json = fmt == "json"
@@ -167,7 +169,8 @@ class _Formatter(logging.Formatter):
         message = record.getMessage()
         if record.exc_info:
             message += "\n" + self.formatException(record.exc_info)
-        fields = {key: getattr(record, key) for key in ("pipeline", "run", "step") if getattr(record, key, None) is not None}
+        fields = {key: getattr(record, key) for key in ("pipeline", "run", "step")
+                  if getattr(record, key, None) is not None}
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         role = _PROCESS_ROLE["role"]
         if self.json:
@@ -212,13 +215,14 @@ def _fail(path: str, problem: str) -> None:
 def _number(minimum: float, *, integer: bool = False, allow: tuple = ()) -> Callable[[str, Any], Any]:
     """A validator for a number >= minimum (or one of ``allow``); bools are not numbers."""
     kind = "a whole number" if integer else "a number"
+    also = " or " + ", ".join(map(str, allow)) if allow else ""
 
     def check(path: str, value: Any) -> Any:
         ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
         if isinstance(value, bool) or not ok_type:
-            _fail(path, f"must be {kind} >= {minimum}{' or ' + ', '.join(map(str, allow)) if allow else ''}, got {value!r}")
+            _fail(path, f"must be {kind} >= {minimum}{also}, got {value!r}")
         if value < minimum and value not in allow:
-            _fail(path, f"must be >= {minimum}{' or ' + ', '.join(map(str, allow)) if allow else ''}, got {value!r}")
+            _fail(path, f"must be >= {minimum}{also}, got {value!r}")
         return value
     return check
 
@@ -317,6 +321,7 @@ SCHEMA: dict[str, Any] = {
 
 
 def _schema_defaults(schema: dict) -> dict:
+    """The default value of every key of ``schema``."""
     out: dict[str, Any] = {}
     for key, spec in schema.items():
         if isinstance(spec, dict):
@@ -329,6 +334,7 @@ def _schema_defaults(schema: dict) -> dict:
 
 
 def _validate_tree(schema: dict, data: Any, prefix: str = "") -> dict:
+    """Check ``data`` against ``schema`` (unknown keys get a did-you-mean); returns the checked values."""
     if not isinstance(data, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.') or '(top level)'}' must be a mapping, got {data!r}")
     out: dict[str, Any] = {}
@@ -349,6 +355,7 @@ def _validate_tree(schema: dict, data: Any, prefix: str = "") -> dict:
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``, mapping by mapping (an override map is replaced whole)."""
     out = dict(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict) and not isinstance(SCHEMA.get(key), _Override):
@@ -367,6 +374,7 @@ class Config:
     environment: str = "development"
 
     def get(self, key: str, pipeline: str | None = None, step: str | None = None) -> Any:
+        """A setting, with the pipeline's and the step's overrides applied (zero is a value; None is not)."""
         node: Any = self.data
         spec: Any = SCHEMA
         for part in key.split("."):
@@ -389,9 +397,11 @@ class Config:
 
     @property
     def role(self) -> str:
+        """The configured role, with ``supervisor`` spelled ``all``."""
         return "all" if self.data["role"] == "supervisor" else self.data["role"]
 
     def warnings(self) -> list[str]:
+        """Settings that are valid alone but do not fit together (logged at start)."""
         out = []
         worker, sup = self.get("job_worker.shutdown_timeout"), self.get("supervisor.shutdown_timeout")
         if worker >= sup:
@@ -409,6 +419,7 @@ class Config:
 
 
 def _read_yaml(path: str) -> Any:
+    """The YAML document of a config file (safe_load), or a ConfigError saying where it is wrong."""
     import yaml  # PyYAML; only safe_load is ever used
     try:
         with open(path, encoding="utf-8") as fh:
@@ -423,6 +434,7 @@ def _read_yaml(path: str) -> Any:
 
 
 def _select_section(doc: Any, path: str, env_name: str) -> dict:
+    """The section of this environment (DUCTWORK_ENV), the ``default`` one, or a flat file as it is."""
     if doc is None:
         return {}
     if not isinstance(doc, dict):
@@ -472,6 +484,7 @@ def load_config(path: str | None = None, overrides: dict | None = None,
 
 @dataclasses.dataclass(frozen=True)
 class DatabaseInfo:
+    """A parsed database URL (the password never shows in ``repr`` or ``display``)."""
     dialect: str                # "sqlite" | "postgres"
     path: str = ""              # sqlite file
     host: str = "localhost"
@@ -484,6 +497,7 @@ class DatabaseInfo:
 
     @property
     def display(self) -> str:
+        """The URL as logs and messages show it (password masked)."""
         if self.dialect == "sqlite":
             return f"sqlite:///{self.path}"
         return f"postgresql://{self.user}{':***' if self.password else ''}@{self.host}:{self.port}/{self.database}"
@@ -530,6 +544,7 @@ def parse_database_url(url: str) -> DatabaseInfo:
 
 
 def _is_connection_error(exc: BaseException) -> bool:
+    """Did this error come from a lost or refused connection (as opposed to a bad statement)?"""
     if isinstance(exc, (OSError, DatabaseUnavailable)):
         return True
     name = type(exc).__name__
@@ -738,8 +753,12 @@ class StoreSQL:
 class Store:
     """Connections to one database, one per thread, reopened after fork or failure."""
 
+    # What the placeholders of a statement become on each database.
     NOW = {"sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
            "postgres": "(extract(epoch from clock_timestamp())::float8)"}
+    LOCKS = {"postgres": {"{skip_locked}": "FOR UPDATE SKIP LOCKED", "{for_update}": "FOR UPDATE",
+                          "{key_share}": "FOR KEY SHARE"},
+             "sqlite": {"{skip_locked}": "", "{for_update}": "", "{key_share}": ""}}  # one writer at a time
 
     def __init__(self, url: str, connect_timeout: float | None = None, read_only: bool = False):
         self.url = url
@@ -755,6 +774,7 @@ class Store:
 
     # -- connections ------------------------------------------------------------------
     def _connect(self) -> Any:
+        """A new connection of this thread: SQLite (WAL) or pg8000 (TLS as the sslmode says)."""
         if self.dialect == "sqlite":
             if self.read_only:  # a probe must not create the file or wait on locks for long
                 try:
@@ -800,6 +820,7 @@ class Store:
             raise DatabaseUnavailable(mask(f"cannot connect to {info.display}: {_db_error_text(exc)}")) from None
 
     def connection(self) -> Any:
+        """This thread's connection, opened on first use (and again after fork or a failure)."""
         if os.getpid() != self._pid:
             # After fork: never touch the parent's connections (closing a Postgres one would
             # end the parent's session); forget them and open our own.
@@ -857,13 +878,11 @@ class Store:
         out = self._sql.get(text)
         if out is None:
             out = text.replace("{now}", self.NOW[self.dialect])
-            if self.dialect == "postgres":
+            for placeholder, lock in self.LOCKS[self.dialect].items():
+                out = out.replace(placeholder, lock)
+            if self.dialect == "postgres" and "?" in out:  # pg8000.native names every parameter
                 counter = iter(range(1 << 16))
-                out = re.sub(r"\?", lambda _: f":p{next(counter)}", out).replace("{skip_locked}", "FOR UPDATE SKIP LOCKED")
-                out = out.replace("{for_update}", "FOR UPDATE")
-                out = out.replace("{key_share}", "FOR KEY SHARE")
-            else:
-                out = out.replace("{skip_locked}", "").replace("{key_share}", "").replace("{for_update}", "")
+                out = re.sub(r"\?", lambda _: f":p{next(counter)}", out)
             self._sql[text] = out
         return out
 
@@ -913,7 +932,8 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             claimed_by BIGINT, claim_token TEXT, claimed_at {float},
             advance_failures INTEGER NOT NULL DEFAULT 0, available_at {float} NOT NULL,
             created_at {float} NOT NULL, updated_at {float} NOT NULL)""",
-        "CREATE INDEX ductwork_branches_advance ON ductwork_branches (pipeline, available_at, id) WHERE status = 'advance'",
+        "CREATE INDEX ductwork_branches_advance ON ductwork_branches (pipeline, available_at, id) "
+        "WHERE status = 'advance'",
         "CREATE INDEX ductwork_branches_claimed ON ductwork_branches (claimed_by) WHERE status = 'advancing'",
         "CREATE INDEX ductwork_branches_origin ON ductwork_branches (origin_step_id, position)",
         "CREATE INDEX ductwork_branches_run ON ductwork_branches (run_id)",
@@ -1036,14 +1056,17 @@ class Handle:
 
     def _live(self, what: str) -> None:
         if self._closed:
-            raise DefinitionError(f"pipeline {self._b.name}: {what} on a branch that was already combined/converged or divided")
+            raise DefinitionError(f"pipeline {self._b.name}: {what} on a branch that was already "
+                                  "combined/converged or divided")
 
     def chain(self, to: Any) -> "Handle":
+        """The next step runs on this step's output."""
         self._live("chain")
         self._tip = self._b.link(self._tip, {"kind": "chain"}, to, "next")
         return self
 
     def expand(self, to: Any) -> "Handle":
+        """One branch per element of this step's output (a list), each running ``to``."""
         self._live("expand")
         parent = self._tip
         self._tip = self._b.link(parent, {"kind": "expand", "join": None}, to, "child")
@@ -1051,6 +1074,7 @@ class Handle:
         return self
 
     def collapse(self, into: Any) -> "Handle":
+        """Close the innermost expand: ``into`` runs on the list of the branches' outputs."""
         self._live("collapse")
         if not self._stack or self._stack[-1].kind != "expand":
             raise DefinitionError(f"pipeline {self._b.name}: collapse without a matching expand")
@@ -1061,6 +1085,7 @@ class Handle:
         return self
 
     def divide(self, to: Sequence[Any]) -> "Group":
+        """Every step of ``to`` runs on this step's output, one branch each."""
         self._live("divide")
         if not isinstance(to, (list, tuple)) or len(to) < 1:
             raise DefinitionError(f"pipeline {self._b.name}: divide(to=...) needs a non-empty list of steps")
@@ -1070,6 +1095,7 @@ class Handle:
         return self._fan_out("divide", parent, children, [str(i) for i in range(len(children))])
 
     def divert(self, to: dict) -> "Group":
+        """One branch, chosen by str() of this step's output among the keys of ``to`` (or otherwise)."""
         self._live("divert")
         if not isinstance(to, dict) or not to:
             raise DefinitionError(f"pipeline {self._b.name}: divert(to=...) needs a mapping of keys to steps")
@@ -1093,12 +1119,14 @@ class Handle:
         return group
 
     def combine(self, *others: "Handle", into: Any) -> "Handle":
+        """Close the divide: ``into`` runs on the branches' outputs, in divide order."""
         self._live("combine")
         if self._group is None or self._group.kind != "divide":
             raise DefinitionError(f"pipeline {self._b.name}: combine without a matching divide")
         return self._group.close("combine", [self, *others], into)
 
     def converge(self, *others: "Handle", into: Any) -> "Handle":
+        """Close the divert: ``into`` runs on the chosen branch's output."""
         self._live("converge")
         if self._group is None or self._group.kind != "divert":
             raise DefinitionError(f"pipeline {self._b.name}: converge without a matching divert")
@@ -1122,16 +1150,21 @@ class Group:
         return self.handles[self.keys.index(str(key)) if isinstance(key, str) else key]
 
     def combine(self, into: Any) -> Handle:
+        """Close the divide over all its branches."""
         if self.kind != "divide":
-            raise DefinitionError(f"pipeline {self.parent._b.name}: combine without a matching divide (this is a divert; use converge)")
+            raise DefinitionError(f"pipeline {self.parent._b.name}: combine without a matching divide "
+                                  "(this is a divert; use converge)")
         return self.close("combine", list(self.handles), into)
 
     def converge(self, into: Any) -> Handle:
+        """Close the divert over all its branches."""
         if self.kind != "divert":
-            raise DefinitionError(f"pipeline {self.parent._b.name}: converge without a matching divert (this is a divide; use combine)")
+            raise DefinitionError(f"pipeline {self.parent._b.name}: converge without a matching divert "
+                                  "(this is a divide; use combine)")
         return self.close("converge", list(self.handles), into)
 
     def close(self, verb: str, handles: list[Handle], into: Any) -> Handle:
+        """Join every branch of the group into the step ``into`` on the parent line."""
         b = self.parent._b
         if any(h._group is not self for h in handles) or len({id(h) for h in handles}) != len(self.handles):
             raise DefinitionError(f"pipeline {b.name}: {verb} must name every branch of its {self.kind} exactly once")
@@ -1158,18 +1191,21 @@ class Builder:
         self._started = False
 
     def start(self, step: Any) -> Handle:
+        """The first step of the pipeline (it gets the trigger's arguments)."""
         if self._started:
             raise DefinitionError(f"pipeline {self.name}: start called twice")
         self._started = True
         return Handle(self, self.add(step), [])
 
     def on_halt(self, handler: Callable) -> Callable:
+        """Register ``handler(run, reasons)``, called once per halt of a run."""
         if not callable(handler):
             raise DefinitionError(f"pipeline {self.name}: on_halt needs a callable")
         self.halt_handlers.append(handler)
         return handler
 
     def add(self, step: Any) -> int:
+        """A new node for ``step`` (one name, one step object per pipeline)."""
         name = _step_name(step, self.name)
         known = self.steps.get(name)
         if known is not None and known is not step:
@@ -1202,15 +1238,18 @@ class Definition:
 
     @property
     def body(self) -> str:
+        """The graph as canonical JSON (what is stored and hashed)."""
         return json.dumps({"pipeline": self.pipeline, "nodes": self.nodes}, sort_keys=True, separators=(",", ":"))
 
     @property
     def hash(self) -> str:
+        """The graph's identity: a run keeps the definition it was triggered with."""
         import hashlib
         return hashlib.sha256(self.body.encode()).hexdigest()[:32]
 
     @classmethod
     def from_body(cls, body: str) -> "Definition":
+        """A definition read back from its stored body."""
         data = json.loads(body)
         return cls(data["pipeline"], data["nodes"])
 
@@ -1226,6 +1265,7 @@ class Pipeline:
     halt_handlers: list[Callable]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Build and register the definition of each subclass as it is created."""
         super().__init_subclass__(**kwargs)
         name = cls.__name__
         if "define" not in cls.__dict__:
@@ -1245,7 +1285,8 @@ class Pipeline:
         known = _REGISTRY.get(name)
         if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__) \
                 and inspect.getsourcefile(known) != inspect.getsourcefile(cls):
-            raise DefinitionError(f"pipeline {name}: defined twice ({known.__module__} and {cls.__module__}); names must be unique")
+            raise DefinitionError(f"pipeline {name}: defined twice ({known.__module__} and {cls.__module__}); "
+                                  "names must be unique")
         _REGISTRY[name] = cls
 
     @classmethod
@@ -1255,6 +1296,7 @@ class Pipeline:
 
 
 def registered_pipelines() -> dict[str, type[Pipeline]]:
+    """Every pipeline class defined so far, by name."""
     return dict(_REGISTRY)
 
 
@@ -1298,6 +1340,7 @@ class _Row:
     @classmethod
     @functools.cache
     def field_names(cls) -> tuple[str, ...]:
+        """The field each COLUMNS item fills, in order."""
         return tuple(item.rsplit(" AS ", 1)[-1].split(".")[-1] for item in cls.COLUMNS)
 
     @classmethod
@@ -2310,6 +2353,7 @@ class Engine:
             return _retry_conflicts(lambda: self._commit(results, claim_limit, False))
 
     def _commit(self, results: list[StepResult], claim_limit: int, inline: bool) -> Committed:
+        """One attempt of commit() in one transaction."""
         token = _token()
         finished: list[tuple[StepResult, StepState]] = []    # the steps that are done, with their states
         with self._tx() as t:
@@ -2689,12 +2733,15 @@ class RunContext:
         self._engine, self.run_id = engine, run_id
 
     def set(self, key: str, value: Any, overwrite: bool = False) -> None:
+        """Set ``key`` (write-once unless ``overwrite``; the same value again is fine)."""
         self._engine.context_set(self.run_id, key, value, overwrite)
 
     def get(self, key: str, default: Any = None) -> Any:
+        """The value of ``key``, or ``default``."""
         return self._engine.context_get(self.run_id, key, default)
 
     def to_dict(self) -> dict:
+        """Every key of the run's context."""
         return self._engine.context_all(self.run_id)
 
 
@@ -2737,23 +2784,28 @@ class Run:
 
     @property
     def engine(self) -> Engine:
+        """The engine this run reads through (the app's, unless given)."""
         return self._engine or _app_engine()
 
     @classmethod
     def get(cls, run_id: int) -> "Run":
+        """The run with this id, through the app's configuration."""
         return cls.load(run_id, _app_engine())
 
     @classmethod
     def load(cls, run_id: int, engine: Engine) -> "Run":
+        """The run with this id, through ``engine``."""
         return cls(run_id, engine).refresh()
 
     def refresh(self) -> "Run":
+        """Read the run's row again."""
         with self.engine.store.tx(write=False) as t:
             row = t.one(SQL.select_run, {"id": self.id})
         if row is None:
             raise DuctworkError(f"run {self.id} not found")
         r = RunRow.from_row(row)
-        self.pipeline, self.status, self.created_at, self.finished_at = r.pipeline, r.status, r.created_at, r.finished_at
+        self.pipeline, self.status = r.pipeline, r.status
+        self.created_at, self.finished_at = r.created_at, r.finished_at
         self.input, self.output, self.halt_reasons = _loads(r.input), _loads(r.output), _loads(r.halt_reasons)
         return self
 
@@ -2780,6 +2832,7 @@ class Run:
 
     @property
     def context(self) -> dict:
+        """The run's context, as a dict."""
         return self.engine.context_all(self.id)
 
     def revive(self) -> bool:
@@ -2794,6 +2847,8 @@ class Run:
 
 # -- module-level app state: configure(), the engine app code uses -------------------------
 class _AppState:
+    """What app code's module-level calls share: the configuration, the engine, migrated URLs."""
+
     def __init__(self) -> None:
         self.config: Config | None = None
         self.engine: Engine | None = None
@@ -2819,6 +2874,7 @@ def configure(database_url: str | None = None, config: str | dict | None = None,
 
 
 def _app_engine() -> Engine:
+    """The engine app code uses (configured on first use; migrated once per URL)."""
     with _APP.lock:
         if _APP.config is None:
             _APP.config = load_config()
@@ -2832,6 +2888,7 @@ def _app_engine() -> Engine:
 
 
 def ensure_schema(store: Store) -> None:
+    """Migrate when the schema is missing or older than this version."""
     if not schema_is_current(store):
         migrate_store(store)
 
@@ -2843,6 +2900,7 @@ def migrate(database_url: str | None = None) -> list[int]:
 
 
 def trigger(name: str, *args: Any) -> Run:
+    """Start a run of the pipeline ``name`` with these arguments for its start step."""
     engine = _app_engine()
     return Run(engine.trigger(name, args), engine).refresh()
 
