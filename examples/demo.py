@@ -172,12 +172,14 @@ def summarize(runs: list) -> tuple[bool, list[str]]:
                 problems.append(f"{name}{args}: run {run.id} is {run.status}"
                                 + (f" ({', '.join(run.halt_reasons)})" if run.halt_reasons else ""))
             elif run.output != expected:
-                problems.append(f"{name}{args}: run {run.id} output {json.dumps(run.output)} != expected {json.dumps(expected)}")
+                problems.append(f"{name}{args}: run {run.id} output {json.dumps(run.output)} "
+                                f"!= expected {json.dumps(expected)}")
     header = ("pipeline", "completed", "halted", "steps", "retries", "wall time")
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
 
     def line(cells) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        pairs = enumerate(zip(cells, widths, strict=True))
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
 
     print(line(header))
     print(line(["-" * w for w in widths]))

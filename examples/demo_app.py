@@ -65,7 +65,8 @@ STOCK = {"apple": 40, "bread": 0, "cheese": 7, "dates": 12}
 def fetch_order(order_id):
     """A made-up order: a deterministic pick of catalogue items."""
     names = sorted(CATALOGUE)
-    lines = [{"sku": names[(order_id + i) % len(names)], "qty": 1 + (order_id + i) % 3} for i in range(1 + order_id % 3)]
+    lines = [{"sku": names[(order_id + i) % len(names)], "qty": 1 + (order_id + i) % 3}
+             for i in range(1 + order_id % 3)]
     return {"order_id": order_id, "lines": lines}
 
 
