@@ -88,6 +88,25 @@ def db_url(request, tmp_path):
 
 
 @pytest.fixture
+def fresh_db_url(db_url):
+    """A database that has never been migrated: the sqlite file, or a new Postgres database."""
+    if db_url.startswith("sqlite"):
+        yield db_url
+        return
+    name = f"ductwork_fresh_{uuid.uuid4().hex[:10]}"
+    admin = _pg_connect(PG_ADMIN_URL)
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"{db_url.rsplit('/', 1)[0]}/{name}"
+    finally:
+        admin.cursor().execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,))
+        admin.cursor().execute(f"DROP DATABASE IF EXISTS {name}")
+        admin.close()
+
+
+@pytest.fixture
 def engine(db_url):
     """App-level configuration pointing at the test database; returns the Engine."""
     ductwork.configure(database_url=db_url, config=FAST)

@@ -10,11 +10,10 @@ import os
 import subprocess
 import sys
 import textwrap
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import PG_ADMIN_URL, ROOT, _pg_connect, run_cli
+from conftest import ROOT, run_cli
 
 import ductwork
 
@@ -253,25 +252,6 @@ def test_migrate_prints_and_is_idempotent(tmp_path, db_url):
     assert_ok(second)
     assert "up to date" in second.stdout
     assert ductwork.schema_is_current(ductwork.Store(db_url))
-
-
-@pytest.fixture
-def fresh_db_url(db_url):
-    """A database that has never been migrated: the sqlite file, or a new Postgres database."""
-    if db_url.startswith("sqlite"):
-        yield db_url
-        return
-    name = f"ductwork_cli_{uuid.uuid4().hex[:10]}"
-    admin = _pg_connect(PG_ADMIN_URL)
-    admin.cursor().execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"{db_url.rsplit('/', 1)[0]}/{name}"
-    finally:
-        admin.cursor().execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-            (name,))
-        admin.cursor().execute(f"DROP DATABASE IF EXISTS {name}")
-        admin.close()
 
 
 def test_concurrent_migrate(tmp_path, fresh_db_url):

@@ -1,4 +1,6 @@
-"""Regressions found by an independent review: each test reproduced its bug before the fix."""
+"""Engine-level regressions found by an independent review: each test reproduced its bug before the fix.
+
+The runners' regressions (worker loop, drain, lost replies) are in test_runtime.py."""
 from __future__ import annotations
 
 import threading
@@ -64,34 +66,6 @@ def test_revive_after_definition_changed_at_a_join_refans_out(engine):
     assert run.output == [1, 2, 3]
 
 
-def rv_bad_error(x):
-    raise ValueError("cannot decode \udcff byte")   # e.g. a surrogateescape'd filename/bytes in a message
-
-
-class RvBadError(ductwork.Pipeline):
-    @staticmethod
-    def define(p):
-        p.start(rv_bad_error)
-
-
-def rv_nul_error(x):
-    raise ValueError("bad\x00byte")   # Postgres TEXT rejects NUL
-
-
-class RvNulError(ductwork.Pipeline):
-    @staticmethod
-    def define(p):
-        p.start(rv_nul_error)
-
-
-@pytest.mark.parametrize("pipeline", [RvBadError, RvNulError], ids=["lone-surrogate", "nul"])
-def test_an_unstorable_error_text_still_fails_the_step(start_runtime, pipeline):
-    """Such a text once killed the worker thread and stranded its claim; now it is stored sanitised."""
-    start_runtime([pipeline.__name__], job_worker={"max_retry": 0, "count": 1, "polling_timeout": 0.05})
-    status = pipeline.trigger(1).wait(5)
-    assert status == "halted"
-
-
 class RvOne(ductwork.Pipeline):
     @staticmethod
     def define(p):
@@ -130,65 +104,3 @@ def test_hand_back_ignores_that_the_step_was_committed_meanwhile(pg_server_url, 
     run.refresh()
     assert handed == 0
     assert run.status == "in_progress"      # the step is queued for its retry: nothing is finished
-
-
-
-_FIRST = []
-_NEVER = threading.Event()
-
-
-def rv_slow(x):
-    if not _FIRST:               # the first execution "dies with its process" (never returns here)
-        _FIRST.append(1)
-        _NEVER.wait(30)
-    return x
-
-
-class RvSlow(ductwork.Pipeline):
-    @staticmethod
-    def define(p):
-        p.start(rv_slow)
-
-
-def test_failed_hand_back_at_drain_then_row_deleted_orphans_the_step(start_runtime):
-    import time
-    _FIRST.clear()
-    _NEVER.clear()
-    h = start_runtime(["RvSlow"], job_worker={"count": 1, "shutdown_timeout": 0.2, "polling_timeout": 0.05})
-    run = RvSlow.trigger(1)
-    for _ in range(100):
-        if run.steps[0].status == "running":
-            break
-        time.sleep(0.02)
-    real = h.runtime.engine.hand_back
-    calls = []
-
-    def flaky(*a, **k):   # a DB blip exactly at the drain deadline
-        calls.append(a)
-        raise ductwork.DatabaseUnavailable("connection reset")
-    h.runtime.engine.hand_back = flaky
-    assert h.stop() == 0
-    h.runtime.engine.hand_back = real
-    assert calls
-    # a fresh peer with a short reaper timeout: should recover the step "later", as the log promises
-    start_runtime(["RvSlow"], supervisor={"heartbeat_interval": 0.1, "reaper_timeout": 0.5})
-    status = run.wait(6)
-    _NEVER.set()  # let the abandoned first execution's thread end
-    assert status == "completed"
-
-
-def test_claim_whose_commit_ack_is_lost_is_stranded_while_the_process_lives(start_runtime, monkeypatch):
-    original = ductwork.Engine.claim_steps
-    lost = []
-
-    def claim(self, pipeline, process_id, limit=1):
-        got = original(self, pipeline, process_id, limit)
-        if got and not lost:      # COMMIT reached the server, the connection died before the reply
-            lost.append(got)
-            raise ductwork.DatabaseUnavailable("server closed the connection unexpectedly")
-        return got
-    monkeypatch.setattr(ductwork.Engine, "claim_steps", claim)
-    start_runtime(["RvOne"], supervisor={"heartbeat_interval": 0.1, "reaper_timeout": 0.5})
-    run = RvOne.trigger(1)
-    status = run.wait(5)
-    assert status == "completed"
