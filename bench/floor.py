@@ -28,8 +28,10 @@ def run(db: Database, jobs: int, clients: int, batch: int) -> float:
         s = ductwork.Store(db.url)
         while True:
             with s.tx() as t:
-                done = t.all("UPDATE floor_jobs SET status = 'done' WHERE id IN (SELECT id FROM floor_jobs "
-                             "WHERE status = 'queued' ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED) RETURNING id", (batch,))
+                done = t.all("UPDATE floor_jobs SET status = 'done' "
+                             "WHERE id IN (SELECT id FROM floor_jobs "
+                             "WHERE status = 'queued' ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED) "
+                             "RETURNING id", (batch,))
             if not done:
                 break
         s.close()
@@ -57,7 +59,8 @@ def main() -> None:
     finally:
         db.drop()
     table(f"physical floor ({args.clients} clients)", ["loop", "value"],
-          [["raw pg8000, 1 job per commit", f"{one:.0f} jobs/s"], ["raw pg8000, 10 jobs per commit", f"{ten:.0f} jobs/s"]])
+          [["raw pg8000, 1 job per commit", f"{one:.0f} jobs/s"],
+           ["raw pg8000, 10 jobs per commit", f"{ten:.0f} jobs/s"]])
     record("raw pg8000", "1 job per commit", [one])
 
 

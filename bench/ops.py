@@ -71,15 +71,17 @@ def bench_engine(kind: str, repeat: int, tmp: Path, cached: Path) -> list[list[s
         for label, compiled in (("python ductwork.py", None), ("python -m ductwork, bytecode cached", cached)):
             cmd, cwd = command(compiled)
             health = [timed([*cmd, "healthcheck", "-c", str(cfg)], cwd) for _ in range(repeat * 4)]
+            over = statistics.median(health) - statistics.median(floor)
             out.append([kind, f"healthcheck wall time ({label})", fmt(health, " ms"),
-                        f"python -c pass: {fmt(floor, ' ms')}; over it: {statistics.median(health) - statistics.median(floor):.0f} ms"])
+                        f"python -c pass: {fmt(floor, ' ms')}; over it: {over:.0f} ms"])
         # restart latency after SIGKILL of a worker child: until its replacement has registered
         latencies = []
         for _ in range(repeat):
             victim = next(r for r in rows(db.url, "worker"))
             t0 = time.perf_counter()
             os.kill(victim[1], signal.SIGKILL)
-            wait_for(lambda v=victim: len(rows(db.url, "worker")) == 4 and all(r[1] != v[1] for r in rows(db.url, "worker")), 10)
+            wait_for(lambda v=victim: len(rows(db.url, "worker")) == 4
+                     and all(r[1] != v[1] for r in rows(db.url, "worker")), 10)
             latencies.append((time.perf_counter() - t0) * 1000)
         out.append([kind, "restart after SIGKILL of a child (to new row)", fmt(latencies, " ms"), ""])
         # memory

@@ -406,7 +406,7 @@ def fan_in(peer: Peer, db: Database, tmp: Path, width: int = FAN_WIDTH) -> float
     return took
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--peers", default="pgqueuer,procrastinate")
@@ -416,28 +416,51 @@ def main() -> None:
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--mark", help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    if args.worker:
-        worker = {"pgqueuer": pgqueuer_worker, "procrastinate": procrastinate_worker}[args.worker]
-        if args.worker == "pgqueuer":  # pgqueuer's own CLI runs on uvloop when available
-            try:
-                import uvloop
-                uvloop.install()
-            except ImportError:
-                pass
-        asyncio.run(worker(args.url, args.mark, args.name))
-        return
 
+def run_worker(args: argparse.Namespace) -> None:
+    """The `--worker` mode: one worker process of the named peer, started by Cluster."""
+    worker = {"pgqueuer": pgqueuer_worker, "procrastinate": procrastinate_worker}[args.worker]
+    if args.worker == "pgqueuer":  # pgqueuer's own CLI runs on uvloop when available
+        try:
+            import uvloop
+            uvloop.install()
+        except ImportError:
+            pass
+    asyncio.run(worker(args.url, args.mark, args.name))
+
+
+def importable_peers(names: str) -> list[Peer]:
+    """The peers named (comma-separated) whose libraries import; the others are skipped with the reason."""
     peers: list[Peer] = []
-    for name in args.peers.split(","):
+    for name in names.split(","):
         try:
             peers.append(PEERS[name]())
         except ImportError as exc:
             print(f"skipping {name}: cannot import ({exc}); install the `bench` extra", flush=True)
-    if not peers:
-        return
-    tmp = Path(tempfile.mkdtemp(prefix="peers-bench-"))
+    return peers
+
+
+def measure_figure(results: dict[tuple[str, str], list[float]], peer: Peer, figure: str, db: Database, tmp: Path,
+                   jobs: int) -> None:
+    """Run one figure for one peer on db and append its value(s) to results."""
+    if figure == "throughput":
+        key = f"{jobs} no-op jobs, jobs/s"
+        results.setdefault((peer.label(), key), []).append(throughput(peer, db, tmp, jobs))
+    elif figure == "warm":
+        key = f"{jobs} no-op jobs, warm workers, jobs/s"
+        results.setdefault((peer.label(), key), []).append(throughput_warm(peer, db, tmp, jobs))
+    elif figure == "chain":
+        lat = chain_latency(peer, db, tmp)
+        results.setdefault((peer.label(), "10-step chain median, ms"), []).append(statistics.median(lat))
+        results.setdefault((peer.label(), "10-step chain p90, ms"), []).append(sorted(lat)[int(len(lat) * 0.9) - 1])
+    elif figure == "fan":
+        results.setdefault((peer.label(), f"fan-out {FAN_WIDTH} + fan-in, s"), []).append(fan_in(peer, db, tmp))
+
+
+def measure_all(peers: list[Peer], args: argparse.Namespace, tmp: Path) -> dict[tuple[str, str], list[float]]:
+    """Every figure for every peer, each on a fresh database, repetitions interleaved; a failed figure is reported."""
     results: dict[tuple[str, str], list[float]] = {}
     for rep in range(args.repeat):  # interleaved repetitions
         for peer in peers:
@@ -445,28 +468,35 @@ def main() -> None:
                 db = Database()
                 try:
                     peer.install(db.url)
-                    if figure == "throughput":
-                        key = f"{args.jobs} no-op jobs, jobs/s"
-                        results.setdefault((peer.label(), key), []).append(throughput(peer, db, tmp, args.jobs))
-                    elif figure == "warm":
-                        key = f"{args.jobs} no-op jobs, warm workers, jobs/s"
-                        results.setdefault((peer.label(), key), []).append(throughput_warm(peer, db, tmp, args.jobs))
-                    elif figure == "chain":
-                        lat = chain_latency(peer, db, tmp)
-                        results.setdefault((peer.label(), "10-step chain median, ms"), []).append(statistics.median(lat))
-                        results.setdefault((peer.label(), "10-step chain p90, ms"), []).append(sorted(lat)[int(len(lat) * 0.9) - 1])
-                    elif figure == "fan":
-                        results.setdefault((peer.label(), f"fan-out {FAN_WIDTH} + fan-in, s"), []).append(fan_in(peer, db, tmp))
+                    measure_figure(results, peer, figure, db, tmp, args.jobs)
                     print(f"  rep {rep + 1}: {peer.name} {figure} done", file=sys.stderr, flush=True)
                 except Exception as exc:  # report and carry on with the other figures
                     print(f"  rep {rep + 1}: {peer.name} {figure} FAILED: {exc!r}", file=sys.stderr, flush=True)
                 finally:
                     db.drop()
-    shutil.rmtree(tmp, ignore_errors=True)
-    table(f"peers (median [min–max] over {args.repeat} repetitions)", ["library", "figure", "value"],
+    return results
+
+
+def report(results: dict[tuple[str, str], list[float]], repeat: int) -> None:
+    """Print the table and record every figure for bench/run.py's side-by-side."""
+    table(f"peers (median [min–max] over {repeat} repetitions)", ["library", "figure", "value"],
           [[lib, f, fmt(v, digits=2 if f.endswith(", s") else 1)] for (lib, f), v in results.items()])
     for (lib, figure), values in results.items():
         record(lib.split()[0], figure, values)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        run_worker(args)
+        return
+    peers = importable_peers(args.peers)
+    if not peers:
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="peers-bench-"))
+    results = measure_all(peers, args, tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    report(results, args.repeat)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,17 @@ def fill_backlog(db: Database, n: int) -> None:
         digest = t.one("SELECT definition FROM ductwork_runs WHERE id = ?", (first,))[0]
         t.run("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < ?) "
               "INSERT INTO ductwork_runs (pipeline, definition, status, input, created_at, updated_at) "
-              "SELECT 'BenchSingle', ?, 'in_progress', '[null]', {now}, {now} FROM c", (n - 1, digest))
-        t.run("INSERT INTO ductwork_branches (run_id, pipeline, definition, node, status, available_at, created_at, updated_at) "
-              "SELECT id, pipeline, definition, 0, 'running', {now}, {now}, {now} FROM ductwork_runs WHERE id > ?", (first,))
-        t.run("INSERT INTO ductwork_steps (run_id, branch_id, pipeline, node, name, status, input, available_at, created_at) "
-              "SELECT run_id, id, pipeline, 0, 'noop', 'queued', '[null]', {now}, {now} FROM ductwork_branches "
+              "SELECT 'BenchSingle', ?, 'in_progress', '[null]', {now}, {now} "
+              "FROM c", (n - 1, digest))
+        t.run("INSERT INTO ductwork_branches "
+              "(run_id, pipeline, definition, node, status, available_at, created_at, updated_at) "
+              "SELECT id, pipeline, definition, 0, 'running', {now}, {now}, {now} "
+              "FROM ductwork_runs "
+              "WHERE id > ?", (first,))
+        t.run("INSERT INTO ductwork_steps "
+              "(run_id, branch_id, pipeline, node, name, status, input, available_at, created_at) "
+              "SELECT run_id, id, pipeline, 0, 'noop', 'queued', '[null]', {now}, {now} "
+              "FROM ductwork_branches "
               "WHERE run_id > ?", (first,))
     if db.kind == "postgres":
         with store.tx() as t:
@@ -45,7 +51,8 @@ def steps_per_second(db: Database, tmp: Path, backlog: int) -> float:
     """From the first claim to the SAMPLE-th finished run, on the database clock."""
     fill_backlog(db, backlog)
     cluster = Cluster(db, tmp)
-    wait_for(lambda: cluster.count("SELECT count(*) FROM ductwork_runs WHERE status = 'completed'") >= SAMPLE, 300, 0.01)
+    wait_for(lambda: cluster.count("SELECT count(*) FROM ductwork_runs WHERE status = 'completed'") >= SAMPLE,
+             300, 0.01)
     with cluster.store.tx(write=False) as t:
         first = t.one("SELECT min(started_at) FROM ductwork_executions")[0]
         nth = t.one("SELECT finished_at FROM ductwork_runs WHERE status = 'completed' ORDER BY finished_at "
@@ -93,7 +100,8 @@ def main() -> None:
                     db.drop()
             db = Database(kind)
             try:
-                results.setdefault((kind, f"2 supervisors, {SAMPLE} single-step runs: steps/s"), []).append(two_supervisors(db, tmp))
+                results.setdefault((kind, f"2 supervisors, {SAMPLE} single-step runs: steps/s"), []).append(
+                    two_supervisors(db, tmp))
             finally:
                 db.drop()
     rows = [[k, f, fmt(v)] for (k, f), v in results.items()]
@@ -101,7 +109,8 @@ def main() -> None:
         small = [x for (k, f), v in results.items() if k == kind and f.startswith("small") for x in v]
         big = [x for (k, f), v in results.items() if k == kind and f.startswith("big") for x in v]
         if small and big:
-            rows.append([kind, "ratio big/small (1.0 = flat)", f"{sum(big) / len(big) / (sum(small) / len(small)):.2f}"])
+            ratio = sum(big) / len(big) / (sum(small) / len(small))
+            rows.append([kind, "ratio big/small (1.0 = flat)", f"{ratio:.2f}"])
     table("backlog scaling (median [min–max])", ["engine", "figure", "value"], rows)
 
 

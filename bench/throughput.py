@@ -99,7 +99,8 @@ def chain_latency(db: Database, tmp: Path, n: int = 20) -> list[float]:
     for _ in range(n):
         t0 = time.perf_counter()
         run_id = engine.trigger("BenchChain", [1])
-        wait_for(lambda r=run_id: cluster.count("SELECT count(*) FROM ductwork_runs WHERE id = ? AND status = 'completed'", (r,)),
+        wait_for(lambda r=run_id: cluster.count("SELECT count(*) FROM ductwork_runs "
+                                                "WHERE id = ? AND status = 'completed'", (r,)),
                  30, 0.0005)
         out.append((time.perf_counter() - t0) * 1000)
     cluster.stop()
@@ -148,7 +149,8 @@ def main() -> None:
                     elif figure == "chain":
                         lat = chain_latency(db, tmp)
                         results.setdefault((kind, "10-step chain median, ms"), []).append(statistics.median(lat))
-                        results.setdefault((kind, "10-step chain p90, ms"), []).append(sorted(lat)[int(len(lat) * 0.9) - 1])
+                        results.setdefault((kind, "10-step chain p90, ms"), []).append(
+                            sorted(lat)[int(len(lat) * 0.9) - 1])
                     elif figure == "fan":
                         results.setdefault((kind, "fan-out 1000 + fan-in, s"), []).append(fan_in(db, tmp))
                 finally:

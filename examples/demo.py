@@ -198,95 +198,139 @@ def show_outputs(runs: list) -> None:
     print(f"  EnrichUsers run {enrich.id} context: {json.dumps(enrich.context, sort_keys=True)}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keep-running", action="store_true",
                         help="leave `ductwork.py run` running in the foreground until Ctrl-C")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    tmp = Path(tempfile.mkdtemp(prefix="ductwork-demo-"))
-    db_url = f"sqlite:///{tmp / 'ductwork.sqlite3'}"       # absolute path: sqlite:////tmp/...
-    log_path = tmp / "ductwork.log"
+
+def demo_env(db_url: str) -> dict:
+    """The subprocesses' environment: the demo database, development mode, none of the caller's ductwork settings."""
     env = {**os.environ, "DUCTWORK_DATABASE_URL": db_url, "DUCTWORK_ENV": "development", "PYTHONUNBUFFERED": "1"}
     env.pop("DATABASE_URL", None)
     env.pop("DUCTWORK_ROLE", None)
     env.pop("DUCTWORK_APP", None)
-    print(f"demo: database {db_url}")
-    print(f"demo: log      {log_path}  (the directory is removed when the demo succeeds)")
+    return env
 
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGINT, _raise_stop)
+
+def migrate(env: dict) -> bool:
+    """`python ductwork.py migrate`; False, after saying why, if it failed or this script was interrupted."""
     try:
         migrated = cli("migrate", "-c", CONFIG, env=env)
     except Stop as why:
         print(f"demo: interrupted ({why})")
-        return 1
+        return False
     if migrated.returncode != 0:
         print(f"demo: migrate failed (exit {migrated.returncode}):\n{migrated.stdout}{migrated.stderr}")
-        return 1
+        return False
     print(f"demo: {migrated.stdout.strip()}")
+    return True
 
-    log_file = open(log_path, "wb")
+
+def start_ductwork(env: dict, log_file) -> subprocess.Popen:
+    """`python ductwork.py run` in the background, its output to log_file."""
     # A session of its own: our Ctrl-C reaches only this script, which then stops ductwork
     # with one SIGTERM (a second signal would mean "stop now" to the supervisor).
     proc = subprocess.Popen([sys.executable, "ductwork.py", "run", "-c", CONFIG], cwd=ROOT, env=env,
                             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     print(f"demo: started `python ductwork.py run -c {CONFIG}` (pid {proc.pid})")
+    return proc
+
+
+def run_pipelines(proc: subprocess.Popen, db_url: str) -> bool:
+    """Trigger every case, wait for the runs, print the summary and outputs; True if all finished as expected."""
+    os.environ["DUCTWORK_ENV"] = "development"
+    ductwork.configure(database_url=db_url, config=str(ROOT / CONFIG))
+    import demo_app
+
+    pipelines = {name: getattr(demo_app, name) for name in CASES}
+    started = time.monotonic()
+    runs = trigger_all(pipelines)
+    print(f"demo: triggered {len(runs)} runs of {len(pipelines)} pipelines; waiting up to {RUN_TIMEOUT:.0f}s")
+    finished = wait_all(runs, proc, RUN_TIMEOUT)
+    elapsed = time.monotonic() - started
+    print(f"demo: {'all runs finished' if finished else 'NOT all runs finished'} after {elapsed:.2f}s\n")
+    good, problems = summarize(runs)
+    show_outputs(runs)
+    for problem in problems:
+        print(f"demo: FAIL {problem}")
+    return finished and good
+
+
+def follow_log(proc: subprocess.Popen, db_url: str, log_path: Path) -> None:
+    """--keep-running: show how to poke the running ductwork, then echo its log until it exits or Ctrl-C."""
+    print(f"\ndemo: ductwork keeps running (pid {proc.pid}); try, from {ROOT}:")
+    print(f"  DUCTWORK_DATABASE_URL={db_url} python ductwork.py trigger Squares 3 -c {CONFIG}")
+    print(f"  DUCTWORK_DATABASE_URL={db_url} python ductwork.py status -c {CONFIG}")
+    print("demo: its log follows; press Ctrl-C to stop it\n")
+    with open(log_path, "rb") as follow:
+        follow.seek(0, os.SEEK_END)
+        try:
+            while proc.poll() is None:
+                chunk = follow.read()
+                if chunk:
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                    sys.stdout.flush()
+                else:
+                    time.sleep(0.2)
+        except Stop:
+            print()
+
+
+def shut_down(proc: subprocess.Popen, log_file) -> tuple[int | None, float]:
+    """Stop ductwork with signals to this script ignored meanwhile; returns stop()'s (exit code, seconds)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    code, took = stop(proc, SHUTDOWN_TIMEOUT)
+    log_file.close()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return code, took
+
+
+def clean_exit(code: int | None, took: float) -> bool:
+    """Report how ductwork took the SIGTERM; True if it exited 0."""
+    if code == 0:
+        print(f"\ndemo: SIGTERM -> ductwork exited 0 after {took:.2f}s")
+        return True
+    what = "did not exit and was killed" if code is None else f"exited {code}"
+    print(f"\ndemo: FAIL SIGTERM -> ductwork {what} after {took:.2f}s")
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="ductwork-demo-"))
+    db_url = f"sqlite:///{tmp / 'ductwork.sqlite3'}"       # absolute path: sqlite:////tmp/...
+    log_path = tmp / "ductwork.log"
+    env = demo_env(db_url)
+    print(f"demo: database {db_url}")
+    print(f"demo: log      {log_path}  (the directory is removed when the demo succeeds)")
+
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    if not migrate(env):
+        return 1
+
+    log_file = open(log_path, "wb")
+    proc = start_ductwork(env, log_file)
     ok = False
     try:
-        os.environ["DUCTWORK_ENV"] = "development"
-        ductwork.configure(database_url=db_url, config=str(ROOT / CONFIG))
-        import demo_app
-
-        pipelines = {name: getattr(demo_app, name) for name in CASES}
-        started = time.monotonic()
-        runs = trigger_all(pipelines)
-        print(f"demo: triggered {len(runs)} runs of {len(pipelines)} pipelines; waiting up to {RUN_TIMEOUT:.0f}s")
-        finished = wait_all(runs, proc, RUN_TIMEOUT)
-        elapsed = time.monotonic() - started
-        print(f"demo: {'all runs finished' if finished else 'NOT all runs finished'} after {elapsed:.2f}s\n")
-        good, problems = summarize(runs)
-        show_outputs(runs)
-        ok = finished and good
-        for problem in problems:
-            print(f"demo: FAIL {problem}")
-
+        ok = run_pipelines(proc, db_url)
         if args.keep_running and proc.poll() is None:
-            print(f"\ndemo: ductwork keeps running (pid {proc.pid}); try, from {ROOT}:")
-            print(f"  DUCTWORK_DATABASE_URL={db_url} python ductwork.py trigger Squares 3 -c {CONFIG}")
-            print(f"  DUCTWORK_DATABASE_URL={db_url} python ductwork.py status -c {CONFIG}")
-            print("demo: its log follows; press Ctrl-C to stop it\n")
-            with open(log_path, "rb") as follow:
-                follow.seek(0, os.SEEK_END)
-                try:
-                    while proc.poll() is None:
-                        chunk = follow.read()
-                        if chunk:
-                            sys.stdout.write(chunk.decode(errors="replace"))
-                            sys.stdout.flush()
-                        else:
-                            time.sleep(0.2)
-                except Stop:
-                    print()
+            follow_log(proc, db_url, log_path)
     except Stop as why:
         print(f"\ndemo: interrupted ({why}); stopping ductwork")
     except Exception as exc:  # report it, still shut ductwork down below
         print(f"demo: error: {type(exc).__name__}: {exc}")
         ok = False
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        code, took = stop(proc, SHUTDOWN_TIMEOUT)
-        log_file.close()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        code, took = shut_down(proc, log_file)
 
-    if code == 0:
-        print(f"\ndemo: SIGTERM -> ductwork exited 0 after {took:.2f}s")
-    else:
+    if not clean_exit(code, took):
         ok = False
-        what = "did not exit and was killed" if code is None else f"exited {code}"
-        print(f"\ndemo: FAIL SIGTERM -> ductwork {what} after {took:.2f}s")
     if not ok:
         print(f"\ndemo: FAILED; last lines of {log_path}:\n{tail(log_path)}")
         return 1
