@@ -3198,10 +3198,10 @@ class Outage:
     def retry(self, fn: Callable[[], Any], *, forever: bool = True, give_up: threading.Event | None = None,
               waiting: Callable[[], None] | None = None,
               on_error: Callable[[Exception], None] | None = None) -> Any:
-        """Run ``fn`` until the database answers: its result. An outage (DatabaseUnavailable, or SQLite locked
-        past its busy timeout) is logged once and retried after the capped backoff, ``waiting()`` called before
-        each pause; not ``forever``: None at once instead of a retry. DatabaseUnavailable once ``give_up`` is set
-        (checked during each pause). Any other error: raised, or with ``on_error`` handed to it and None."""
+        """Run ``fn`` until the database answers; its result. An outage (DatabaseUnavailable, SQLite locked past
+        its busy timeout) is logged once, then: not ``forever``, None at once; else ``waiting()`` and a backoff
+        pause, DatabaseUnavailable if ``give_up`` gets set meanwhile. Other errors: raised, or to ``on_error``
+        and None."""
         while True:
             try:
                 result = fn()
