@@ -2954,18 +2954,21 @@ class Wakeups:
     about to wait does not miss it. ``all()`` wakes everybody (shutdown)."""
 
     def __init__(self) -> None:
+        """Nobody waits yet, no hint pending."""
         self.lock = threading.Lock()
-        self.everyone: list[threading.Event] = []
-        self.idle: dict[tuple[str, str], list[threading.Event]] = {}
-        self.pending: set[tuple[str, str]] = set()
+        self.everyone: list[threading.Event] = []                         # every thread's event (all())
+        self.idle: dict[tuple[str, str], list[threading.Event]] = {}      # (channel, pipeline) -> waiting threads
+        self.pending: set[tuple[str, str]] = set()                        # hints that found nobody idle
 
-    def event(self, channel: str, pipeline: str) -> threading.Event:
+    def event(self) -> threading.Event:
+        """A new thread's own event: it waits on it in wait(); all() sets it."""
         ev = threading.Event()
         with self.lock:
             self.everyone.append(ev)
         return ev
 
     def wait(self, channel: str, pipeline: str, ev: threading.Event, timeout: float) -> None:
+        """Idle until a hint for this channel and pipeline, all(), or ``timeout`` (at once when one is pending)."""
         key = (channel, pipeline)
         with self.lock:
             if key in self.pending:
@@ -2991,6 +2994,7 @@ class Wakeups:
                 ev.set()
 
     def all(self) -> None:
+        """Wake every thread, idle or not (shutdown, or hints missed while Postgres reconnected)."""
         with self.lock:
             for ev in self.everyone:
                 ev.set()
@@ -3009,6 +3013,7 @@ class LocalWakeups:
     @staticmethod
     @functools.cache
     def folder(db_path: str) -> str:
+        """The socket folder of this database file for this user."""
         import hashlib
         import tempfile
         base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
@@ -3110,6 +3115,64 @@ QUICK_STEP = 0.005      # a step faster than this lets the batch grow
 QUICK_COMMIT = 0.02     # a finished result waits at most this long for its batch before committing
 
 
+@dataclasses.dataclass(frozen=True)
+class RoleSpec:
+    """One kind of ductwork process, named in each vocabulary, and what it runs."""
+    mode: str                      # what runs: Supervisor, or Runtime(role=mode): combined | advancer | worker
+    config_roles: tuple[str, ...]  # the ``role:`` / --role values that start it (supervisor is an alias of all)
+    forks: bool                    # forks children (only under ``forking: default``) instead of running threads
+    row_role: str                  # its process row's role: log lines, local heartbeat files, the health check
+    hook_kinds: tuple[str, ...]    # its lifecycle hooks in start order (stop hooks run in reverse)
+    workers: bool                  # runs job worker threads
+    advancers: bool                # runs advancer threads (and halts runs of pipelines that nobody serves)
+    shutdown_timeout: str          # the config key of its drain budget
+
+
+ROLE_SPECS = (
+    # role all, forking default: forks the advancer and one job worker per pipeline and keeps them alive
+    RoleSpec(mode="supervisor", config_roles=("all", "supervisor"), forks=True, row_role="supervisor",
+             hook_kinds=("supervisor",), workers=False, advancers=False,
+             shutdown_timeout="supervisor.shutdown_timeout"),
+    # role all, forking none: the supervisor's children as threads of one process
+    RoleSpec(mode="combined", config_roles=("all", "supervisor"), forks=False, row_role="supervisor",
+             hook_kinds=("supervisor", "advancer", "worker"), workers=True, advancers=True,
+             shutdown_timeout="job_worker.shutdown_timeout"),
+    RoleSpec(mode="advancer", config_roles=("advancer",), forks=False, row_role="advancer",
+             hook_kinds=("advancer",), workers=False, advancers=True,
+             shutdown_timeout="pipeline_advancer.shutdown_timeout"),
+    RoleSpec(mode="worker", config_roles=("worker",), forks=False, row_role="worker",
+             hook_kinds=("worker",), workers=True, advancers=False,
+             shutdown_timeout="job_worker.shutdown_timeout"),
+)
+ROLE_MODES = {spec.mode: spec for spec in ROLE_SPECS}
+
+
+def role_spec(role: str, forking: str = "default") -> RoleSpec:
+    """What a ``role:`` value starts: ``all`` is the supervisor, or under ``forking: none`` one combined runtime."""
+    for spec in ROLE_SPECS:
+        if role in spec.config_roles and not (spec.forks and forking != "default"):
+            return spec
+    raise KeyError(role)
+
+
+# The child -> supervisor pipe: one line per message, a kind, then a space and its text if it has one.
+PIPE_READY = "R"   # booted, its process row id follows: from here on a death is a crash, not a failed boot
+PIPE_ERROR = "E"   # the boot failed, the (masked) error follows; the child exits next
+PIPE_ALIVE = "."   # a tick of its control loop, or of a wait for the database: no line for hang_timeout is a hang
+
+
+def pipe_encode(kind: str, text: str = "") -> bytes:
+    """One pipe message as a line (of a text, its first line only: the supervisor reads line by line)."""
+    line = f"{kind} {text}" if text else kind
+    return line.partition("\n")[0].encode() + b"\n"
+
+
+def pipe_decode(line: bytes) -> tuple[str, str]:
+    """A pipe line as (kind, text)."""
+    kind, _, text = line.decode(errors="replace").partition(" ")
+    return kind, text
+
+
 def machine_identifier() -> str:
     """DUCTWORK_MACHINE_ID, else the host name (unique per container/pod, unlike /etc/machine-id)."""
     return os.environ.get("DUCTWORK_MACHINE_ID") or os.uname().nodename
@@ -3124,6 +3187,7 @@ class Fault:
     once across all processes (the first to create ``path.<checkpoint>`` wins)."""
 
     def __init__(self, spec: str | None = None, once: str | None = None):
+        """Parse the fault spec (default: the environment's)."""
         spec = os.environ.get("DUCTWORK_FAULT", "") if spec is None else spec
         self.once = os.environ.get("DUCTWORK_FAULT_ONCE") if once is None else once
         self.points: dict[str, list[tuple[str, str, str | None]]] = {}
@@ -3134,6 +3198,7 @@ class Fault:
             self.points.setdefault(point, []).append((action or "raise", arg, step or None))
 
     def __call__(self, point: str, step: str | None = None) -> None:
+        """Fire the faults configured for this checkpoint (and this step, if they name one)."""
         for action, arg, only in self.points.get(point, ()):
             if only and only != step:
                 continue
@@ -3155,24 +3220,32 @@ class Fault:
                 raise FaultInjected(f"fault injected at {point}")
 
 
+def first_line(exc: BaseException) -> str:
+    """An error for a one-line log message: its first line, passwords masked (its type if it has no text)."""
+    return mask(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 class Outage:
-    """Logs a database outage once when it starts and once when it ends; gives the backoff."""
+    """Logs a database outage once when it starts and once when it ends; gives the backoff; retries."""
 
     def __init__(self) -> None:
+        """No outage yet."""
         self.lock = threading.Lock()
         self.down_since: float | None = None
         self.failures = 0
 
     def failed(self, exc: BaseException) -> float:
+        """Count a failed call (logging the outage's start); the pause before the next try."""
         with self.lock:
             self.failures += 1
             if self.down_since is None:
                 self.down_since = time.monotonic()
-                log.warning("database unavailable, retrying with backoff: %s", mask(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__)
+                log.warning("database unavailable, retrying with backoff: %s", first_line(exc))
             # capped at 2 s: a returning database is noticed within about 2 s, without a busy loop
             return backoff(self.failures + 1, 0.05, 2.0, jitter=0.2)
 
     def ok(self) -> None:
+        """A call went through: log the outage's end, if there was one."""
         if self.down_since is None:
             return
         with self.lock:
@@ -3180,16 +3253,45 @@ class Outage:
                 log.info("database reachable again after %.1fs", time.monotonic() - self.down_since)
             self.down_since, self.failures = None, 0
 
+    def retry(self, fn: Callable[[], Any], *, forever: bool = True, give_up: threading.Event | None = None,
+              waiting: Callable[[], None] | None = None,
+              on_error: Callable[[Exception], None] | None = None) -> Any:
+        """Run ``fn`` until the database answers; its result. An outage (DatabaseUnavailable, SQLite locked past
+        its busy timeout) is logged once, then: not ``forever``, None at once; else ``waiting()`` and a backoff
+        pause, DatabaseUnavailable if ``give_up`` gets set meanwhile. Other errors: raised, or to ``on_error``
+        and None."""
+        while True:
+            try:
+                result = fn()
+                self.ok()
+                return result
+            except (DatabaseUnavailable, sqlite3.OperationalError) as exc:
+                pause = self.failed(exc)
+            except Exception as exc:
+                if on_error is None:
+                    raise
+                on_error(exc)
+                return None
+            if not forever:
+                return None
+            if waiting is not None:
+                waiting()
+            if (give_up or threading.Event()).wait(pause):
+                raise DatabaseUnavailable("gave up waiting for the database")
+
 
 class Runtime:
     """One process's job worker and/or advancer threads plus its heartbeat/reaper thread.
 
     Used by ``forking: none`` (both roles), the foreground roles, and every forked child."""
 
-    def __init__(self, config: Config, role: str, pipelines: list[str], *, worker_pipelines: list[str] | None = None,
-                 parent_row: int | None = None, report_fd: int | None = None, restarts: int = 0):
+    def __init__(self, config: Config, role: str, pipelines: list[str], *,
+                 worker_pipelines: list[str] | None = None, parent_row: int | None = None,
+                 report_fd: int | None = None, restarts: int = 0):
+        """A runtime of mode ``role`` for ``pipelines``; a forked child also gets its pipe and its supervisor's row."""
         self.config = config
-        self.role = role                        # advancer | worker | combined
+        self.role = role                        # advancer | worker | combined: a mode of ROLE_SPECS
+        self.spec = ROLE_MODES[role]
         self.pipelines = pipelines              # advanced pipelines
         self.worker_pipelines = pipelines if worker_pipelines is None else worker_pipelines
         self.parent_row, self.report_fd, self.restarts = parent_row, report_fd, restarts
@@ -3215,11 +3317,12 @@ class Runtime:
     # -- process row -------------------------------------------------------------------
     @property
     def row_role(self) -> str:
-        return {"combined": "supervisor"}.get(self.role, self.role)
+        """This process's role in its row, its log lines and its local heartbeat file."""
+        return self.spec.row_role
 
     def register(self) -> None:
         """Insert this process's row (its id fences every claim this process makes)."""
-        pipes = ",".join(self.worker_pipelines if self.role == "worker" else self.pipelines)
+        pipes = ",".join(self.pipelines if self.spec.advancers else self.worker_pipelines)
         with self.store.tx() as t:
             self.process_id = int(t.one(SQL.register_process, {
                 "pid": os.getpid(), "machine": self.machine, "role": self.row_role, "pipelines": pipes,
@@ -3227,13 +3330,25 @@ class Runtime:
                 "info": self.info_json()})[0])
         log.debug("registered process row %s", self.process_id)
 
+    def thread_plan(self) -> list[tuple[str, Callable, Any]]:
+        """The threads this process runs, as (name, target, argument): its workers and advancers, the
+        heartbeat and the listener."""
+        plan: list[tuple[str, Callable, Any]] = []
+        if self.spec.workers:
+            plan += [(f"ductwork.worker.{pipeline}.{n}", self.worker_loop, pipeline)
+                     for pipeline in self.worker_pipelines
+                     for n in range(int(self.config.get("job_worker.count", pipeline)))]
+        if self.spec.advancers:
+            plan += [(f"ductwork.advancer.{pipeline}.{n}", self.advancer_loop, pipeline)
+                     for pipeline in self.pipelines
+                     for n in range(int(self.config.get("pipeline_advancer.count", pipeline)))]
+        listen = self.listen_loop if self.store.dialect == "postgres" else self.local_listen_loop
+        return plan + [(f"ductwork.{self.row_role}.heartbeat.0", self.heartbeat_loop, None),
+                       (f"ductwork.{self.row_role}.listener.0", listen, None)]
+
     def planned_threads(self) -> int:
-        """The threads this process runs: its workers and advancers, the heartbeat and the listener."""
-        workers = sum(int(self.config.get("job_worker.count", p)) for p in self.worker_pipelines) \
-            if self.role in ("worker", "combined") else 0
-        advancers = sum(int(self.config.get("pipeline_advancer.count", p)) for p in self.pipelines) \
-            if self.role in ("advancer", "combined") else 0
-        return workers + advancers + 2
+        """How many threads this process runs (thread_plan)."""
+        return len(self.thread_plan())
 
     def info_json(self) -> str:
         """The row's ``info``: the threads (alive once started, else planned) and the steps in flight."""
@@ -3241,6 +3356,7 @@ class Runtime:
         return _dumps({"threads": alive, "in_flight": len(self.in_flight)})
 
     def _unregister(self) -> None:
+        """Close the wake-up socket, hand back what the row still holds, delete the row and the heartbeat file."""
         if self.wake_socket is not None:   # gone with the process, not a second later with its listener
             LocalWakeups.close(self.wake_socket)
         if not self.process_id:
@@ -3256,19 +3372,10 @@ class Runtime:
 
     # -- database retries --------------------------------------------------------------
     def _db_retry(self, fn: Callable[[], Any], give_up: threading.Event | None = None) -> Any:
-        """Run ``fn`` until the database answers (outages: log once, capped backoff)."""
-        while True:
-            try:
-                result = fn()
-                self.outage.ok()
-                return result
-            except DatabaseUnavailable as exc:
-                pause = self.outage.failed(exc)
-            except sqlite3.OperationalError as exc:  # locked past the busy timeout
-                pause = self.outage.failed(exc)
-            self._report(".")  # waiting for the database is not a hang (a booting child has no loop yet)
-            if (give_up or self.dead).wait(pause):
-                raise DatabaseUnavailable("gave up waiting for the database")
+        """Outage.retry for this process: forever, reporting alive while it waits (waiting for the database
+        is not a hang, and a booting child has no loop yet); DatabaseUnavailable once ``give_up`` (by default
+        ``dead``) is set."""
+        return self.outage.retry(fn, give_up=give_up or self.dead, waiting=lambda: self._report(PIPE_ALIVE))
 
     def _claim(self, claim: Callable[[], list], what: str, pipeline: str) -> list | None:
         """A claim through the outage retry: its claims; [] after an error (logged, then a
@@ -3289,13 +3396,14 @@ class Runtime:
         slow steps go one at a time so other threads and processes share them. The batch size
         survives an idle spell (a burst is claimed in full batches at once): a step that turns
         out slow gives the rest of its batch back to the queue instead of holding it."""
-        wake = self.wakeups.event(CH_JOBS, pipeline)
+        wake = self.wakeups.event()
         idle = float(self.config.get("job_worker.polling_timeout", pipeline))
         limit = 1
         claims: list[JobClaim] = []
         while not self.stopping.is_set():
             if not claims:
-                got = self._claim(lambda n=limit: self.engine.claim_steps(pipeline, self.process_id, n), "steps", pipeline)
+                got = self._claim(lambda n=limit: self.engine.claim_steps(pipeline, self.process_id, n),
+                                  "steps", pipeline)
                 if got is None:
                     break
                 claims = got
@@ -3362,7 +3470,8 @@ class Runtime:
             log.error("worker error around step %s: %s; handing it back", c.name, exc,
                       extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
             with contextlib.suppress(DatabaseUnavailable):
-                self._db_retry(lambda why=str(exc): self.engine.hand_back(c.process_id, [c.step_id], why), self.dead)
+                self._db_retry(lambda why=str(exc): self.engine.hand_back(c.process_id, [c.step_id], why),
+                               self.dead)
             self._untrack([c])
             return None
         if not ok:
@@ -3385,7 +3494,8 @@ class Runtime:
             args = value if c.node == 0 else [value]
             if inspect.isclass(fn):
                 obj = fn()
-                obj.context, obj.run_id, obj.attempt, obj.idempotency_key = ctx.context, c.run_id, c.attempt, ctx.idempotency_key
+                obj.context, obj.run_id, obj.attempt = ctx.context, c.run_id, c.attempt
+                obj.idempotency_key = ctx.idempotency_key
                 obj.step_id, obj.pipeline = c.step_id, c.pipeline
                 result = obj.execute(*args)
             else:
@@ -3393,7 +3503,8 @@ class Runtime:
             try:
                 return True, _dumps(result)
             except (TypeError, ValueError):
-                raise StepOutputError(f"step {c.name} returned a non-JSON value of type {type(result).__name__}") from None
+                raise StepOutputError(
+                    f"step {c.name} returned a non-JSON value of type {type(result).__name__}") from None
         except Exception as exc:
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=20))
             text = f"{type(exc).__name__}: {exc}\n{tb[-8000:]}"
@@ -3403,6 +3514,7 @@ class Runtime:
             _CURRENT.step = None
 
     def _commit_results(self, results: list[StepResult], claim_limit: int) -> list[JobClaim]:
+        """Commit finished steps (and claim up to ``claim_limit`` more in the same transaction): the new claims."""
         if not results:
             return []
         try:
@@ -3434,11 +3546,13 @@ class Runtime:
         return done.claims
 
     def _track(self, claims: list[JobClaim]) -> None:
+        """Note claims as in flight, not started yet (a drain releases them without counting a crash)."""
         with self.in_flight_lock:
             for c in claims:
                 self.in_flight[c.step_id] = (c, False)
 
     def _untrack(self, claims: list[JobClaim]) -> None:
+        """Claims this process no longer holds (committed, handed back or released)."""
         with self.in_flight_lock:
             for c in claims:
                 self.in_flight.pop(c.step_id, None)
@@ -3454,7 +3568,8 @@ class Runtime:
 
     # -- advancer ----------------------------------------------------------------------
     def advancer_loop(self, pipeline: str) -> None:
-        wake = self.wakeups.event(CH_ADVANCE, pipeline)
+        """Claim a branch whose step finished and advance it, one at a time, until stopping."""
+        wake = self.wakeups.event()
         idle = float(self.config.get("pipeline_advancer.polling_timeout", pipeline))
         while not self.stopping.is_set():
             claims = self._claim(lambda: self.engine.claim_branches(pipeline, self.process_id, 1), "branches", pipeline)
@@ -3468,6 +3583,7 @@ class Runtime:
                 self.wakeups.wait(CH_ADVANCE, pipeline, wake, idle)
 
     def advance(self, b: BranchClaim) -> None:
+        """Advance one claimed branch; infrastructure failures hand it back, other errors spend its retries."""
         halted: list[int] = []
         try:
             self.fault("after_branch_claim")
@@ -3485,7 +3601,8 @@ class Runtime:
                 self._db_retry(lambda: self.engine.release_branch(b, False), self.dead)
             return
         except Exception:
-            log.exception("advancing branch %s of run %s failed", b.id, b.run_id, extra={"run": b.run_id, "pipeline": b.pipeline})
+            log.exception("advancing branch %s of run %s failed", b.id, b.run_id,
+                          extra={"run": b.run_id, "pipeline": b.pipeline})
             failures = b.advance_failures + 1
             if failures > int(self.config.get("pipeline_advancer.max_retry", b.pipeline)):
                 halted = self.engine.halt_branch(b, ADVANCER_RETRIES_EXHAUSTED)
@@ -3496,7 +3613,10 @@ class Runtime:
 
     # -- heartbeat & reaper ------------------------------------------------------------
     def heartbeat_loop(self) -> None:
+        """Heartbeat every interval; now and then reap dead peers, release orphaned claims and (advancers)
+        halt runs of pipelines nobody serves."""
         interval = float(self.config.get("supervisor.heartbeat_interval"))
+        reap_every = min(interval * 2, float(self.config.get("supervisor.reaper_timeout")) / 2)
         next_reap = 0.0
         while not self.dead.wait(interval):
             try:
@@ -3504,9 +3624,9 @@ class Runtime:
                 if time.monotonic() >= next_reap:
                     self.reap()
                     self.release_orphans()
-                    if self.role in ("advancer", "combined"):
+                    if self.spec.advancers:
                         self.halt_unknown_pipelines()
-                    next_reap = time.monotonic() + min(interval * 2, float(self.config.get("supervisor.reaper_timeout")) / 2)
+                    next_reap = time.monotonic() + reap_every
                 self.outage.ok()
             except (DatabaseUnavailable, sqlite3.OperationalError) as exc:
                 self.outage.failed(exc)
@@ -3514,6 +3634,7 @@ class Runtime:
                 log.exception("heartbeat failed")
 
     def heartbeat(self) -> None:
+        """Refresh this process's row; register again if a peer reaped it while this process was paused."""
         state = "draining" if self.stopping.is_set() else "running"
         with self.store.tx() as t:
             alive = t.run(SQL.heartbeat, {"state": state, "restarts": self.restarts, "info": self.info_json(),
@@ -3523,6 +3644,7 @@ class Runtime:
             self.register()
 
     def reap(self) -> int:
+        """Reap peers whose heartbeat is older than the reaper timeout: how many."""
         timeout = float(self.config.get("supervisor.reaper_timeout"))
         with self.store.tx(write=False) as t:
             stale = [r[0] for r in t.all(SQL.stale_processes, {"timeout": timeout, "own_id": self.process_id})]
@@ -3623,13 +3745,13 @@ class Runtime:
 
     # -- lifecycle ---------------------------------------------------------------------
     def install_signals(self) -> None:
+        """Record TERM, INT, QUIT, TTIN and HUP for the main thread's loop (see the supervisor's signal table)."""
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN, signal.SIGHUP):
             signal.signal(sig, lambda signum, frame: self.signals.put(signum))
 
     def hooks(self, phase: str) -> None:
-        kinds = {"advancer": ["advancer"], "worker": ["worker"], "combined": ["supervisor", "advancer", "worker"]}[self.role]
-        if phase == "stop":
-            kinds = list(reversed(kinds))
+        """Run this role's lifecycle hooks of ``phase`` (start | stop; stop in reverse order)."""
+        kinds = self.spec.hook_kinds if phase == "start" else tuple(reversed(self.spec.hook_kinds))
         for kind in kinds:
             run_hooks(f"{kind}_{phase}")
 
@@ -3640,43 +3762,41 @@ class Runtime:
         self._db_retry(lambda: ensure_schema(self.store))
         self._db_retry(self.register)
         self._check_clock()
-        self._report(f"R {self.process_id}")  # booted: from here on a death is a crash, not a failed boot
+        self._report(PIPE_READY, str(self.process_id))
         self.start_threads()
         log.info("%s started (pid %d, row %d) for %s", self.row_role, os.getpid(), self.process_id,
                  ", ".join(sorted(set(self.pipelines) | set(self.worker_pipelines))) or "no pipelines")
         if self.report_fd is None:  # foreground: no supervisor to state the drain arithmetic
-            key = "pipeline_advancer.shutdown_timeout" if self.role == "advancer" else "job_worker.shutdown_timeout"
-            budget = self.config.get(key)
-            log.info("drain: this %s gets %ss (%s) after SIGTERM; give the orchestrator at least %ss "
-                     "(terminationGracePeriodSeconds / stop_grace_period)", self.row_role, budget, key, int(budget) + 5)
-            for warning in self.config.warnings():
-                log.warning("config: %s", warning)
+            self.log_drain_arithmetic()
         code = self.loop()
         self.hooks("stop")
         return code
 
+    def log_drain_arithmetic(self) -> None:
+        """In the foreground: this role's drain budget and the grace period the orchestrator must give it."""
+        key = self.spec.shutdown_timeout
+        budget = self.config.get(key)
+        log.info("drain: this %s gets %ss (%s) after SIGTERM; give the orchestrator at least %ss "
+                 "(terminationGracePeriodSeconds / stop_grace_period)", self.row_role, budget, key, int(budget) + 5)
+        for warning in self.config.warnings():
+            log.warning("config: %s", warning)
+
     def start_threads(self) -> None:
-        if self.role in ("worker", "combined"):
-            for pipeline in self.worker_pipelines:
-                for n in range(int(self.config.get("job_worker.count", pipeline))):
-                    self._spawn(f"ductwork.worker.{pipeline}.{n}", self.worker_loop, pipeline)
-        if self.role in ("advancer", "combined"):
-            for pipeline in self.pipelines:
-                for n in range(int(self.config.get("pipeline_advancer.count", pipeline))):
-                    self._spawn(f"ductwork.advancer.{pipeline}.{n}", self.advancer_loop, pipeline)
-        self._spawn(f"ductwork.{self.row_role}.heartbeat.0", self.heartbeat_loop, None)
-        listen = self.listen_loop if self.store.dialect == "postgres" else self.local_listen_loop
-        self._spawn(f"ductwork.{self.row_role}.listener.0", listen, None)
+        """Start the threads of thread_plan()."""
+        for name, target, arg in self.thread_plan():
+            self._spawn(name, target, arg)
 
     def _spawn(self, name: str, target: Callable, arg: Any) -> None:
+        """Start one daemon thread (``arg``: its one argument, None for none)."""
         thread = threading.Thread(target=target, args=(arg,) if arg is not None else (), name=name, daemon=True)
         self.threads.append(thread)
         thread.start()
 
     def loop(self) -> int:
+        """The main thread: report alive each tick, drain when the supervisor is gone, act on recorded signals."""
         tick = min(1.0, float(self.config.get("supervisor.heartbeat_interval")))
         while True:
-            self._report(".")
+            self._report(PIPE_ALIVE)
             _touch_local_heartbeat(self.machine, self.row_role)
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("supervisor (pid %d) is gone; draining", self.parent_pid)
@@ -3697,10 +3817,7 @@ class Runtime:
         started = time.monotonic()
         self.stopping.set()
         self.wakeups.all()
-        budget = float(self.config.get("job_worker.shutdown_timeout"))
-        if self.role == "advancer":
-            budget = float(self.config.get("pipeline_advancer.shutdown_timeout"))
-        deadline = started + budget
+        deadline = started + float(self.config.get(self.spec.shutdown_timeout))
         for thread in self.threads:
             if thread.name.endswith(("heartbeat.0", "listener.0")):
                 continue
@@ -3712,6 +3829,7 @@ class Runtime:
         return EXIT_OK
 
     def quit(self) -> int:
+        """QUIT: stop claiming, hand every in-flight step back at once, exit."""
         self.stopping.set()
         handed = self._hand_back_in_flight("quit")
         self.dead.set()
@@ -3730,24 +3848,27 @@ class Runtime:
             self.store.discard()  # this thread's connection dates from register(): a server restart since then broke it
         try:
             for process_id in {c.process_id for c in started}:
-                handed += self.engine.hand_back(process_id, [c.step_id for c in started if c.process_id == process_id], why)
+                ids = [c.step_id for c in started if c.process_id == process_id]
+                handed += self.engine.hand_back(process_id, ids, why)
             for c in unstarted:
                 self.engine.release(c.process_id, [c.step_id], c.pipeline)
         except Exception as exc:
             log.warning("could not hand back %d step(s): %s (a peer reaps them later)", len(entries), exc)
         return handed
 
-    def _report(self, message: str) -> None:
+    def _report(self, kind: str, text: str = "") -> None:
+        """Tell the supervisor (a forked child only; PIPE_*); never blocks, gives up once the pipe is gone."""
         if self.report_fd is None:
             return
         try:
-            os.write(self.report_fd, (message + "\n").encode())
+            os.write(self.report_fd, pipe_encode(kind, text))
         except BlockingIOError:
             pass
         except OSError:
             self.report_fd = None
 
     def _check_clock(self) -> None:
+        """Warn when this host's clock and the database's differ by more than 5 s."""
         try:
             skew = self.store.now() - time.time()
         except Exception:
@@ -3776,6 +3897,26 @@ def dump_threads(role: str) -> None:
 # (children write a line every tick of their control loop: that is how hangs are seen),
 # then handles queued signals, reaps exited children (waitpid), kills silent ones,
 # starts due children and writes the heartbeat. Nothing here runs in a thread.
+#
+# signal        the supervisor                                  a Runtime (a child, or a foreground role)
+# TERM, INT     drain: TERM to every child, wait for them up    drain: stop claiming, give in-flight steps the
+#               to supervisor.shutdown_timeout, then SIGKILL    role's shutdown_timeout, hand back the rest, exit 0
+# 2nd TERM/INT  SIGKILL every child, hand its work back, exit   ignored: the drain goes on
+# QUIT          as a second TERM                                hand every in-flight step back at once, exit 0
+# TTIN          dump its thread stacks, send TTIN to every      dump its thread stacks to stdout
+#               child
+# HUP           rolling restart: re-import the app, start new   ignored (the supervisor TERMs the old children
+#               children, TERM the old ones (not while          itself)
+#               shutting down)
+# CHLD          nothing: it only wakes the loop, which reaps    not handled (a Runtime forks nothing)
+#               (waitpid) every turn
+#
+# Three signal mechanisms, one rule: a handler only records the signal, and the code that acts on it runs
+# in the ordinary flow of one thread. The supervisor has no threads and already sleeps in a selectors loop,
+# so its handler appends to a list and writes a byte to the self-pipe that the loop selects on. A Runtime's
+# main thread has nothing to select on (its threads do the work); its handler puts the signal into a
+# SimpleQueue that the main thread blocks on, a tick at a time. The dashboard's main thread only waits for
+# the end, so its handler sets an Event.
 
 BOOT_BACKOFF_START, BOOT_BACKOFF_CAP = 0.5, 30.0
 
@@ -3784,33 +3925,36 @@ BOOT_BACKOFF_START, BOOT_BACKOFF_CAP = 0.5, 30.0
 class ChildSpec:
     """One child the supervisor keeps alive: the advancer, or the worker of one pipeline."""
     key: str                      # "advancer" | "worker:<Pipeline>"
-    role: str                     # advancer | worker
-    pipelines: list[str]
-    restarts: int = 0
-    boot_failures: int = 0
+    role: str                     # its Runtime's mode: advancer | worker
+    pipelines: list[str]          # the pipelines it serves (the advancer: all of them)
+    restarts: int = 0             # how often it was started again (crashes and failed boots)
+    boot_failures: int = 0        # failed boots in a row (reset once one boots)
     next_start: float = 0.0       # monotonic time when it may start again
-    last_error: str = ""
+    last_error: str = ""          # the last failed boot's error line
 
 
 @dataclasses.dataclass
 class Child:
+    """One forked child process of a ChildSpec."""
     spec: ChildSpec
     pid: int
-    fd: int
-    started: float
-    last_seen: float
-    row_id: int | None = None
-    ready: bool = False
-    buffer: bytes = b""
-    killed_for: str = ""
-    retiring: bool = False
+    fd: int                       # the read end of its pipe
+    started: float                # monotonic time of the fork
+    last_seen: float              # monotonic time of its last pipe message (hang_timeout counts from here)
+    row_id: int | None = None     # its process row, once it reported PIPE_READY
+    ready: bool = False           # it booted: a death from now on is a crash, not a failed boot
+    buffer: bytes = b""           # a partial line read from its pipe
+    killed_for: str = ""          # why the supervisor killed it, if it did
+    retiring: bool = False        # an old generation's child, draining after a HUP
 
 
 class Supervisor:
     """Forks one advancer and one job worker per pipeline, keeps them alive, drains them."""
 
     def __init__(self, config: Config, pipelines: list[str]):
+        """A supervisor of the advancer and one worker per pipeline; it forks nothing until run()."""
         self.config = config
+        self.role = ROLE_MODES["supervisor"]
         self.specs = [ChildSpec("advancer", "advancer", list(pipelines))]
         self.specs += [ChildSpec(f"worker:{p}", "worker", [p]) for p in pipelines]
         self.children: dict[int, Child] = {}
@@ -3831,14 +3975,15 @@ class Supervisor:
 
     # -- entry point --------------------------------------------------------------------
     def run(self) -> int:
-        _PROCESS_ROLE["role"] = "supervisor"
+        """Boot, fork the children, loop until they are all gone after a shutdown; the exit code."""
+        _PROCESS_ROLE["role"] = self.role.row_role
         try:
-            run_hooks("supervisor_start")
+            self.hooks("start")
         except HookFailed as exc:
             log.error("supervisor boot failed: %s", exc)
             return EXIT_FAILURE
-        self._with_db(lambda: ensure_schema(self.store), forever=True)
-        self._with_db(self.register, forever=True)
+        self.outage.retry(lambda: ensure_schema(self.store))
+        self.outage.retry(self.register)
         self.store.close()
         self.install_signals()
         self.log_drain_arithmetic()
@@ -3848,13 +3993,20 @@ class Supervisor:
             self.spawn(spec)
         while self.children or self.stopping_since is None:
             self.loop_once()
-        self._with_db(lambda: self._delete_row(), forever=False)
+        self._with_db(self._delete_row)
         self.store.close()
-        run_hooks("supervisor_stop")
+        self.hooks("stop")
         log.info("supervisor stopped (exit %d)", self.exit_code)
         return self.exit_code
 
+    def hooks(self, phase: str) -> None:
+        """Run the supervisor's lifecycle hooks of ``phase`` (start | stop)."""
+        kinds = self.role.hook_kinds if phase == "start" else tuple(reversed(self.role.hook_kinds))
+        for kind in kinds:
+            run_hooks(f"{kind}_{phase}")
+
     def loop_once(self) -> None:
+        """One turn: wait for a pipe, then signals, reaping, hangs, starts or the deadline, the heartbeat."""
         for key, _ in self.selector.select(self.next_timeout()):
             if key.fd == self.wake_r:
                 self._drain_wake_pipe()
@@ -3870,6 +4022,7 @@ class Supervisor:
         self.maybe_heartbeat()
 
     def next_timeout(self) -> float:
+        """How long the loop may sleep: until the next heartbeat, due start or polling timeout."""
         now = time.monotonic()
         timeout = float(self.config.get("supervisor.polling_timeout"))
         pending = [s.next_start for s in self.specs if not self._running(s) and s.next_start > now]
@@ -3878,38 +4031,63 @@ class Supervisor:
         return max(0.0, min(timeout, self.next_heartbeat - now))
 
     # -- signals ------------------------------------------------------------------------
+    def signal_handlers(self) -> dict[int, Callable[[int], None]]:
+        """The signals the supervisor handles, each with its handle_<signal> method (the table above)."""
+        return {signal.SIGTERM: self.handle_term, signal.SIGINT: self.handle_term,
+                signal.SIGQUIT: self.handle_quit, signal.SIGTTIN: self.handle_ttin,
+                signal.SIGHUP: self.handle_hup, signal.SIGCHLD: self.handle_chld}
+
     def install_signals(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN, signal.SIGHUP, signal.SIGCHLD):
+        """Install the record-only handler for every signal of signal_handlers()."""
+        for sig in self.signal_handlers():
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        """The handler: record the signal and wake the loop, nothing else."""
         self.signals.append(signum)
         with contextlib.suppress(OSError):
             os.write(self.wake_w, b"!")
 
     def _drain_wake_pipe(self) -> None:
+        """Empty the self-pipe (its bytes only woke the loop)."""
         with contextlib.suppress(OSError):
             while os.read(self.wake_r, 4096):
                 pass
 
     def handle_signals(self) -> None:
+        """Act on the recorded signals, oldest first."""
+        handlers = self.signal_handlers()
         while self.signals:
             signum = self.signals.pop(0)
-            if signum in (signal.SIGTERM, signal.SIGINT):
-                if self.stopping_since is None:
-                    self.begin_shutdown(f"received {signal.Signals(signum).name}")
-                else:
-                    log.warning("second %s: stopping now", signal.Signals(signum).name)
-                    self.quit_now()
-            elif signum == signal.SIGQUIT:
-                self.quit_now()
-            elif signum == signal.SIGTTIN:
-                dump_threads("supervisor")
-                self.signal_children(signal.SIGTTIN)
-            elif signum == signal.SIGHUP and self.stopping_since is None:
-                self.rolling_restart()
+            handlers[signum](signum)
+
+    def handle_term(self, signum: int) -> None:
+        """TERM or INT: drain; a second one: stop now."""
+        if self.stopping_since is None:
+            self.begin_shutdown(f"received {signal.Signals(signum).name}")
+        else:
+            log.warning("second %s: stopping now", signal.Signals(signum).name)
+            self.quit_now()
+
+    def handle_quit(self, signum: int) -> None:
+        """QUIT: stop now."""
+        self.quit_now()
+
+    def handle_ttin(self, signum: int) -> None:
+        """TTIN: dump this process's threads, and have every child dump its own."""
+        dump_threads(self.role.row_role)
+        self.signal_children(signal.SIGTTIN)
+
+    def handle_hup(self, signum: int) -> None:
+        """HUP: a rolling restart (not while shutting down)."""
+        if self.stopping_since is None:
+            self.rolling_restart()
+
+    def handle_chld(self, signum: int) -> None:
+        """CHLD: nothing to do; it woke the loop, and the loop reaps every turn (reap_children)."""
 
     def begin_shutdown(self, why: str, code: int = EXIT_OK) -> None:
+        """Start draining: TERM every child; the loop ends when they are gone (or the deadline kills them)."""
         log.info("shutting down (%s): draining %d child(ren), up to %ss", why, len(self.children),
                  self.config.get("supervisor.shutdown_timeout"))
         self.stopping_since = time.monotonic()
@@ -3929,6 +4107,7 @@ class Supervisor:
             self.reap_children(block=True)
 
     def signal_children(self, signum: int) -> None:
+        """Send ``signum`` to every child."""
         for child in self.children.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child.pid, signum)
@@ -3956,15 +4135,18 @@ class Supervisor:
 
     # -- children -----------------------------------------------------------------------
     def _running(self, spec: ChildSpec) -> bool:
+        """Whether a current-generation child of ``spec`` is alive."""
         return any(c.spec is spec and not c.retiring for c in self.children.values())
 
     def start_due_children(self) -> None:
+        """Start every child that is not running and whose backoff has passed."""
         now = time.monotonic()
         for spec in self.specs:
             if not self._running(spec) and spec.next_start <= now:
                 self.spawn(spec)
 
     def spawn(self, spec: ChildSpec) -> None:
+        """Fork one child of ``spec`` and watch its pipe."""
         read_fd, write_fd = os.pipe()
         self.store.close()  # never hold a database connection across fork
         sys.stdout.flush()
@@ -3976,13 +4158,7 @@ class Supervisor:
             try:
                 code = self._child_main(spec, write_fd)
             except BaseException as exc:  # noqa: B036 - report any boot failure to the supervisor
-                message = mask(f"{type(exc).__name__}: {exc}")
-                with contextlib.suppress(OSError):
-                    os.write(write_fd, f"E {message}\n".encode())
-                if not isinstance(exc, (HookFailed, SystemExit)):
-                    log.exception("%s child failed", spec.key)
-                else:
-                    log.error("%s child failed to boot: %s", spec.key, message)
+                self._child_failed(spec, write_fd, exc)
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -3996,6 +4172,7 @@ class Supervisor:
         log.info("started %s (pid %d)%s", spec.key, pid, f", restart {spec.restarts}" if spec.restarts else "")
 
     def _child_main(self, spec: ChildSpec, write_fd: int) -> int:
+        """In the child: drop the supervisor's descriptors and signal handlers, then serve as a Runtime."""
         os.set_blocking(write_fd, False)  # a stopped supervisor must never block a child's report
         self.selector.close()
         for fd in (self.wake_r, self.wake_w):
@@ -4005,14 +4182,26 @@ class Supervisor:
                 os.close(other.fd)
         for sig in (signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
-        _PROCESS_ROLE["role"] = spec.role
+        _PROCESS_ROLE["role"] = ROLE_MODES[spec.role].row_role
         Fault()("boot")
         runtime = Runtime(self.config, spec.role, spec.pipelines, parent_row=self.row_id, report_fd=write_fd,
                           restarts=spec.restarts)
         runtime.install_signals()
         return runtime.serve()
 
+    @staticmethod
+    def _child_failed(spec: ChildSpec, write_fd: int, exc: BaseException) -> None:
+        """In the child: report the error that ended it to the supervisor (PIPE_ERROR) and log it."""
+        message = mask(f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(OSError):
+            os.write(write_fd, pipe_encode(PIPE_ERROR, message))
+        if not isinstance(exc, (HookFailed, SystemExit)):
+            log.exception("%s child failed", spec.key)
+        else:
+            log.error("%s child failed to boot: %s", spec.key, message)
+
     def read_child(self, child: Child) -> None:
+        """Read a child's pipe: any line proves it alive; PIPE_READY and PIPE_ERROR carry news."""
         try:
             data = os.read(child.fd, 65536)
         except BlockingIOError:
@@ -4027,12 +4216,14 @@ class Supervisor:
         child.buffer += data
         *lines, child.buffer = child.buffer.split(b"\n")
         for line in lines:
-            if line.startswith(b"R "):
-                child.ready, child.row_id = True, int(line[2:])
-            elif line.startswith(b"E "):
-                child.spec.last_error = line[2:].decode(errors="replace")
+            kind, text = pipe_decode(line)
+            if kind == PIPE_READY:
+                child.ready, child.row_id = True, int(text)
+            elif kind == PIPE_ERROR:
+                child.spec.last_error = text
 
     def reap_children(self, block: bool = False) -> None:
+        """waitpid every exited child (``block``: wait for one)."""
         while True:
             try:
                 pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
@@ -4047,37 +4238,57 @@ class Supervisor:
                 return
 
     def child_exited(self, child: Child, status: int) -> None:
+        """A child is gone: close its pipe, hand its work back, then log the exit, back off a failed boot or
+        replace a crashed child at once."""
+        self.close_pipe(child)
+        how = exit_description(status)
+        handed = self.hand_back(child)
+        if self.stopping_since is not None or child.retiring:
+            self.log_exit(child, how, handed)
+        elif not child.ready:
+            self.boot_failed(child, how)
+        else:
+            self.crashed(child, how, handed, clean=os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0)
+
+    def close_pipe(self, child: Child) -> None:
+        """Read what is left in a dead child's pipe, then close it."""
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(child.fd)
         with contextlib.suppress(OSError):
             self.read_child(child)
             os.close(child.fd)
+
+    def log_exit(self, child: Child, how: str, handed: int) -> None:
+        """An exit while shutting down or retiring: expected, only logged."""
+        log.info("%s (pid %d) exited: %s%s", child.spec.key, child.pid, how,
+                 f"; {handed} step(s) handed back" if handed else "")
+
+    def boot_failed(self, child: Child, how: str) -> None:
+        """It died before it finished booting: start it again after a backoff, or give up after
+        supervisor.max_boot_failures failures in a row."""
         spec = child.spec
-        how = (f"signal {signal.Signals(os.WTERMSIG(status)).name}" if os.WIFSIGNALED(status)
-               else f"exit {os.WEXITSTATUS(status)}")
-        handed = self.hand_back(child)
-        clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        if self.stopping_since is not None or child.retiring:
-            log.info("%s (pid %d) exited: %s%s", spec.key, child.pid, how, f"; {handed} step(s) handed back" if handed else "")
-            return
         spec.restarts += 1
-        if not child.ready:  # died before it finished booting: back off
-            spec.boot_failures += 1
-            spec.last_error = spec.last_error or how
-            limit = int(self.config.get("supervisor.max_boot_failures"))
-            if limit and spec.boot_failures >= limit:
-                log.error("%s failed to boot %d times in a row; giving up. last error: %s", spec.key, spec.boot_failures,
-                          spec.last_error)
-                self.begin_shutdown(f"{spec.key} keeps failing to boot", EXIT_FAILURE)
-                return
-            delay = backoff(spec.boot_failures, BOOT_BACKOFF_START, BOOT_BACKOFF_CAP)
-            spec.next_start = time.monotonic() + delay
-            detail = how if spec.last_error == how else f"{how}; {spec.last_error}"
-            log.warning("%s (pid %d) failed to boot (%s); retrying in %.1fs", spec.key, child.pid, detail, delay)
-        else:  # it ran fine before: replace it at once
-            spec.boot_failures, spec.last_error, spec.next_start = 0, "", 0.0
-            why = child.killed_for or ("exited cleanly" if clean else "crashed")
-            log.warning("%s (pid %d) %s (%s); %d step(s) handed back; restarting", spec.key, child.pid, why, how, handed)
+        spec.boot_failures += 1
+        spec.last_error = spec.last_error or how
+        limit = int(self.config.get("supervisor.max_boot_failures"))
+        if limit and spec.boot_failures >= limit:
+            log.error("%s failed to boot %d times in a row; giving up. last error: %s", spec.key,
+                      spec.boot_failures, spec.last_error)
+            self.begin_shutdown(f"{spec.key} keeps failing to boot", EXIT_FAILURE)
+            return
+        delay = backoff(spec.boot_failures, BOOT_BACKOFF_START, BOOT_BACKOFF_CAP)
+        spec.next_start = time.monotonic() + delay
+        detail = how if spec.last_error == how else f"{how}; {spec.last_error}"
+        log.warning("%s (pid %d) failed to boot (%s); retrying in %.1fs", spec.key, child.pid, detail, delay)
+
+    def crashed(self, child: Child, how: str, handed: int, clean: bool) -> None:
+        """It ran fine before: the loop replaces it at once."""
+        spec = child.spec
+        spec.restarts += 1
+        spec.boot_failures, spec.last_error, spec.next_start = 0, "", 0.0
+        why = child.killed_for or ("exited cleanly" if clean else "crashed")
+        log.warning("%s (pid %d) %s (%s); %d step(s) handed back; restarting", spec.key, child.pid, why, how,
+                    handed)
 
     def hand_back(self, child: Child) -> int:
         """Re-enqueue the dead child's in-flight steps and release its branches, now."""
@@ -4086,9 +4297,10 @@ class Supervisor:
                 rows = t.all(SQL.rows_of_child, {"parent_id": self.row_id, "pid": child.pid})
             ids = {r[0] for r in rows} | ({child.row_id} if child.row_id else set())
             return sum(self.engine.retire(row, f"{child.spec.key} process died") for row in ids)
-        return self._with_db(work, forever=False) or 0
+        return self._with_db(work) or 0
 
     def kill_hung_children(self) -> None:
+        """SIGKILL every child that has been silent on its pipe for longer than supervisor.hang_timeout."""
         limit = float(self.config.get("supervisor.hang_timeout"))
         now = time.monotonic()
         for child in self.children.values():
@@ -4100,6 +4312,7 @@ class Supervisor:
                     os.kill(child.pid, signal.SIGCONT)
 
     def enforce_shutdown_deadline(self) -> None:
+        """Past supervisor.shutdown_timeout: SIGKILL every child still running."""
         assert self.stopping_since is not None
         if time.monotonic() - self.stopping_since < float(self.config.get("supervisor.shutdown_timeout")):
             return
@@ -4111,32 +4324,26 @@ class Supervisor:
                     os.kill(child.pid, signal.SIGKILL)
 
     # -- database: own row, heartbeat --------------------------------------------------
-    def _with_db(self, fn: Callable[[], Any], forever: bool) -> Any:
-        while True:
-            try:
-                result = fn()
-                self.outage.ok()
-                return result
-            except (DatabaseUnavailable, sqlite3.OperationalError) as exc:
-                pause = self.outage.failed(exc)
-                if not forever:
-                    return None
-                threading.Event().wait(pause)
-            except Exception as exc:  # e.g. a Postgres deadlock (40P01): never fatal to the supervisor loop
-                if forever:
-                    raise
-                log.error("database error in the supervisor loop (a peer's reaper covers it): %s",
-                          mask(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__)
-                return None
+    def _with_db(self, fn: Callable[[], Any]) -> Any:
+        """One try of ``fn`` from the loop (Outage.retry, not forever): None on an outage or another database
+        error (logged: a peer's reaper covers it; e.g. a Postgres deadlock, 40P01, is never fatal here)."""
+        return self.outage.retry(fn, forever=False, on_error=self._db_error)
+
+    @staticmethod
+    def _db_error(exc: Exception) -> None:
+        """Log a database error of the supervisor loop, which goes on."""
+        log.error("database error in the supervisor loop (a peer's reaper covers it): %s", first_line(exc))
 
     def register(self) -> None:
+        """Insert the supervisor's process row (its children's rows name it as their parent)."""
         with self.store.tx() as t:
             self.row_id = int(t.one(SQL.register_process, {
-                "pid": os.getpid(), "machine": self.machine, "role": "supervisor",
-                "pipelines": ",".join(s.pipelines[0] for s in self.specs if s.role == "worker"), "parent_id": None,
-                "state": "running", "restarts": 0, "info": self.info_json()})[0])
+                "pid": os.getpid(), "machine": self.machine, "role": self.role.row_role,
+                "pipelines": ",".join(s.pipelines[0] for s in self.specs if ROLE_MODES[s.role].workers),
+                "parent_id": None, "state": "running", "restarts": 0, "info": self.info_json()})[0])
 
     def info_json(self) -> str:
+        """The row's ``info``: per child its pid, restarts, boot failures, restart delay and last error."""
         now = time.monotonic()
         return _dumps({"children": {s.key: {"pid": next((c.pid for c in self.children.values() if c.spec is s), None),
                                             "restarts": s.restarts, "boot_failures": s.boot_failures,
@@ -4144,6 +4351,7 @@ class Supervisor:
                                             "last_error": s.last_error} for s in self.specs}})
 
     def maybe_heartbeat(self) -> None:
+        """Every heartbeat interval: touch the local heartbeat file, then refresh the row (re-registering)."""
         now = time.monotonic()
         if now < self.next_heartbeat:
             return
@@ -4158,22 +4366,32 @@ class Supervisor:
             if alive != 1:  # outside the heartbeat transaction: register() opens its own
                 log.warning("supervisor row %s was reaped while paused; registering again", self.row_id)
                 self.register()
-        _touch_local_heartbeat(self.machine, "supervisor")  # proof of looping, even when the database is down
-        self._with_db(beat, forever=False)
+        # proof of looping, even when the database is down
+        _touch_local_heartbeat(self.machine, self.role.row_role)
+        self._with_db(beat)
 
     def _delete_row(self) -> None:
+        """Delete the supervisor's row and its local heartbeat file (at the end of run())."""
         with self.store.tx() as t:
             t.run(SQL.delete_process, {"id": self.row_id})
-        _remove_local_heartbeat(self.machine, "supervisor")
+        _remove_local_heartbeat(self.machine, self.role.row_role)
 
     def log_drain_arithmetic(self) -> None:
-        worker = self.config.get("job_worker.shutdown_timeout")
-        sup = self.config.get("supervisor.shutdown_timeout")
+        """At boot: the drain budgets, and the grace period the process manager must give the supervisor."""
+        worker = self.config.get(ROLE_MODES["worker"].shutdown_timeout)
+        sup = self.config.get(self.role.shutdown_timeout)
         log.info("drain: job workers get %ss for in-flight steps < supervisor waits %ss < give the process manager "
                  "at least %ss (e.g. Kubernetes terminationGracePeriodSeconds, systemd TimeoutStopSec)",
                  worker, sup, int(sup) + 5)
         for warning in self.config.warnings():
             log.warning("config: %s", warning)
+
+
+def exit_description(status: int) -> str:
+    """A waitpid status in words: "signal SIGKILL" or "exit 1"."""
+    if os.WIFSIGNALED(status):
+        return f"signal {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit {os.WEXITSTATUS(status)}"
 
 
 # =====================================================================================
@@ -4182,6 +4400,7 @@ class Supervisor:
 
 
 def status_report(engine: Engine) -> dict:
+    """The status report: processes, run counts per pipeline and status, recent halts and step errors."""
     with engine.store.tx(write=False) as t:
         procs = t.all(SQL.processes)
         counts = t.all(SQL.run_counts)
@@ -4202,17 +4421,15 @@ def status_report(engine: Engine) -> dict:
 @dataclasses.dataclass
 class Health:
     """The health check's verdict: ``code`` 0 healthy, 1 unhealthy/dead, 3 unreachable and no local proof."""
-    code: int
-    line: str
-    processes: list[dict] = dataclasses.field(default_factory=list)
+    code: int                     # the exit code of `ductwork healthcheck`
+    line: str                     # the verdict in one line, as printed
+    processes: list[dict] = dataclasses.field(default_factory=list)   # the rows it judged (printed by -v)
 
 
-HEALTH_ROLE = {"all": "supervisor", "supervisor": "supervisor", "advancer": "advancer", "worker": "worker"}
-
-
-def check_health(config: Config, role: str | None = None, pid: int | None = None, max_age: float | None = None) -> Health:
+def check_health(config: Config, role: str | None = None, pid: int | None = None,
+                 max_age: float | None = None) -> Health:
     """Is this machine's process for ``role`` (or ``pid``) alive? Database clock; local fallback."""
-    row_role = HEALTH_ROLE[role or config.data["role"]]
+    row_role = role_spec(role or config.data["role"]).row_role
     limit = float(max_age if max_age is not None else config.get("healthcheck.max_age"))
     machine = machine_identifier()
     store = Store(config.data["database_url"], connect_timeout=0.5, read_only=True)
@@ -4266,6 +4483,7 @@ def healthy(max_age: float | None = None, role: str | None = None) -> bool:
 
 
 def _local_heartbeat_dir(machine: str) -> str:
+    """This machine's folder of local heartbeat files (one per process: ``<role>.<pid>``)."""
     import tempfile
     return os.path.join(tempfile.gettempdir(), f"ductwork-{re.sub(r'[^A-Za-z0-9_.-]', '_', machine)}")
 
@@ -4285,6 +4503,7 @@ def _touch_local_heartbeat(machine: str, role: str) -> None:
 
 
 def _remove_local_heartbeat(machine: str, role: str) -> None:
+    """Remove this process's local heartbeat file (at a clean exit)."""
     with contextlib.suppress(OSError):
         os.unlink(os.path.join(_local_heartbeat_dir(machine), f"{role}.{os.getpid()}"))
 
@@ -5060,56 +5279,84 @@ def make_dashboard_server(config: Config, host: str, port: int, auth: str | None
 # =====================================================================================
 # cli: python ductwork.py [COMMAND] [OPTIONS]
 # =====================================================================================
+# One table of commands (COMMANDS, after their handlers): build_parser() adds each with its
+# aliases and arguments, main() picks the handler; no command means `run`.
 
-COMMANDS = ("run", "healthcheck", "health", "migrate", "trigger", "status", "validate", "dashboard")
+DEFAULT_COMMAND = "run"
 
 
 class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are ConfigErrors (one line, exit 2)."""
+
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        """Raise the usage error as a ConfigError instead of printing usage and exiting."""
         raise ConfigError(message)
 
 
 def _add_common(parser: argparse.ArgumentParser, top: bool) -> None:
+    """The options every command takes, before or after its name (``top``: the main parser's defaults)."""
     d = None if top else argparse.SUPPRESS
     parser.add_argument("-c", "--config", default=d, help="config file (default config/ductwork.yml if it exists)")
     parser.add_argument("--app", action="append", dest="app" if top else "app_after", default=d,
                         help="module or .py file that defines pipelines (repeatable)")
     parser.add_argument("--role", choices=ROLES, default=d, help="all (=supervisor) | advancer | worker")
     parser.add_argument("--database-url", default=d, help="sqlite:///path or postgresql://user:pass@host/db")
-    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS, help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="show tracebacks")
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One command of the command line: the COMMANDS table's row."""
+    name: str
+    help: str                                                  # its line in --help
+    handler: Callable[[argparse.Namespace, Any], int]          # (args, config) -> exit code
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None   # its own options, after the common ones
+    aliases: tuple[str, ...] = ()                              # other names, each listed as "alias of <name>"
+    light: bool = False                                        # no app import, no logging setup: config is None
+
+    def add_to(self, sub: Any) -> None:
+        """Add this command and its aliases to ``sub`` (the main parser's add_subparsers())."""
+        for name, help_text in ((self.name, self.help), *((alias, f"alias of {self.name}") for alias in self.aliases)):
+            parser = sub.add_parser(name, help=help_text)
+            _add_common(parser, top=False)
+            if self.arguments is not None:
+                self.arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command in COMMANDS."""
     parser = _Parser(prog="ductwork", description="Durable multi-step pipelines: supervisor, workers, tools.")
     parser.add_argument("--version", action="version", version=f"ductwork {__version__}")
     _add_common(parser, top=True)
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
-    for name, help_text in (("run", "start the configured role (default)"),
-                            ("migrate", "create or upgrade the schema"),
-                            ("validate", "import the app and validate every pipeline"),
-                            ("status", "processes, runs per pipeline, recent halts and errors"),
-                            ("healthcheck", "liveness probe for this machine and role"),
-                            ("health", "alias of healthcheck")):
-        p = sub.add_parser(name, help=help_text)
-        _add_common(p, top=False)
-        if name == "status":
-            p.add_argument("--json", action="store_true", help="machine-readable output")
-        if name in ("healthcheck", "health"):
-            p.add_argument("--pid", type=int, help="check this process id instead of the role's row")
-            p.add_argument("--max-age", type=float, help="heartbeat age limit in seconds")
-            p.add_argument("-v", "--verbose", action="store_true", help="one block per process")
-    p = sub.add_parser("trigger", help="trigger a pipeline: trigger NAME [JSON ...]")
-    _add_common(p, top=False)
-    p.add_argument("name")
-    p.add_argument("args", nargs="*", help="one JSON value per argument of the start step")
-    add_dashboard_parser(sub, _add_common)
+    for command in COMMANDS:
+        command.add_to(sub)
     return parser
 
 
-def add_dashboard_parser(sub: Any, add_common: Any) -> None:
-    p = sub.add_parser("dashboard", help="read-only web dashboard, JSON API and Prometheus /metrics")
-    add_common(p, top=False)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --auth or --insecure)")
+def _status_arguments(p: argparse.ArgumentParser) -> None:
+    """status's own options."""
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _healthcheck_arguments(p: argparse.ArgumentParser) -> None:
+    """healthcheck's own options."""
+    p.add_argument("--pid", type=int, help="check this process id instead of the role's row")
+    p.add_argument("--max-age", type=float, help="heartbeat age limit in seconds")
+    p.add_argument("-v", "--verbose", action="store_true", help="one block per process")
+
+
+def _trigger_arguments(p: argparse.ArgumentParser) -> None:
+    """trigger's own arguments: the pipeline and the start step's arguments."""
+    p.add_argument("name")
+    p.add_argument("args", nargs="*", help="one JSON value per argument of the start step")
+
+
+def _dashboard_arguments(p: argparse.ArgumentParser) -> None:
+    """dashboard's own options."""
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; others need --auth or --insecure)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port)")
     p.add_argument("--auth", help="user:password for HTTP basic auth (default: env DUCTWORK_DASHBOARD_AUTH)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without auth")
@@ -5117,6 +5364,7 @@ def add_dashboard_parser(sub: Any, add_common: Any) -> None:
 
 
 def _config_from_args(args: argparse.Namespace) -> Config:
+    """The configuration: the config file and environment, overridden by the command line."""
     apps = (args.app or []) + (getattr(args, "app_after", None) or [])  # --app before and after the command
     overrides = {"role": args.role, "database_url": args.database_url, "app": apps or None}
     return load_config(args.config, overrides=overrides)
@@ -5151,6 +5399,7 @@ def import_app(targets: Iterable[str]) -> None:
 
 
 def selected_pipelines(config: Config) -> list[str]:
+    """The configured pipelines (``*``: every registered one); a ConfigError names one that is missing."""
     wanted = config.data["pipelines"]
     if wanted == "*":
         return sorted(_REGISTRY)
@@ -5161,6 +5410,7 @@ def selected_pipelines(config: Config) -> list[str]:
 
 
 def _prepare(args: argparse.Namespace) -> Config:
+    """For every command but healthcheck: load the config, set up logging, import the app, configure."""
     config = _config_from_args(args)
     setup_logging(config.data["logger"]["level"], config.data["logger"]["format"])
     import_app(config.data["app"] or [])
@@ -5170,18 +5420,19 @@ def _prepare(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    """Start the configured role: the supervisor, or one runtime in the foreground."""
     pipelines = selected_pipelines(config)
     validate()
-    role = config.role
-    if role == "all" and config.data["forking"] == "default":
+    spec = role_spec(config.role, config.data["forking"])
+    if spec.forks:
         return Supervisor(config, pipelines).run()
-    runtime_role = {"all": "combined", "advancer": "advancer", "worker": "worker"}[role]
-    runtime = Runtime(config, runtime_role, pipelines)
+    runtime = Runtime(config, spec.mode, pipelines)
     runtime.install_signals()
     return runtime.serve()
 
 
 def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
+    """Create or upgrade the schema; print what was applied."""
     store = Store(config.data["database_url"])
     applied = migrate_store(store)
     print(f"migrated {store.info.display}: " + (f"applied {', '.join(map(str, applied))}" if applied else "up to date"))
@@ -5189,6 +5440,7 @@ def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_trigger(args: argparse.Namespace, config: Config) -> int:
+    """Trigger a run of a pipeline with JSON arguments; print its id."""
     values = []
     for text in args.args:
         try:
@@ -5202,6 +5454,7 @@ def cmd_trigger(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_validate(args: argparse.Namespace, config: Config) -> int:
+    """Validate every registered pipeline and the configured selection."""
     names = validate()
     selected_pipelines(config)
     print(f"ok: {len(names)} pipeline(s): {', '.join(names)}" if names else "ok: no pipelines registered")
@@ -5209,6 +5462,7 @@ def cmd_validate(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    """Print the status report, as text or (--json) JSON."""
     engine = Engine(Store(config.data["database_url"]), config)
     ensure_schema(engine.store)
     report = status_report(engine)
@@ -5217,8 +5471,9 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         return EXIT_OK
     print(f"processes ({len(report['processes'])}):")
     for p in report["processes"]:
-        print(f"  {p['machine']:<20} pid {p['pid']:<7} {p['role']:<10} {p['state']:<9} heartbeat {p['heartbeat_age']:.1f}s ago"
-              f"  up {p['age']:.0f}s  restarts {p['restarts']}  {','.join(p['pipelines'])}")
+        print(f"  {p['machine']:<20} pid {p['pid']:<7} {p['role']:<10} {p['state']:<9} "
+              f"heartbeat {p['heartbeat_age']:.1f}s ago  up {p['age']:.0f}s  restarts {p['restarts']}  "
+              f"{','.join(p['pipelines'])}")
     print("runs:")
     for pipeline, by_status in sorted(report["runs"].items()):
         print(f"  {pipeline:<28} " + "  ".join(f"{s} {n}" for s, n in sorted(by_status.items())))
@@ -5234,6 +5489,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_healthcheck(args: argparse.Namespace, config: Config | None) -> int:
+    """The liveness probe: print the verdict (-v: each process), exit with its code."""
     config = config or _config_from_args(args)
     if args.max_age is not None and args.max_age <= 0:
         raise ConfigError("--max-age must be > 0")
@@ -5251,13 +5507,15 @@ def cmd_dashboard(args: argparse.Namespace, config: Config) -> int:
     if not 0 <= args.port <= 65535 or not args.refresh > 0:
         raise ConfigError("--port must be between 0 and 65535 and --refresh above 0")
     auth = args.auth or os.environ.get("DUCTWORK_DASHBOARD_AUTH") or None
-    server = make_dashboard_server(config, args.host, args.port, auth=auth, insecure=args.insecure, refresh=args.refresh)
+    server = make_dashboard_server(config, args.host, args.port, auth=auth, insecure=args.insecure,
+                                   refresh=args.refresh)
     stop = threading.Event()  # the handlers only record the signal
     previous = {sig: signal.signal(sig, lambda signum, _: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="ductwork.dashboard", daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="ductwork.dashboard",
+                     daemon=True).start()
     host, port = server.server_address[:2]
-    log.info("dashboard on http://%s:%s/ (JSON under /api/, Prometheus at /metrics)%s", f"[{host}]" if ":" in host else host,
-             port, "" if auth else ", no auth")
+    log.info("dashboard on http://%s:%s/ (JSON under /api/, Prometheus at /metrics)%s",
+             f"[{host}]" if ":" in host else host, port, "" if auth else ", no auth")
     try:
         while not stop.wait(1.0):
             pass
@@ -5270,25 +5528,34 @@ def cmd_dashboard(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-HANDLERS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
-    "healthcheck": cmd_healthcheck,
-    "dashboard": cmd_dashboard,
-    "run": cmd_run, "migrate": cmd_migrate, "trigger": cmd_trigger, "validate": cmd_validate, "status": cmd_status,
-}
+COMMANDS = (   # in --help order
+    Command("run", "start the configured role (default)", cmd_run),
+    Command("migrate", "create or upgrade the schema", cmd_migrate),
+    Command("validate", "import the app and validate every pipeline", cmd_validate),
+    Command("status", "processes, runs per pipeline, recent halts and errors", cmd_status, _status_arguments),
+    Command("healthcheck", "liveness probe for this machine and role", cmd_healthcheck, _healthcheck_arguments,
+            aliases=("health",), light=True),
+    Command("trigger", "trigger a pipeline: trigger NAME [JSON ...]", cmd_trigger, _trigger_arguments),
+    Command("dashboard", "read-only web dashboard, JSON API and Prometheus /metrics", cmd_dashboard,
+            _dashboard_arguments),
+)
+COMMANDS_BY_NAME = {name: command for command in COMMANDS for name in (command.name, *command.aliases)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line (``argv``, default sys.argv[1:]; without a command: run); the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a in COMMANDS for a in argv if not a.startswith("-")) and not any(a in ("-h", "--help", "--version") for a in argv):
-        argv = ["run", *argv]
+    named = any(a in COMMANDS_BY_NAME for a in argv if not a.startswith("-"))
+    if not named and not any(a in ("-h", "--help", "--version") for a in argv):
+        argv = [DEFAULT_COMMAND, *argv]
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
-        command = {"health": "healthcheck"}.get(args.command or "run", args.command or "run")
-        if command == "healthcheck":  # light path: no app import, no logging setup
-            return cmd_healthcheck(args, None)
+        command = COMMANDS_BY_NAME[args.command or DEFAULT_COMMAND]
+        if command.light:  # healthcheck: no app import, no logging setup
+            return command.handler(args, None)
         config = _prepare(args)
-        return HANDLERS[command](args, config)
+        return command.handler(args, config)
     except (ConfigError, DefinitionError) as exc:
         if debug:
             traceback.print_exc()

@@ -282,7 +282,7 @@ def test_refuses_public_bind_without_auth(engine, monkeypatch):
         dash.make_dashboard_server(engine.config, "0.0.0.0", 0, **allowed).server_close()
     dash.make_dashboard_server(engine.config, "localhost", 0).server_close()
     parser = ductwork._Parser(prog="ductwork")
-    dash.add_dashboard_parser(parser.add_subparsers(dest="command", parser_class=ductwork._Parser), ductwork._add_common)
+    dash.COMMANDS_BY_NAME["dashboard"].add_to(parser.add_subparsers(dest="command", parser_class=ductwork._Parser))
     args = parser.parse_args(["dashboard", "--host", "0.0.0.0", "--port", "0"])
     assert (args.host, args.port, args.auth, args.insecure) == ("0.0.0.0", 0, None, False)
     monkeypatch.delenv("DUCTWORK_DASHBOARD_AUTH", raising=False)
