@@ -3,20 +3,22 @@
 
 A map of this module, top to bottom (search for the ``# ===`` banners):
 
-    errors & constants   exception classes, exit codes, halt reasons, wake-up channels
+    errors & constants   exception classes, exit codes, halt reasons, wake-up channels, backoff()
     logging              text/JSON log lines, password masking
     config               YAML sections, strict validation, override maps
-    storage              database URLs, SQLite / pg8000 connections, TLS, Store and Tx, migrations
+    storage              database URLs, SQLite / pg8000 connections, TLS, Store and Tx, StoreSQL, migrations
     definitions          Step, Pipeline, the definition builder and its graph
-    engine               SQL by table, bulk SQL, records; trigger, claim, commit, advance, hand back, revive
-    app API              Run, StepRecord, run and step contexts, configure(), trigger(), lifecycle hooks
+    engine               records (one per row shape), SQL by table, BulkSQL, decide() and its rules,
+                         Engine: trigger, claim, commit, advance, hand back, reap, revive, context
+    app API              Run, run and step contexts, configure(), trigger(), lifecycle hooks
     wake-ups             in-process hints (Wakeups) and SQLite's cross-process ones (LocalWakeups)
-    runners              one process runtime: process row, job worker, advancer, heartbeat & reaper,
+    runners              the role table (ROLE_SPECS), the child pipe protocol, Fault, Outage, and one
+                         process Runtime: process row, job worker, advancer, heartbeat & reaper,
                          listeners, lifecycle
-    supervisor           the pre-fork process manager (single-threaded selectors loop)
+    supervisor           the pre-fork process manager (single-threaded selectors loop, signal table)
     health & status      the liveness verdict (heartbeat rows, local fallback), the status report
-    dashboard            read-only web pages, their JSON twins, Prometheus /metrics
-    cli                  argument parsing and the commands
+    dashboard            read-only web pages, their JSON twins, Prometheus /metrics (a table of families)
+    cli                  the table of commands (COMMANDS), argument parsing, main()
 
 Every unit of work is a database row. A worker claims a step row, runs it, and commits
 its result only if it still holds the claim (fencing); an advancer claims a branch row
@@ -719,6 +721,14 @@ class StoreSQL:
     notify = """
         SELECT pg_notify(:channel, :payload)"""
 
+    # Subscribe this session to a wake-up channel (a constant name: LISTEN takes no parameter).
+    listen = """
+        LISTEN {channel}"""
+
+    # A round trip that delivers the notifications waiting for a LISTENing session.
+    ping = """
+        SELECT 1"""
+
     # The database server's clock.
     now = """
         SELECT {now}"""
@@ -1313,7 +1323,7 @@ def validate() -> list[str]:
 
 
 # =====================================================================================
-# engine: every state change of runs, branches and steps; its SQL, its records
+# engine: every state change of runs, branches and steps; its records, its SQL, its decisions
 # =====================================================================================
 # Step rows are the job queue (status queued -> running -> succeeded | failed). A claim
 # stamps claimed_by (the process row id: one per incarnation) and a random claim_token;
@@ -2722,7 +2732,7 @@ class Engine:
 
 
 # =====================================================================================
-# app API: Run, StepRecord, contexts, configure(), trigger(), lifecycle hooks
+# app API: Run, contexts, configure(), trigger(), lifecycle hooks
 # =====================================================================================
 
 
@@ -3710,14 +3720,14 @@ class Runtime:
             try:
                 if conn is None:
                     conn = self.store._connect().conn  # the raw pg8000 connection, no transaction
-                    for ch in channels:
-                        conn.execute_simple(f"LISTEN {ch}")
+                    for channel in channels:
+                        conn.execute_simple(StoreSQL.listen.format(channel=channel))
                     self.wakeups.all()  # we may have missed hints while reconnecting
                 sel = selectors.DefaultSelector()
                 sel.register(conn._usock, selectors.EVENT_READ)
                 sel.select(timeout=1.0)
                 sel.close()
-                conn.execute_simple("SELECT 1")   # pumps pending notifications into conn.notifications
+                conn.execute_simple(StoreSQL.ping)   # pumps pending notifications into conn.notifications
                 while conn.notifications:
                     _, channel, payload = conn.notifications.popleft()
                     self.wakeups.notify(channel, payload)
@@ -4771,7 +4781,7 @@ DASHBOARD_METRICS = (
 )
 # The values of the fixed labels; "pipeline" and "role" take every known one (_metric_data).
 METRIC_LABEL_VALUES = {"status": ("triggered", "completed", "halted"), "outcome": ("succeeded", "failed", "crashed")}
-METRIC_ROLES = ("supervisor", "advancer", "worker")
+METRIC_ROLES = tuple(dict.fromkeys(spec.row_role for spec in ROLE_SPECS))   # supervisor, advancer, worker
 
 
 def _metric_data(engine: Engine) -> tuple[dict[str, Sequence[str]], dict[str, dict[tuple, float]]]:
