@@ -30,18 +30,23 @@ FAST = {
 }
 
 
-def _pg_connect(url: str):
+# How long a test's own admin statement may wait for the server's answer. CREATE and DROP DATABASE
+# force a checkpoint, which on a busy 2-core machine (a full suite's worth of writes) took over 5 s.
+ADMIN_TIMEOUT = 120
+
+
+def _pg_connect(url: str, timeout: float = ADMIN_TIMEOUT):
     import pg8000.dbapi
     info = ductwork.parse_database_url(url)
     conn = pg8000.dbapi.connect(user=info.user, password=info.password, host=info.host, port=info.port,
-                                database=info.database, timeout=5)
+                                database=info.database, timeout=timeout)
     conn.autocommit = True
     return conn
 
 
 def _pg_unavailable_reason() -> str | None:
     try:
-        _pg_connect(PG_ADMIN_URL).close()
+        _pg_connect(PG_ADMIN_URL, timeout=5).close()   # is a server there at all: answer fast
         return None
     except Exception as exc:  # pragma: no cover - depends on the machine
         return f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}"
