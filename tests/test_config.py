@@ -465,7 +465,8 @@ def test_worker_shutdown_timeout_not_below_supervisor_warns():
         config = ductwork.load_config(data={"job_worker": {"shutdown_timeout": worker},
                                             "supervisor": {"shutdown_timeout": 30}}, environ={})
         warnings = config.warnings()
-        assert any("job_worker.shutdown_timeout" in w and "supervisor.shutdown_timeout" in w for w in warnings), warnings
+        assert any("job_worker.shutdown_timeout" in w and "supervisor.shutdown_timeout" in w
+                   for w in warnings), warnings
 
 
 def test_worker_shutdown_timeout_below_supervisor_does_not_warn():

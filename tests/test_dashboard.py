@@ -204,7 +204,8 @@ def test_json_twins_overview_runs_tree_errors(runs, serve):
     assert get_json(base + "/api/errors?pipeline=DashFan")["errors"] == []
     assert [e["attempt"] for e in get_json(base + "/api/errors?per_page=3&page=2")["errors"]] == [1]
 
-    for path, code in (("/api/runs/999999", 404), ("/api/runs?page=x", 400), ("/api/runs?per_page=0", 400), ("/api/nope", 404)):
+    for path, code in (("/api/runs/999999", 404), ("/api/runs?page=x", 400), ("/api/runs?per_page=0", 400),
+                       ("/api/nope", 404)):
         status, headers, body = get(base + path)
         assert status == code and headers["Content-Type"].startswith("application/json") and "error" in json.loads(body)
 
@@ -278,7 +279,8 @@ def test_basic_auth(engine, serve):
 def test_refuses_public_bind_without_auth(engine, monkeypatch):
     with pytest.raises(ductwork.ConfigError, match="refusing to serve the dashboard on 0.0.0.0 without auth"):
         dash.make_dashboard_server(engine.config, "0.0.0.0", 0)
-    for allowed in ({"auth": "admin:Adm1nS3cret"}, {"insecure": True}):  # a short password would mask every "b" in later logs
+    # a short password would mask every "b" in later logs
+    for allowed in ({"auth": "admin:Adm1nS3cret"}, {"insecure": True}):
         dash.make_dashboard_server(engine.config, "0.0.0.0", 0, **allowed).server_close()
     dash.make_dashboard_server(engine.config, "localhost", 0).server_close()
     parser = ductwork._Parser(prog="ductwork")
@@ -348,20 +350,22 @@ class WebDriver:
                 pass
             assert time.monotonic() < deadline, "chromedriver did not start"
             time.sleep(0.1)
-        args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1280,2000",
-                f"--user-data-dir={tmp_path / 'chromium-profile'}"]
+        args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                "--window-size=1280,2000", f"--user-data-dir={tmp_path / 'chromium-profile'}"]
         caps = {"capabilities": {"alwaysMatch": {"goog:chromeOptions": {"binary": chromium, "args": args}}}}
         self.session = "/session/" + self.call("POST", "/session", caps)["sessionId"]
 
     def call(self, method: str, path: str, body: dict | None = None):
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
         try:
             with _NO_PROXY.open(request, timeout=60) as response:
                 return json.loads(response.read())["value"]
         except urllib.error.HTTPError as exc:
-            raise AssertionError(f"webdriver {method} {path}: {json.loads(exc.read())['value'].get('message', '')[:300]}") from None
+            message = json.loads(exc.read())["value"].get("message", "")[:300]
+            raise AssertionError(f"webdriver {method} {path}: {message}") from None
 
     def do(self, method: str, path: str, body: dict | None = None):
         return self.call(method, self.session + path, body)
@@ -411,7 +415,8 @@ def test_browser_follows_a_run_and_sees_live_updates(runs, serve, tmp_path):
         browser.do("POST", f"/element/{browser.find_all(fan_link)[0]}/click", {})
         steps = browser.wait_for("li.step")
         assert browser.do("GET", "/url") == f"{base}/runs/{runs['fan'].id}"
-        names = [browser.text(browser.do("POST", f"/element/{s}/element", {"using": "css selector", "value": "b"})[ELEMENT])
+        names = [browser.text(browser.do("POST", f"/element/{s}/element",
+                                         {"using": "css selector", "value": "b"})[ELEMENT])
                  for s in steps]
         assert names == ["dash_list", "dash_html", "dash_html", "dash_html", "dash_ident"]
         summaries = [browser.text(e) for e in browser.find_all("li.branch li.branch li.step details summary")]

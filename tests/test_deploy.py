@@ -73,7 +73,8 @@ def load_deploy_config(argv: list[str], env: dict) -> ductwork.Config:
     """The configuration the process gets: the file it names, in the section its DUCTWORK_ENV picks."""
     path = ROOT / config_path_of(argv)
     assert path.is_file(), f"{argv} names {path}, which does not exist"
-    return ductwork.load_config(str(path), environ={k: v for k, v in env.items() if k in ("DUCTWORK_ENV", "DUCTWORK_ROLE")})
+    environ = {k: v for k, v in env.items() if k in ("DUCTWORK_ENV", "DUCTWORK_ROLE")}
+    return ductwork.load_config(str(path), environ=environ)
 
 
 @dataclasses.dataclass
@@ -273,7 +274,8 @@ def wait_run(db_url: str, run_id: int, timeout: float = 30) -> ductwork.Run:
 
 def trigger(db_url: str, env: dict, name: str, *args) -> int:
     """`python -m ductwork trigger ...` as the compose file's header shows (`compose exec worker ...`)."""
-    result = run(["python", *MODULE, "trigger", name, *map(json.dumps, args), "-c", "examples/config/ductwork.yml"], env)
+    argv = ["python", *MODULE, "trigger", name, *map(json.dumps, args), "-c", "examples/config/ductwork.yml"]
+    result = run(argv, env)
     assert result.returncode == 0, result.stdout + result.stderr
     return int(result.stdout.strip())
 
@@ -318,9 +320,11 @@ def test_timeouts_agree_with_the_config_each_file_names():
         assert launch.grace > worker and launch.grace > advancer, where
         assert config.warnings() == [], f"{where}: {config.warnings()}"
         if launch.probe is not None:
-            assert launch.probe_timeout is not None and launch.probe_timeout <= 1, f"{where}: probe timeout {launch.probe_timeout}"
+            assert launch.probe_timeout is not None and launch.probe_timeout <= 1, \
+                f"{where}: probe timeout {launch.probe_timeout}"
             assert launch.probe[:4] == ["python", *MODULE, "healthcheck"], launch.probe
-            assert config_path_of(launch.probe) == config_path_of(launch.argv), f"{where}: the probe reads another config"
+            assert config_path_of(launch.probe) == config_path_of(launch.argv), \
+                f"{where}: the probe reads another config"
         if launch.source != "systemd":   # one role per container, matching its config file
             role = launch.env.get("DUCTWORK_ROLE")
             assert role in ("advancer", "worker"), f"{where}: DUCTWORK_ROLE {role!r}"
@@ -415,7 +419,8 @@ def test_dockerfile_builds_an_app_directory_where_its_cmd_works(tmp_path):
     assert steps[0] == ("FROM", "python:3.12-slim")
     ops = [op for op, _ in steps]
     assert "USER" in ops and ops.index("RUN") < ops.index("CMD")
-    assert any(op == "RUN" and re.search(r"\bpip install (\S+ )*\.(\s|$)", arg) for op, arg in steps), "pip install the project"
+    assert any(op == "RUN" and re.search(r"\bpip install (\S+ )*\.(\s|$)", arg)
+               for op, arg in steps), "pip install the project"
     cmd = json.loads(dict(steps)["CMD"])
     assert cmd == ["python", *MODULE, "-c", "examples/config/ductwork.yml"]
     compile_step = [arg for op, arg in steps if op == "RUN" and "compileall" in arg]
@@ -478,7 +483,8 @@ def test_migrate_job_and_service_commands_run(db_url, tmp_path):
         assert env.get("DUCTWORK_ENV") == "production", source
         for _ in range(2):  # idempotent: the second run finds the schema up to date
             result = run(argv, real_env(env, db_url, f"migrate-{uuid.uuid4().hex[:6]}", tmp_path / "tmp"))
-            assert result.returncode == 0 and result.stdout.startswith("migrated "), f"{source}: {result.stdout}{result.stderr}"
+            assert result.returncode == 0 and result.stdout.startswith("migrated "), \
+                f"{source}: {result.stdout}{result.stderr}"
     assert "up to date" in result.stdout
 
 
@@ -514,14 +520,16 @@ def test_container_roles_run_as_the_compose_and_k8s_files_say(db_url, tmp_path):
                 result, took = probe(launch.probe, proc.env, launch.probe_timeout)
                 assert result.returncode == 0 and result.stdout.strip() == "healthy", \
                     f"{launch.source}: {launch.probe} -> exit {result.returncode}: {result.stdout}{result.stderr}"
-                assert took <= launch.probe_timeout, f"{launch.source}: probe took {took:.2f}s > {launch.probe_timeout}s"
+                assert took <= launch.probe_timeout, \
+                    f"{launch.source}: probe took {took:.2f}s > {launch.probe_timeout}s"
             # The database unreachable: the process's own heartbeat file keeps the pod alive.
             outage = {**proc.env, "DATABASE_URL": UNREACHABLE_DB}
             result = run(group[0].probe, outage)
             assert result.returncode == 0 and result.stdout.strip() == "healthy (database unreachable)", \
                 f"{group[0].source}: {result.stdout}{result.stderr}"
 
-        for run_id, expected in ((enrich, {"source": "crm", "users": ["user-1", "user-2", "user-3"], "total_score": 60}),
+        for run_id, expected in ((enrich, {"source": "crm", "users": ["user-1", "user-2", "user-3"],
+                                           "total_score": 60}),
                                  (squares, [0, 1, 4, 9])):
             done = wait_run(db_url, run_id)
             assert done.status == "completed" and done.output == expected, (done.status, done.output, done.halt_reasons)
@@ -573,7 +581,8 @@ def test_systemd_unit_runs_reloads_and_stops_the_supervisor(db_url, tmp_path):
         proc.wait_log(r"\(pid \d+\) exited: exit 0", count=6)    # the old generation drained
         run_id = trigger(db_url, env, "TextStats", "Deploys drain gracefully")
         done = wait_run(db_url, run_id)
-        assert done.status == "completed" and done.output == {"words": 3, "vowels": 7, "longest": "gracefully"}, done.output
+        assert done.status == "completed" and done.output == {"words": 3, "vowels": 7, "longest": "gracefully"}, \
+            done.output
         health = run(["python", *MODULE, "healthcheck", "-c", config_path_of(launch.argv)], env)
         assert health.returncode == 0 and health.stdout.strip() == "healthy", health.stdout + health.stderr
 

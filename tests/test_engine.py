@@ -155,7 +155,8 @@ class EngDivideUnpacked(ductwork.Pipeline):
 class EngDivert(ductwork.Pipeline):
     @staticmethod
     def define(p):
-        p.start(kind_of).divert(to={True: on_true, "None": on_none, 3: on_three, "otherwise": fallback}).converge(into=tagged)
+        p.start(kind_of).divert(to={True: on_true, "None": on_none, 3: on_three,
+                                    "otherwise": fallback}).converge(into=tagged)
 
 
 class EngNested(ductwork.Pipeline):
@@ -237,7 +238,8 @@ def test_chain_passes_outputs_along(start_runtime):
     run = EngChain.trigger(3, 4)
     assert finished(run) == "completed"
     assert run.output == 16
-    assert [(s.name, s.input, s.output) for s in run.steps] == [("Start", [3, 4], 7), ("add_one", 7, 8), ("double", 8, 16)]
+    assert [(s.name, s.input, s.output) for s in run.steps] == [
+        ("Start", [3, 4], 7), ("add_one", 7, 8), ("double", 8, 16)]
 
 
 def test_expand_collapse_keeps_element_order(start_runtime):
@@ -388,7 +390,8 @@ def test_context_write_once_and_overwrite(start_runtime):
 
 
 def test_max_fanout_and_invalid_transition_halt(engine, start_runtime):
-    start_runtime(["EngExpandList", "EngDivideInExpand"], pipeline_advancer={"steps": {"max_depth": {"EngExpandList": 2}}})
+    start_runtime(["EngExpandList", "EngDivideInExpand"],
+                  pipeline_advancer={"steps": {"max_depth": {"EngExpandList": 2}}})
     wide = EngExpandList.trigger(3)
     ok = EngDivideInExpand.trigger(2)
     assert finished(wide) == "halted" and wide.halt_reasons == ["max_fanout_exceeded"]
@@ -590,7 +593,8 @@ def test_batch_statements_use_indexes_on_big_tables(engine):
         for table, columns, values in (
                 ("ductwork_runs", "pipeline, definition, status, input, created_at, updated_at",
                  "'P', 'd', 'in_progress', '[]', 0, 0"),
-                ("ductwork_branches", "run_id, pipeline, definition, node, status, available_at, created_at, updated_at",
+                ("ductwork_branches",
+                 "run_id, pipeline, definition, node, status, available_at, created_at, updated_at",
                  "1, 'P', 'd', 0, 'running', 0, 0, 0"),
                 ("ductwork_steps", "run_id, branch_id, pipeline, node, name, status, input, available_at, created_at",
                  "1, 1, 'P', 0, 's', 'succeeded', '[]', 0, 0")):
@@ -607,6 +611,6 @@ def test_batch_statements_use_indexes_on_big_tables(engine):
             "runs_completed": (B.runs_completed(dialect), t.keyed(B.STEP, [(i, "1") for i in batch])),
         }
         for name, (sql, params) in plans.items():
-            plan = " | ".join(str(row[-1]) for row in t.all(("EXPLAIN " if dialect == "postgres" else "EXPLAIN QUERY PLAN ")
-                                                             + sql, params))
+            explain = "EXPLAIN " if dialect == "postgres" else "EXPLAIN QUERY PLAN "
+            plan = " | ".join(str(row[-1]) for row in t.all(explain + sql, params))
             assert "Seq Scan on ductwork_" not in plan and "SCAN ductwork_" not in plan, f"{name}: {plan}"

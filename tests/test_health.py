@@ -138,7 +138,8 @@ def test_status_shows_two_supervisors(procs, tmp_path, app_db):
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     machines = {(p["machine"], p["role"]) for p in report["processes"]}
-    assert {("host-a", "supervisor"), ("host-b", "supervisor"), ("host-a", "worker"), ("host-b", "advancer")} <= machines
+    assert {("host-a", "supervisor"), ("host-b", "supervisor"), ("host-a", "worker"),
+            ("host-b", "advancer")} <= machines
     assert all(p["heartbeat_age"] < 5 for p in report["processes"])
     assert report["runs"]["SupMixed"]["completed"] >= 1
     text = run_cli("status", "-c", cfg)

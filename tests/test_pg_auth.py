@@ -78,7 +78,8 @@ def tls_cluster():
 
 
 def tls_probe(url: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", TLS_PROBE, url], capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+    return subprocess.run([sys.executable, "-c", TLS_PROBE, url], capture_output=True, text=True, timeout=60,
+                          cwd=str(ROOT))
 
 
 @pytest.mark.parametrize("mode, expected", [("prefer", "True ['prefer'] True"), ("require", "True ['require'] True"),

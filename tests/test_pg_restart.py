@@ -114,7 +114,8 @@ def test_postgres_server_restart_mid_run_loses_nothing(tmp_path, cluster, procs)
     assert len(per_step) >= len(runs) * 2
     bad = [row for row in per_step if tuple(row[2:]) != ("succeeded", 1, 1)]
     assert not bad, f"steps not committed exactly once: {bad}"
-    assert query("SELECT count(*) FROM ductwork_steps WHERE claimed_by IS NOT NULL OR status IN ('queued', 'running')") == [(0,)]
+    assert query("SELECT count(*) FROM ductwork_steps WHERE claimed_by IS NOT NULL "
+                 "OR status IN ('queued', 'running')") == [(0,)]
     assert query("SELECT count(*) FROM ductwork_branches WHERE claimed_by IS NOT NULL "
                  "OR status IN ('advancing', 'advance')") == [(0,)]
 
@@ -130,7 +131,8 @@ def test_postgres_server_restart_mid_run_loses_nothing(tmp_path, cluster, procs)
 
     # the outage is logged once per process (not once per poll), and the recovery too
     unavailable = log.count("database unavailable")
-    assert 1 <= unavailable <= processes * 2, f"{unavailable} 'database unavailable' lines for one {outage:.1f}s outage:\n{log}"
+    assert 1 <= unavailable <= processes * 2, \
+        f"{unavailable} 'database unavailable' lines for one {outage:.1f}s outage:\n{log}"
     assert "database reachable again" in log
     assert log.count("database reachable again") <= processes * 2
 

@@ -94,7 +94,8 @@ class EngNapMix(ductwork.Pipeline):
 
 def test_a_slow_step_gives_the_rest_of_its_batch_back(engine, start_runtime):
     slow = 0.012  # slower than QUICK_STEP, quicker than QUICK_COMMIT (which would end its batch anyway)
-    runs = [EngNapMix.trigger(0) for _ in range(30)] + [EngNapMix.trigger(slow)] + [EngNapMix.trigger(0) for _ in range(20)]
+    runs = ([EngNapMix.trigger(0) for _ in range(30)] + [EngNapMix.trigger(slow)]
+            + [EngNapMix.trigger(0) for _ in range(20)])
     _hold(engine)
     commits = _observed_worker(start_runtime, "EngNapMix")
     _release_held(engine, runs)

@@ -60,8 +60,8 @@ class Host:
         self.unexpected_exits: list[str] = []
 
     def start(self) -> None:
-        self.proc = Proc(self.tmp_path, self.url, name=f"h{self.idx}-{len(self.procs) + 1}", machine=f"soak-host-{self.idx}",
-                         config=HOST_CONFIG)
+        self.proc = Proc(self.tmp_path, self.url, name=f"h{self.idx}-{len(self.procs) + 1}",
+                         machine=f"soak-host-{self.idx}", config=HOST_CONFIG)
         self.procs.append(self.proc)
         self.killed = self.stopped = False
 
@@ -168,7 +168,8 @@ class Chaos:
         """A supervisor that exits without being killed by us is a finding; restart it and count it."""
         for host in self.hosts:
             if host.proc is not None and not host.up() and not host.killed:
-                host.unexpected_exits.append(f"{host.proc.name} exit {host.proc.popen.returncode}:\n{host.proc.log()[-2000:]}")
+                host.unexpected_exits.append(
+                    f"{host.proc.name} exit {host.proc.popen.returncode}:\n{host.proc.log()[-2000:]}")
                 host.killed = True
                 self.later.append((time.monotonic() + 0.5, "start_host", host))
 
@@ -226,7 +227,8 @@ def write_report(backend: str, text: str) -> None:
                 sections[m.group(1)] = chunk.rstrip() + "\n"
     sections[backend] = text.rstrip() + "\n"
     head = ("ductwork soak report (make soak; tests/test_soak.py)\n"
-            "chaos: SIGKILL / SIGSTOP of random children and whole supervisors of several hosts sharing one database\n\n")
+            "chaos: SIGKILL / SIGSTOP of random children and whole supervisors of several hosts "
+            "sharing one database\n\n")
     REPORT.write_text(head + "\n".join(sections[k] for k in sorted(sections)))
 
 
@@ -273,7 +275,8 @@ def test_soak_under_chaos(soak_db, capsys):
 
         # every run must finish now that the chaos has stopped
         deadline = time.monotonic() + SETTLE_SECONDS
-        while query("SELECT count(*) FROM ductwork_runs WHERE status = 'in_progress'")[0][0] and time.monotonic() < deadline:
+        while (query("SELECT count(*) FROM ductwork_runs WHERE status = 'in_progress'")[0][0]
+               and time.monotonic() < deadline):
             chaos.notice_exits()
             chaos.due(time.monotonic(), everything=True)
             pause(0.5)
@@ -303,12 +306,14 @@ def test_soak_under_chaos(soak_db, capsys):
         succeeded_without_commit = query(
             "SELECT count(*) FROM ductwork_steps s WHERE s.status = 'succeeded' AND NOT EXISTS "
             "(SELECT 1 FROM ductwork_executions e WHERE e.step_id = s.id AND e.outcome = 'succeeded')")[0][0]
-        stuck = query("SELECT s.id, s.status, s.claimed_by FROM ductwork_steps s WHERE s.status IN ('queued', 'running')")
+        stuck = query("SELECT s.id, s.status, s.claimed_by FROM ductwork_steps s "
+                      "WHERE s.status IN ('queued', 'running')")
         stuck_unclaimed = [r for r in stuck if r[1] == "queued" or r[2] not in
                            {p for (p,) in query("SELECT id FROM ductwork_processes")}]
         lost = len(unfinished) + len(stuck_unclaimed) + succeeded_without_commit
         crashed = query("SELECT c.started_at, c.finished_at, (SELECT min(n.started_at) FROM ductwork_executions n "
-                        "WHERE n.step_id = c.step_id AND n.id > c.id) FROM ductwork_executions c WHERE c.outcome = 'crashed'")
+                        "WHERE n.step_id = c.step_id AND n.id > c.id) "
+                        "FROM ductwork_executions c WHERE c.outcome = 'crashed'")
         handback_waits = [nxt - fin for _, fin, nxt in crashed if nxt is not None and fin is not None]
         recovery_waits = [nxt - start for start, _, nxt in crashed if nxt is not None and start is not None]
         logs = "".join(h.logs() for h in hosts)
@@ -344,17 +349,20 @@ def test_soak_under_chaos(soak_db, capsys):
             ("trigger retries (locked/unavailable)", len(trigger.retries)),
             ("trigger errors", len(trigger.errors)),
             ("tracebacks in logs", tracebacks),
-            ("longest recovery wait", f"{max(recovery_waits, default=0):.2f} s (crashed attempt's claim -> next claim)"),
+            ("longest recovery wait",
+             f"{max(recovery_waits, default=0):.2f} s (crashed attempt's claim -> next claim)"),
             ("longest hand-back -> re-claim", f"{max(handback_waits, default=0):.2f} s"),
             ("settle after chaos", f"{settle:.1f} s"),
         ]
-        report = f"== {backend} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n" + "\n".join(f"  {k:<38} {v}" for k, v in figures)
+        report = (f"== {backend} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n"
+                  + "\n".join(f"  {k:<38} {v}" for k, v in figures))
         with capsys.disabled():
             print(f"\n{report}\n  {'logs':<38} {workdir}", flush=True)
         write_report(backend, report)
 
         assert not unexpected, "supervisors exited on their own:\n" + "\n".join(unexpected)
-        assert not missing_rows, f"live processes without a process row (reaped, never registered again): {missing_rows}"
+        assert not missing_rows, \
+            f"live processes without a process row (reaped, never registered again): {missing_rows}"
         assert not duplicates, f"steps committed more than once: {duplicates[:20]}"
         assert lost == 0, f"unfinished runs {unfinished[:20]}, stuck steps {stuck_unclaimed[:20]}, " \
                           f"succeeded without a commit {succeeded_without_commit}"

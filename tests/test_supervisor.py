@@ -118,7 +118,8 @@ def test_sigterm_during_a_short_step_lets_it_commit(procs, tmp_path, app_db):
 
 
 def test_sigterm_during_a_long_step_hands_it_back_for_immediate_rerun(procs, tmp_path, app_db):
-    sup = start(procs, tmp_path, app_db, config={"job_worker": {"shutdown_timeout": 1}, "supervisor": {"shutdown_timeout": 3}})
+    sup = start(procs, tmp_path, app_db,
+                config={"job_worker": {"shutdown_timeout": 1}, "supervisor": {"shutdown_timeout": 3}})
     sup.child_pid("worker:SupNap")
     run = sup_app.SupNap.trigger(30)
     wait_until(lambda: any(m[0] == "start" for m in marks(tmp_path)), what="step start")
@@ -222,7 +223,8 @@ def test_lifecycle_hooks_run_in_each_process(procs, tmp_path, app_db):
     assert names[0] == "supervisor_start" and names[-1] == "supervisor_stop"
 
 
-@pytest.mark.parametrize("env_role,flag_role,expected", [("worker", None, "worker"), ("worker", "advancer", "advancer")])
+@pytest.mark.parametrize("env_role,flag_role,expected",
+                         [("worker", None, "worker"), ("worker", "advancer", "advancer")])
 def test_foreground_roles_and_precedence(procs, tmp_path, app_db, env_role, flag_role, expected):
     args = ("run", "--role", flag_role) if flag_role else ("run",)
     p = start(procs, tmp_path, app_db, env={"DUCTWORK_ROLE": env_role}, args=args)

@@ -71,5 +71,6 @@ if os.environ.get("DW_HOOK_LOG"):
             mark(f"hook {name} {os.getpid()}")
         fn.__name__ = f"log_{name}"
         return fn
-    for _kind in ("supervisor_start", "supervisor_stop", "advancer_start", "advancer_stop", "worker_start", "worker_stop"):
+    for _kind in ("supervisor_start", "supervisor_stop", "advancer_start", "advancer_stop",
+                  "worker_start", "worker_stop"):
         getattr(ductwork, f"on_{_kind}")(_hook(_kind))
