@@ -614,3 +614,22 @@ def test_batch_statements_use_indexes_on_big_tables(engine):
             explain = "EXPLAIN " if dialect == "postgres" else "EXPLAIN QUERY PLAN "
             plan = " | ".join(str(row[-1]) for row in t.all(explain + sql, params))
             assert "Seq Scan on ductwork_" not in plan and "SCAN ductwork_" not in plan, f"{name}: {plan}"
+
+
+# -- executions record when a step ran -----------------------------------------------------------
+def test_an_execution_records_when_its_step_started_not_when_it_was_claimed(engine):
+    """A batch's later steps start well after their claim: their execution rows said the claim time."""
+    runs = [EngSingle.trigger(i) for i in range(2)]
+    first, second = engine.claim_steps("EngSingle", 777, 2)
+    first.mark_started()
+    threading.Event().wait(0.05)                    # the second waits behind the first in its batch
+    second.mark_started()
+    done = engine.commit([ductwork.StepResult(first, True, "1"), ductwork.StepResult(second, True, "2")])
+    assert done.accepted == [True, True]
+    with engine.store.tx(write=False) as t:
+        rows = t.all("SELECT s.run_id, s.claimed_at, e.started_at, e.finished_at FROM ductwork_executions e "
+                     "JOIN ductwork_steps s ON s.id = e.step_id ORDER BY s.run_id")
+    assert [r[0] for r in rows] == [run.id for run in runs]
+    assert all(claimed <= started <= finished for _, claimed, started, finished in rows), rows
+    # 50 ms apart, less SQLite's millisecond clock
+    assert rows[1][2] - rows[0][2] >= 0.05 - 0.002, rows
