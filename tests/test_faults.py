@@ -9,7 +9,7 @@ import threading
 
 import pytest
 from conftest import truncate_pg
-from procs import Proc, pause, wait_until
+from procs import LOAD_SLACK, Proc, pause, reap_deadline, stop_outside_transaction, wait_until
 
 import ductwork
 
@@ -69,18 +69,18 @@ def test_fault_at_checkpoint_loses_nothing_and_commits_once(procs, tmp_path, app
 
 def test_zombie_writer_is_rejected_after_a_peer_reaps_it(procs, tmp_path, app_db):
     # host-a never kills its hung child (hang_timeout 60): its worker becomes a zombie writer
-    a = Proc(tmp_path, app_db, name="a", machine="host-a",
-             config={"pipelines": ["SupNap"], "job_worker": {"count": 1}, "supervisor": {"hang_timeout": 60, "reaper_timeout": 60}})
+    a_config = {"pipelines": ["SupNap"], "job_worker": {"count": 1}, "supervisor": {"hang_timeout": 60, "reaper_timeout": 60}}
+    a = Proc(tmp_path, app_db, name="a", machine="host-a", config=a_config)
     procs.append(a)
     worker = a.child_pid("worker:SupNap")
     a.wait_log("worker started")
     run = sup_app.SupNap.trigger(1.5)
     wait_until(lambda: (tmp_path / "marks.log").exists(), what="step start on host-a")
-    os.kill(worker, signal.SIGSTOP)
-    b = Proc(tmp_path, app_db, name="b", machine="host-b",
-             config={"pipelines": ["SupNap"], "supervisor": {"reaper_timeout": 1.5}})
+    stop_outside_transaction(worker, app_db)
+    b_config = {"pipelines": ["SupNap"], "supervisor": {"reaper_timeout": 1.5}}
+    b = Proc(tmp_path, app_db, name="b", machine="host-b", config=b_config)
     procs.append(b)
-    b.wait_log("reaped process row")
+    b.wait_log("reaped process row", timeout=LOAD_SLACK + reap_deadline(a_config, b_config))  # b boots, then reaps
     assert run.wait(20) == "completed"
     committed = run.steps[0]
     os.kill(worker, signal.SIGCONT)
