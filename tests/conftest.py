@@ -30,11 +30,18 @@ FAST = {
 }
 
 
-def _pg_connect(url: str):
+# CREATE and DROP DATABASE wait for an immediate checkpoint of the whole shared server, whose
+# fsyncs take as long as the disk is busy (8.3 s seen with other sessions' tests running), and
+# DROP first waits up to 5 s for terminated sessions to end: the connection doing them must
+# not give up first. 5 s still bounds the probe of whether a server is there at all.
+DDL_TIMEOUT = 60
+
+
+def _pg_connect(url: str, timeout: float = 5):
     import pg8000.dbapi
     info = ductwork.parse_database_url(url)
     conn = pg8000.dbapi.connect(user=info.user, password=info.password, host=info.host, port=info.port,
-                                database=info.database, timeout=5)
+                                database=info.database, timeout=timeout)
     conn.autocommit = True
     return conn
 
@@ -56,7 +63,7 @@ def pg_server_url():
             pytest.fail(f"CI=true but {reason}")
         pytest.skip(reason)
     name = f"ductwork_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = _pg_connect(PG_ADMIN_URL)
+    admin = _pg_connect(PG_ADMIN_URL, timeout=DDL_TIMEOUT)
     admin.cursor().execute(f"CREATE DATABASE {name}")
     base = PG_ADMIN_URL.rsplit("/", 1)[0]
     yield f"{base}/{name}"

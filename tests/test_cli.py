@@ -14,7 +14,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import PG_ADMIN_URL, ROOT, _pg_connect, run_cli
+from conftest import DDL_TIMEOUT, PG_ADMIN_URL, ROOT, _pg_connect, run_cli
 
 import ductwork
 
@@ -262,7 +262,7 @@ def fresh_db_url(db_url):
         yield db_url
         return
     name = f"ductwork_cli_{uuid.uuid4().hex[:10]}"
-    admin = _pg_connect(PG_ADMIN_URL)
+    admin = _pg_connect(PG_ADMIN_URL, timeout=DDL_TIMEOUT)
     admin.cursor().execute(f"CREATE DATABASE {name}")
     try:
         yield f"{db_url.rsplit('/', 1)[0]}/{name}"
