@@ -30,12 +30,15 @@ FAST = {
 }
 
 
-# How long a test's own admin statement may wait for the server's answer. CREATE and DROP DATABASE
-# force a checkpoint, which on a busy 2-core machine (a full suite's worth of writes) took over 5 s.
-ADMIN_TIMEOUT = 120
+# CREATE and DROP DATABASE wait for an immediate checkpoint of the whole shared server, whose
+# fsyncs take as long as the disk is busy (8.3 s seen with other sessions' tests running), and
+# DROP first waits up to 5 s for terminated sessions to end: the connection doing them must
+# not give up first (nor may any other admin statement of a test). 5 s still bounds the probe of
+# whether a server is there at all.
+DDL_TIMEOUT = 60
 
 
-def _pg_connect(url: str, timeout: float = ADMIN_TIMEOUT):
+def _pg_connect(url: str, timeout: float = DDL_TIMEOUT):
     import pg8000.dbapi
     info = ductwork.parse_database_url(url)
     conn = pg8000.dbapi.connect(user=info.user, password=info.password, host=info.host, port=info.port,
@@ -61,12 +64,13 @@ def pg_server_url():
             pytest.fail(f"CI=true but {reason}")
         pytest.skip(reason)
     name = f"ductwork_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = _pg_connect(PG_ADMIN_URL)
+    admin = _pg_connect(PG_ADMIN_URL, timeout=DDL_TIMEOUT)
     admin.cursor().execute(f"CREATE DATABASE {name}")
     base = PG_ADMIN_URL.rsplit("/", 1)[0]
     yield f"{base}/{name}"
     admin.cursor().execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+        (name,))
     admin.cursor().execute(f"DROP DATABASE IF EXISTS {name}")
     admin.close()
 
@@ -152,7 +156,8 @@ def start_runtime(engine):
         handle.stop()
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 60, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, timeout: float = 60,
+            cwd: str | Path | None = None) -> subprocess.CompletedProcess:
     """Run `python ductwork.py ARGS` for real and capture its output."""
     full_env = {**os.environ, **(env or {})}
     full_env.setdefault("PYTHONUNBUFFERED", "1")

@@ -1,6 +1,7 @@
 """Helpers that run the real `python ductwork.py` as subprocesses and watch them."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -32,6 +33,30 @@ def merge(base: dict, top: dict) -> dict:
 
 def pause(seconds: float) -> None:
     threading.Event().wait(seconds)
+
+
+def settings(config: dict | None = None) -> dict:
+    """What a Proc started with ``config`` runs with: BASE_CONFIG under the test's own values."""
+    return merge(BASE_CONFIG, config or {})
+
+
+# What a loaded machine (2 cores, one kept busy, other test sessions on the same disk and
+# Postgres server) adds on top of the configured intervals to anything a process does:
+# being scheduled, a commit's fsync, a child's start. Added once to deadlines derived
+# from the intervals; it never decides whether a test passes, only how long a wait may take.
+LOAD_SLACK = 5.0
+
+
+def reap_deadline(stopped: dict | None = None, reaper: dict | None = None, slack: float = LOAD_SLACK) -> float:
+    """Seconds from the moment a process stops heartbeating (``stopped``: its config) until a
+    peer (``reaper``: its config, default the same) has certainly deleted its row: the last
+    heartbeat is up to one heartbeat_interval old, the row is stale reaper_timeout later, and
+    the peer reaps every min(2 * heartbeat_interval, reaper_timeout / 2) right after a heartbeat
+    of its own (Runtime.heartbeat_loop). ``slack=0``: the bound itself, for checks of absence."""
+    beat = float(settings(stopped)["supervisor"]["heartbeat_interval"])
+    peer = settings(reaper if reaper is not None else stopped)["supervisor"]
+    interval, timeout = float(peer["heartbeat_interval"]), float(peer["reaper_timeout"])
+    return beat + timeout + min(2 * interval, timeout / 2) + interval + slack
 
 
 def wait_until(predicate, timeout: float = 10, interval: float = 0.05, what: str = "condition"):
@@ -67,6 +92,75 @@ def alive(pid: int) -> bool:
         return False
 
 
+def stopped(pid: int) -> bool:
+    """Every thread of ``pid`` is in the stopped state (a SIGSTOP has taken effect)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        states = []
+        for task in tasks:
+            with open(f"/proc/{pid}/task/{task}/stat") as fh:
+                states.append(fh.read().rsplit(")", 1)[1].split()[0])
+    except OSError:
+        return False
+    return bool(states) and all(state in ("T", "t") for state in states)
+
+
+def _sqlite_write_locks(pid: int) -> list[str]:
+    """POSIX write locks ``pid`` holds (SQLite's WAL write lock, a checkpoint, a read-mark update)."""
+    with open("/proc/locks") as fh:
+        return [line for line in fh if "->" not in line.split()
+                and line.split()[1:5] == ["POSIX", "ADVISORY", "WRITE", str(pid)]]
+
+
+def _pg_transactions(pid: int, db_url: str) -> list[tuple]:
+    """Open transactions of ``pid``'s Postgres sessions (found by the client ports of its sockets)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as fh:
+            for line in list(fh)[1:]:
+                fields = line.split()
+                if fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    if not ports:
+        return []
+    import ductwork
+    store = ductwork.Store(db_url)
+    try:
+        with store.tx(write=False) as t:
+            return t.all(f"SELECT pid, state, query FROM pg_stat_activity WHERE xact_start IS NOT NULL "
+                         f"AND client_port IN ({', '.join(map(str, sorted(ports)))})")
+    finally:
+        store.close()
+
+
+def stop_outside_transaction(pid: int, db_url: str, timeout: float = LOAD_SLACK) -> None:
+    """SIGSTOP ``pid`` at a moment it holds no database lock, as a paused process (GC pause,
+    frozen VM, SIGSTOP) between two of its transactions.
+
+    Stopped inside one, it is a different case, which no peer can resolve: on SQLite it keeps
+    the write lock (every other process waits busy_timeout for it, nobody reaps anything), on
+    Postgres its row lock (a peer's reap blocks on it). So a stop that lands inside a
+    transaction is undone at once (SIGCONT, after a few ms: far below any reaper_timeout) and
+    made again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        os.kill(pid, signal.SIGSTOP)
+        wait_until(lambda: stopped(pid), timeout=LOAD_SLACK, interval=0.001, what=f"pid {pid} stopped")
+        held = _sqlite_write_locks(pid) if db_url.startswith("sqlite") else _pg_transactions(pid, db_url)
+        if not held:
+            return
+        os.kill(pid, signal.SIGCONT)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pid {pid} was inside a transaction at every stop for {timeout}s: {held}")
+        pause(0.005)
+
+
 class Proc:
     """A running `python ductwork.py ...` with its log in a file."""
 
@@ -81,8 +175,8 @@ class Proc:
         full_env.update(env or {})
         self.log_file = open(self.log_path, "w")
         self.started = time.monotonic()
-        self.popen = subprocess.Popen([*prefix, sys.executable, str(ROOT / "ductwork.py"), *args, "-c", str(self.config_path)],
-                                      stdout=self.log_file, stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT),
+        argv = [*prefix, sys.executable, str(ROOT / "ductwork.py"), *args, "-c", str(self.config_path)]
+        self.popen = subprocess.Popen(argv, stdout=self.log_file, stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT),
                                       start_new_session=True)
         self.pid = self.popen.pid
 

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 from conftest import truncate_pg
-from procs import Proc, pause, wait_until
+from procs import LOAD_SLACK, Proc, pause, reap_deadline, stop_outside_transaction, wait_until
 
 import ductwork
 
@@ -28,14 +28,17 @@ def assert_clean_ledger(runs):
     """Every step committed exactly once, no retry spent, no claim left open."""
     ids = tuple(r.id for r in runs)
     marks = ",".join("?" * len(ids))
-    per_step = query(f"SELECT s.id, s.status, s.attempts, count(e.id) FROM ductwork_steps s LEFT JOIN ductwork_executions e "
-                     f"ON e.step_id = s.id AND e.outcome = 'succeeded' WHERE s.run_id IN ({marks}) "
+    per_step = query(f"SELECT s.id, s.status, s.attempts, count(e.id) FROM ductwork_steps s "
+                     f"LEFT JOIN ductwork_executions e ON e.step_id = s.id AND e.outcome = 'succeeded' "
+                     f"WHERE s.run_id IN ({marks}) "
                      f"GROUP BY s.id, s.status, s.attempts", ids)
     assert per_step, "no steps recorded"
     for step_id, status, attempts, commits in per_step:
-        assert (status, attempts, commits) == ("succeeded", 1, 1), f"step {step_id}: {status} attempts={attempts} commits={commits}"
+        assert (status, attempts, commits) == ("succeeded", 1, 1), \
+            f"step {step_id}: {status} attempts={attempts} commits={commits}"
     assert query("SELECT count(*) FROM ductwork_steps WHERE claimed_by IS NOT NULL OR status = 'running'") == [(0,)]
-    assert query("SELECT count(*) FROM ductwork_branches WHERE claimed_by IS NOT NULL OR status IN ('advancing', 'advance')") == [(0,)]
+    assert query("SELECT count(*) FROM ductwork_branches "
+                 "WHERE claimed_by IS NOT NULL OR status IN ('advancing', 'advance')") == [(0,)]
 
 
 @pytest.mark.parametrize("action", ["kill", "exit", "raise"])
@@ -69,18 +72,19 @@ def test_fault_at_checkpoint_loses_nothing_and_commits_once(procs, tmp_path, app
 
 def test_zombie_writer_is_rejected_after_a_peer_reaps_it(procs, tmp_path, app_db):
     # host-a never kills its hung child (hang_timeout 60): its worker becomes a zombie writer
-    a = Proc(tmp_path, app_db, name="a", machine="host-a",
-             config={"pipelines": ["SupNap"], "job_worker": {"count": 1}, "supervisor": {"hang_timeout": 60, "reaper_timeout": 60}})
+    a_config = {"pipelines": ["SupNap"], "job_worker": {"count": 1},
+                "supervisor": {"hang_timeout": 60, "reaper_timeout": 60}}
+    a = Proc(tmp_path, app_db, name="a", machine="host-a", config=a_config)
     procs.append(a)
     worker = a.child_pid("worker:SupNap")
     a.wait_log("worker started")
     run = sup_app.SupNap.trigger(1.5)
     wait_until(lambda: (tmp_path / "marks.log").exists(), what="step start on host-a")
-    os.kill(worker, signal.SIGSTOP)
-    b = Proc(tmp_path, app_db, name="b", machine="host-b",
-             config={"pipelines": ["SupNap"], "supervisor": {"reaper_timeout": 1.5}})
+    stop_outside_transaction(worker, app_db)
+    b_config = {"pipelines": ["SupNap"], "supervisor": {"reaper_timeout": 1.5}}
+    b = Proc(tmp_path, app_db, name="b", machine="host-b", config=b_config)
     procs.append(b)
-    b.wait_log("reaped process row")
+    b.wait_log("reaped process row", timeout=LOAD_SLACK + reap_deadline(a_config, b_config))  # b boots, then reaps
     assert run.wait(20) == "completed"
     committed = run.steps[0]
     os.kill(worker, signal.SIGCONT)
@@ -180,8 +184,8 @@ def test_corrupt_rows_halt_their_run_and_others_flow(procs, tmp_path, app_db):
             branch = t.one("SELECT id FROM ductwork_branches WHERE run_id = ? AND parent_id IS NULL", (run.id,))[0]
             t.run("UPDATE ductwork_runs SET status = 'in_progress', output = NULL WHERE id = ?", (run.id,))
             t.run("UPDATE ductwork_branches SET status = 'running' WHERE id = ?", (branch,))
-            t.run("INSERT INTO ductwork_steps (run_id, branch_id, pipeline, node, name, status, input, available_at, created_at) "
-                  "VALUES (?, ?, 'SupMixed', 4, ?, 'queued', ?, 0, 0)", (run.id, branch, name, payload))
+            t.run("INSERT INTO ductwork_steps (run_id, branch_id, pipeline, node, name, status, input, available_at, "
+                  "created_at) VALUES (?, ?, 'SupMixed', 4, ?, 'queued', ?, 0, 0)", (run.id, branch, name, payload))
     good = [sup_app.SupMixed.trigger(n) for n in (3, 4)]
     assert bad_name.wait(20) == "halted"
     assert bad_name.halt_reasons == ["definition_changed"]
@@ -208,8 +212,8 @@ def test_runs_of_a_pipeline_nobody_serves_halt_when_asked(procs, tmp_path, app_d
         branch = t.one("INSERT INTO ductwork_branches (run_id, pipeline, definition, node, status, available_at, "
                        "created_at, updated_at) VALUES (?, 'Ghost', ?, 0, 'running', 0, 0, 0) RETURNING id",
                        (run_id, digest))[0]
-        t.run("INSERT INTO ductwork_steps (run_id, branch_id, pipeline, node, name, status, input, available_at, created_at) "
-              "VALUES (?, ?, 'Ghost', 0, 'fan', 'queued', '[2]', 0, 0)", (run_id, branch))
+        t.run("INSERT INTO ductwork_steps (run_id, branch_id, pipeline, node, name, status, input, available_at, "
+              "created_at) VALUES (?, ?, 'Ghost', 0, 'fan', 'queued', '[2]', 0, 0)", (run_id, branch))
     sup = Proc(tmp_path, app_db, config={"pipeline_advancer": {"unknown_pipeline_grace": 30}})
     procs.append(sup)
     ghost = ductwork.Run.get(run_id)

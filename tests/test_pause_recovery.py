@@ -9,7 +9,7 @@ import re
 import signal
 import sys
 
-from procs import Proc, pause, wait_until
+from procs import LOAD_SLACK, Proc, pause, reap_deadline, settings, stop_outside_transaction, wait_until
 
 import ductwork
 
@@ -34,15 +34,19 @@ def test_paused_supervisor_registers_again_once(procs, tmp_path, db_url):
     first = sup_rows()
     assert len(first) == 1
 
-    a.signal(signal.SIGSTOP)           # the supervisor only: its children keep their heartbeats
-    wait_until(lambda: not sup_rows(), timeout=10, what="a peer reaping the paused supervisor's row")
+    stop_outside_transaction(a.pid, db_url)   # the supervisor only: its children keep their heartbeats
+    wait_until(lambda: not sup_rows(), timeout=reap_deadline(config), what="a peer reaping the paused supervisor's row")
     assert re.search(rf"reaped process row {first[0][0]} \(host-a pid {a.pid}, supervisor\)", a.log() + b.log())
     a.signal(signal.SIGCONT)
-    a.wait_log(r"supervisor row \d+ was reaped while paused; registering again", timeout=10)
+    # resumed, its heartbeat is overdue: the next turn of its loop finds the row gone and registers again
+    beat = settings(config)["supervisor"]["heartbeat_interval"]
+    a.wait_log(r"supervisor row \d+ was reaped while paused; registering again", timeout=beat + LOAD_SLACK)
 
-    again = wait_until(sup_rows, timeout=5, what="a new supervisor row for host-a")
+    again = wait_until(sup_rows, timeout=beat + LOAD_SLACK, what="a new supervisor row for host-a")
     assert len(again) == 1 and again[0][0] != first[0][0]
-    pause(2.0)                          # several heartbeats later: still one row, no more re-registrations
+    # as long as a reap takes: a new row that were not heartbeated would be gone by then, a second
+    # re-registration logged; neither may happen
+    pause(reap_deadline(config, slack=0))
     assert sup_rows() == again
     log = a.log()
     assert len(re.findall(r"registering again", log)) == 1, log[-3000:]
@@ -62,15 +66,18 @@ def test_claim_by_a_reaped_process_is_not_lost(procs, tmp_path, db_url):
     slow = {"pipelines": ["SupNap"], "job_worker": {"count": 1},
             "supervisor": {"heartbeat_interval": 5, "reaper_timeout": 60, "hang_timeout": 60}}
     a = Proc(tmp_path, db_url, name="a", machine="host-a", config=slow)
-    b = Proc(tmp_path, db_url, name="b", machine="host-b",
-             config={"pipelines": ["SupMixed"], "supervisor": {"reaper_timeout": 1.5}})
+    b_config = {"pipelines": ["SupMixed"], "supervisor": {"reaper_timeout": 1.5}}
+    b = Proc(tmp_path, db_url, name="b", machine="host-b", config=b_config)
     procs += [a, b]
     a.wait_log("worker started")
     worker_row = int(a.wait_log(r"worker started \(pid \d+, row (\d+)\)")[0].group(1))
-    wait_until(lambda: re.search(rf"reaped process row {worker_row} \(host-a", b.log()), timeout=10,
-               what="host-b reaping host-a's worker row")
+    wait_until(lambda: re.search(rf"reaped process row {worker_row} \(host-a", b.log()),
+               timeout=reap_deadline(slow, b_config), what="host-b reaping host-a's worker row")
     run = sup_app.SupNap.trigger(3)
-    wait_until(lambda: (tmp_path / "marks.log").exists(), timeout=10, what="the step running on host-a")
+    # host-a's worker claims only under a live row: from its next heartbeat (re-registration) on
+    claimable = settings(slow)["supervisor"]["heartbeat_interval"] + settings(slow)["job_worker"]["polling_timeout"]
+    wait_until(lambda: (tmp_path / "marks.log").exists(), timeout=claimable + LOAD_SLACK,
+               what="the step running on host-a")
     a.kill_group()                     # host-a dies before its next heartbeat
     with ductwork._app_engine().store.tx(write=False) as t:
         claimed = t.one("SELECT claimed_by FROM ductwork_steps WHERE run_id = ?", (run.id,))[0]
