@@ -107,17 +107,24 @@ def test_hostile_config_files_are_one_line_exit_2(tmp_path, content, fragment, c
 
 
 @pytest.mark.postgres
-def test_port_0_creates_nothing_in_the_servers_postgres_database(tmp_path, pg_server_url):
-    url = pg_server_url.replace("127.0.0.1:5432", "127.0.0.1:0")
-    assert url != pg_server_url
-    one_error(hostile_cli(tmp_path, "migrate", "--database-url", url), 2, "invalid port in database_url")
-    conn = _pg_connect(PG_ADMIN_URL.rsplit("/", 1)[0] + "/postgres")
+def test_port_0_is_refused_not_taken_for_5432(tmp_path, pg_server_url):
+    """Before: port 0 became 5432 and migrate created tables. The target is a database of this test's own."""
+    name = f"ductwork_port0_{uuid.uuid4().hex[:8]}"
+    admin = _pg_connect(PG_ADMIN_URL)
+    admin.cursor().execute(f"CREATE DATABASE {name}")
     try:
+        url = f"{pg_server_url.rsplit('/', 1)[0]}/{name}"
+        assert "127.0.0.1:5432/" in url
+        one_error(hostile_cli(tmp_path, "migrate", "--database-url", url.replace(":5432/", ":0/")), 2,
+                  "invalid port in database_url: must be 1 to 65535")
+        conn = _pg_connect(url)
         cur = conn.cursor()
         cur.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'ductwork%%'")
         assert cur.fetchone()[0] == 0
-    finally:
         conn.close()
+    finally:
+        admin.cursor().execute(f"DROP DATABASE IF EXISTS {name}")
+        admin.close()
 
 
 @pytest.mark.parametrize("key, value", [
