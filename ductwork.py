@@ -214,17 +214,30 @@ def _fail(path: str, problem: str) -> None:
     raise ConfigError(f"config key '{path}' {problem}")
 
 
-def _number(minimum: float, *, integer: bool = False, allow: tuple = ()) -> Callable[[str, Any], Any]:
-    """A validator for a number >= minimum (or one of ``allow``); bools are not numbers."""
+# The largest value of a duration key (seconds): one year. An infinite or absurd wait is never meant,
+# and past threading.TIMEOUT_MAX a wait raises (polling_timeout: .inf would kill every worker thread).
+MAX_DURATION = 365 * 86400
+MAX_COUNT = 2 ** 31 - 1    # a whole-number key: it fits the INTEGER columns and parameters it is compared with
+
+
+def _number(minimum: float, *, integer: bool = False, allow: tuple = (),
+            maximum: float | None = None) -> Callable[[str, Any], Any]:
+    """A validator for a finite number in [minimum, maximum] (or one of ``allow``); bools are not numbers.
+    ``maximum`` defaults to MAX_COUNT for whole numbers and MAX_DURATION (seconds) for the others."""
     kind = "a whole number" if integer else "a number"
     also = " or " + ", ".join(map(str, allow)) if allow else ""
+    top = maximum if maximum is not None else (MAX_COUNT if integer else MAX_DURATION)
 
     def check(path: str, value: Any) -> Any:
         ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
         if isinstance(value, bool) or not ok_type:
             _fail(path, f"must be {kind} >= {minimum}{also}, got {value!r}")
+        if value != value or value in (float("inf"), float("-inf")):   # NaN compares false to everything
+            _fail(path, f"must be a finite number, got {value!r}")
         if value < minimum and value not in allow:
             _fail(path, f"must be >= {minimum}{also}, got {value!r}")
+        if value > top:
+            _fail(path, f"must be <= {top}, got {value!r}")
         return value
     return check
 
@@ -428,6 +441,10 @@ def _read_yaml(path: str) -> Any:
             return yaml.safe_load(fh)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except RecursionError:
+        raise ConfigError(f"invalid YAML in {path}: nested too deeply") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -505,24 +522,47 @@ class DatabaseInfo:
         return f"postgresql://{self.user}{':***' if self.password else ''}@{self.host}:{self.port}/{self.database}"
 
 
+def _parse_sqlite_url(url: str) -> DatabaseInfo:
+    """``sqlite:///rel.db`` or ``sqlite:////abs.db``, with an optional ``?busy_timeout=S``."""
+    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+    path, _, query = path.partition("?")
+    if not path:
+        raise ConfigError(f"invalid SQLite URL {url!r}: use sqlite:///relative.db or sqlite:////absolute.db")
+    options = dict(urllib.parse.parse_qsl(query))
+    try:
+        busy = float(options.pop("busy_timeout", 30))
+    except ValueError:
+        busy = -1.0
+    if not 0 <= busy <= MAX_DURATION:   # NaN fails this too
+        raise ConfigError(f"busy_timeout in a SQLite URL must be a number of seconds (0 to {MAX_DURATION})")
+    if options:
+        raise ConfigError(f"unknown SQLite URL option {next(iter(options))!r} (known: busy_timeout)")
+    return DatabaseInfo("sqlite", path=path, connect_timeout=busy)
+
+
+def _url_port(parsed: urllib.parse.SplitResult) -> int:
+    """The port of a Postgres URL: 1 to 65535 (5432 when none is given; 0 is refused, not the default)."""
+    try:
+        port = parsed.port
+    except ValueError:   # not a number, or above 65535
+        port = 0
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError("invalid port in database_url: must be 1 to 65535")
+    return port or 5432
+
+
 def parse_database_url(url: str) -> DatabaseInfo:
     """Parse ``sqlite:///rel.db``, ``sqlite:////abs.db`` or ``postgres[ql]://user:pass@host:port/db?sslmode=...``."""
-    parsed = urllib.parse.urlsplit(url)
+    if "\x00" in url:
+        raise ConfigError("invalid database_url: it contains a NUL character")
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError as exc:   # e.g. "Invalid IPv6 URL" for postgresql://[::1/x
+        raise ConfigError(mask(f"invalid database_url: {exc}")) from None
     if parsed.scheme == "sqlite":
-        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
-        path, _, query = path.partition("?")
-        if not path:
-            raise ConfigError(f"invalid SQLite URL {url!r}: use sqlite:///relative.db or sqlite:////absolute.db")
-        options = dict(urllib.parse.parse_qsl(query))
-        try:
-            busy = float(options.pop("busy_timeout", 30))
-        except ValueError:
-            raise ConfigError("busy_timeout in a SQLite URL must be a number of seconds") from None
-        if options:
-            raise ConfigError(f"unknown SQLite URL option {next(iter(options))!r} (known: busy_timeout)")
-        return DatabaseInfo("sqlite", path=path, connect_timeout=busy)
+        return _parse_sqlite_url(url)
     if parsed.scheme in ("postgres", "postgresql"):
-        password = urllib.parse.unquote(parsed.password) if parsed.password else os.environ.get("PGPASSWORD")
+        password = urllib.parse.unquote(parsed.password) if parsed.password else os.environ.get("PGPASSWORD") or None
         _remember_secret(password)
         query = dict(urllib.parse.parse_qsl(parsed.query))
         sslmode = query.pop("sslmode", "prefer")
@@ -532,13 +572,10 @@ def parse_database_url(url: str) -> DatabaseInfo:
             timeout = float(query.pop("connect_timeout", 5))
         except ValueError:
             timeout = -1.0
-        if not timeout > 0:
-            raise ConfigError("invalid connect_timeout in database_url: must be a number of seconds > 0")
-        try:
-            port = parsed.port or 5432
-        except ValueError:
-            raise ConfigError("invalid port in database_url") from None
-        return DatabaseInfo("postgres", host=parsed.hostname or "localhost", port=port,
+        if not 0 < timeout <= MAX_DURATION:   # NaN and infinity fail this too
+            raise ConfigError(f"invalid connect_timeout in database_url: must be a number of seconds > 0 "
+                              f"(at most {MAX_DURATION})")
+        return DatabaseInfo("postgres", host=parsed.hostname or "localhost", port=_url_port(parsed),
                             user=urllib.parse.unquote(parsed.username or "") or os.environ.get("PGUSER", "postgres"),
                             password=password, database=(parsed.path or "/").lstrip("/") or "postgres",
                             sslmode=sslmode, connect_timeout=timeout)
@@ -783,27 +820,34 @@ class Store:
         self.notify_hook: Callable[[str, str], None] | None = None  # in-process wake-ups
 
     # -- connections ------------------------------------------------------------------
+    def _connect_sqlite(self) -> Any:
+        """A new SQLite connection of this thread (WAL; read-only for a probe)."""
+        if self.read_only:  # a probe must not create the file or wait on locks for long
+            try:
+                return _SqliteConnection(sqlite3.connect(f"file:{urllib.parse.quote(self.info.path)}?mode=ro",
+                                                         uri=True, timeout=self.info.connect_timeout,
+                                                         isolation_level=None))
+            except sqlite3.Error as exc:
+                raise DatabaseUnavailable(f"cannot open {self.info.display}: {exc}") from None
+        # busy_timeout: how long a writer waits for the lock before the caller backs off and retries
+        try:
+            conn = sqlite3.connect(self.info.path, timeout=self.info.connect_timeout, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as exc:
+            if "unable to open" in str(exc):
+                raise ConfigError(f"cannot open SQLite database {self.info.path} ({exc}; is the directory "
+                                  "writable?); set database_url or DATABASE_URL") from None
+            raise
+        except sqlite3.DatabaseError as exc:   # "file is not a database": nothing was written to it
+            raise ConfigError(f"cannot open SQLite database {self.info.path}: {exc}; "
+                              "check database_url or DATABASE_URL") from None
+        return _SqliteConnection(conn)
+
     def _connect(self) -> Any:
         """A new connection of this thread: SQLite (WAL) or pg8000 (TLS as the sslmode says)."""
         if self.dialect == "sqlite":
-            if self.read_only:  # a probe must not create the file or wait on locks for long
-                try:
-                    return _SqliteConnection(sqlite3.connect(f"file:{urllib.parse.quote(self.info.path)}?mode=ro",
-                                                             uri=True, timeout=self.info.connect_timeout,
-                                                             isolation_level=None))
-                except sqlite3.Error as exc:
-                    raise DatabaseUnavailable(f"cannot open {self.info.display}: {exc}") from None
-            # busy_timeout: how long a writer waits for the lock before the caller backs off and retries
-            try:
-                conn = sqlite3.connect(self.info.path, timeout=self.info.connect_timeout, isolation_level=None,
-                                       check_same_thread=False)
-                conn.execute("PRAGMA journal_mode=WAL")
-            except sqlite3.OperationalError as exc:
-                if "unable to open" in str(exc):
-                    raise ConfigError(f"cannot open SQLite database {self.info.path} ({exc}; is the directory "
-                                      "writable?); set database_url or DATABASE_URL") from None
-                raise
-            return _SqliteConnection(conn)
+            return self._connect_sqlite()
         try:
             _defer_scramp()
             import pg8000.native
@@ -827,6 +871,9 @@ class Store:
                 _TLS.refused.add((info.host, info.port))  # prefer/allow: plain, now and for later connections
                 return _PgConnection(connect(False))
         except Exception as exc:
+            if info.password is None and isinstance(exc, AttributeError):   # pg8000 on a password request
+                raise DatabaseUnavailable(f"cannot connect to {info.display}: the server asks for a password and "
+                                          "none was given (put it in the URL or PGPASSWORD)") from None
             raise DatabaseUnavailable(mask(f"cannot connect to {info.display}: {_db_error_text(exc)}")) from None
 
     def connection(self) -> Any:
@@ -4446,9 +4493,10 @@ def check_health(config: Config, role: str | None = None, pid: int | None = None
     try:
         with store.tx(write=False) as t:
             rows = t.all(SQL.machine_processes, {"machine": machine})
-    except (DatabaseUnavailable, sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
-        if "no such table" in str(exc) or "does not exist" in str(exc):
-            return Health(EXIT_FAILURE, "dead: no process (schema not created)")
+    except Exception as exc:   # sqlite3 / pg8000 errors, DatabaseUnavailable
+        wrong = _database_wrong(store.info, exc)
+        if wrong:
+            return Health(EXIT_FAILURE, f"dead: no process ({wrong})")
         return _local_health(machine, row_role, pid, limit)
     finally:
         store.close()
@@ -4462,6 +4510,21 @@ def check_health(config: Config, role: str | None = None, pid: int | None = None
     if freshest <= limit:
         return Health(EXIT_OK, "healthy", mine)
     return Health(EXIT_FAILURE, f"unhealthy: heartbeat {freshest:.0f}s old", mine)
+
+
+def _database_wrong(info: DatabaseInfo, exc: BaseException) -> str | None:
+    """What is wrong with a database that answered but cannot hold a heartbeat row (None: unreachable)."""
+    text = _db_error_text(exc) if not isinstance(exc, DuctworkError) else str(exc)
+    if "no such table" in text or "42P01" in text:    # SQLite / Postgres undefined_table
+        return "schema not created: run migrate"
+    if "3D000" in text:                                # invalid_catalog_name
+        return f"database {info.database!r} does not exist"
+    if "28000" in text or "28P01" in text or "asks for a password" in text:   # invalid authorization
+        reason = "role does not exist" if "does not exist" in text else "authentication failed"
+        return f"cannot log in as {info.user!r}: {reason}"
+    if "not a database" in text:                       # SQLite: the file holds something else
+        return f"{info.path} is not a SQLite database"
+    return None
 
 
 def _local_health(machine: str, role: str, pid: int | None, limit: float) -> Health:
@@ -5396,14 +5459,18 @@ def import_app(targets: Iterable[str]) -> None:
                 if name in sys.modules and getattr(sys.modules[name], "__file__", None) == path:
                     continue
                 from importlib.util import module_from_spec, spec_from_file_location
-                spec = spec_from_file_location(name, path)
-                module = module_from_spec(spec)  # type: ignore[arg-type]
+                spec = spec_from_file_location(name, path) if os.path.isfile(path) else None
+                if spec is None or spec.loader is None:
+                    raise ConfigError(f"app {target} is not a Python file (give a .py file or a module name)")
+                module = module_from_spec(spec)
                 sys.modules[name] = module
                 spec.loader.exec_module(module)  # type: ignore[union-attr]
             else:
                 importlib.import_module(target)
         except (ConfigError, DefinitionError):
             raise
+        except SystemExit as exc:   # sys.exit() at import time: a broken app, not a way to end the CLI quietly
+            raise ConfigError(f"cannot import app {target}: it called sys.exit({exc.code!r})") from None
         except Exception as exc:
             raise ConfigError(f"cannot import app {target}: {type(exc).__name__}: {exc}") from exc
 
@@ -5449,14 +5516,33 @@ def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def _finite(text: str) -> float:
+    """A JSON number as a float, refused when it does not fit one (``1e999`` would become infinity)."""
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    """NaN, Infinity and -Infinity: Python's json reads them, JSON has no such values."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _json_argument(text: str) -> Any:
+    """One trigger argument: strict JSON (finite numbers, at most a few hundred levels deep)."""
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    try:
+        return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+    except RecursionError:
+        raise ConfigError(f"argument {shown!r} is nested too deeply") from None
+    except ValueError as exc:
+        raise ConfigError(f"argument {shown!r} is not valid JSON ({exc})") from None
+
+
 def cmd_trigger(args: argparse.Namespace, config: Config) -> int:
     """Trigger a run of a pipeline with JSON arguments; print its id."""
-    values = []
-    for text in args.args:
-        try:
-            values.append(json.loads(text))
-        except ValueError:
-            raise ConfigError(f"argument {text!r} is not valid JSON") from None
+    values = [_json_argument(text) for text in args.args]
     if args.name not in _REGISTRY:
         raise ConfigError(f"pipeline {args.name!r} not found (registered: {', '.join(sorted(_REGISTRY)) or 'none'})")
     print(trigger(args.name, *values).id)
@@ -5471,50 +5557,65 @@ def cmd_validate(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+# Characters a terminal acts on (C0 and C1 controls, DEL) or that reorder the text shown (bidi overrides).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal, on one line: each control character is shown escaped (``\\x1b``)."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
-    """Print the status report, as text or (--json) JSON."""
+    """Print the status report, as text or (--json) JSON (exact); text lines have control characters escaped."""
     engine = Engine(Store(config.data["database_url"]), config)
     ensure_schema(engine.store)
     report = status_report(engine)
     if getattr(args, "json", False):
         print(json.dumps(report, indent=2, sort_keys=True))
         return EXIT_OK
-    print(f"processes ({len(report['processes'])}):")
-    for p in report["processes"]:
-        print(f"  {p['machine']:<20} pid {p['pid']:<7} {p['role']:<10} {p['state']:<9} "
-              f"heartbeat {p['heartbeat_age']:.1f}s ago  up {p['age']:.0f}s  restarts {p['restarts']}  "
-              f"{','.join(p['pipelines'])}")
-    print("runs:")
-    for pipeline, by_status in sorted(report["runs"].items()):
-        print(f"  {pipeline:<28} " + "  ".join(f"{s} {n}" for s, n in sorted(by_status.items())))
-    if report["recent_halts"]:
-        print("recent halts:")
-        for h in report["recent_halts"]:
-            print(f"  run {h['run']} {h['pipeline']}: {', '.join(h['reasons']) or 'halted'}")
-    if report["recent_errors"]:
-        print("recent step errors:")
-        for e in report["recent_errors"]:
-            print(f"  run {e['run']} step {e['step']} {e['pipeline']}.{e['name']} {e['outcome']}: {e['error']}")
+    for line in _status_lines(report):
+        print(printable(line))
     return EXIT_OK
+
+
+def _status_lines(report: dict) -> Iterator[str]:
+    """The text form of the status report, line by line (raw: the caller escapes them)."""
+    yield f"processes ({len(report['processes'])}):"
+    for p in report["processes"]:
+        yield (f"  {p['machine']:<20} pid {p['pid']:<7} {p['role']:<10} {p['state']:<9} "
+               f"heartbeat {p['heartbeat_age']:.1f}s ago  up {p['age']:.0f}s  restarts {p['restarts']}  "
+               f"{','.join(p['pipelines'])}")
+    yield "runs:"
+    for pipeline, by_status in sorted(report["runs"].items()):
+        yield f"  {pipeline:<28} " + "  ".join(f"{s} {n}" for s, n in sorted(by_status.items()))
+    if report["recent_halts"]:
+        yield "recent halts:"
+        for h in report["recent_halts"]:
+            yield f"  run {h['run']} {h['pipeline']}: {', '.join(map(str, h['reasons'])) or 'halted'}"
+    if report["recent_errors"]:
+        yield "recent step errors:"
+        for e in report["recent_errors"]:
+            yield f"  run {e['run']} step {e['step']} {e['pipeline']}.{e['name']} {e['outcome']}: {e['error']}"
 
 
 def cmd_healthcheck(args: argparse.Namespace, config: Config | None) -> int:
     """The liveness probe: print the verdict (-v: each process), exit with its code."""
     config = config or _config_from_args(args)
-    if args.max_age is not None and args.max_age <= 0:
-        raise ConfigError("--max-age must be > 0")
+    if args.max_age is not None and not 0 < args.max_age <= MAX_DURATION:   # NaN and infinity fail this too
+        raise ConfigError(f"--max-age must be a number of seconds > 0 (at most {MAX_DURATION})")
     health = check_health(config, args.role, args.pid, args.max_age)
-    print(health.line)
+    print(printable(health.line))
     if args.verbose:
         for p in health.processes:
-            print(f"  process {p['id']}: pid {p['pid']} role {p['role']} state {p['state']} "
-                  f"heartbeat {p['heartbeat_age']:.1f}s ago, up {p['age']:.0f}s, restarts {p['restarts']}")
+            print(printable(f"  process {p['id']}: pid {p['pid']} role {p['role']} state {p['state']} "
+                            f"heartbeat {p['heartbeat_age']:.1f}s ago, up {p['age']:.0f}s, restarts {p['restarts']}"))
     return health.code
 
 
 def cmd_dashboard(args: argparse.Namespace, config: Config) -> int:
     """Serve the dashboard until SIGTERM/SIGINT; exit 0."""
-    if not 0 <= args.port <= 65535 or not args.refresh > 0:
+    if not 0 <= args.port <= 65535 or not 0 < args.refresh <= MAX_DURATION:
         raise ConfigError("--port must be between 0 and 65535 and --refresh above 0")
     auth = args.auth or os.environ.get("DUCTWORK_DASHBOARD_AUTH") or None
     server = make_dashboard_server(config, args.host, args.port, auth=auth, insecure=args.insecure,
@@ -5562,22 +5663,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         command = COMMANDS_BY_NAME[args.command or DEFAULT_COMMAND]
+        _warn_argv_passwords(args)
         if command.light:  # healthcheck: no app import, no logging setup
             return command.handler(args, None)
         config = _prepare(args)
         return command.handler(args, config)
     except (ConfigError, DefinitionError) as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"ductwork: error: {mask(str(exc))}", file=sys.stderr)
-        return EXIT_USAGE
-    except DatabaseUnavailable as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"ductwork: error: {mask(str(exc))}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _error_exit(EXIT_USAGE, str(exc), debug)
+    except RecursionError:   # input nested deeper than any check expected
+        return _error_exit(EXIT_USAGE, "input nested too deeply", debug)
+    except DuctworkError as exc:   # DatabaseUnavailable, trigger arguments that are not JSON, ...
+        return _error_exit(EXIT_FAILURE, str(exc), debug)
     except KeyboardInterrupt:
         return EXIT_FAILURE
+    except Exception as exc:   # the database's own errors (disk full, ...), then anything unforeseen
+        if isinstance(exc, sqlite3.Error) or type(exc).__module__.startswith("pg8000"):
+            return _error_exit(EXIT_FAILURE, f"database error: {_db_error_text(exc)}", debug)
+        return _error_exit(EXIT_FAILURE, f"{type(exc).__name__}: {exc} (--debug shows the traceback)", debug)
+
+
+def _error_exit(code: int, message: str, debug: bool) -> int:
+    """Print the error as one line on stderr (masked; control characters escaped); --debug: its traceback first."""
+    if debug:
+        traceback.print_exc()
+    print(f"ductwork: error: {printable(mask(message))}", file=sys.stderr)
+    return code
+
+
+def _warn_argv_passwords(args: argparse.Namespace) -> None:
+    """A password on the command line is visible to every user of the machine (ps, /proc): say so on stderr."""
+    given = []
+    url = getattr(args, "database_url", None)
+    with contextlib.suppress(ValueError):
+        if url and urllib.parse.urlsplit(url).password:
+            given.append(("--database-url", "DUCTWORK_DATABASE_URL or DATABASE_URL"))
+    auth = getattr(args, "auth", None)
+    if auth and auth.partition(":")[2]:
+        given.append(("--auth", "DUCTWORK_DASHBOARD_AUTH"))
+    for flag, variables in given:
+        print(f"ductwork: warning: the password in {flag} is visible to other users in ps; use {variables} instead",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

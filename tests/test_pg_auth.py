@@ -52,7 +52,7 @@ def test_a_wrong_password_is_one_masked_line(scram_cluster):
     url = scram_cluster.url.replace(PASSWORD, "Wr0ngPassw0rd")
     out = run_cli("status", "--database-url", url)
     assert out.returncode != 0
-    lines = out.stderr.strip().splitlines()
+    lines = [line for line in out.stderr.strip().splitlines() if not line.startswith("ductwork: warning:")]
     assert len(lines) == 1 and lines[0].startswith("ductwork: error:") and "password" in lines[0], out.stderr
     assert "Wr0ngPassw0rd" not in out.stderr and "Traceback" not in out.stderr
 
