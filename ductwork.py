@@ -4588,8 +4588,10 @@ def _remove_local_heartbeat(machine: str, role: str) -> None:
 # (the step tree: branches nest under the step that fanned them out), /errors (failed and
 # crashed executions), each with a JSON twin under /api/..., and /metrics (Prometheus text
 # format). Stdlib only. A page polls its JSON twin and, when its ETag changed, swaps in a
-# freshly rendered <main> (a few lines of inline JS). Only SELECTs; each request thread's
-# connection is closed when the request ends. Everything stored is shown html-escaped.
+# freshly rendered <main> (a few lines of inline JS). Only SELECTs; a handler thread's
+# connection is closed when its request ends. Everything stored is shown html-escaped (and
+# what UTF-8 cannot encode, a lone surrogate, as its backslash escape). A fixed pool of handler
+# threads; an accept loop reads request headers (10 s at most) without a thread each.
 # Layout: the statements, the data (JSON twins, /metrics), the html, then the http server.
 
 DASHBOARD_PER_PAGE, DASHBOARD_MAX_STEPS, DASHBOARD_MINUTES = 50, 2000, 15
@@ -5137,6 +5139,7 @@ class DashboardReply:
     ctype: str
     body: str
     etag: str = ""
+    retry_after: str = ""  # a 429's Retry-After (seconds)
 
 
 def _int_param(query: dict, name: str, default: int, high: int) -> int:
@@ -5150,12 +5153,14 @@ def _int_param(query: dict, name: str, default: int, high: int) -> int:
     return value
 
 
-def dashboard_route(engine: Engine, path: str, query: dict) -> tuple[str, dict, Any] | None:
-    """(title, data, renderer) for a page path (``/...``, without ``/api``); None when unknown."""
+def dashboard_route(engine: Engine, path: str, query: dict,
+                    overview: Callable[[], dict] | None = None) -> tuple[str, dict, Any] | None:
+    """(title, data, renderer) for a page path (``/...``, without ``/api``); None when unknown.
+    ``overview`` computes the overview's data (default: dashboard_overview, uncached)."""
     paging = {"page": _int_param(query, "page", 1, 10**6),
               "per_page": _int_param(query, "per_page", DASHBOARD_PER_PAGE, 500)}
     if path in ("/", "/overview"):
-        return "overview", dashboard_overview(engine), render_overview
+        return "overview", (overview or functools.partial(dashboard_overview, engine))(), render_overview
     if path == "/runs":
         return "runs", dashboard_runs(engine.store, query.get("pipeline"), query.get("status"), **paging), render_runs
     if path == "/errors":
@@ -5207,32 +5212,298 @@ def _reply_headers(reply: DashboardReply, length: int, nonce: str) -> list[tuple
     """The response headers, in order; the empty ones (no ETag, no challenge) left out."""
     headers = [("Content-Type", f"{reply.ctype}; charset=utf-8"), ("Content-Length", str(length)), *DASHBOARD_HEADERS,
                ("ETag", reply.etag), ("Content-Security-Policy", DASHBOARD_CSP.format(nonce=nonce)),
-               ("WWW-Authenticate", DASHBOARD_CHALLENGE if reply.code == 401 else "")]
+               ("WWW-Authenticate", DASHBOARD_CHALLENGE if reply.code == 401 else ""),
+               ("Retry-After", reply.retry_after)]
     return [(name, value) for name, value in headers if value]
+
+
+# The server's limits. A connection is read by the accept loop (a selector, no thread) until its request
+# header is complete, then handed to a fixed pool of handler threads; one whose header is not complete
+# within the request timeout is answered 408 and closed. Beyond the connection limit, new connections
+# wait in the listen backlog. The overview and /metrics are computed at most once a second, shared by
+# concurrent requests. After DASHBOARD_AUTH_FAILURES failed logins in a window an address is answered
+# 429 for a delay that doubles with each block (up to the max), and one warning a window is logged.
+DASHBOARD_THREADS, DASHBOARD_MAX_CONNECTIONS, DASHBOARD_REQUEST_TIMEOUT = 8, 256, 10.0
+DASHBOARD_MAX_HEADER, DASHBOARD_CACHE_SECONDS, DASHBOARD_STOP_GRACE = 65536, 1.0, 1.0
+DASHBOARD_AUTH_FAILURES, DASHBOARD_AUTH_WINDOW, DASHBOARD_AUTH_MAX_DELAY = 5, 60.0, 300.0
+
+
+class _Shared:
+    """A value computed at most once every ``ttl`` seconds: concurrent callers wait for one computation."""
+
+    def __init__(self, ttl: float):
+        self.ttl, self.lock, self.value, self.at = ttl, threading.Lock(), None, -float("inf")
+
+    def get(self, compute: Callable[[], Any]) -> Any:
+        with self.lock:
+            if time.monotonic() - self.at >= self.ttl:
+                self.value = compute()  # an exception leaves the old value expired: the next caller retries
+                self.at = time.monotonic()
+            return self.value
+
+
+@dataclasses.dataclass
+class _Client:
+    """One address's failed logins: this window's start and count, its blocks so far and until when."""
+
+    window: float
+    failures: int = 0
+    blocks: int = 0
+    blocked_until: float = 0.0
+    last: float = 0.0
+
+
+class _AuthThrottle:
+    """Failed logins per client address; an address idle for ten windows is forgotten (at most 10000 kept)."""
+
+    def __init__(self, limit: int = DASHBOARD_AUTH_FAILURES, window: float = DASHBOARD_AUTH_WINDOW,
+                 max_delay: float = DASHBOARD_AUTH_MAX_DELAY):
+        self.limit, self.window, self.max_delay = limit, window, max_delay
+        self.lock, self.clients = threading.Lock(), {}
+
+    def retry_after(self, address: str) -> float:
+        """Seconds until ``address`` may try again (0: now)."""
+        with self.lock:
+            client = self.clients.get(address)
+            return max(0.0, client.blocked_until - time.monotonic()) if client else 0.0
+
+    def failed(self, address: str) -> bool:
+        """Count a failure; True when it is the first of its window (the one to log)."""
+        now = time.monotonic()
+        with self.lock:
+            self._forget(now)
+            client = self.clients.get(address)
+            first = client is None or now - client.window >= self.window
+            if client is None or now - client.last >= 10 * self.window:  # a stranger again: no blocks so far
+                client = self.clients[address] = _Client(window=now)
+            elif first:
+                client.window, client.failures = now, 0
+            client.failures, client.last = client.failures + 1, now
+            if client.failures >= self.limit:
+                client.blocks, client.failures = client.blocks + 1, 0
+                client.blocked_until = now + min(2.0 ** (client.blocks - 1), self.max_delay)
+            return first
+
+    def succeeded(self, address: str) -> None:
+        """A login: its failures so far are forgiven (its blocks count on, until forgotten)."""
+        with self.lock:
+            if address in self.clients:
+                self.clients[address].failures = 0
+
+    def _forget(self, now: float) -> None:
+        if len(self.clients) >= 10000:
+            for address in [a for a, c in self.clients.items() if now - c.last >= 10 * self.window]:
+                del self.clients[address]
+            while len(self.clients) >= 10000:
+                del self.clients[next(iter(self.clients))]
+
+
+def _credentials_match(header: str, expected: tuple[bytes, bytes]) -> bool:
+    """An Authorization header carries the expected user and password (any case of the Basic scheme;
+    both compared in constant time)."""
+    import base64
+    import hmac
+    scheme, _, token = header.strip().partition(" ")
+    try:
+        user, sep, password = base64.b64decode(token.strip(), validate=True).partition(b":")
+    except ValueError:  # binascii.Error
+        return False
+    same_user, same_password = hmac.compare_digest(user, expected[0]), hmac.compare_digest(password, expected[1])
+    return scheme.lower() == "basic" and bool(sep) and same_user and same_password
+
+
+class _SendAll:
+    """A handler's wfile: each write is one sendall (bounded by the socket's timeout)."""
+
+    closed = False
+
+    def __init__(self, sock: Any):
+        self.sock = sock
+
+    def write(self, data: bytes) -> int:
+        self.sock.sendall(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _close_socket(sock: Any, farewell: bytes = b"") -> None:
+    """Close a client connection (after a best-effort ``farewell``, never blocking)."""
+    import socket
+    with contextlib.suppress(OSError):
+        if farewell:
+            sock.setblocking(False)
+            sock.send(farewell)
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+@dataclasses.dataclass
+class _Reading:
+    """A connection whose request header is still arriving."""
+
+    address: Any
+    deadline: float
+    head: bytearray = dataclasses.field(default_factory=bytearray)
 
 
 # The server and its request handler are mixins, so that http.server is imported only when a dashboard
 # starts: _http_class() puts each over the http.server class that its ``http_base`` names.
 class DashboardServer:
-    """The dashboard's listening socket, a daemon thread per request, and what its requests share: the engine,
-    the Authorization header expected (b"" = no auth), whether the bind address is loopback, the refresh."""
+    """The dashboard's listening socket, its accept loop and handler pool, and what its requests share: the
+    engine, the credentials expected (None = no auth), whether the bind address is loopback, the refresh,
+    the failed-login throttle and the cached overview and /metrics."""
 
-    http_base = "ThreadingHTTPServer"  # the http.server class under this one (see _http_class)
-    daemon_threads = True
+    http_base = "HTTPServer"  # the http.server class under this one (see _http_class)
+    request_queue_size = 128  # the listen backlog: where connections beyond the limit wait
 
-    def __init__(self, host: str, port: int, engine: Engine, expected_auth: bytes, loopback: bool, refresh: float):
+    def __init__(self, host: str, port: int, engine: Engine, credentials: tuple[bytes, bytes] | None, loopback: bool,
+                 refresh: float, limits: dict | None = None):
         import socket
-        self.engine, self.expected_auth, self.loopback, self.refresh = engine, expected_auth, loopback, refresh
+        self.engine, self.credentials, self.loopback, self.refresh = engine, credentials, loopback, refresh
+        limits = {"threads": DASHBOARD_THREADS, "max_connections": DASHBOARD_MAX_CONNECTIONS,
+                  "request_timeout": DASHBOARD_REQUEST_TIMEOUT, **(limits or {})}
+        self.threads, self.max_connections = int(limits["threads"]), int(limits["max_connections"])
+        self.request_timeout = float(limits["request_timeout"])
+        self.throttle = _AuthThrottle()
+        self.shared = {"overview": _Shared(DASHBOARD_CACHE_SECONDS), "metrics": _Shared(DASHBOARD_CACHE_SECONDS)}
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()  # (socket, address, header) for the pool; None = stop
+        self.workers: list[threading.Thread] = []
+        self.open_lock, self.open_count = threading.Lock(), 0
+        self.stopping, self.stopped = threading.Event(), threading.Event()
+        self.stopped.set()
         self.address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0] if host else socket.AF_INET
         super().__init__((host, port), _http_class(DashboardHandler))
 
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Accept connections and read their request headers until shutdown(); the pool handles them."""
+        if self.stopping.is_set():
+            return
+        self.stopped.clear()
+        self.workers = [threading.Thread(target=self._work, name=f"ductwork.dashboard-{i}", daemon=True)
+                        for i in range(self.threads)]
+        for worker in self.workers:
+            worker.start()
+        reading: dict[Any, _Reading] = {}
+        with selectors.DefaultSelector() as selector:
+            try:
+                self._loop(selector, reading, poll_interval)
+            finally:
+                for sock in reading:
+                    _close_socket(sock)
+                    self._closed()
+                self.stopped.set()
+
+    def _loop(self, selector: Any, reading: dict, poll_interval: float) -> None:
+        accepting = False
+        while not self.stopping.is_set():
+            with self.open_lock:
+                room = self.open_count < self.max_connections
+            if room and not accepting:
+                selector.register(self.socket, selectors.EVENT_READ)
+            elif accepting and not room:  # at the limit, new connections wait in the listen backlog
+                selector.unregister(self.socket)
+            accepting = room
+            for key, _ in selector.select(poll_interval):
+                if key.fileobj is self.socket:
+                    self._accept(selector, reading)
+                else:
+                    self._read(selector, reading, key.fileobj)
+            now = time.monotonic()
+            for sock in [sock for sock, pending in reading.items() if pending.deadline <= now]:
+                selector.unregister(sock)
+                del reading[sock]
+                _close_socket(sock, b"HTTP/1.0 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+                self._closed()
+
+    def _accept(self, selector: Any, reading: dict) -> None:
+        try:
+            sock, address = self.socket.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # e.g. out of file descriptors: try again on the next round
+            log.warning("dashboard: cannot accept a connection: %s", exc)
+            time.sleep(0.1)
+            return
+        with self.open_lock:
+            self.open_count += 1
+        sock.setblocking(False)
+        reading[sock] = _Reading(address, time.monotonic() + self.request_timeout)
+        selector.register(sock, selectors.EVENT_READ)
+
+    def _read(self, selector: Any, reading: dict, sock: Any) -> None:
+        pending = reading[sock]
+        try:
+            data = sock.recv(8192)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        pending.head += data
+        complete = b"\r\n\r\n" in pending.head or b"\n\n" in pending.head
+        if data and not complete and len(pending.head) <= DASHBOARD_MAX_HEADER:
+            return
+        selector.unregister(sock)
+        del reading[sock]
+        if not complete:  # closed early (nothing is rendered for half a request) or a header too large
+            _close_socket(sock, b"HTTP/1.0 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n\r\n"
+                          if data else b"")
+            self._closed()
+            return
+        sock.setblocking(True)
+        sock.settimeout(self.request_timeout)  # bounds each reply's sendall
+        self.jobs.put((sock, pending.address, bytes(pending.head)))
+
+    def _work(self) -> None:
+        """A pool thread: handle complete requests until told to stop."""
+        while (job := self.jobs.get()) is not None:
+            sock, address, head = job
+            try:
+                if not self.stopping.is_set():
+                    self.RequestHandlerClass((sock, head), address, self)
+            except Exception as exc:  # the client went away mid-reply and the like
+                log.debug("dashboard: request from %s ended: %s", address[0], exc)
+            finally:
+                _close_socket(sock)
+                self._closed()
+
+    def _closed(self) -> None:
+        with self.open_lock:
+            self.open_count -= 1
+
+    def shutdown(self) -> None:
+        """Stop serve_forever() (within its poll interval) and wait for it."""
+        self.stopping.set()
+        self.stopped.wait()
+
+    def server_close(self) -> None:
+        """Close the listening socket; the pool finishes its current requests (DASHBOARD_STOP_GRACE at most)."""
+        self.stopping.set()
+        for _ in self.workers:
+            self.jobs.put(None)
+        deadline = time.monotonic() + DASHBOARD_STOP_GRACE
+        for worker in self.workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        super().server_close()
+
 
 class DashboardHandler:
-    """One GET: authorize, check the Host header, route (and render), send; its connection is closed after."""
+    """One GET, its header already read: authorize, check the Host header, route (and render), send; its
+    connection is closed after."""
 
     http_base = "BaseHTTPRequestHandler"
     server: DashboardServer  # the one that accepted the request
     server_version = f"ductwork/{__version__}"
+
+    def setup(self) -> None:
+        """The request is (socket, its header bytes): read the header from memory, write to the socket."""
+        import io
+        self.connection, head = self.request
+        self.rfile, self.wfile = io.BytesIO(head), _SendAll(self.connection)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         log.debug("dashboard %s " + format, self.address_string(), *args)
@@ -5245,20 +5516,31 @@ class DashboardHandler:
         except Exception as exc:
             reply = _failure_reply(self.path, exc)
         finally:
-            self.server.engine.store.close()  # this request thread ends here: drop its connection
+            self.server.engine.store.close()  # this request ends here: drop its connection
         self.send(reply, nonce)
 
     def authorize(self) -> DashboardReply | None:
-        """401 unless auth is off or the Authorization header is the expected one (constant-time compare)."""
-        import hmac
-        expected = self.server.expected_auth
-        if expected and not hmac.compare_digest(self.headers.get("Authorization", "").encode(), expected):
-            return DashboardReply(401, "text/plain", "authentication required")
-        return None
+        """None when auth is off or the request carries the credentials; 429 while this address is blocked
+        after failed logins, else 401 (a failure when an Authorization header was sent)."""
+        if not self.server.credentials:
+            return None
+        address, throttle = self.client_address[0], self.server.throttle
+        wait = throttle.retry_after(address)
+        if wait > 0:
+            return DashboardReply(429, "text/plain", "too many failed logins: retry later",
+                                  retry_after=str(max(1, int(-(-wait // 1)))))
+        header = self.headers.get("Authorization")
+        if header is not None and _credentials_match(header, self.server.credentials):
+            throttle.succeeded(address)
+            return None
+        if header is not None and throttle.failed(address):
+            log.warning("dashboard: failed login from %s (more from it within %d s are not logged; after %d it is "
+                        "answered 429 for a growing delay)", address, throttle.window, throttle.limit)
+        return DashboardReply(401, "text/plain", "authentication required")
 
     def check_host(self) -> DashboardReply | None:
         """403 for a non-loopback Host header on a loopback dashboard without auth (no DNS rebinding)."""
-        guarded = self.server.loopback and not self.server.expected_auth
+        guarded = self.server.loopback and not self.server.credentials
         if guarded and not _is_loopback(_host_name(self.headers.get("Host", ""))):
             return DashboardReply(403, "text/plain",
                                   "unexpected Host header (the dashboard without auth answers loopback names only)")
@@ -5267,11 +5549,14 @@ class DashboardHandler:
     def route(self, nonce: str) -> DashboardReply:
         """/metrics, or the page a path names (under /api/: its JSON twin), rendered; else 404."""
         url = urllib.parse.urlsplit(self.path)
+        engine, shared = self.server.engine, self.server.shared
         if url.path == "/metrics":
-            return DashboardReply(200, "text/plain; version=0.0.4", dashboard_metrics(self.server.engine))
+            metrics = shared["metrics"].get(functools.partial(dashboard_metrics, engine))
+            return DashboardReply(200, "text/plain; version=0.0.4", metrics)
         api = url.path.startswith("/api/")
         query = dict(urllib.parse.parse_qsl(url.query))
-        found = dashboard_route(self.server.engine, url.path[4:] if api else url.path, query)
+        overview = functools.partial(shared["overview"].get, functools.partial(dashboard_overview, engine))
+        found = dashboard_route(engine, url.path[4:] if api else url.path, query, overview)
         if found is None:
             return DashboardReply(404, "text/plain", "not found")
         return self.render(url, api, *found, nonce=nonce)
@@ -5279,7 +5564,7 @@ class DashboardHandler:
     def render(self, url: urllib.parse.SplitResult, api: bool, title: str, data: dict, renderer: Any,
                nonce: str) -> DashboardReply:
         """The JSON twin, the <main> fragment alone (X-Ductwork-Fragment: 1) or the whole page."""
-        text = json.dumps(data, default=str)
+        text = json.dumps(data, default=str)  # ASCII: a lone surrogate stays a \\ud800 escape
         etag = _etag(text)
         if api:
             return DashboardReply(200, "application/json", text, etag)
@@ -5289,9 +5574,10 @@ class DashboardHandler:
         return DashboardReply(200, "text/html", page, etag)
 
     def send(self, reply: DashboardReply, nonce: str) -> None:
-        """The status line, the headers and the body (after _final_reply)."""
+        """The status line, the headers and the body (after _final_reply); text that UTF-8 cannot encode
+        (a lone surrogate a step returned) is shown as its backslash escape."""
         reply = _final_reply(reply, self.path, self.headers.get("If-None-Match"))
-        body = reply.body.encode()
+        body = reply.body.encode("utf-8", "backslashreplace")
         self.send_response(reply.code)
         for name, value in _reply_headers(reply, len(body), nonce):
             self.send_header(name, value)
@@ -5315,10 +5601,9 @@ def _parse_auth(auth: str) -> tuple[str, str]:
     return user, password
 
 
-def _expected_auth(credentials: tuple[str, str] | None) -> bytes:
-    """The Authorization header every request must carry (b"" when auth is off)."""
-    import base64
-    return b"Basic " + base64.b64encode(":".join(credentials).encode()) if credentials else b""
+def _expected_credentials(credentials: tuple[str, str] | None) -> tuple[bytes, bytes] | None:
+    """The user and password every request must carry, as UTF-8 (None when auth is off)."""
+    return (credentials[0].encode(), credentials[1].encode()) if credentials else None
 
 
 def _is_loopback(host: str) -> bool:
@@ -5331,10 +5616,13 @@ def _is_loopback(host: str) -> bool:
 
 
 def make_dashboard_server(config: Config, host: str, port: int, auth: str | None = None, insecure: bool = False,
-                          refresh: float = 5.0) -> Any:
-    """A ThreadingHTTPServer for the dashboard (not started: call serve_forever()). Without auth it
-    only binds loopback addresses (unless ``insecure``) and then only answers loopback Host headers
-    (no DNS rebinding)."""
+                          refresh: float = 5.0, **limits: float) -> Any:
+    """The dashboard's HTTP server (not started: call serve_forever()). Without auth it only binds
+    loopback addresses (unless ``insecure``) and then only answers loopback Host headers (no DNS
+    rebinding). ``limits``: threads, max_connections, request_timeout (DASHBOARD_* defaults)."""
+    unknown = set(limits) - {"threads", "max_connections", "request_timeout"}
+    if unknown or not all(value > 0 for value in limits.values()):
+        raise ConfigError(f"dashboard limits must be positive threads, max_connections, request_timeout: {limits}")
     credentials = _parse_auth(auth) if auth else None
     loopback = _is_loopback(host)
     if credentials is None and not loopback and not insecure:
@@ -5344,7 +5632,8 @@ def make_dashboard_server(config: Config, host: str, port: int, auth: str | None
     ensure_schema(engine.store)
     engine.store.close()
     try:
-        return _http_class(DashboardServer)(host, port, engine, _expected_auth(credentials), loopback, refresh)
+        return _http_class(DashboardServer)(host, port, engine, _expected_credentials(credentials), loopback, refresh,
+                                            limits)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 

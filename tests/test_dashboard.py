@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 import shutil
@@ -427,3 +428,194 @@ def test_browser_follows_a_run_and_sees_live_updates(runs, serve, tmp_path):
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
     finally:
         browser.close()
+
+
+# -- load, abuse and odd text (review findings 13-15) -------------------------------------------------
+HALF_OPEN = 200  # half-open connections a test opens: bounded, all to 127.0.0.1
+
+
+def open_half(port: int, count: int = HALF_OPEN) -> list[socket.socket]:
+    """``count`` connections that each send the start of a request and then nothing (slowloris)."""
+    socks = []
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        socks.append(s)
+    return socks
+
+
+def close_all(socks: list[socket.socket]) -> None:
+    for s in socks:
+        s.close()
+
+
+def most_threads(count, seconds: float) -> int:
+    """The largest of ``count()`` sampled for ``seconds``."""
+    deadline, most = time.monotonic() + seconds, 0
+    while time.monotonic() < deadline:
+        most = max(most, count())
+        time.sleep(0.05)
+    return most
+
+
+def test_half_open_connections_use_no_threads(engine, serve):
+    base = serve()
+    before = threading.active_count()
+    socks = open_half(int(base.rsplit(":", 1)[1]))
+    try:
+        # a fixed pool of handler threads, however many connections are open
+        assert most_threads(threading.active_count, 1.0) <= before + dash.DASHBOARD_THREADS + 1
+        started = time.monotonic()
+        code, _, body = get(base + "/api/overview")
+        assert code == 200 and "throughput" in json.loads(body) and time.monotonic() - started < 5
+    finally:
+        close_all(socks)
+    # half-open requests that end never render anything: no thread appears for them
+    assert most_threads(threading.active_count, 0.5) <= before + dash.DASHBOARD_THREADS + 1
+    assert get(base + "/api/overview")[0] == 200
+
+
+def test_request_read_deadline_closes_slow_clients(engine, serve):
+    timeout, limit = 0.5, 10
+    base = serve(request_timeout=timeout, max_connections=limit)
+    started = time.monotonic()
+    socks = open_half(int(base.rsplit(":", 1)[1]), 2 * limit)  # the second ten wait in the listen backlog
+    try:
+        for s in socks:  # the deadline counts from the connection: trickling bytes would not help
+            s.settimeout(2 * timeout + 3)
+            assert s.recv(100).startswith(b"HTTP/1.0 408")
+        assert time.monotonic() - started >= 2 * timeout  # two rounds of ten: never more than ten at once
+        assert get(base + "/api/overview")[0] == 200
+    finally:
+        close_all(socks)
+
+
+def test_overview_shares_one_computation(engine, serve):
+    base = serve()
+    bodies = []
+    threads = [threading.Thread(target=lambda: bodies.append(get(base + "/api/overview")[2])) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(bodies) == 8 and len(set(bodies)) == 1
+    time.sleep(dash.DASHBOARD_CACHE_SECONDS)  # the next request computes afresh
+    started = time.monotonic()
+    first = get_json(base + "/api/overview")
+    DashIdle.trigger(1)
+    second = get_json(base + "/api/overview")
+    if time.monotonic() - started < dash.DASHBOARD_CACHE_SECONDS:  # one computation within the second
+        assert second == first and "DashIdle" not in second["runs"]
+    time.sleep(dash.DASHBOARD_CACHE_SECONDS)
+    assert get_json(base + "/api/overview")["runs"]["DashIdle"] == {"in_progress": 1}
+
+
+def test_command_stops_promptly_with_half_open_connections(engine, db_url):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("DUCTWORK_DASHBOARD_AUTH", None)
+    proc = subprocess.Popen([*DASHBOARD_CMD, "--port", "0", "--database-url", db_url], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    socks = []
+    try:
+        port = None
+        for line in proc.stdout:
+            found = re.search(r"dashboard on http://127\.0\.0\.1:(\d+)/", line)
+            if found:
+                port = int(found.group(1))
+                break
+        assert port, "the dashboard did not start"
+        socks = open_half(port)
+
+        def threads() -> int:
+            with open(f"/proc/{proc.pid}/status") as status:
+                return int(re.search(r"^Threads:\s+(\d+)", status.read(), re.M).group(1))
+
+        most = most_threads(threads, 1.0)
+        assert get(f"http://127.0.0.1:{port}/api/overview")[0] == 200
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        # the main thread's tick (1 s), the accept loop's poll (0.2 s), the pool's grace, interpreter exit
+        assert proc.wait(1.0 + 0.2 + dash.DASHBOARD_STOP_GRACE + 2) == 0
+        assert time.monotonic() - started < 1.0 + 0.2 + dash.DASHBOARD_STOP_GRACE + 2
+        assert most <= dash.DASHBOARD_THREADS + 4  # main, the accept loop, the pool, a spare
+    finally:
+        close_all(socks)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+class LogLines(logging.Handler):
+    """A real logging handler that keeps ductwork's formatted lines."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(f"{record.levelname} {record.getMessage()}")
+
+
+def basic(user_password: str, scheme: str = "Basic") -> dict:
+    return {"Authorization": f"{scheme} " + base64.b64encode(user_password.encode()).decode()}
+
+
+def test_auth_scheme_is_case_insensitive(engine, serve):
+    base = serve(auth="admin:s3cret")
+    for scheme in ("basic", "BASIC", "Basic"):  # RFC 7617
+        assert get(base + "/api/overview", headers=basic("admin:s3cret", scheme))[0] == 200
+    assert get(base + "/api/overview", headers=basic("admin:s3cre"))[0] == 401
+    assert get(base + "/api/overview", headers=basic("admin"))[0] == 401
+    assert get(base + "/api/overview", headers={"Authorization": "Basic %%%"})[0] == 401
+    assert get(base + "/api/overview", headers={"Authorization": "Bearer " + basic("admin:s3cret")[
+        "Authorization"].split()[1]})[0] == 401
+
+
+def test_failed_logins_back_off_and_are_logged(engine, serve):
+    base = serve(auth="admin:s3cret")
+    lines = LogLines()
+    dash.log.addHandler(lines)
+    try:
+        assert get(base + "/api/overview")[0] == 401  # no credentials sent: not a failed login
+        for _ in range(dash.DASHBOARD_AUTH_FAILURES):
+            assert get(base + "/api/overview", headers=basic("admin:guess-xyz"))[0] == 401
+        code, headers, _ = get(base + "/api/overview", headers=basic("admin:s3cret"))  # even the right password
+        assert code == 429 and headers["Retry-After"] == "1"
+        time.sleep(float(headers["Retry-After"]) + 0.1)
+        assert get(base + "/api/overview", headers=basic("admin:s3cret"))[0] == 200
+        for _ in range(dash.DASHBOARD_AUTH_FAILURES):
+            assert get(base + "/api/overview", headers=basic("admin:guess-xyz"))[0] == 401
+        code, headers, _ = get(base + "/api/overview", headers=basic("admin:guess-xyz"))
+        assert code == 429 and headers["Retry-After"] == "2"  # the delay grows with each block
+        assert get(base + "/api/overview")[0] == 429
+    finally:
+        dash.log.removeHandler(lines)
+    warnings = [line for line in lines.lines if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "127.0.0.1" in warnings[0], lines.lines  # one line per client per window
+    assert not any("guess-xyz" in line or "s3cre" in line for line in lines.lines)
+
+
+def dash_surrogate(x):
+    ductwork.current_step().context.set("odd", "\udfff")
+    return "\ud800" + x
+
+
+class DashOdd(ductwork.Pipeline):  # a lone surrogate: JSON allows it, UTF-8 cannot encode it
+    @staticmethod
+    def define(p):
+        p.start(dash_surrogate)
+
+
+def test_lone_surrogates_render(start_runtime, serve):
+    start_runtime(["DashOdd"])
+    run = DashOdd.trigger("<x>")
+    assert run.wait(30) == "completed"
+    base = serve()
+    detail = get_json(base + f"/api/runs/{run.id}")
+    assert detail["run"]["output"] == "\ud800<x>" and detail["run"]["context"] == {"odd": "\udfff"}
+    code, _, page = get(base + f"/runs/{run.id}")
+    assert code == 200 and "\\ud800&lt;x&gt;" in page and "\\udfff" in page
+    code, _, fragment = get(base + f"/runs/{run.id}", headers={"X-Ductwork-Fragment": "1"})
+    assert code == 200 and "\\ud800" in fragment
+    for path in ("/", "/runs", "/errors", "/metrics"):
+        assert get(base + path)[0] == 200, path
