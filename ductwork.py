@@ -1564,6 +1564,11 @@ class ProcessRow(_Row):
     heartbeat_age: float     # seconds since the last heartbeat
     age: float               # seconds since it registered
 
+    def liveness(self) -> dict:
+        """What the health check reads of the row (``info`` is not decoded: never its failure)."""
+        return {"id": self.id, "pid": self.pid, "role": self.role, "state": self.state, "restarts": self.restarts,
+                "heartbeat_age": round(float(self.heartbeat_age), 3), "age": round(float(self.age), 3)}
+
     def report(self) -> dict:
         """The row as status and the dashboard show it (pipelines as a list, info decoded, ages rounded)."""
         return {"id": self.id, "pid": self.pid, "machine": self.machine, "role": self.role,
@@ -2186,6 +2191,7 @@ class _EngineTx(Tx):
 # -- decisions: what an advancement does, as a pure function -----------------------------
 
 FAN_OUTS = ("expand", "divide", "divert")
+BOUNDED_FAN_OUTS = ("expand", "divide")   # pipeline_advancer.steps.max_depth bounds these (a divert starts one)
 
 
 @dataclasses.dataclass
@@ -2275,6 +2281,8 @@ def _decide_join(s: Situation) -> _Outcome:
     """Every child of the fan-out finished: the join runs on their outputs (a divert's one
     output as it is), or the branch halts when a child did not complete. A join that halts
     keeps its counts, so revive() reopens the join, not the fan-out."""
+    if len(s.children) != s.expected:   # rows missing (edited by hand): nothing to join
+        return _Outcome("halted", s.node, expected=s.expected, arrived=s.expected, halt_reason=TRANSITION_INVALID)
     if any(status != "completed" for status, _ in s.children):
         return _Outcome("halted", s.node, expected=s.expected, arrived=s.expected)
     values = [_loads(output) for _, output in s.children]
@@ -2620,7 +2628,7 @@ class Engine:
         children = (t.all(SQL.children_of, {"origin_step_id": step.step_id})
                     if b.expected > 0 and step is not None else [])
         max_depth = (self.config.get("pipeline_advancer.steps.max_depth", b.pipeline, node["step"])
-                     if node["after"]["kind"] in FAN_OUTS else -1)
+                     if node["after"]["kind"] in BOUNDED_FAN_OUTS else -1)
         cls = _REGISTRY.get(b.pipeline)
         return Situation(b.node, d.nodes, step, b.expected, children, max_depth, cls.steps if cls else None)
 
@@ -4500,9 +4508,7 @@ def check_health(config: Config, role: str | None = None, pid: int | None = None
         return _local_health(machine, row_role, pid, limit)
     finally:
         store.close()
-    health_keys = ("id", "pid", "role", "state", "restarts", "heartbeat_age", "age")
-    procs = [{key: value for key, value in ProcessRow.from_row(row).report().items() if key in health_keys}
-             for row in rows]
+    procs = [ProcessRow.from_row(row).liveness() for row in rows]
     mine = [p for p in procs if (p["pid"] == pid if pid is not None else p["role"] == row_role)]
     if not mine:
         return Health(EXIT_FAILURE, "dead: no process", procs)

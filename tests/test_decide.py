@@ -395,6 +395,11 @@ def join(nodes: list[dict], children: list[tuple[str, str | None]], **kw) -> Sit
         halted(DEFINITION_CHANGED, counts=1)),
     row("no-join-needs-nothing-defined", join(EXPAND_OPEN, done("2"), defined=()), completed("[2]")),
     row("max-depth-is-not-checked-again", join(EXPAND, done("2", "4", "6"), max_depth=0), running(2, "[2,4,6]")),
+    # rows missing (a database edited by hand): nothing to join, the branch halts keeping its counts
+    row("children-missing", Situation(0, EXPAND, ok("[2, 4, 6]"), expected=3, children=done("2")),
+        halted(TRANSITION_INVALID, counts=3)),
+    row("divert-child-missing", Situation(0, DIVERT, ok("true"), expected=1, children=[]),
+        halted(TRANSITION_INVALID, counts=1)),
 ])
 def test_join(situation, outcome):
     check(situation, outcome)
