@@ -295,6 +295,17 @@ class _Override:
         return value
 
 
+MAX_THREADS_PER_PIPELINE = 256
+
+
+def _thread_count(path: str, value: Any) -> Any:
+    """A thread count (job_worker.count, pipeline_advancer.count): a whole number from 1 to 256."""
+    _number(1, integer=True)(path, value)
+    if value > MAX_THREADS_PER_PIPELINE:
+        _fail(path, f"must be at most {MAX_THREADS_PER_PIPELINE} (threads per pipeline), got {value!r}")
+    return value
+
+
 SCHEMA: dict[str, Any] = {
     "app": (_names, None),
     "database_url": (_string, DEFAULT_DATABASE_URL),
@@ -306,7 +317,7 @@ SCHEMA: dict[str, Any] = {
         "format": (_choice("text", "json"), "text"),
     },
     "job_worker": {
-        "count": _Override(_number(1, integer=True), 5, per_step=False),
+        "count": _Override(_thread_count, 5, per_step=False),
         "max_retry": _Override(_number(0, integer=True), 3),
         "retry_delay": _Override(_number(0), 10),
         "max_crash": _Override(_number(0, integer=True), 10),
@@ -314,7 +325,7 @@ SCHEMA: dict[str, Any] = {
         "shutdown_timeout": (_number(0), 20),
     },
     "pipeline_advancer": {
-        "count": _Override(_number(1, integer=True), 1, per_step=False),
+        "count": _Override(_thread_count, 1, per_step=False),
         "max_retry": _Override(_number(0, integer=True), 10),
         "polling_timeout": _Override(_number(0.001), 1, per_step=False),
         "shutdown_timeout": (_number(0), 20),
@@ -3248,7 +3259,8 @@ class Fault:
 
     Checkpoints: after_claim, before_commit (the step returned, nothing committed),
     after_branch_claim, after_advance, boot. Actions: kill (SIGKILL self), exit (os._exit 1),
-    raise, sleep:SECONDS, stop (SIGSTOP self). With DUCTWORK_FAULT_ONCE=path each fault fires
+    raise, die (raise _ThreadDeath, a BaseException nothing catches: the thread dies),
+    sleep:SECONDS, stop (SIGSTOP self). With DUCTWORK_FAULT_ONCE=path each fault fires
     once across all processes (the first to create ``path.<checkpoint>`` wins)."""
 
     def __init__(self, spec: str | None = None, once: str | None = None):
@@ -3281,13 +3293,66 @@ class Fault:
                 os._exit(int(arg or 1))
             elif action == "sleep":
                 threading.Event().wait(float(arg or 1))
+            elif action == "die":
+                raise _ThreadDeath(f"fault injected at {point}: thread death")
             else:
                 raise FaultInjected(f"fault injected at {point}")
+
+
+class _ThreadDeath(BaseException):
+    """Raised by the fault hook's ``die`` action (tests only): stands for a bug that kills a thread."""
+
+
+# A forked copy of a serving Runtime (a step that called os.fork() without exec) must never run ductwork
+# code: its signal handlers only fed the parent's queue (so the copy ignored TERM), and the step's own thread,
+# the only one the copy has, must not return into the worker loop. _SERVING_PID is the pid of the process
+# whose Runtime serves; a fork of it resets the signals, and Runtime.inert_if_forked ends the copy.
+_SERVING_PID: dict[str, int | None] = {"pid": None}
+RUNTIME_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN, signal.SIGHUP)
+
+
+def _after_fork_in_child() -> None:
+    """os.register_at_fork hook: in a forked copy of a serving Runtime, Python's default signal handling."""
+    if _SERVING_PID["pid"] not in (None, os.getpid()):
+        for sig in RUNTIME_SIGNALS:
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def first_line(exc: BaseException) -> str:
     """An error for a one-line log message: its first line, passwords masked (its type if it has no text)."""
     return mask(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _exception_text(exc: BaseException) -> str:
+    """``str(exc)`` of any exception: its ``repr`` when ``__str__`` raises, then ``object.__repr__``."""
+    for render in (str, repr, object.__repr__):
+        try:
+            return render(exc)
+        except BaseException:  # noqa: B036, S112 - an exception's own rendering may raise anything
+            continue
+    return ""  # pragma: no cover - object.__repr__ does not raise
+
+
+def _traceback_text(exc: BaseException) -> str:
+    """The exception's traceback (at most 20 frames), its frames only when rendering the whole raises."""
+    try:
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=20))
+    except BaseException:  # noqa: B036 - e.g. a __str__ or __notes__ that raises
+        try:
+            return "Traceback (most recent call last):\n" + "".join(traceback.format_tb(exc.__traceback__, limit=20))
+        except BaseException:  # noqa: B036
+            return ""
+
+
+def step_error_text(exc: BaseException) -> str:
+    """What a failed attempt records: class name, message (see _exception_text), a bounded traceback;
+    storable everywhere: no lone surrogates (UTF-8), no NUL (Postgres TEXT)."""
+    text = f"{type(exc).__name__}: {_exception_text(exc)}\n{_traceback_text(exc)[-8000:]}"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 class Outage:
@@ -3370,10 +3435,15 @@ class Runtime:
         self.wake_socket: Any = None   # SQLite: this process's LocalWakeups socket
         self.fault = Fault()
         self.engine.fault = self.fault
+        self.pid = os.getpid()                  # a forked copy (another pid) must never run ductwork code
         self.stopping = threading.Event()       # stop claiming
         self.dead = threading.Event()           # exit now, nothing more to commit
+        self.booted = threading.Event()         # every thread started: only now may any claim
+        self.thread_restarts = 0                # worker/advancer threads that died (a bug) and were replaced
+        self.advancing: dict[int, BranchClaim] = {}   # thread ident -> the branch it is advancing
         self.process_id = 0
         self.in_flight: dict[int, tuple[JobClaim, bool]] = {}   # step id -> (claim, started)
+        self.owners: dict[int, int] = {}        # step id -> ident of the thread that holds it
         self.in_flight_lock = threading.Lock()
         self.threads: list[threading.Thread] = []
         self.signals: "queue.SimpleQueue[int]" = queue.SimpleQueue()
@@ -3416,9 +3486,10 @@ class Runtime:
         return len(self.thread_plan())
 
     def info_json(self) -> str:
-        """The row's ``info``: the threads (alive once started, else planned) and the steps in flight."""
+        """The row's ``info``: the threads (alive once started, else planned), the steps in flight and how many
+        worker/advancer threads died and were replaced."""
         alive = sum(thread.is_alive() for thread in self.threads) if self.threads else self.planned_threads()
-        return _dumps({"threads": alive, "in_flight": len(self.in_flight)})
+        return _dumps({"threads": alive, "in_flight": len(self.in_flight), "thread_restarts": self.thread_restarts})
 
     def _unregister(self) -> None:
         """Close the wake-up socket, hand back what the row still holds, delete the row and the heartbeat file."""
@@ -3444,7 +3515,10 @@ class Runtime:
 
     def _claim(self, claim: Callable[[], list], what: str, pipeline: str) -> list | None:
         """A claim through the outage retry: its claims; [] after an error (logged, then a
-        second's pause); None once the database is given up on (stopping)."""
+        second's pause); None once the database is given up on (stopping) or the boot failed."""
+        if not self.wait_booted():
+            return None
+        self.inert_if_forked(1)
         try:
             return self._db_retry(claim, self.stopping)
         except DatabaseUnavailable:
@@ -3521,6 +3595,7 @@ class Runtime:
         c.mark_started()
         with self.in_flight_lock:
             self.in_flight[c.step_id] = (c, True)
+            self.owners[c.step_id] = threading.get_ident()
         try:
             self.fault("after_claim", c.name)
             cls = _REGISTRY.get(c.pipeline)
@@ -3530,6 +3605,7 @@ class Runtime:
                 log.warning(why, extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
                 return StepResult(c, False, why, DEFINITION_CHANGED)
             ok, value = self._call(c, fn)
+            self.inert_if_forked(0 if ok else 1)
             self.fault("before_commit", c.name)
         except Exception as exc:  # the machinery around the step failed, not the step
             log.error("worker error around step %s: %s; handing it back", c.name, exc,
@@ -3570,11 +3646,9 @@ class Runtime:
             except (TypeError, ValueError):
                 raise StepOutputError(
                     f"step {c.name} returned a non-JSON value of type {type(result).__name__}") from None
-        except Exception as exc:
-            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=20))
-            text = f"{type(exc).__name__}: {exc}\n{tb[-8000:]}"
-            # storable everywhere: no lone surrogates (UTF-8), no NUL (Postgres TEXT)
-            return False, text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+        except BaseException as exc:  # noqa: B036 - whatever a step raises is a failed attempt, never a dead thread
+            self.inert_if_forked(exc.code if isinstance(exc, SystemExit) else 1)
+            return False, step_error_text(exc)
         finally:
             _CURRENT.step = None
 
@@ -3582,6 +3656,7 @@ class Runtime:
         """Commit finished steps (and claim up to ``claim_limit`` more in the same transaction): the new claims."""
         if not results:
             return []
+        self.inert_if_forked(1)
         try:
             done: Committed = self._db_retry(lambda: self.engine.commit(results, claim_limit), self.dead)
         except DatabaseUnavailable:
@@ -3615,17 +3690,20 @@ class Runtime:
         with self.in_flight_lock:
             for c in claims:
                 self.in_flight[c.step_id] = (c, False)
+                self.owners[c.step_id] = threading.get_ident()
 
     def _untrack(self, claims: list[JobClaim]) -> None:
         """Claims this process no longer holds (committed, handed back or released)."""
         with self.in_flight_lock:
             for c in claims:
                 self.in_flight.pop(c.step_id, None)
+                self.owners.pop(c.step_id, None)
 
     def _release(self, claims: list[JobClaim]) -> None:
         """Claims that never started go back to the queue without counting a crash."""
         if not claims:
             return
+        self.inert_if_forked(1)
         with contextlib.suppress(DatabaseUnavailable):
             self._db_retry(lambda: self.engine.release(claims[0].process_id, [c.step_id for c in claims],
                                                        claims[0].pipeline), self.dead)
@@ -3643,7 +3721,9 @@ class Runtime:
             if claims:
                 self.wakeups.notify(CH_ADVANCE, pipeline)  # there may be more: let an idle sibling look too
             for claim in claims:
+                self.advancing[threading.get_ident()] = claim
                 self.advance(claim)
+                self.advancing.pop(threading.get_ident(), None)
             if not claims and not self.stopping.is_set():  # stopping is set before the wake-ups fire
                 self.wakeups.wait(CH_ADVANCE, pipeline, wake, idle)
 
@@ -3680,6 +3760,8 @@ class Runtime:
     def heartbeat_loop(self) -> None:
         """Heartbeat every interval; now and then reap dead peers, release orphaned claims and (advancers)
         halt runs of pipelines nobody serves."""
+        if not self.wait_booted():   # reaping halts runs (claims): not before the boot is complete
+            return
         interval = float(self.config.get("supervisor.heartbeat_interval"))
         reap_every = min(interval * 2, float(self.config.get("supervisor.reaper_timeout")) / 2)
         next_reap = 0.0
@@ -3811,7 +3893,7 @@ class Runtime:
     # -- lifecycle ---------------------------------------------------------------------
     def install_signals(self) -> None:
         """Record TERM, INT, QUIT, TTIN and HUP for the main thread's loop (see the supervisor's signal table)."""
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN, signal.SIGHUP):
+        for sig in RUNTIME_SIGNALS:
             signal.signal(sig, lambda signum, frame: self.signals.put(signum))
 
     def hooks(self, phase: str) -> None:
@@ -3827,8 +3909,10 @@ class Runtime:
         self._db_retry(lambda: ensure_schema(self.store))
         self._db_retry(self.register)
         self._check_clock()
-        self._report(PIPE_READY, str(self.process_id))
+        _SERVING_PID["pid"] = os.getpid()
         self.start_threads()
+        self.booted.set()
+        self._report(PIPE_READY, str(self.process_id))   # booted only now: every thread runs
         log.info("%s started (pid %d, row %d) for %s", self.row_role, os.getpid(), self.process_id,
                  ", ".join(sorted(set(self.pipelines) | set(self.worker_pipelines))) or "no pipelines")
         if self.report_fd is None:  # foreground: no supervisor to state the drain arithmetic
@@ -3847,15 +3931,73 @@ class Runtime:
             log.warning("config: %s", warning)
 
     def start_threads(self) -> None:
-        """Start the threads of thread_plan()."""
-        for name, target, arg in self.thread_plan():
-            self._spawn(name, target, arg)
+        """Start the threads of thread_plan(); they claim nothing until all of them run (``booted``). One that
+        cannot be started (a thread limit) fails the boot: the started ones end, the row goes, nothing claimed."""
+        plan = self.thread_plan()
+        try:
+            for name, target, arg in plan:
+                self._spawn(name, target, arg)
+        except Exception as exc:
+            self.dead.set()
+            self.stopping.set()
+            self.booted.set()   # releases the started threads, which see ``dead`` and end
+            for thread in self.threads:
+                thread.join(1.0)
+            self._unregister()
+            raise DuctworkError(f"could not start thread {len(self.threads)} of {len(plan)}: {first_line(exc)} "
+                                f"(lower job_worker.count or raise the thread limit)") from exc
+
+    def wait_booted(self) -> bool:
+        """Block until the boot is complete: whether it succeeded (False: it failed, end the thread)."""
+        self.booted.wait()
+        return not self.dead.is_set()
 
     def _spawn(self, name: str, target: Callable, arg: Any) -> None:
-        """Start one daemon thread (``arg``: its one argument, None for none)."""
-        thread = threading.Thread(target=target, args=(arg,) if arg is not None else (), name=name, daemon=True)
-        self.threads.append(thread)
+        """Start one daemon thread (``arg``: its one argument, None for none); a worker or advancer thread runs
+        under _guarded. The thread is listed only once it started."""
+        if target in (self.worker_loop, self.advancer_loop):
+            thread = threading.Thread(target=self._guarded, args=(name, target, arg), name=name, daemon=True)
+        else:
+            thread = threading.Thread(target=target, args=(arg,) if arg is not None else (), name=name, daemon=True)
         thread.start()
+        self.threads.append(thread)
+
+    def _guarded(self, name: str, target: Callable, arg: Any) -> None:
+        """Run a worker or advancer loop; if it dies anyway (a bug: the loops catch what steps and the database
+        raise), log it with its traceback, count it, hand its claims back and start a replacement at once."""
+        try:
+            target(arg)
+        except BaseException as exc:  # noqa: B036 - a dead worker thread must never go unnoticed
+            self.inert_if_forked(1)
+            with self.in_flight_lock:
+                self.thread_restarts += 1
+                restarts = self.thread_restarts
+            log.error("thread %s died (%s); handing its claims back and starting a replacement (restart %d)", name,
+                      type(exc).__name__, restarts, exc_info=(type(exc), exc, exc.__traceback__))
+            self._hand_back_thread(threading.get_ident())
+            if not self.stopping.is_set():
+                self._spawn(name, target, arg)
+
+    def _hand_back_thread(self, ident: int) -> None:
+        """The claims of a thread that died: its steps (started: a crash; not started: released) and its
+        branch."""
+        handed = self._hand_back_in_flight("its worker thread died", ident)
+        branch = self.advancing.pop(ident, None)
+        if branch is not None:
+            with contextlib.suppress(Exception):
+                self._db_retry(lambda: self.engine.release_branch(branch, False), self.dead)
+        if handed or branch is not None:
+            log.warning("handed back %d step(s)%s of the dead thread", handed, " and a branch" if branch else "")
+
+    def inert_if_forked(self, code: int | None = 0) -> None:
+        """In a forked copy of this process (a step called os.fork() without exec): end it now, quietly, without
+        touching anything of the parent's (connections, pipe, claims). A no-op in the process itself."""
+        if os.getpid() == self.pid:
+            return
+        with contextlib.suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
     def loop(self) -> int:
         """The main thread: report alive each tick, drain when the supervisor is gone, act on recorded signals."""
@@ -3902,10 +4044,11 @@ class Runtime:
         log.info("quit: %d step(s) handed back", handed)
         return EXIT_OK
 
-    def _hand_back_in_flight(self, why: str) -> int:
-        """At the drain deadline: started steps are closed as crashes, unstarted ones released."""
+    def _hand_back_in_flight(self, why: str, owner: int | None = None) -> int:
+        """At the drain deadline (or of the thread ``owner`` that died): started steps are closed as crashes,
+        unstarted ones released."""
         with self.in_flight_lock:
-            entries = list(self.in_flight.values())
+            entries = [e for sid, e in self.in_flight.items() if owner is None or self.owners.get(sid) == owner]
         started = [c for c, running in entries if running]
         unstarted = [c for c, running in entries if not running]
         handed = 0
@@ -3919,6 +4062,7 @@ class Runtime:
                 self.engine.release(c.process_id, [c.step_id], c.pipeline)
         except Exception as exc:
             log.warning("could not hand back %d step(s): %s (a peer reaps them later)", len(entries), exc)
+        self._untrack([c for c, _ in entries])
         return handed
 
     def _report(self, kind: str, text: str = "") -> None:
