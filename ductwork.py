@@ -3309,6 +3309,7 @@ class _ThreadDeath(BaseException):
 # whose Runtime serves; a fork of it resets the signals, and Runtime.inert_if_forked ends the copy.
 _SERVING_PID: dict[str, int | None] = {"pid": None}
 RUNTIME_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)   # they also end a boot's wait for the database
 
 
 def _after_fork_in_child() -> None:
@@ -3447,6 +3448,7 @@ class Runtime:
         self.in_flight_lock = threading.Lock()
         self.threads: list[threading.Thread] = []
         self.signals: "queue.SimpleQueue[int]" = queue.SimpleQueue()
+        self.stop_requested = threading.Event()  # a STOP_SIGNALS arrived: a boot waiting for the database gives up
         self.machine = machine_identifier()
 
     # -- process row -------------------------------------------------------------------
@@ -3893,8 +3895,12 @@ class Runtime:
     # -- lifecycle ---------------------------------------------------------------------
     def install_signals(self) -> None:
         """Record TERM, INT, QUIT, TTIN and HUP for the main thread's loop (see the supervisor's signal table)."""
+        def record(signum: int, frame: Any) -> None:
+            self.signals.put(signum)
+            if signum in STOP_SIGNALS:
+                self.stop_requested.set()
         for sig in RUNTIME_SIGNALS:
-            signal.signal(sig, lambda signum, frame: self.signals.put(signum))
+            signal.signal(sig, record)
 
     def hooks(self, phase: str) -> None:
         """Run this role's lifecycle hooks of ``phase`` (start | stop; stop in reverse order)."""
@@ -3906,8 +3912,15 @@ class Runtime:
         """Run until told to stop; returns the exit code."""
         _PROCESS_ROLE["role"] = self.row_role
         self.hooks("start")
-        self._db_retry(lambda: ensure_schema(self.store))
-        self._db_retry(self.register)
+        try:   # waiting for the database at boot: a stop signal ends the wait (nothing claimed yet)
+            self._db_retry(lambda: ensure_schema(self.store), self.stop_requested)
+            self._db_retry(self.register, self.stop_requested)
+        except DatabaseUnavailable:
+            if not self.stop_requested.is_set():
+                raise
+            log.info("%s stopped while it waited for the database to boot", self.row_role)
+            self.hooks("stop")
+            return EXIT_OK
         self._check_clock()
         _SERVING_PID["pid"] = os.getpid()
         self.start_threads()
@@ -4168,6 +4181,7 @@ class Supervisor:
         self.specs += [ChildSpec(f"worker:{p}", "worker", [p]) for p in pipelines]
         self.children: dict[int, Child] = {}
         self.signals: list[int] = []
+        self.stop_requested = threading.Event()   # a stop signal arrived: the boot's wait for the database ends
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
@@ -4191,10 +4205,17 @@ class Supervisor:
         except HookFailed as exc:
             log.error("supervisor boot failed: %s", exc)
             return EXIT_FAILURE
-        self.outage.retry(lambda: ensure_schema(self.store))
-        self.outage.retry(self.register)
+        self.install_signals()   # before the boot: a stop signal ends its wait for the database
+        try:
+            self.outage.retry(lambda: ensure_schema(self.store), give_up=self.stop_requested)
+            self.outage.retry(self.register, give_up=self.stop_requested)
+        except DatabaseUnavailable:
+            if not self.stop_requested.is_set():
+                raise
+            log.info("supervisor stopped while it waited for the database to boot")
+            self.hooks("stop")
+            return EXIT_OK
         self.store.close()
-        self.install_signals()
         self.log_drain_arithmetic()
         log.info("supervisor started (pid %d, row %d) on %s: %d child(ren)", os.getpid(), self.row_id,
                  self.store.info.display, len(self.specs))
@@ -4252,8 +4273,10 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        """The handler: record the signal and wake the loop, nothing else."""
+        """The handler: record the signal and wake the loop (and a boot's wait), nothing else."""
         self.signals.append(signum)
+        if signum in STOP_SIGNALS:
+            self.stop_requested.set()
         with contextlib.suppress(OSError):
             os.write(self.wake_w, b"!")
 

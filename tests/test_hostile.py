@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -504,3 +505,26 @@ def test_a_worker_that_cannot_start_its_threads_fails_its_boot_and_claims_nothin
     assert " crashed " not in log
     step = run.refresh().steps[0]
     assert (step.status, step.attempts, step.crashes) == ("queued", 0, 0)
+
+
+# -- hostile network -----------------------------------------------------------------------------------
+# A database that refuses every connection from the start (nothing listens on port 1): the boot waits
+# for it with a backoff capped at OUTAGE_CAP seconds; a stop signal must end that wait at once.
+OUTAGE_CAP = 2.0
+REFUSING_DB = "postgresql://postgres@127.0.0.1:1/ductwork_nowhere"
+
+
+@pytest.mark.parametrize("args, stop", [
+    (("run", "--role", "worker"), signal.SIGTERM),
+    (("run", "--role", "advancer"), signal.SIGINT),
+    (("run",), signal.SIGTERM),                       # the supervisor itself, before it forks anything
+])
+def test_a_stop_signal_ends_the_boot_time_wait_for_the_database(procs, tmp_path, args, stop):
+    p = Proc(tmp_path, REFUSING_DB, args=args)
+    procs.append(p)
+    p.wait_log("database unavailable, retrying with backoff")
+    p.signal(stop)
+    # one backoff pause at most (the signal cuts it short), then a clean exit
+    assert p.wait(timeout=OUTAGE_CAP * 1.2 + 5) == 0, p.log()[-2000:]
+    assert re.search(r"stopped while it waited for the database to boot", p.log()), p.log()[-2000:]
+    assert "Traceback" not in p.log()
