@@ -3308,6 +3308,8 @@ class _ThreadDeath(BaseException):
 # the only one the copy has, must not return into the worker loop. _SERVING_PID is the pid of the process
 # whose Runtime serves; a fork of it resets the signals, and Runtime.inert_if_forked ends the copy.
 _SERVING_PID: dict[str, int | None] = {"pid": None}
+# What one failed attempt stores of its exception (a 20 MB message is stored as 4 000 characters).
+MAX_ERROR_MESSAGE, MAX_TRACEBACK = 4000, 8000
 RUNTIME_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN, signal.SIGHUP)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)   # they also end a boot's wait for the database
 
@@ -3349,10 +3351,17 @@ def _traceback_text(exc: BaseException) -> str:
             return ""
 
 
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 def step_error_text(exc: BaseException) -> str:
-    """What a failed attempt records: class name, message (see _exception_text), a bounded traceback;
-    storable everywhere: no lone surrogates (UTF-8), no NUL (Postgres TEXT)."""
-    text = f"{type(exc).__name__}: {_exception_text(exc)}\n{_traceback_text(exc)[-8000:]}"
+    """What a failed attempt records: class name, message (see _exception_text) of at most
+    MAX_ERROR_MESSAGE characters, the last MAX_TRACEBACK characters of the traceback; storable
+    everywhere: no lone surrogates (UTF-8), no NUL (Postgres TEXT)."""
+    message = clip(_exception_text(exc), MAX_ERROR_MESSAGE)
+    text = f"{type(exc).__name__}: {message}\n{_traceback_text(exc)[-MAX_TRACEBACK:]}"
     return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
@@ -4631,6 +4640,9 @@ def exit_description(status: int) -> str:
 # =====================================================================================
 
 
+STATUS_ERROR_LINE = 300   # characters of an error's first line that status and the dashboard's summaries show
+
+
 def status_report(engine: Engine) -> dict:
     """The status report: processes, run counts per pipeline and status, recent halts and step errors."""
     with engine.store.tx(write=False) as t:
@@ -4646,7 +4658,8 @@ def status_report(engine: Engine) -> dict:
         "runs": runs,
         "recent_halts": [{"run": r[0], "pipeline": r[1], "reasons": _loads(r[2]), "finished_at": r[3]} for r in halts],
         "recent_errors": [{"step": r[0], "run": r[1], "pipeline": r[2], "name": r[3], "outcome": r[4],
-                           "error": (r[5] or "").splitlines()[0] if r[5] else "", "at": r[6]} for r in errors],
+                           "error": clip((r[5] or "").partition("\n")[0], STATUS_ERROR_LINE), "at": r[6]}
+                          for r in errors],
     }
 
 
@@ -4768,6 +4781,7 @@ def _remove_local_heartbeat(machine: str, role: str) -> None:
 # Layout: the statements, the data (JSON twins, /metrics), the html, then the http server.
 
 DASHBOARD_PER_PAGE, DASHBOARD_MAX_STEPS, DASHBOARD_MINUTES = 50, 2000, 15
+DASHBOARD_MAX_TEXT = 20000   # characters of one error text a page or JSON twin shows
 
 
 class DashboardSQL:
@@ -4878,6 +4892,8 @@ def _records(rows: list[tuple], columns: str, decode: str = "") -> list[dict]:
     for record in out:
         for key in decode.split():
             record[key] = _loads_for_display(record[key])
+        if isinstance(record.get("error"), str):   # the JSON twins are bounded like the pages
+            record["error"] = clip(record["error"], DASHBOARD_MAX_TEXT)
     return out
 
 
@@ -5151,9 +5167,12 @@ def _value(value: Any, label: str, ident: str, limit: int = 20000) -> str:
 
 
 def _error(text: str | None, ident: str) -> str:
-    """An error: its first line as the summary, the traceback inside."""
+    """An error: its first line as the summary, the traceback inside (both bounded: rows stored before
+    the bound on error texts may hold megabytes)."""
     first, _, rest = (text or "").partition("\n")
-    return _details(ident, _esc(first), rest or first) if text else ""
+    if not text:
+        return ""
+    return _details(ident, _esc(clip(first, STATUS_ERROR_LINE)), clip(rest or first, DASHBOARD_MAX_TEXT))
 
 
 def _paging(path: str, data: dict, **filters: Any) -> str:

@@ -342,7 +342,7 @@ class HsBadBoth(Exception):
 
 
 RAISES = {"exit": lambda: SystemExit(3), "interrupt": KeyboardInterrupt, "base": lambda: HsBoom("boom"),
-          "badstr": HsBadStr, "badboth": HsBadBoth}
+          "badstr": HsBadStr, "badboth": HsBadBoth, "huge": lambda: RuntimeError("x" * 20_000_000)}
 
 
 def hostile_step(kind):
@@ -418,6 +418,25 @@ def test_an_exception_that_cannot_be_rendered_is_recorded_with_its_class_and_tra
     assert step.error.startswith(expected), step.error
     assert "Traceback" in step.error and "in hostile_step" in step.error
     assert HsRaise.trigger("ok").wait(DEADLINE) == "completed"
+
+
+def test_a_huge_error_message_is_stored_and_shown_bounded(engine, start_runtime):
+    start_runtime(["HsRaise"], role="combined", job_worker={"count": 1, "max_retry": 0})
+    bad = HsRaise.trigger("huge")
+    assert bad.wait(DEADLINE) == "halted"
+    error = bad.steps[0].error
+    assert error.startswith("RuntimeError: xxx") and "... (19996000 more characters)" in error, error[:200]
+    assert len(error) <= ductwork.MAX_ERROR_MESSAGE + ductwork.MAX_TRACEBACK + 100
+    # rows stored before the bound (megabytes of error text) are shown bounded too
+    with engine.store.tx() as t:
+        huge = {"error": "y" * 5_000_000 + "\nline two"}
+        t.run("UPDATE ductwork_executions SET error = :error", huge)
+        t.run("UPDATE ductwork_steps SET error = :error", huge)
+    assert len(json.dumps(ductwork.status_report(engine))) < 50_000
+    assert len(ductwork.render_overview(ductwork.dashboard_overview(engine))) < 100_000
+    for path in (f"/runs/{bad.id}", "/errors"):
+        _, data, render = ductwork.dashboard_route(engine, path, {})
+        assert len(render(data)) < 100_000 and len(json.dumps(data)) < 100_000, path
 
 
 def _info(engine, process_id):
