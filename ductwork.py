@@ -2781,7 +2781,9 @@ class Engine:
                 t.run(SQL.context_upsert, params)
             elif t.run(SQL.context_insert, params) != 1:
                 current = t.one(SQL.context_get, params)[0]
-                if json.loads(current) != value:  # same value again (a re-run) is fine
+                # the same value again (a re-run) is fine: both sides compared as stored (after JSON a
+                # tuple is a list and a dict's keys are strings)
+                if json.loads(current) != json.loads(text):
                     raise ContextError(f"context key {key!r} of run {run_id} is already set; "
                                        "pass overwrite=True to replace it")
 

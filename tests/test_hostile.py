@@ -439,6 +439,18 @@ def test_a_huge_error_message_is_stored_and_shown_bounded(engine, start_runtime)
         assert len(render(data)) < 100_000 and len(json.dumps(data)) < 100_000, path
 
 
+def test_an_honest_re_run_may_set_the_same_context_value_again(engine):
+    """Write-once context compared the stored value after its JSON round trip with the new one before it."""
+    run = HsPlain.trigger(1)
+    values = {"pair": (1, 2), "keys": {1: "a", "b": (3,)}, "plain": [1.5, None, "x"]}
+    for key, value in values.items():
+        engine.context_set(run.id, key, value, False)
+        engine.context_set(run.id, key, value, False)        # the re-run sets it again: no error
+    assert engine.context_all(run.id) == {"pair": [1, 2], "keys": {"1": "a", "b": [3]}, "plain": [1.5, None, "x"]}
+    with pytest.raises(ductwork.ContextError):
+        engine.context_set(run.id, "pair", (1, 3), False)     # a different value still needs overwrite=True
+
+
 def _info(engine, process_id):
     with engine.store.tx(write=False) as t:
         row = t.one("SELECT info FROM ductwork_processes WHERE id = :id", {"id": process_id})
