@@ -3024,6 +3024,28 @@ def run_hooks(kind: str) -> None:
 # Postgres carries them as NOTIFY (Runtime.listen_loop); polling is always the fallback.
 
 
+def private_folder(path: str, create: bool = False, tighten: bool = False) -> bool:
+    """Is ``path`` a real directory (not a symlink) of this user that nobody else may read or write?
+    ``create``: make it (mode 0700) when missing; ``tighten``: one of ours with looser permissions
+    (made by an older version) is set to 0700. The wake-up sockets and the local heartbeat files
+    live only in such folders."""
+    import stat
+    if create:
+        with contextlib.suppress(OSError):
+            os.mkdir(path, 0o700)
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        return False
+    if st.st_mode & 0o077 and tighten:
+        with contextlib.suppress(OSError):   # a directory, not a symlink (lstat): in the sticky temp dir it stays so
+            os.chmod(path, 0o700)
+            st = os.lstat(path)
+    return stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o077
+
+
 class Wakeups:
     """Wake-up hints inside one process: one idle thread per hint (no thundering herd).
 
@@ -3100,14 +3122,9 @@ class LocalWakeups:
 
     @staticmethod
     def _trusted(folder: str) -> bool:
-        """A real directory (not a symlink) of ours that nobody else may read or write: another
-        local user could otherwise read pipeline names, or silence and redirect the hints."""
-        import stat
-        try:
-            st = os.lstat(folder)
-        except OSError:
-            return False
-        return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+        """A private folder (see private_folder): another local user could otherwise read pipeline
+        names, or silence and redirect the hints."""
+        return private_folder(folder)
 
     @classmethod
     def listen(cls, db_path: str) -> Any:
@@ -4719,8 +4736,8 @@ def _local_health(machine: str, role: str, pid: int | None, limit: float) -> Hea
     """The database is unreachable: is a local process of this role alive and looping?"""
     folder = _local_heartbeat_dir(machine)
     now = time.time()
-    try:
-        names = os.listdir(folder)
+    try:   # files in a folder that is not a private one of ours prove nothing (anyone could have made them)
+        names = os.listdir(folder) if private_folder(folder) else []
     except OSError:
         names = []
     for name in names:
@@ -4728,7 +4745,7 @@ def _local_health(machine: str, role: str, pid: int | None, limit: float) -> Hea
         if file_role != role or not file_pid.isdigit() or (pid is not None and int(file_pid) != pid):
             continue
         try:
-            fresh = now - os.stat(os.path.join(folder, name)).st_mtime <= min(limit, 60)
+            fresh = now - os.stat(os.path.join(folder, name), follow_symlinks=False).st_mtime <= min(limit, 60)
             os.kill(int(file_pid), 0)
         except (OSError, ProcessLookupError):
             continue
@@ -4744,29 +4761,43 @@ def healthy(max_age: float | None = None, role: str | None = None) -> bool:
 
 
 def _local_heartbeat_dir(machine: str) -> str:
-    """This machine's folder of local heartbeat files (one per process: ``<role>.<pid>``)."""
+    """This machine's folder of local heartbeat files (one per process: ``<role>.<pid>``), one per user:
+    the health check must run as the user ductwork runs as (as a container's probe does)."""
     import tempfile
-    return os.path.join(tempfile.gettempdir(), f"ductwork-{re.sub(r'[^A-Za-z0-9_.-]', '_', machine)}")
+    return os.path.join(tempfile.gettempdir(), f"ductwork-{os.getuid()}-{re.sub(r'[^A-Za-z0-9_.-]', '_', machine)}")
+
+
+# Folders found private (a directory of ours, mode 0700): in the sticky temp dir nobody else can replace
+# them, so the check runs until it passes once, not at every touch.
+_TRUSTED_FOLDERS: set[str] = set()
 
 
 def _touch_local_heartbeat(machine: str, role: str) -> None:
     """Local proof that this process's control loop runs: the health check's fallback when
-    the database is unreachable (a DB outage must not make an orchestrator restart every pod)."""
-    name = os.path.join(_local_heartbeat_dir(machine), f"{role}.{os.getpid()}")
+    the database is unreachable (a DB outage must not make an orchestrator restart every pod).
+    Only in a private folder: through one another user made (a symlink, a shared directory) a
+    process running as root could be made to create files anywhere, or proof faked."""
+    folder = _local_heartbeat_dir(machine)
+    if folder not in _TRUSTED_FOLDERS:
+        if not private_folder(folder, create=True, tighten=True):
+            return
+        _TRUSTED_FOLDERS.add(folder)
+    name = os.path.join(folder, f"{role}.{os.getpid()}")
     try:
-        os.utime(name)
+        os.utime(name, follow_symlinks=False)
     except FileNotFoundError:
         with contextlib.suppress(OSError):
-            os.makedirs(os.path.dirname(name), exist_ok=True)
-            open(name, "w").close()
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
     except OSError:
         pass
 
 
 def _remove_local_heartbeat(machine: str, role: str) -> None:
     """Remove this process's local heartbeat file (at a clean exit)."""
-    with contextlib.suppress(OSError):
-        os.unlink(os.path.join(_local_heartbeat_dir(machine), f"{role}.{os.getpid()}"))
+    folder = _local_heartbeat_dir(machine)
+    if folder in _TRUSTED_FOLDERS:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(folder, f"{role}.{os.getpid()}"))
 
 
 # =====================================================================================

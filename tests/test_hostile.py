@@ -559,3 +559,62 @@ def test_a_stop_signal_ends_the_boot_time_wait_for_the_database(procs, tmp_path,
     assert p.wait(timeout=OUTAGE_CAP * 1.2 + 5) == 0, p.log()[-2000:]
     assert re.search(r"stopped while it waited for the database to boot", p.log()), p.log()[-2000:]
     assert "Traceback" not in p.log()
+
+
+# -- hostile host ------------------------------------------------------------------------------------
+# The local heartbeat files (the health check's proof of life while the database is unreachable) live
+# only in a private folder of this user: another local user could otherwise make a ductwork running as
+# root create files through a symlink, or fake proof of life with a file of their own.
+def _machine() -> str:
+    return f"hostile-host-{uuid.uuid4().hex[:8]}"
+
+
+def test_local_proof_is_not_written_through_a_symlinked_folder(tmp_path):
+    machine, elsewhere = _machine(), tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    folder = ductwork._local_heartbeat_dir(machine)
+    os.symlink(elsewhere, folder)
+    try:
+        ductwork._touch_local_heartbeat(machine, "supervisor")
+        assert list(elsewhere.iterdir()) == []
+        health = ductwork._local_health(machine, "supervisor", None, 60)
+        assert health.code == ductwork.EXIT_UNREACHABLE, health.line
+    finally:
+        os.unlink(folder)
+
+
+def test_local_proof_in_a_folder_of_another_user_proves_nothing(tmp_path):
+    machine = _machine()
+    folder = ductwork._local_heartbeat_dir(machine)
+    os.mkdir(folder, 0o700)
+    try:
+        open(os.path.join(folder, f"supervisor.{os.getpid()}"), "w").close()   # fresh, and this pid is alive
+        assert ductwork._local_health(machine, "supervisor", None, 60).code == ductwork.EXIT_OK
+        if os.getuid() == 0:
+            os.chown(folder, 65534, 65534)      # now another user's (nobody's) folder
+        else:
+            os.chmod(folder, 0o777)             # now a folder anyone may write
+        health = ductwork._local_health(machine, "supervisor", None, 60)
+        assert health.code == ductwork.EXIT_UNREACHABLE, health.line
+    finally:
+        for name in os.listdir(folder):
+            os.unlink(os.path.join(folder, name))
+        os.rmdir(folder)
+
+
+def test_local_proof_folder_of_an_older_version_is_made_private(tmp_path):
+    machine = _machine()
+    folder = ductwork._local_heartbeat_dir(machine)
+    os.mkdir(folder)
+    os.chmod(folder, 0o755)                     # as makedirs left it before
+    try:
+        ductwork._touch_local_heartbeat(machine, "worker")
+        assert os.stat(folder).st_mode & 0o777 == 0o700
+        assert os.listdir(folder) == [f"worker.{os.getpid()}"]
+        assert ductwork._local_health(machine, "worker", None, 60).code == ductwork.EXIT_OK
+        ductwork._remove_local_heartbeat(machine, "worker")
+        assert os.listdir(folder) == []
+    finally:
+        for name in os.listdir(folder):
+            os.unlink(os.path.join(folder, name))
+        os.rmdir(folder)
