@@ -5652,7 +5652,7 @@ class DashboardServer:
             return
         except OSError as exc:  # e.g. out of file descriptors: try again on the next round
             log.warning("dashboard: cannot accept a connection: %s", exc)
-            time.sleep(0.1)
+            self.stopping.wait(0.1)   # a pause that shutdown cuts short
             return
         with self.open_lock:
             self.open_count += 1

@@ -2,17 +2,9 @@
 import os
 import threading
 
+from marks import mark
+
 import ductwork
-
-MARKS = os.environ.get("DW_TEST_DIR", "/tmp")
-
-
-def mark(line: str) -> None:
-    fd = os.open(os.path.join(MARKS, "marks.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
 
 
 class Nap(ductwork.Step):
