@@ -3478,6 +3478,7 @@ class Runtime:
         self.signals: "queue.SimpleQueue[int]" = queue.SimpleQueue()
         self.stop_requested = threading.Event()  # a STOP_SIGNALS arrived: a boot waiting for the database gives up
         self.machine = machine_identifier()
+        self.proof = LocalProof.of(self.machine, self.store.info)
 
     # -- process row -------------------------------------------------------------------
     @property
@@ -3534,7 +3535,7 @@ class Runtime:
             self.engine.retire(self.process_id, "process exited holding it")
         except Exception as exc:
             log.warning("could not delete process row %s: %s", self.process_id, exc)
-        _remove_local_heartbeat(self.machine, self.row_role)
+        self.proof.remove(self.row_role)
 
     # -- database retries --------------------------------------------------------------
     def _db_retry(self, fn: Callable[[], Any], give_up: threading.Event | None = None) -> Any:
@@ -4045,7 +4046,7 @@ class Runtime:
         tick = min(1.0, float(self.config.get("supervisor.heartbeat_interval")))
         while True:
             self._report(PIPE_ALIVE)
-            _touch_local_heartbeat(self.machine, self.row_role)
+            self.proof.touch(self.row_role)
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("supervisor (pid %d) is gone; draining", self.parent_pid)
                 return self.drain()
@@ -4220,6 +4221,7 @@ class Supervisor:
         self.outage = Outage()
         self.row_id = 0
         self.machine = machine_identifier()
+        self.proof = LocalProof.of(self.machine, self.store.info)
         self.stopping_since: float | None = None
         self.exit_code = EXIT_OK
         self.next_heartbeat = 0.0
@@ -4627,14 +4629,14 @@ class Supervisor:
                 log.warning("supervisor row %s was reaped while paused; registering again", self.row_id)
                 self.register()
         # proof of looping, even when the database is down
-        _touch_local_heartbeat(self.machine, self.role.row_role)
+        self.proof.touch(self.role.row_role)
         self._with_db(beat)
 
     def _delete_row(self) -> None:
         """Delete the supervisor's row and its local heartbeat file (at the end of run())."""
         with self.store.tx() as t:
             t.run(SQL.delete_process, {"id": self.row_id})
-        _remove_local_heartbeat(self.machine, self.role.row_role)
+        self.proof.remove(self.role.row_role)
 
     def log_drain_arithmetic(self) -> None:
         """At boot: the drain budgets, and the grace period the process manager must give the supervisor."""
@@ -4704,7 +4706,7 @@ def check_health(config: Config, role: str | None = None, pid: int | None = None
         wrong = _database_wrong(store.info, exc)
         if wrong:
             return Health(EXIT_FAILURE, f"dead: no process ({wrong})")
-        return _local_health(machine, row_role, pid, limit)
+        return LocalProof.of(machine, store.info).health(row_role, pid, limit)
     finally:
         store.close()
     procs = [ProcessRow.from_row(row).liveness() for row in rows]
@@ -4732,39 +4734,10 @@ def _database_wrong(info: DatabaseInfo, exc: BaseException) -> str | None:
     return None
 
 
-def _local_health(machine: str, role: str, pid: int | None, limit: float) -> Health:
-    """The database is unreachable: is a local process of this role alive and looping?"""
-    folder = _local_heartbeat_dir(machine)
-    now = time.time()
-    try:   # files in a folder that is not a private one of ours prove nothing (anyone could have made them)
-        names = os.listdir(folder) if private_folder(folder) else []
-    except OSError:
-        names = []
-    for name in names:
-        file_role, _, file_pid = name.rpartition(".")
-        if file_role != role or not file_pid.isdigit() or (pid is not None and int(file_pid) != pid):
-            continue
-        try:
-            fresh = now - os.stat(os.path.join(folder, name), follow_symlinks=False).st_mtime <= min(limit, 60)
-            os.kill(int(file_pid), 0)
-        except (OSError, ProcessLookupError):
-            continue
-        if fresh:
-            return Health(EXIT_OK, "healthy (database unreachable)")
-    return Health(EXIT_UNREACHABLE, "unhealthy: database unreachable and no local proof of life")
-
-
 def healthy(max_age: float | None = None, role: str | None = None) -> bool:
     """The health check for app code: True when this machine's process for ``role`` is alive."""
     config = _APP.config or load_config()
     return check_health(config, role, None, max_age).code == EXIT_OK
-
-
-def _local_heartbeat_dir(machine: str) -> str:
-    """This machine's folder of local heartbeat files (one per process: ``<role>.<pid>``), one per user:
-    the health check must run as the user ductwork runs as (as a container's probe does)."""
-    import tempfile
-    return os.path.join(tempfile.gettempdir(), f"ductwork-{os.getuid()}-{re.sub(r'[^A-Za-z0-9_.-]', '_', machine)}")
 
 
 # Folders found private (a directory of ours, mode 0700): in the sticky temp dir nobody else can replace
@@ -4772,32 +4745,78 @@ def _local_heartbeat_dir(machine: str) -> str:
 _TRUSTED_FOLDERS: set[str] = set()
 
 
-def _touch_local_heartbeat(machine: str, role: str) -> None:
-    """Local proof that this process's control loop runs: the health check's fallback when
-    the database is unreachable (a DB outage must not make an orchestrator restart every pod).
-    Only in a private folder: through one another user made (a symlink, a shared directory) a
-    process running as root could be made to create files anywhere, or proof faked."""
-    folder = _local_heartbeat_dir(machine)
-    if folder not in _TRUSTED_FOLDERS:
-        if not private_folder(folder, create=True, tighten=True):
-            return
-        _TRUSTED_FOLDERS.add(folder)
-    name = os.path.join(folder, f"{role}.{os.getpid()}")
-    try:
-        os.utime(name, follow_symlinks=False)
-    except FileNotFoundError:
-        with contextlib.suppress(OSError):
-            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
-    except OSError:
-        pass
+@dataclasses.dataclass(frozen=True)
+class LocalProof:
+    """Local proof that a process's control loop runs: one file per process (``<role>.<pid>``, its
+    mtime the last loop) in a folder of this user, this machine and this database. The health
+    check's fallback when the database is unreachable (a DB outage must not make an orchestrator
+    restart every pod): scoped to the database, so another deployment on the same host proves
+    nothing about this one; only in a private folder (a directory of ours, mode 0700, not a
+    symlink): through one another user made, a process running as root could be made to create
+    files anywhere, or proof faked. The health check must run as the user ductwork runs as (as a
+    container's probe does)."""
+    machine: str
+    database: str   # the database's identity: its file, or server and database name (never the password)
 
+    @classmethod
+    def of(cls, machine: str, info: DatabaseInfo) -> "LocalProof":
+        """The proof folder of ``machine`` for the database of ``info``."""
+        if info.dialect == "sqlite":   # the file itself, however the URL spells its path
+            return cls(machine, "sqlite:" + os.path.realpath(info.path))
+        return cls(machine, f"postgres:{info.host.lower()}:{info.port}/{info.database}")
 
-def _remove_local_heartbeat(machine: str, role: str) -> None:
-    """Remove this process's local heartbeat file (at a clean exit)."""
-    folder = _local_heartbeat_dir(machine)
-    if folder in _TRUSTED_FOLDERS:
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(folder, f"{role}.{os.getpid()}"))
+    @property
+    def folder(self) -> str:
+        """``$TMPDIR/ductwork-<uid>-<machine>-<database hash>``."""
+        import hashlib
+        import tempfile
+        machine = re.sub(r"[^A-Za-z0-9_.-]", "_", self.machine)
+        scope = hashlib.sha256(self.database.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        return os.path.join(tempfile.gettempdir(), f"ductwork-{os.getuid()}-{machine}-{scope}")
+
+    def touch(self, role: str) -> None:
+        """Refresh this process's file (created on first use, in a private folder only)."""
+        folder = self.folder
+        if folder not in _TRUSTED_FOLDERS:
+            if not private_folder(folder, create=True, tighten=True):
+                return
+            _TRUSTED_FOLDERS.add(folder)
+        name = os.path.join(folder, f"{role}.{os.getpid()}")
+        try:
+            os.utime(name, follow_symlinks=False)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        except OSError:
+            pass
+
+    def remove(self, role: str) -> None:
+        """Remove this process's file (at a clean exit)."""
+        folder = self.folder
+        if folder in _TRUSTED_FOLDERS:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, f"{role}.{os.getpid()}"))
+
+    def health(self, role: str, pid: int | None, limit: float) -> Health:
+        """The database is unreachable: is a local process of this role (or ``pid``) alive and looping?"""
+        folder = self.folder
+        now = time.time()
+        try:   # files in a folder that is not a private one of ours prove nothing (anyone could have made them)
+            names = os.listdir(folder) if private_folder(folder) else []
+        except OSError:
+            names = []
+        for name in names:
+            file_role, _, file_pid = name.rpartition(".")
+            if file_role != role or not file_pid.isdigit() or (pid is not None and int(file_pid) != pid):
+                continue
+            try:
+                fresh = now - os.stat(os.path.join(folder, name), follow_symlinks=False).st_mtime <= min(limit, 60)
+                os.kill(int(file_pid), 0)
+            except (OSError, ProcessLookupError):
+                continue
+            if fresh:
+                return Health(EXIT_OK, "healthy (database unreachable)")
+        return Health(EXIT_UNREACHABLE, "unhealthy: database unreachable and no local proof of life")
 
 
 # =====================================================================================

@@ -161,6 +161,34 @@ def stop_outside_transaction(pid: int, db_url: str, timeout: float = LOAD_SLACK)
         pause(0.005)
 
 
+@contextlib.contextmanager
+def database_outage(db_url: str):
+    """The database becomes unreachable for new connections, and comes back at the end: the
+    SQLite file moves away (and back), or the Postgres database stops accepting connections
+    (sessions already open keep theirs, as when a server's connection slots are all taken)."""
+    import ductwork
+    info = ductwork.parse_database_url(db_url)
+    if info.dialect == "sqlite":
+        away = info.path + ".away"
+        os.rename(info.path, away)
+        try:
+            yield
+        finally:
+            os.rename(away, info.path)
+        return
+    admin = ductwork.Store(db_url.rsplit("/", 1)[0] + "/postgres")
+    try:
+        with admin.tx() as t:
+            t.run(f'ALTER DATABASE "{info.database}" ALLOW_CONNECTIONS false')
+        try:
+            yield
+        finally:
+            with admin.tx() as t:
+                t.run(f'ALTER DATABASE "{info.database}" ALLOW_CONNECTIONS true')
+    finally:
+        admin.close()
+
+
 class Proc:
     """A running `python ductwork.py ...` with its log in a file."""
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from procs import alive, wait_until
+from procs import alive, database_outage, wait_until
 
 import ductwork
 
@@ -40,7 +40,6 @@ K8S = DEPLOY / "k8s"
 UNIT = DEPLOY / "systemd" / "ductwork.service"
 DOCKERFILE = DEPLOY / "Dockerfile"
 ROLE_OF_ROW = {"all": "supervisor", "supervisor": "supervisor", "advancer": "advancer", "worker": "worker"}
-UNREACHABLE_DB = "postgresql://nobody@127.0.0.1:1/nothing?connect_timeout=0.3"
 MODULE = ["-m", "ductwork"]              # argv[1:3] of every command: `python -m ductwork ...`
 
 
@@ -523,8 +522,8 @@ def test_container_roles_run_as_the_compose_and_k8s_files_say(db_url, tmp_path):
                 assert took <= launch.probe_timeout, \
                     f"{launch.source}: probe took {took:.2f}s > {launch.probe_timeout}s"
             # The database unreachable: the process's own heartbeat file keeps the pod alive.
-            outage = {**proc.env, "DATABASE_URL": UNREACHABLE_DB}
-            result = run(group[0].probe, outage)
+            with database_outage(db_url):
+                result = run(group[0].probe, proc.env)
             assert result.returncode == 0 and result.stdout.strip() == "healthy (database unreachable)", \
                 f"{group[0].source}: {result.stdout}{result.stderr}"
 

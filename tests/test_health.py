@@ -8,7 +8,7 @@ import sys
 
 import yaml
 from conftest import run_cli
-from procs import BASE_CONFIG, Proc, wait_until
+from procs import BASE_CONFIG, Proc, database_outage, wait_until
 
 import ductwork
 
@@ -86,19 +86,35 @@ def _unreachable_url(db_url, tmp_path):
     return "postgresql://postgres:secret-pw@127.0.0.1:1/test"
 
 
-def test_database_unreachable_with_a_live_process_is_degraded_healthy(procs, tmp_path, app_db):
+def test_database_outage_with_a_live_process_is_degraded_healthy(procs, tmp_path, app_db):
+    """The database of a live deployment stops answering: its local proof of life keeps the probe healthy."""
     sup = Proc(tmp_path, app_db, machine="host-outage")
     procs.append(sup)
     sup.wait_log("worker started", count=2)
-    cfg = write_config(tmp_path, _unreachable_url(app_db, tmp_path), name="down.yml")
-    out = health("-c", cfg, machine="host-outage")
-    assert (out.returncode, out.stdout.strip()) == (0, "healthy (database unreachable)")
-    assert "secret-pw" not in out.stdout + out.stderr
+    cfg = write_config(tmp_path, app_db)
+    with database_outage(app_db):
+        out = health("-c", cfg, machine="host-outage")
+        assert (out.returncode, out.stdout.strip()) == (0, "healthy (database unreachable)"), out.stdout + out.stderr
+    wait_until(lambda: health("-c", cfg, machine="host-outage").stdout.strip() == "healthy", what="healthy again")
     sup.signal(signal.SIGTERM)
     assert sup.wait() == 0
-    out = health("-c", cfg, machine="host-outage")
+    with database_outage(app_db):
+        out = health("-c", cfg, machine="host-outage")
     assert out.returncode == 3
     assert "database unreachable" in out.stdout
+
+
+def test_another_databases_proof_of_life_proves_nothing(procs, tmp_path, app_db):
+    """A live deployment on one database is no proof for a health check of another, unreachable one
+    (same machine id, same user): the local proof is scoped to the database."""
+    sup = Proc(tmp_path, app_db, machine="host-scoped")
+    procs.append(sup)
+    sup.wait_log("worker started", count=2)
+    assert health("-c", write_config(tmp_path, app_db), machine="host-scoped").returncode == 0
+    cfg = write_config(tmp_path, _unreachable_url(app_db, tmp_path), name="down.yml")
+    out = health("-c", cfg, machine="host-scoped")
+    assert (out.returncode, out.stdout.strip()) == (3, "unhealthy: database unreachable and no local proof of life")
+    assert "secret-pw" not in out.stdout + out.stderr
 
 
 def test_database_unreachable_and_no_process_exits_3(tmp_path, app_db):

@@ -565,36 +565,36 @@ def test_a_stop_signal_ends_the_boot_time_wait_for_the_database(procs, tmp_path,
 # The local heartbeat files (the health check's proof of life while the database is unreachable) live
 # only in a private folder of this user: another local user could otherwise make a ductwork running as
 # root create files through a symlink, or fake proof of life with a file of their own.
-def _machine() -> str:
-    return f"hostile-host-{uuid.uuid4().hex[:8]}"
+def _proof() -> ductwork.LocalProof:
+    return ductwork.LocalProof(f"hostile-host-{uuid.uuid4().hex[:8]}", "sqlite:/nowhere/hostile.db")
 
 
 def test_local_proof_is_not_written_through_a_symlinked_folder(tmp_path):
-    machine, elsewhere = _machine(), tmp_path / "elsewhere"
+    proof, elsewhere = _proof(), tmp_path / "elsewhere"
     elsewhere.mkdir()
-    folder = ductwork._local_heartbeat_dir(machine)
+    folder = proof.folder
     os.symlink(elsewhere, folder)
     try:
-        ductwork._touch_local_heartbeat(machine, "supervisor")
+        proof.touch("supervisor")
         assert list(elsewhere.iterdir()) == []
-        health = ductwork._local_health(machine, "supervisor", None, 60)
+        health = proof.health("supervisor", None, 60)
         assert health.code == ductwork.EXIT_UNREACHABLE, health.line
     finally:
         os.unlink(folder)
 
 
 def test_local_proof_in_a_folder_of_another_user_proves_nothing(tmp_path):
-    machine = _machine()
-    folder = ductwork._local_heartbeat_dir(machine)
+    proof = _proof()
+    folder = proof.folder
     os.mkdir(folder, 0o700)
     try:
         open(os.path.join(folder, f"supervisor.{os.getpid()}"), "w").close()   # fresh, and this pid is alive
-        assert ductwork._local_health(machine, "supervisor", None, 60).code == ductwork.EXIT_OK
+        assert proof.health("supervisor", None, 60).code == ductwork.EXIT_OK
         if os.getuid() == 0:
             os.chown(folder, 65534, 65534)      # now another user's (nobody's) folder
         else:
             os.chmod(folder, 0o777)             # now a folder anyone may write
-        health = ductwork._local_health(machine, "supervisor", None, 60)
+        health = proof.health("supervisor", None, 60)
         assert health.code == ductwork.EXIT_UNREACHABLE, health.line
     finally:
         for name in os.listdir(folder):
@@ -603,16 +603,16 @@ def test_local_proof_in_a_folder_of_another_user_proves_nothing(tmp_path):
 
 
 def test_local_proof_folder_of_an_older_version_is_made_private(tmp_path):
-    machine = _machine()
-    folder = ductwork._local_heartbeat_dir(machine)
+    proof = _proof()
+    folder = proof.folder
     os.mkdir(folder)
     os.chmod(folder, 0o755)                     # as makedirs left it before
     try:
-        ductwork._touch_local_heartbeat(machine, "worker")
+        proof.touch("worker")
         assert os.stat(folder).st_mode & 0o777 == 0o700
         assert os.listdir(folder) == [f"worker.{os.getpid()}"]
-        assert ductwork._local_health(machine, "worker", None, 60).code == ductwork.EXIT_OK
-        ductwork._remove_local_heartbeat(machine, "worker")
+        assert proof.health("worker", None, 60).code == ductwork.EXIT_OK
+        proof.remove("worker")
         assert os.listdir(folder) == []
     finally:
         for name in os.listdir(folder):
