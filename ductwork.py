@@ -593,6 +593,10 @@ def parse_database_url(url: str) -> DatabaseInfo:
     raise ConfigError(f"unsupported database_url scheme {parsed.scheme!r} (use sqlite:/// or postgresql://)")
 
 
+# SQLite errors of the connection rather than of the statement (see _is_connection_error)
+_SQLITE_CONNECTION_ERRORS = ("readonly database", "disk I/O error", "unable to open database file")
+
+
 def _is_connection_error(exc: BaseException) -> bool:
     """Did this error come from a lost or refused connection (as opposed to a bad statement)?"""
     if isinstance(exc, (OSError, DatabaseUnavailable)):
@@ -601,6 +605,10 @@ def _is_connection_error(exc: BaseException) -> bool:
     if name == "InterfaceError":
         return True
     text = str(exc)
+    if isinstance(exc, sqlite3.OperationalError):
+        # a connection opened while the file was read-only stays read-only (SQLite falls back to it
+        # silently), one whose file went away fails its I/O: a new connection is the cure, or the test
+        return any(sign in text for sign in _SQLITE_CONNECTION_ERRORS)
     # 57P01 admin shutdown / terminate_backend, 57P02/57P03 crash or startup, 53300 too many
     # connections, 08xxx connection class
     return any(code in text for code in ("57P01", "57P02", "57P03", "53300", "'08")) or "network error" in text
@@ -829,6 +837,13 @@ class Store:
         self._pid = os.getpid()
         self._sql: dict[str, str] = {}
         self.notify_hook: Callable[[str, str], None] | None = None  # in-process wake-ups
+        # SQLite: the file the connections have open, (st_dev, st_ino) once one has; a new
+        # generation makes every thread drop its connection at its next transaction
+        self._file_id: tuple[int, int] | None = None
+        self._file_lock = threading.Lock()
+        self._file_missing = False
+        self._next_file_check = 0.0
+        self._generation = 0
 
     # -- connections ------------------------------------------------------------------
     def _connect_sqlite(self) -> Any:
@@ -840,11 +855,23 @@ class Store:
                                                          isolation_level=None))
             except sqlite3.Error as exc:
                 raise DatabaseUnavailable(f"cannot open {self.info.display}: {exc}") from None
+        if self._file_id is not None:   # this process has had the file open: never create an empty one now
+            try:
+                conn = sqlite3.connect(f"file:{urllib.parse.quote(self.info.path)}?mode=rw", uri=True,
+                                       timeout=self.info.connect_timeout, isolation_level=None,
+                                       check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.Error as exc:
+                raise DatabaseUnavailable(self._missing_file_text() if not os.path.exists(self.info.path)
+                                          else f"cannot open {self.info.display}: {exc}") from None
+            return _SqliteConnection(conn)
         # busy_timeout: how long a writer waits for the lock before the caller backs off and retries
         try:
             conn = sqlite3.connect(self.info.path, timeout=self.info.connect_timeout, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
+            with contextlib.suppress(OSError):
+                self._file_id = self._file_identity()
         except sqlite3.OperationalError as exc:
             if "unable to open" in str(exc):
                 raise ConfigError(f"cannot open SQLite database {self.info.path} ({exc}; is the directory "
@@ -854,6 +881,48 @@ class Store:
             raise ConfigError(f"cannot open SQLite database {self.info.path}: {exc}; "
                               "check database_url or DATABASE_URL") from None
         return _SqliteConnection(conn)
+
+    # -- SQLite: the file under the connections ------------------------------------------
+    # A connection keeps the file it opened: deleted or moved, the file lives on unlinked, and
+    # commits go where nobody will read them; replaced (a restore), the connections still see the
+    # old one. So the path is checked against the file opened (device and inode), once a second at
+    # most, at the start of a transaction.
+    FILE_CHECK_EVERY = 1.0
+
+    def _file_identity(self) -> tuple[int, int]:
+        st = os.stat(self.info.path)
+        return st.st_dev, st.st_ino
+
+    def _missing_file_text(self) -> str:
+        return (f"the SQLite database file {self.info.path} was deleted or moved while in use; waiting for it "
+                "to come back (restore it, or run migrate for a new one)")
+
+    def _check_file(self) -> None:
+        """Is the file at the path still the one this process opened? Gone: every connection is
+        dropped and DatabaseUnavailable raised until a file is back; replaced: one line logged,
+        and every connection reopens on the new file."""
+        with self._file_lock:
+            self._next_file_check = time.monotonic() + self.FILE_CHECK_EVERY
+            try:
+                found: tuple[int, int] | None = self._file_identity()
+            except FileNotFoundError:
+                found = None
+            except OSError:   # e.g. a directory made unreadable: the connection's own errors tell
+                return
+            if found == self._file_id:
+                self._file_missing = False
+                return
+            self._generation += 1
+            if found is None:
+                self._file_missing = True
+                raise DatabaseUnavailable(self._missing_file_text())
+            if self._file_missing:   # the outage's line said it was gone
+                log.warning("a new SQLite database file is at %s: this process goes on with it", self.info.path)
+            else:
+                log.error("the SQLite database file %s was replaced while in use (another file has its path now): "
+                          "reconnecting to the new file; what this process committed since went to the old one",
+                          self.info.path)
+            self._file_id, self._file_missing = found, False
 
     def _connect(self) -> Any:
         """A new connection of this thread: SQLite (WAL) or pg8000 (TLS as the sslmode says)."""
@@ -894,9 +963,15 @@ class Store:
             # end the parent's session); forget them and open our own.
             self._local = threading.local()
             self._pid = os.getpid()
+        if self._file_id is not None and time.monotonic() >= self._next_file_check:
+            self._check_file()
         conn = getattr(self._local, "conn", None)
-        if conn is None:
+        if conn is None or self._local.generation != self._generation:
+            if conn is not None:
+                self.discard()
+            generation = self._generation
             conn = self._local.conn = self._connect()
+            self._local.generation = generation
         return conn
 
     def discard(self) -> None:
@@ -932,6 +1007,7 @@ class Store:
                 conn.rollback()
             if _is_connection_error(exc) or (self.dialect == "postgres" and not isinstance(exc, DuctworkError)):
                 self.discard()
+                self._next_file_check = 0.0   # SQLite: is the file still there? (at the next transaction)
             if _is_connection_error(exc) and not isinstance(exc, DatabaseUnavailable):
                 raise DatabaseUnavailable(mask(f"database error: {_db_error_text(exc)}")) from exc
             raise
@@ -3385,32 +3461,42 @@ def step_error_text(exc: BaseException) -> str:
 
 
 class Outage:
-    """Logs a database outage once when it starts and once when it ends; gives the backoff; retries."""
+    """Logs a database outage once when it starts and once when it ends; gives the backoff; retries.
 
-    def __init__(self) -> None:
-        """No outage yet."""
+    An outage ends when calls have gone through for ``settle`` seconds with no failure: a
+    partial one (a full disk, a read-only file: reads and empty claims go through, writes fail)
+    is one outage, not a line a second. The backoff restarts at every call that goes through."""
+
+    def __init__(self, settle: float = 0.0) -> None:
+        """No outage yet; ``settle``: seconds without a failure that end one (the processes use two heartbeats:
+        a heartbeat is a write, so a write has gone through by then)."""
         self.lock = threading.Lock()
+        self.settle = settle
         self.down_since: float | None = None
+        self.last_failure = 0.0
         self.failures = 0
 
     def failed(self, exc: BaseException) -> float:
         """Count a failed call (logging the outage's start); the pause before the next try."""
         with self.lock:
             self.failures += 1
+            self.last_failure = time.monotonic()
             if self.down_since is None:
-                self.down_since = time.monotonic()
+                self.down_since = self.last_failure
                 log.warning("database unavailable, retrying with backoff: %s", first_line(exc))
             # capped at 2 s: a returning database is noticed within about 2 s, without a busy loop
             return backoff(self.failures + 1, 0.05, 2.0, jitter=0.2)
 
     def ok(self) -> None:
-        """A call went through: log the outage's end, if there was one."""
+        """A call went through: log the outage's end, if there was one and it has settled."""
         if self.down_since is None:
             return
         with self.lock:
-            if self.down_since is not None:
-                log.info("database reachable again after %.1fs", time.monotonic() - self.down_since)
-            self.down_since, self.failures = None, 0
+            self.failures = 0
+            now = time.monotonic()
+            if self.down_since is not None and now - self.last_failure >= self.settle:
+                log.info("database reachable again after %.1fs", now - self.down_since)
+                self.down_since = None
 
     def retry(self, fn: Callable[[], Any], *, forever: bool = True, give_up: threading.Event | None = None,
               waiting: Callable[[], None] | None = None,
@@ -3460,7 +3546,7 @@ class Runtime:
         self.engine.fence_claims = True  # claims only under this process's live row (section 6)
         self.wakeups = Wakeups()
         self.store.notify_hook = self.wakeups.notify
-        self.outage = Outage()
+        self.outage = Outage(settle=2 * float(config.get("supervisor.heartbeat_interval")))
         self.wake_socket: Any = None   # SQLite: this process's LocalWakeups socket
         self.fault = Fault()
         self.engine.fault = self.fault
@@ -4218,7 +4304,7 @@ class Supervisor:
         self.selector.register(self.wake_r, selectors.EVENT_READ, None)
         self.store = Store(config.data["database_url"])
         self.engine = Engine(self.store, config)
-        self.outage = Outage()
+        self.outage = Outage(settle=2 * float(config.get("supervisor.heartbeat_interval")))
         self.row_id = 0
         self.machine = machine_identifier()
         self.proof = LocalProof.of(self.machine, self.store.info)

@@ -5,6 +5,7 @@ Steps: steps that raise BaseException, raise exceptions that cannot be rendered,
 thread that dies anyway; a worker child that cannot start its threads. Real threads, real processes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import uuid
 
 import pytest
 from conftest import FAST, PG_ADMIN_URL, ROOT, _pg_connect
-from procs import BASE_CONFIG, Proc, alive, wait_until
+from procs import BASE_CONFIG, Proc, alive, pause, wait_until
 
 import ductwork
 
@@ -618,3 +619,104 @@ def test_local_proof_folder_of_an_older_version_is_made_private(tmp_path):
         for name in os.listdir(folder):
             os.unlink(os.path.join(folder, name))
         os.rmdir(folder)
+
+
+# -- SQLite files that change under a running deployment --------------------------------------------
+# As root, file modes bind nobody: the deployment runs without the capabilities that override them
+# (setpriv drops them), as an ordinary user's would. Each process checks the file under its
+# connections at most every Store.FILE_CHECK_EVERY seconds, at its next transaction: a heartbeat
+# at the latest.
+NO_OVERRIDE = ("setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner") if os.geteuid() == 0 else ()
+FILE_CONFIG = {**APP, "pipelines": ["HsQuick"], "job_worker": {"count": 1}}
+NOTICED = ductwork.Store.FILE_CHECK_EVERY + BASE_CONFIG["supervisor"]["heartbeat_interval"] + 10
+
+
+def _sqlite_deployment(procs, tmp_path):
+    """A supervisor on a new SQLite file, and one completed run: (url, path, the supervisor)."""
+    path = tmp_path / "file.sqlite3"
+    url = f"sqlite:///{path}"
+    sup = Proc(tmp_path, url, config=FILE_CONFIG, prefix=NO_OVERRIDE)
+    procs.append(sup)
+    sup.child_pid("worker:HsQuick")
+    sup.wait_log(r"worker started")
+    _trigger_and_wait(tmp_path, url)
+    return url, path, sup
+
+
+def _trigger_and_wait(tmp_path, url, deadline: float = 60) -> int:
+    """Trigger HsQuick from a new process (the CLI) and wait until the run completed: its id."""
+    out = hostile_cli(tmp_path, "trigger", "HsQuick", '"x"', "--app", APP["app"], "--database-url", url)
+    assert out.returncode == 0, out.stderr
+    run_id = int(out.stdout.strip())
+
+    def completed():
+        with contextlib.suppress(Exception):
+            return dict((r[0], r[2]) for r in stored_runs(url)).get(run_id) == "completed"
+    wait_until(completed, timeout=deadline, what=f"run {run_id} completed")
+    return run_id
+
+
+def _outage_lines(sup: Proc) -> list[str]:
+    return [line for line in sup.log().splitlines() if "database unavailable" in line]
+
+
+def test_a_database_made_read_only_while_running_recovers_once_writable(procs, tmp_path):
+    url, path, sup = _sqlite_deployment(procs, tmp_path)
+    os.chmod(path, 0o444)
+    # a worker that starts now opens the file read-only (SQLite falls back to that silently)
+    old = sup.child_pid("worker:HsQuick")
+    os.kill(old, signal.SIGKILL)
+    new = sup.child_pid("worker:HsQuick", nth=2)
+    sup.wait_log(rf"\[{new} worker [^]]*\] database unavailable, retrying with backoff: .*readonly database")
+    os.chmod(path, 0o644)
+    _trigger_and_wait(tmp_path, url)            # the same process writes again: it did not keep that connection
+    sup.wait_log(rf"\[{new} worker [^]]*\] worker started")
+    assert len([line for line in _outage_lines(sup) if f"[{new} " in line]) == 1, sup.log()[-3000:]
+    sup.signal(signal.SIGTERM)
+    assert sup.wait() == 0
+
+
+def test_a_deleted_database_file_is_noticed_and_a_new_one_taken_up(procs, tmp_path):
+    url, path, sup = _sqlite_deployment(procs, tmp_path)
+    pids = [sup.pid, sup.child_pid("worker:HsQuick"), sup.child_pid("advancer")]
+    for name in (path.name, path.name + "-wal", path.name + "-shm"):   # rm file.sqlite3*
+        os.unlink(tmp_path / name)
+    # every process says so (one line each), instead of going on with the unlinked file
+    gone = rf"database unavailable, retrying with backoff: the SQLite database file {re.escape(str(path))} was " \
+           r"deleted or moved while in use"
+    for pid in pids:
+        sup.wait_log(rf"\[{pid} [^]]*\] {gone}", timeout=NOTICED)
+    # nobody made an empty file meanwhile: the processes wait, they do not create one
+    assert not path.exists()
+    assert hostile_cli(tmp_path, "migrate", "--database-url", url).returncode == 0
+    _trigger_and_wait(tmp_path, url)            # the new file's run is done by the same processes
+    for pid in pids:
+        sup.wait_log(rf"\[{pid} [^]]*\] a new SQLite database file is at", timeout=NOTICED)
+        assert len([line for line in _outage_lines(sup) if f"[{pid} " in line]) == 1, sup.log()[-3000:]
+    sup.signal(signal.SIGTERM)
+    assert sup.wait() == 0
+
+
+def test_a_full_disk_is_one_outage_in_the_log_not_one_a_second(procs, tmp_path, small_disk):
+    url = f"sqlite:///{small_disk}/d.sqlite3"
+    sup = Proc(tmp_path, url, config=FILE_CONFIG)
+    procs.append(sup)
+    worker = sup.child_pid("worker:HsQuick")
+    sup.wait_log(r"worker started")
+    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(OSError):
+            while True:
+                os.write(fd, b"\0" * 4096)
+    finally:
+        os.close(fd)
+    # heartbeats fail (writes), empty claims go through (reads): for ten heartbeats, one line
+    sup.wait_log(rf"\[{worker} [^]]*\] database unavailable")
+    pause(10 * BASE_CONFIG["supervisor"]["heartbeat_interval"])
+    worker_lines = [line for line in sup.log().splitlines() if f"[{worker} " in line and "database " in line]
+    assert len(worker_lines) == 1, worker_lines
+    os.unlink(small_disk / "filler")
+    sup.wait_log(rf"\[{worker} [^]]*\] database reachable again")
+    _trigger_and_wait(tmp_path, url)
+    sup.signal(signal.SIGTERM)
+    assert sup.wait() == 0
