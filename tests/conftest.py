@@ -2,6 +2,7 @@
 
 Postgres tests need the server at DUCTWORK_TEST_PG (default postgresql://postgres@127.0.0.1:5432/test).
 On a laptop without it they skip with the reason; in CI (CI=true) a missing server fails them.
+The pooler tests need pgbouncer too (tests/pgbouncer.py, .ci/install-pgbouncer.sh), likewise.
 """
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import subprocess
 import sys
 import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from pgbouncer import PgBouncer, unavailable_reason  # noqa: E402
 
 import ductwork  # noqa: E402
 
@@ -180,3 +184,75 @@ def procs():
     yield started
     for p in started:
         p.close()
+
+
+# -- PgBouncer (transaction pooling) in front of the test server: tests/pgbouncer.py ----------
+
+def _require_pgbouncer() -> None:
+    """Skip (fail under CI=true) unless both the test server and a startable pgbouncer are here."""
+    reason = _pg_unavailable_reason() or unavailable_reason()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {reason}")
+        pytest.skip(reason)
+
+
+def _new_pgbouncer(**settings) -> PgBouncer:
+    """A started PgBouncer forwarding to the server of DUCTWORK_TEST_PG, its user in the auth file."""
+    info = ductwork.parse_database_url(PG_ADMIN_URL)
+    users = {info.user: info.password or "", **settings.pop("users", {})}
+    return PgBouncer(server_host=info.host, server_port=info.port, users=users, **settings).start()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_server():
+    """One PgBouncer for the test session with tests/pgbouncer.py's defaults (transaction pooling, pool of 5)."""
+    _require_pgbouncer()
+    bouncer = _new_pgbouncer()
+    yield bouncer
+    bouncer.stop()
+
+
+@pytest.fixture
+def start_pgbouncer():
+    """``start(**settings) -> PgBouncer``: a private pooler with a test's own settings
+    (default_pool_size=1, query_wait_timeout=2, ...), stopped at teardown."""
+    _require_pgbouncer()
+    started: list[PgBouncer] = []
+
+    def start(**settings) -> PgBouncer:
+        bouncer = _new_pgbouncer(**settings)
+        started.append(bouncer)
+        return bouncer
+
+    yield start
+    for bouncer in started:
+        bouncer.stop()
+
+
+@dataclass
+class PooledDb:
+    """A fresh database: ``url`` through the pooler, ``direct_url`` to the server itself."""
+    name: str
+    url: str
+    direct_url: str
+    bouncer: PgBouncer
+
+
+@pytest.fixture
+def pgbouncer_db(pgbouncer_server):
+    """A new, never migrated database (created on the server directly), dropped at teardown;
+    ``bouncer.url(name, pgbouncer="true")`` and the like give other spellings of the pooled URL."""
+    info = ductwork.parse_database_url(PG_ADMIN_URL)
+    name = f"ductwork_pooled_{uuid.uuid4().hex[:10]}"
+    admin = _pg_connect(PG_ADMIN_URL)
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    try:
+        yield PooledDb(name=name, url=pgbouncer_server.url(name, user=info.user, password=info.password),
+                       direct_url=f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}", bouncer=pgbouncer_server)
+    finally:
+        admin.cursor().execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,))
+        admin.cursor().execute(f"DROP DATABASE IF EXISTS {name}")
+        admin.close()
