@@ -296,6 +296,12 @@ class _Override:
 
 
 MAX_THREADS_PER_PIPELINE = 256
+MAX_POOL_SIZE = 256
+
+
+def _optional_string(path: str, value: Any) -> Any:
+    """A non-empty string, or null (not given)."""
+    return value if value is None else _string(path, value)
 
 
 def _thread_count(path: str, value: Any) -> Any:
@@ -309,6 +315,10 @@ def _thread_count(path: str, value: Any) -> Any:
 SCHEMA: dict[str, Any] = {
     "app": (_names, None),
     "database_url": (_string, DEFAULT_DATABASE_URL),
+    # connections per process (threads share them, one per running transaction); the supervisor uses one
+    "pool_size": (_number(1, integer=True, maximum=MAX_POOL_SIZE), 2),
+    # a direct (not pooled) Postgres URL for LISTEN when database_url goes through a transaction pooler
+    "listen_url": (_optional_string, None),
     "role": (_choice(*ROLES), "all"),
     "pipelines": (_pipelines, "*"),
     "forking": (_choice("default", "none"), "default"),
@@ -498,13 +508,33 @@ def load_config(path: str | None = None, overrides: dict | None = None,
     url = env.get("DUCTWORK_DATABASE_URL") or env.get("DATABASE_URL")
     if url:
         from_env["database_url"] = url
+    if env.get("DUCTWORK_LISTEN_URL"):
+        from_env["listen_url"] = env["DUCTWORK_LISTEN_URL"]
     if env.get("DUCTWORK_APP"):
         from_env["app"] = [a for a in re.split(r"[,\s]+", env["DUCTWORK_APP"]) if a]
     for source in (from_env, {k: v for k, v in (overrides or {}).items() if v is not None}):
         merged = _deep_merge(merged, _validate_tree(SCHEMA, source))
     config = Config(merged, path, env_name)
-    parse_database_url(config.data["database_url"])  # fail early on a bad URL
+    database = parse_database_url(config.data["database_url"])  # fail early on a bad URL
+    if config.data["listen_url"] is not None:
+        _check_listen_url(database, config.data["listen_url"])
     return config
+
+
+def _check_listen_url(database: DatabaseInfo, url: str) -> None:
+    """``listen_url``: a direct Postgres URL (LISTEN needs a session of its own), for a Postgres database."""
+    if database.dialect != "postgres":
+        raise ConfigError("listen_url is for a Postgres database_url behind a transaction pooler; "
+                          "SQLite needs none (its wake-ups are local)")
+    try:
+        listen = parse_database_url(url)
+    except ConfigError as exc:
+        raise ConfigError(f"invalid listen_url: {str(exc).replace('database_url', 'listen_url')}") from None
+    if listen.dialect != "postgres":
+        raise ConfigError("listen_url must be a Postgres URL (postgresql://...): the direct URL of the database")
+    if listen.pgbouncer:
+        raise ConfigError("listen_url must not go through a transaction pooler (pgbouncer=true): "
+                          "LISTEN needs a session of its own; give the database's direct URL")
 
 
 # =====================================================================================
@@ -524,6 +554,7 @@ class DatabaseInfo:
     database: str = "postgres"
     sslmode: str = "prefer"
     connect_timeout: float = 5.0
+    pgbouncer: bool = False     # behind a transaction pooler: no named prepared statements, no session state
 
     @property
     def display(self) -> str:
@@ -586,10 +617,14 @@ def parse_database_url(url: str) -> DatabaseInfo:
         if not 0 < timeout <= MAX_DURATION:   # NaN and infinity fail this too
             raise ConfigError(f"invalid connect_timeout in database_url: must be a number of seconds > 0 "
                               f"(at most {MAX_DURATION})")
+        pooled = query.pop("pgbouncer", "false")
+        if pooled not in ("true", "false"):
+            raise ConfigError(f"invalid pgbouncer={pooled!r} in database_url: use pgbouncer=true (a transaction "
+                              "pooler: PgBouncer, Supavisor, RDS Proxy) or leave it out")
         return DatabaseInfo("postgres", host=parsed.hostname or "localhost", port=_url_port(parsed),
                             user=urllib.parse.unquote(parsed.username or "") or os.environ.get("PGUSER", "postgres"),
                             password=password, database=(parsed.path or "/").lstrip("/") or "postgres",
-                            sslmode=sslmode, connect_timeout=timeout)
+                            sslmode=sslmode, connect_timeout=timeout, pgbouncer=pooled == "true")
     raise ConfigError(f"unsupported database_url scheme {parsed.scheme!r} (use sqlite:/// or postgresql://)")
 
 

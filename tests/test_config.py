@@ -31,6 +31,8 @@ def config_error(**kwargs) -> str:
 DEFAULTS = {
     "app": None,
     "database_url": "sqlite:///ductwork.sqlite3",
+    "pool_size": 2,
+    "listen_url": None,
     "role": "all",
     "pipelines": "*",
     "forking": "default",
@@ -487,3 +489,35 @@ def test_mask_after_load_config():
     config = ductwork.load_config(data={}, environ={"DATABASE_URL": "postgresql://app:An0therSecretPw@h/db"})
     assert ductwork.mask(config.get("database_url")) == "postgresql://app:***@h/db"
     assert "An0therSecretPw" not in ductwork.mask(repr(config))
+
+
+# -- connections (SPEC §13) --------------------------------------------------------------------
+
+PG = "postgresql://app@db.internal/app"
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ({"pool_size": 0}, "config key 'pool_size' must be >= 1, got 0"),
+    ({"pool_size": -3}, "config key 'pool_size' must be >= 1, got -3"),
+    ({"pool_size": 1.5}, "config key 'pool_size' must be a whole number"),
+    ({"pool_size": 100_000}, "config key 'pool_size' must be <= 256"),
+    ({"database_url": PG + "?pgbouncer=maybe"}, "invalid pgbouncer='maybe' in database_url: use pgbouncer=true"),
+    ({"listen_url": PG}, "listen_url is for a Postgres database_url"),                      # with SQLite
+    ({"database_url": PG + "?pgbouncer=true", "listen_url": "sqlite:///x.db"}, "listen_url must be a Postgres URL"),
+    ({"database_url": PG + "?pgbouncer=true", "listen_url": "postgresql://app@db:99999/app"},
+     "invalid listen_url: invalid port in listen_url"),
+    ({"database_url": PG + "?pgbouncer=true", "listen_url": PG + "?pgbouncer=true"},
+     "listen_url must not go through a transaction pooler"),
+    ({"database_url": PG + "?pgbouncer=true", "listen_url": ""}, "config key 'listen_url' must be a non-empty string"),
+])
+def test_connection_settings_are_validated(data, fragment):
+    assert fragment in config_error(data=data)
+
+
+def test_connection_settings_from_file_url_and_environment():
+    config = ductwork.load_config(data={"database_url": PG + "?pgbouncer=true", "pool_size": 4},
+                                  environ={"DUCTWORK_LISTEN_URL": PG + "?sslmode=require"})
+    assert config.data["pool_size"] == 4 and config.data["listen_url"] == PG + "?sslmode=require"
+    assert ductwork.parse_database_url(config.data["database_url"]).pgbouncer is True
+    assert ductwork.parse_database_url(PG + "?pgbouncer=false").pgbouncer is False
+    assert ductwork.parse_database_url(PG).pgbouncer is False
