@@ -27,6 +27,7 @@ whose step finished and writes the next step rows in one transaction.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -667,6 +668,7 @@ class _SqliteConnection:
 
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
+        self.generation = 0   # Store._generation when it was opened (a newer one: the file changed)
 
     def execute(self, sql: str, params: Params) -> tuple[list[tuple], int]:
         cur = self.conn.execute(sql, params if isinstance(params, dict) else tuple(params))
@@ -687,16 +689,28 @@ class _SqliteConnection:
 
 
 class _PgConnection:
-    """pg8000.native with one server-side prepared statement per distinct SQL text: one round
-    trip per statement (pg8000's unnamed execution costs three: parse, describe, execute)."""
+    """pg8000.native, one round trip per statement either way:
+
+    - direct: one server-side prepared statement per distinct SQL text (pg8000's own unnamed
+      execution costs three round trips: parse, describe, execute);
+    - behind a transaction pooler (``pgbouncer=true``): no named statements, which would live on
+      whichever server connection the pooler lent at the time, but the unnamed statement, its
+      bind, describe and execute sent together and answered by one Sync, so the pooler cannot
+      hand the client another server connection in between (as libpq's PQexecParams does)."""
 
     MAX_PREPARED = 256
 
-    def __init__(self, conn: Any):
+    def __init__(self, conn: Any, pooled: bool = False):
         self.conn = conn
-        self.prepared: dict[str, Any] = {}
+        self.pooled = pooled
+        self.prepared: dict[str, Any] = {}   # direct: SQL text -> its prepared statement
+        self.parsed: dict[str, Any] = {}     # pooled: SQL text -> ($n statement, its parameter maker)
+        self.generation = 0
 
     def execute(self, sql: str, params: Params) -> tuple[list[tuple], int]:
+        named = params if isinstance(params, dict) else {f"p{i}": value for i, value in enumerate(params)}
+        if self.pooled:
+            return self._execute_unnamed(sql, named)
         statement = self.prepared.get(sql)
         if statement is None:
             if len(self.prepared) >= self.MAX_PREPARED:
@@ -704,9 +718,27 @@ class _PgConnection:
                     old.close()
                 self.prepared.clear()
             statement = self.prepared[sql] = self.conn.prepare(sql)
-        named = params if isinstance(params, dict) else {f"p{i}": value for i, value in enumerate(params)}
         rows = statement.run(**named)
         return [tuple(r) for r in rows or ()], statement._context.row_count
+
+    def _execute_unnamed(self, sql: str, params: dict[str, Any]) -> tuple[list[tuple], int]:
+        from pg8000 import core, native
+        parsed = self.parsed.get(sql)
+        if parsed is None:
+            if len(self.parsed) >= self.MAX_PREPARED:
+                self.parsed.clear()
+            parsed = self.parsed[sql] = native.to_statement(sql)
+        statement, make_vals = parsed
+        c = self.conn
+        context = core.Context(statement)
+        c.send_PARSE(core.NULL_BYTE, statement)
+        c.send_BIND(core.NULL_BYTE, core.make_params(c.py_types, make_vals(params)))
+        c._send_message(core.DESCRIBE, core.PORTAL + core.NULL_BYTE)
+        c.send_EXECUTE()
+        core._write(c._sock, core.SYNC_MSG)
+        core._flush(c._sock)
+        c.handle_messages(context)
+        return [tuple(r) for r in context.rows or ()], context.row_count
 
     def begin(self, write: bool) -> None:
         self.conn.execute_simple("BEGIN")
@@ -719,6 +751,75 @@ class _PgConnection:
 
     def close(self) -> None:
         self.conn.close()
+
+
+class _Pool:
+    """The connections of one process to one database, shared by its threads: a thread holds one
+    only while a transaction runs, and at most ``size`` are open. A thread that finds none idle
+    waits its turn: first come, first served, except that an urgent thread (the heartbeat and the
+    reaper) goes to the head of the line, so it waits for one transaction to end at most, never
+    behind a queue of step commits. A connection that breaks is closed and its place handed on;
+    the Store opens connections (outside the pool's lock), the pool only hands out places."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.lock = threading.Lock()
+        self.idle: list[Any] = []        # the most recently used last: it is taken first (warm caches)
+        self.opened = 0                  # connections open or being opened
+        self.waiting: collections.deque[_PoolWaiter] = collections.deque()
+
+    def acquire(self, urgent: bool = False) -> Any:
+        """An idle connection, or None: a place to open one (the caller must open it, or ``give_back`` the place)."""
+        with self.lock:
+            if not self.waiting:
+                if self.idle:
+                    return self.idle.pop()
+                if self.opened < self.size:
+                    self.opened += 1
+                    return None
+            waiter = _PoolWaiter()
+            if urgent:
+                self.waiting.appendleft(waiter)
+            else:
+                self.waiting.append(waiter)
+        waiter.handed.wait()
+        return waiter.conn
+
+    def release(self, conn: Any) -> None:
+        """A transaction is over: its connection goes to the first waiter, or back to the idle ones."""
+        with self.lock:
+            if self.waiting:
+                waiter = self.waiting.popleft()
+                waiter.conn = conn
+                waiter.handed.set()
+            else:
+                self.idle.append(conn)
+
+    def give_back(self) -> None:
+        """A connection is gone (broken and closed, or never opened): its place goes to the first waiter."""
+        with self.lock:
+            if self.waiting:
+                waiter = self.waiting.popleft()   # keeps the place: it opens a connection of its own
+                waiter.conn = None
+                waiter.handed.set()
+            else:
+                self.opened -= 1
+
+    def take_idle(self) -> list[Any]:
+        """Every idle connection, out of the pool (to be closed): their places are free again."""
+        with self.lock:
+            idle, self.idle = self.idle, []
+            self.opened -= len(idle)
+        return idle
+
+
+class _PoolWaiter:
+    """A thread waiting for a connection: handed one (``conn``), or None (a place to open one)."""
+    __slots__ = ("handed", "conn")
+
+    def __init__(self) -> None:
+        self.handed = threading.Event()
+        self.conn: Any = None
 
 
 class _TLS:
@@ -852,7 +953,8 @@ class StoreSQL:
 
 
 class Store:
-    """Connections to one database, one per thread, reopened after fork or failure."""
+    """Connections to one database: a pool shared by the threads of this process (``pool_size``), new
+    after fork, a broken connection replaced by a new one."""
 
     # What the placeholders of a statement become on each database.
     NOW = {"sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
@@ -861,14 +963,17 @@ class Store:
                           "{key_share}": "FOR KEY SHARE"},
              "sqlite": {"{skip_locked}": "", "{for_update}": "", "{key_share}": ""}}  # one writer at a time
 
-    def __init__(self, url: str, connect_timeout: float | None = None, read_only: bool = False):
+    def __init__(self, url: str, connect_timeout: float | None = None, read_only: bool = False,
+                 pool_size: int = 1):
         self.url = url
         self.info = parse_database_url(url)
         if connect_timeout is not None:
             self.info = dataclasses.replace(self.info, connect_timeout=connect_timeout)
         self.read_only = read_only
         self.dialect = self.info.dialect
-        self._local = threading.local()
+        self.pool_size = pool_size
+        self._pool = _Pool(pool_size)
+        self._holding = threading.local()   # .tx: inside a transaction; .urgent: first in line
         self._pid = os.getpid()
         self._sql: dict[str, str] = {}
         self.notify_hook: Callable[[str, str], None] | None = None  # in-process wake-ups
@@ -979,54 +1084,71 @@ class Store:
                 timeout=info.connect_timeout, ssl_context=ssl_context, application_name="ductwork")
         try:
             try:
-                return _PgConnection(connect(tls))
+                return _PgConnection(connect(tls), pooled=info.pgbouncer)
             except pg8000.native.InterfaceError as exc:
                 if not (tls and plain_ok and "refuses SSL" in str(exc)):
                     raise
                 _TLS.refused.add((info.host, info.port))  # prefer/allow: plain, now and for later connections
-                return _PgConnection(connect(False))
+                return _PgConnection(connect(False), pooled=info.pgbouncer)
         except Exception as exc:
             if info.password is None and isinstance(exc, AttributeError):   # pg8000 on a password request
                 raise DatabaseUnavailable(f"cannot connect to {info.display}: the server asks for a password and "
                                           "none was given (put it in the URL or PGPASSWORD)") from None
             raise DatabaseUnavailable(mask(f"cannot connect to {info.display}: {_db_error_text(exc)}")) from None
 
-    def connection(self) -> Any:
-        """This thread's connection, opened on first use (and again after fork or a failure)."""
+    def _acquire(self, urgent: bool) -> Any:
+        """A connection of the pool for one transaction: idle, or opened in a free place."""
         if os.getpid() != self._pid:
             # After fork: never touch the parent's connections (closing a Postgres one would
             # end the parent's session); forget them and open our own.
-            self._local = threading.local()
+            self._pool = _Pool(self.pool_size)
             self._pid = os.getpid()
         if self._file_id is not None and time.monotonic() >= self._next_file_check:
             self._check_file()
-        conn = getattr(self._local, "conn", None)
-        if conn is None or self._local.generation != self._generation:
-            if conn is not None:
-                self.discard()
+        conn = self._pool.acquire(urgent)
+        if conn is not None and conn.generation != self._generation:   # opened on a file since gone
+            with contextlib.suppress(Exception):
+                conn.close()
+            conn = None
+        if conn is None:
             generation = self._generation
-            conn = self._local.conn = self._connect()
-            self._local.generation = generation
+            try:
+                conn = self._connect()
+            except BaseException:
+                self._pool.give_back()
+                raise
+            conn.generation = generation
         return conn
 
-    def discard(self) -> None:
-        """Drop this thread's connection (after an error that may have broken it)."""
-        conn = getattr(self._local, "conn", None)
-        self._local.conn = None
-        if conn is not None and os.getpid() == self._pid:
+    def mark_urgent(self) -> None:
+        """This thread goes first whenever it waits for a connection (the heartbeat thread: a healthy process
+        must never look dead because its heartbeat waited behind a queue of step commits)."""
+        self._holding.urgent = True
+
+    def close(self) -> None:
+        """Close the idle connections of this process (those of running transactions go when they end);
+        after fork, forget the parent's. The pool opens new ones as they are needed."""
+        if os.getpid() != self._pid:
+            self._pool = _Pool(self.pool_size)
+            self._pid = os.getpid()
+            return
+        for conn in self._pool.take_idle():
             with contextlib.suppress(Exception):
                 conn.close()
 
-    close = discard
-
     @contextlib.contextmanager
     def tx(self, write: bool = True, single: bool = False, kind: type[Tx] = Tx) -> Iterator[Any]:
-        """A transaction (a ``kind``, Tx or a subclass). ``single``: the body runs exactly one
-        statement, which Postgres runs as its own transaction (one round trip instead of BEGIN,
-        statement, COMMIT); SQLite still opens it with BEGIN IMMEDIATE (a read that upgrades to a
-        write in autocommit could fail on a busy snapshot), which costs nothing there."""
-        conn = self.connection()
+        """A transaction (a ``kind``, Tx or a subclass) on a connection of the pool, held until it ends.
+        ``single``: the body runs exactly one statement, which Postgres runs as its own transaction
+        (one round trip instead of BEGIN, statement, COMMIT); SQLite still opens it with BEGIN IMMEDIATE
+        (a read that upgrades to a write in autocommit could fail on a busy snapshot), which costs
+        nothing there. A thread marked ``urgent`` is first in line for the connection."""
+        if getattr(self._holding, "tx", False):   # it would wait for a second connection of a full pool forever
+            raise RuntimeError("a transaction inside a transaction of the same thread")
+        conn = self._acquire(getattr(self._holding, "urgent", False))
+        self._holding.tx = True
         explicit = not (single and self.dialect == "postgres")
+        broken = False
         try:
             if explicit:
                 conn.begin(write)
@@ -1040,16 +1162,34 @@ class Store:
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 conn.rollback()
-            if _is_connection_error(exc) or (self.dialect == "postgres" and not isinstance(exc, DuctworkError)):
-                self.discard()
+            broken = _is_connection_error(exc) or (self.dialect == "postgres" and not isinstance(exc, DuctworkError))
+            if broken:
                 self._next_file_check = 0.0   # SQLite: is the file still there? (at the next transaction)
             if _is_connection_error(exc) and not isinstance(exc, DatabaseUnavailable):
                 raise DatabaseUnavailable(mask(f"database error: {_db_error_text(exc)}")) from exc
             raise
-        if t.pending and self.dialect == "sqlite":
-            LocalWakeups.send(self.info.path, t.pending, skip_own=self.notify_hook is not None)
-        for channel, payload in t.pending:
-            if self.notify_hook:
+        finally:
+            self._holding.tx = False
+            self._release(conn, broken)
+        if t.pending:
+            self._deliver(t.pending)
+
+    def _release(self, conn: Any, broken: bool) -> None:
+        """A transaction ended: its connection back to the pool; one that may be broken is closed instead,
+        never handed out again."""
+        if not broken:
+            self._pool.release(conn)
+            return
+        with contextlib.suppress(Exception):
+            conn.close()
+        self._pool.give_back()
+
+    def _deliver(self, pending: list[tuple[str, str]]) -> None:
+        """After a commit: its wake-up hints to other processes (SQLite; Postgres sent NOTIFY) and this one."""
+        if self.dialect == "sqlite":
+            LocalWakeups.send(self.info.path, pending, skip_own=self.notify_hook is not None)
+        if self.notify_hook:
+            for channel, payload in pending:
                 self.notify_hook(channel, payload)
 
     def sql(self, text: str) -> str:
@@ -3068,7 +3208,8 @@ def _app_engine() -> Engine:
         if _APP.config is None:
             _APP.config = load_config()
         if _APP.engine is None:
-            _APP.engine = Engine(Store(_APP.config.data["database_url"]), _APP.config)
+            _APP.engine = Engine(Store(_APP.config.data["database_url"], pool_size=_APP.config.data["pool_size"]),
+                                 _APP.config)
         engine = _APP.engine
     if engine.store.url not in _APP.migrated:
         ensure_schema(engine.store)
@@ -3576,7 +3717,7 @@ class Runtime:
         self.worker_pipelines = pipelines if worker_pipelines is None else worker_pipelines
         self.parent_row, self.report_fd, self.restarts = parent_row, report_fd, restarts
         self.parent_pid = os.getppid() if report_fd is not None else None
-        self.store = Store(config.data["database_url"])
+        self.store = Store(config.data["database_url"], pool_size=config.data["pool_size"])
         self.engine = Engine(self.store, config)
         self.engine.fence_claims = True  # claims only under this process's live row (section 6)
         self.wakeups = Wakeups()
@@ -3649,7 +3790,7 @@ class Runtime:
             LocalWakeups.close(self.wake_socket)
         if not self.process_id:
             return
-        self.store.discard()
+        self.store.close()
         try:
             # whatever the row still holds (a hand-back that failed, a claim made after the in-flight
             # snapshot) goes back with it: nobody could reap it once the row is gone
@@ -3914,6 +4055,7 @@ class Runtime:
         halt runs of pipelines nobody serves."""
         if not self.wait_booted():   # reaping halts runs (claims): not before the boot is complete
             return
+        self.store.mark_urgent()
         interval = float(self.config.get("supervisor.heartbeat_interval"))
         reap_every = min(interval * 2, float(self.config.get("supervisor.reaper_timeout")) / 2)
         next_reap = 0.0
@@ -4216,7 +4358,7 @@ class Runtime:
         unstarted = [c for c, running in entries if not running]
         handed = 0
         if entries:
-            self.store.discard()  # this thread's connection dates from register(): a server restart since then broke it
+            self.store.close()  # idle connections date from register(): a server restart since then broke them
         try:
             for process_id in {c.process_id for c in started}:
                 ids = [c.step_id for c in started if c.process_id == process_id]
@@ -4337,7 +4479,7 @@ class Supervisor:
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
         self.selector.register(self.wake_r, selectors.EVENT_READ, None)
-        self.store = Store(config.data["database_url"])
+        self.store = Store(config.data["database_url"])   # one connection: the supervisor is single-threaded
         self.engine = Engine(self.store, config)
         self.outage = Outage(settle=2 * float(config.get("supervisor.heartbeat_interval")))
         self.row_id = 0
@@ -5876,12 +6018,10 @@ class DashboardHandler:
     def do_GET(self) -> None:  # noqa: N802
         import secrets
         nonce = secrets.token_urlsafe(16)  # lets this response's one inline script run (DASHBOARD_CSP)
-        try:
+        try:   # its transactions took connections of the pool and gave them back
             reply = self.authorize() or self.check_host() or self.route(nonce)
         except Exception as exc:
             reply = _failure_reply(self.path, exc)
-        finally:
-            self.server.engine.store.close()  # this request ends here: drop its connection
         self.send(reply, nonce)
 
     def authorize(self) -> DashboardReply | None:
@@ -5993,7 +6133,7 @@ def make_dashboard_server(config: Config, host: str, port: int, auth: str | None
     if credentials is None and not loopback and not insecure:
         raise ConfigError(f"refusing to serve the dashboard on {host} without auth: pass --auth user:password "
                           "(or set DUCTWORK_DASHBOARD_AUTH), or --insecure")
-    engine = Engine(Store(config.data["database_url"]), config)
+    engine = Engine(Store(config.data["database_url"], pool_size=config.data["pool_size"]), config)
     ensure_schema(engine.store)
     engine.store.close()
     try:

@@ -157,11 +157,9 @@ def test_now_is_the_database_clock_in_epoch_seconds(db_url):
 
 
 def _backend(store):
-    """An id of the session behind this thread's connection (Postgres: its backend pid)."""
-    if store.dialect == "sqlite":
-        return id(store.connection())
+    """An id of the session behind the pool's connection (Postgres: its backend pid)."""
     with store.tx(write=False) as t:
-        return t.one("SELECT pg_backend_pid()")[0]
+        return id(t.conn.conn) if store.dialect == "sqlite" else t.one("SELECT pg_backend_pid()")[0]
 
 
 def _use_in_child(store, conn):

@@ -1,0 +1,179 @@
+"""The connection pool (SPEC §13): one small pool per process, shared by its threads; a thread
+holds a connection only while a transaction runs. Real SQLite files, real Postgres sessions,
+real `python ductwork.py` processes."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+
+import pytest
+from conftest import _pg_connect, truncate_pg
+from procs import LOAD_SLACK, Proc, wait_until
+
+import ductwork
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "apps"))
+import sup_app  # noqa: E402
+
+
+def test_threads_share_a_pool_of_one_and_none_starves(db_url):
+    store = ductwork.Store(db_url, pool_size=1)
+    rounds, threads = 25, 8
+    done = [0] * threads
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(rounds):
+                with store.tx(write=False) as t:
+                    t.one("SELECT 1")
+                done[i] += 1
+        except BaseException as exc:   # noqa: BLE001  (reported by the assertion below)
+            errors.append(exc)
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert not errors and done == [rounds] * threads
+    assert store._pool.opened == 1 and len(store._pool.idle) == 1   # one connection served them all
+    store.close()
+    assert store._pool.opened == 0
+
+
+def test_the_heartbeat_thread_goes_first_when_it_waits(tmp_path):
+    """A pool of one held by a transaction, five threads waiting, then the urgent one: it is next."""
+    store = ductwork.Store(f"sqlite:///{tmp_path}/p.sqlite3", pool_size=1)
+    holding, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def hold() -> None:
+        with store.tx(write=False):
+            holding.set()
+            release.wait(30)
+
+    def queue(name: str, urgent: bool = False) -> None:
+        if urgent:
+            store.mark_urgent()
+        with store.tx(write=False):
+            order.append(name)
+    threads = [threading.Thread(target=hold)]
+    threads[0].start()
+    assert holding.wait(10)
+    for i in range(5):
+        threads.append(threading.Thread(target=queue, args=(f"step commit {i}",)))
+        threads[-1].start()
+        wait_until(lambda n=i + 1: len(store._pool.waiting) == n, what=f"{i + 1} waiting")
+    threads.append(threading.Thread(target=queue, args=("heartbeat", True)))
+    threads[-1].start()
+    wait_until(lambda: len(store._pool.waiting) == 6, what="the heartbeat waiting")
+    release.set()
+    for t in threads:
+        t.join(30)
+    assert order == ["heartbeat"] + [f"step commit {i}" for i in range(5)]
+    store.close()
+
+
+def test_a_transaction_inside_a_transaction_is_refused_not_a_deadlock(tmp_path):
+    store = ductwork.Store(f"sqlite:///{tmp_path}/n.sqlite3", pool_size=1)
+    with store.tx(write=False), pytest.raises(RuntimeError, match="inside a transaction"):
+        with store.tx(write=False):
+            pass
+    with store.tx(write=False) as t:   # the pool is whole again
+        assert t.one("SELECT 1") == (1,)
+    store.close()
+
+
+@pytest.mark.postgres
+def test_a_broken_connection_is_dropped_not_handed_out_again(pg_server_url):
+    store = ductwork.Store(pg_server_url, pool_size=2)
+    backends = set()
+    barrier = threading.Barrier(2)
+
+    def both() -> None:   # two transactions at once: two connections in the pool
+        with store.tx(write=False) as t:
+            barrier.wait(10)
+            backends.add(t.one("SELECT pg_backend_pid()")[0])
+    pair = [threading.Thread(target=both) for _ in range(2)]
+    for t in pair:
+        t.start()
+    for t in pair:
+        t.join(30)
+    assert len(backends) == 2 and store._pool.opened == 2
+    admin = _pg_connect(pg_server_url)
+    for backend in backends:
+        admin.cursor().execute("SELECT pg_terminate_backend(%s)", (backend,))
+    admin.close()
+    failures = 0
+    seen = set()
+    for _ in range(4):   # each dead connection fails one transaction at most, then it is gone for good
+        try:
+            with store.tx(write=False) as t:
+                seen.add(t.one("SELECT pg_backend_pid()")[0])
+        except ductwork.DatabaseUnavailable:
+            failures += 1
+    assert failures <= 2 and seen and not (seen & backends)
+    assert store._pool.opened <= 2
+    store.close()
+
+
+# -- connections per process, whatever the thread counts --------------------------------------------
+
+def _sessions_of(pid: int, db_url: str) -> int:
+    """Postgres sessions of process ``pid`` (found by the client ports of its sockets)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as fh:
+            for line in list(fh)[1:]:
+                fields = line.split()
+                if fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    if not ports:
+        return 0
+    admin = _pg_connect(db_url)
+    try:
+        cur = admin.cursor()
+        cur.execute(f"SELECT count(*) FROM pg_stat_activity WHERE client_port IN ({', '.join(map(str, ports))})")
+        return cur.fetchone()[0]
+    finally:
+        admin.close()
+
+
+@pytest.mark.postgres
+def test_connections_per_process_do_not_grow_with_thread_counts(procs, tmp_path, pg_server_url):
+    truncate_pg(pg_server_url)
+    ductwork.configure(database_url=pg_server_url)
+    ductwork.migrate()
+    config = {"pipelines": ["SupMixed", "SupNap"], "job_worker": {"count": 12}, "pipeline_advancer": {"count": 6}}
+    sup = Proc(tmp_path, pg_server_url, config=config)
+    procs.append(sup)
+    children = {key: sup.child_pid(key) for key in ("advancer", "worker:SupMixed", "worker:SupNap")}
+    sup.wait_log("worker started", count=2)
+    sup.wait_log("advancer started")
+    # busy: every thread wants a connection at once
+    runs = [sup_app.SupMixed.trigger(n) for n in range(2, 30)] + [sup_app.SupNap.trigger(0.01) for _ in range(30)]
+    most = {key: 0 for key in children}
+    most["supervisor"] = 0
+
+    def sample() -> bool:
+        for key, pid in (*children.items(), ("supervisor", sup.pid)):
+            most[key] = max(most[key], _sessions_of(pid, pg_server_url))
+        return all(run.refresh().status == "completed" for run in runs)
+    wait_until(sample, timeout=60 + LOAD_SLACK, interval=0.02, what="every run completed")
+    ductwork._app_engine().store.close()
+    # pool_size 2 + the LISTEN connection; the supervisor: one
+    assert most["supervisor"] == 1, most
+    for key in children:
+        assert 1 <= most[key] <= 3, most
+    assert most["worker:SupMixed"] == 3 or most["worker:SupNap"] == 3 or most["advancer"] == 3, most
+    sup.signal(signal.SIGTERM)
+    assert sup.wait() == 0
