@@ -964,11 +964,18 @@ class Store:
              "sqlite": {"{skip_locked}": "", "{for_update}": "", "{key_share}": ""}}  # one writer at a time
 
     def __init__(self, url: str, connect_timeout: float | None = None, read_only: bool = False,
-                 pool_size: int = 1):
+                 pool_size: int = 1, listen_url: str | None = None):
         self.url = url
         self.info = parse_database_url(url)
         if connect_timeout is not None:
             self.info = dataclasses.replace(self.info, connect_timeout=connect_timeout)
+        # where Postgres wake-ups are listened for: LISTEN is session state, which a transaction
+        # pooler does not keep, so behind one only listen_url (a direct URL) serves; none: polling
+        self.listen_info: DatabaseInfo | None = None
+        if listen_url is not None:
+            self.listen_info = parse_database_url(listen_url)
+        elif self.info.dialect == "postgres" and not self.info.pgbouncer:
+            self.listen_info = self.info
         self.read_only = read_only
         self.dialect = self.info.dialect
         self.pool_size = pool_size
@@ -1065,15 +1072,25 @@ class Store:
             self._file_id, self._file_missing = found, False
 
     def _connect(self) -> Any:
-        """A new connection of this thread: SQLite (WAL) or pg8000 (TLS as the sslmode says)."""
+        """A new connection for the pool: SQLite (WAL) or pg8000 (TLS as the sslmode says)."""
         if self.dialect == "sqlite":
             return self._connect_sqlite()
+        return self._connect_pg(self.info)
+
+    def listen_connection(self) -> Any:
+        """A raw pg8000 connection for LISTEN, outside the pool and never through a transaction pooler:
+        to ``listen_url`` when given, else to the database (see ``listen_info``)."""
+        assert self.listen_info is not None
+        return self._connect_pg(self.listen_info).conn
+
+    @staticmethod
+    def _connect_pg(info: DatabaseInfo) -> Any:
+        """A new pg8000 connection to ``info``'s database (TLS as its sslmode says)."""
         try:
             _defer_scramp()
             import pg8000.native
         except ImportError:
             raise ConfigError("PostgreSQL URLs need pg8000: pip install pg8000") from None
-        info = self.info
         plain_ok = info.sslmode in ("disable", "allow", "prefer")
         known_plain = info.sslmode == "disable" or (plain_ok and (info.host, info.port) in _TLS.refused)
         tls = False if known_plain else _TLS(info.sslmode)
@@ -3717,7 +3734,8 @@ class Runtime:
         self.worker_pipelines = pipelines if worker_pipelines is None else worker_pipelines
         self.parent_row, self.report_fd, self.restarts = parent_row, report_fd, restarts
         self.parent_pid = os.getppid() if report_fd is not None else None
-        self.store = Store(config.data["database_url"], pool_size=config.data["pool_size"])
+        self.store = Store(config.data["database_url"], pool_size=config.data["pool_size"],
+                           listen_url=config.data["listen_url"])
         self.engine = Engine(self.store, config)
         self.engine.fence_claims = True  # claims only under this process's live row (section 6)
         self.wakeups = Wakeups()
@@ -3770,9 +3788,12 @@ class Runtime:
             plan += [(f"ductwork.advancer.{pipeline}.{n}", self.advancer_loop, pipeline)
                      for pipeline in self.pipelines
                      for n in range(int(self.config.get("pipeline_advancer.count", pipeline)))]
-        listen = self.listen_loop if self.store.dialect == "postgres" else self.local_listen_loop
-        return plan + [(f"ductwork.{self.row_role}.heartbeat.0", self.heartbeat_loop, None),
-                       (f"ductwork.{self.row_role}.listener.0", listen, None)]
+        plan.append((f"ductwork.{self.row_role}.heartbeat.0", self.heartbeat_loop, None))
+        if self.store.dialect == "sqlite":
+            plan.append((f"ductwork.{self.row_role}.listener.0", self.local_listen_loop, None))
+        elif self.store.listen_info is not None:   # else (behind a pooler, no listen_url) polling alone
+            plan.append((f"ductwork.{self.row_role}.listener.0", self.listen_loop, None))
+        return plan
 
     def planned_threads(self) -> int:
         """How many threads this process runs (thread_plan)."""
@@ -4150,7 +4171,7 @@ class Runtime:
         while not self.dead.is_set():
             try:
                 if conn is None:
-                    conn = self.store._connect().conn  # the raw pg8000 connection, no transaction
+                    conn = self.store.listen_connection()  # a raw pg8000 connection, no transaction
                     for channel in channels:
                         conn.execute_simple(StoreSQL.listen.format(channel=channel))
                     self.wakeups.all()  # we may have missed hints while reconnecting

@@ -90,14 +90,47 @@ def truncate_pg(url: str) -> None:
     conn.close()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path):
-    """The same test on a real SQLite file and on a real PostgreSQL database."""
+# The databases a test that takes ``db_url`` runs on; a module with THROUGH_POOLER = True runs on the
+# session's Postgres database through a real PgBouncer in transaction mode too, with wake-ups by
+# polling only ("pgbouncer") and with listen_url (DUCTWORK_LISTEN_URL) to the direct URL.
+DB_VARIANTS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+POOLER_VARIANTS = [pytest.param("pgbouncer", marks=pytest.mark.postgres),
+                   pytest.param("pgbouncer-listen", marks=pytest.mark.postgres)]
+
+
+def pytest_generate_tests(metafunc):
+    if "db_url" in metafunc.fixturenames:
+        variants = list(DB_VARIANTS)
+        if getattr(metafunc.module, "THROUGH_POOLER", False):
+            wakeups = metafunc.definition.get_closest_marker("wakeups") is not None
+            variants += [v for v in POOLER_VARIANTS if not (wakeups and v.values == ("pgbouncer",))]
+        metafunc.parametrize("db_url", variants, indirect=True)
+
+
+@pytest.fixture
+def db_url(request, tmp_path, monkeypatch):
+    """The same test on a real SQLite file and on a real PostgreSQL database (and through PgBouncer)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/ductwork.sqlite3"
     url = request.getfixturevalue("pg_server_url")
     truncate_pg(url)
-    return url
+    if request.param == "postgres":
+        return url
+    bouncer = request.getfixturevalue("pgbouncer_server")
+    if request.param == "pgbouncer-listen":
+        monkeypatch.setenv("DUCTWORK_LISTEN_URL", url)
+    else:
+        monkeypatch.delenv("DUCTWORK_LISTEN_URL", raising=False)
+    info = ductwork.parse_database_url(url)
+    return bouncer.url(info.database, user=info.user, password=info.password, pgbouncer="true")
+
+
+def direct_url(url: str) -> str:
+    """The URL of the same database without the pooler (for the tests' own admin statements)."""
+    info = ductwork.parse_database_url(url)
+    if not info.pgbouncer:
+        return url
+    return f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{info.database}"
 
 
 @pytest.fixture

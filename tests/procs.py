@@ -130,6 +130,9 @@ def _pg_transactions(pid: int, db_url: str) -> list[tuple]:
     if not ports:
         return []
     import ductwork
+    info = ductwork.parse_database_url(db_url)
+    if info.pgbouncer:   # through the pooler: its clients that hold a server connection (in a transaction)
+        return [client for client in _pooler_clients(info) if client["port"] in ports and client["link"]]
     store = ductwork.Store(db_url)
     try:
         with store.tx(write=False) as t:
@@ -137,6 +140,19 @@ def _pg_transactions(pid: int, db_url: str) -> list[tuple]:
                          f"AND client_port IN ({', '.join(map(str, sorted(ports)))})")
     finally:
         store.close()
+
+
+def _pooler_clients(info) -> list[dict]:
+    """PgBouncer's clients (SHOW CLIENTS on its admin console: the simple query protocol only)."""
+    import pg8000.native
+    conn = pg8000.native.Connection(user=info.user, password=info.password, host=info.host, port=info.port,
+                                    database="pgbouncer", timeout=10)
+    try:
+        context = conn.execute_simple("SHOW CLIENTS")
+        names = [c["name"] for c in context.columns or ()]
+        return [dict(zip(names, row, strict=True)) for row in context.rows or ()]
+    finally:
+        conn.close()
 
 
 def stop_outside_transaction(pid: int, db_url: str, timeout: float = LOAD_SLACK) -> None:

@@ -8,6 +8,8 @@ import pytest
 
 import ductwork
 
+THROUGH_POOLER = True   # every engine test also runs through a real PgBouncer (conftest)
+
 CALLS: collections.Counter = collections.Counter()
 FLAGS: dict[str, bool] = {}
 HALTS: list[tuple[int, list[str]]] = []

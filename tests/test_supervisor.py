@@ -13,6 +13,8 @@ from procs import Proc, alive, children_of, stop_outside_transaction, wait_until
 
 import ductwork
 
+THROUGH_POOLER = True   # the kill and restart tests also run through a real PgBouncer (conftest)
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "apps"))
 import sup_app  # noqa: E402
 
@@ -254,6 +256,7 @@ def test_foreground_worker_and_advancer_run_pipelines_and_reap(procs, tmp_path, 
         assert p.wait(10) == 0
 
 
+@pytest.mark.wakeups
 def test_idle_processes_are_woken_by_a_trigger_not_by_their_poll(procs, tmp_path, app_db):
     """Postgres: LISTEN/NOTIFY; SQLite: datagrams to each process's socket (LocalWakeups).
     Idle threads poll only every 30 s here, so every hop of these runs is a wake-up."""
