@@ -98,6 +98,10 @@ class DatabaseUnavailable(DuctworkError):
     """The database could not be reached (connection refused, dropped, timed out)."""
 
 
+class DatabaseReplaced(DatabaseUnavailable):
+    """Another SQLite file took the database's path while this process had it open: it stops."""
+
+
 class HookFailed(DuctworkError):
     """A start hook (on_supervisor_start, ...) raised: the boot fails."""
 
@@ -711,14 +715,22 @@ class _PgConnection:
         named = params if isinstance(params, dict) else {f"p{i}": value for i, value in enumerate(params)}
         if self.pooled:
             return self._execute_unnamed(sql, named)
-        statement = self.prepared.get(sql)
-        if statement is None:
-            if len(self.prepared) >= self.MAX_PREPARED:
-                for old in self.prepared.values():
-                    old.close()
-                self.prepared.clear()
-            statement = self.prepared[sql] = self.conn.prepare(sql)
-        rows = statement.run(**named)
+        try:
+            statement = self.prepared.get(sql)
+            if statement is None:
+                if len(self.prepared) >= self.MAX_PREPARED:
+                    for old in self.prepared.values():
+                        old.close()
+                    self.prepared.clear()
+                statement = self.prepared[sql] = self.conn.prepare(sql)
+            rows = statement.run(**named)
+        except Exception as exc:
+            text = _db_error_text(exc)
+            if 'prepared statement "pg8000_statement_' in text:   # 42P05 already exists / 26000 does not exist
+                raise ConfigError(f"the database URL goes through a transaction pooler (PgBouncer, Supavisor, RDS "
+                                  f"Proxy...): {text}; add ?pgbouncer=true to database_url (and set listen_url to "
+                                  "the database's direct URL for wake-ups)") from None
+            raise
         return [tuple(r) for r in rows or ()], statement._context.row_count
 
     def _execute_unnamed(self, sql: str, params: dict[str, Any]) -> tuple[list[tuple], int]:
@@ -952,6 +964,18 @@ class StoreSQL:
         VALUES (:version, :applied_at)"""
 
 
+# The SQLite files this process (or, inherited at fork, its supervisor) has had open: once a
+# file was there, a missing one is an outage to wait out, never a new empty database to create
+# (a child restarted while the file was moved away would create one, and a move back would then
+# lose the real one). Only a process that never opened it may create it: migrate, a first boot.
+_SQLITE_OPENED: set[str] = set()
+
+
+def _sqlite_opened(path: str) -> bool:
+    """Has this process (or the supervisor it was forked from) had the SQLite file at ``path`` open?"""
+    return os.path.realpath(path) in _SQLITE_OPENED
+
+
 class Store:
     """Connections to one database: a pool shared by the threads of this process (``pool_size``), new
     after fork, a broken connection replaced by a new one."""
@@ -988,6 +1012,7 @@ class Store:
         # generation makes every thread drop its connection at its next transaction
         self._file_id: tuple[int, int] | None = None
         self._file_lock = threading.Lock()
+        self.replaced = False   # another file took the path: this process must stop (see _check_file)
         self._file_missing = False
         self._next_file_check = 0.0
         self._generation = 0
@@ -997,20 +1022,25 @@ class Store:
         """A new SQLite connection of this thread (WAL; read-only for a probe)."""
         if self.read_only:  # a probe must not create the file or wait on locks for long
             try:
-                return _SqliteConnection(sqlite3.connect(f"file:{urllib.parse.quote(self.info.path)}?mode=ro",
-                                                         uri=True, timeout=self.info.connect_timeout,
-                                                         isolation_level=None))
+                return _SqliteConnection(sqlite3.connect(self._sqlite_uri("ro"), uri=True,
+                                                         timeout=self.info.connect_timeout, isolation_level=None))
             except sqlite3.Error as exc:
                 raise DatabaseUnavailable(f"cannot open {self.info.display}: {exc}") from None
-        if self._file_id is not None:   # this process has had the file open: never create an empty one now
+        if self._file_id is not None or _sqlite_opened(self.info.path):   # never an empty file in its place
             try:
-                conn = sqlite3.connect(f"file:{urllib.parse.quote(self.info.path)}?mode=rw", uri=True,
+                conn = sqlite3.connect(self._sqlite_uri("rw"), uri=True,
                                        timeout=self.info.connect_timeout, isolation_level=None,
                                        check_same_thread=False)
                 conn.execute("PRAGMA journal_mode=WAL")
             except sqlite3.Error as exc:
-                raise DatabaseUnavailable(self._missing_file_text() if not os.path.exists(self.info.path)
-                                          else f"cannot open {self.info.display}: {exc}") from None
+                if not os.path.exists(self.info.path):   # what is still open of the old file goes too
+                    with self._file_lock:
+                        self._file_gone()
+                    raise DatabaseUnavailable(self._missing_file_text()) from None
+                raise DatabaseUnavailable(f"cannot open {self.info.display}: {exc}") from None
+            with contextlib.suppress(OSError):
+                self._file_id = self._file_id or self._file_identity()
+            _SQLITE_OPENED.add(os.path.realpath(self.info.path))
             return _SqliteConnection(conn)
         # busy_timeout: how long a writer waits for the lock before the caller backs off and retries
         try:
@@ -1019,6 +1049,7 @@ class Store:
             conn.execute("PRAGMA journal_mode=WAL")
             with contextlib.suppress(OSError):
                 self._file_id = self._file_identity()
+            _SQLITE_OPENED.add(os.path.realpath(self.info.path))
         except sqlite3.OperationalError as exc:
             if "unable to open" in str(exc):
                 raise ConfigError(f"cannot open SQLite database {self.info.path} ({exc}; is the directory "
@@ -1036,6 +1067,12 @@ class Store:
     # most, at the start of a transaction.
     FILE_CHECK_EVERY = 1.0
 
+    def _sqlite_uri(self, mode: str) -> str:
+        """The file as an SQLite URI opened in ``mode`` (ro, rw): never created. An absolute path goes after
+        an empty authority, so one that starts with // is not read as a host name."""
+        path = urllib.parse.quote(self.info.path)
+        return f"file://{path}?mode={mode}" if self.info.path.startswith("/") else f"file:{path}?mode={mode}"
+
     def _file_identity(self) -> tuple[int, int]:
         st = os.stat(self.info.path)
         return st.st_dev, st.st_ino
@@ -1046,30 +1083,52 @@ class Store:
 
     def _check_file(self) -> None:
         """Is the file at the path still the one this process opened? Gone: every connection is
-        dropped and DatabaseUnavailable raised until a file is back; replaced: one line logged,
-        and every connection reopens on the new file."""
+        dropped and DatabaseUnavailable raised until it is back, or until a new file is (the process
+        goes on with that: nothing of the old one is open any more). Another file there while the
+        old one was open (a restore while running): SQLite would pair it with the old file's -wal
+        (by name), and what this process does next would mix the two; so nothing more is done
+        (DatabaseReplaced, a kind of DatabaseUnavailable, from now on) and the process stops
+        (Runtime and Supervisor look at ``replaced``): a restart opens the new file cleanly."""
         with self._file_lock:
             self._next_file_check = time.monotonic() + self.FILE_CHECK_EVERY
+            if self.replaced:
+                raise DatabaseReplaced(self._replaced_text())
             try:
                 found: tuple[int, int] | None = self._file_identity()
             except FileNotFoundError:
                 found = None
             except OSError:   # e.g. a directory made unreadable: the connection's own errors tell
                 return
-            if found == self._file_id:
+            if found == self._file_id:   # (a new file may get the old one's inode number: then it is taken as is)
                 self._file_missing = False
                 return
-            self._generation += 1
             if found is None:
-                self._file_missing = True
+                self._file_gone()
                 raise DatabaseUnavailable(self._missing_file_text())
-            if self._file_missing:   # the outage's line said it was gone
+            self._drop_connections()
+            if self._file_missing:   # its connections went when the old file did: the new one is safe to use
                 log.warning("a new SQLite database file is at %s: this process goes on with it", self.info.path)
-            else:
-                log.error("the SQLite database file %s was replaced while in use (another file has its path now): "
-                          "reconnecting to the new file; what this process committed since went to the old one",
-                          self.info.path)
-            self._file_id, self._file_missing = found, False
+                self._file_id, self._file_missing = found, False
+                return
+            self.replaced = True
+            log.error("%s", self._replaced_text())
+            raise DatabaseReplaced(self._replaced_text())
+
+    def _drop_connections(self) -> None:
+        """Every connection of the file opened so far goes: the idle ones now, the busy ones when their
+        transaction ends (a new generation)."""
+        self._generation += 1
+        self.close()
+
+    def _file_gone(self) -> None:
+        """The file is not at its path: its connections go; the next file there is a new one."""
+        self._drop_connections()
+        self._file_missing = True
+
+    def _replaced_text(self) -> str:
+        return (f"the SQLite database file {self.info.path} was replaced while in use (another file has its path "
+                "now): stopping; start again once the new file is in place (with the old file's -wal and -shm "
+                "moved away)")
 
     def _connect(self) -> Any:
         """A new connection for the pool: SQLite (WAL) or pg8000 (TLS as the sslmode says)."""
@@ -1179,7 +1238,8 @@ class Store:
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 conn.rollback()
-            broken = _is_connection_error(exc) or (self.dialect == "postgres" and not isinstance(exc, DuctworkError))
+            broken = (_is_connection_error(exc) or isinstance(exc, ConfigError)   # (ConfigError: a pooler's mix-up)
+                      or (self.dialect == "postgres" and not isinstance(exc, DuctworkError)))
             if broken:
                 self._next_file_check = 0.0   # SQLite: is the file still there? (at the next transaction)
             if _is_connection_error(exc) and not isinstance(exc, DatabaseUnavailable):
@@ -1194,7 +1254,7 @@ class Store:
     def _release(self, conn: Any, broken: bool) -> None:
         """A transaction ended: its connection back to the pool; one that may be broken is closed instead,
         never handed out again."""
-        if not broken:
+        if not broken and conn.generation == self._generation:
             self._pool.release(conn)
             return
         with contextlib.suppress(Exception):
@@ -1325,7 +1385,7 @@ def schema_is_current(store: Store) -> bool:
         with store.tx(write=False) as t:
             row = t.one(StoreSQL.schema_version)
         return bool(row and row[0] == SCHEMA_VERSION)
-    except DatabaseUnavailable:
+    except DuctworkError:   # unreachable, or a pooler's mix-up: not "no schema"
         raise
     except Exception:
         return False
@@ -3225,8 +3285,8 @@ def _app_engine() -> Engine:
         if _APP.config is None:
             _APP.config = load_config()
         if _APP.engine is None:
-            _APP.engine = Engine(Store(_APP.config.data["database_url"], pool_size=_APP.config.data["pool_size"]),
-                                 _APP.config)
+            store = Store(_APP.config.data["database_url"], pool_size=_APP.config.data["pool_size"])
+            _APP.engine = Engine(store, _APP.config)
         engine = _APP.engine
     if engine.store.url not in _APP.migrated:
         ensure_schema(engine.store)
@@ -3759,6 +3819,7 @@ class Runtime:
         self.stop_requested = threading.Event()  # a STOP_SIGNALS arrived: a boot waiting for the database gives up
         self.machine = machine_identifier()
         self.proof = LocalProof.of(self.machine, self.store.info)
+        self.reaped_row = 0   # the row id last found reaped (logged once, however often registering fails)
 
     # -- process row -------------------------------------------------------------------
     @property
@@ -3769,11 +3830,12 @@ class Runtime:
     def register(self) -> None:
         """Insert this process's row (its id fences every claim this process makes)."""
         pipes = ",".join(self.pipelines if self.spec.advancers else self.worker_pipelines)
-        with self.store.tx() as t:
-            self.process_id = int(t.one(SQL.register_process, {
+        with self.store.tx() as t:   # the id is this process's only once the row is committed
+            row_id = int(t.one(SQL.register_process, {
                 "pid": os.getpid(), "machine": self.machine, "role": self.row_role, "pipelines": pipes,
                 "parent_id": self.parent_row, "state": "running", "restarts": self.restarts,
                 "info": self.info_json()})[0])
+        self.process_id = row_id
         log.debug("registered process row %s", self.process_id)
 
     def thread_plan(self) -> list[tuple[str, Callable, Any]]:
@@ -4102,7 +4164,10 @@ class Runtime:
             alive = t.run(SQL.heartbeat, {"state": state, "restarts": self.restarts, "info": self.info_json(),
                                           "id": self.process_id})
         if alive != 1:
-            log.warning("process row %s was reaped while this process was paused; registering again", self.process_id)
+            if self.reaped_row != self.process_id:   # once: a registration that fails is tried at every heartbeat
+                log.warning("process row %s was reaped while this process was paused; registering again",
+                            self.process_id)
+                self.reaped_row = self.process_id
             self.register()
 
     def reap(self) -> int:
@@ -4334,6 +4399,10 @@ class Runtime:
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("supervisor (pid %d) is gone; draining", self.parent_pid)
                 return self.drain()
+            if self.store.replaced:   # nothing more may be written (Store._check_file logged why)
+                self.stopping.set()
+                self.dead.set()
+                return EXIT_FAILURE
             try:
                 signum = self.signals.get(timeout=tick)
             except queue.Empty:
@@ -4504,6 +4573,7 @@ class Supervisor:
         self.engine = Engine(self.store, config)
         self.outage = Outage(settle=2 * float(config.get("supervisor.heartbeat_interval")))
         self.row_id = 0
+        self.reaped_row = 0   # the row id last found reaped (logged once, however often registering fails)
         self.machine = machine_identifier()
         self.proof = LocalProof.of(self.machine, self.store.info)
         self.stopping_since: float | None = None
@@ -4882,11 +4952,12 @@ class Supervisor:
 
     def register(self) -> None:
         """Insert the supervisor's process row (its children's rows name it as their parent)."""
-        with self.store.tx() as t:
-            self.row_id = int(t.one(SQL.register_process, {
+        with self.store.tx() as t:   # the id is the supervisor's only once the row is committed
+            row_id = int(t.one(SQL.register_process, {
                 "pid": os.getpid(), "machine": self.machine, "role": self.role.row_role,
                 "pipelines": ",".join(s.pipelines[0] for s in self.specs if ROLE_MODES[s.role].workers),
                 "parent_id": None, "state": "running", "restarts": 0, "info": self.info_json()})[0])
+        self.row_id = row_id
 
     def info_json(self) -> str:
         """The row's ``info``: per child its pid, restarts, boot failures, restart delay and last error."""
@@ -4910,11 +4981,15 @@ class Supervisor:
                 alive = t.run(SQL.heartbeat, {"state": state, "restarts": restarts, "info": self.info_json(),
                                               "id": self.row_id})
             if alive != 1:  # outside the heartbeat transaction: register() opens its own
-                log.warning("supervisor row %s was reaped while paused; registering again", self.row_id)
+                if self.reaped_row != self.row_id:   # once: a registration that fails is tried at every heartbeat
+                    log.warning("supervisor row %s was reaped while paused; registering again", self.row_id)
+                    self.reaped_row = self.row_id
                 self.register()
         # proof of looping, even when the database is down
         self.proof.touch(self.role.row_role)
         self._with_db(beat)
+        if self.store.replaced and self.stopping_since is None:   # its line is logged: stop, not restart
+            self.begin_shutdown("the SQLite database file was replaced", EXIT_FAILURE)
 
     def _delete_row(self) -> None:
         """Delete the supervisor's row and its local heartbeat file (at the end of run())."""
@@ -5013,6 +5088,8 @@ def _database_wrong(info: DatabaseInfo, exc: BaseException) -> str | None:
     if "28000" in text or "28P01" in text or "asks for a password" in text:   # invalid authorization
         reason = "role does not exist" if "does not exist" in text else "authentication failed"
         return f"cannot log in as {info.user!r}: {reason}"
+    if "transaction pooler" in text:                   # named statements through PgBouncer and the like
+        return "the URL goes through a transaction pooler: add ?pgbouncer=true to database_url"
     if "not a database" in text:                       # SQLite: the file holds something else
         return f"{info.path} is not a SQLite database"
     return None

@@ -99,7 +99,8 @@ POOLER_VARIANTS = [pytest.param("pgbouncer", marks=pytest.mark.postgres),
 
 
 def pytest_generate_tests(metafunc):
-    if "db_url" in metafunc.fixturenames:
+    chosen = any("db_url" in str(m.args[0]) for m in metafunc.definition.iter_markers("parametrize"))
+    if "db_url" in metafunc.fixturenames and not chosen:   # (a test may choose its databases itself)
         variants = list(DB_VARIANTS)
         if getattr(metafunc.module, "THROUGH_POOLER", False):
             wakeups = metafunc.definition.get_closest_marker("wakeups") is not None
