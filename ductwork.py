@@ -4086,10 +4086,10 @@ class Runtime:
 
     def log_drain_arithmetic(self) -> None:
         """In the foreground: this role's drain budget and the grace period the orchestrator must give it."""
-        key = self.spec.shutdown_timeout
-        budget = self.config.get(key)
+        drain = drain_arithmetic(self.config, self.spec)
         log.info("drain: this %s gets %ss (%s) after SIGTERM; give the orchestrator at least %ss "
-                 "(terminationGracePeriodSeconds / stop_grace_period)", self.row_role, budget, key, int(budget) + 5)
+                 "(terminationGracePeriodSeconds / stop_grace_period)", drain.role, drain.budget, drain.key,
+                 drain.grace)
         for warning in self.config.warnings():
             log.warning("config: %s", warning)
 
@@ -4761,11 +4761,10 @@ class Supervisor:
 
     def log_drain_arithmetic(self) -> None:
         """At boot: the drain budgets, and the grace period the process manager must give the supervisor."""
-        worker = self.config.get(ROLE_MODES["worker"].shutdown_timeout)
-        sup = self.config.get(self.role.shutdown_timeout)
+        drain = drain_arithmetic(self.config, self.role)
         log.info("drain: job workers get %ss for in-flight steps < supervisor waits %ss < give the process manager "
                  "at least %ss (e.g. Kubernetes terminationGracePeriodSeconds, systemd TimeoutStopSec)",
-                 worker, sup, int(sup) + 5)
+                 drain.worker, drain.budget, drain.grace)
         for warning in self.config.warnings():
             log.warning("config: %s", warning)
 
@@ -4938,6 +4937,33 @@ class LocalProof:
             if fresh:
                 return Health(EXIT_OK, "healthy (database unreachable)")
         return Health(EXIT_UNREACHABLE, "unhealthy: database unreachable and no local proof of life")
+
+
+# -- drain arithmetic: what a SIGTERM costs, shared by the start-up log lines and doctor --------
+
+DRAIN_MARGIN = 5            # seconds a grace period needs beyond the drain budget: the hand-back, the row, the exit
+
+
+@dataclasses.dataclass(frozen=True)
+class DrainArithmetic:
+    """What a SIGTERM costs a process of one role (README "Drain arithmetic"): its drain budget, and the grace
+    period its process manager must give it, the budget and DRAIN_MARGIN."""
+    role: str           # its process row's role: supervisor, advancer or worker
+    key: str            # the config key of its budget
+    budget: float       # seconds it waits after SIGTERM (the supervisor: for its children)
+    worker: float       # job_worker.shutdown_timeout: what in-flight steps get
+    forks: bool         # a supervisor, which waits for its children, or one process in the foreground
+
+    @property
+    def grace(self) -> int:
+        """The shortest grace period the process manager may give it (whole seconds, as the orchestrators take)."""
+        return int(self.budget) + DRAIN_MARGIN
+
+
+def drain_arithmetic(config: Config, spec: RoleSpec) -> DrainArithmetic:
+    """The drain arithmetic of a process of ``spec`` under ``config`` (logged at start, checked by doctor)."""
+    return DrainArithmetic(spec.row_role, spec.shutdown_timeout, config.get(spec.shutdown_timeout),
+                           config.get(ROLE_MODES["worker"].shutdown_timeout), spec.forks)
 
 
 # =====================================================================================
