@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import run_cli, truncate_pg
+from conftest import ROOT, run_cli, truncate_pg
 from procs import APP, Proc
 
 import ductwork
@@ -353,6 +353,12 @@ def test_pooler_arithmetic_and_live_rows():
     assert demand.arithmetic(pooler=True) == "2 host(s) x (1 + 6 x 2) = 26"
     live = ductwork.ConnectionDemand(1, 2, 12, 2, 1, False, source="live rows")
     assert live.arithmetic() == "live rows: 2 + 12 x 3 = 38"
+
+
+def test_readme_worked_example_is_the_arithmetic():
+    readme = (ROOT / "README.md").read_text()
+    demand = ductwork.connection_demand(config_of(pipelines=DEMO), len(DEMO), hosts=3)
+    assert f"{demand.arithmetic()} of 97 available (max_connections 100 - 3 reserved)" in readme
 
 
 @pytest.mark.parametrize("demand, available, level", [(77, 97, "ok"), (78, 97, "warn"), (97, 97, "warn"),
