@@ -5081,9 +5081,9 @@ class DoctorSQL:
 def connection_budget(t: Tx, rows_hold: int | None) -> ConnectionBudget:
     """The connections the server of ``t`` has left for this deployment: the smallest of its limits, less what
     other clients hold now. ``rows_hold``: the most the live process rows hold; ductwork's connections to this
-    database beyond it are of processes without a row (app code that triggers, a dashboard, a command), which
-    the demand does not count, so they count here (None: not counted, as behind a pooler, whose server
-    connections these are)."""
+    database beyond it are of processes without a row (app code that triggers, a dashboard, a command) or of
+    processes that hold more than the arithmetic says, which the demand does not count, so they count here
+    (None: not counted, as behind a pooler, whose server connections these are)."""
     settings = {name: int(value) for name, value in t.all(DoctorSQL.connection_settings)}
     most = settings["max_connections"]
     reserved = settings.get("superuser_reserved_connections", 0) + settings.get("reserved_connections", 0)
@@ -5092,7 +5092,8 @@ def connection_budget(t: Tx, rows_hold: int | None) -> ConnectionBudget:
 
     def held(n: int) -> str:
         clients = f" - {n} held by other clients" if n else ""
-        return clients + (f" - {rowless} by ductwork without a process row (app code, dashboards)" if rowless else "")
+        return clients + (f" - {rowless} more held by ductwork than its live processes account for (app code, "
+                          "dashboards)" if rowless else "")
     budgets = [ConnectionBudget(most - reserved - others - rowless,
                                 f"max_connections {most} - {reserved} reserved{held(others)}")]
     if not superuser and role_limit is not None and role_limit >= 0:

@@ -240,7 +240,8 @@ def test_ductwork_connections_without_a_process_row_count_as_taken(tmp_path, pg_
     finally:
         for store in stores:
             store.close()
-    rowless = re.search(r" - (\d+) by ductwork without a process row \(app code, dashboards\)", out["connections"])
+    rowless = re.search(r" - (\d+) more held by ductwork than its live processes account for \(app code, "
+                        r"dashboards\)", out["connections"])
     assert rowless and int(rowless.group(1)) >= 5, out
 
 
