@@ -16,7 +16,8 @@ A map of this module, top to bottom (search for the ``# ===`` banners):
                          process Runtime: process row, job worker, advancer, heartbeat & reaper,
                          listeners, lifecycle
     supervisor           the pre-fork process manager (single-threaded selectors loop, signal table)
-    health & status      the liveness verdict (heartbeat rows, local fallback), the status report
+    health & status      the liveness verdict (heartbeat rows, local fallback), the status report, doctor's
+                         checks (DOCTOR_CHECKS) and the arithmetic they share (drain, connection demand)
     dashboard            read-only web pages, their JSON twins, Prometheus /metrics (a table of families)
     cli                  the table of commands (COMMANDS), argument parsing, main()
 
@@ -4314,10 +4315,10 @@ class Runtime:
 
     def log_drain_arithmetic(self) -> None:
         """In the foreground: this role's drain budget and the grace period the orchestrator must give it."""
-        key = self.spec.shutdown_timeout
-        budget = self.config.get(key)
+        drain = drain_arithmetic(self.config, self.spec)
         log.info("drain: this %s gets %ss (%s) after SIGTERM; give the orchestrator at least %ss "
-                 "(terminationGracePeriodSeconds / stop_grace_period)", self.row_role, budget, key, int(budget) + 5)
+                 "(terminationGracePeriodSeconds / stop_grace_period)", drain.role, drain.budget, drain.key,
+                 drain.grace)
         for warning in self.config.warnings():
             log.warning("config: %s", warning)
 
@@ -4999,11 +5000,10 @@ class Supervisor:
 
     def log_drain_arithmetic(self) -> None:
         """At boot: the drain budgets, and the grace period the process manager must give the supervisor."""
-        worker = self.config.get(ROLE_MODES["worker"].shutdown_timeout)
-        sup = self.config.get(self.role.shutdown_timeout)
+        drain = drain_arithmetic(self.config, self.role)
         log.info("drain: job workers get %ss for in-flight steps < supervisor waits %ss < give the process manager "
                  "at least %ss (e.g. Kubernetes terminationGracePeriodSeconds, systemd TimeoutStopSec)",
-                 worker, sup, int(sup) + 5)
+                 drain.worker, drain.budget, drain.grace)
         for warning in self.config.warnings():
             log.warning("config: %s", warning)
 
@@ -5016,7 +5016,7 @@ def exit_description(status: int) -> str:
 
 
 # =====================================================================================
-# health & status: the liveness verdict (database rows, local fallback) and the status report
+# health & status: the liveness verdict (database rows, local fallback), the status report, doctor
 # =====================================================================================
 
 
@@ -5178,6 +5178,577 @@ class LocalProof:
             if fresh:
                 return Health(EXIT_OK, "healthy (database unreachable)")
         return Health(EXIT_UNREACHABLE, "unhealthy: database unreachable and no local proof of life")
+
+
+# -- drain arithmetic: what a SIGTERM costs, shared by the start-up log lines and doctor --------
+
+DRAIN_MARGIN = 5            # seconds a grace period needs beyond the drain budget: the hand-back, the row, the exit
+
+
+@dataclasses.dataclass(frozen=True)
+class DrainArithmetic:
+    """What a SIGTERM costs a process of one role (README "Drain arithmetic"): its drain budget, and the grace
+    period its process manager must give it, the budget and DRAIN_MARGIN."""
+    role: str           # its process row's role: supervisor, advancer or worker
+    key: str            # the config key of its budget
+    budget: float       # seconds it waits after SIGTERM (the supervisor: for its children)
+    worker: float       # job_worker.shutdown_timeout: what in-flight steps get
+    forks: bool         # a supervisor, which waits for its children, or one process in the foreground
+
+    @property
+    def grace(self) -> int:
+        """The shortest grace period the process manager may give it (whole seconds, as the orchestrators take)."""
+        return int(self.budget) + DRAIN_MARGIN
+
+
+def drain_arithmetic(config: Config, spec: RoleSpec) -> DrainArithmetic:
+    """The drain arithmetic of a process of ``spec`` under ``config`` (logged at start, checked by doctor)."""
+    return DrainArithmetic(spec.row_role, spec.shutdown_timeout, config.get(spec.shutdown_timeout),
+                           config.get(ROLE_MODES["worker"].shutdown_timeout), spec.forks)
+
+
+# -- doctor: one line per check of a deployment (SPEC §13) -------------------------------------
+# `python ductwork.py doctor` looks at what the deployment it is pointed at will run into: the
+# database and its schema, the clocks, the connection budget, the pooler, the drain arithmetic,
+# stale process rows and the queue. DOCTOR_CHECKS lists the checks in output order, each a
+# function of the DoctorContext returning its Finding; those of a Postgres server do not run on
+# SQLite. A check that needs the database (or its tables) is not run when an earlier one found
+# it unreachable (or the schema missing); that line says which were not.
+
+DOCTOR_OK, DOCTOR_WARN, DOCTOR_FAIL = "ok", "warn", "fail"
+CLOCK_WARN_SKEW = 1.0       # seconds between the database clock and this host's before doctor warns
+BUDGET_WARN_SHARE = 0.8     # of the available connections: above it doctor warns (a HUP's overlap doubles the demand)
+QUEUE_WARN_AGE = 60.0       # seconds a claimable step may wait before doctor warns, or QUEUE_WARN_POLLS polls
+QUEUE_WARN_POLLS = 10       # x job_worker.polling_timeout if that is longer: an idle worker looks that often
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectionDemand:
+    """The most connections a deployment holds (SPEC §13): per host, each forking supervisor 1 (it is single-threaded),
+    each other process (an advancer, a job worker, a ``forking: none`` process, a dashboard) its pool and its LISTEN
+    connection. Behind a transaction pooler (``pgbouncer=true``) the pools go to the pooler and only the LISTEN
+    connections (on ``listen_url``; none without it: polling) to the server."""
+    hosts: int
+    supervisors: int          # per host
+    processes: int            # per host: each holds pool_size + listen
+    pool_size: int
+    listen: int               # LISTEN connections per process: 1, or 0 (SQLite; a pooler and no listen_url)
+    pooled: bool              # database_url has pgbouncer=true
+    source: str = "config"    # or "live rows": counted from the heartbeats of ductwork_processes
+
+    @property
+    def server(self) -> int:
+        """Connections to the database server itself."""
+        if self.pooled:
+            return self.hosts * self.processes * self.listen
+        return self.hosts * (self.supervisors + self.processes * (self.pool_size + self.listen))
+
+    @property
+    def pooler(self) -> int:
+        """Client connections to the pooler (0 without one)."""
+        return self.hosts * (self.supervisors + self.processes * self.pool_size) if self.pooled else 0
+
+    def arithmetic(self, pooler: bool = False) -> str:
+        """The sum as doctor prints it, e.g. ``2 host(s) x (1 + 6 x 3) = 38`` (``pooler``: the pooler's clients)."""
+        listen_only = self.pooled and not pooler
+        per_process = self.listen if listen_only else self.pool_size + (0 if self.pooled else self.listen)
+        terms = [] if listen_only or not self.supervisors else [str(self.supervisors)]
+        terms.append(f"{self.processes} x {per_process}")
+        total = self.pooler if pooler else self.server
+        if self.source != "config":
+            return f"{self.source}: {' + '.join(terms)} = {total}"
+        inner = f"({' + '.join(terms)})" if len(terms) > 1 else terms[0]
+        return f"{self.hosts} host(s) x {inner} = {total}"
+
+
+def connection_demand(config: Config, pipelines: int, hosts: int = 1) -> ConnectionDemand:
+    """The connection demand of ``hosts`` hosts running ``config`` with ``pipelines`` configured pipelines: a
+    supervisor forks one advancer and one job worker per pipeline; ``forking: none`` and the foreground roles
+    are one process."""
+    info = parse_database_url(config.data["database_url"])
+    spec = role_spec(config.role, config.data["forking"])
+    listens = info.dialect == "postgres" and (not info.pgbouncer or config.data["listen_url"] is not None)
+    supervisors, processes = (1, 1 + pipelines) if spec.forks else (0, 1)
+    return ConnectionDemand(hosts, supervisors, processes, int(config.data["pool_size"]), int(listens),
+                            info.pgbouncer)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectionBudget:
+    """What the server leaves a deployment: its tightest limit less what other clients hold now."""
+    available: int
+    why: str            # the arithmetic, e.g. "max_connections 100 - 3 reserved - 2 held by other clients"
+
+
+class DoctorSQL:
+    """doctor's own statements (it reads the rest through StoreSQL, SQL and DashboardSQL)."""
+
+    # The server's version (Postgres).
+    postgres_version = """
+        SELECT current_setting('server_version')"""
+
+    # The library's version (SQLite).
+    sqlite_version = """
+        SELECT sqlite_version()"""
+
+    # The server's connection slots; reserved_connections is new in PG 16 (older servers have no such row).
+    connection_settings = """
+        SELECT name, setting
+        FROM pg_settings
+        WHERE name IN ('max_connections', 'superuser_reserved_connections', 'reserved_connections')"""
+
+    # The connections of other clients now (all, of this role, in this database), ductwork's own to this
+    # database, and this role's and this database's CONNECTION LIMIT (-1: none; superusers are exempt). A
+    # ductwork on another database is another client. A role without pg_read_all_stats sees no backend_type
+    # of other roles' sessions: a session with a database and a user is taken for a client (at worst a
+    # parallel worker is counted, which errs on the safe side).
+    connection_usage = """
+        SELECT count(*) FILTER (WHERE NOT a.ours),
+               count(*) FILTER (WHERE NOT a.ours AND a.usename = current_user),
+               count(*) FILTER (WHERE NOT a.ours AND a.datname = current_database()),
+               count(*) FILTER (WHERE a.ours),
+               (SELECT rolconnlimit FROM pg_roles WHERE rolname = current_user),
+               (SELECT datconnlimit FROM pg_database WHERE datname = current_database()),
+               (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+        FROM (SELECT usename, datname,
+                     coalesce(application_name, '') = 'ductwork' AND datname = current_database() AS ours
+              FROM pg_stat_activity
+              WHERE (backend_type = 'client backend'
+                     OR (backend_type IS NULL AND datname IS NOT NULL AND usename IS NOT NULL))
+                AND pid <> pg_backend_pid()) a"""
+
+
+def connection_budget(t: Tx, rows_hold: int | None) -> ConnectionBudget:
+    """The connections the server of ``t`` has left for this deployment: the smallest of its limits, less what
+    other clients hold now. ``rows_hold``: the most the live process rows hold; ductwork's connections to this
+    database beyond it are of processes without a row (app code that triggers, a dashboard, a command) or of
+    processes that hold more than the arithmetic says, which the demand does not count, so they count here
+    (None: not counted, as behind a pooler, whose server connections these are)."""
+    settings = {name: int(value) for name, value in t.all(DoctorSQL.connection_settings)}
+    most = settings["max_connections"]
+    reserved = settings.get("superuser_reserved_connections", 0) + settings.get("reserved_connections", 0)
+    others, of_role, in_database, ours, role_limit, database_limit, superuser = t.one(DoctorSQL.connection_usage)
+    rowless = 0 if rows_hold is None else max(0, ours - rows_hold)
+
+    def held(n: int) -> str:
+        clients = f" - {n} held by other clients" if n else ""
+        return clients + (f" - {rowless} more held by ductwork than its live processes account for (app code, "
+                          "dashboards)" if rowless else "")
+    budgets = [ConnectionBudget(most - reserved - others - rowless,
+                                f"max_connections {most} - {reserved} reserved{held(others)}")]
+    if not superuser and role_limit is not None and role_limit >= 0:
+        budgets.append(ConnectionBudget(role_limit - of_role - rowless,
+                                        f"the role's CONNECTION LIMIT {role_limit}{held(of_role)}"))
+    if not superuser and database_limit is not None and database_limit >= 0:
+        budgets.append(ConnectionBudget(database_limit - in_database - rowless,
+                                        f"the database's CONNECTION LIMIT {database_limit}{held(in_database)}"))
+    return min(budgets, key=lambda budget: budget.available)
+
+
+def looks_pooled(info: DatabaseInfo) -> str | None:
+    """Why a Postgres URL looks like a connection pooler's (None: it does not): PgBouncer's port, or the host
+    names of the managed poolers."""
+    host = info.host.lower()
+    if info.port == 6432:
+        return "port 6432 looks like PgBouncer"
+    if "-pooler" in host or "pooler." in host:
+        return f"host {info.host} looks like a pooler (Neon, Supabase)"
+    if ".proxy-" in host:
+        return f"host {info.host} looks like RDS Proxy"
+    return None
+
+
+def clock_skew(store: Store, samples: int = 3) -> tuple[float, float]:
+    """The database clock minus this host's, in seconds, and its error bound: as NTP does, each sample puts the
+    host's time in the middle of the round trip, and the sample with the shortest round trip wins."""
+    best = (float("inf"), 0.0)
+    for _ in range(samples):
+        before = time.time()
+        database = store.now()
+        after = time.time()
+        best = min(best, (after - before, database - (before + after) / 2))
+    return best[1], best[0] / 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One line of doctor: a check's verdict and what it found or advises."""
+    level: str          # ok | warn | fail
+    check: str
+    text: str
+
+    @property
+    def line(self) -> str:
+        """``ok    schema: version 1 (current)``."""
+        return f"{self.level:<6}{self.check}: {self.text}"
+
+
+@dataclasses.dataclass
+class DoctorContext:
+    """What the checks share: the config, one connection, and what earlier checks found."""
+    config: Config
+    store: Store
+    grace: float | None                  # --grace: the process manager's grace period, seconds
+    pipelines: list[str] | None          # the configured pipelines (None: "*" and no app imported)
+    reachable: bool = False              # the database answered
+    schema: int | None = None            # the schema version found (None: not created)
+    _rows: list[ProcessRow] | None = None
+
+    @property
+    def postgres(self) -> bool:
+        """Is the database Postgres (where the clock, connection and pooler checks apply)?"""
+        return self.store.dialect == "postgres"
+
+    @property
+    def reaper_timeout(self) -> float:
+        """Older heartbeats than this are a dead process's (its row is stale)."""
+        return float(self.config.get("supervisor.reaper_timeout"))
+
+    def rows(self) -> list[ProcessRow]:
+        """Every process row, ages on the database clock (read once; none while the schema is missing)."""
+        if self._rows is None:
+            self._rows = []
+            if self.schema is not None:
+                with self.store.tx(write=False) as t:
+                    self._rows = [ProcessRow.from_row(row) for row in t.all(SQL.processes)]
+        return self._rows
+
+    def live(self) -> list[ProcessRow]:
+        """The process rows with a heartbeat within reaper_timeout."""
+        return [row for row in self.rows() if row.heartbeat_age <= self.reaper_timeout]
+
+
+def _seconds(value: float) -> str:
+    """``30s``, ``2.5s``: a number of seconds as doctor prints it."""
+    return f"{float(value):g}s"
+
+
+def _forking_supervisor(row: ProcessRow) -> bool:
+    """Is this the row of a forking supervisor (one connection), not of a process with a pool? A ``forking: none``
+    process also has role supervisor; only a forking one lists its children in ``info``."""
+    info = _loads_for_display(row.info)
+    return row.role == "supervisor" and isinstance(info, dict) and "children" in info
+
+
+def _runs_workers(row: ProcessRow) -> bool:
+    """Does the process of this row run job worker threads (a worker, or a ``forking: none`` process)?"""
+    return row.role == "worker" or (row.role == "supervisor" and not _forking_supervisor(row))
+
+
+def _doctor_database(ctx: DoctorContext) -> Finding:
+    """1. The database answers (the checks after it that need it run only then)."""
+    info = ctx.store.info
+    if info.dialect == "sqlite" and not os.path.exists(info.path):
+        return Finding(DOCTOR_FAIL, "database", f"{info.display}: no such file (run migrate to "
+                                                "create it, or fix database_url)")
+    try:
+        with ctx.store.tx(write=False) as t:
+            version = t.one(DoctorSQL.postgres_version if ctx.postgres else DoctorSQL.sqlite_version)[0]
+    except Exception as exc:
+        if not _database_error(exc):
+            raise
+        wrong = _database_wrong(info, exc)
+        return Finding(DOCTOR_FAIL, "database", f"{info.display}: {wrong}" if wrong else _error_text(exc))
+    ctx.reachable = True
+    if ctx.postgres:
+        return Finding(DOCTOR_OK, "database", f"{info.display} answers (PostgreSQL {str(version).split()[0]})")
+    return Finding(DOCTOR_OK, "database", f"{info.display} answers (SQLite {version}; the clock, connections "
+                                          "and pooler checks are for PostgreSQL)")
+
+
+def _doctor_schema(ctx: DoctorContext) -> Finding:
+    """2. The schema version against this ductwork's (SCHEMA_VERSION)."""
+    try:
+        with ctx.store.tx(write=False) as t:
+            row = t.one(StoreSQL.schema_version)
+    except Exception as exc:
+        if not _database_error(exc) or _database_wrong(ctx.store.info, exc) is None:
+            raise
+        row = None   # no migrations table: never migrated
+    version = row[0] if row else None
+    if version is None:
+        return Finding(DOCTOR_FAIL, "schema", "not created: run migrate")
+    ctx.schema = int(version)
+    if ctx.schema < SCHEMA_VERSION:
+        return Finding(DOCTOR_FAIL, "schema", f"version {ctx.schema}, this ductwork needs {SCHEMA_VERSION}: "
+                                              "run migrate")
+    if ctx.schema > SCHEMA_VERSION:
+        return Finding(DOCTOR_FAIL, "schema", f"version {ctx.schema} is newer than this ductwork's {SCHEMA_VERSION}: "
+                                              "this ductwork is older than the schema (upgrade it)")
+    return Finding(DOCTOR_OK, "schema", f"version {ctx.schema} (current)")
+
+
+# 3. The clock. ductwork itself reads every time that crosses hosts on the database clock (heartbeat ages,
+# reaping, available_at, claim ages), so skew breaks neither claims nor reaping. This host's clock is what
+# the rest uses: log lines, the local proof-of-life files of the health check's outage fallback, app code
+# and any tool that compares a stored timestamp with its own time (a monitoring query on last_heartbeat_at).
+# Past 1 s logs and rows disagree enough to mislead (warn). Past reaper_timeout - heartbeat_interval, a live
+# process's latest heartbeat, read against this host's clock, is older than reaper_timeout (or a dead one
+# looks fresh that much longer): the host clock and the database clock no longer agree on who is alive (fail).
+def clock_limits(config: Config) -> tuple[float, float]:
+    """The skews (seconds) above which doctor warns and fails."""
+    fail = float(config.get("supervisor.reaper_timeout")) - float(config.get("supervisor.heartbeat_interval"))
+    return CLOCK_WARN_SKEW, max(fail, CLOCK_WARN_SKEW)
+
+
+def _doctor_clock(ctx: DoctorContext) -> Finding:
+    """3. The skew between the database clock and this host's (SQLite's clock is this host's)."""
+    skew, error = clock_skew(ctx.store)
+    warn, fail = clock_limits(ctx.config)
+    limits = f"warn above {_seconds(warn)}, fail above {_seconds(fail)}"
+    if abs(skew) <= warn:
+        return Finding(DOCTOR_OK, "clock", f"this host and the database agree within {abs(skew) + error:.3f}s "
+                                           f"({limits})")
+    way = "behind" if skew > 0 else "ahead of"
+    text = f"this host's clock is {abs(skew):.1f}s {way} the database's ({limits})"
+    if abs(skew) <= fail:
+        return Finding(DOCTOR_WARN, "clock", f"{text}: ductwork goes by the database clock, but logs and local proof "
+                                             "of life by this host's: synchronise it (NTP)")
+    return Finding(DOCTOR_FAIL, "clock", f"{text}: against this host's clock a live heartbeat looks older than "
+                                         "reaper_timeout: synchronise it (NTP)")
+
+
+def _config_demand(ctx: DoctorContext, live: list[ProcessRow]) -> ConnectionDemand | None:
+    """The demand the config describes: its processes x the machines that run its role now (at least 1).
+    Pipelines ``*`` without an app: the pipelines the live rows serve (None: nothing to count)."""
+    pipelines = ctx.pipelines
+    if pipelines is None:
+        pipelines = sorted({p for row in live for p in row.pipelines.split(",") if p}) or None
+    if pipelines is None:
+        return None
+    role = role_spec(ctx.config.role, ctx.config.data["forking"]).row_role
+    hosts = len({row.machine for row in live if row.role == role}) or 1
+    return connection_demand(ctx.config, len(pipelines), hosts)
+
+
+def _live_demand(ctx: DoctorContext, live: list[ProcessRow]) -> ConnectionDemand:
+    """The demand of the processes alive now (their pools taken as this config's pool_size)."""
+    supervisors = sum(_forking_supervisor(row) for row in live)
+    return dataclasses.replace(connection_demand(ctx.config, 0), hosts=1, supervisors=supervisors,
+                               processes=len(live) - supervisors, source="live rows")
+
+
+def _budget_level(demand: int, budget: ConnectionBudget) -> str:
+    """fail above the budget, warn above BUDGET_WARN_SHARE of it."""
+    if demand > budget.available:
+        return DOCTOR_FAIL
+    return DOCTOR_WARN if demand > BUDGET_WARN_SHARE * budget.available else DOCTOR_OK
+
+
+def _doctor_connections(ctx: DoctorContext) -> Finding:
+    """4. The connection budget: this deployment's demand, from the config and from the live rows (the larger),
+    against what the server has left."""
+    live = ctx.live()
+    rows = _live_demand(ctx, live)
+    with ctx.store.tx(write=False) as t:
+        budget = connection_budget(t, None if rows.pooled else rows.server)
+    candidates = [d for d in (_config_demand(ctx, live), rows if live else None) if d]
+    of = f"of {budget.available} available ({budget.why})"
+    if not candidates:
+        per = connection_demand(ctx.config, 0)
+        return Finding(DOCTOR_WARN, "connections", f"cannot count this deployment's processes: pipelines \"*\", no app "
+                                                   "to import and no live process (give --app or list the pipelines); "
+                                                   f"each advancer or worker process takes up to "
+                                                   f"{per.pool_size + per.listen} {of}")
+    demand = max(candidates, key=lambda d: (d.server, d.pooler))
+    level = _budget_level(demand.server, budget)
+    if demand.pooled:
+        listen = (f"LISTEN on listen_url: {demand.arithmetic()} {of}" if demand.listen
+                  else f"no LISTEN connections (no listen_url: polling); the server has {budget.available} available "
+                       f"({budget.why})")
+        return Finding(level, "connections", f"behind a transaction pooler (pgbouncer=true), so its settings are the "
+                                             f"budget: {demand.arithmetic(pooler=True)} client connections: give it "
+                                             f"max_client_conn >= {demand.pooler} and a default_pool_size that fits "
+                                             f"the server; {listen}")
+    advice = {DOCTOR_OK: "",
+              DOCTOR_WARN: f": over {BUDGET_WARN_SHARE:.0%}, and a HUP's overlap of old and new children doubles it",
+              DOCTOR_FAIL: ": lower pool_size or the number of processes, raise max_connections, or put a "
+                           "transaction pooler in front (pgbouncer=true)"}[level]
+    return Finding(level, "connections", f"{demand.arithmetic()} {of}{advice}")
+
+
+def _doctor_pooler(ctx: DoctorContext) -> Finding:
+    """5. Pooler settings: a URL that looks pooled must say pgbouncer=true; with it, LISTEN wants listen_url."""
+    info = ctx.store.info
+    pooled = looks_pooled(info)
+    if pooled and not info.pgbouncer:
+        return Finding(DOCTOR_FAIL, "pooler", f"{pooled} but the URL has no pgbouncer=true: add ?pgbouncer=true to "
+                                              "database_url")
+    listen_url = ctx.config.data["listen_url"]
+    if info.pgbouncer and listen_url is None:
+        polls = (f"job_worker.polling_timeout {_seconds(ctx.config.get('job_worker.polling_timeout'))}, "
+                 f"pipeline_advancer.polling_timeout {_seconds(ctx.config.get('pipeline_advancer.polling_timeout'))}")
+        return Finding(DOCTOR_WARN, "pooler", f"pgbouncer=true and no listen_url: wake-ups poll, so new work waits up "
+                                              f"to the polling timeout ({polls}): set listen_url (DUCTWORK_LISTEN_URL) "
+                                              "to the database's direct URL")
+    if listen_url is not None:
+        listen = parse_database_url(listen_url)
+        pooled_listen = looks_pooled(listen)
+        if pooled_listen:
+            return Finding(DOCTOR_WARN, "pooler", f"listen_url: {pooled_listen}: LISTEN needs a session of its own, "
+                                                  "so give listen_url the database's direct URL")
+        return Finding(DOCTOR_OK, "pooler", f"pgbouncer=true, LISTEN on listen_url {listen.display}")
+    return Finding(DOCTOR_OK, "pooler", "none in database_url (a direct connection)")
+
+
+def _doctor_drain(ctx: DoctorContext) -> Finding:
+    """6. The drain arithmetic against the process manager's grace period (--grace); a supervisor's children must
+    drain within the supervisor's budget."""
+    drain = drain_arithmetic(ctx.config, role_spec(ctx.config.role, ctx.config.data["forking"]))
+    who = "the supervisor" if drain.forks else f"this {drain.role}"
+    if ctx.grace is not None and ctx.grace < drain.grace:
+        return Finding(DOCTOR_FAIL, "drain", f"--grace {_seconds(ctx.grace)} is below the {drain.grace}s {who} needs "
+                                             f"({drain.key} {_seconds(drain.budget)} + {DRAIN_MARGIN}s to hand back "
+                                             f"and exit): it is SIGKILLed mid-drain; raise the grace period or lower "
+                                             f"{drain.key}")
+    slowest = max(float(ctx.config.get("job_worker.shutdown_timeout")),
+                  float(ctx.config.get("pipeline_advancer.shutdown_timeout")))
+    if drain.forks and slowest >= drain.budget:
+        return Finding(DOCTOR_WARN, "drain", f"a child drains up to {_seconds(slowest)}, not below {drain.key} "
+                                             f"{_seconds(drain.budget)}: the supervisor SIGKILLs it mid-drain; lower "
+                                             "job_worker.shutdown_timeout / pipeline_advancer.shutdown_timeout")
+    if drain.forks:
+        plan = (f"job workers get {_seconds(drain.worker)} < the supervisor waits {_seconds(drain.budget)} < "
+                f"{drain.grace}s")
+    else:
+        plan = f"this {drain.role} drains {_seconds(drain.budget)} ({drain.key}) < {drain.grace}s"
+    if ctx.grace is None:
+        return Finding(DOCTOR_OK, "drain", f"{plan}: give the process manager a grace period of at least "
+                                           f"{drain.grace}s (--grace SECONDS checks yours)")
+    return Finding(DOCTOR_OK, "drain", f"--grace {_seconds(ctx.grace)} >= {drain.grace}s needed ({plan})")
+
+
+def _doctor_processes(ctx: DoctorContext) -> Finding:
+    """7. Stale process rows: a dead process's row, and its claims, wait for a live peer's reaper."""
+    rows, live = ctx.rows(), ctx.live()
+    stale = [row for row in rows if row.heartbeat_age > ctx.reaper_timeout]
+    machines = sorted({row.machine for row in live})
+    alive = f"{len(live)} live on {len(machines)} machine(s)" if live else "no live process"
+    if not stale:
+        return Finding(DOCTOR_OK, "processes", f"{alive}, none stale" if rows else "none registered")
+    where = sorted({row.machine for row in stale})
+    text = (f"{len(stale)} stale row(s) (no heartbeat for supervisor.reaper_timeout {_seconds(ctx.reaper_timeout)}) "
+            f"of {', '.join(where[:5])}{' and others' if len(where) > 5 else ''}; {alive}")
+    if live:
+        return Finding(DOCTOR_WARN, "processes", f"{text}: a live peer reaps them and hands their steps back")
+    return Finding(DOCTOR_WARN, "processes", f"{text}: nobody will reap them; their claimed steps wait until a "
+                                             "ductwork process starts")
+
+
+def queue_limit(config: Config, pipeline: str | None = None) -> float:
+    """The age (seconds) above which the oldest claimable step of ``pipeline`` makes doctor warn."""
+    return max(QUEUE_WARN_AGE, QUEUE_WARN_POLLS * float(config.get("job_worker.polling_timeout", pipeline)))
+
+
+def _doctor_queue(ctx: DoctorContext) -> Finding:
+    """8. The oldest claimable step per pipeline (database clock): too old, nobody serves it or workers are busy."""
+    with ctx.store.tx(write=False) as t:
+        queue = [(pipeline, int(n), float(age or 0)) for pipeline, n, age in t.all(DashboardSQL.queue)]
+    if not queue:
+        return Finding(DOCTOR_OK, "queue", "no claimable step waiting")
+    served = {p for row in ctx.live() if _runs_workers(row) for p in row.pipelines.split(",")}
+    late = [(p, n, age) for p, n, age in sorted(queue) if age > queue_limit(ctx.config, p)]
+    oldest = max(age for _, _, age in queue)
+    if not late:
+        return Finding(DOCTOR_OK, "queue", f"{sum(n for _, n, _ in queue)} claimable step(s), the oldest "
+                                           f"{oldest:.1f}s old (warn above {_seconds(queue_limit(ctx.config))})")
+    why = [f"{p} {age:.0f}s old, {n} waiting: " + ("its workers are saturated or stuck (add workers or raise "
+                                                   "job_worker.count)" if p in served else "no live worker serves it")
+           for p, n, age in late]
+    return Finding(DOCTOR_WARN, "queue", f"the oldest claimable step is {oldest:.0f}s old (warn above "
+                                         f"{_seconds(queue_limit(ctx.config))}): {'; '.join(why)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DoctorCheck:
+    """One row of DOCTOR_CHECKS."""
+    name: str
+    run: Callable[[DoctorContext], Finding]
+    needs: str = ""         # "database": runs only when it answered; "schema": only when the tables are there too
+    postgres: bool = False  # PostgreSQL only (SQLite has no server clock of its own, no connection limit, no pooler)
+
+
+DOCTOR_CHECKS = (   # in output order
+    DoctorCheck("database", _doctor_database),
+    DoctorCheck("schema", _doctor_schema, needs="database"),
+    DoctorCheck("clock", _doctor_clock, needs="database", postgres=True),
+    DoctorCheck("connections", _doctor_connections, needs="database", postgres=True),
+    DoctorCheck("pooler", _doctor_pooler, postgres=True),
+    DoctorCheck("drain", _doctor_drain),
+    DoctorCheck("processes", _doctor_processes, needs="schema"),
+    DoctorCheck("queue", _doctor_queue, needs="schema"),
+)
+
+
+def _database_error(exc: BaseException) -> bool:
+    """An error of the database or of the connection to it (as opposed to a bug of doctor's)."""
+    return (isinstance(exc, (DuctworkError, sqlite3.Error, OSError))
+            or type(exc).__module__.startswith("pg8000"))
+
+
+def _error_text(exc: BaseException) -> str:
+    """A database error on one line, masked: pg8000's message and code, not its raw dict."""
+    return mask(_db_error_text(exc)).partition("\n")[0] or type(exc).__name__
+
+
+def _doctor_pipelines(config: Config) -> tuple[list[str] | None, Finding | None]:
+    """The configured pipelines (None: ``*`` and no app to count them from) and, when the config names an app,
+    a finding on its import (doctor may run where the app is not installed: a warning, not an error)."""
+    listed = None if config.data["pipelines"] == "*" else list(config.data["pipelines"])
+    if not config.data["app"]:
+        return listed, None
+    try:
+        import_app(config.data["app"])
+    except (ConfigError, DefinitionError) as exc:
+        counted = "from the config" if listed else "from the live process rows"
+        return listed, Finding(DOCTOR_WARN, "app", f"{exc}: pipelines counted {counted}")
+    names = listed if listed is not None else sorted(_REGISTRY)
+    return names, Finding(DOCTOR_OK, "app", f"{len(names)} pipeline(s) configured ({', '.join(names) or 'none'})")
+
+
+def run_doctor(config: Config, grace: float | None = None) -> list[Finding]:
+    """Every check of DOCTOR_CHECKS that applies, in order (doctor's lines)."""
+    pipelines, app = _doctor_pipelines(config)
+    store = Store(config.data["database_url"], read_only=True)
+    ctx = DoctorContext(config, store, grace, pipelines)
+    findings = [app] if app else []
+    gates: dict[str, int] = {}          # "database" / "schema": the index of the finding that closed it
+    skipped: dict[str, list[str]] = {}
+    try:
+        for check in DOCTOR_CHECKS:
+            if check.postgres and not ctx.postgres:
+                continue
+            gate = _closed_gate(check, ctx)
+            if gate:
+                skipped.setdefault(gate, []).append(check.name)
+                continue
+            gates[check.name] = len(findings)
+            findings.append(_run_check(check, ctx))
+    finally:
+        store.close()
+    for gate, names in skipped.items():   # the line that closed the gate says what was not checked
+        at = gates[gate]
+        findings[at] = dataclasses.replace(findings[at], text=f"{findings[at].text} (not checked: {', '.join(names)})")
+    return findings
+
+
+def _closed_gate(check: DoctorCheck, ctx: DoctorContext) -> str | None:
+    """What ``check`` needs and earlier checks found missing: "database" (unreachable), "schema" (no tables)."""
+    if check.needs and not ctx.reachable:
+        return "database"
+    if check.needs == "schema" and ctx.schema is None:
+        return "schema"
+    return None
+
+
+def _run_check(check: DoctorCheck, ctx: DoctorContext) -> Finding:
+    """One check; a database error on the way is its fail line, not the end of doctor."""
+    try:
+        return check.run(ctx)
+    except Exception as exc:
+        if not _database_error(exc):
+            raise
+        return Finding(DOCTOR_FAIL, check.name, f"database error: {_error_text(exc)}")
 
 
 # =====================================================================================
@@ -6328,6 +6899,12 @@ def _dashboard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refresh", type=float, default=5.0, help="seconds between a page's refresh polls (default 5)")
 
 
+def _doctor_arguments(p: argparse.ArgumentParser) -> None:
+    """doctor's own options."""
+    p.add_argument("--grace", type=float, help="the process manager's grace period in seconds (e.g. Kubernetes "
+                                               "terminationGracePeriodSeconds): checked against the drain arithmetic")
+
+
 def _config_from_args(args: argparse.Namespace) -> Config:
     """The configuration: the config file and environment, overridden by the command line."""
     apps = (args.app or []) + (getattr(args, "app_after", None) or [])  # --app before and after the command
@@ -6505,6 +7082,18 @@ def cmd_healthcheck(args: argparse.Namespace, config: Config | None) -> int:
     return health.code
 
 
+def cmd_doctor(args: argparse.Namespace, config: Config | None) -> int:
+    """Check the deployment: one line per check (ok / warn / fail, escaped); exit 1 when one failed. It imports the
+    app itself (light): an app that does not import here is a warning, not an error."""
+    config = config or _config_from_args(args)
+    if args.grace is not None and not 0 <= args.grace <= MAX_DURATION:   # NaN and infinity fail this too
+        raise ConfigError(f"--grace must be a number of seconds >= 0 (at most {MAX_DURATION})")
+    findings = run_doctor(config, args.grace)
+    for finding in findings:
+        print(printable(finding.line))
+    return EXIT_FAILURE if any(finding.level == DOCTOR_FAIL for finding in findings) else EXIT_OK
+
+
 def cmd_dashboard(args: argparse.Namespace, config: Config) -> int:
     """Serve the dashboard until SIGTERM/SIGINT; exit 0."""
     if not 0 <= args.port <= 65535 or not 0 < args.refresh <= MAX_DURATION:
@@ -6541,6 +7130,8 @@ COMMANDS = (   # in --help order
     Command("trigger", "trigger a pipeline: trigger NAME [JSON ...]", cmd_trigger, _trigger_arguments),
     Command("dashboard", "read-only web dashboard, JSON API and Prometheus /metrics", cmd_dashboard,
             _dashboard_arguments),
+    Command("doctor", "check the deployment: one line per check, ok / warn / fail", cmd_doctor, _doctor_arguments,
+            light=True),
 )
 COMMANDS_BY_NAME = {name: command for command in COMMANDS for name in (command.name, *command.aliases)}
 
