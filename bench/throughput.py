@@ -23,9 +23,10 @@ class Cluster:
     """2 worker processes + 1 advancer process against one database."""
 
     compiled: Path | None = None   # the folder of a compiled copy (python -m ductwork), or None: the script
+    settings: dict = {}            # config of every cluster of this run (bench/pool.py sets pool_size)
 
     def __init__(self, db: Database, tmp: Path, workers: int = 2, **config):
-        self.cfg = write_config(tmp / f"cluster-{db.kind}.yml", db.url, **config)
+        self.cfg = write_config(tmp / f"cluster-{db.kind}.yml", db.url, **{**self.settings, **config})
         self.procs = [start(self.cfg, "run", "--role", "worker", compiled=self.compiled) for _ in range(workers)]
         self.procs.append(start(self.cfg, "run", "--role", "advancer", compiled=self.compiled))
         store = ductwork.Store(db.url)
