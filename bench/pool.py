@@ -29,7 +29,7 @@ def figures(db: Database, tmp: Path, steps: int, only: list[str]) -> dict[str, f
     if "warm" in only:
         out[f"{steps} single-step runs, warm workers, steps/s"] = throughput_warm(db, tmp, steps)
     if "chain" in only:
-        out["10-step chain median, ms"] = statistics.median(chain_latency(db, tmp))
+        out["10-step chain median, ms"] = statistics.median(chain_latency(db, tmp, n=60))
     if "fan" in only:
         out["fan-out 1000 + fan-in, s"] = fan_in(db, tmp)
     return out

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import threading
+import uuid
 
 import pytest
 from conftest import _pg_connect, truncate_pg
-from procs import LOAD_SLACK, Proc, wait_until
+from procs import BASE_CONFIG, LOAD_SLACK, Proc, pause, wait_until
 
 import ductwork
 
@@ -177,3 +179,63 @@ def test_connections_per_process_do_not_grow_with_thread_counts(procs, tmp_path,
     assert most["worker:SupMixed"] == 3 or most["worker:SupNap"] == 3 or most["advancer"] == 3, most
     sup.signal(signal.SIGTERM)
     assert sup.wait() == 0
+
+
+# -- refused connections ------------------------------------------------------------------------------
+
+@pytest.fixture
+def limited_role_db(pg_server_url):
+    """A new role with CONNECTION LIMIT 2 and a database of its own: (its URL, an admin connection)."""
+    name = f"dw_limited_{uuid.uuid4().hex[:8]}"
+    admin = _pg_connect(pg_server_url)
+    admin.cursor().execute(f"CREATE ROLE {name} LOGIN CONNECTION LIMIT 2")
+    admin.cursor().execute(f"CREATE DATABASE {name} OWNER {name}")
+    try:
+        info = ductwork.parse_database_url(pg_server_url)
+        yield f"postgresql://{name}@{info.host}:{info.port}/{name}", admin, name
+    finally:
+        admin.cursor().execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        admin.cursor().execute(f"DROP DATABASE IF EXISTS {name}")
+        admin.cursor().execute(f"DROP ROLE IF EXISTS {name}")
+        admin.close()
+
+
+@pytest.mark.postgres
+def test_a_role_out_of_connections_is_an_outage_nothing_lost(procs, tmp_path, limited_role_db):
+    """The deployment wants 1 + 3 + 3 connections and the role may hold 2: the processes that get none
+    wait (one line each), the supervisor stays up, no boot counts as failed, no child is killed as hung;
+    once the limit is lifted every run completes."""
+    url, admin, role = limited_role_db
+    ductwork.configure(database_url=url)
+    ductwork.migrate()
+    runs = [sup_app.SupMixed.trigger(n) for n in (2, 3, 4)]
+    ductwork._app_engine().store.close()
+    config = {"pipelines": ["SupMixed"]}
+    sup = Proc(tmp_path, url, config=config)
+    procs.append(sup)
+    sup.wait_log(rf"database unavailable, retrying with backoff: .*too many connections for role \"{role}\"")
+    # several hang timeouts and boot backoffs long: nothing gave up on anything
+    settings = BASE_CONFIG["supervisor"]
+    pause(2 * settings["hang_timeout"] + settings["heartbeat_interval"])
+    assert sup.popen.poll() is None
+    log = sup.log()
+    assert "failed to boot" not in log and "hung" not in log and "Traceback" not in log, log[-3000:]
+    watcher = ductwork.Store(url.replace(f"//{role}@", "//postgres@"))   # a superuser: not under the role's limit
+    with watcher.tx(write=False) as t:
+        assert t.all("SELECT DISTINCT status FROM ductwork_runs") == [("in_progress",)]
+    watcher.close()
+    admin.cursor().execute(f"ALTER ROLE {role} CONNECTION LIMIT -1")
+    deadline = 60 * settings["heartbeat_interval"] + LOAD_SLACK
+    assert [run.wait(deadline) for run in runs] == ["completed"] * 3, sup.log()[-3000:]
+    assert [run.output for run in runs] == [sup_app_output(n) for n in (2, 3, 4)]
+    for pid in {int(m) for m in re.findall(r"\[(\d+) \w+ [^]]*\] database unavailable", sup.log())}:
+        assert len(re.findall(rf"\[{pid} [^]]*\] database unavailable", sup.log())) == 1, sup.log()[-3000:]
+    ductwork._app_engine().store.close()
+    sup.signal(signal.SIGTERM)
+    assert sup.wait() == 0
+
+
+def sup_app_output(n: int) -> int:
+    """SupMixed's output for n: sum of squares below n, then (+1) + (*10), summed."""
+    total = sum(i * i for i in range(n))
+    return (total + 1) + total * 10

@@ -232,13 +232,26 @@ def write_report(backend: str, text: str) -> None:
     REPORT.write_text(head + "\n".join(sections[k] for k in sorted(sections)))
 
 
-@pytest.fixture(params=[pytest.param("postgres", marks=pytest.mark.postgres), "sqlite"])
-def soak_db(request):
+@pytest.fixture(params=[pytest.param("postgres", marks=pytest.mark.postgres), "sqlite",
+                        pytest.param("pgbouncer", marks=pytest.mark.postgres),
+                        pytest.param("pgbouncer-listen", marks=pytest.mark.postgres)])
+def soak_db(request, monkeypatch):
+    """sqlite, postgres, or postgres through a real PgBouncer in transaction mode, wake-ups by polling
+    ("pgbouncer") or from listen_url ("pgbouncer-listen")."""
     if request.param == "sqlite":
         return "sqlite", None, 2   # the test puts the file in its own work dir
     url = request.getfixturevalue("pg_server_url")
     truncate_pg(url)
-    return "postgres", url, 3
+    if request.param == "postgres":
+        return "postgres", url, 3
+    # server connections for the hosts' transactions at once: a queue at the pooler only delays them
+    bouncer = request.getfixturevalue("start_pgbouncer")(default_pool_size=20)
+    if request.param == "pgbouncer-listen":
+        monkeypatch.setenv("DUCTWORK_LISTEN_URL", url)
+    else:
+        monkeypatch.delenv("DUCTWORK_LISTEN_URL", raising=False)
+    info = ductwork.parse_database_url(url)
+    return request.param, bouncer.url(info.database, user=info.user, password=info.password, pgbouncer="true"), 3
 
 
 def test_soak_under_chaos(soak_db, capsys):
