@@ -12,7 +12,7 @@ import threading
 import uuid
 
 import pytest
-from conftest import _pg_connect, truncate_pg
+from conftest import _pg_connect, run_cli, truncate_pg
 from procs import BASE_CONFIG, LOAD_SLACK, Proc, pause, wait_until
 
 import ductwork
@@ -239,3 +239,58 @@ def sup_app_output(n: int) -> int:
     """SupMixed's output for n: sum of squares below n, then (+1) + (*10), summed."""
     total = sum(i * i for i in range(n))
     return (total + 1) + total * 10
+
+
+@pytest.fixture
+def small_server(tmp_path):
+    """A private cluster with max_connections = 20 (17 for roles that are not superusers) and a database
+    of a role ``app`` that is not one: its URL."""
+    from pgcluster import PrivateCluster
+    pg = PrivateCluster()
+    try:
+        pg.create()
+        with open(pg.data / "postgresql.conf", "a") as fh:
+            fh.write("max_connections = 20\n")
+        pg.start()
+        admin = _pg_connect(pg.url)
+        admin.cursor().execute("CREATE ROLE app LOGIN")
+        admin.cursor().execute("CREATE DATABASE app OWNER app")
+        admin.close()
+        yield f"postgresql://app@127.0.0.1:{pg.port}/app?connect_timeout=2"
+    finally:
+        pg.remove()
+
+
+@pytest.mark.postgres
+def test_two_hosts_leave_room_for_the_cli_on_a_small_server(procs, tmp_path, small_server):
+    """Two supervisors (a pipeline, 5 worker threads) on a server with 17 connections for the role:
+    7 each with the pool (11 each, 22 in all, with one connection per thread: the CLI was locked out).
+    Under load, trigger, status and migrate still get in, and nobody had to wait for a connection."""
+    url = small_server
+    ductwork.configure(database_url=url)
+    ductwork.migrate()
+    ductwork._app_engine().store.close()
+    config = {"pipelines": ["SupMixed"], "job_worker": {"count": 5}}
+    hosts = [Proc(tmp_path, url, name=f"host{i}", machine=f"small-{i}", config=config) for i in (1, 2)]
+    procs.extend(hosts)
+    for host in hosts:
+        host.wait_log("worker started")
+        host.wait_log("advancer started")
+    env = {"DUCTWORK_MACHINE_ID": "small-cli"}
+    for n in range(2, 40):   # load: every thread of both hosts busy
+        out = run_cli("trigger", "SupMixed", str(n % 6), "--database-url", url, "--app", sup_app.__file__, env=env)
+        assert out.returncode == 0, out.stderr
+    for args in (("status",), ("migrate",)):
+        out = run_cli(*args, "--database-url", url, "--app", sup_app.__file__, env=env)
+        assert out.returncode == 0, out.stderr
+    watcher = ductwork.Store(url)
+
+    def finished() -> bool:
+        with watcher.tx(write=False) as t:
+            return t.one("SELECT count(*) FROM ductwork_runs WHERE status <> 'completed'")[0] == 0
+    wait_until(finished, timeout=60 + LOAD_SLACK, what="every run completed")
+    watcher.close()
+    for host in hosts:
+        assert "database unavailable" not in host.log(), host.log()[-3000:]
+        host.signal(signal.SIGTERM)
+        assert host.wait() == 0
