@@ -3389,6 +3389,7 @@ class Wakeups:
         self.everyone: list[threading.Event] = []                         # every thread's event (all())
         self.idle: dict[tuple[str, str], list[threading.Event]] = {}      # (channel, pipeline) -> waiting threads
         self.pending: set[tuple[str, str]] = set()                        # hints that found nobody idle
+        self.looked: dict[tuple[str, str], float] = {}                    # when a thread last left wait() to claim
 
     def event(self) -> threading.Event:
         """A new thread's own event: it waits on it in wait(); all() sets it."""
@@ -3398,17 +3399,30 @@ class Wakeups:
         return ev
 
     def wait(self, channel: str, pipeline: str, ev: threading.Event, timeout: float) -> None:
-        """Idle until a hint for this channel and pipeline, all(), or ``timeout`` (at once when one is pending)."""
+        """Idle until a hint for this channel and pipeline, all(), or the poll (at once when a hint is pending).
+
+        The poll is the fallback for lost hints, and one look a ``timeout`` per channel and pipeline
+        is enough for the whole process: a thread whose wait times out while a sibling looked less
+        than ``timeout`` ago waits on, until that look is a ``timeout`` old. Idle, five threads of a
+        pipeline ask the database once a polling_timeout, not five times (and take no connection
+        of the pool from a thread that has work)."""
         key = (channel, pipeline)
         with self.lock:
             if key in self.pending:
                 self.pending.discard(key)
                 return
             self.idle.setdefault(key, []).append(ev)
-        ev.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while not ev.wait(max(0.0, deadline - time.monotonic())):
+            with self.lock:
+                looked = self.looked.get(key, 0.0)
+                if time.monotonic() - looked >= timeout:
+                    break
+            deadline = looked + timeout
         with self.lock:
             with contextlib.suppress(ValueError):
                 self.idle.get(key, []).remove(ev)
+            self.looked[key] = time.monotonic()   # this thread looks now (claims)
         ev.clear()
 
     def notify(self, channel: str, pipeline: str, every_idle: bool = False) -> None:

@@ -203,8 +203,8 @@ def limited_role_db(pg_server_url):
 @pytest.mark.postgres
 def test_a_role_out_of_connections_is_an_outage_nothing_lost(procs, tmp_path, limited_role_db):
     """The deployment wants 1 + 3 + 3 connections and the role may hold 2: the processes that get none
-    wait (one line each), the supervisor stays up, no boot counts as failed, no child is killed as hung;
-    once the limit is lifted every run completes."""
+    wait (one line each per outage), the supervisor stays up, no boot counts as failed, no child is killed
+    as hung; once the limit is lifted every run completes, exactly once."""
     url, admin, role = limited_role_db
     ductwork.configure(database_url=url)
     ductwork.migrate()
@@ -220,10 +220,8 @@ def test_a_role_out_of_connections_is_an_outage_nothing_lost(procs, tmp_path, li
     assert sup.popen.poll() is None
     log = sup.log()
     assert "failed to boot" not in log and "hung" not in log and "Traceback" not in log, log[-3000:]
-    watcher = ductwork.Store(url.replace(f"//{role}@", "//postgres@"))   # a superuser: not under the role's limit
-    with watcher.tx(write=False) as t:
-        assert t.all("SELECT DISTINCT status FROM ductwork_runs") == [("in_progress",)]
-    watcher.close()
+    # (which two processes hold the role's connections changes as they free and retry them: runs may
+    # already progress through those two; the others wait their turn)
     admin.cursor().execute(f"ALTER ROLE {role} CONNECTION LIMIT -1")
     deadline = 60 * settings["heartbeat_interval"] + LOAD_SLACK
     assert [run.wait(deadline) for run in runs] == ["completed"] * 3, sup.log()[-3000:]

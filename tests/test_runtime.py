@@ -6,6 +6,7 @@ regressions of the worker loop and the runtime's lifecycle (drain, lost replies)
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from test_engine import EngSingle  # the engine tests' one-step pipeline
@@ -210,3 +211,29 @@ def test_claim_whose_commit_ack_is_lost_is_stranded_while_the_process_lives(star
     run = RvOne.trigger(1)
     status = run.wait(5)
     assert status == "completed"
+
+
+def test_idle_threads_of_a_pipeline_poll_once_a_timeout_between_them():
+    """Five idle threads, a 50 ms poll: one look at the database per 50 ms between them, not five (a hint
+    still wakes one at once: tests/test_supervisor.py, test_idle_processes_are_woken_by_a_trigger...)."""
+    wakeups, timeout, threads, rounds = ductwork.Wakeups(), 0.05, 5, 20
+    looks: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def idle(i: int) -> None:
+        ev = wakeups.event()
+        while not stop.is_set():
+            wakeups.wait(ductwork.CH_JOBS, "P", ev, timeout)
+            looks.append((time.monotonic(), i))
+    workers = [threading.Thread(target=idle, args=(i,)) for i in range(threads)]
+    started = time.monotonic()
+    for w in workers:
+        w.start()
+    threading.Event().wait(rounds * timeout)
+    stop.set()
+    wakeups.all()
+    for w in workers:
+        w.join(10)
+    polls = [t for t, _ in looks if t < started + rounds * timeout]
+    assert len(polls) <= rounds + threads, len(polls)   # one a timeout, plus each thread's first wait
+    assert len({i for _, i in looks}) > 1               # the look moves between the threads
