@@ -3941,7 +3941,10 @@ class Runtime:
                     if not self.stopping.is_set():  # stopping is set before the wake-ups fire
                         self.wakeups.wait(CH_JOBS, pipeline, wake, idle)
                     continue
-                if len(claims) == limit:  # there may be more: let the idle siblings look too
+                # A batch that came back full: there may be more, let the idle siblings look too. (One step
+                # asked for and got is no sign of a burst: waking them all for it sent every sibling to the
+                # database for nothing, at each hop of a chain, holding connections the hop needed.)
+                if len(claims) == limit > 1:
                     self.wakeups.notify(CH_JOBS, pipeline, every_idle=True)
             claims, per_step = self.run_batch(claims, limit)
             # Sized by the steps' own run time: a slow commit (a busy database) is a reason to
