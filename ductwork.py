@@ -6,7 +6,8 @@ A map of this module, top to bottom (search for the ``# ===`` banners):
     errors & constants   exception classes, exit codes, halt reasons, wake-up channels, backoff()
     logging              text/JSON log lines, password masking
     config               YAML sections, strict validation, override maps
-    storage              database URLs, SQLite / pg8000 connections, TLS, Store and Tx, StoreSQL, migrations
+    storage              database URLs, SQLite / pg8000 connections (prepared, or pooler-safe unnamed), TLS,
+                         the connection pool, Store and Tx (and the SQLite file under them), StoreSQL, migrations
     definitions          Step, Pipeline, the definition builder and its graph
     engine               records (one per row shape), SQL by table, BulkSQL, decide() and its rules,
                          Engine: trigger, claim, commit, advance, hand back, reap, revive, context
@@ -544,7 +545,7 @@ def _check_listen_url(database: DatabaseInfo, url: str) -> None:
 
 
 # =====================================================================================
-# storage: database URLs, connections (SQLite or pg8000), TLS, the Store, migrations
+# storage: database URLs, connections (SQLite or pg8000), TLS, the pool, the Store, migrations
 # =====================================================================================
 
 

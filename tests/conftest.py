@@ -72,11 +72,16 @@ def pg_server_url():
     admin.cursor().execute(f"CREATE DATABASE {name}")
     base = PG_ADMIN_URL.rsplit("/", 1)[0]
     yield f"{base}/{name}"
+    drop_database(admin, name)
+    admin.close()
+
+
+def drop_database(admin, name: str) -> None:
+    """End the sessions of database ``name``, then drop it (``admin``: a connection to another one)."""
     admin.cursor().execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
         (name,))
     admin.cursor().execute(f"DROP DATABASE IF EXISTS {name}")
-    admin.close()
 
 
 def truncate_pg(url: str) -> None:
@@ -146,10 +151,7 @@ def fresh_db_url(db_url):
     try:
         yield f"{db_url.rsplit('/', 1)[0]}/{name}"
     finally:
-        admin.cursor().execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-            (name,))
-        admin.cursor().execute(f"DROP DATABASE IF EXISTS {name}")
+        drop_database(admin, name)
         admin.close()
 
 
@@ -285,8 +287,5 @@ def pgbouncer_db(pgbouncer_server):
         yield PooledDb(name=name, url=pgbouncer_server.url(name, user=info.user, password=info.password),
                        direct_url=f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}", bouncer=pgbouncer_server)
     finally:
-        admin.cursor().execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-            (name,))
-        admin.cursor().execute(f"DROP DATABASE IF EXISTS {name}")
+        drop_database(admin, name)
         admin.close()

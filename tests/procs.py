@@ -112,8 +112,8 @@ def _sqlite_write_locks(pid: int) -> list[str]:
                 and line.split()[1:5] == ["POSIX", "ADVISORY", "WRITE", str(pid)]]
 
 
-def _pg_transactions(pid: int, db_url: str) -> list[tuple]:
-    """Open transactions of ``pid``'s Postgres sessions (found by the client ports of its sockets)."""
+def client_ports(pid: int) -> set[int]:
+    """The local TCP ports of ``pid``'s sockets (its sessions' client ports, as the server sees them)."""
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         with contextlib.suppress(OSError):
@@ -127,6 +127,12 @@ def _pg_transactions(pid: int, db_url: str) -> list[tuple]:
                 fields = line.split()
                 if fields[9] in inodes:
                     ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _pg_transactions(pid: int, db_url: str) -> list[tuple]:
+    """Open transactions of ``pid``'s Postgres sessions (found by the client ports of its sockets)."""
+    ports = client_ports(pid)
     if not ports:
         return []
     import ductwork

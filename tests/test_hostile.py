@@ -296,18 +296,23 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_trigger_on_a_full_disk_is_one_line_exit_1(tmp_path, small_disk, hostile_app):
-    url = f"sqlite:///{small_disk}/d.sqlite3"
-    assert hostile_cli(tmp_path, "trigger", "HostileEcho", "1", "--app", hostile_app, "--database-url", url
-                       ).returncode == 0
-    before = stored_runs(url)
-    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+def fill(disk) -> None:
+    """Write a file on ``disk`` until it is full (ENOSPC); remove ``disk / "filler"`` to free it."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
     try:
         with pytest.raises(OSError):
             while True:
                 os.write(fd, b"\0" * 4096)
     finally:
         os.close(fd)
+
+
+def test_trigger_on_a_full_disk_is_one_line_exit_1(tmp_path, small_disk, hostile_app):
+    url = f"sqlite:///{small_disk}/d.sqlite3"
+    assert hostile_cli(tmp_path, "trigger", "HostileEcho", "1", "--app", hostile_app, "--database-url", url
+                       ).returncode == 0
+    before = stored_runs(url)
+    fill(small_disk)
     big = json.dumps("x" * 100_000)
     out = hostile_cli(tmp_path, "trigger", "HostileEcho", big, big, big, "--app", hostile_app, "--database-url", url)
     one_error(out, 1, "ductwork: error: database error: ")
@@ -770,13 +775,7 @@ def test_a_full_disk_is_one_outage_in_the_log_not_one_a_second(procs, tmp_path, 
     procs.append(sup)
     worker = sup.child_pid("worker:HsQuick")
     sup.wait_log(r"worker started")
-    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        with pytest.raises(OSError):
-            while True:
-                os.write(fd, b"\0" * 4096)
-    finally:
-        os.close(fd)
+    fill(small_disk)
     # heartbeats fail (writes), empty claims go through (reads): one line, for longer than a reaper_timeout
     # (a peer may reap a row meanwhile: its process says so once, however often registering fails)
     sup.wait_log(rf"\[{worker} [^]]*\] database unavailable")

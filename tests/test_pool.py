@@ -3,7 +3,6 @@ holds a connection only while a transaction runs. Real SQLite files, real Postgr
 real `python ductwork.py` processes."""
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -13,7 +12,7 @@ import uuid
 
 import pytest
 from conftest import _pg_connect, run_cli, truncate_pg
-from procs import BASE_CONFIG, LOAD_SLACK, Proc, pause, wait_until
+from procs import BASE_CONFIG, LOAD_SLACK, Proc, client_ports, pause, wait_until
 
 import ductwork
 
@@ -126,19 +125,7 @@ def test_a_broken_connection_is_dropped_not_handed_out_again(pg_server_url):
 
 def _sessions_of(pid: int, db_url: str) -> int:
     """Postgres sessions of process ``pid`` (found by the client ports of its sockets)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as fh:
-            for line in list(fh)[1:]:
-                fields = line.split()
-                if fields[9] in inodes:
-                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    ports = client_ports(pid)
     if not ports:
         return 0
     admin = _pg_connect(db_url)
