@@ -176,7 +176,9 @@ class _Formatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
-        if record.exc_info:
+        if record.exc_info and isinstance(record.exc_info[1], ConfigError):   # a setting to fix: one line, the fix
+            message += f": {record.exc_info[1]}"
+        elif record.exc_info:
             message += "\n" + self.formatException(record.exc_info)
         fields = {key: getattr(record, key) for key in ("pipeline", "run", "step")
                   if getattr(record, key, None) is not None}
@@ -707,9 +709,16 @@ class _PgConnection:
     MAX_PREPARED = 256
 
     def __init__(self, conn: Any, pooled: bool = False):
+        import secrets
         self.conn = conn
         self.pooled = pooled
-        self.prepared: dict[str, Any] = {}   # direct: SQL text -> its prepared statement
+        # direct: SQL text -> (statement name, parameter maker, columns, decoders); the names are this
+        # connection's own (pg8000's are pg8000_statement_0, _1... on every connection): through a
+        # transaction pooler by mistake, another server connection never has a statement of that name
+        # holding other SQL, so the mistake is an error ("does not exist"), never another client's SQL run
+        self.prepared: dict[str, tuple] = {}
+        self.prefix = f"dw_{secrets.token_hex(4)}_"
+        self.named = 0
         self.parsed: dict[str, Any] = {}     # pooled: SQL text -> ($n statement, its parameter maker)
         self.generation = 0
 
@@ -718,22 +727,39 @@ class _PgConnection:
         if self.pooled:
             return self._execute_unnamed(sql, named)
         try:
-            statement = self.prepared.get(sql)
-            if statement is None:
-                if len(self.prepared) >= self.MAX_PREPARED:
-                    for old in self.prepared.values():
-                        old.close()
-                    self.prepared.clear()
-                statement = self.prepared[sql] = self.conn.prepare(sql)
-            rows = statement.run(**named)
+            return self._execute_prepared(sql, named)
         except Exception as exc:
             text = _db_error_text(exc)
-            if 'prepared statement "pg8000_statement_' in text:   # 42P05 already exists / 26000 does not exist
+            if f'prepared statement "{self.prefix}' in text:   # 26000 does not exist (42P05: already exists)
                 raise ConfigError(f"the database URL goes through a transaction pooler (PgBouncer, Supavisor, RDS "
                                   f"Proxy...): {text}; add ?pgbouncer=true to database_url (and set listen_url to "
                                   "the database's direct URL for wake-ups)") from None
             raise
-        return [tuple(r) for r in rows or ()], statement._context.row_count
+
+    def _execute_prepared(self, sql: str, params: dict[str, Any]) -> tuple[list[tuple], int]:
+        from pg8000 import core, native
+        c = self.conn
+        prepared = self.prepared.get(sql)
+        if prepared is None:
+            if len(self.prepared) >= self.MAX_PREPARED:
+                for name_bin, *_ in self.prepared.values():
+                    c.close_prepared_statement(name_bin)
+                self.prepared.clear()
+            statement, make_vals = native.to_statement(sql)
+            name_bin = f"{self.prefix}{self.named}".encode("ascii") + core.NULL_BYTE
+            self.named += 1
+            c._statement_nums.add(name_bin)   # pg8000's close_prepared_statement forgets it there
+            c.send_PARSE(name_bin, statement)
+            c.send_DESCRIBE_STATEMENT(name_bin)
+            core._write(c._sock, core.SYNC_MSG)
+            core._flush(c._sock)
+            described = core.Context(statement)
+            c.handle_messages(described)
+            prepared = self.prepared[sql] = (name_bin, make_vals, described.columns, described.input_funcs, statement)
+        name_bin, make_vals, columns, input_funcs, statement = prepared
+        context = c.execute_named(name_bin, core.make_params(c.py_types, make_vals(params)), columns, input_funcs,
+                                  statement)
+        return [tuple(r) for r in context.rows or ()], context.row_count
 
     def _execute_unnamed(self, sql: str, params: dict[str, Any]) -> tuple[list[tuple], int]:
         from pg8000 import core, native
@@ -796,8 +822,23 @@ class _Pool:
                 self.waiting.appendleft(waiter)
             else:
                 self.waiting.append(waiter)
-        waiter.handed.wait()
+        try:
+            waiter.handed.wait()
+        except BaseException:   # KeyboardInterrupt, SystemExit from a signal handler: leave the line cleanly
+            self._abandon(waiter)
+            raise
         return waiter.conn
+
+    def _abandon(self, waiter: "_PoolWaiter") -> None:
+        """A waiter gave up: out of the line, or (handed something meanwhile) what it was handed passed on."""
+        with self.lock:
+            if waiter in self.waiting:
+                self.waiting.remove(waiter)
+                return
+        if waiter.conn is not None:
+            self.release(waiter.conn)
+        else:
+            self.give_back()
 
     def release(self, conn: Any) -> None:
         """A transaction is over: its connection goes to the first waiter, or back to the idle ones."""
@@ -1014,7 +1055,9 @@ class Store:
         # generation makes every thread drop its connection at its next transaction
         self._file_id: tuple[int, int] | None = None
         self._file_lock = threading.Lock()
-        self.replaced = False   # another file took the path: this process must stop (see _check_file)
+        # an error that ends this process (Runtime and Supervisor look at it): the SQLite file replaced
+        # under it (DatabaseReplaced), or a transaction pooler behind a URL without pgbouncer=true (ConfigError)
+        self.fatal: DuctworkError | None = None
         self._file_missing = False
         self._next_file_check = 0.0
         self._generation = 0
@@ -1090,10 +1133,10 @@ class Store:
         old one was open (a restore while running): SQLite would pair it with the old file's -wal
         (by name), and what this process does next would mix the two; so nothing more is done
         (DatabaseReplaced, a kind of DatabaseUnavailable, from now on) and the process stops
-        (Runtime and Supervisor look at ``replaced``): a restart opens the new file cleanly."""
+        (Runtime and Supervisor look at ``fatal``): a restart opens the new file cleanly."""
         with self._file_lock:
             self._next_file_check = time.monotonic() + self.FILE_CHECK_EVERY
-            if self.replaced:
+            if isinstance(self.fatal, DatabaseReplaced):
                 raise DatabaseReplaced(self._replaced_text())
             try:
                 found: tuple[int, int] | None = self._file_identity()
@@ -1112,9 +1155,9 @@ class Store:
                 log.warning("a new SQLite database file is at %s: this process goes on with it", self.info.path)
                 self._file_id, self._file_missing = found, False
                 return
-            self.replaced = True
+            self.fatal = DatabaseReplaced(self._replaced_text())
             log.error("%s", self._replaced_text())
-            raise DatabaseReplaced(self._replaced_text())
+            raise self.fatal
 
     def _drop_connections(self) -> None:
         """Every connection of the file opened so far goes: the idle ones now, the busy ones when their
@@ -1238,12 +1281,17 @@ class Store:
             if explicit:
                 conn.commit()
         except BaseException as exc:
-            with contextlib.suppress(Exception):
+            try:
                 conn.rollback()
-            broken = (_is_connection_error(exc) or isinstance(exc, ConfigError)   # (ConfigError: a pooler's mix-up)
+                rolled_back = True
+            except Exception:   # a connection that cannot roll back is not handed out again
+                rolled_back = False
+            broken = (not rolled_back or _is_connection_error(exc) or isinstance(exc, ConfigError)
                       or (self.dialect == "postgres" and not isinstance(exc, DuctworkError)))
             if broken:
                 self._next_file_check = 0.0   # SQLite: is the file still there? (at the next transaction)
+            if isinstance(exc, ConfigError):   # a pooler's mix-up: this process must stop (see fatal)
+                self.fatal = self.fatal or exc
             if _is_connection_error(exc) and not isinstance(exc, DatabaseUnavailable):
                 raise DatabaseUnavailable(mask(f"database error: {_db_error_text(exc)}")) from exc
             raise
@@ -3287,7 +3335,11 @@ def _app_engine() -> Engine:
         if _APP.config is None:
             _APP.config = load_config()
         if _APP.engine is None:
-            store = Store(_APP.config.data["database_url"], pool_size=_APP.config.data["pool_size"])
+            url = _APP.config.data["database_url"]
+            serving = _SERVING_STORE.get(os.getpid())
+            # a step that triggers runs uses the pool of the process it runs in: no second pool per process
+            store = serving if serving is not None and serving.url == url else Store(
+                url, pool_size=_APP.config.data["pool_size"])
             _APP.engine = Engine(store, _APP.config)
         engine = _APP.engine
     if engine.store.url not in _APP.migrated:
@@ -3672,6 +3724,8 @@ class _ThreadDeath(BaseException):
 # the only one the copy has, must not return into the worker loop. _SERVING_PID is the pid of the process
 # whose Runtime serves; a fork of it resets the signals, and Runtime.inert_if_forked ends the copy.
 _SERVING_PID: dict[str, int | None] = {"pid": None}
+# The Store of the Runtime that serves in this process (by pid): app code run by its steps uses it
+_SERVING_STORE: dict[int, "Store"] = {}
 # What one failed attempt stores of its exception (a 20 MB message is stored as 4 000 characters).
 MAX_ERROR_MESSAGE, MAX_TRACEBACK = 4000, 8000
 RUNTIME_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN, signal.SIGHUP)
@@ -3914,6 +3968,8 @@ class Runtime:
         try:
             return self._db_retry(claim, self.stopping)
         except DatabaseUnavailable:
+            return None
+        except ConfigError:   # the Store keeps it as fatal: the main loop stops the process
             return None
         except Exception:
             log.exception("claiming %s of %s failed", what, pipeline)
@@ -4252,6 +4308,9 @@ class Runtime:
         """Postgres LISTEN as a wake-up hint; polling stays the fallback."""
         channels = {CH_JOBS, CH_ADVANCE}
         conn = None
+        # on listen_url: one line when LISTEN fails there, one when it works again (on the database itself,
+        # its outage's own lines say it)
+        separate, down = self.store.listen_info is not self.store.info, False
         while not self.dead.is_set():
             try:
                 if conn is None:
@@ -4259,6 +4318,9 @@ class Runtime:
                     for channel in channels:
                         conn.execute_simple(StoreSQL.listen.format(channel=channel))
                     self.wakeups.all()  # we may have missed hints while reconnecting
+                    if down and separate:
+                        log.info("wake-ups: listening on %s again", self.store.listen_info.display)
+                    down = False
                 sel = selectors.DefaultSelector()
                 sel.register(conn._usock, selectors.EVENT_READ)
                 sel.select(timeout=1.0)
@@ -4267,7 +4329,11 @@ class Runtime:
                 while conn.notifications:
                     _, channel, payload = conn.notifications.popleft()
                     self.wakeups.notify(channel, payload)
-            except Exception:
+            except Exception as exc:
+                if separate and not down and not self.dead.is_set():
+                    log.warning("wake-ups: cannot LISTEN on %s (%s); idle threads poll until it answers",
+                                self.store.listen_info.display, first_line(exc))
+                down = True
                 with contextlib.suppress(Exception):
                     conn.close()
                 conn = None
@@ -4320,6 +4386,7 @@ class Runtime:
             return EXIT_OK
         self._check_clock()
         _SERVING_PID["pid"] = os.getpid()
+        _SERVING_STORE[os.getpid()] = self.store
         self.start_threads()
         self.booted.set()
         self._report(PIPE_READY, str(self.process_id))   # booted only now: every thread runs
@@ -4327,7 +4394,10 @@ class Runtime:
                  ", ".join(sorted(set(self.pipelines) | set(self.worker_pipelines))) or "no pipelines")
         if self.report_fd is None:  # foreground: no supervisor to state the drain arithmetic
             self.log_drain_arithmetic()
-        code = self.loop()
+        try:
+            code = self.loop()
+        finally:
+            _SERVING_STORE.pop(os.getpid(), None)
         self.hooks("stop")
         return code
 
@@ -4379,6 +4449,8 @@ class Runtime:
             target(arg)
         except BaseException as exc:  # noqa: B036 - a dead worker thread must never go unnoticed
             self.inert_if_forked(1)
+            if self.store.fatal is not None:   # the process stops on it (Runtime.loop): not a bug to report
+                return
             with self.in_flight_lock:
                 self.thread_restarts += 1
                 restarts = self.thread_restarts
@@ -4418,10 +4490,8 @@ class Runtime:
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("supervisor (pid %d) is gone; draining", self.parent_pid)
                 return self.drain()
-            if self.store.replaced:   # nothing more may be written (Store._check_file logged why)
-                self.stopping.set()
-                self.dead.set()
-                return EXIT_FAILURE
+            if self.store.fatal is not None:   # nothing more may be done (the Store said why, or says it now)
+                return self.stop_fatal(self.store.fatal)
             try:
                 signum = self.signals.get(timeout=tick)
             except queue.Empty:
@@ -4448,6 +4518,16 @@ class Runtime:
         self._unregister()
         log.info("drained in %.2fs (%d step(s) handed back)", time.monotonic() - started, handed)
         return EXIT_OK
+
+    def stop_fatal(self, exc: DuctworkError) -> int:
+        """An error that ends the process (Store.fatal): stop at once; exit 2 for a configuration error
+        (the supervisor then stops the deployment), else 1. A replaced SQLite file was logged by the Store."""
+        self.stopping.set()
+        self.dead.set()
+        if isinstance(exc, ConfigError):
+            log.error("%s", exc)
+            return EXIT_USAGE
+        return EXIT_FAILURE
 
     def quit(self) -> int:
         """QUIT: stop claiming, hand every in-flight step back at once, exit."""
@@ -4794,6 +4874,8 @@ class Supervisor:
                 code = self._child_main(spec, write_fd)
             except BaseException as exc:  # noqa: B036 - report any boot failure to the supervisor
                 self._child_failed(spec, write_fd, exc)
+                if isinstance(exc, ConfigError):
+                    code = EXIT_USAGE
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -4818,6 +4900,7 @@ class Supervisor:
         for sig in (signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         _PROCESS_ROLE["role"] = ROLE_MODES[spec.role].row_role
+        _APP.engine = None   # the supervisor's, if it made one: the child's steps use its Runtime's pool
         Fault()("boot")
         runtime = Runtime(self.config, spec.role, spec.pipelines, parent_row=self.row_id, report_fd=write_fd,
                           restarts=spec.restarts)
@@ -4830,7 +4913,7 @@ class Supervisor:
         message = mask(f"{type(exc).__name__}: {exc}")
         with contextlib.suppress(OSError):
             os.write(write_fd, pipe_encode(PIPE_ERROR, message))
-        if not isinstance(exc, (HookFailed, SystemExit)):
+        if not isinstance(exc, (HookFailed, SystemExit, ConfigError)):
             log.exception("%s child failed", spec.key)
         else:
             log.error("%s child failed to boot: %s", spec.key, message)
@@ -4878,6 +4961,9 @@ class Supervisor:
         self.close_pipe(child)
         how = exit_description(status)
         handed = self.hand_back(child)
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_USAGE and not child.retiring:
+            self.stop_if_fatal(f"{child.spec.key} (pid {child.pid}) stopped on a configuration error: "
+                               f"{child.spec.last_error or how}")
         if self.stopping_since is not None or child.retiring:
             self.log_exit(child, how, handed)
         elif not child.ready:
@@ -4964,10 +5050,24 @@ class Supervisor:
         error (logged: a peer's reaper covers it; e.g. a Postgres deadlock, 40P01, is never fatal here)."""
         return self.outage.retry(fn, forever=False, on_error=self._db_error)
 
-    @staticmethod
-    def _db_error(exc: Exception) -> None:
-        """Log a database error of the supervisor loop, which goes on."""
-        log.error("database error in the supervisor loop (a peer's reaper covers it): %s", first_line(exc))
+    def _db_error(self, exc: Exception) -> None:
+        """Log a database error of the supervisor loop, which goes on (a configuration error stops it)."""
+        if not isinstance(exc, ConfigError):
+            log.error("database error in the supervisor loop (a peer's reaper covers it): %s", first_line(exc))
+
+    def stop_if_fatal(self, child_error: str | None = None) -> None:
+        """Stop the deployment (once) for an error that ends it: the Store's own (a replaced SQLite file, a
+        pooler behind a URL without pgbouncer=true), or a child's configuration error (it exited 2)."""
+        if self.stopping_since is not None:
+            return
+        if child_error is not None:
+            log.error("%s", child_error)
+            self.begin_shutdown("a child stopped on a configuration error", EXIT_USAGE)
+        elif isinstance(self.store.fatal, ConfigError):
+            log.error("%s", self.store.fatal)
+            self.begin_shutdown("a configuration error", EXIT_USAGE)
+        elif self.store.fatal is not None:   # its line is logged: stop, not restart
+            self.begin_shutdown("the SQLite database file was replaced", EXIT_FAILURE)
 
     def register(self) -> None:
         """Insert the supervisor's process row (its children's rows name it as their parent)."""
@@ -5007,8 +5107,7 @@ class Supervisor:
         # proof of looping, even when the database is down
         self.proof.touch(self.role.row_role)
         self._with_db(beat)
-        if self.store.replaced and self.stopping_since is None:   # its line is logged: stop, not restart
-            self.begin_shutdown("the SQLite database file was replaced", EXIT_FAILURE)
+        self.stop_if_fatal()
 
     def _delete_row(self) -> None:
         """Delete the supervisor's row and its local heartbeat file (at the end of run())."""

@@ -279,3 +279,93 @@ def test_two_hosts_leave_room_for_the_cli_on_a_small_server(procs, tmp_path, sma
         assert "database unavailable" not in host.log(), host.log()[-3000:]
         host.signal(signal.SIGTERM)
         assert host.wait() == 0
+
+
+def test_a_wait_for_a_connection_cut_short_gives_its_place_back(tmp_path):
+    """Ctrl-C (or SystemExit from a signal handler) while waiting for the pool's one connection: the waiter
+    leaves the line, and the connection its holder gives back goes to the next transaction, not to nobody."""
+    store = ductwork.Store(f"sqlite:///{tmp_path}/w.sqlite3", pool_size=1)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store.tx(write=False):
+            holding.set()
+            release.wait(30)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(10)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(KeyboardInterrupt), store.tx(write=False):
+            pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert len(store._pool.waiting) == 0
+    release.set()
+    holder.join(10)
+    done = threading.Event()
+
+    def use() -> None:
+        with store.tx(write=False) as t:
+            t.one("SELECT 1")
+        done.set()
+    threading.Thread(target=use, daemon=True).start()
+    assert done.wait(10), "the pool lost its connection to the interrupted waiter"
+    assert store._pool.opened == 1
+    store.close()
+
+
+SPAWN_APP = '''
+import ductwork
+
+def spawn(n):
+    run = ductwork.trigger("P13Child", n)      # app code inside a step: the worker's own pool
+    return run.refresh().id
+
+def child(n):
+    return n
+
+class P13Spawn(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(spawn)
+
+class P13Child(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(child)
+'''
+
+
+@pytest.mark.postgres
+def test_a_step_that_triggers_uses_its_process_pool(procs, tmp_path, pg_server_url):
+    truncate_pg(pg_server_url)
+    app = tmp_path / "spawn_app.py"
+    app.write_text(SPAWN_APP)
+    config = {"app": str(app), "pipelines": ["P13Spawn", "P13Child"], "job_worker": {"count": 6}}
+    sup = Proc(tmp_path, pg_server_url, config=config)
+    procs.append(sup)
+    spawner = sup.child_pid("worker:P13Spawn")
+    sup.wait_log("worker started", count=2)
+    most = 0
+    for n in range(12):
+        out = run_cli("trigger", "P13Spawn", str(n), "--database-url", pg_server_url, "--app", str(app))
+        assert out.returncode == 0, out.stderr
+        most = max(most, _sessions_of(spawner, pg_server_url))
+    store = ductwork.Store(pg_server_url)
+
+    def done() -> bool:
+        nonlocal most
+        most = max(most, _sessions_of(spawner, pg_server_url))
+        with store.tx(write=False) as t:
+            return t.one("SELECT count(*) FROM ductwork_runs WHERE status = 'completed'")[0] == 24
+    wait_until(done, timeout=60 + LOAD_SLACK, interval=0.02, what="every run and its child run completed")
+    store.close()
+    assert 1 <= most <= 3, most   # pool_size 2 + LISTEN, the steps' triggers included
+    sup.signal(signal.SIGTERM)
+    assert sup.wait() == 0

@@ -101,23 +101,49 @@ def test_the_dashboard_works_through_the_pooler(tmp_path, pgbouncer_db):
         assert proc.wait(20) == 0
 
 
-def test_a_pooled_url_without_pgbouncer_true_is_one_clear_line(procs, tmp_path, start_pgbouncer, pg_server_url):
-    """One server connection in the pool, and another client has prepared pg8000's first statement
-    on it: a client that names its statements collides at its first one, every time."""
+def _alternating_pooler(start_pgbouncer, pg_server_url):
+    """A pooler of two server connections that lends them in turn (server_round_robin): a client's
+    next exchange goes to the other one, so a statement prepared on one is run on the other at once.
+    Returns (the pooled URL without pgbouncer=true, with it)."""
     import pg8000.native
-    bouncer = start_pgbouncer(default_pool_size=1)
+    bouncer = start_pgbouncer(default_pool_size=2, server_round_robin=1)
     info = ductwork.parse_database_url(pg_server_url)
-    url = bouncer.url(info.database, user=info.user)
-    other = pg8000.native.Connection(user=info.user, host=bouncer.host, port=bouncer.port, database=info.database)
-    try:
-        other.prepare("SELECT 1")
-        for command in (("status",), ("trigger", "SupMixed", "2"), ("migrate",), ("run",)):
-            out = cli(*command, url=url)
-            assert out.returncode == 2, (command, out.returncode, out.stderr)
-            lines = out.stderr.strip().splitlines()
-            assert lines[-1].startswith("ductwork: error: the database URL goes through a transaction pooler"), lines
-            assert "add ?pgbouncer=true to database_url" in lines[-1] and "Traceback" not in out.stderr
-        health = run_cli("healthcheck", "--database-url", url, env={"DUCTWORK_MACHINE_ID": "host-pooled"})
-        assert health.returncode == 1 and "add ?pgbouncer=true" in health.stdout, health.stdout + health.stderr
-    finally:
-        other.close()
+    both = [pg8000.native.Connection(user=info.user, host=bouncer.host, port=bouncer.port, database=info.database)
+            for _ in range(2)]
+    for conn in both:   # two transactions at once: both server connections are made
+        conn.run("BEGIN")
+        conn.run("SELECT 1")
+    for conn in both:
+        conn.run("COMMIT")
+        conn.close()
+    return bouncer.url(info.database, user=info.user), bouncer.url(info.database, user=info.user, pgbouncer="true")
+
+
+def test_a_pooled_url_without_pgbouncer_true_is_one_clear_line(procs, tmp_path, start_pgbouncer, pg_server_url):
+    """One-shot commands prepare what they run inside their own transactions (which the pooler keeps on one
+    server connection): they work. A process that runs a statement again in a later transaction meets the
+    other server connection, where it does not exist: one line naming the fix, exit 2."""
+    url, _ = _alternating_pooler(start_pgbouncer, pg_server_url)
+    for command in (("migrate",), ("trigger", "SupMixed", "2"), ("status",)):
+        out = cli(*command, url=url)
+        assert out.returncode == 0 and not out.stderr, (command, out.returncode, out.stderr)
+    out = cli("run", url=url)
+    assert out.returncode == 2, (out.returncode, out.stdout[-2000:], out.stderr)
+    assert "add ?pgbouncer=true to database_url" in out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_a_pooled_url_without_pgbouncer_true_stops_the_deployment_when_it_shows(procs, tmp_path, start_pgbouncer,
+                                                                                pg_server_url):
+    """Whenever the mistake shows (at the supervisor's boot, or once its children's statements meet
+    other server connections): the deployment stops, exit 2, the fix named, no traceback anywhere."""
+    url, flagged = _alternating_pooler(start_pgbouncer, pg_server_url)
+    assert cli("migrate", url=flagged).returncode == 0
+    sup = Proc(tmp_path, url, machine="host-pooled", config={"pipelines": ["SupMixed", "SupNap"]},
+               env={"DUCTWORK_LISTEN_URL": ""})
+    procs.append(sup)
+    for n in range(2, 12):   # work for every thread
+        cli("trigger", "SupMixed", str(n % 5), url=flagged)
+    assert sup.wait(DONE) == 2, sup.log()[-3000:]
+    log = sup.log()
+    assert "add ?pgbouncer=true to database_url" in log and "Traceback" not in log, log[-3000:]
