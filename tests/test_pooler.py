@@ -72,6 +72,10 @@ def test_every_command_works_through_the_pooler(procs, tmp_path, pgbouncer_db):
         assert p.wait() == 0, p.log()[-2000:]
     status = cli("status", "--json", url=url)
     assert status.returncode == 0 and json.loads(status.stdout)["runs"]["SupMixed"] == {"completed": 2}
+    doctor = cli("doctor", url=url)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert "ok    connections: behind a transaction pooler (pgbouncer=true)" in doctor.stdout, doctor.stdout
+    assert "warn  pooler: pgbouncer=true and no listen_url" in doctor.stdout, doctor.stdout
     assert "Traceback" not in "".join(p.log() for p in procs)
 
 
