@@ -2016,6 +2016,15 @@ class SQL:
         FROM ductwork_runs
         WHERE id = :id"""
 
+    # Runs newest first, of one pipeline and/or status when given (Run.list).
+    list_runs = f"""
+        SELECT {RunRow.select_list()}
+        FROM ductwork_runs
+        WHERE (CAST(:pipeline AS TEXT) IS NULL OR pipeline = :pipeline)
+          AND (CAST(:status AS TEXT) IS NULL OR status = :status)
+        ORDER BY id DESC
+        LIMIT :limit"""
+
     # A run halts once (its branch halted); the epoch lets on_halt fire once per halt.
     run_halted = """
         UPDATE ductwork_runs
@@ -3224,8 +3233,11 @@ def current_step() -> StepContext:
     return found
 
 
+RUN_STATUSES = ("in_progress", "completed", "halted")
+
+
 class Run:
-    """A pipeline run. ``Run.get(id)``, ``refresh()``, ``wait()``, ``revive()``."""
+    """A pipeline run. ``Run.get(id)``, ``Run.list(...)``, ``refresh()``, ``wait()``, ``revive()``."""
 
     def __init__(self, run_id: int, engine: Engine | None = None):
         self.id = int(run_id)
@@ -3253,13 +3265,30 @@ class Run:
         """The run with this id, through ``engine``."""
         return cls(run_id, engine).refresh()
 
+    LIST_LIMIT = 10_000   # the most runs one Run.list() returns
+
+    @classmethod
+    def list(cls, pipeline: str | None = None, status: str | None = None, limit: int = 100) -> "list[Run]":
+        """Runs newest first (by id), of ``pipeline`` and/or ``status`` when given, at most ``limit``."""
+        if status is not None and status not in RUN_STATUSES:
+            raise DuctworkError(f"unknown run status {status!r} (one of {', '.join(RUN_STATUSES)})")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= cls.LIST_LIMIT:
+            raise DuctworkError(f"limit must be a whole number from 1 to {cls.LIST_LIMIT}, got {limit!r}")
+        engine = _app_engine()
+        with engine.store.tx(write=False) as t:
+            rows = t.all(SQL.list_runs, {"pipeline": pipeline, "status": status, "limit": limit})
+        return [cls(row[0], engine)._fill(RunRow.from_row(row)) for row in rows]
+
     def refresh(self) -> "Run":
-        """Read the run's row again."""
+        """Read the run's row again (DuctworkError "run N not found" when there is none, or no more)."""
         with self.engine.store.tx(write=False) as t:
             row = t.one(SQL.select_run, {"id": self.id})
         if row is None:
             raise DuctworkError(f"run {self.id} not found")
-        r = RunRow.from_row(row)
+        return self._fill(RunRow.from_row(row))
+
+    def _fill(self, r: RunRow) -> "Run":
+        """Take the values of a run row."""
         self.pipeline, self.status = r.pipeline, r.status
         self.created_at, self.finished_at = r.created_at, r.finished_at
         self.input, self.output, self.halt_reasons = _loads(r.input), _loads(r.output), _loads(r.halt_reasons)

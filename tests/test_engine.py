@@ -635,3 +635,25 @@ def test_an_execution_records_when_its_step_started_not_when_it_was_claimed(engi
     assert all(claimed <= started <= finished for _, claimed, started, finished in rows), rows
     # 50 ms apart, less SQLite's millisecond clock
     assert rows[1][2] - rows[0][2] >= 0.05 - 0.002, rows
+
+
+def test_run_list_newest_first_by_pipeline_and_status(engine, start_runtime):
+    done = [EngChain.trigger(n, 1) for n in range(3)]
+    start_runtime(["EngChain"])
+    assert [finished(run) for run in done] == ["completed"] * 3
+    waiting = [EngExpand.trigger(2) for _ in range(2)]   # nobody serves EngExpand here: in progress
+    every = ductwork.Run.list()
+    assert [r.id for r in every] == sorted((r.id for r in done + waiting), reverse=True)
+    assert {r.id: (r.pipeline, r.status) for r in every} == {
+        **{r.id: ("EngChain", "completed") for r in done}, **{r.id: ("EngExpand", "in_progress") for r in waiting}}
+    assert [r.output for r in ductwork.Run.list(pipeline="EngChain")] == [4 * 2, 3 * 2, 2 * 2]
+    assert [r.id for r in ductwork.Run.list(status="in_progress")] == [waiting[1].id, waiting[0].id]
+    assert [r.id for r in ductwork.Run.list(pipeline="EngChain", status="in_progress")] == []
+    assert [r.id for r in ductwork.Run.list(limit=2)] == [waiting[1].id, waiting[0].id]
+    assert ductwork.Run.list(pipeline="NoSuchPipeline") == []
+    for bad in ({"status": "done"}, {"limit": 0}, {"limit": True}, {"limit": 10**6}):
+        with pytest.raises(ductwork.DuctworkError):
+            ductwork.Run.list(**bad)
+    missing = max(r.id for r in every) + 1000
+    with pytest.raises(ductwork.DuctworkError, match=f"run {missing} not found"):
+        ductwork.Run.get(missing)
