@@ -1076,7 +1076,7 @@ class Store:
                 conn = sqlite3.connect(self._sqlite_uri("rw"), uri=True,
                                        timeout=self.info.connect_timeout, isolation_level=None,
                                        check_same_thread=False)
-                conn.execute("PRAGMA journal_mode=WAL")
+                self._use_wal(conn)
             except sqlite3.Error as exc:
                 if not os.path.exists(self.info.path):   # what is still open of the old file goes too
                     with self._file_lock:
@@ -1091,7 +1091,7 @@ class Store:
         try:
             conn = sqlite3.connect(self.info.path, timeout=self.info.connect_timeout, isolation_level=None,
                                    check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            self._use_wal(conn)
             with contextlib.suppress(OSError):
                 self._file_id = self._file_identity()
             _SQLITE_OPENED.add(os.path.realpath(self.info.path))
@@ -1111,6 +1111,21 @@ class Store:
     # old one. So the path is checked against the file opened (device and inode), once a second at
     # most, at the start of a transaction.
     FILE_CHECK_EVERY = 1.0
+
+    def _use_wal(self, conn: sqlite3.Connection) -> None:
+        """Put the file in WAL mode (it stays so: later connections find it there). Switching needs the
+        file to itself for a moment, and SQLite answers "database is locked" at once, without its busy
+        timeout, when another connection is opening a new file at the same time: retried within it."""
+        deadline = time.monotonic() + self.info.connect_timeout
+        while True:
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            threading.Event().wait(0.005)
 
     def _sqlite_uri(self, mode: str) -> str:
         """The file as an SQLite URI opened in ``mode`` (ro, rw): never created. An absolute path goes after
