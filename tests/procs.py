@@ -211,6 +211,16 @@ def database_outage(db_url: str):
         admin.close()
 
 
+def dashboard_port(proc: subprocess.Popen) -> int:
+    """The port a `ductwork dashboard --port 0` subprocess (stdout piped, text) serves on, read off its
+    "dashboard on http://127.0.0.1:PORT/" line."""
+    for line in proc.stdout:
+        found = re.search(r"dashboard on http://127\.0\.0\.1:(\d+)/", line)
+        if found:
+            return int(found.group(1))
+    raise AssertionError("the dashboard did not start")
+
+
 class Proc:
     """A running `python ductwork.py ...` with its log in a file."""
 

@@ -19,6 +19,7 @@ import urllib.request
 
 import pytest
 from conftest import ROOT
+from procs import dashboard_port
 
 import ductwork
 
@@ -517,13 +518,7 @@ def test_command_stops_promptly_with_half_open_connections(engine, db_url):
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     socks = []
     try:
-        port = None
-        for line in proc.stdout:
-            found = re.search(r"dashboard on http://127\.0\.0\.1:(\d+)/", line)
-            if found:
-                port = int(found.group(1))
-                break
-        assert port, "the dashboard did not start"
+        port = dashboard_port(proc)
         socks = open_half(port)
 
         def threads() -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import urllib.request
 
 import pytest
 from conftest import ROOT, run_cli
-from procs import BASE_CONFIG, LOAD_SLACK, Proc, wait_until
+from procs import BASE_CONFIG, LOAD_SLACK, Proc, dashboard_port, wait_until
 
 import ductwork
 
@@ -87,13 +86,7 @@ def test_the_dashboard_works_through_the_pooler(tmp_path, pgbouncer_db):
                              "--database-url", url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=ROOT, env={**os.environ, "DUCTWORK_LISTEN_URL": ""})
     try:
-        port = None
-        for line in proc.stdout:
-            found = re.search(r"dashboard on http://127\.0\.0\.1:(\d+)/", line)
-            if found:
-                port = int(found.group(1))
-                break
-        assert port, "the dashboard did not start"
+        port = dashboard_port(proc)
         for path in ("/api/overview", "/metrics", "/"):
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
                 assert reply.status == 200
