@@ -710,6 +710,9 @@ class _PgConnection:
 
     def __init__(self, conn: Any, pooled: bool = False):
         import secrets
+
+        from pg8000 import core, native
+        self.core, self.native = core, native   # looked up once here, not at each statement
         self.conn = conn
         self.pooled = pooled
         # direct: SQL text -> (statement name, parameter maker, columns, decoders); the names are this
@@ -737,15 +740,14 @@ class _PgConnection:
             raise
 
     def _execute_prepared(self, sql: str, params: dict[str, Any]) -> tuple[list[tuple], int]:
-        from pg8000 import core, native
-        c = self.conn
+        c, core = self.conn, self.core
         prepared = self.prepared.get(sql)
         if prepared is None:
             if len(self.prepared) >= self.MAX_PREPARED:
                 for name_bin, *_ in self.prepared.values():
                     c.close_prepared_statement(name_bin)
                 self.prepared.clear()
-            statement, make_vals = native.to_statement(sql)
+            statement, make_vals = self.native.to_statement(sql)
             name_bin = f"{self.prefix}{self.named}".encode("ascii") + core.NULL_BYTE
             self.named += 1
             c._statement_nums.add(name_bin)   # pg8000's close_prepared_statement forgets it there
@@ -762,14 +764,13 @@ class _PgConnection:
         return [tuple(r) for r in context.rows or ()], context.row_count
 
     def _execute_unnamed(self, sql: str, params: dict[str, Any]) -> tuple[list[tuple], int]:
-        from pg8000 import core, native
         parsed = self.parsed.get(sql)
         if parsed is None:
             if len(self.parsed) >= self.MAX_PREPARED:
                 self.parsed.clear()
-            parsed = self.parsed[sql] = native.to_statement(sql)
+            parsed = self.parsed[sql] = self.native.to_statement(sql)
         statement, make_vals = parsed
-        c = self.conn
+        c, core = self.conn, self.core
         context = core.Context(statement)
         c.send_PARSE(core.NULL_BYTE, statement)
         c.send_BIND(core.NULL_BYTE, core.make_params(c.py_types, make_vals(params)))
@@ -1232,13 +1233,18 @@ class Store:
                                           "none was given (put it in the URL or PGPASSWORD)") from None
             raise DatabaseUnavailable(mask(f"cannot connect to {info.display}: {_db_error_text(exc)}")) from None
 
+    def _forked(self) -> bool:
+        """In a child forked since the pool was made: the parent's connections are forgotten, never
+        touched (closing a Postgres one would end the parent's session); the child opens its own."""
+        if os.getpid() == self._pid:
+            return False
+        self._pool = _Pool(self.pool_size)
+        self._pid = os.getpid()
+        return True
+
     def _acquire(self, urgent: bool) -> Any:
         """A connection of the pool for one transaction: idle, or opened in a free place."""
-        if os.getpid() != self._pid:
-            # After fork: never touch the parent's connections (closing a Postgres one would
-            # end the parent's session); forget them and open our own.
-            self._pool = _Pool(self.pool_size)
-            self._pid = os.getpid()
+        self._forked()
         if self._file_id is not None and time.monotonic() >= self._next_file_check:
             self._check_file()
         conn = self._pool.acquire(urgent)
@@ -1264,9 +1270,7 @@ class Store:
     def close(self) -> None:
         """Close the idle connections of this process (those of running transactions go when they end);
         after fork, forget the parent's. The pool opens new ones as they are needed."""
-        if os.getpid() != self._pid:
-            self._pool = _Pool(self.pool_size)
-            self._pid = os.getpid()
+        if self._forked():
             return
         for conn in self._pool.take_idle():
             with contextlib.suppress(Exception):
@@ -3789,7 +3793,13 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def first_line(exc: BaseException) -> str:
     """An error for a one-line log message: its first line, passwords masked (its type if it has no text)."""
-    return mask(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__
+    return mask(_db_error_text(exc)).partition("\n")[0] or type(exc).__name__
+
+
+def fatal_exit_code(exc: DuctworkError) -> int:
+    """The exit code of a process ended by Store.fatal: 2 for a configuration error (a transaction pooler
+    behind a URL without pgbouncer=true), 1 otherwise (a replaced SQLite file)."""
+    return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILURE
 
 
 def _exception_text(exc: BaseException) -> str:
@@ -4570,8 +4580,7 @@ class Runtime:
         self.dead.set()
         if isinstance(exc, ConfigError):
             log.error("%s", exc)
-            return EXIT_USAGE
-        return EXIT_FAILURE
+        return fatal_exit_code(exc)
 
     def quit(self) -> int:
         """QUIT: stop claiming, hand every in-flight step back at once, exit."""
@@ -4617,7 +4626,7 @@ class Runtime:
     def _check_clock(self) -> None:
         """Warn when this host's clock and the database's differ by more than 5 s."""
         try:
-            skew = self.store.now() - time.time()
+            skew, _ = clock_skew(self.store, samples=1)
         except Exception:
             return
         if abs(skew) > 5:
@@ -5107,11 +5116,10 @@ class Supervisor:
         if child_error is not None:
             log.error("%s", child_error)
             self.begin_shutdown("a child stopped on a configuration error", EXIT_USAGE)
-        elif isinstance(self.store.fatal, ConfigError):
-            log.error("%s", self.store.fatal)
-            self.begin_shutdown("a configuration error", EXIT_USAGE)
-        elif self.store.fatal is not None:   # its line is logged: stop, not restart
-            self.begin_shutdown("the SQLite database file was replaced", EXIT_FAILURE)
+        elif self.store.fatal is not None:   # a replaced file's line is logged already: stop, not restart
+            if isinstance(self.store.fatal, ConfigError):
+                log.error("%s", self.store.fatal)
+            self.begin_shutdown("the database cannot be used (see above)", fatal_exit_code(self.store.fatal))
 
     def register(self) -> None:
         """Insert the supervisor's process row (its children's rows name it as their parent)."""
@@ -5609,7 +5617,7 @@ def _doctor_database(ctx: DoctorContext) -> Finding:
         if not _database_error(exc):
             raise
         wrong = _database_wrong(info, exc)
-        return Finding(DOCTOR_FAIL, "database", f"{info.display}: {wrong}" if wrong else _error_text(exc))
+        return Finding(DOCTOR_FAIL, "database", f"{info.display}: {wrong}" if wrong else first_line(exc))
     ctx.reachable = True
     if ctx.postgres:
         return Finding(DOCTOR_OK, "database", f"{info.display} answers (PostgreSQL {str(version).split()[0]})")
@@ -5847,11 +5855,6 @@ def _database_error(exc: BaseException) -> bool:
             or type(exc).__module__.startswith("pg8000"))
 
 
-def _error_text(exc: BaseException) -> str:
-    """A database error on one line, masked: pg8000's message and code, not its raw dict."""
-    return mask(_db_error_text(exc)).partition("\n")[0] or type(exc).__name__
-
-
 def _doctor_pipelines(config: Config) -> tuple[list[str] | None, Finding | None]:
     """The configured pipelines (None: ``*`` and no app to count them from) and, when the config names an app,
     a finding on its import (doctor may run where the app is not installed: a warning, not an error)."""
@@ -5909,7 +5912,7 @@ def _run_check(check: DoctorCheck, ctx: DoctorContext) -> Finding:
     except Exception as exc:
         if not _database_error(exc):
             raise
-        return Finding(DOCTOR_FAIL, check.name, f"database error: {_error_text(exc)}")
+        return Finding(DOCTOR_FAIL, check.name, f"database error: {first_line(exc)}")
 
 
 # =====================================================================================
