@@ -130,6 +130,18 @@ TRANSITION_INVALID = "transition_invalid"
 DEFINITION_CHANGED = "definition_changed"
 PIPELINE_NOT_CONFIGURED = "pipeline_not_configured"
 
+# A run's statuses; a finished one is kept for its status's retention (SPEC §18), then pruned.
+RUN_STATUSES = ("in_progress", "completed", "halted")
+FINISHED_STATUSES = ("completed", "halted")
+# Config `retention` (seconds; -1 keeps forever). Halted runs are kept longest: revive() can run them again.
+# "cancelled" is accepted now for the status the run-control issue adds (SPEC §14).
+RETENTION_DEFAULTS = {"completed": 604800, "halted": 2592000, "cancelled": 604800}
+# Pruning: runs per transaction; after each, a pause of PRUNE_YIELD times what the batch took (at least
+# PRUNE_PAUSE). Postgres deletes beside the claims (half the time is plenty); SQLite has one writer, whose
+# time the batches take from the claims: they get a tenth of it.
+PRUNE_BATCH = 200
+PRUNE_PAUSE = 0.02
+PRUNE_YIELD = {"postgres": 1.0, "sqlite": 9.0}
 
 CH_JOBS, CH_ADVANCE = "ductwork_jobs", "ductwork_advance"
 
@@ -352,6 +364,8 @@ SCHEMA: dict[str, Any] = {
         # halt runs of a pipeline that neither this app nor any live process knows, once they
         # are this old (seconds); -1 = never (rolling deploys and scaled-to-zero workers wait)
         "unknown_pipeline_grace": (_number(0, allow=(-1,)), -1),
+        # how often (seconds, jittered) each advancer process prunes runs past their retention
+        "prune_interval": (_number(0.01), 30),
     },
     "supervisor": {
         "polling_timeout": (_number(0.001), 1),
@@ -362,6 +376,9 @@ SCHEMA: dict[str, Any] = {
         "max_boot_failures": (_number(0, integer=True), 10),
     },
     "healthcheck": {"max_age": (_number(0.001), 300)},
+    # seconds a finished run is kept after it finished, per status; -1 keeps it forever (SPEC §18)
+    "retention": {status: (_number(0, allow=(-1,), maximum=MAX_COUNT), age)
+                  for status, age in RETENTION_DEFAULTS.items()},
 }
 
 
@@ -444,6 +461,11 @@ class Config:
     def role(self) -> str:
         """The configured role, with ``supervisor`` spelled ``all``."""
         return "all" if self.data["role"] == "supervisor" else self.data["role"]
+
+    def retention(self, overrides: dict[str, float] | None = None) -> dict[str, float]:
+        """The statuses whose finished runs are pruned, each with its age in seconds (-1, keep forever: left out)."""
+        ages = {**self.data["retention"], **(overrides or {})}
+        return {status: float(age) for status, age in ages.items() if age >= 0}
 
     def warnings(self) -> list[str]:
         """Settings that are valid alone but do not fit together (logged at start)."""
@@ -1002,6 +1024,29 @@ class StoreSQL:
         SELECT max(version)
         FROM ductwork_schema_migrations"""
 
+    # Is this version recorded?
+    version_applied = """
+        SELECT 1
+        FROM ductwork_schema_migrations
+        WHERE version = :version"""
+
+    # Postgres: which of these indexes (:names, an array literal) exist, and whether each is valid.
+    index_validity = """
+        SELECT c.relname, i.indisvalid
+        FROM pg_index i
+        JOIN pg_class c ON c.oid = i.indexrelid
+        WHERE c.relname = ANY(CAST(:names AS TEXT[]))
+          AND c.relnamespace = CAST(current_schema() AS regnamespace)"""
+
+    # Postgres: an index by name, valid or not, and whether a CREATE INDEX CONCURRENTLY is building it now.
+    index_state = """
+        SELECT i.indisvalid,
+               EXISTS (SELECT 1 FROM pg_stat_progress_create_index p WHERE p.index_relid = i.indexrelid)
+        FROM pg_index i
+        JOIN pg_class c ON c.oid = i.indexrelid
+        WHERE c.relname = :name
+          AND c.relnamespace = CAST(current_schema() AS regnamespace)"""
+
     # A migration was applied.
     record_version = """
         INSERT INTO ductwork_schema_migrations (version, applied_at)
@@ -1370,11 +1415,135 @@ def _retry_conflicts(fn: Callable[[], Any], attempts: int = 5) -> Any:
 
 
 # -- migrations ------------------------------------------------------------------------
-# Each migration is a list of statements with {pk}/{float} type placeholders; never
-# "drop and recreate". Applied under a lock (advisory lock / SQLite write lock), so
-# concurrent `migrate` runs are safe.
-MIGRATIONS: list[tuple[int, list[str]]] = [
-    (1, [
+# A migration is additive (new tables, columns, indexes, triggers; never "drop and recreate"), so a process
+# of the version before keeps working on the schema after it: an upgrade is migrate, then a rolling restart.
+# Its parts run in this order:
+#   indexes     on tables that may already hold data. Postgres builds them CONCURRENTLY, each outside any
+#               transaction, so claims and commits go on while a big table is read; an interrupted build
+#               leaves an invalid index, which the next migrate drops and builds again. (SQLite, and a new
+#               Postgres database, build them in the transaction below.)
+#   statements  one transaction under the migration lock (advisory lock / SQLite write lock), which records
+#               the version: concurrent migrates are safe. {pk}/{float} are type placeholders; a dict holds
+#               one text per dialect (a dialect it does not name runs nothing).
+#   dropped     indexes the new ones replace, dropped (concurrently) once the version is recorded.
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    version: int
+    statements: tuple[str | dict[str, str], ...]
+    indexes: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()
+
+
+# Counters (migration 2) are kept by triggers, in the transaction that writes the rows they count, so they
+# are exact whoever writes (this version, the one before it during a rolling upgrade, or a hand-written
+# UPDATE) and a scrape reads a few dozen rows instead of counting a million. Names and labels:
+#   runs      label = status: the runs in that status now (+1 on insert, moved on a status change,
+#             -1 when pruned)
+#   pruned    label = status: runs deleted by retention, by the status they had
+#   executed  label = outcome: step executions recorded (never lowered: pruning keeps the total)
+# Postgres spreads each counter over COUNTER_SHARDS rows (by backend pid) so concurrent commits seldom
+# wait for one row's lock; statement-level triggers add a whole batch in one upsert, in key order (no
+# deadlock between two batches). SQLite has one writer at a time: one row, row-level triggers.
+COUNTER_SHARDS = 16
+_COUNT_UPSERT = {
+    "postgres": """
+            INSERT INTO ductwork_counters (pipeline, name, label, shard, value)
+            {select}
+            ORDER BY 1, 2, 3
+            ON CONFLICT (pipeline, name, label, shard)
+            DO UPDATE SET value = ductwork_counters.value + EXCLUDED.value""",
+    "sqlite": """
+            INSERT INTO ductwork_counters (pipeline, name, label, shard, value)
+            {select}
+            ON CONFLICT (pipeline, name, label, shard) DO UPDATE SET value = value + excluded.value;""",
+}
+_PG_COUNT_SELECTS = {
+    "runs_inserted": ("INSERT", "NEW TABLE AS new_rows", """
+            SELECT pipeline, 'runs', status, {shard}, count(*)
+            FROM new_rows
+            GROUP BY pipeline, status"""),
+    "runs_updated": ("UPDATE", "OLD TABLE AS old_rows NEW TABLE AS new_rows", """
+            SELECT pipeline, 'runs', status, {shard}, sum(delta)
+            FROM (SELECT n.pipeline, n.status, 1 AS delta, o.status AS before
+                  FROM new_rows n JOIN old_rows o ON o.id = n.id
+                  UNION ALL
+                  SELECT o.pipeline, o.status, -1, n.status
+                  FROM new_rows n JOIN old_rows o ON o.id = n.id) AS moved
+            WHERE status <> before
+            GROUP BY pipeline, status
+            HAVING sum(delta) <> 0"""),
+    "runs_deleted": ("DELETE", "OLD TABLE AS old_rows", """
+            SELECT pipeline, name, status, {shard}, sum(delta)
+            FROM (SELECT pipeline, 'runs' AS name, status, -1 AS delta FROM old_rows
+                  UNION ALL
+                  SELECT pipeline, 'pruned', status, 1 FROM old_rows) AS gone
+            GROUP BY pipeline, name, status"""),
+    "executions_inserted": ("INSERT", "NEW TABLE AS new_rows", """
+            SELECT s.pipeline, 'executed', n.outcome, {shard}, count(*)
+            FROM new_rows n
+            JOIN ductwork_steps s ON s.id = n.step_id
+            GROUP BY s.pipeline, n.outcome"""),
+}
+_SQLITE_COUNT_TRIGGERS = {
+    "runs_inserted": ("AFTER INSERT ON ductwork_runs", ["VALUES (NEW.pipeline, 'runs', NEW.status, 0, 1)"]),
+    "runs_updated": ("AFTER UPDATE OF status ON ductwork_runs WHEN OLD.status <> NEW.status",
+                     ["VALUES (NEW.pipeline, 'runs', NEW.status, 0, 1)",
+                      "VALUES (OLD.pipeline, 'runs', OLD.status, 0, -1)"]),
+    "runs_deleted": ("AFTER DELETE ON ductwork_runs", ["VALUES (OLD.pipeline, 'runs', OLD.status, 0, -1)",
+                                                       "VALUES (OLD.pipeline, 'pruned', OLD.status, 0, 1)"]),
+    "executions_inserted": ("AFTER INSERT ON ductwork_executions",
+                            ["SELECT pipeline, 'executed', NEW.outcome, 0, 1 "
+                             "FROM ductwork_steps WHERE id = NEW.step_id"]),
+}
+
+
+def _counter_triggers() -> list[dict[str, str]]:
+    """The statements that create the counting triggers (a Postgres function and trigger, or a SQLite trigger)."""
+    out: list[dict[str, str]] = []
+    for name, (event, referencing, select) in _PG_COUNT_SELECTS.items():
+        table = "ductwork_" + name.partition("_")[0]
+        upsert = _COUNT_UPSERT["postgres"].replace("{select}",
+                                                   select.replace("{shard}", f"pg_backend_pid() % {COUNTER_SHARDS}"))
+        out.append({"postgres": f"""
+        CREATE OR REPLACE FUNCTION ductwork_count_{name}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN{upsert};
+            RETURN NULL;
+        END $$"""})
+        out.append({"postgres": f"""
+        CREATE TRIGGER ductwork_count_{name} AFTER {event} ON {table}
+        REFERENCING {referencing} FOR EACH STATEMENT EXECUTE PROCEDURE ductwork_count_{name}()"""})
+        when, sources = _SQLITE_COUNT_TRIGGERS[name]
+        body = "".join(_COUNT_UPSERT["sqlite"].replace("{select}", source) for source in sources)
+        out.append({"sqlite": f"""
+        CREATE TRIGGER ductwork_count_{name} {when}
+        BEGIN{body}
+        END"""})
+    return out
+
+
+# Postgres storage settings of the tables each step updates (migration 2). A row updated without a change
+# to an indexed column is rewritten in place on its page (a HOT update, no index entry) when the page has
+# room: heartbeats and counters are, so their pages keep half free. Steps, branches and runs change an
+# indexed status on every update (no HOT possible); a page kept 10 % free still takes the new version of a
+# row next to the old. Autovacuum's default (20 % of the table dead) lets a million-row table carry 200 000
+# dead rows between vacuums: these tables are vacuumed at 2 % (1 % for the queue), and the small hot ones
+# at every thousand dead rows whatever their size.
+_STORAGE = {
+    "ductwork_processes": "fillfactor = 50, autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000",
+    "ductwork_counters": "fillfactor = 50, autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000",
+    "ductwork_steps": "fillfactor = 90, autovacuum_vacuum_scale_factor = 0.01, "
+                      "autovacuum_vacuum_insert_scale_factor = 0.01, autovacuum_analyze_scale_factor = 0.02",
+    "ductwork_branches": "fillfactor = 90, autovacuum_vacuum_scale_factor = 0.02, "
+                         "autovacuum_vacuum_insert_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02",
+    "ductwork_runs": "fillfactor = 90, autovacuum_vacuum_scale_factor = 0.02, "
+                     "autovacuum_vacuum_insert_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02",
+    "ductwork_executions": "autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_insert_scale_factor = 0.02, "
+                           "autovacuum_analyze_scale_factor = 0.02",
+    "ductwork_context": "autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_insert_scale_factor = 0.02",
+}
+
+MIGRATIONS: list[Migration] = [
+    Migration(1, (
         """CREATE TABLE ductwork_processes (
             id {pk}, pid INTEGER NOT NULL, machine_identifier TEXT NOT NULL, role TEXT NOT NULL,
             pipelines TEXT NOT NULL DEFAULT '', parent_id BIGINT, state TEXT NOT NULL DEFAULT 'running',
@@ -1421,31 +1590,144 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "CREATE INDEX ductwork_executions_step ON ductwork_executions (step_id)",
         """CREATE TABLE ductwork_context (
             run_id BIGINT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (run_id, key))""",
-    ]),
+    )),
+    # 2: a database that stays fast at a million runs (SPEC §18): counters, the indexes that bound the
+    # dashboard's, status's and retention's queries by an index range, and lean tables on Postgres.
+    Migration(2, (
+        # the tables the counting triggers lock are locked first, in the order the engine writes them
+        # (executions, then runs), so a commit of the version before cannot deadlock with this migration
+        {"postgres": "LOCK TABLE ductwork_executions, ductwork_runs IN SHARE ROW EXCLUSIVE MODE"},
+        """CREATE TABLE ductwork_counters (
+            pipeline TEXT NOT NULL, name TEXT NOT NULL, label TEXT NOT NULL, shard INTEGER NOT NULL,
+            value BIGINT NOT NULL, PRIMARY KEY (pipeline, name, label, shard))""",
+        *_counter_triggers(),
+        # what is already there, counted once; the triggers count from here on (the locks above keep
+        # writers out until this transaction commits, so nothing is counted twice or missed)
+        """INSERT INTO ductwork_counters (pipeline, name, label, shard, value)
+            SELECT pipeline, 'runs', status, 0, count(*)
+            FROM ductwork_runs
+            GROUP BY pipeline, status""",
+        """INSERT INTO ductwork_counters (pipeline, name, label, shard, value)
+            SELECT s.pipeline, 'executed', e.outcome, 0, count(*)
+            FROM ductwork_executions e
+            JOIN ductwork_steps s ON s.id = e.step_id
+            GROUP BY s.pipeline, e.outcome""",
+        *({"postgres": f"ALTER TABLE {table} SET ({settings})"} for table, settings in _STORAGE.items()),
+    ), indexes=(
+        # retention (oldest first), status's latest halts, the overview's runs per minute
+        "CREATE INDEX ductwork_runs_finished ON ductwork_runs (status, finished_at)",
+        # the runs page and Run.list, newest first: unfiltered (the primary key), by status, by
+        # pipeline, by both (this one also replaces migration 1's (pipeline, status))
+        "CREATE INDEX ductwork_runs_status_id ON ductwork_runs (status, id)",
+        "CREATE INDEX ductwork_runs_pipeline_id ON ductwork_runs (pipeline, id)",
+        "CREATE INDEX ductwork_runs_pipeline_status_id ON ductwork_runs (pipeline, status, id)",
+        # the overview's steps per minute (a finished step enters it once)
+        "CREATE INDEX ductwork_steps_finished ON ductwork_steps (finished_at) WHERE status IN ('succeeded', 'failed')",
+        # the errors page and status's recent errors, newest first (only failed and crashed attempts)
+        "CREATE INDEX ductwork_executions_errors ON ductwork_executions (id) WHERE outcome IN ('failed', 'crashed')",
+    ), dropped=("ductwork_runs_pipeline_status",)),
 ]
-SCHEMA_VERSION = MIGRATIONS[-1][0]
+SCHEMA_VERSION = MIGRATIONS[-1].version
 _TYPES = {"sqlite": {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "float": "REAL"},
           "postgres": {"pk": "BIGSERIAL PRIMARY KEY", "float": "DOUBLE PRECISION"}}
+# How often a migrate that found another migrate's index build in progress looks again.
+INDEX_BUILD_POLL = 0.5
+
+
+def _statement_text(statement: str | dict[str, str], dialect: str) -> str:
+    """A migration statement as ``dialect`` runs it ("" when it is the other dialect's)."""
+    text = statement.get(dialect, "") if isinstance(statement, dict) else statement
+    types = _TYPES[dialect]
+    return text.replace("{pk}", types["pk"]).replace("{float}", types["float"])
+
+
+def _index_name(statement: str) -> str:
+    """The name a migration's ``CREATE INDEX name ON ...`` gives its index."""
+    return statement.split()[2]
 
 
 def migrate_store(store: Store) -> list[int]:
-    """Apply pending migrations; returns the versions applied (empty when up to date)."""
-    applied: list[int] = []
-    with store.tx() as t:
+    """Apply pending migrations; returns the versions applied (empty when up to date). On Postgres an index
+    of a migration that is missing or invalid (an interrupted build) is built again, concurrently."""
+    with store.tx() as t:   # one transaction, unless an index must be built concurrently
         if store.dialect == "postgres":
             t.run(StoreSQL.migration_lock, {"key": StoreSQL.MIGRATION_LOCK_KEY})
         t.run(StoreSQL.create_migrations)
         done = {row[0] for row in t.all(StoreSQL.applied_versions)}
-        types = _TYPES[store.dialect]
-        for version, statements in MIGRATIONS:
-            if version in done:
-                continue
-            for statement in statements:
-                t.run(statement.replace("{pk}", types["pk"]).replace("{float}", types["float"]))
-            t.run(StoreSQL.record_version,
-                  {"version": version, "applied_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-            applied.append(version)
+        if store.dialect == "sqlite" or not done:   # SQLite, or a new database: no rows to keep flowing
+            return [m.version for m in MIGRATIONS if m.version not in done and _apply_in(t, m, in_tx=True)]
+        unbuilt = _unbuilt_indexes(t)
+    if not unbuilt and all(m.version in done for m in MIGRATIONS):
+        return []
+    applied: list[int] = []
+    for migration in MIGRATIONS:
+        for statement in migration.indexes:
+            if _index_name(statement) in unbuilt:
+                _build_index_concurrently(store, statement)
+        if migration.version not in done and _retry_conflicts(lambda m=migration: _apply(store, m)):
+            applied.append(migration.version)
+        for name in migration.dropped:
+            if name in unbuilt:
+                with store.tx(single=True) as t:
+                    t.run(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
     return applied
+
+
+def _unbuilt_indexes(t: Tx) -> set[str]:
+    """Postgres: the migrations' indexes that are missing or invalid, and the dropped ones still there."""
+    wanted = [_index_name(s) for m in MIGRATIONS for s in m.indexes]
+    dropped = [name for m in MIGRATIONS for name in m.dropped]
+    there = dict(t.all(StoreSQL.index_validity, {"names": "{" + ",".join(wanted + dropped) + "}"}))
+    return {name for name in wanted if not there.get(name)} | {name for name in dropped if name in there}
+
+
+def _apply(store: Store, migration: Migration) -> bool:
+    """One migration's own transaction (its indexes were built concurrently before it)."""
+    with store.tx() as t:
+        t.run(StoreSQL.migration_lock, {"key": StoreSQL.MIGRATION_LOCK_KEY})
+        return _apply_in(t, migration, in_tx=False)
+
+
+def _apply_in(t: Tx, migration: Migration, in_tx: bool) -> bool:
+    """A migration's statements (and, ``in_tx``, its indexes and drops) in ``t``, and its version recorded;
+    False when another migrate recorded it first."""
+    if t.one(StoreSQL.version_applied, {"version": migration.version}):
+        return False
+    statements = [_statement_text(s, t.dialect) for s in migration.statements]
+    if in_tx:
+        statements += [*migration.indexes, *(f"DROP INDEX IF EXISTS {name}" for name in migration.dropped)]
+    for statement in statements:
+        if statement:
+            t.run(statement)
+    t.run(StoreSQL.record_version,
+          {"version": migration.version, "applied_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return True
+
+
+def _build_index_concurrently(store: Store, statement: str) -> None:
+    """Postgres: the index exists and is valid when this returns, built without blocking writes. An invalid
+    one is another migrate's build in progress (waited for) or an interrupted build's leftover (dropped)."""
+    name = _index_name(statement)
+    while True:
+        with store.tx(write=False) as t:
+            row = t.one(StoreSQL.index_state, {"name": name})
+        if row is not None and row[0]:
+            return
+        if row is None:
+            text = statement.replace("CREATE INDEX ", "CREATE INDEX CONCURRENTLY IF NOT EXISTS ", 1)
+        elif row[1]:
+            threading.Event().wait(INDEX_BUILD_POLL)
+            continue
+        else:
+            text = f"DROP INDEX CONCURRENTLY IF EXISTS {name}"
+        try:
+            with store.tx(single=True) as t:
+                t.run(text)
+        except DuctworkError:
+            raise
+        except Exception as exc:   # two migrates raced to the same name: look again
+            if "23505" not in str(exc) and "42P07" not in str(exc):
+                raise
 
 
 def schema_is_current(store: Store) -> bool:
@@ -2000,7 +2282,9 @@ class _Outcome:
 
 
 # -- SQL, grouped by table ---------------------------------------------------------------
-# Placeholders: ``:name`` parameters; ``{now}`` the database clock (epoch seconds);
+# Placeholders: ``:name`` parameters; ``{now}`` the database clock (epoch seconds; on Postgres the volatile
+# clock_timestamp(), which compared with an indexed column is read per row and bounds no index range: a
+# condition that must be an index range writes ``(SELECT {now})``, read once);
 # ``{skip_locked}``, ``{for_update}``, ``{key_share}`` row locks (Postgres only); ``{fence}``
 # the claimer-liveness condition (SQL.FENCE). Store.sql() fills them in once per text.
 
@@ -2035,12 +2319,13 @@ class SQL:
         FROM ductwork_runs
         WHERE id = :id"""
 
-    # Runs newest first, of one pipeline and/or status when given (Run.list).
+    # Runs newest first, of one pipeline and/or status when given (Run.list). {where} is fixed text per filter
+    # ("AND pipeline = :pipeline", ...): one statement per combination, each with a plan that reads the index
+    # for it (a single "(:p IS NULL OR pipeline = :p)" text gets one generic plan for all of them).
     list_runs = f"""
         SELECT {RunRow.select_list()}
         FROM ductwork_runs
-        WHERE (CAST(:pipeline AS TEXT) IS NULL OR pipeline = :pipeline)
-          AND (CAST(:status AS TEXT) IS NULL OR status = :status)
+        WHERE 1 = 1{{where}}
         ORDER BY id DESC
         LIMIT :limit"""
 
@@ -2067,12 +2352,12 @@ class SQL:
         WHERE id = :id
           AND status = 'halted'"""
 
-    # status and /metrics: runs per pipeline and status.
-    run_counts = """
-        SELECT pipeline, status, count(*)
-        FROM ductwork_runs
-        GROUP BY pipeline, status
-        ORDER BY pipeline, status"""
+    # status, the overview and /metrics: the counters the triggers keep (migration 2), shards summed.
+    counters = """
+        SELECT pipeline, name, label, sum(value)
+        FROM ductwork_counters
+        GROUP BY pipeline, name, label
+        ORDER BY pipeline, name, label"""
 
     # status: the latest halts.
     recent_halts = """
@@ -2325,6 +2610,59 @@ class SQL:
         VALUES (:run_id, :key, :value)
         ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value"""
 
+    # -- retention: finished runs past their status's age, deleted with every row they own (SPEC §18) --
+
+    # One pruner at a time across every host (Postgres; SQLite's write lock does it there): an advancer that
+    # finds the lock taken skips its turn, the prune command waits for it. The key spells "dprun".
+    try_prune_lock = """
+        SELECT pg_try_advisory_xact_lock(:key)"""
+    prune_lock = """
+        SELECT pg_advisory_xact_lock(:key)"""
+    PRUNE_LOCK_KEY = 0x647072756E
+
+    # A batch of runs to prune, oldest finish first (read off ductwork_runs_finished), row-locked: a revive()
+    # of one of them waits, then finds it gone; another pruner skips them.
+    prunable_runs = """
+        SELECT id
+        FROM ductwork_runs
+        WHERE status = :status
+          AND finished_at < (SELECT {now}) - :age
+        ORDER BY finished_at
+        LIMIT :limit
+        {skip_locked}"""
+
+    # prune --dry-run: how many runs each pipeline would lose.
+    prunable_counts = """
+        SELECT pipeline, count(*)
+        FROM ductwork_runs
+        WHERE status = :status
+          AND finished_at < (SELECT {now}) - :age
+        GROUP BY pipeline
+        ORDER BY pipeline"""
+
+    # The rows a pruned batch of runs (:ids, see BulkSQL.id_list) owns, children first; {runs} is the
+    # condition "run_id is one of :ids". A table that later holds rows of a run gets its line here.
+    PRUNE_OWNED = (
+        """
+        DELETE FROM ductwork_executions
+        WHERE step_id IN (SELECT id FROM ductwork_steps WHERE {runs})""",
+        """
+        DELETE FROM ductwork_steps
+        WHERE {runs}""",
+        """
+        DELETE FROM ductwork_branches
+        WHERE {runs}""",
+        """
+        DELETE FROM ductwork_context
+        WHERE {runs}""",
+    )
+
+    # ... and the runs themselves (the counting trigger moves them to the "pruned" counters).
+    prune_runs = """
+        DELETE FROM ductwork_runs
+        WHERE {ids}
+        RETURNING pipeline, status"""
+
     # -- ductwork_processes: one row per live process (heartbeats, reaping, fencing) -------------
 
     # A process starts.
@@ -2415,8 +2753,8 @@ class BulkSQL:
     # the table's primary key: Postgres guesses 100 rows for any JSON row source, and for that
     # many a hash join over a sequential scan of the whole table looks cheaper than 100 index
     # lookups (it is not: its cost grows with the table). The parameter is an id list (Tx.ids).
-    IDS = {"postgres": "{table}.id = ANY(CAST(:ids AS BIGINT[]))",
-           "sqlite": "{table}.id IN (SELECT value FROM json_each(:ids))"}
+    IDS = {"postgres": "{column} = ANY(CAST(:ids AS BIGINT[]))",
+           "sqlite": "{column} IN (SELECT value FROM json_each(:ids))"}
     STEP = [("id", "BIGINT"), ("output", "TEXT")]
     BRANCH = [("id", "BIGINT"), ("held", "TEXT"), ("token", "TEXT"), ("status", "TEXT"), ("node", "INTEGER"),
               ("expected", "INTEGER"), ("arrived", "INTEGER"), ("output", "TEXT"), ("halt_reason", "TEXT")]
@@ -2428,9 +2766,9 @@ class BulkSQL:
                  ("ran_for", "DOUBLE PRECISION")]
 
     @classmethod
-    def ids(cls, dialect: str, table: str) -> str:
-        """The condition ``table.id`` is one of ``:ids``."""
-        return cls.IDS[dialect].replace("{table}", table)
+    def ids(cls, dialect: str, table: str, column: str = "id") -> str:
+        """The condition ``table.column`` is one of ``:ids``."""
+        return cls.IDS[dialect].replace("{column}", f"{table}.{column}" if table else column)
 
     @staticmethod
     def id_list(dialect: str, ids: Iterable[int]) -> str:
@@ -3145,6 +3483,54 @@ class Engine:
                               extra={"run": run_id})
 
     # -- revive ---------------------------------------------------------------------------
+    # -- retention ----------------------------------------------------------------------
+    def prune(self, ages: dict[str, float], wait: bool = False, stop: threading.Event | None = None,
+              batch: int = PRUNE_BATCH) -> collections.Counter | None:
+        """Delete the finished runs older than their status's age (``ages``: status -> seconds, database
+        clock) with every row they own: a batch per transaction, each followed by a pause (PRUNE_YIELD), so
+        claims and commits never queue behind one long delete. Returns the runs
+        deleted per (pipeline, status); None when another process was pruning (``wait``: wait for it)."""
+        pruned: collections.Counter = collections.Counter()
+        pause = stop or threading.Event()
+        for status, age in ages.items():
+            while not pause.is_set():
+                started = time.monotonic()
+                deleted = self._prune_batch(status, age, batch, wait)
+                if deleted is None:   # another process prunes now: what this one did so far, if anything
+                    return pruned or None
+                pruned.update(deleted)
+                if sum(deleted.values()) < batch:
+                    break
+                pause.wait(max(PRUNE_PAUSE, (time.monotonic() - started) * PRUNE_YIELD[self.store.dialect]))
+        return pruned
+
+    def _prune_batch(self, status: str, age: float, limit: int, wait: bool) -> collections.Counter | None:
+        """One transaction of prune(): up to ``limit`` runs and their rows."""
+        with self._tx() as t:
+            if t.dialect == "postgres":
+                if wait:
+                    t.run(SQL.prune_lock, {"key": SQL.PRUNE_LOCK_KEY})
+                elif not t.one(SQL.try_prune_lock, {"key": SQL.PRUNE_LOCK_KEY})[0]:
+                    return None
+            ids = [row[0] for row in t.all(SQL.prunable_runs, {"status": status, "age": age, "limit": limit})]
+            if not ids:
+                return collections.Counter()
+            params = {"ids": BulkSQL.id_list(t.dialect, ids)}
+            owned_by = BulkSQL.ids(t.dialect, "", "run_id")
+            for statement in SQL.PRUNE_OWNED:
+                t.run(statement.replace("{runs}", owned_by), params)
+            rows = t.all(SQL.prune_runs.replace("{ids}", BulkSQL.ids(t.dialect, "", "id")), params)
+        return collections.Counter((pipeline, status) for pipeline, status in rows)
+
+    def prunable(self, ages: dict[str, float]) -> collections.Counter:
+        """What prune(ages) would delete now, per (pipeline, status)."""
+        out: collections.Counter = collections.Counter()
+        with self.store.tx(write=False) as t:
+            for status, age in ages.items():
+                for pipeline, n in t.all(SQL.prunable_counts, {"status": status, "age": age}):
+                    out[pipeline, status] = int(n)
+        return out
+
     def revive(self, run_id: int) -> bool:
         """halted -> in_progress: re-run only the failed steps (fresh budgets), keep completed work."""
         with self._tx() as t:
@@ -3252,9 +3638,6 @@ def current_step() -> StepContext:
     return found
 
 
-RUN_STATUSES = ("in_progress", "completed", "halted")
-
-
 class Run:
     """A pipeline run. ``Run.get(id)``, ``Run.list(...)``, ``refresh()``, ``wait()``, ``revive()``."""
 
@@ -3294,8 +3677,10 @@ class Run:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= cls.LIST_LIMIT:
             raise DuctworkError(f"limit must be a whole number from 1 to {cls.LIST_LIMIT}, got {limit!r}")
         engine = _app_engine()
+        given = {name: value for name, value in (("pipeline", pipeline), ("status", status)) if value is not None}
+        where = "".join(f" AND {name} = :{name}" for name in given)   # names from code only
         with engine.store.tx(write=False) as t:
-            rows = t.all(SQL.list_runs, {"pipeline": pipeline, "status": status, "limit": limit})
+            rows = t.all(SQL.list_runs.replace("{where}", where), {**given, "limit": limit})
         return [cls(row[0], engine)._fill(RunRow.from_row(row)) for row in rows]
 
     def refresh(self) -> "Run":
@@ -3975,6 +4360,8 @@ class Runtime:
                      for pipeline in self.pipelines
                      for n in range(int(self.config.get("pipeline_advancer.count", pipeline)))]
         plan.append((f"ductwork.{self.row_role}.heartbeat.0", self.heartbeat_loop, None))
+        if self.spec.advancers and self.config.retention():
+            plan.append((f"ductwork.{self.row_role}.pruner.0", self.prune_loop, None))
         if self.store.dialect == "sqlite":
             plan.append((f"ductwork.{self.row_role}.listener.0", self.local_listen_loop, None))
         elif self.store.listen_info is not None:   # else (behind a pooler, no listen_url) polling alone
@@ -4285,6 +4672,25 @@ class Runtime:
                 self.outage.failed(exc)
             except Exception:
                 log.exception("heartbeat failed")
+
+    def prune_loop(self) -> None:
+        """Advancer processes: every prune_interval (jittered, so that peers drift apart), delete the finished
+        runs past their retention. One process prunes at a time (Engine.prune); the others skip their turn."""
+        if not self.wait_booted():
+            return
+        interval = float(self.config.get("pipeline_advancer.prune_interval"))
+        ages = self.config.retention()
+        while not self.stopping.wait(backoff(1, interval, interval, jitter=0.2)):
+            try:
+                pruned = self.engine.prune(ages, stop=self.stopping)
+            except (DatabaseUnavailable, sqlite3.OperationalError) as exc:   # the heartbeat reports outages
+                log.debug("pruning skipped: %s", first_line(exc))
+                continue
+            except Exception:
+                log.exception("pruning failed")
+                continue
+            if pruned:
+                log.info("pruned %s", pruned_text(pruned))
 
     def heartbeat(self) -> None:
         """Refresh this process's row; register again if a peer reaped it while this process was paused."""
@@ -5192,16 +5598,38 @@ def exit_description(status: int) -> str:
 STATUS_ERROR_LINE = 300   # characters of an error's first line that status and the dashboard's summaries show
 
 
+@dataclasses.dataclass
+class Counts:
+    """The counters (see COUNTER_SHARDS), each keyed by (pipeline, label)."""
+
+    runs: dict[tuple[str, str], int]       # runs in each status now
+    pruned: dict[tuple[str, str], int]     # runs pruned, by the status they had
+    executed: dict[tuple[str, str], int]   # step executions, by outcome
+
+    @classmethod
+    def read(cls, t: Tx) -> Counts:
+        counts: dict[str, dict[tuple[str, str], int]] = {"runs": {}, "pruned": {}, "executed": {}}
+        for pipeline, name, label, value in t.all(SQL.counters):
+            if name in counts:
+                counts[name][pipeline, label] = int(value)
+        return cls(**counts)
+
+    def pipelines(self) -> set[str]:
+        """Every pipeline that ever had a run."""
+        return {pipeline for pipeline, _ in (*self.runs, *self.pruned)}
+
+
 def status_report(engine: Engine) -> dict:
     """The status report: processes, run counts per pipeline and status, recent halts and step errors."""
     with engine.store.tx(write=False) as t:
         procs = t.all(SQL.processes)
-        counts = t.all(SQL.run_counts)
+        counts = Counts.read(t)
         halts = t.all(SQL.recent_halts, {"limit": 10})
         errors = t.all(SQL.recent_errors, {"limit": 10})
     runs: dict[str, dict[str, int]] = {}
-    for pipeline, status, n in counts:
-        runs.setdefault(pipeline, {})[status] = int(n)
+    for (pipeline, status), n in counts.runs.items():
+        if n:
+            runs.setdefault(pipeline, {})[status] = n
     return {
         "processes": [ProcessRow.from_row(row).report() for row in procs],
         "runs": runs,
@@ -5939,10 +6367,11 @@ class DashboardSQL:
     fragments (see _paged). A ``*_COLUMNS`` list is both its statement's select list and its records' keys.
     """
 
-    # the pipelines that have runs: the choices of the pipeline filter
+    # the pipelines that ever had runs: the choices of the pipeline filter (read off the counters)
     pipelines = """
         SELECT DISTINCT pipeline
-        FROM ductwork_runs
+        FROM ductwork_counters
+        WHERE name = 'runs'
         ORDER BY pipeline"""
 
     # the runs page: one page of runs, newest first
@@ -5996,22 +6425,15 @@ class DashboardSQL:
     runs_per_minute = """
         SELECT CAST(({now} - finished_at) * 1000 AS BIGINT) / 60000, count(*)
         FROM ductwork_runs
-        WHERE status = 'completed' AND finished_at >= {now} - :window
+        WHERE status = 'completed' AND finished_at >= (SELECT {now}) - :window
         GROUP BY 1"""
 
     # overview: steps finished (succeeded or failed) per minute ago, bucketed as runs_per_minute
     steps_per_minute = """
         SELECT CAST(({now} - finished_at) * 1000 AS BIGINT) / 60000, count(*)
         FROM ductwork_steps
-        WHERE status IN ('succeeded', 'failed') AND finished_at >= {now} - :window
+        WHERE status IN ('succeeded', 'failed') AND finished_at >= (SELECT {now}) - :window
         GROUP BY 1"""
-
-    # /metrics: step executions per pipeline and outcome
-    executed = """
-        SELECT s.pipeline, e.outcome, count(*)
-        FROM ductwork_executions e
-        JOIN ductwork_steps s ON s.id = e.step_id
-        GROUP BY s.pipeline, e.outcome"""
 
     # /metrics: claimable steps per pipeline, and the seconds the oldest of them has waited
     queue = """
@@ -6163,6 +6585,7 @@ class MetricFamily:
     source: str              # _metric_data()'s samples for it, keyed by the tuple of label values
     help: str
     zero: float = 0          # the value of a combination the source lacks
+    values: tuple[tuple[str, tuple[str, ...]], ...] = ()   # this family's own values of a label, if not the common ones
 
 
 DASHBOARD_METRICS = (
@@ -6170,6 +6593,9 @@ DASHBOARD_METRICS = (
                  "Runs per pipeline: triggered (all), completed, halted (revive() lowers halted)."),
     MetricFamily("ductwork_runs_in_progress", "gauge", ("pipeline",), "in_progress",
                  "Runs in progress per pipeline."),
+    MetricFamily("ductwork_runs_pruned_total", "counter", ("pipeline", "status"), "pruned",
+                 "Finished runs deleted by retention, per pipeline and the status they had.",
+                 values=(("status", FINISHED_STATUSES),)),
     MetricFamily("ductwork_steps_executed_total", "counter", ("pipeline", "outcome"), "executed",
                  "Step executions per pipeline and outcome (succeeded, failed, crashed)."),
     MetricFamily("ductwork_queue_depth", "gauge", ("pipeline",), "queue_depth",
@@ -6190,22 +6616,24 @@ def _metric_data(engine: Engine) -> tuple[dict[str, Sequence[str]], dict[str, di
     """Each label's values (every known pipeline and role: zero-valued series too) and each source's samples."""
     live_within = {"live_within": float(engine.config.get("supervisor.reaper_timeout"))}
     with engine.store.tx(write=False) as t:
-        runs = {(p, s): int(n) for p, s, n in t.all(SQL.run_counts)}
-        executed = {(p, o): int(n) for p, o, n in t.all(DashboardSQL.executed)}
+        counts = Counts.read(t)
         queue = t.all(DashboardSQL.queue)
         processes = t.all(DashboardSQL.processes, live_within)
-    for (pipeline, _), n in list(runs.items()):
+    runs: dict[tuple, float] = {}   # every run ever, pruned or not: a counter never goes down because of retention
+    for (pipeline, status), n in (*counts.runs.items(), *counts.pruned.items()):
+        runs[pipeline, status] = runs.get((pipeline, status), 0) + n
         runs[pipeline, "triggered"] = runs.get((pipeline, "triggered"), 0) + n
     sources: dict[str, dict[tuple, float]] = {
         "runs": runs,
-        "in_progress": {(p,): n for (p, s), n in runs.items() if s == "in_progress"},
-        "executed": executed,
+        "in_progress": {(p,): n for (p, s), n in counts.runs.items() if s == "in_progress"},
+        "executed": dict(counts.executed),
+        "pruned": dict(counts.pruned),
         "queue_depth": {(p,): int(n) for p, n, _ in queue},
         "queue_age": {(p,): round(float(age or 0), 3) for p, _, age in queue},
         "live": {(role,): int(n or 0) for role, n, _ in processes},
         "restarts": {(role,): int(restarts or 0) for role, _, restarts in processes},
     }
-    pipelines = set(_REGISTRY) | {pipeline for pipeline, *_ in (*runs, *executed, *sources["queue_depth"])}
+    pipelines = set(_REGISTRY) | counts.pipelines() | {pipeline for (pipeline,) in sources["queue_depth"]}
     roles = {role for (role,) in sources["live"]} | set(METRIC_ROLES)
     return {**METRIC_LABEL_VALUES, "pipeline": sorted(pipelines), "role": sorted(roles)}, sources
 
@@ -6214,6 +6642,7 @@ def _prom_family(family: MetricFamily, labels: dict[str, Sequence[str]], samples
     """One family in the text format: # HELP, # TYPE, then one sample line per combination of label values."""
     import itertools
     lines = [f"# HELP {family.name} {family.help}", f"# TYPE {family.name} {family.kind}"]
+    labels = {**labels, **dict(family.values)}
     for values in itertools.product(*(labels[name] for name in family.labels)):
         text = ",".join(f'{name}="{_prom_label(value)}"' for name, value in zip(family.labels, values, strict=True))
         lines.append(f"{family.name}{{{text}}} {samples.get(values, family.zero)!r}")
@@ -7069,6 +7498,15 @@ def _doctor_arguments(p: argparse.ArgumentParser) -> None:
                                                "terminationGracePeriodSeconds): checked against the drain arithmetic")
 
 
+def _prune_arguments(p: argparse.ArgumentParser) -> None:
+    """prune's own options."""
+    p.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
+    for status in RETENTION_DEFAULTS:
+        p.add_argument(f"--{status}", type=_retention_age, metavar="S",
+                       help=f"prune {status} runs finished more than S seconds ago (-1: keep them; "
+                            f"default: config retention.{status})")
+
+
 def _config_from_args(args: argparse.Namespace) -> Config:
     """The configuration: the config file and environment, overridden by the command line."""
     apps = (args.app or []) + (getattr(args, "app_after", None) or [])  # --app before and after the command
@@ -7146,6 +7584,41 @@ def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
     store = Store(config.data["database_url"])
     applied = migrate_store(store)
     print(f"migrated {store.info.display}: " + (f"applied {', '.join(map(str, applied))}" if applied else "up to date"))
+    return EXIT_OK
+
+
+def _retention_age(text: str) -> float:
+    """A prune override: seconds >= 0, or -1 (keep forever)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 or value == -1) or value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be seconds >= 0 or -1 (keep forever), got {text!r}")
+    return value
+
+
+def pruned_text(pruned: collections.Counter) -> str:
+    """``N runs (pipeline status n, ...)`` for a prune's counts."""
+    total = sum(pruned.values())
+    parts = ", ".join(f"{pipeline} {status} {n}" for (pipeline, status), n in sorted(pruned.items()))
+    return f"{total} run{'s' if total != 1 else ''}" + (f" ({parts})" if parts else "")
+
+
+def cmd_prune(args: argparse.Namespace, config: Config) -> int:
+    """Delete (or, --dry-run, count) the finished runs past their retention now; print how many, per pipeline
+    and status. The flags override config `retention` for this run (-1 keeps that status)."""
+    overrides = {status: getattr(args, status) for status in RETENTION_DEFAULTS if getattr(args, status) is not None}
+    ages = config.retention(overrides)
+    engine = Engine(Store(config.data["database_url"]), config)
+    ensure_schema(engine.store)
+    kept = ", ".join(f"{status} after {age:.0f}s" for status, age in ages.items()) or "nothing: every status is kept"
+    if args.dry_run:
+        would = engine.prunable(ages)
+        print(f"would prune {pruned_text(would)} from {engine.store.info.display} (prunes {kept})")
+    else:
+        pruned = engine.prune(ages, wait=True)
+        print(f"pruned {pruned_text(pruned)} from {engine.store.info.display} (prunes {kept})")
     return EXIT_OK
 
 
@@ -7289,6 +7762,8 @@ COMMANDS = (   # in --help order
     Command("migrate", "create or upgrade the schema", cmd_migrate),
     Command("validate", "import the app and validate every pipeline", cmd_validate),
     Command("status", "processes, runs per pipeline, recent halts and errors", cmd_status, _status_arguments),
+    Command("prune", "delete finished runs past their retention now (--dry-run: count them)", cmd_prune,
+            _prune_arguments),
     Command("healthcheck", "liveness probe for this machine and role", cmd_healthcheck, _healthcheck_arguments,
             aliases=("health",), light=True),
     Command("trigger", "trigger a pipeline: trigger NAME [JSON ...]", cmd_trigger, _trigger_arguments),

@@ -26,6 +26,12 @@ class BenchFan(ductwork.Pipeline):
         p.start(fan).expand(to=noop).collapse(into=count)
 
 
+class BenchThree(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(noop).chain(to=noop).chain(to=noop)
+
+
 class BenchChain(ductwork.Pipeline):
     @staticmethod
     def define(p):

@@ -225,7 +225,8 @@ class Proc:
     """A running `python ductwork.py ...` with its log in a file."""
 
     def __init__(self, tmp_path: Path, db_url: str, *, name: str = "sup", machine: str = "host-a",
-                 config: dict | None = None, env: dict | None = None, args: tuple = (), prefix: tuple = ()):
+                 config: dict | None = None, env: dict | None = None, args: tuple = (), prefix: tuple = (),
+                 script: Path = ROOT / "ductwork.py"):
         self.name = name
         self.config_path = tmp_path / f"{name}.yml"
         self.config_path.write_text(yaml.safe_dump(merge({**BASE_CONFIG, "database_url": db_url}, config or {})))
@@ -235,7 +236,7 @@ class Proc:
         full_env.update(env or {})
         self.log_file = open(self.log_path, "w")
         self.started = time.monotonic()
-        argv = [*prefix, sys.executable, str(ROOT / "ductwork.py"), *args, "-c", str(self.config_path)]
+        argv = [*prefix, sys.executable, str(script), *args, "-c", str(self.config_path)]
         self.popen = subprocess.Popen(argv, stdout=self.log_file, stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT),
                                       start_new_session=True)
         self.pid = self.popen.pid

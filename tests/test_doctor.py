@@ -161,7 +161,9 @@ def test_schema_older_or_newer(tmp_path, fresh_db_url, version, expected):
     ductwork.migrate(fresh_db_url)   # a database of its own: the next test's migrate must not meet this version
     store = store_of(fresh_db_url)
     with store.tx() as t:
-        t.run("UPDATE ductwork_schema_migrations SET version = :version", {"version": version})
+        t.run("DELETE FROM ductwork_schema_migrations")
+        t.run("INSERT INTO ductwork_schema_migrations (version, applied_at) VALUES (:version, 'then')",
+              {"version": version})
     store.close()
     out = Doctor("-c", write_config(tmp_path, fresh_db_url))
     assert out.code == 1, out

@@ -303,12 +303,12 @@ def test_store_sql_fills_the_placeholders_for_each_database():
 def test_migrate_store_is_idempotent_and_schema_is_current_follows(fresh_db_url):
     store = ductwork.Store(fresh_db_url)
     assert ductwork.schema_is_current(store) is False     # no schema at all
-    assert ductwork.migrate_store(store) == [ductwork.SCHEMA_VERSION] == [1]
+    assert ductwork.migrate_store(store) == [1, ductwork.SCHEMA_VERSION] == [1, 2]
     assert ductwork.schema_is_current(store) is True
     assert ductwork.migrate_store(store) == []
     with store.tx() as t:
         assert [t.one(f"SELECT count(*) FROM {table}")[0] for table in TABLES] == [0] * len(TABLES)
-        assert t.all("SELECT version FROM ductwork_schema_migrations") == [(1,)]
+        assert t.all("SELECT version FROM ductwork_schema_migrations ORDER BY version") == [(1,), (2,)]
         t.run("DELETE FROM ductwork_schema_migrations")
     assert ductwork.schema_is_current(store) is False     # an older (here: unrecorded) schema
     store.close()
@@ -330,5 +330,5 @@ def test_concurrent_migrate_store_applies_each_version_once(fresh_db_url):
         thread.start()
     for thread in threads:
         thread.join(60)
-    assert errors == [] and sorted(results) == [[], [], [1]]
+    assert errors == [] and sorted(results) == [[], [], [1, 2]]
     assert ductwork.schema_is_current(ductwork.Store(fresh_db_url))
