@@ -137,11 +137,12 @@ FINISHED_STATUSES = ("completed", "halted")
 # "cancelled" is accepted now for the status the run-control issue adds (SPEC §14).
 RETENTION_DEFAULTS = {"completed": 604800, "halted": 2592000, "cancelled": 604800}
 # Pruning: runs per transaction; after each, a pause of PRUNE_YIELD times what the batch took (at least
-# PRUNE_PAUSE). Postgres deletes beside the claims (half the time is plenty); SQLite has one writer, whose
-# time the batches take from the claims: they get a tenth of it.
+# PRUNE_PAUSE). A batch costs the machine what it costs the claims (CPU on the database host, and on SQLite
+# its one writer): pruning takes a quarter of the time on Postgres, a tenth on SQLite, and still deletes
+# thousands of runs a second (bench/bigdb.py).
 PRUNE_BATCH = 200
 PRUNE_PAUSE = 0.02
-PRUNE_YIELD = {"postgres": 1.0, "sqlite": 9.0}
+PRUNE_YIELD = {"postgres": 3.0, "sqlite": 9.0}
 
 CH_JOBS, CH_ADVANCE = "ductwork_jobs", "ductwork_advance"
 
@@ -1038,10 +1039,13 @@ class StoreSQL:
         WHERE c.relname = ANY(CAST(:names AS TEXT[]))
           AND c.relnamespace = CAST(current_schema() AS regnamespace)"""
 
-    # Postgres: an index by name, valid or not, and whether a CREATE INDEX CONCURRENTLY is building it now.
+    # Postgres: an index by name, valid or not, and whether something may be building it now: a CREATE INDEX
+    # CONCURRENTLY holds SHARE UPDATE EXCLUSIVE on the table until the index is valid (so does a vacuum: then
+    # the caller merely waits a little longer before it drops a leftover).
     index_state = """
         SELECT i.indisvalid,
-               EXISTS (SELECT 1 FROM pg_stat_progress_create_index p WHERE p.index_relid = i.indexrelid)
+               EXISTS (SELECT 1 FROM pg_locks l
+                       WHERE l.relation = i.indrelid AND l.mode = 'ShareUpdateExclusiveLock' AND l.granted)
         FROM pg_index i
         JOIN pg_class c ON c.oid = i.indexrelid
         WHERE c.relname = :name
@@ -1403,13 +1407,13 @@ class Store:
 
 
 def _retry_conflicts(fn: Callable[[], Any], attempts: int = 5) -> Any:
-    """Re-run a transaction that Postgres aborted as a deadlock or serialization failure."""
+    """Re-run a transaction that Postgres aborted as a deadlock, a serialization failure or a lock timeout."""
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as exc:
             text = str(exc)
-            if attempt == attempts - 1 or not ("40P01" in text or "40001" in text):
+            if attempt == attempts - 1 or not any(code in text for code in ("40P01", "40001", "55P03")):
                 raise
             threading.Event().wait(backoff(attempt + 1, 0.005, 0.05, jitter=0.8))
 
@@ -1441,10 +1445,11 @@ class Migration:
 #             -1 when pruned)
 #   pruned    label = status: runs deleted by retention, by the status they had
 #   executed  label = outcome: step executions recorded (never lowered: pruning keeps the total)
-# Postgres spreads each counter over COUNTER_SHARDS rows (by backend pid) so concurrent commits seldom
-# wait for one row's lock; statement-level triggers add a whole batch in one upsert, in key order (no
-# deadlock between two batches). SQLite has one writer at a time: one row, row-level triggers.
-COUNTER_SHARDS = 16
+# Postgres keeps each counter in one row per backend (shard = its pid): a backend runs one transaction at a
+# time, so no two transactions ever wait for each other's counter rows (shared rows would: one transaction
+# takes a halt's then a completion's counters, another the other way round, and they deadlock). The pruner
+# folds the rows of backends that have ended into shard 0 (SQL.fold_counters). Statement-level triggers
+# add a whole batch in one upsert. SQLite has one writer at a time: one row (shard 0), row-level triggers.
 _COUNT_UPSERT = {
     "postgres": """
             INSERT INTO ductwork_counters (pipeline, name, label, shard, value)
@@ -1502,8 +1507,7 @@ def _counter_triggers() -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     for name, (event, referencing, select) in _PG_COUNT_SELECTS.items():
         table = "ductwork_" + name.partition("_")[0]
-        upsert = _COUNT_UPSERT["postgres"].replace("{select}",
-                                                   select.replace("{shard}", f"pg_backend_pid() % {COUNTER_SHARDS}"))
+        upsert = _COUNT_UPSERT["postgres"].replace("{select}", select.replace("{shard}", "pg_backend_pid()"))
         out.append({"postgres": f"""
         CREATE OR REPLACE FUNCTION ductwork_count_{name}() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN{upsert};
@@ -1594,8 +1598,12 @@ MIGRATIONS: list[Migration] = [
     # 2: a database that stays fast at a million runs (SPEC §18): counters, the indexes that bound the
     # dashboard's, status's and retention's queries by an index range, and lean tables on Postgres.
     Migration(2, (
-        # the tables the counting triggers lock are locked first, in the order the engine writes them
-        # (executions, then runs), so a commit of the version before cannot deadlock with this migration
+        # the tables the counting triggers are on, locked against writers until this transaction ends (so
+        # that the count below is exact). Commits take them in either order (a chain's last step: runs,
+        # then executions; a fan-in's: the other way), so this can deadlock with one: Postgres ends this
+        # transaction then, and migrate tries again (_retry_conflicts); a writer that holds them long makes
+        # it give up after the lock timeout and try again, rather than queue every commit behind it.
+        {"postgres": "SET LOCAL lock_timeout = '2s'"},
         {"postgres": "LOCK TABLE ductwork_executions, ductwork_runs IN SHARE ROW EXCLUSIVE MODE"},
         """CREATE TABLE ductwork_counters (
             pipeline TEXT NOT NULL, name TEXT NOT NULL, label TEXT NOT NULL, shard INTEGER NOT NULL,
@@ -1725,8 +1733,8 @@ def _build_index_concurrently(store: Store, statement: str) -> None:
                 t.run(text)
         except DuctworkError:
             raise
-        except Exception as exc:   # two migrates raced to the same name: look again
-            if "23505" not in str(exc) and "42P07" not in str(exc):
+        except Exception as exc:   # two migrates raced to the same name (or deadlocked on its table): look again
+            if not any(code in str(exc) for code in ("23505", "42P07", "40P01")):
                 raise
 
 
@@ -2631,6 +2639,21 @@ class SQL:
         LIMIT :limit
         {skip_locked}"""
 
+    # Postgres: the counter rows of backends that have ended, folded into shard 0 (by a pruner, under its lock;
+    # a backend that starts with a reused pid meanwhile waits for its row, or makes a new one).
+    fold_counters = """
+        WITH gone AS (
+            DELETE FROM ductwork_counters
+            WHERE shard <> 0
+              AND shard NOT IN (SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL)
+            RETURNING pipeline, name, label, value)
+        INSERT INTO ductwork_counters (pipeline, name, label, shard, value)
+        SELECT pipeline, name, label, 0, sum(value)
+        FROM gone
+        GROUP BY pipeline, name, label
+        ORDER BY 1, 2, 3
+        ON CONFLICT (pipeline, name, label, shard) DO UPDATE SET value = ductwork_counters.value + EXCLUDED.value"""
+
     # prune --dry-run: how many runs each pipeline would lose.
     prunable_counts = """
         SELECT pipeline, count(*)
@@ -3489,13 +3512,16 @@ class Engine:
         """Delete the finished runs older than their status's age (``ages``: status -> seconds, database
         clock) with every row they own: a batch per transaction, each followed by a pause (PRUNE_YIELD), so
         claims and commits never queue behind one long delete. Returns the runs
-        deleted per (pipeline, status); None when another process was pruning (``wait``: wait for it)."""
+        deleted per (pipeline, status); None when another process was pruning (``wait``: wait for it). On
+        Postgres it first folds the counter rows of ended backends (SQL.fold_counters)."""
         pruned: collections.Counter = collections.Counter()
         pause = stop or threading.Event()
+        if self.store.dialect == "postgres" and not _retry_conflicts(lambda: self._fold_counters(wait)):
+            return None
         for status, age in ages.items():
             while not pause.is_set():
                 started = time.monotonic()
-                deleted = self._prune_batch(status, age, batch, wait)
+                deleted = _retry_conflicts(lambda s=status, a=age: self._prune_batch(s, a, batch, wait))
                 if deleted is None:   # another process prunes now: what this one did so far, if anything
                     return pruned or None
                 pruned.update(deleted)
@@ -3504,14 +3530,30 @@ class Engine:
                 pause.wait(max(PRUNE_PAUSE, (time.monotonic() - started) * PRUNE_YIELD[self.store.dialect]))
         return pruned
 
+    @staticmethod
+    def _prune_lock(t: Tx, wait: bool) -> bool:
+        """Take the pruners' lock for this transaction (Postgres; SQLite's write lock is it): False when another
+        process holds it and ``wait`` is not set."""
+        if t.dialect == "postgres":
+            if wait:
+                t.run(SQL.prune_lock, {"key": SQL.PRUNE_LOCK_KEY})
+            elif not t.one(SQL.try_prune_lock, {"key": SQL.PRUNE_LOCK_KEY})[0]:
+                return False
+        return True
+
+    def _fold_counters(self, wait: bool) -> bool:
+        """Fold the counter rows of ended backends into shard 0 (Postgres); False: another process prunes."""
+        with self._tx() as t:
+            if not self._prune_lock(t, wait):
+                return False
+            t.run(SQL.fold_counters)
+        return True
+
     def _prune_batch(self, status: str, age: float, limit: int, wait: bool) -> collections.Counter | None:
         """One transaction of prune(): up to ``limit`` runs and their rows."""
         with self._tx() as t:
-            if t.dialect == "postgres":
-                if wait:
-                    t.run(SQL.prune_lock, {"key": SQL.PRUNE_LOCK_KEY})
-                elif not t.one(SQL.try_prune_lock, {"key": SQL.PRUNE_LOCK_KEY})[0]:
-                    return None
+            if not self._prune_lock(t, wait):
+                return None
             ids = [row[0] for row in t.all(SQL.prunable_runs, {"status": status, "age": age, "limit": limit})]
             if not ids:
                 return collections.Counter()
@@ -4360,7 +4402,7 @@ class Runtime:
                      for pipeline in self.pipelines
                      for n in range(int(self.config.get("pipeline_advancer.count", pipeline)))]
         plan.append((f"ductwork.{self.row_role}.heartbeat.0", self.heartbeat_loop, None))
-        if self.spec.advancers and self.config.retention():
+        if self.spec.advancers:   # (with every status kept forever it still folds the counters, see prune)
             plan.append((f"ductwork.{self.row_role}.pruner.0", self.prune_loop, None))
         if self.store.dialect == "sqlite":
             plan.append((f"ductwork.{self.row_role}.listener.0", self.local_listen_loop, None))
@@ -4675,7 +4717,8 @@ class Runtime:
 
     def prune_loop(self) -> None:
         """Advancer processes: every prune_interval (jittered, so that peers drift apart), delete the finished
-        runs past their retention. One process prunes at a time (Engine.prune); the others skip their turn."""
+        runs past their retention and fold counters. One process prunes at a time (Engine.prune); the others
+        skip their turn."""
         if not self.wait_booted():
             return
         interval = float(self.config.get("pipeline_advancer.prune_interval"))
@@ -5600,7 +5643,7 @@ STATUS_ERROR_LINE = 300   # characters of an error's first line that status and 
 
 @dataclasses.dataclass
 class Counts:
-    """The counters (see COUNTER_SHARDS), each keyed by (pipeline, label)."""
+    """The counters (see _COUNT_UPSERT), their shards summed, each keyed by (pipeline, label)."""
 
     runs: dict[tuple[str, str], int]       # runs in each status now
     pruned: dict[tuple[str, str], int]     # runs pruned, by the status they had
