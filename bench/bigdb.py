@@ -230,6 +230,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1_000_000)
     parser.add_argument("--sqlite-runs", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--counting-only", action="store_true", help="only what the counting triggers cost")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ductwork-bigdb-"))
     for kind in args.engines.split(","):
@@ -247,6 +248,8 @@ def main() -> None:
         table(f"{kind}: the counting triggers on the hot path (empty databases, {SAMPLE} single-step runs)",
               ["figure", "with triggers", "without", "cost"],
               [["claim throughput, steps/s", fmt(counting["with"]), fmt(counting["without"]), f"{cost:.1%}"]])
+        if args.counting_only:
+            continue
         runs = args.runs if kind == "postgres" else args.sqlite_runs
         empty, big = Database(kind), Database(kind)
         try:
