@@ -1468,22 +1468,25 @@ _PG_COUNT_SELECTS = {
             FROM new_rows
             GROUP BY pipeline, status"""),
     "runs_updated": ("UPDATE", "OLD TABLE AS old_rows NEW TABLE AS new_rows", """
-            SELECT pipeline, 'runs', status, {shard}, sum(delta)
-            FROM (SELECT n.pipeline, n.status, 1 AS delta, o.status AS before
-                  FROM new_rows n JOIN old_rows o ON o.id = n.id
-                  UNION ALL
-                  SELECT o.pipeline, o.status, -1, n.status
-                  FROM new_rows n JOIN old_rows o ON o.id = n.id) AS moved
-            WHERE status <> before
-            GROUP BY pipeline, status
-            HAVING sum(delta) <> 0"""),
+            SELECT n.pipeline, 'runs', moved.status, {shard}, sum(moved.delta)
+            FROM new_rows n
+            JOIN old_rows o ON o.id = n.id
+            CROSS JOIN LATERAL (VALUES (n.status, 1), (o.status, -1)) AS moved (status, delta)
+            WHERE n.status <> o.status
+            GROUP BY n.pipeline, moved.status
+            HAVING sum(moved.delta) <> 0"""),
     "runs_deleted": ("DELETE", "OLD TABLE AS old_rows", """
             SELECT pipeline, name, status, {shard}, sum(delta)
             FROM (SELECT pipeline, 'runs' AS name, status, -1 AS delta FROM old_rows
                   UNION ALL
                   SELECT pipeline, 'pruned', status, 1 FROM old_rows) AS gone
             GROUP BY pipeline, name, status"""),
+    # (rows this version writes name their pipeline; the version before's do not: their steps do)
     "executions_inserted": ("INSERT", "NEW TABLE AS new_rows", """
+            SELECT pipeline, 'executed', outcome, {shard}, count(*)
+            FROM new_rows
+            GROUP BY pipeline, outcome""",
+                            """
             SELECT s.pipeline, 'executed', n.outcome, {shard}, count(*)
             FROM new_rows n
             JOIN ductwork_steps s ON s.id = n.step_id
@@ -1497,20 +1500,24 @@ _SQLITE_COUNT_TRIGGERS = {
     "runs_deleted": ("AFTER DELETE ON ductwork_runs", ["VALUES (OLD.pipeline, 'runs', OLD.status, 0, -1)",
                                                        "VALUES (OLD.pipeline, 'pruned', OLD.status, 0, 1)"]),
     "executions_inserted": ("AFTER INSERT ON ductwork_executions",
-                            ["SELECT pipeline, 'executed', NEW.outcome, 0, 1 "
-                             "FROM ductwork_steps WHERE id = NEW.step_id"]),
+                            ["SELECT coalesce(NEW.pipeline, (SELECT pipeline FROM ductwork_steps "
+                             "WHERE id = NEW.step_id)), 'executed', NEW.outcome, 0, 1 WHERE true"]),
 }
 
 
 def _counter_triggers() -> list[dict[str, str]]:
     """The statements that create the counting triggers (a Postgres function and trigger, or a SQLite trigger)."""
     out: list[dict[str, str]] = []
-    for name, (event, referencing, select) in _PG_COUNT_SELECTS.items():
+    for name, (event, referencing, *selects) in _PG_COUNT_SELECTS.items():
         table = "ductwork_" + name.partition("_")[0]
-        upsert = _COUNT_UPSERT["postgres"].replace("{select}", select.replace("{shard}", "pg_backend_pid()"))
+        upserts = [_COUNT_UPSERT["postgres"].replace("{select}", select.strip().replace("{shard}", "pg_backend_pid()"))
+                   for select in selects]
+        body = (f"{upserts[0]};" if len(upserts) == 1 else   # the second form: when a row lacks the pipeline
+                "\n            IF EXISTS (SELECT 1 FROM new_rows WHERE pipeline IS NULL) THEN"
+                f"{upserts[1]};\n            ELSE{upserts[0]};\n            END IF;")
         out.append({"postgres": f"""
         CREATE OR REPLACE FUNCTION ductwork_count_{name}() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN{upsert};
+        BEGIN{body}
             RETURN NULL;
         END $$"""})
         out.append({"postgres": f"""
@@ -1605,6 +1612,9 @@ MIGRATIONS: list[Migration] = [
         # it give up after the lock timeout and try again, rather than queue every commit behind it.
         {"postgres": "SET LOCAL lock_timeout = '2s'"},
         {"postgres": "LOCK TABLE ductwork_executions, ductwork_runs IN SHARE ROW EXCLUSIVE MODE"},
+        # an execution names its pipeline: counting it needs no join to its step (the version before leaves
+        # it NULL; the counting trigger looks such rows up)
+        "ALTER TABLE ductwork_executions ADD COLUMN pipeline TEXT",
         """CREATE TABLE ductwork_counters (
             pipeline TEXT NOT NULL, name TEXT NOT NULL, label TEXT NOT NULL, shard INTEGER NOT NULL,
             value BIGINT NOT NULL, PRIMARY KEY (pipeline, name, label, shard))""",
@@ -2784,8 +2794,8 @@ class BulkSQL:
     NEW_STEP = [("run_id", "BIGINT"), ("branch_id", "BIGINT"), ("pipeline", "TEXT"), ("node", "INTEGER"),
                 ("name", "TEXT"), ("input", "TEXT")]
     CHILD_BRANCH = [("position", "INTEGER"), ("node", "INTEGER")]
-    EXECUTION = [("step_id", "BIGINT"), ("run_id", "BIGINT"), ("process_id", "BIGINT"), ("attempt", "INTEGER"),
-                 ("outcome", "TEXT"), ("error", "TEXT"), ("claimed_at", "DOUBLE PRECISION"),
+    EXECUTION = [("step_id", "BIGINT"), ("run_id", "BIGINT"), ("pipeline", "TEXT"), ("process_id", "BIGINT"),
+                 ("attempt", "INTEGER"), ("outcome", "TEXT"), ("error", "TEXT"), ("claimed_at", "DOUBLE PRECISION"),
                  ("ran_for", "DOUBLE PRECISION")]
 
     @classmethod
@@ -2891,10 +2901,11 @@ class BulkSQL:
     @classmethod
     @functools.cache
     def insert_executions(cls, dialect: str) -> str:
-        return ("\n        INSERT INTO ductwork_executions (step_id, run_id, process_id, attempt, outcome, error, "
-                "started_at, finished_at)\n        SELECT r.step_id, r.run_id, r.process_id, r.attempt, r.outcome, "
-                "r.error,\n               CASE WHEN {now} - r.ran_for > r.claimed_at THEN {now} - r.ran_for "
-                "ELSE r.claimed_at END,\n               {now}\n        FROM " + cls.rows(dialect, cls.EXECUTION))
+        return ("\n        INSERT INTO ductwork_executions (step_id, run_id, pipeline, process_id, attempt, outcome, "
+                "error, started_at, finished_at)\n        SELECT r.step_id, r.run_id, r.pipeline, r.process_id, "
+                "r.attempt, r.outcome, r.error,\n               CASE WHEN {now} - r.ran_for > r.claimed_at "
+                "THEN {now} - r.ran_for ELSE r.claimed_at END,\n               {now}\n        FROM "
+                + cls.rows(dialect, cls.EXECUTION))
 
 
 def _document(columns: list[tuple[str, str]], rows: Iterable[Sequence[Any]]) -> str:
@@ -3249,9 +3260,10 @@ class Engine:
     def _record_executions(self, t: Tx, results: list[StepResult]) -> None:
         """One execution row per committed result, with its real start time."""
         if results:
-            self._insert_executions(t, [(r.claim.step_id, r.claim.run_id, r.claim.process_id, r.claim.attempt,
-                                         "succeeded" if r.ok else "failed", None if r.ok else r.value,
-                                         r.claim.claimed_at, r.claim.ran_for()) for r in results])
+            self._insert_executions(t, [(r.claim.step_id, r.claim.run_id, r.claim.pipeline, r.claim.process_id,
+                                         r.claim.attempt, "succeeded" if r.ok else "failed",
+                                         None if r.ok else r.value, r.claim.claimed_at, r.claim.ran_for())
+                                        for r in results])
 
     def _claim_next(self, t: _EngineTx, results: list[StepResult], limit: int, token: str) -> list[JobClaim]:
         """The next steps for the committing thread, claimed in the same transaction."""
@@ -3346,8 +3358,8 @@ class Engine:
             "process_id": process_id})
         if changed != 1:
             return False  # committed by its (resumed) claimer since the SELECT: nothing to hand back
-        self._insert_executions(t, [(s.step_id, s.run_id, process_id, s.attempts + crashes, "crashed", why,
-                                     s.claimed_at, None)])
+        self._insert_executions(t, [(s.step_id, s.run_id, s.pipeline, process_id, s.attempts + crashes, "crashed",
+                                     why, s.claimed_at, None)])
         t.notify(CH_ADVANCE if exhausted else CH_JOBS, s.pipeline)
         if exhausted:
             t.run(SQL.branch_ready, {"id": s.branch_id})

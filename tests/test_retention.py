@@ -400,6 +400,12 @@ def test_migration_2_upgrades_a_populated_schema_1_database_under_a_running_sche
         upgrade = run_cli("--database-url", fresh_db_url, "migrate")    # while the old deployment works
         assert upgrade.returncode == 0 and "applied 2" in upgrade.stdout, upgrade.stderr
         after_upgrade = completed()
+
+        def triggered():
+            with store.tx(write=False) as t:
+                return t.one("SELECT count(*) FROM ductwork_runs")[0]
+        at_upgrade = triggered()
+        wait_until(lambda: triggered() >= at_upgrade + 10, timeout=30, what="runs triggered after the upgrade")
         enough.touch()
         out, err = producer.communicate(timeout=60)
         assert producer.returncode == 0 and out.startswith("triggered"), err
