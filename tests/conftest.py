@@ -84,6 +84,28 @@ def drop_database(admin, name: str) -> None:
     admin.cursor().execute(f"DROP DATABASE IF EXISTS {name}")
 
 
+def concurrent_migrates(url: str, n: int = 3, timeout: float = 120) -> list[list[int]]:
+    """``n`` migrate_store() calls at once, each with its own Store: what each applied, sorted (any error raised)."""
+    results, errors = [], []
+
+    def migrate():
+        store = ductwork.Store(url)
+        try:
+            results.append(ductwork.migrate_store(store))
+        except Exception as exc:   # raised below, in the test's thread
+            errors.append(exc)
+        finally:
+            store.close()
+    threads = [threading.Thread(target=migrate) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    if errors:
+        raise errors[0]
+    return sorted(results)
+
+
 def truncate_pg(url: str) -> None:
     conn = _pg_connect(url)
     cur = conn.cursor()

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 import yaml
-from conftest import DB_VARIANTS, POOLER_VARIANTS, ROOT, run_cli
+from conftest import DB_VARIANTS, POOLER_VARIANTS, ROOT, concurrent_migrates, run_cli
 from procs import Proc, wait_until
 
 import ductwork
@@ -207,20 +207,24 @@ def test_prune_deletes_old_finished_runs_with_every_row_and_nothing_else(engine,
     assert_counters_match_rows(engine, pruned_before=True)
 
 
-def test_prune_goes_in_batches_until_nothing_is_left(engine):
+@pytest.mark.parametrize("rows, batches", [(10_000, [3, 3, 1]),   # by runs
+                                            (2, [2, 2, 2, 1]),      # cut at 2 steps (one each)
+                                            (0, [1] * 7)])          # a run bigger than the bound still goes
+def test_prune_goes_in_batches_until_nothing_is_left(engine, monkeypatch, rows, batches):
     runs = [RetChain.trigger(i) for i in range(7)]
     with engine.store.tx() as t:
         t.run("UPDATE ductwork_runs SET status = 'completed', finished_at = 0")
+    monkeypatch.setattr(ductwork, "PRUNE_ROWS", rows)
     seen = []
     original = engine._prune_batch
 
     def spy(status, age, limit, wait):
         got = original(status, age, limit, wait)
-        seen.append(sum(got.values()))
+        seen.append(sum(got[0].values()))
         return got
     engine._prune_batch = spy
     assert engine.prune({"completed": 10}, batch=3) == {("RetChain", "completed"): 7}
-    assert seen == [3, 3, 1]
+    assert seen == batches
     assert ductwork.Run.list() == [] and len(runs) == 7
 
 
@@ -463,6 +467,41 @@ def test_the_counter_rows_of_ended_backends_are_folded_into_one(db_url):
 def rows_of_counter(engine):
     with engine.store.tx(write=False) as t:
         return t.one("SELECT count(*) FROM ductwork_counters WHERE name = 'runs' AND label = 'in_progress'")[0]
+
+
+def schema_1_with_runs(url: str, runs: int) -> ductwork.Store:
+    """A database at schema 1 (this ductwork's first migration only) holding finished runs."""
+    store = ductwork.Store(url)
+    with store.tx() as t:
+        t.run(ductwork.StoreSQL.create_migrations)
+        ductwork._apply_in(t, ductwork.MIGRATIONS[0], in_tx=True)
+        t.run("WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < :n) "
+              "INSERT INTO ductwork_runs (pipeline, definition, status, input, created_at, updated_at, finished_at) "
+              "SELECT 'RetChain', 'd', CASE WHEN n % 3 = 0 THEN 'halted' ELSE 'completed' END, '1', 0, 0, 0 FROM c",
+              {"n": runs})
+        t.run("INSERT INTO ductwork_steps (run_id, branch_id, pipeline, node, name, status, input, available_at, "
+              "created_at) SELECT id, id, pipeline, 0, 'passes', 'succeeded', '1', 0, 0 FROM ductwork_runs")
+        t.run("INSERT INTO ductwork_executions (step_id, run_id, attempt, outcome, finished_at) "
+              "SELECT id, run_id, 1, 'succeeded', 0 FROM ductwork_steps")
+    return store
+
+
+def test_concurrent_migrates_of_a_populated_schema_1_database_apply_it_once(fresh_db_url):
+    schema_1_with_runs(fresh_db_url, 3000).close()
+    assert concurrent_migrates(fresh_db_url) == [[], [], [2]]
+    store = ductwork.Store(fresh_db_url)
+    engine = ductwork.Engine(store, ductwork.load_config(data={"database_url": fresh_db_url}))
+    counts = assert_counters_match_rows(engine)
+    assert counts.runs == {("RetChain", "completed"): 2000, ("RetChain", "halted"): 1000}
+    assert counts.executed == {("RetChain", "succeeded"): 3000}
+    if store.dialect == "postgres":
+        with store.tx(write=False) as t:
+            built = dict(t.all("SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c "
+                               "ON c.oid = i.indexrelid WHERE c.relname LIKE 'ductwork%'"))
+        wanted = {ductwork._index_name(s) for s in ductwork.MIGRATIONS[1].indexes}
+        assert {name: built.get(name) for name in wanted} == dict.fromkeys(wanted, True)
+        assert "ductwork_runs_pipeline_status" not in built
+    store.close()
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)

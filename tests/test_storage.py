@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import multiprocessing
 import ssl
-import threading
 import time
 
 import pytest
-from conftest import TABLES, _pg_connect
+from conftest import TABLES, _pg_connect, concurrent_migrates
 
 import ductwork
 
@@ -315,20 +314,5 @@ def test_migrate_store_is_idempotent_and_schema_is_current_follows(fresh_db_url)
 
 
 def test_concurrent_migrate_store_applies_each_version_once(fresh_db_url):
-    results, errors = [], []
-
-    def migrate():
-        store = ductwork.Store(fresh_db_url)
-        try:
-            results.append(ductwork.migrate_store(store))
-        except Exception as exc:   # pragma: no cover - the failure is reported below
-            errors.append(exc)
-        finally:
-            store.close()
-    threads = [threading.Thread(target=migrate) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert errors == [] and sorted(results) == [[], [], [1, 2]]
+    assert concurrent_migrates(fresh_db_url) == [[], [], [1, 2]]
     assert ductwork.schema_is_current(ductwork.Store(fresh_db_url))
