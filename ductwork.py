@@ -2609,6 +2609,14 @@ class SQL:
 
     # -- ductwork_context: a run's key/value store -----------------------------------------------
 
+    # The run a context write belongs to, held (KEY SHARE) until the write commits: a pruner skips the run
+    # meanwhile (FOR UPDATE SKIP LOCKED), or, having locked it first, deletes it and the write finds no run.
+    run_kept = """
+        SELECT 1
+        FROM ductwork_runs
+        WHERE id = :run_id
+        {key_share}"""
+
     # Every key of a run.
     context_all = """
         SELECT key, value
@@ -3650,6 +3658,8 @@ class Engine:
         text = _dumps(value)
         params = {"run_id": run_id, "key": key, "value": text}
         with self.store.tx() as t:
+            if t.one(SQL.run_kept, {"run_id": run_id}) is None:   # pruned (or never there): no orphan rows
+                raise DuctworkError(f"run {run_id} not found")
             if overwrite:
                 t.run(SQL.context_upsert, params)
             elif t.run(SQL.context_insert, params) != 1:

@@ -198,6 +198,9 @@ def test_prune_deletes_old_finished_runs_with_every_row_and_nothing_else(engine,
         assert rows_of(engine, gone.id) == dict.fromkeys(("runs", "branches", "steps", "executions", "context"), 0)
         with pytest.raises(ductwork.DuctworkError, match=rf"run {gone.id} not found"):
             ductwork.Run.get(gone.id)
+    with pytest.raises(ductwork.DuctworkError, match=rf"run {old_done.id} not found"):   # no orphan context row
+        engine.context_set(old_done.id, "late", 1, overwrite=True)
+    assert rows_of(engine, old_done.id)["context"] == 0
     assert ductwork.Run.get(young_done.id).status == "completed"
     assert ductwork.Run.get(halted.id).status == "halted"     # halted: kept longer (2000 s here)
     assert ductwork.Run.get(stuck.id).status == "in_progress"
