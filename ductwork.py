@@ -1613,12 +1613,13 @@ MIGRATIONS: list[Migration] = [
     # dashboard's, status's and retention's queries by an index range, and lean tables on Postgres.
     Migration(2, (
         # the tables the counting triggers are on, locked against writers until this transaction ends (so
-        # that the count below is exact). Commits take them in either order (a chain's last step: runs,
-        # then executions; a fan-in's: the other way), so this can deadlock with one: Postgres ends this
-        # transaction then, and migrate tries again (_retry_conflicts); a writer that holds them long makes
-        # it give up after the lock timeout and try again, rather than queue every commit behind it.
+        # that the count below is exact), in the order most commits take them (runs, then executions: a
+        # step that ends its run). A fan-in's commit takes them the other way and can deadlock with this:
+        # Postgres ends one of the two after deadlock_timeout, and migrate (or the commit) tries again
+        # (_retry_conflicts); a writer that holds a table long makes migrate give up after the lock timeout
+        # and try again, rather than queue every commit behind it.
         {"postgres": "SET LOCAL lock_timeout = '2s'"},
-        {"postgres": "LOCK TABLE ductwork_executions, ductwork_runs IN SHARE ROW EXCLUSIVE MODE"},
+        {"postgres": "LOCK TABLE ductwork_runs, ductwork_executions IN SHARE ROW EXCLUSIVE MODE"},
         # an execution names its pipeline: counting it needs no join to its step (the version before leaves
         # it NULL; the counting trigger looks such rows up)
         "ALTER TABLE ductwork_executions ADD COLUMN pipeline TEXT",
