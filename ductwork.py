@@ -1445,99 +1445,17 @@ class Migration:
     dropped: tuple[str, ...] = ()
 
 
-# Counters (migration 2) are kept by triggers, in the transaction that writes the rows they count, so they
-# are exact whoever writes (this version, the one before it during a rolling upgrade, or a hand-written
-# UPDATE) and a scrape reads a few dozen rows instead of counting a million. Names and labels:
-#   runs      label = status: the runs in that status now (+1 on insert, moved on a status change,
-#             -1 when pruned)
-#   pruned    label = status: runs deleted by retention, by the status they had
-#   executed  label = outcome: step executions recorded (never lowered: pruning keeps the total)
-# Postgres keeps each counter in one row per backend (shard = its pid): a backend runs one transaction at a
-# time, so no two transactions ever wait for each other's counter rows (shared rows would: one transaction
-# takes a halt's then a completion's counters, another the other way round, and they deadlock). The pruner
-# folds the rows of backends that have ended into shard 0 (SQL.fold_counters). Statement-level triggers
-# add a whole batch in one upsert. SQLite has one writer at a time: one row (shard 0), row-level triggers.
-_COUNT_UPSERT = {
-    "postgres": """
-            INSERT INTO ductwork_counters (pipeline, name, label, shard, value)
-            {select}
-            ORDER BY 1, 2, 3
-            ON CONFLICT (pipeline, name, label, shard)
-            DO UPDATE SET value = ductwork_counters.value + EXCLUDED.value""",
-    "sqlite": """
-            INSERT INTO ductwork_counters (pipeline, name, label, shard, value)
-            {select}
-            ON CONFLICT (pipeline, name, label, shard) DO UPDATE SET value = value + excluded.value;""",
-}
-_PG_COUNT_SELECTS = {
-    "runs_inserted": ("INSERT", "NEW TABLE AS new_rows", """
-            SELECT pipeline, 'runs', status, {shard}, count(*)
-            FROM new_rows
-            GROUP BY pipeline, status"""),
-    "runs_updated": ("UPDATE", "OLD TABLE AS old_rows NEW TABLE AS new_rows", """
-            SELECT n.pipeline, 'runs', moved.status, {shard}, sum(moved.delta)
-            FROM new_rows n
-            JOIN old_rows o ON o.id = n.id
-            CROSS JOIN LATERAL (VALUES (n.status, 1), (o.status, -1)) AS moved (status, delta)
-            WHERE n.status <> o.status
-            GROUP BY n.pipeline, moved.status
-            HAVING sum(moved.delta) <> 0"""),
-    "runs_deleted": ("DELETE", "OLD TABLE AS old_rows", """
-            SELECT pipeline, name, status, {shard}, sum(delta)
-            FROM (SELECT pipeline, 'runs' AS name, status, -1 AS delta FROM old_rows
-                  UNION ALL
-                  SELECT pipeline, 'pruned', status, 1 FROM old_rows) AS gone
-            GROUP BY pipeline, name, status"""),
-    # (rows this version writes name their pipeline; the version before's do not: their steps do)
-    "executions_inserted": ("INSERT", "NEW TABLE AS new_rows", """
-            SELECT pipeline, 'executed', outcome, {shard}, count(*)
-            FROM new_rows
-            GROUP BY pipeline, outcome""",
-                            """
-            SELECT s.pipeline, 'executed', n.outcome, {shard}, count(*)
-            FROM new_rows n
-            JOIN ductwork_steps s ON s.id = n.step_id
-            GROUP BY s.pipeline, n.outcome"""),
-}
-_SQLITE_COUNT_TRIGGERS = {
-    "runs_inserted": ("AFTER INSERT ON ductwork_runs", ["VALUES (NEW.pipeline, 'runs', NEW.status, 0, 1)"]),
-    "runs_updated": ("AFTER UPDATE OF status ON ductwork_runs WHEN OLD.status <> NEW.status",
-                     ["VALUES (NEW.pipeline, 'runs', NEW.status, 0, 1)",
-                      "VALUES (OLD.pipeline, 'runs', OLD.status, 0, -1)"]),
-    "runs_deleted": ("AFTER DELETE ON ductwork_runs", ["VALUES (OLD.pipeline, 'runs', OLD.status, 0, -1)",
-                                                       "VALUES (OLD.pipeline, 'pruned', OLD.status, 0, 1)"]),
-    "executions_inserted": ("AFTER INSERT ON ductwork_executions",
-                            ["SELECT coalesce(NEW.pipeline, (SELECT pipeline FROM ductwork_steps "
-                             "WHERE id = NEW.step_id)), 'executed', NEW.outcome, 0, 1 WHERE true"]),
-}
-
-
-def _counter_triggers() -> list[dict[str, str]]:
-    """The statements that create the counting triggers (a Postgres function and trigger, or a SQLite trigger)."""
-    out: list[dict[str, str]] = []
-    for name, (event, referencing, *selects) in _PG_COUNT_SELECTS.items():
-        table = "ductwork_" + name.partition("_")[0]
-        upserts = [_COUNT_UPSERT["postgres"].replace("{select}", select.strip().replace("{shard}", "pg_backend_pid()"))
-                   for select in selects]
-        body = (f"{upserts[0]};" if len(upserts) == 1 else   # the second form: when a row lacks the pipeline
-                "\n            IF EXISTS (SELECT 1 FROM new_rows WHERE pipeline IS NULL) THEN"
-                f"{upserts[1]};\n            ELSE{upserts[0]};\n            END IF;")
-        out.append({"postgres": f"""
-        CREATE OR REPLACE FUNCTION ductwork_count_{name}() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN{body}
-            RETURN NULL;
-        END $$"""})
-        out.append({"postgres": f"""
-        CREATE TRIGGER ductwork_count_{name} AFTER {event} ON {table}
-        REFERENCING {referencing} FOR EACH STATEMENT EXECUTE PROCEDURE ductwork_count_{name}()"""})
-        when, sources = _SQLITE_COUNT_TRIGGERS[name]
-        body = "".join(_COUNT_UPSERT["sqlite"].replace("{select}", source) for source in sources)
-        out.append({"sqlite": f"""
-        CREATE TRIGGER ductwork_count_{name} {when}
-        BEGIN{body}
-        END"""})
-    return out
-
+# Counts (migration 2) that a scrape reads in milliseconds at a million runs, exact whoever writes (this
+# version, the one before it during a rolling upgrade, a hand-written fix), and that cost the commit path
+# nothing. Two kinds:
+#   - counted from the rows, read off an index range: runs in progress and halted, per pipeline;
+#   - rolled up: runs triggered and executions per outcome are only ever inserted, so a total is the rollup
+#     (ductwork_counters, every row up to a mark in ductwork_rollup) plus a count of the rows past the mark.
+#     The pruners move the marks (Engine.roll_up) under a brief SHARE lock of the two tables: it waits for
+#     the transactions that are inserting, so every row up to the new mark is committed and counted once.
+#     Pruning adds what it deletes past a mark, and the runs it deletes (by status), to the counters.
+# Completed runs are what is left: triggered - pruned - in progress - halted. Every count is one statement,
+# one snapshot (SQL.counters): a rollup or a prune commits wholly before or after it.
 
 # Postgres storage settings of the tables each step updates (migration 2). A row updated without a change
 # to an indexed column is rewritten in place on its page (a HOT update, no index entry) when the page has
@@ -1549,6 +1467,7 @@ def _counter_triggers() -> list[dict[str, str]]:
 _STORAGE = {
     "ductwork_processes": "fillfactor = 50, autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000",
     "ductwork_counters": "fillfactor = 50, autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000",
+    "ductwork_rollup": "fillfactor = 50, autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000",
     "ductwork_steps": "fillfactor = 90, autovacuum_vacuum_scale_factor = 0.01, "
                       "autovacuum_vacuum_insert_scale_factor = 0.01, autovacuum_analyze_scale_factor = 0.02",
     "ductwork_branches": "fillfactor = 90, autovacuum_vacuum_scale_factor = 0.02, "
@@ -1612,39 +1531,23 @@ MIGRATIONS: list[Migration] = [
     # 2: a database that stays fast at a million runs (SPEC §18): counters, the indexes that bound the
     # dashboard's, status's and retention's queries by an index range, and lean tables on Postgres.
     Migration(2, (
-        # the tables the counting triggers are on, locked against writers until this transaction ends (so
-        # that the count below is exact), in the order most commits take them (runs, then executions: a
-        # step that ends its run). A fan-in's commit takes them the other way and can deadlock with this:
-        # Postgres ends one of the two after deadlock_timeout, and migrate (or the commit) tries again
-        # (_retry_conflicts); a writer that holds a table long makes migrate give up after the lock timeout
-        # and try again, rather than queue every commit behind it.
-        {"postgres": "SET LOCAL lock_timeout = '2s'"},
-        {"postgres": "LOCK TABLE ductwork_runs, ductwork_executions IN SHARE ROW EXCLUSIVE MODE"},
         # an execution names its pipeline: counting it needs no join to its step (the version before leaves
-        # it NULL; the counting trigger looks such rows up)
+        # it NULL; a count looks such rows up)
         "ALTER TABLE ductwork_executions ADD COLUMN pipeline TEXT",
         """CREATE TABLE ductwork_counters (
-            pipeline TEXT NOT NULL, name TEXT NOT NULL, label TEXT NOT NULL, shard INTEGER NOT NULL,
-            value BIGINT NOT NULL, PRIMARY KEY (pipeline, name, label, shard))""",
-        *_counter_triggers(),
-        # what is already there, counted once; the triggers count from here on (the locks above keep
-        # writers out until this transaction commits, so nothing is counted twice or missed)
-        """INSERT INTO ductwork_counters (pipeline, name, label, shard, value)
-            SELECT pipeline, 'runs', status, 0, count(*)
-            FROM ductwork_runs
-            GROUP BY pipeline, status""",
-        """INSERT INTO ductwork_counters (pipeline, name, label, shard, value)
-            SELECT s.pipeline, 'executed', e.outcome, 0, count(*)
-            FROM ductwork_executions e
-            JOIN ductwork_steps s ON s.id = e.step_id
-            GROUP BY s.pipeline, e.outcome""",
+            pipeline TEXT NOT NULL, name TEXT NOT NULL, label TEXT NOT NULL, value BIGINT NOT NULL,
+            PRIMARY KEY (pipeline, name, label))""",
+        """CREATE TABLE ductwork_rollup (
+            name TEXT PRIMARY KEY, mark BIGINT NOT NULL)""",
+        "INSERT INTO ductwork_rollup (name, mark) VALUES ('runs', 0), ('executions', 0)",
         *({"postgres": f"ALTER TABLE {table} SET ({settings})"} for table, settings in _STORAGE.items()),
     ), indexes=(
         # retention (oldest first), status's latest halts, the overview's runs per minute
         "CREATE INDEX ductwork_runs_finished ON ductwork_runs (status, finished_at)",
-        # the runs page and Run.list, newest first: unfiltered (the primary key), by status, by
-        # pipeline, by both (this one also replaces migration 1's (pipeline, status))
-        "CREATE INDEX ductwork_runs_status_id ON ductwork_runs (status, id)",
+        # the runs page and Run.list, newest first: unfiltered (the primary key), by status (with the
+        # pipeline, so that the counts of runs in progress and halted per pipeline read the index alone),
+        # by pipeline, by both (this one also replaces migration 1's (pipeline, status))
+        "CREATE INDEX ductwork_runs_status_id ON ductwork_runs (status, id, pipeline)",
         "CREATE INDEX ductwork_runs_pipeline_id ON ductwork_runs (pipeline, id)",
         "CREATE INDEX ductwork_runs_pipeline_status_id ON ductwork_runs (pipeline, status, id)",
         # the overview's steps per minute (a finished step enters it once)
@@ -1680,22 +1583,24 @@ def migrate_store(store: Store) -> list[int]:
             t.run(StoreSQL.migration_lock, {"key": StoreSQL.MIGRATION_LOCK_KEY})
         t.run(StoreSQL.create_migrations)
         done = {row[0] for row in t.all(StoreSQL.applied_versions)}
-        if store.dialect == "sqlite" or not done:   # SQLite, or a new database: no rows to keep flowing
-            return [m.version for m in MIGRATIONS if m.version not in done and _apply_in(t, m, in_tx=True)]
-        unbuilt = _unbuilt_indexes(t)
-    if not unbuilt and all(m.version in done for m in MIGRATIONS):
-        return []
-    applied: list[int] = []
-    for migration in MIGRATIONS:
-        for statement in migration.indexes:
-            if _index_name(statement) in unbuilt:
-                _build_index_concurrently(store, statement)
-        if migration.version not in done and _retry_conflicts(lambda m=migration: _apply(store, m)):
-            applied.append(migration.version)
-        for name in migration.dropped:
-            if name in unbuilt:
-                with store.tx(single=True) as t:
-                    t.run(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+        concurrently = store.dialect == "postgres" and bool(done)   # (SQLite, a new database: no rows to keep
+        if not concurrently:                                         # flowing while indexes are built)
+            applied = [m.version for m in MIGRATIONS if m.version not in done and _apply_in(t, m, in_tx=True)]
+        else:
+            applied, unbuilt = [], _unbuilt_indexes(t)
+    if concurrently and (unbuilt or any(m.version not in done for m in MIGRATIONS)):
+        for migration in MIGRATIONS:
+            for statement in migration.indexes:
+                if _index_name(statement) in unbuilt:
+                    _build_index_concurrently(store, statement)
+            if migration.version not in done and _retry_conflicts(lambda m=migration: _apply(store, m)):
+                applied.append(migration.version)
+            for name in migration.dropped:
+                if name in unbuilt:
+                    with store.tx(single=True) as t:
+                        t.run(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+    if 2 in applied and 1 in done:   # what an existing database holds, counted once now (see roll_up_counts)
+        roll_up_counts(store, wait=True)
     return applied
 
 
@@ -2378,12 +2283,85 @@ class SQL:
         WHERE id = :id
           AND status = 'halted'"""
 
-    # status, the overview and /metrics: the counters the triggers keep (migration 2), shards summed.
-    counters = """
-        SELECT pipeline, name, label, sum(value)
-        FROM ductwork_counters
+    # The executions past their mark, per pipeline and outcome ({where}: more conditions). Rows of the version
+    # before migration 2 name no pipeline: their steps do (a join, only for those; the new rows need none).
+    EXECUTIONS_PAST_MARK = """
+            SELECT e.pipeline, e.outcome, count(*) AS n
+            FROM ductwork_executions e
+            WHERE e.id > (SELECT mark FROM ductwork_rollup WHERE name = 'executions')
+              AND e.pipeline IS NOT NULL{where}
+            GROUP BY e.pipeline, e.outcome
+            UNION ALL
+            SELECT s.pipeline, e.outcome, count(*)
+            FROM ductwork_executions e
+            JOIN ductwork_steps s ON s.id = e.step_id
+            WHERE e.id > (SELECT mark FROM ductwork_rollup WHERE name = 'executions')
+              AND e.pipeline IS NULL{where}
+            GROUP BY s.pipeline, e.outcome"""
+
+    # status, the overview and /metrics: every count in one statement (one snapshot; see "Counts (migration 2)"):
+    # the rolled-up totals, the rows past the marks, and the runs in progress and halted.
+    counters = f"""
+        SELECT pipeline, name, label, sum(n)
+        FROM (SELECT pipeline, name, label, value AS n
+              FROM ductwork_counters
+              UNION ALL
+              SELECT pipeline, 'triggered', '', count(*)
+              FROM ductwork_runs
+              WHERE id > (SELECT mark FROM ductwork_rollup WHERE name = 'runs')
+              GROUP BY pipeline
+              UNION ALL
+              SELECT pipeline, 'executed', outcome, n
+              FROM ({EXECUTIONS_PAST_MARK.replace("{where}", "")}) AS executions
+              UNION ALL
+              SELECT pipeline, 'runs', status, count(*)
+              FROM ductwork_runs
+              WHERE status IN ('in_progress', 'halted')
+              GROUP BY pipeline, status) AS parts
         GROUP BY pipeline, name, label
         ORDER BY pipeline, name, label"""
+
+    # Postgres, before a statement that reads past the marks (counts, rollups, prune batches): the planner
+    # cannot know the marks (a subquery), guesses that a third of each table lies past them, and plans
+    # parallel workers and JIT compilation (100 ms at a million runs) for what is an index range of a few
+    # rows. The transaction goes without either.
+    plain_plans = """
+        SELECT set_config('max_parallel_workers_per_gather', '0', true), set_config('jit', 'off', true)"""
+
+    # Add to a rolled-up total (:pipeline, :name, :label, :n).
+    add_count = """
+        INSERT INTO ductwork_counters (pipeline, name, label, value)
+        VALUES (:pipeline, :name, :label, :n)
+        ON CONFLICT (pipeline, name, label) DO UPDATE SET value = ductwork_counters.value + excluded.value"""
+
+    # Roll up (Engine.roll_up): the runs and executions past the marks join the totals, and the marks move to
+    # the newest row (under the lock that makes every row up to it committed).
+    roll_up_lock = """
+        LOCK TABLE ductwork_runs, ductwork_executions IN SHARE MODE"""
+    # (a writer that holds a table longer makes this turn's rollup give up, never the writers wait: a fan-in's
+    # commit that takes the tables the other way round would otherwise deadlock with it for deadlock_timeout)
+    roll_up_timeout = """
+        SET LOCAL lock_timeout = '200ms'"""
+    roll_up_runs = """
+        INSERT INTO ductwork_counters (pipeline, name, label, value)
+        SELECT pipeline, 'triggered', '', count(*)
+        FROM ductwork_runs
+        WHERE id > (SELECT mark FROM ductwork_rollup WHERE name = 'runs')
+        GROUP BY pipeline
+        ON CONFLICT (pipeline, name, label) DO UPDATE SET value = ductwork_counters.value + excluded.value"""
+    roll_up_executions = f"""
+        INSERT INTO ductwork_counters (pipeline, name, label, value)
+        SELECT pipeline, 'executed', outcome, sum(n)
+        FROM ({EXECUTIONS_PAST_MARK.replace("{where}", "")}) AS executions
+        WHERE true
+        GROUP BY pipeline, outcome
+        ON CONFLICT (pipeline, name, label) DO UPDATE SET value = ductwork_counters.value + excluded.value"""
+    move_mark = """
+        UPDATE ductwork_rollup
+        SET mark = (SELECT max(id) FROM {table})
+        WHERE name = :name
+          AND mark < (SELECT coalesce(max(id), 0) FROM {table})"""
+    ROLLED_UP = {"runs": "ductwork_runs", "executions": "ductwork_executions"}   # a mark's name: its table
 
     # status: the latest halts.
     recent_halts = """
@@ -2665,20 +2643,15 @@ class SQL:
         LIMIT :limit
         {skip_locked}"""
 
-    # Postgres: the counter rows of backends that have ended, folded into shard 0 (by a pruner, under its lock;
-    # a backend that starts with a reused pid meanwhile waits for its row, or makes a new one).
-    fold_counters = """
-        WITH gone AS (
-            DELETE FROM ductwork_counters
-            WHERE shard <> 0
-              AND shard NOT IN (SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL)
-            RETURNING pipeline, name, label, value)
-        INSERT INTO ductwork_counters (pipeline, name, label, shard, value)
-        SELECT pipeline, name, label, 0, sum(value)
-        FROM gone
-        GROUP BY pipeline, name, label
-        ORDER BY 1, 2, 3
-        ON CONFLICT (pipeline, name, label, shard) DO UPDATE SET value = ductwork_counters.value + EXCLUDED.value"""
+    # A batch's runs and executions past the marks, counted before they go (the rollup will never see them).
+    unrolled_runs = """
+        SELECT pipeline, count(*)
+        FROM ductwork_runs
+        WHERE {ids}
+          AND id > (SELECT mark FROM ductwork_rollup WHERE name = 'runs')
+        GROUP BY pipeline"""
+    unrolled_executions = EXECUTIONS_PAST_MARK.replace(
+        "{where}", "\n                AND e.step_id IN (SELECT id FROM ductwork_steps WHERE {runs})")
 
     # prune --dry-run: how many runs each pipeline would lose.
     prunable_counts = """
@@ -2713,7 +2686,7 @@ class SQL:
         WHERE {runs}""",
     )
 
-    # ... and the runs themselves (the counting trigger moves them to the "pruned" counters).
+    # ... and the runs themselves (Engine._count_pruned adds them to the "pruned" totals).
     prune_runs = """
         DELETE FROM ductwork_runs
         WHERE {ids}
@@ -3137,6 +3110,42 @@ DECISIONS: dict[str, Callable[[Situation], _Outcome]] = {
 
 # -- the engine ----------------------------------------------------------------------------
 
+def _prune_lock(t: Tx, wait: bool) -> bool:
+    """Take the pruners' lock for this transaction (Postgres; SQLite's write lock is it): False when another
+    process holds it and ``wait`` is not set."""
+    if t.dialect == "postgres":
+        if wait:
+            t.run(SQL.prune_lock, {"key": SQL.PRUNE_LOCK_KEY})
+        elif not t.one(SQL.try_prune_lock, {"key": SQL.PRUNE_LOCK_KEY})[0]:
+            return False
+    return True
+
+
+def roll_up_counts(store: Store, wait: bool = False) -> bool | None:
+    """Move the counts' marks to the newest runs and executions (see "Counts (migration 2)"): True when it did,
+    False when a writer held the tables past the lock timeout (the next turn tries again), None when another
+    process holds the pruners' lock (``wait``: wait for it)."""
+    try:
+        with store.tx() as t:
+            if not _prune_lock(t, wait):
+                return None
+            if t.dialect == "postgres":   # SQLite's write lock keeps every writer out already
+                t.run(SQL.plain_plans)   # (no JIT compilation while the tables are locked)
+                t.run(SQL.roll_up_timeout)
+                t.run(SQL.roll_up_lock)
+            t.run(SQL.roll_up_runs)
+            t.run(SQL.roll_up_executions)
+            for name, table in SQL.ROLLED_UP.items():
+                t.run(SQL.move_mark.replace("{table}", table), {"name": name})
+    except DuctworkError:
+        raise
+    except Exception as exc:
+        if "55P03" not in str(exc) and "40P01" not in str(exc):   # lock timeout, deadlock: not this turn
+            raise
+        return False
+    return True
+
+
 class Engine:
     """The state machine over one Store, with the configuration's budgets."""
 
@@ -3547,11 +3556,11 @@ class Engine:
         """Delete the finished runs older than their status's age (``ages``: status -> seconds, database
         clock) with every row they own: a batch per transaction, each followed by a pause (PRUNE_YIELD), so
         claims and commits never queue behind one long delete. Returns the runs
-        deleted per (pipeline, status); None when another process was pruning (``wait``: wait for it). On
-        Postgres it first folds the counter rows of ended backends (SQL.fold_counters)."""
+        deleted per (pipeline, status); None when another process was pruning (``wait``: wait for it). It
+        first rolls the counts up (roll_up)."""
         pruned: collections.Counter = collections.Counter()
         pause = stop or threading.Event()
-        if self.store.dialect == "postgres" and not _retry_conflicts(lambda: self._fold_counters(wait)):
+        if self.roll_up(wait) is None:
             return None
         for status, age in ages.items():
             while not pause.is_set():
@@ -3566,24 +3575,20 @@ class Engine:
                 pause.wait(max(PRUNE_PAUSE, (time.monotonic() - started) * PRUNE_YIELD[self.store.dialect]))
         return pruned
 
-    @staticmethod
-    def _prune_lock(t: Tx, wait: bool) -> bool:
-        """Take the pruners' lock for this transaction (Postgres; SQLite's write lock is it): False when another
-        process holds it and ``wait`` is not set."""
-        if t.dialect == "postgres":
-            if wait:
-                t.run(SQL.prune_lock, {"key": SQL.PRUNE_LOCK_KEY})
-            elif not t.one(SQL.try_prune_lock, {"key": SQL.PRUNE_LOCK_KEY})[0]:
-                return False
-        return True
+    def roll_up(self, wait: bool = False) -> bool | None:
+        """Move the counts' marks to the newest runs and executions (roll_up_counts)."""
+        return roll_up_counts(self.store, wait)
 
-    def _fold_counters(self, wait: bool) -> bool:
-        """Fold the counter rows of ended backends into shard 0 (Postgres); False: another process prunes."""
-        with self._tx() as t:
-            if not self._prune_lock(t, wait):
-                return False
-            t.run(SQL.fold_counters)
-        return True
+
+    @staticmethod
+    def _count_pruned(t: Tx, unrolled: dict[str, list[tuple]], gone: list[tuple]) -> None:
+        """Add to the totals what a prune batch deleted that no rollup had counted (its rows past the marks:
+        ``unrolled``), and the runs it deleted (``gone``: pipeline and status) as pruned."""
+        adds = [(pipeline, "triggered", "", n) for pipeline, n in unrolled["runs"]]
+        adds += [(pipeline, "executed", outcome, n) for pipeline, outcome, n in unrolled["executions"]]
+        adds += [(pipeline, "pruned", status, n) for (pipeline, status), n in collections.Counter(gone).items()]
+        for pipeline, name, label, n in sorted(adds):
+            t.run(SQL.add_count, {"pipeline": pipeline, "name": name, "label": label, "n": int(n)})
 
     def _prune_batch(self, status: str, age: float, limit: int,
                      wait: bool) -> tuple[collections.Counter, bool] | None:
@@ -3591,8 +3596,10 @@ class Engine:
         run with a 10 000-way expand is 10 000 runs' worth of rows); what it deleted, and whether more may be
         waiting. None when another process holds the pruners' lock."""
         with self._tx() as t:
-            if not self._prune_lock(t, wait):
+            if not _prune_lock(t, wait):
                 return None
+            if t.dialect == "postgres":
+                t.run(SQL.plain_plans)
             ids = [row[0] for row in t.all(SQL.prunable_runs, {"status": status, "age": age, "limit": limit})]
             if not ids:
                 return collections.Counter(), False
@@ -3607,10 +3614,14 @@ class Engine:
                     break
                 kept.append(run_id)
             params = {"ids": BulkSQL.id_list(t.dialect, kept)}
+            unrolled = {"runs": t.all(SQL.unrolled_runs.replace("{ids}", BulkSQL.ids(t.dialect, "", "id")), params),
+                        "executions": t.all(SQL.unrolled_executions.replace("{runs}", owned_by), params)}
             for statement in SQL.PRUNE_OWNED:
                 t.run(statement.replace("{runs}", owned_by), params)
-            gone = t.all(SQL.prune_runs.replace("{ids}", BulkSQL.ids(t.dialect, "", "id")), params)
-        return collections.Counter((pipeline, status) for pipeline, status in gone), more
+            gone = [tuple(row) for row in t.all(SQL.prune_runs.replace("{ids}", BulkSQL.ids(t.dialect, "", "id")),
+                                                params)]
+            self._count_pruned(t, unrolled, gone)
+        return collections.Counter(gone), more
 
     def prunable(self, ages: dict[str, float]) -> collections.Counter:
         """What prune(ages) would delete now, per (pipeline, status)."""
@@ -5693,7 +5704,7 @@ STATUS_ERROR_LINE = 300   # characters of an error's first line that status and 
 
 @dataclasses.dataclass
 class Counts:
-    """The counters (see _COUNT_UPSERT), their shards summed, each keyed by (pipeline, label)."""
+    """The counts (see "Counts (migration 2)"), each keyed by (pipeline, label)."""
 
     runs: dict[tuple[str, str], int]       # runs in each status now
     pruned: dict[tuple[str, str], int]     # runs pruned, by the status they had
@@ -5701,10 +5712,15 @@ class Counts:
 
     @classmethod
     def read(cls, t: Tx) -> Counts:
-        counts: dict[str, dict[tuple[str, str], int]] = {"runs": {}, "pruned": {}, "executed": {}}
+        counts: dict[str, dict[tuple[str, str], int]] = {"runs": {}, "pruned": {}, "executed": {}, "triggered": {}}
+        if t.dialect == "postgres":
+            t.run(SQL.plain_plans)
         for pipeline, name, label, value in t.all(SQL.counters):
-            if name in counts:
-                counts[name][pipeline, label] = int(value)
+            counts[name][pipeline, label] = int(value)
+        for (pipeline, _), triggered in counts.pop("triggered").items():   # completed: what the rest leaves
+            gone = sum(n for (p, _), n in counts["pruned"].items() if p == pipeline)
+            counted = sum(n for (p, _), n in counts["runs"].items() if p == pipeline)
+            counts["runs"][pipeline, "completed"] = triggered - gone - counted
         return cls(**counts)
 
     def pipelines(self) -> set[str]:
@@ -6494,11 +6510,16 @@ class DashboardSQL:
     fragments (see _paged). A ``*_COLUMNS`` list is both its statement's select list and its records' keys.
     """
 
-    # the pipelines that ever had runs: the choices of the pipeline filter (read off the counters)
+    # the pipelines that ever had runs: the choices of the pipeline filter (the rolled-up totals, and the runs
+    # past their mark)
     pipelines = """
-        SELECT DISTINCT pipeline
+        SELECT pipeline
         FROM ductwork_counters
-        WHERE name = 'runs'
+        WHERE name = 'triggered'
+        UNION
+        SELECT pipeline
+        FROM ductwork_runs
+        WHERE id > (SELECT mark FROM ductwork_rollup WHERE name = 'runs')
         ORDER BY pipeline"""
 
     # the runs page: one page of runs, newest first

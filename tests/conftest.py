@@ -114,6 +114,8 @@ def truncate_pg(url: str) -> None:
     present = [t for t in TABLES if t in existing]
     if present:
         cur.execute(f"TRUNCATE {', '.join(present)} RESTART IDENTITY")
+    if "ductwork_rollup" in existing:   # the ids start again: so do the counts' marks
+        cur.execute("UPDATE ductwork_rollup SET mark = 0")
     conn.close()
 
 

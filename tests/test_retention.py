@@ -137,7 +137,11 @@ def test_counters_follow_every_transition_and_survive_pruning(engine, start_runt
     assert halts.revive() is True           # halted -> in_progress -> completed: moved twice
     assert finished(halts) == "completed"
     counts = assert_counters_match_rows(engine)
-    assert counts.runs.get(("RetHalts", "halted")) == 0 and counts.runs[("RetHalts", "completed")] == 1
+    assert ("RetHalts", "halted") not in counts.runs and counts.runs[("RetHalts", "completed")] == 1
+    assert engine.roll_up() is True                # the totals rolled up: the same counts, read another way
+    assert counted(engine) == counts
+    with engine.store.tx(write=False) as t:
+        assert t.one("SELECT count(*) FROM ductwork_counters WHERE name IN ('triggered', 'executed')")[0] == 7
 
     metrics_before = ductwork.dashboard_metrics(engine)
     age_runs(engine, [r.id for r in chains], 100)
@@ -164,11 +168,15 @@ def test_counters_count_rows_written_by_hand_or_by_an_older_version(engine):
     with engine.store.tx() as t:
         t.run("UPDATE ductwork_runs SET status = 'halted', finished_at = 0 WHERE id = :id", {"id": run.id})
         step_id = t.one("SELECT id FROM ductwork_steps WHERE run_id = :id", {"id": run.id})[0]
-        for attempt in (1, 2):
+        for attempt in (1, 2):   # as the version before writes them: no pipeline
             t.run("INSERT INTO ductwork_executions (step_id, run_id, attempt, outcome, finished_at) "
                   "VALUES (:s, :r, :a, 'crashed', 0)", {"s": step_id, "r": run.id, "a": attempt})
+        t.run("INSERT INTO ductwork_executions (step_id, run_id, pipeline, attempt, outcome, finished_at) "
+              "VALUES (:s, :r, 'RetChain', 3, 'crashed', 0)", {"s": step_id, "r": run.id})
     counts = assert_counters_match_rows(engine)
-    assert counts.runs[("RetChain", "halted")] == 1 and counts.executed == {("RetChain", "crashed"): 2}
+    assert counts.runs[("RetChain", "halted")] == 1 and counts.executed == {("RetChain", "crashed"): 3}
+    assert engine.roll_up() is True    # both kinds of row, one total
+    assert counted(engine) == counts
 
 
 # -- pruning ----------------------------------------------------------------------------------------------
@@ -453,23 +461,27 @@ def test_migration_2_upgrades_a_populated_schema_1_database_under_a_running_sche
         again.close()
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-def test_the_counter_rows_of_ended_backends_are_folded_into_one(db_url):
-    ductwork.configure(database_url=db_url)
-    ductwork.migrate()
-    engine = ductwork._app_engine()
-    for _ in range(3):   # three backends, each its own counter row, then gone
-        store = ductwork.Store(db_url)
-        ductwork.Engine(store, engine.config).trigger("RetChain", [1])
-        store.close()
-    wait_until(lambda: len(engine.prune({}) or ()) == 0 and rows_of_counter(engine) == 1, timeout=10,
-               what="the ended backends' rows folded")
-    assert counted(engine).runs == {("RetChain", "in_progress"): 3}
+def test_rollups_while_work_goes_on_count_every_row_once(engine, start_runtime):
+    start_runtime(["RetChain", "RetFan"])
+    stop, rolled = threading.Event(), []
 
-
-def rows_of_counter(engine):
-    with engine.store.tx(write=False) as t:
-        return t.one("SELECT count(*) FROM ductwork_counters WHERE name = 'runs' AND label = 'in_progress'")[0]
+    def roller():   # a pruner's rollups, as often as they can go, while steps commit
+        while not stop.is_set():
+            rolled.append(engine.roll_up())
+            stop.wait(0.005)
+    thread = threading.Thread(target=roller)
+    thread.start()
+    try:
+        runs = [RetChain.trigger(i) for i in range(40)] + [RetFan.trigger(5) for _ in range(10)]
+        assert {finished(run) for run in runs} == {"completed"}
+    finally:
+        stop.set()
+        thread.join(30)
+    assert rolled.count(True) >= 3, rolled
+    assert engine.roll_up() is True
+    counts = assert_counters_match_rows(engine)
+    assert counts.runs == {("RetChain", "completed"): 40, ("RetFan", "completed"): 10}
+    assert counts.executed == {("RetChain", "succeeded"): 80, ("RetFan", "succeeded"): 10 * 7}
 
 
 def schema_1_with_runs(url: str, runs: int) -> ductwork.Store:
