@@ -133,6 +133,9 @@ PIPELINE_NOT_CONFIGURED = "pipeline_not_configured"
 # A run's statuses; a finished one is kept for its status's retention (SPEC §18), then pruned.
 RUN_STATUSES = ("in_progress", "completed", "halted")
 FINISHED_STATUSES = ("completed", "halted")
+# The statuses whose runs are counted off an index range (few rows each); completed runs, the many, are what
+# the others leave of every run ever triggered (see "Counts (migration 2)").
+COUNTED_STATUSES = tuple(status for status in RUN_STATUSES if status != "completed")
 # Config `retention` (seconds; -1 keeps forever). Halted runs are kept longest: revive() can run them again.
 # "cancelled" is accepted now for the status the run-control issue adds (SPEC §14).
 RETENTION_DEFAULTS = {"completed": 604800, "halted": 2592000, "cancelled": 604800}
@@ -144,6 +147,7 @@ PRUNE_BATCH = 200
 PRUNE_ROWS = 5000   # steps per batch at most (a batch stops before the run that would pass it, keeps one at least)
 PRUNE_PAUSE = 0.02
 PRUNE_YIELD = {"postgres": 3.0, "sqlite": 9.0}
+ROLLUP_CHUNK = 200_000   # ids a rollup transaction counts at most (each statement well inside a socket timeout)
 
 CH_JOBS, CH_ADVANCE = "ductwork_jobs", "ductwork_advance"
 
@@ -2316,7 +2320,7 @@ class SQL:
               UNION ALL
               SELECT pipeline, 'runs', status, count(*)
               FROM ductwork_runs
-              WHERE status IN ('in_progress', 'halted')
+              WHERE status IN ({", ".join(f"'{status}'" for status in COUNTED_STATUSES)})
               GROUP BY pipeline, status) AS parts
         GROUP BY pipeline, name, label
         ORDER BY pipeline, name, label"""
@@ -2334,33 +2338,44 @@ class SQL:
         VALUES (:pipeline, :name, :label, :n)
         ON CONFLICT (pipeline, name, label) DO UPDATE SET value = ductwork_counters.value + excluded.value"""
 
-    # Roll up (Engine.roll_up): the runs and executions past the marks join the totals, and the marks move to
-    # the newest row (under the lock that makes every row up to it committed).
-    roll_up_lock = """
-        LOCK TABLE ductwork_runs, ductwork_executions IN SHARE MODE"""
-    # (a writer that holds a table longer makes this turn's rollup give up, never the writers wait: a fan-in's
-    # commit that takes the tables the other way round would otherwise deadlock with it for deadlock_timeout)
+    # Roll up (roll_up_counts). First, the newest ids under a lock that waits for the transactions inserting
+    # into the tables, so that every row up to them is committed (a later insert gets a higher id); the lock
+    # is held for that one read. A writer (or a vacuum) that holds a table longer than the timeout makes this
+    # turn give up, never the writers wait: a fan-in's commit, which takes the tables the other way round,
+    # would otherwise deadlock with it for deadlock_timeout.
     roll_up_timeout = """
         SET LOCAL lock_timeout = '200ms'"""
+    roll_up_lock = """
+        LOCK TABLE ductwork_runs, ductwork_executions IN SHARE MODE"""
+    newest_ids = """
+        SELECT (SELECT coalesce(max(id), 0) FROM ductwork_runs),
+               (SELECT coalesce(max(id), 0) FROM ductwork_executions)"""
+    # Then, under the pruners' lock alone (no prune deletes meanwhile), the rows past the marks up to those ids
+    # join the totals and the marks move there.
     roll_up_runs = """
         INSERT INTO ductwork_counters (pipeline, name, label, value)
         SELECT pipeline, 'triggered', '', count(*)
         FROM ductwork_runs
         WHERE id > (SELECT mark FROM ductwork_rollup WHERE name = 'runs')
+          AND id <= :upto
         GROUP BY pipeline
         ON CONFLICT (pipeline, name, label) DO UPDATE SET value = ductwork_counters.value + excluded.value"""
     roll_up_executions = f"""
         INSERT INTO ductwork_counters (pipeline, name, label, value)
         SELECT pipeline, 'executed', outcome, sum(n)
-        FROM ({EXECUTIONS_PAST_MARK.replace("{where}", "")}) AS executions
+        FROM ({EXECUTIONS_PAST_MARK.replace("{where}", " AND e.id <= :upto")}) AS executions
         WHERE true
         GROUP BY pipeline, outcome
         ON CONFLICT (pipeline, name, label) DO UPDATE SET value = ductwork_counters.value + excluded.value"""
+    mark_of = """
+        SELECT mark
+        FROM ductwork_rollup
+        WHERE name = :name"""
     move_mark = """
         UPDATE ductwork_rollup
-        SET mark = (SELECT max(id) FROM {table})
+        SET mark = :upto
         WHERE name = :name
-          AND mark < (SELECT coalesce(max(id), 0) FROM {table})"""
+          AND mark < :upto"""
     ROLLED_UP = {"runs": "ductwork_runs", "executions": "ductwork_executions"}   # a mark's name: its table
 
     # status: the latest halts.
@@ -3122,21 +3137,29 @@ def _prune_lock(t: Tx, wait: bool) -> bool:
 
 
 def roll_up_counts(store: Store, wait: bool = False) -> bool | None:
-    """Move the counts' marks to the newest runs and executions (see "Counts (migration 2)"): True when it did,
-    False when a writer held the tables past the lock timeout (the next turn tries again), None when another
-    process holds the pruners' lock (``wait``: wait for it)."""
+    """Move the counts' marks to the newest runs and executions (see "Counts (migration 2)"), ROLLUP_CHUNK ids
+    per transaction (the first rollup of a big database counts it all): True when it did, False when a writer
+    held the tables past the lock timeout (the next turn tries again), None when another process holds the
+    pruners' lock (``wait``: wait for it)."""
     try:
-        with store.tx() as t:
-            if not _prune_lock(t, wait):
-                return None
-            if t.dialect == "postgres":   # SQLite's write lock keeps every writer out already
-                t.run(SQL.plain_plans)   # (no JIT compilation while the tables are locked)
+        with store.tx() as t:   # (SQLite: this write transaction keeps every writer out already)
+            if t.dialect == "postgres":
                 t.run(SQL.roll_up_timeout)
                 t.run(SQL.roll_up_lock)
-            t.run(SQL.roll_up_runs)
-            t.run(SQL.roll_up_executions)
-            for name, table in SQL.ROLLED_UP.items():
-                t.run(SQL.move_mark.replace("{table}", table), {"name": name})
+            newest = t.one(SQL.newest_ids)
+        for (name, _), newest_id in zip(SQL.ROLLED_UP.items(), newest, strict=True):
+            while True:
+                with store.tx() as t:
+                    if not _prune_lock(t, wait):
+                        return None
+                    if t.dialect == "postgres":
+                        t.run(SQL.plain_plans)
+                    mark = int(t.one(SQL.mark_of, {"name": name})[0])
+                    if mark >= int(newest_id):
+                        break
+                    upto = min(int(newest_id), mark + ROLLUP_CHUNK)
+                    t.run(SQL.roll_up_runs if name == "runs" else SQL.roll_up_executions, {"upto": upto})
+                    t.run(SQL.move_mark, {"name": name, "upto": upto})
     except DuctworkError:
         raise
     except Exception as exc:

@@ -461,6 +461,17 @@ def test_migration_2_upgrades_a_populated_schema_1_database_under_a_running_sche
         again.close()
 
 
+def test_a_rollup_goes_in_chunks(engine, monkeypatch):
+    runs = [RetChain.trigger(i) for i in range(7)]
+    monkeypatch.setattr(ductwork, "ROLLUP_CHUNK", 2)
+    before = assert_counters_match_rows(engine)
+    assert engine.roll_up() is True
+    with engine.store.tx(write=False) as t:
+        assert t.one("SELECT mark FROM ductwork_rollup WHERE name = 'runs'")[0] == max(r.id for r in runs)
+        assert t.one("SELECT value FROM ductwork_counters WHERE name = 'triggered'")[0] == 7
+    assert counted(engine) == before == assert_counters_match_rows(engine)
+
+
 def test_rollups_while_work_goes_on_count_every_row_once(engine, start_runtime):
     start_runtime(["RetChain", "RetFan"])
     stop, rolled = threading.Event(), []
