@@ -1418,13 +1418,13 @@ class Store:
 
 
 def _retry_conflicts(fn: Callable[[], Any], attempts: int = 5) -> Any:
-    """Re-run a transaction that Postgres aborted as a deadlock, a serialization failure or a lock timeout."""
+    """Re-run a transaction that Postgres aborted as a deadlock or serialization failure."""
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as exc:
             text = str(exc)
-            if attempt == attempts - 1 or not any(code in text for code in ("40P01", "40001", "55P03")):
+            if attempt == attempts - 1 or not ("40P01" in text or "40001" in text):
                 raise
             threading.Event().wait(backoff(attempt + 1, 0.005, 0.05, jitter=0.8))
 
@@ -1441,12 +1441,16 @@ def _retry_conflicts(fn: Callable[[], Any], attempts: int = 5) -> Any:
 #               the version: concurrent migrates are safe. {pk}/{float} are type placeholders; a dict holds
 #               one text per dialect (a dialect it does not name runs nothing).
 #   dropped     indexes the new ones replace, dropped (concurrently) once the version is recorded.
+#   after       what an existing database needs once the version is there (run outside the transaction).
 @dataclasses.dataclass(frozen=True)
 class Migration:
+    """One schema version: its statements, the indexes built before them, those dropped after (see above)."""
+
     version: int
     statements: tuple[str | dict[str, str], ...]
     indexes: tuple[str, ...] = ()
     dropped: tuple[str, ...] = ()
+    after: Callable[[Store], Any] | None = None
 
 
 # Counts (migration 2) that a scrape reads in milliseconds at a million runs, exact whoever writes (this
@@ -1455,8 +1459,9 @@ class Migration:
 #   - counted from the rows, read off an index range: runs in progress and halted, per pipeline;
 #   - rolled up: runs triggered and executions per outcome are only ever inserted, so a total is the rollup
 #     (ductwork_counters, every row up to a mark in ductwork_rollup) plus a count of the rows past the mark.
-#     The pruners move the marks (Engine.roll_up) under a brief SHARE lock of the two tables: it waits for
-#     the transactions that are inserting, so every row up to the new mark is committed and counted once.
+#     The pruners move the marks (roll_up_counts): the newest ids read under a SHARE lock of the two tables,
+#     held for that read alone (it waits for the transactions inserting, so every row up to those ids is
+#     committed), then the rows up to them counted under the pruners' lock, in chunks, exactly once.
 #     Pruning adds what it deletes past a mark, and the runs it deletes (by status), to the counters.
 # Completed runs are what is left: triggered - pruned - in progress - halted. Every count is one statement,
 # one snapshot (SQL.counters): a rollup or a prune commits wholly before or after it.
@@ -1558,7 +1563,9 @@ MIGRATIONS: list[Migration] = [
         "CREATE INDEX ductwork_steps_finished ON ductwork_steps (finished_at) WHERE status IN ('succeeded', 'failed')",
         # the errors page and status's recent errors, newest first (only failed and crashed attempts)
         "CREATE INDEX ductwork_executions_errors ON ductwork_executions (id) WHERE outcome IN ('failed', 'crashed')",
-    ), dropped=("ductwork_runs_pipeline_status",)),
+    ), dropped=("ductwork_runs_pipeline_status",),
+        # what an existing database holds, counted once now (migrate's own rollup: see roll_up_counts)
+        after=lambda store: roll_up_counts(store, wait=True)),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1].version
 _TYPES = {"sqlite": {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "float": "REAL"},
@@ -1603,8 +1610,9 @@ def migrate_store(store: Store) -> list[int]:
                 if name in unbuilt:
                     with store.tx(single=True) as t:
                         t.run(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
-    if 2 in applied and 1 in done:   # what an existing database holds, counted once now (see roll_up_counts)
-        roll_up_counts(store, wait=True)
+    for migration in MIGRATIONS:
+        if migration.version in applied and migration.after is not None and done:   # (a new database is empty)
+            migration.after(store)
     return applied
 
 
@@ -2376,7 +2384,8 @@ class SQL:
         SET mark = :upto
         WHERE name = :name
           AND mark < :upto"""
-    ROLLED_UP = {"runs": "ductwork_runs", "executions": "ductwork_executions"}   # a mark's name: its table
+    # each mark (in newest_ids' order) and the statement that rolls its rows up
+    ROLLED_UP = {"runs": roll_up_runs, "executions": roll_up_executions}
 
     # status: the latest halts.
     recent_halts = """
@@ -3147,19 +3156,19 @@ def roll_up_counts(store: Store, wait: bool = False) -> bool | None:
                 t.run(SQL.roll_up_timeout)
                 t.run(SQL.roll_up_lock)
             newest = t.one(SQL.newest_ids)
-        for (name, _), newest_id in zip(SQL.ROLLED_UP.items(), newest, strict=True):
-            while True:
+        for (name, statement), newest_id in zip(SQL.ROLLED_UP.items(), newest, strict=True):
+            upto = None
+            while upto != int(newest_id):
                 with store.tx() as t:
                     if not _prune_lock(t, wait):
                         return None
                     if t.dialect == "postgres":
                         t.run(SQL.plain_plans)
                     mark = int(t.one(SQL.mark_of, {"name": name})[0])
-                    if mark >= int(newest_id):
-                        break
-                    upto = min(int(newest_id), mark + ROLLUP_CHUNK)
-                    t.run(SQL.roll_up_runs if name == "runs" else SQL.roll_up_executions, {"upto": upto})
-                    t.run(SQL.move_mark, {"name": name, "upto": upto})
+                    upto = min(int(newest_id), mark + ROLLUP_CHUNK)   # (newest_id once the mark is there)
+                    if upto > mark:
+                        t.run(statement, {"upto": upto})
+                        t.run(SQL.move_mark, {"name": name, "upto": upto})
     except DuctworkError:
         raise
     except Exception as exc:
@@ -3572,7 +3581,6 @@ class Engine:
                 log.exception("on_halt handler %s of %s raised", getattr(handler, "__name__", handler), run.pipeline,
                               extra={"run": run_id})
 
-    # -- revive ---------------------------------------------------------------------------
     # -- retention ----------------------------------------------------------------------
     def prune(self, ages: dict[str, float], wait: bool = False, stop: threading.Event | None = None,
               batch: int = PRUNE_BATCH) -> collections.Counter | None:
@@ -3601,7 +3609,6 @@ class Engine:
     def roll_up(self, wait: bool = False) -> bool | None:
         """Move the counts' marks to the newest runs and executions (roll_up_counts)."""
         return roll_up_counts(self.store, wait)
-
 
     @staticmethod
     def _count_pruned(t: Tx, unrolled: dict[str, list[tuple]], gone: list[tuple]) -> None:
@@ -3636,13 +3643,12 @@ class Engine:
                     more = True
                     break
                 kept.append(run_id)
-            params = {"ids": BulkSQL.id_list(t.dialect, kept)}
-            unrolled = {"runs": t.all(SQL.unrolled_runs.replace("{ids}", BulkSQL.ids(t.dialect, "", "id")), params),
+            params, by_id = {"ids": BulkSQL.id_list(t.dialect, kept)}, BulkSQL.ids(t.dialect, "", "id")
+            unrolled = {"runs": t.all(SQL.unrolled_runs.replace("{ids}", by_id), params),
                         "executions": t.all(SQL.unrolled_executions.replace("{runs}", owned_by), params)}
             for statement in SQL.PRUNE_OWNED:
                 t.run(statement.replace("{runs}", owned_by), params)
-            gone = [tuple(row) for row in t.all(SQL.prune_runs.replace("{ids}", BulkSQL.ids(t.dialect, "", "id")),
-                                                params)]
+            gone = [tuple(row) for row in t.all(SQL.prune_runs.replace("{ids}", by_id), params)]
             self._count_pruned(t, unrolled, gone)
         return collections.Counter(gone), more
 
@@ -3655,6 +3661,7 @@ class Engine:
                     out[pipeline, status] = int(n)
         return out
 
+    # -- revive ---------------------------------------------------------------------------
     def revive(self, run_id: int) -> bool:
         """halted -> in_progress: re-run only the failed steps (fresh budgets), keep completed work."""
         with self._tx() as t:
@@ -4486,7 +4493,7 @@ class Runtime:
                      for pipeline in self.pipelines
                      for n in range(int(self.config.get("pipeline_advancer.count", pipeline)))]
         plan.append((f"ductwork.{self.row_role}.heartbeat.0", self.heartbeat_loop, None))
-        if self.spec.advancers:   # (with every status kept forever it still folds the counters, see prune)
+        if self.spec.advancers:   # (with every status kept forever it still rolls the counts up, see prune)
             plan.append((f"ductwork.{self.row_role}.pruner.0", self.prune_loop, None))
         if self.store.dialect == "sqlite":
             plan.append((f"ductwork.{self.row_role}.listener.0", self.local_listen_loop, None))
@@ -4801,7 +4808,7 @@ class Runtime:
 
     def prune_loop(self) -> None:
         """Advancer processes: every prune_interval (jittered, so that peers drift apart), delete the finished
-        runs past their retention and fold counters. One process prunes at a time (Engine.prune); the others
+        runs past their retention and roll the counts up. One process prunes at a time (Engine.prune); the others
         skip their turn."""
         if not self.wait_booted():
             return
@@ -5732,6 +5739,7 @@ class Counts:
     runs: dict[tuple[str, str], int]       # runs in each status now
     pruned: dict[tuple[str, str], int]     # runs pruned, by the status they had
     executed: dict[tuple[str, str], int]   # step executions, by outcome
+    triggered: dict[str, int]              # every run ever, per pipeline (pruned or not)
 
     @classmethod
     def read(cls, t: Tx) -> Counts:
@@ -5740,11 +5748,12 @@ class Counts:
             t.run(SQL.plain_plans)
         for pipeline, name, label, value in t.all(SQL.counters):
             counts[name][pipeline, label] = int(value)
-        for (pipeline, _), triggered in counts.pop("triggered").items():   # completed: what the rest leaves
-            gone = sum(n for (p, _), n in counts["pruned"].items() if p == pipeline)
-            counted = sum(n for (p, _), n in counts["runs"].items() if p == pipeline)
-            counts["runs"][pipeline, "completed"] = triggered - gone - counted
-        return cls(**counts)
+        triggered = {pipeline: n for (pipeline, _), n in counts.pop("triggered").items()}
+        for pipeline, n in triggered.items():   # completed: what the rest leaves
+            gone = sum(m for (p, _), m in counts["pruned"].items() if p == pipeline)
+            counted = sum(m for (p, _), m in counts["runs"].items() if p == pipeline)
+            counts["runs"][pipeline, "completed"] = n - gone - counted
+        return cls(**counts, triggered=triggered)
 
     def pipelines(self) -> set[str]:
         """Every pipeline that ever had a run."""
@@ -6790,10 +6799,9 @@ def _metric_data(engine: Engine) -> tuple[dict[str, Sequence[str]], dict[str, di
         counts = Counts.read(t)
         queue = t.all(DashboardSQL.queue)
         processes = t.all(DashboardSQL.processes, live_within)
-    runs: dict[tuple, float] = {}   # every run ever, pruned or not: a counter never goes down because of retention
-    for (pipeline, status), n in (*counts.runs.items(), *counts.pruned.items()):
-        runs[pipeline, status] = runs.get((pipeline, status), 0) + n
-        runs[pipeline, "triggered"] = runs.get((pipeline, "triggered"), 0) + n
+    runs: dict[tuple, float] = {(p, "triggered"): n for p, n in counts.triggered.items()}
+    for (pipeline, status), n in (*counts.runs.items(), *counts.pruned.items()):   # pruned runs too: a counter
+        runs[pipeline, status] = runs.get((pipeline, status), 0) + n              # never goes down for retention
     sources: dict[str, dict[tuple, float]] = {
         "runs": runs,
         "in_progress": {(p,): n for (p, s), n in counts.runs.items() if s == "in_progress"},
