@@ -61,7 +61,8 @@ if __name__ == "__main__":
 __all__ = [
     "Step", "Pipeline", "Run", "StepRecord", "RunContext", "StepContext",
     "DuctworkError", "DefinitionError", "ConfigError", "ContextError", "StepOutputError",
-    "configure", "validate", "current_step", "healthy", "migrate", "main",
+    "configure", "validate", "current_step", "healthy", "migrate", "main", "cancel", "Retry", "step",
+    "NonRetryable", "RetryAfter",
     "on_supervisor_start", "on_supervisor_stop", "on_advancer_start", "on_advancer_stop",
     "on_worker_start", "on_worker_stop", "__version__",
 ]
@@ -90,6 +91,21 @@ class ContextError(DuctworkError):
 
 class StepOutputError(DuctworkError):
     """A step returned something that is not JSON."""
+
+
+class NonRetryable(Exception):  # noqa: N818 - the name users know (Hatchet's NonRetryableException)
+    """Raise in a step: it fails at once, whatever its retries left (halt reason ``job_non_retryable``)."""
+
+
+class RetryAfter(Exception):  # noqa: N818 - the name users know (Inngest's RetryAfterError)
+    """Raise in a step: this attempt failed and the next one is claimable no sooner than ``seconds`` from now
+    (instead of the retry policy's delay). It counts as an attempt: with none left, the step fails."""
+
+    def __init__(self, seconds: float, message: str = ""):
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= MAX_DURATION:
+            raise ValueError(f"RetryAfter needs seconds from 0 to {MAX_DURATION}, got {seconds!r}")
+        self.seconds = float(seconds)
+        super().__init__(message or f"retry after {self.seconds:g}s")
 
 
 class FaultInjected(DuctworkError):
@@ -129,15 +145,15 @@ ADVANCER_RETRIES_EXHAUSTED = "advancer_retries_exhausted"
 TRANSITION_INVALID = "transition_invalid"
 DEFINITION_CHANGED = "definition_changed"
 PIPELINE_NOT_CONFIGURED = "pipeline_not_configured"
+JOB_NON_RETRYABLE = "job_non_retryable"     # NonRetryable raised, or the step's Retry policy gave up on the error
 
 # A run's statuses; a finished one is kept for its status's retention (SPEC §18), then pruned.
-RUN_STATUSES = ("in_progress", "completed", "halted")
-FINISHED_STATUSES = ("completed", "halted")
+RUN_STATUSES = ("in_progress", "completed", "halted", "cancelled")
+FINISHED_STATUSES = ("completed", "halted", "cancelled")
 # The statuses whose runs are counted off an index range (few rows each); completed runs, the many, are what
 # the others leave of every run ever triggered (see "Counts (migration 2)").
 COUNTED_STATUSES = tuple(status for status in RUN_STATUSES if status != "completed")
 # Config `retention` (seconds; -1 keeps forever). Halted runs are kept longest: revive() can run them again.
-# "cancelled" is accepted now for the status the run-control issue adds (SPEC §14).
 RETENTION_DEFAULTS = {"completed": 604800, "halted": 2592000, "cancelled": 604800}
 # Pruning: runs per transaction; after each, a pause of PRUNE_YIELD times what the batch took (at least
 # PRUNE_PAUSE). A batch costs the machine what it costs the claims (CPU on the database host, and on SQLite
@@ -150,6 +166,16 @@ PRUNE_YIELD = {"postgres": 3.0, "sqlite": 9.0}
 ROLLUP_CHUNK = 200_000   # ids a rollup transaction counts at most (each statement well inside a socket timeout)
 
 CH_JOBS, CH_ADVANCE = "ductwork_jobs", "ductwork_advance"
+# A cancel's wake-up hint (payload: a pipeline): the worker processes look at once whether a step they hold was
+# cancelled, instead of at their next look (CANCEL_POLL). See "Cancelling a run".
+CH_CANCEL = "ductwork_cancel"
+# cancel()'s filters beyond the run ids (SQL.runs_to_cancel's {where}: fixed text per filter)
+CANCEL_FILTERS = {"pipeline": "\n          AND pipeline = :pipeline",
+                  "older_than": "\n          AND created_at < (SELECT {now}) - :older_than"}
+DISCARDED_TEXT = "run cancelled: what the step returned was discarded"
+CANCEL_POLL = 1.0            # seconds between a busy worker process's looks for cancelled steps it holds
+CANCEL_ACK_TIMEOUT = 5.0     # how long cancel() waits for the holders of claimed steps to acknowledge
+CANCEL_BATCH = 1000          # runs per cancel transaction (a bulk cancel is a few set-based statements per batch)
 
 
 def backoff(attempt: int, base: float, cap: float, jitter: float = 0.0) -> float:
@@ -1566,6 +1592,14 @@ MIGRATIONS: list[Migration] = [
     ), dropped=("ductwork_runs_pipeline_status",),
         # what an existing database holds, counted once now (migrate's own rollup: see roll_up_counts)
         after=lambda store: roll_up_counts(store, wait=True)),
+    # 3: run control (SPEC §14): a cancelled run keeps why; the steps of cancelled runs that a process still
+    # holds (told, or stopping) are found by their holder like its running ones (hand-back, reaping).
+    Migration(3, (
+        "ALTER TABLE ductwork_runs ADD COLUMN cancel_reason TEXT",
+    ), indexes=(
+        "CREATE INDEX ductwork_steps_stopping ON ductwork_steps (claimed_by) "
+        "WHERE status IN ('cancelling', 'stopping')",
+    )),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1].version
 _TYPES = {"sqlite": {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "float": "REAL"},
@@ -1702,7 +1736,8 @@ def schema_is_current(store: Store) -> bool:
 
 
 class Step:
-    """Subclass and implement ``execute(self, input)``; the return value must be JSON."""
+    """Subclass and implement ``execute(self, input)``; the return value must be JSON. Class attribute
+    ``retry = ductwork.Retry(...)`` sets its retry policy."""
 
     context: "RunContext"
     run_id: int
@@ -1711,8 +1746,120 @@ class Step:
     step_id: int
     pipeline: str
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A retry policy that is not a Retry is a definition mistake, found when the class is defined."""
+        super().__init_subclass__(**kwargs)
+        policy = cls.__dict__.get("retry")
+        if policy is not None and not isinstance(policy, Retry):
+            raise DefinitionError(f"step {cls.__name__}: retry must be a ductwork.Retry, got {policy!r}")
+
     def execute(self, *args: Any) -> Any:  # pragma: no cover - always overridden
         raise NotImplementedError(f"{type(self).__name__}.execute is not implemented")
+
+    @property
+    def should_stop(self) -> bool:
+        """True once the step should stop early: its run was cancelled (what it returns is discarded). A long
+        step looks at it now and then; it turns true within about a second of the cancel."""
+        claim = getattr(self, "_ductwork_claim", None)
+        return bool(claim is not None and claim.stop_requested)
+
+
+def _exception_classes(name: str, value: Any) -> tuple[type[BaseException], ...]:
+    """A Retry's give_up_on / retry_on as a tuple of exception classes (one class alone is fine)."""
+    classes = value if isinstance(value, tuple) else (value,)
+    for cls in classes:
+        if not (inspect.isclass(cls) and issubclass(cls, BaseException)):
+            raise DefinitionError(f"Retry({name}=...) needs exception classes, got {cls!r}")
+    return classes
+
+
+@dataclasses.dataclass(frozen=True)
+class Retry:
+    """A step's retry policy: a Step class attribute ``retry = ductwork.Retry(...)``, or
+    ``@ductwork.step(retry=...)`` on a function step. After failed attempt n the next is claimable
+    min(delay * backoff ** (n - 1), max_delay) seconds later, spread by +/- ``jitter`` (a fraction), up to
+    ``max`` retries. An error of a class in ``give_up_on``, or of none in ``retry_on``, fails the step at once
+    (``job_non_retryable``). ``max`` and ``delay`` left out are the config's ``job_worker.max_retry`` and
+    ``retry_delay`` for the step (3 and 10 out of the box)."""
+
+    max: int | None = None
+    delay: float | None = None
+    backoff: float = 1.0
+    max_delay: float = 3600
+    jitter: float = 0.0
+    give_up_on: Any = ()
+    retry_on: Any = (Exception,)
+
+    def __post_init__(self) -> None:
+        def number(name: str, low: float, high: float, whole: bool = False, none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and none:
+                return
+            kinds = (int,) if whole else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+                kind = "a whole number" if whole else "a number"
+                raise DefinitionError(f"Retry({name}=...) must be {kind} from {low:g} to {high:g}, got {value!r}")
+        number("max", 0, MAX_COUNT, whole=True, none=True)
+        number("delay", 0, MAX_DURATION, none=True)
+        number("backoff", 1, 1000)
+        number("max_delay", 0, MAX_DURATION)
+        number("jitter", 0, 1)
+        object.__setattr__(self, "give_up_on", _exception_classes("give_up_on", self.give_up_on))
+        object.__setattr__(self, "retry_on", _exception_classes("retry_on", self.retry_on))
+
+    def retries(self, exc: BaseException) -> bool:
+        """Is an attempt that raised ``exc`` retried (budget permitting)?"""
+        try:
+            return isinstance(exc, self.retry_on) and not isinstance(exc, self.give_up_on)
+        except Exception:   # a hostile __instancecheck__: the default, retried
+            return True
+
+    def delay_after(self, failures: int, default_delay: float) -> float:
+        """Seconds before the attempt that follows failed attempt number ``failures`` (1 for the first)."""
+        import math
+        import random
+        base = default_delay if self.delay is None else self.delay
+        exponent = max(failures - 1, 0)
+        if base <= 0:
+            delay = 0.0
+        elif self.backoff > 1 and exponent * math.log(self.backoff) >= math.log(max(self.max_delay, 1e-9) / base):
+            delay = float(self.max_delay)
+        else:
+            delay = min(base * self.backoff ** exponent, self.max_delay)
+        return delay * random.uniform(1 - self.jitter, 1 + self.jitter) if self.jitter else delay
+
+
+def retry_policy(step: Any) -> Retry | None:
+    """The Retry policy a step sets (class attribute, or ``@ductwork.step(retry=...)``), None for the config's."""
+    policy = getattr(step, "retry", None)
+    return policy if isinstance(policy, Retry) else None
+
+
+# @ductwork.step's options that later issues fill in (SPEC §15, §17): rejected until then.
+STEP_OPTIONS_TO_COME = {"timeout": "step timeouts (SPEC §15)", "concurrency": "concurrency caps (SPEC §17)",
+                        "concurrency_key": "concurrency caps (SPEC §17)"}
+
+
+def step(fn: Callable | None = None, *, retry: Retry | None = None, timeout: float | None = None,
+         concurrency: int | None = None, concurrency_key: Callable | None = None) -> Any:
+    """Options for a function step: ``@ductwork.step(retry=ductwork.Retry(max=5, backoff=2))`` (also bare:
+    ``@ductwork.step``). The function is returned as it is, carrying them (a Step class sets class attributes)."""
+    given = {"timeout": timeout, "concurrency": concurrency, "concurrency_key": concurrency_key}
+    for name, value in given.items():
+        if value is not None:
+            raise DefinitionError(f"@ductwork.step({name}=...) is not supported yet: it comes with "
+                                  f"{STEP_OPTIONS_TO_COME[name]}")
+    if retry is not None and not isinstance(retry, Retry):
+        raise DefinitionError(f"@ductwork.step(retry=...) needs a ductwork.Retry, got {retry!r}")
+
+    def decorate(f: Callable) -> Callable:
+        if inspect.isclass(f) or not callable(f):
+            raise DefinitionError(f"@ductwork.step decorates a function step, not {f!r} (a Step class sets "
+                                  "class attributes: retry = ductwork.Retry(...))")
+        if retry is not None:
+            f.retry = retry  # type: ignore[attr-defined]
+        return f
+    return decorate if fn is None else decorate(fn)
 
 
 def _step_name(step: Any, pipeline: str) -> str:
@@ -1871,13 +2018,14 @@ class Group:
 
 
 class Builder:
-    """What ``define(p)`` receives: ``p.start(Step)`` and ``p.on_halt(handler)``."""
+    """What ``define(p)`` receives: ``p.start(Step)``, ``p.on_halt(handler)`` and ``p.on_complete(handler)``."""
 
     def __init__(self, name: str):
         self.name = name
         self.nodes: list[dict] = []
         self.steps: dict[str, Any] = {}
         self.halt_handlers: list[Callable] = []
+        self.complete_handlers: list[Callable] = []
         self._started = False
 
     def start(self, step: Any) -> Handle:
@@ -1892,6 +2040,14 @@ class Builder:
         if not callable(handler):
             raise DefinitionError(f"pipeline {self.name}: on_halt needs a callable")
         self.halt_handlers.append(handler)
+        return handler
+
+    def on_complete(self, handler: Callable) -> Callable:
+        """Register ``handler(run)``, called once per completed run (like on_halt: after the commit, outside
+        any transaction, by the process that completed it; its exceptions are logged)."""
+        if not callable(handler):
+            raise DefinitionError(f"pipeline {self.name}: on_complete needs a callable")
+        self.complete_handlers.append(handler)
         return handler
 
     def add(self, step: Any) -> int:
@@ -1953,6 +2109,7 @@ class Pipeline:
     definition: Definition
     steps: dict[str, Any]
     halt_handlers: list[Callable]
+    complete_handlers: list[Callable]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Build and register the definition of each subclass as it is created."""
@@ -1972,6 +2129,7 @@ class Pipeline:
         cls.definition = Definition(name, builder.nodes)
         cls.steps = builder.steps
         cls.halt_handlers = builder.halt_handlers
+        cls.complete_handlers = builder.complete_handlers
         known = _REGISTRY.get(name)
         if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__) \
                 and inspect.getsourcefile(known) != inspect.getsourcefile(cls):
@@ -2058,6 +2216,9 @@ class JobClaim(_Row):
     process_id: int            # the claimer's process row: every write about the claim is fenced on it
     token: str                 # the claim token: ... and on this
     started: float | None = None   # time.monotonic() when it began running (set by the runner)
+    # its run was cancelled (Runtime.look_for_cancels): it must not start (``dropped``), or, running, should stop
+    dropped: bool = False
+    stop_requested: bool = False
 
     @property
     def attempt(self) -> int:
@@ -2081,6 +2242,8 @@ class StepResult:
     ok: bool
     value: str                       # output JSON, or the error text
     permanent: str | None = None     # a halt reason that makes retrying pointless
+    delay: float | None = None       # a failure: seconds before the retry (None: config job_worker.retry_delay)
+    max_retry: int | None = None     # a failure: the step's retry budget (None: config job_worker.max_retry)
 
 
 @dataclasses.dataclass
@@ -2089,6 +2252,8 @@ class Committed:
     accepted: list[bool]             # per result: still held, so written
     halted: list[int]                # runs that halted in this commit (on_halt to fire)
     claims: list[JobClaim]           # claimed in the same transaction
+    discarded: set[int] = dataclasses.field(default_factory=set)    # steps of cancelled runs: results dropped
+    completed: list[int] = dataclasses.field(default_factory=list)  # runs that completed here (on_complete)
 
 
 @dataclasses.dataclass
@@ -2147,7 +2312,7 @@ class StepRecord(_Row):
     id: int
     name: str
     node: int
-    status: str              # queued | running | succeeded | failed
+    status: str              # queued | running | succeeded | failed; cancelled runs: cancelling | stopping | cancelled
     input: Any
     output: Any
     attempts: int
@@ -2164,16 +2329,17 @@ class RunRow(_Row):
     """A run row as stored (``SQL.select_run``); JSON columns still encoded."""
 
     COLUMNS = ("id", "pipeline", "status", "input", "output", "halt_reasons", "created_at", "finished_at",
-               "definition")
+               "definition", "cancel_reason")
     id: int
     pipeline: str
-    status: str              # in_progress | completed | halted
+    status: str              # in_progress | completed | halted | cancelled
     input: str
     output: str | None
     halt_reasons: str        # a JSON list
     created_at: float
     finished_at: float | None
     definition: str          # the hash of its definition
+    cancel_reason: str | None   # what cancel(reason=...) said
 
 
 @dataclasses.dataclass
@@ -2288,12 +2454,50 @@ class SQL:
           AND status = 'halted'
           AND halt_notified < halt_epoch"""
 
-    # revive(): a halted run is in progress again.
+    # revive(): a halted or cancelled run is in progress again.
     run_reopened = """
         UPDATE ductwork_runs
-        SET status = 'in_progress', halt_reasons = '[]', finished_at = NULL, updated_at = {now}
+        SET status = 'in_progress', halt_reasons = '[]', cancel_reason = NULL, finished_at = NULL, updated_at = {now}
         WHERE id = :id
-          AND status = 'halted'"""
+          AND status IN ('halted', 'cancelled')"""
+
+    # -- cancelling a run (Engine.cancel; see "Cancelling a run") --
+
+    # Which of some run ids ({ids}) name a run (the cancel and revive commands).
+    existing_runs = """
+        SELECT id
+        FROM ductwork_runs
+        WHERE {ids}"""
+
+    # The runs a cancel selects, a batch at a time in id order; {where} is fixed text per filter (the run ids,
+    # the pipeline, the age: see Engine.cancel).
+    runs_to_cancel = """
+        SELECT id
+        FROM ductwork_runs
+        WHERE status = 'in_progress'
+          AND id > :after{where}
+        ORDER BY id
+        LIMIT :limit"""
+
+    # Postgres: the locks of a batch of runs (:ids, sorted), exclusive for a cancel, shared for a commit or an
+    # advancement that may write about them (its first statement). A cancel waits for the commits in flight; a
+    # commit after it waits for it, then finds its steps cancelled. Key: (RUN_LOCK_CLASS, id mod 2^31 - 1): two
+    # runs that share one only wait for each other.
+    lock_runs = """
+        SELECT pg_advisory_xact_lock(:class, CAST(id % 2147483647 AS INTEGER))
+        FROM unnest(CAST(:ids AS BIGINT[])) AS id"""
+    share_runs = """
+        SELECT pg_advisory_xact_lock_shared(:class, CAST(id % 2147483647 AS INTEGER))
+        FROM unnest(CAST(:ids AS BIGINT[])) AS id"""
+    RUN_LOCK_CLASS = 0x64776374   # "dwct"
+
+    # The runs of a batch that are still in progress are cancelled ({ids}: the id is one of :ids).
+    runs_cancelled = """
+        UPDATE ductwork_runs
+        SET status = 'cancelled', cancel_reason = :reason, finished_at = {now}, updated_at = {now}
+        WHERE {ids}
+          AND status = 'in_progress'
+        RETURNING id, pipeline"""
 
     # The executions past their mark, per pipeline and outcome ({where}: more conditions). Rows of the version
     # before migration 2 name no pipeline: their steps do (a join, only for those; the new rows need none).
@@ -2510,6 +2714,21 @@ class SQL:
         SET status = 'waiting', arrived = arrived - 1, updated_at = {now}
         WHERE id = :id"""
 
+    # Cancel: the branches of cancelled runs ({runs}: the run is one of :ids) that wait for an advancer leave its
+    # queue; revive() puts them back.
+    branches_cancelled = """
+        UPDATE ductwork_branches
+        SET status = 'cancelled', claimed_by = NULL, claim_token = NULL, updated_at = {now}
+        WHERE {runs}
+          AND status IN ('advance', 'advancing')"""
+
+    # revive(): ... back in the advancer's queue.
+    branches_uncancelled = """
+        UPDATE ductwork_branches
+        SET status = 'advance', available_at = {now}, updated_at = {now}
+        WHERE run_id = :run_id
+          AND status = 'cancelled'"""
+
     # Branch claims of this process older than the grace (lost replies: no thread holds them).
     orphaned_branches = """
         SELECT id
@@ -2599,7 +2818,71 @@ class SQL:
         SET status = 'queued', attempts = 0, crashes = 0, halt_reason = NULL, available_at = {now}
         WHERE id = :id"""
 
-    # -- ductwork_executions: one row per attempt (succeeded, failed, crashed) -------------------
+    # revive(): the steps a cancel stopped run again (fresh budgets, as after a halt).
+    steps_uncancelled = """
+        UPDATE ductwork_steps
+        SET status = 'queued', attempts = 0, crashes = 0, halt_reason = NULL, available_at = {now}
+        WHERE run_id = :run_id
+          AND status = 'cancelled'
+        RETURNING pipeline"""
+
+    # Cancel: the steps of cancelled runs ({runs}). Queued ones (retries waiting too) are cancelled; claimed ones
+    # are "cancelling" until their holder acknowledges: it drops those it had not started and marks "stopping"
+    # those it runs (their results are discarded). One statement for both: a step that a concurrent hand-back or
+    # release puts back in the queue is read again in its new status, and cancelled.
+    steps_cancelled = """
+        UPDATE ductwork_steps
+        SET status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE 'cancelling' END,
+            finished_at = CASE WHEN status = 'queued' THEN {now} ELSE finished_at END
+        WHERE {runs}
+          AND status IN ('queued', 'running')
+        RETURNING id, status, pipeline"""
+
+    # A worker's look (Runtime.look_for_cancels): which of the steps it holds ({ids}) were cancelled ...
+    cancelled_claims = """
+        SELECT id
+        FROM ductwork_steps
+        WHERE {ids}
+          AND status = 'cancelling'
+          AND claimed_by = :process_id"""
+
+    # ... and its answer for those it runs: stopping (``should_stop`` is true in them; what they return is
+    # discarded). Those it had not started it lets go (SQL.unclaimed_cancelled "acknowledged").
+    claims_stopping = """
+        UPDATE ductwork_steps
+        SET status = 'stopping'
+        WHERE {ids}
+          AND status = 'cancelling'
+          AND claimed_by = :process_id"""
+
+    # cancel(): the claimed steps of the runs it cancelled ({ids}) that their holders have not acknowledged yet.
+    unacknowledged = """
+        SELECT id
+        FROM ductwork_steps
+        WHERE {ids}
+          AND status = 'cancelling'"""
+
+    # Claimed steps of cancelled runs let go: cancelled, or queued again when revive() reopened the run meanwhile.
+    # One statement, four occasions (UNCLAIMED), each its condition on the steps: a holder that acknowledges
+    # the ones it had not started, a commit of results that come too late (discarded), a hand-back of a dead
+    # holder's, and cancel() taking those nobody acknowledged within CANCEL_ACK_TIMEOUT (a frozen holder: what it
+    # does with them is discarded).
+    unclaimed_cancelled = """
+        UPDATE ductwork_steps
+        SET status = CASE WHEN (SELECT status FROM ductwork_runs WHERE id = ductwork_steps.run_id) = 'in_progress'
+                          THEN 'queued' ELSE 'cancelled' END,
+            claimed_by = NULL, claim_token = NULL, available_at = {now}, finished_at = {now}
+        WHERE {unclaimed}
+        RETURNING id, status, pipeline"""
+    UNCLAIMED = {
+        "acknowledged": "{ids} AND status = 'cancelling' AND claimed_by = :process_id",
+        "discarded": "{ids} AND status IN ('cancelling', 'stopping') AND claimed_by = :process_id "
+                     "AND claim_token = :token",
+        "handed back": "claimed_by = :process_id AND status IN ('cancelling', 'stopping'){only}",
+        "revoked": "{ids} AND status = 'cancelling'",
+    }
+
+    # -- ductwork_executions: one row per attempt (succeeded, failed, crashed, cancelled) --------
 
     # status: the latest failed and crashed executions.
     recent_errors = """
@@ -2966,6 +3249,7 @@ class _EngineTx(Tx):
         self.arrivals: dict[int, int] = {}          # parent branch id -> children that finished here
         self.halted: list[int] = []                 # runs halted here (on_halt fires after commit)
         self.completed: list[tuple] = []            # (run id, output) pairs, written in bulk
+        self.completions: list[int] = []            # runs completed here (on_complete fires after commit)
         # pipeline -> ids of the steps this transaction made claimable (None: not all known); when
         # its own claim takes them all, nobody else needs waking for them
         self.new_steps: dict[str, set[int] | None] = {}
@@ -3275,15 +3559,49 @@ class Engine:
         token = _token()
         finished: list[tuple[StepResult, StepState]] = []    # the steps that are done, with their states
         with self._tx() as t:
+            self._share_runs(t, {r.claim.run_id for r in results})
             succeeded = self._write_successes(t, [r for r in results if r.ok])
             accepted = [self._settle(t, r, succeeded, finished) for r in results]
+            rejected = [r for r, ok in zip(results, accepted, strict=True) if not ok]
+            discarded = self._discard_cancelled(t, rejected) if rejected else set()
             if finished:
                 self._advance_finished(t, finished, inline)
-            self._record_executions(t, [r for r, ok in zip(results, accepted, strict=True) if ok])
+            self._record_executions(t, [r for r, ok in zip(results, accepted, strict=True) if ok],
+                                    [r for r in rejected if r.claim.step_id in discarded])
             claims = self._claim_next(t, results, claim_limit, token)
             if results:
                 self._flush_arrivals(t, results[0].claim.process_id, token)
-        return Committed(accepted, t.halted, claims)
+        return Committed(accepted, t.halted, claims, discarded, t.completions)
+
+    @staticmethod
+    def _share_runs(t: Tx, run_ids: Iterable[int]) -> None:
+        """Postgres: this transaction may write about these runs: a cancel of one of them waits for it, or it for
+        the cancel (SQL.lock_runs). SQLite needs none: one writer at a time."""
+        if t.dialect == "postgres" and run_ids:
+            t.all(SQL.share_runs, {"class": SQL.RUN_LOCK_CLASS, "ids": BulkSQL.id_list(t.dialect, sorted(run_ids))})
+
+    @staticmethod
+    def unclaim_cancelled(t: Tx, occasion: str, params: dict, only: str = "") -> list[tuple]:
+        """Let go claimed steps of cancelled runs (SQL.unclaimed_cancelled, on ``occasion``): (id, status,
+        pipeline) of each; those queued again (their run was revived meanwhile) wake a worker."""
+        where = SQL.UNCLAIMED[occasion].replace("{only}", only)
+        where = where.replace("{ids}", BulkSQL.ids(t.dialect, "ductwork_steps"))
+        rows = t.all(SQL.unclaimed_cancelled.replace("{unclaimed}", where), params)
+        for pipeline in {pipeline for _, status, pipeline in rows if status == "queued"}:
+            t.notify(CH_JOBS, pipeline)
+        return rows
+
+    def _discard_cancelled(self, t: _EngineTx, rejected: list[StepResult]) -> set[int]:
+        """Results whose run was cancelled while they ran (their steps cancelling or stopping, still held): dropped,
+        their steps let go. The ids of those steps (the other rejected results lost their claim)."""
+        discarded: set[int] = set()
+        groups: dict[tuple[int, str], list[int]] = {}
+        for r in rejected:
+            groups.setdefault((r.claim.process_id, r.claim.token), []).append(r.claim.step_id)
+        for (process_id, token), ids in groups.items():
+            params = {"ids": t.ids(ids), "process_id": process_id, "token": token}
+            discarded |= {row[0] for row in self.unclaim_cancelled(t, "discarded", params)}
+        return discarded
 
     @staticmethod
     def _write_successes(t: _EngineTx, results: list[StepResult]) -> set[int]:
@@ -3307,10 +3625,11 @@ class Engine:
             if c.step_id in succeeded:
                 finished.append((r, StepState(c.step_id, "succeeded", r.value, None)))
             return c.step_id in succeeded
-        max_retry = self.config.get("job_worker.max_retry", c.pipeline, c.name)
+        max_retry = self.config.get("job_worker.max_retry", c.pipeline, c.name) if r.max_retry is None else r.max_retry
         failed = r.permanent is not None or c.attempts + 1 > max_retry
         reason = r.permanent or (JOB_RETRIES_EXHAUSTED if failed else None)
-        delay = 0 if failed else float(self.config.get("job_worker.retry_delay", c.pipeline, c.name))
+        delay = 0 if failed else float(self.config.get("job_worker.retry_delay", c.pipeline, c.name)
+                                       if r.delay is None else r.delay)
         if t.run(SQL.step_failed, {"status": "failed" if failed else "queued", "error": r.value, "halt_reason": reason,
                                    "delay": delay, "id": c.step_id, "process_id": c.process_id,
                                    "token": c.token}) != 1:
@@ -3321,13 +3640,14 @@ class Engine:
             t.queued(c.pipeline, [c.step_id])  # a retry, claimable after retry_delay
         return True
 
-    def _record_executions(self, t: Tx, results: list[StepResult]) -> None:
-        """One execution row per committed result, with its real start time."""
-        if results:
-            self._insert_executions(t, [(r.claim.step_id, r.claim.run_id, r.claim.pipeline, r.claim.process_id,
-                                         r.claim.attempt, "succeeded" if r.ok else "failed",
-                                         None if r.ok else r.value, r.claim.claimed_at, r.claim.ran_for())
-                                        for r in results])
+    def _record_executions(self, t: Tx, results: list[StepResult], discarded: list[StepResult] = ()) -> None:
+        """One execution row per committed result, with its real start time; a discarded one (its run was
+        cancelled) is an execution cancelled."""
+        rows = [(r.claim, "succeeded" if r.ok else "failed", None if r.ok else r.value) for r in results]
+        rows += [(r.claim, "cancelled", DISCARDED_TEXT) for r in discarded]
+        if rows:
+            self._insert_executions(t, [(c.step_id, c.run_id, c.pipeline, c.process_id, c.attempt, outcome, error,
+                                         c.claimed_at, c.ran_for()) for c, outcome, error in rows])
 
     def _claim_next(self, t: _EngineTx, results: list[StepResult], limit: int, token: str) -> list[JobClaim]:
         """The next steps for the committing thread, claimed in the same transaction."""
@@ -3366,7 +3686,10 @@ class Engine:
         if not step_ids:
             return 0
         with self._tx() as t:
-            n = t.run(BulkSQL.release_steps(t.dialect), {"process_id": process_id, "ids": t.ids(step_ids)})
+            params = {"process_id": process_id, "ids": t.ids(step_ids)}
+            n = t.run(BulkSQL.release_steps(t.dialect), params)
+            if n < len(step_ids):   # some were cancelled meanwhile: let go (they never started)
+                n += len(self.unclaim_cancelled(t, "acknowledged", params))
             t.notify(CH_JOBS, pipeline)
         return n
 
@@ -3405,6 +3728,10 @@ class Engine:
         wanted = None if step_ids is None else set(step_ids)
         held = [HeldStep.from_row(row) for row in t.all(SQL.steps_held_by, {"process_id": process_id})]
         count = sum(self._crash_step(t, s, process_id, why) for s in held if wanted is None or s.step_id in wanted)
+        # the steps of cancelled runs it held are let go (nothing of theirs runs again, unless revived)
+        only, params = ("", {"process_id": process_id}) if wanted is None else (
+            " AND " + BulkSQL.ids(t.dialect, "ductwork_steps"), {"process_id": process_id, "ids": t.ids(wanted)})
+        count += len(self.unclaim_cancelled(t, "handed back", params, only))
         if wanted is None:
             for (pipeline,) in set(t.all(SQL.release_branches_of, {"process_id": process_id})):
                 t.notify(CH_ADVANCE, pipeline)
@@ -3437,13 +3764,14 @@ class Engine:
             rows = self._claim_rows(t, SQL.claim_branches, pipeline, process_id, token, limit)
         return [BranchClaim.from_row(row, process_id=process_id, token=token) for row in rows]
 
-    def advance(self, b: BranchClaim) -> list[int]:
-        """Apply one advancement; returns the runs that halted (for on_halt)."""
-        def work() -> list[int]:
+    def advance(self, b: BranchClaim) -> tuple[list[int], list[int]]:
+        """Apply one advancement; returns the runs that halted (for on_halt) and completed (for on_complete)."""
+        def work() -> tuple[list[int], list[int]]:
             with self._tx() as t:
+                self._share_runs(t, [b.run_id])
                 self._advance_many(t, [(b, None)])
                 self._flush_arrivals(t, b.process_id, b.token)
-            return t.halted
+            return t.halted, t.completions
         return _retry_conflicts(work)
 
     def _advance_many(self, t: _EngineTx, items: list[tuple[BranchClaim, StepState | None]]) -> None:
@@ -3526,6 +3854,7 @@ class Engine:
             t.arrivals[b.parent_id] = t.arrivals.get(b.parent_id, 0) + 1
         elif status == "completed":
             t.completed.append((run_id, output))
+            t.completions.append(run_id)
             log.debug("run %s completed", run_id, extra={"run": run_id})
         else:
             reasons = [r for (r,) in t.all(SQL.halt_reasons, {"run_id": run_id})]
@@ -3560,6 +3889,7 @@ class Engine:
     def halt_branch(self, b: BranchClaim, reason: str) -> list[int]:
         """Halt a claimed branch outright (advancer retries exhausted)."""
         with self._tx() as t:
+            self._share_runs(t, [b.run_id])
             row = (b.id, b.held, b.token, "halted", b.node, b.expected, b.arrived, None, reason)
             if not t.all(BulkSQL.apply_branches(t.dialect), t.keyed(BulkSQL.BRANCH, [row])):
                 return []
@@ -3574,12 +3904,24 @@ class Engine:
                 return
         run = Run.load(run_id, self)
         cls = _REGISTRY.get(run.pipeline)
-        for handler in (cls.halt_handlers if cls else []):
+        self._call_handlers("on_halt", cls.halt_handlers if cls else [], run, list(run.halt_reasons))
+
+    def notify_complete(self, run_id: int, pipeline: str) -> None:
+        """Run the pipeline's on_complete handlers (the caller completed the run: once), outside any transaction.
+        Nothing is read when the pipeline has none."""
+        cls = _REGISTRY.get(pipeline)
+        if cls is not None and cls.complete_handlers:
+            self._call_handlers("on_complete", cls.complete_handlers, Run.load(run_id, self))
+
+    @staticmethod
+    def _call_handlers(kind: str, handlers: list[Callable], run: "Run", *args: Any) -> None:
+        """Call each handler with the run (and ``args``); one that raises is logged, the others still run."""
+        for handler in handlers:
             try:
-                handler(run, list(run.halt_reasons))
+                handler(run, *args)
             except Exception:
-                log.exception("on_halt handler %s of %s raised", getattr(handler, "__name__", handler), run.pipeline,
-                              extra={"run": run_id})
+                log.exception("%s handler %s of %s raised", kind, getattr(handler, "__name__", handler), run.pipeline,
+                              extra={"run": run.id})
 
     # -- retention ----------------------------------------------------------------------
     def prune(self, ages: dict[str, float], wait: bool = False, stop: threading.Event | None = None,
@@ -3661,15 +4003,101 @@ class Engine:
                     out[pipeline, status] = int(n)
         return out
 
+    # -- cancel ---------------------------------------------------------------------------
+    # Cancelling a run. One transaction per batch of runs: the run becomes cancelled, its branches waiting for
+    # an advancer leave the queue, its queued steps are cancelled and its claimed ones become "cancelling"
+    # (SQL.steps_cancelled). Nothing claims a step that is not queued, so no new claim starts. A claimed step may
+    # not have started yet (the later steps of a batch): cancel() waits until each holder has answered
+    # (Runtime.look_for_cancels, at once on the CH_CANCEL hint, else within CANCEL_POLL): a claim it had not
+    # started is dropped, under the lock run_step takes to start one, and let go; one running is "stopping", its
+    # should_stop turns true, and what it returns is discarded (an execution "cancelled"). A holder that does not
+    # answer within CANCEL_ACK_TIMEOUT (frozen, cut off) loses the claim; whatever it does then is discarded.
+    # A commit at the same instant: on Postgres every transaction that writes about a run's progress (a commit,
+    # an advancement) holds the run's lock in shared mode from its first statement and the cancel holds it
+    # exclusively (SQL.lock_runs), so a commit lands wholly before the cancel (which then cancels what it queued)
+    # or after it, when its steps are no longer "running" and the commit is discarded. On SQLite one writer at a
+    # time gives the same order. A hand-back or release that requeues a step while the cancel runs is read
+    # again by the cancel's update (its new status matches too) and cancelled.
+    def cancel(self, run_ids: Iterable[int] = (), pipeline: str | None = None, older_than: float | None = None,
+               reason: str | None = None) -> list[int]:
+        """Cancel the runs in progress among ``run_ids`` (every run, when none is given) of ``pipeline`` and older
+        than ``older_than`` seconds (those given), CANCEL_BATCH per transaction; returns their ids. Returns once
+        no step of theirs can start any more (see "Cancelling a run"): the holders of their claimed steps have
+        acknowledged, or CANCEL_ACK_TIMEOUT passed and the claims were taken from them."""
+        ids = sorted({int(i) for i in run_ids})
+        filters = {name: value for name, value in (("pipeline", pipeline), ("older_than", older_than))
+                   if value is not None}
+        cancelled: list[int] = []
+        told: list[int] = []   # claimed steps of theirs, "cancelling" until their holders answer
+        after = 0
+        while True:
+            with self._tx(write=False) as t:
+                where = "".join(CANCEL_FILTERS[name] for name in filters)
+                params = {**filters, "after": after, "limit": CANCEL_BATCH}
+                if ids:
+                    where += "\n          AND " + BulkSQL.ids(t.dialect, "", "id")
+                    params["ids"] = t.ids(ids)
+                batch = [row[0] for row in t.all(SQL.runs_to_cancel.replace("{where}", where), params)]
+            if not batch:
+                break
+            after = batch[-1]
+            done, claimed = _retry_conflicts(lambda b=batch: self._cancel_batch(b, reason))
+            cancelled += done
+            told += claimed
+        self._await_acknowledgements(told)
+        return cancelled
+
+    def _cancel_batch(self, run_ids: list[int], reason: str | None) -> tuple[list[int], list[int]]:
+        """One transaction of cancel(): the runs (sorted ids), their waiting branches and their steps; returns the
+        runs cancelled and their claimed steps (cancelling: the holders are told after commit)."""
+        with self._tx() as t:
+            if t.dialect == "postgres":   # waits for the commits in flight about these runs (SQL.lock_runs)
+                t.all(SQL.lock_runs, {"class": SQL.RUN_LOCK_CLASS, "ids": t.ids(run_ids)})
+            runs = t.all(SQL.runs_cancelled.replace("{ids}", BulkSQL.ids(t.dialect, "", "id")),
+                         {"ids": t.ids(run_ids), "reason": reason})
+            if not runs:
+                return [], []
+            of_runs = {"ids": t.ids(sorted(run_id for run_id, _ in runs))}
+            owned_by = BulkSQL.ids(t.dialect, "", "run_id")
+            t.run(SQL.branches_cancelled.replace("{runs}", owned_by), of_runs)
+            steps = t.all(SQL.steps_cancelled.replace("{runs}", owned_by), of_runs)
+            told = [step_id for step_id, status, _ in steps if status == "cancelling"]
+            for pipeline in sorted({pipeline for _, status, pipeline in steps if status == "cancelling"}):
+                t.notify(CH_CANCEL, pipeline)
+        return [run_id for run_id, _ in runs], told
+
+    def _await_acknowledgements(self, told: list[int]) -> None:
+        """Wait until the holders of these claimed steps of cancelled runs answered (Runtime.look_for_cancels),
+        CANCEL_ACK_TIMEOUT at most; then take the claims nobody answered for from their holders."""
+        deadline, pause = time.monotonic() + CANCEL_ACK_TIMEOUT, 0.005
+        while told:
+            with self._tx(write=False) as t:
+                told = [row[0] for row in t.all(SQL.unacknowledged.replace("{ids}", BulkSQL.ids(t.dialect, "")),
+                                                {"ids": t.ids(told)})]
+            if not told or time.monotonic() >= deadline:
+                break
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+        if told:
+            with self._tx() as t:
+                revoked = self.unclaim_cancelled(t, "revoked", {"ids": t.ids(told)})
+            if revoked:
+                log.warning("%d claimed step(s) of cancelled runs were not acknowledged by their holders within "
+                            "%gs (a process frozen or cut off): their claims were taken; whatever they return is "
+                            "discarded", len(revoked), CANCEL_ACK_TIMEOUT)
+
     # -- revive ---------------------------------------------------------------------------
     def revive(self, run_id: int) -> bool:
-        """halted -> in_progress: re-run only the failed steps (fresh budgets), keep completed work."""
+        """halted or cancelled -> in_progress: re-run only what did not complete (failed and cancelled steps,
+        with fresh budgets), keep completed work."""
         with self._tx() as t:
             if t.run(SQL.run_reopened, {"id": run_id}) != 1:
                 return False
             for branch_id, parent_id in t.all(SQL.halted_leaves, {"run_id": run_id}):
                 self._reopen_leaf(t, branch_id)
                 self._reopen_ancestors(t, parent_id)
+            t.run(SQL.branches_uncancelled, {"run_id": run_id})
+            t.run(SQL.steps_uncancelled, {"run_id": run_id})
             pipeline = RunRow.from_row(t.one(SQL.select_run, {"id": run_id})).pipeline
             t.notify(CH_JOBS, pipeline)
             t.notify(CH_ADVANCE, pipeline)
@@ -3758,6 +4186,12 @@ class StepContext:
     idempotency_key: str
     pipeline: str
     step: str
+    claim: Any = dataclasses.field(default=None, repr=False)   # the JobClaim it runs under
+
+    @property
+    def should_stop(self) -> bool:
+        """True once the step should stop early: its run was cancelled (what it returns is discarded)."""
+        return bool(self.claim is not None and self.claim.stop_requested)
 
 
 _CURRENT = threading.local()
@@ -3782,6 +4216,7 @@ class Run:
         self.input: Any = None
         self.output: Any = None
         self.halt_reasons: list[str] = []
+        self.cancel_reason: str | None = None
         self.created_at = 0.0
         self.finished_at: float | None = None
 
@@ -3829,10 +4264,12 @@ class Run:
         self.pipeline, self.status = r.pipeline, r.status
         self.created_at, self.finished_at = r.created_at, r.finished_at
         self.input, self.output, self.halt_reasons = _loads(r.input), _loads(r.output), _loads(r.halt_reasons)
+        self.cancel_reason = r.cancel_reason
         return self
 
     def wait(self, timeout: float | None = None, poll: float = 0.02) -> str:
-        """Poll until the run is completed or halted (or ``timeout`` passes); returns the status."""
+        """Poll until the run is finished: completed, halted or cancelled (or ``timeout`` passes); returns the
+        status."""
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = threading.Event()
         while self.refresh().status == "in_progress":
@@ -3858,10 +4295,20 @@ class Run:
         return self.engine.context_all(self.id)
 
     def revive(self) -> bool:
-        """Re-run the failed steps of a halted run; returns False when it was not halted."""
+        """Re-run what did not complete of a halted or cancelled run (its failed and cancelled steps); returns
+        False when it was neither."""
         revived = self.engine.revive(self.id)
         self.refresh()
         return revived
+
+    def cancel(self, reason: str | None = None) -> bool:
+        """Cancel the run: no step of it starts once this returns, steps running see ``should_stop`` and what they
+        return is discarded. False when it had already finished (or does not exist)."""
+        _check_reason(reason)
+        cancelled = bool(self.engine.cancel([self.id], reason=reason))
+        with contextlib.suppress(DuctworkError):
+            self.refresh()
+        return cancelled
 
     def __repr__(self) -> str:
         return f"<Run {self.id} {self.pipeline} {self.status}>"
@@ -3930,6 +4377,29 @@ def trigger(name: str, *args: Any) -> Run:
     """Start a run of the pipeline ``name`` with these arguments for its start step."""
     engine = _app_engine()
     return Run(engine.trigger(name, args), engine).refresh()
+
+
+def _check_reason(reason: Any) -> None:
+    if reason is not None and not isinstance(reason, str):
+        raise DuctworkError(f"a cancel reason must be a string, got {type(reason).__name__}")
+
+
+def cancel(*run_ids: int, pipeline: str | None = None, older_than: float | None = None,
+           reason: str | None = None) -> int:
+    """Cancel runs in progress, in set-based batches: these ``run_ids``, or (with none) every run of ``pipeline``
+    and/or older than ``older_than`` seconds (both filters also narrow given ids). Returns how many were
+    cancelled; returns once no step of theirs can start any more."""
+    if not run_ids and pipeline is None and older_than is None:
+        raise DuctworkError("cancel() needs run ids, a pipeline or older_than (it never cancels everything)")
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in run_ids):
+        raise DuctworkError(f"run ids must be integers, got {', '.join(repr(i) for i in run_ids)}")
+    if older_than is not None and (isinstance(older_than, bool) or not isinstance(older_than, (int, float))
+                                   or not 0 <= older_than <= MAX_DURATION):
+        raise DuctworkError(f"older_than must be seconds >= 0, got {older_than!r}")
+    if pipeline is not None and not isinstance(pipeline, str):
+        raise DuctworkError(f"pipeline must be a pipeline name, got {pipeline!r}")
+    _check_reason(reason)
+    return len(_app_engine().cancel(run_ids, pipeline, older_than, reason))
 
 
 _HOOKS: dict[str, list[Callable[[], Any]]] = {k: [] for k in (
@@ -4168,6 +4638,9 @@ class LocalWakeups:
 # runners: job worker and advancer threads, heartbeats and reaping, one process runtime
 # =====================================================================================
 
+# The threads a drain does not wait for: they run until the process is dead, serving the others (the look for
+# cancelled steps too: a step may be cancelled while the process drains).
+SERVICE_THREADS = ("heartbeat.0", "listener.0", "cancels.0")
 MAX_BATCH = 16          # most steps a worker thread claims at once (only while steps are quick)
 QUICK_STEP = 0.005      # a step faster than this lets the batch grow
 QUICK_COMMIT = 0.02     # a finished result waits at most this long for its batch before committing
@@ -4441,7 +4914,8 @@ class Runtime:
         self.engine = Engine(self.store, config)
         self.engine.fence_claims = True  # claims only under this process's live row (section 6)
         self.wakeups = Wakeups()
-        self.store.notify_hook = self.wakeups.notify
+        self.cancel_hint = threading.Event()    # a cancel's hint: look for cancelled steps now (look_for_cancels)
+        self.store.notify_hook = self.hint
         self.outage = Outage(settle=2 * float(config.get("supervisor.heartbeat_interval")))
         self.wake_socket: Any = None   # SQLite: this process's LocalWakeups socket
         self.fault = Fault()
@@ -4493,6 +4967,8 @@ class Runtime:
                      for pipeline in self.pipelines
                      for n in range(int(self.config.get("pipeline_advancer.count", pipeline)))]
         plan.append((f"ductwork.{self.row_role}.heartbeat.0", self.heartbeat_loop, None))
+        if self.spec.workers:
+            plan.append((f"ductwork.{self.row_role}.cancels.0", self.cancel_watch_loop, None))
         if self.spec.advancers:   # (with every status kept forever it still rolls the counts up, see prune)
             plan.append((f"ductwork.{self.row_role}.pruner.0", self.prune_loop, None))
         if self.store.dialect == "sqlite":
@@ -4616,9 +5092,14 @@ class Runtime:
         return self._commit_results(results, 0 if self.stopping.is_set() else next_limit), running / len(claims)
 
     def run_step(self, c: JobClaim) -> StepResult | None:
-        """Execute one claimed step; None when it was handed back instead (machinery failure)."""
-        c.mark_started()
-        with self.in_flight_lock:
+        """Execute one claimed step; None when it was handed back instead (machinery failure), or must not start
+        (its run was cancelled: look_for_cancels let it go)."""
+        with self.in_flight_lock:   # (look_for_cancels decides under this lock: started, or dropped)
+            if c.dropped:
+                self.in_flight.pop(c.step_id, None)
+                self.owners.pop(c.step_id, None)
+                return None
+            c.mark_started()
             self.in_flight[c.step_id] = (c, True)
             self.owners[c.step_id] = threading.get_ident()
         try:
@@ -4629,7 +5110,7 @@ class Runtime:
                 why = f"step {c.name} is not defined in pipeline {c.pipeline} any more"
                 log.warning(why, extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
                 return StepResult(c, False, why, DEFINITION_CHANGED)
-            ok, value = self._call(c, fn)
+            ok, value, error = self._call(c, fn)
             self.inert_if_forked(0 if ok else 1)
             self.fault("before_commit", c.name)
         except Exception as exc:  # the machinery around the step failed, not the step
@@ -4641,16 +5122,33 @@ class Runtime:
             self._untrack([c])
             return None
         if not ok:
-            permanent = TRANSITION_INVALID if value.startswith(_CorruptInput.__name__) else None
             log.info("step %s failed (attempt %d): %s", c.name, c.attempt, value.splitlines()[0],
                      extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
-            return StepResult(c, False, value, permanent)
+            return self._failure(c, fn, value, error)
         return StepResult(c, True, value)
 
-    def _call(self, c: JobClaim, fn: Any) -> tuple[bool, str]:
-        """Run the step; (True, output json) or (False, error text with a bounded traceback)."""
+    def _failure(self, c: JobClaim, fn: Any, text: str, error: BaseException) -> StepResult:
+        """A failed attempt and what follows it: failed at once (corrupt input, NonRetryable, an error its retry
+        policy gives up on), or retried after the delay that RetryAfter or the policy says (None: the config's)."""
+        if isinstance(error, _CorruptInput):
+            return StepResult(c, False, text, TRANSITION_INVALID)
+        if isinstance(error, NonRetryable):
+            return StepResult(c, False, text, JOB_NON_RETRYABLE)
+        policy = retry_policy(fn)
+        budget = None if policy is None else policy.max
+        if isinstance(error, RetryAfter):
+            return StepResult(c, False, text, delay=error.seconds, max_retry=budget)
+        if policy is None:
+            return StepResult(c, False, text)
+        if not policy.retries(error):
+            return StepResult(c, False, text, JOB_NON_RETRYABLE)
+        default = float(self.config.get("job_worker.retry_delay", c.pipeline, c.name))
+        return StepResult(c, False, text, delay=policy.delay_after(c.attempts + 1, default), max_retry=budget)
+
+    def _call(self, c: JobClaim, fn: Any) -> tuple[bool, str, BaseException | None]:
+        """Run the step; (True, output json, None) or (False, error text with a bounded traceback, the error)."""
         ctx = StepContext(RunContext(self.engine, c.run_id), c.run_id, c.step_id, c.attempt,
-                          f"{c.pipeline}:{c.run_id}:{c.step_id}", c.pipeline, c.name)
+                          f"{c.pipeline}:{c.run_id}:{c.step_id}", c.pipeline, c.name, c)
         _CURRENT.step = ctx
         try:
             try:
@@ -4662,18 +5160,18 @@ class Runtime:
                 obj = fn()
                 obj.context, obj.run_id, obj.attempt = ctx.context, c.run_id, c.attempt
                 obj.idempotency_key = ctx.idempotency_key
-                obj.step_id, obj.pipeline = c.step_id, c.pipeline
+                obj.step_id, obj.pipeline, obj._ductwork_claim = c.step_id, c.pipeline, c
                 result = obj.execute(*args)
             else:
                 result = fn(*args)
             try:
-                return True, _dumps(result)
+                return True, _dumps(result), None
             except (TypeError, ValueError):
                 raise StepOutputError(
                     f"step {c.name} returned a non-JSON value of type {type(result).__name__}") from None
         except BaseException as exc:  # noqa: B036 - whatever a step raises is a failed attempt, never a dead thread
             self.inert_if_forked(exc.code if isinstance(exc, SystemExit) else 1)
-            return False, step_error_text(exc)
+            return False, step_error_text(exc), exc
         finally:
             _CURRENT.step = None
 
@@ -4694,8 +5192,11 @@ class Runtime:
         finally:
             self._untrack([r.claim for r in results])
         for r, accepted in zip(results, done.accepted, strict=True):
-            if not accepted:
-                c = r.claim
+            c = r.claim
+            if c.step_id in done.discarded:
+                log.info("step %s of cancelled run %s: what it returned was discarded", c.name, c.run_id,
+                         extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
+            elif not accepted:
                 log.warning("commit of step %s rejected: this process no longer holds its claim", c.name,
                             extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
         self._track(done.claims)
@@ -4703,6 +5204,8 @@ class Runtime:
             self.wakeups.notify(CH_JOBS, results[0].claim.pipeline, every_idle=True)
         for run_id in done.halted:
             self.engine.notify_halt(run_id)
+        for run_id in done.completed:
+            self.engine.notify_complete(run_id, results[0].claim.pipeline)
         if any(done.accepted):
             try:
                 self.fault("after_advance")  # committed: the steps' results and their branches' advancement
@@ -4755,9 +5258,10 @@ class Runtime:
     def advance(self, b: BranchClaim) -> None:
         """Advance one claimed branch; infrastructure failures hand it back, other errors spend its retries."""
         halted: list[int] = []
+        completed: list[int] = []
         try:
             self.fault("after_branch_claim")
-            halted = self.engine.advance(b)
+            halted, completed = self.engine.advance(b)
             self.fault("after_advance")
         except _Rejected:
             return
@@ -4780,6 +5284,8 @@ class Runtime:
                 self.engine.release_branch(b, True, backoff(failures + 1, 0.1, 30.0))
         for run_id in halted:
             self.engine.notify_halt(run_id)
+        for run_id in completed:
+            self.engine.notify_complete(run_id, b.pipeline)
 
     # -- heartbeat & reaper ------------------------------------------------------------
     def heartbeat_loop(self) -> None:
@@ -4825,6 +5331,58 @@ class Runtime:
                 continue
             if pruned:
                 log.info("pruned %s", pruned_text(pruned))
+
+    def cancel_watch_loop(self) -> None:
+        """Worker processes: look for cancelled runs among the steps this process holds, at once on a cancel's hint
+        and every CANCEL_POLL while it holds any (hints can be lost), until the process ends."""
+        if not self.wait_booted():
+            return
+        while not self.dead.is_set():
+            self.cancel_hint.wait(CANCEL_POLL)
+            self.cancel_hint.clear()
+            try:
+                self.look_for_cancels()
+            except (DatabaseUnavailable, sqlite3.OperationalError) as exc:   # the heartbeat reports outages
+                log.debug("looking for cancelled steps failed: %s", first_line(exc))
+            except Exception:
+                log.exception("looking for cancelled steps failed")
+
+    def look_for_cancels(self) -> int:
+        """Answer a cancel about the steps this process holds (see "Cancelling a run"): one not started is
+        dropped (it never starts: run_step checks under the same lock) and let go; one running is marked
+        stopping and its ``should_stop`` turns true. Returns how many steps it answered for."""
+        with self.in_flight_lock:
+            held = list(self.in_flight)
+        if not held:
+            return 0
+        mine = {"process_id": self.process_id}
+        with self.store.tx(write=False) as t:
+            found = [row[0] for row in t.all(SQL.cancelled_claims.replace("{ids}", BulkSQL.ids(t.dialect, "")),
+                                             {**mine, "ids": BulkSQL.id_list(t.dialect, held)})]
+        if not found:
+            return 0
+        running, dropped = [], []
+        with self.in_flight_lock:
+            for step_id in found:
+                entry = self.in_flight.get(step_id)
+                if entry is None:    # committed or given back meanwhile
+                    continue
+                claim, started = entry
+                if started:
+                    claim.stop_requested = True
+                    running.append(step_id)
+                else:
+                    claim.dropped = True
+                    dropped.append(step_id)
+        with self.store.tx() as t:
+            if running:
+                t.run(SQL.claims_stopping.replace("{ids}", BulkSQL.ids(t.dialect, "")),
+                      {**mine, "ids": BulkSQL.id_list(t.dialect, running)})
+            if dropped:
+                self.engine.unclaim_cancelled(t, "acknowledged", {**mine, "ids": BulkSQL.id_list(t.dialect, dropped)})
+        log.info("cancelled: %d step(s) of cancelled runs stopping, %d not started dropped", len(running),
+                 len(dropped))
+        return len(running) + len(dropped)
 
     def heartbeat(self) -> None:
         """Refresh this process's row; register again if a peer reaped it while this process was paused."""
@@ -4898,9 +5456,17 @@ class Runtime:
         return halted
 
     # -- listeners ---------------------------------------------------------------------
+    def hint(self, channel: str, payload: str) -> None:
+        """A wake-up hint (this process's own commits, LISTEN, LocalWakeups): a cancel's wakes the look for cancelled
+        steps, the others an idle thread."""
+        if channel == CH_CANCEL:
+            self.cancel_hint.set()
+        else:
+            self.wakeups.notify(channel, payload)
+
     def listen_loop(self) -> None:
         """Postgres LISTEN as a wake-up hint; polling stays the fallback."""
-        channels = {CH_JOBS, CH_ADVANCE}
+        channels = {CH_JOBS, CH_ADVANCE, *((CH_CANCEL,) if self.spec.workers else ())}
         conn = None
         # on listen_url: one line when LISTEN fails there, one when it works again (on the database itself,
         # its outage's own lines say it)
@@ -4922,7 +5488,7 @@ class Runtime:
                 conn.execute_simple(StoreSQL.ping)   # pumps pending notifications into conn.notifications
                 while conn.notifications:
                     _, channel, payload = conn.notifications.popleft()
-                    self.wakeups.notify(channel, payload)
+                    self.hint(channel, payload)
             except Exception as exc:
                 if separate and not down and not self.dead.is_set():
                     log.warning("wake-ups: cannot LISTEN on %s (%s); idle threads poll until it answers",
@@ -4945,7 +5511,7 @@ class Runtime:
             while not self.dead.is_set():
                 hint = LocalWakeups.receive(sock)
                 if hint is not None:
-                    self.wakeups.notify(*hint)
+                    self.hint(*hint)
         finally:
             LocalWakeups.close(sock)
 
@@ -5104,7 +5670,7 @@ class Runtime:
         self.wakeups.all()
         deadline = started + float(self.config.get(self.spec.shutdown_timeout))
         for thread in self.threads:
-            if thread.name.endswith(("heartbeat.0", "listener.0")):
+            if thread.name.endswith(SERVICE_THREADS):   # they serve the draining ones until the end
                 continue
             thread.join(max(0.0, deadline - time.monotonic()))
         handed = self._hand_back_in_flight("drain deadline passed")
@@ -6770,14 +7336,14 @@ class MetricFamily:
 
 DASHBOARD_METRICS = (
     MetricFamily("ductwork_runs_total", "counter", ("pipeline", "status"), "runs",
-                 "Runs per pipeline: triggered (all), completed, halted (revive() lowers halted)."),
+                 "Runs per pipeline: triggered (all), completed, halted, cancelled (revive() lowers the last two)."),
     MetricFamily("ductwork_runs_in_progress", "gauge", ("pipeline",), "in_progress",
                  "Runs in progress per pipeline."),
     MetricFamily("ductwork_runs_pruned_total", "counter", ("pipeline", "status"), "pruned",
                  "Finished runs deleted by retention, per pipeline and the status they had.",
                  values=(("status", FINISHED_STATUSES),)),
     MetricFamily("ductwork_steps_executed_total", "counter", ("pipeline", "outcome"), "executed",
-                 "Step executions per pipeline and outcome (succeeded, failed, crashed)."),
+                 "Step executions per pipeline and outcome (succeeded, failed, crashed, cancelled: discarded)."),
     MetricFamily("ductwork_queue_depth", "gauge", ("pipeline",), "queue_depth",
                  "Claimable steps (queued and available now) per pipeline."),
     MetricFamily("ductwork_queue_oldest_age_seconds", "gauge", ("pipeline",), "queue_age",
@@ -6788,7 +7354,8 @@ DASHBOARD_METRICS = (
                  "Sum of the restart counts of the process rows, per role."),
 )
 # The values of the fixed labels; "pipeline" and "role" take every known one (_metric_data).
-METRIC_LABEL_VALUES = {"status": ("triggered", "completed", "halted"), "outcome": ("succeeded", "failed", "crashed")}
+METRIC_LABEL_VALUES = {"status": ("triggered", *FINISHED_STATUSES),
+                       "outcome": ("succeeded", "failed", "crashed", "cancelled")}
 METRIC_ROLES = tuple(dict.fromkeys(spec.row_role for spec in ROLE_SPECS))   # supervisor, advancer, worker
 
 
@@ -6848,7 +7415,7 @@ th,td{border:1px solid #ddd;padding:.2em .6em;text-align:left;vertical-align:top
 pre{margin:.2em 0;white-space:pre-wrap;word-break:break-all;max-height:24em;overflow:auto;background:#f0f0f3;
 padding:.4em}
 .st{padding:0 .45em;border-radius:3px;background:#ddd;font-size:.9em}.st-completed,.st-succeeded{background:#c8f0c8}
-.st-halted,.st-failed,.st-crashed{background:#f6c4c4}.st-in_progress,.st-running,.st-advancing{background:#cfe0ff}
+.st-halted,.st-failed,.st-crashed{background:#f6c4c4}.st-cancelled,.st-cancelling,.st-stopping{background:#e2d6ee}.st-in_progress,.st-running,.st-advancing{background:#cfe0ff}
 .st-queued,.st-waiting,.st-advance{background:#fff2b8}
 .bar{display:inline-block;height:.8em;background:#69c;margin-right:.4em}
 ul.tree{list-style:none;padding-left:1.2em;border-left:2px solid #ccd;margin:.3em 0}li.step{margin:.35em 0}
@@ -6957,7 +7524,7 @@ def render_overview(data: dict) -> str:
 
 
 def _overview_runs(counts_by_pipeline: dict[str, dict[str, int]]) -> str:
-    statuses = ("in_progress", "completed", "halted")
+    statuses = RUN_STATUSES
     rows = [[f'<a href="{_href("/runs", pipeline=p)}">{_esc(p)}</a>',
              *(f'<a href="{_href("/runs", pipeline=p, status=s)}">{counts.get(s, 0)}</a>' for s in statuses),
              str(sum(counts.values()))] for p, counts in sorted(counts_by_pipeline.items())]
@@ -7003,7 +7570,7 @@ def render_runs(data: dict) -> str:
              _ts(r["finished_at"]), _secs(r["duration"]), _reasons(r["halt_reasons"])] for r in data["runs"]]
     headers = ["run", "pipeline", "status", "created (UTC)", "finished (UTC)", "took", "halt reasons"]
     return ("<h2>Runs</h2>"
-            + _filters("/runs", data, pipeline=data["pipelines"], status=["in_progress", "completed", "halted"])
+            + _filters("/runs", data, pipeline=data["pipelines"], status=list(RUN_STATUSES))
             + _table(headers, rows, "no runs")
             + _paging("/runs", data, pipeline=data["pipeline"], status=data["status"]))
 
@@ -7686,6 +8253,38 @@ def _prune_arguments(p: argparse.ArgumentParser) -> None:
                             f"default: config retention.{status})")
 
 
+def _run_id(text: str) -> int:
+    """A run id on the command line: a positive whole number."""
+    if not text.isdigit() or not 0 < int(text) <= 2 ** 63 - 1:
+        raise argparse.ArgumentTypeError(f"a run id is a positive whole number, got {text!r}")
+    return int(text)
+
+
+def _age_seconds(text: str) -> float:
+    """--older-than: seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= MAX_DURATION:
+        raise argparse.ArgumentTypeError(f"must be seconds >= 0, got {text!r}")
+    return value
+
+
+def _cancel_arguments(p: argparse.ArgumentParser) -> None:
+    """cancel's own arguments: run ids, or the filters of a bulk cancel."""
+    p.add_argument("run_ids", nargs="*", type=_run_id, metavar="RUN_ID", help="the runs to cancel")
+    p.add_argument("--pipeline", help="cancel every run in progress of this pipeline")
+    p.add_argument("--older-than", type=_age_seconds, metavar="S", dest="older_than",
+                   help="only runs triggered more than S seconds ago")
+    p.add_argument("--reason", help="why (kept with each run, shown by the dashboard)")
+
+
+def _revive_arguments(p: argparse.ArgumentParser) -> None:
+    """revive's own arguments."""
+    p.add_argument("run_ids", nargs="+", type=_run_id, metavar="RUN_ID", help="halted or cancelled runs")
+
+
 def _config_from_args(args: argparse.Namespace) -> Config:
     """The configuration: the config file and environment, overridden by the command line."""
     apps = (args.app or []) + (getattr(args, "app_after", None) or [])  # --app before and after the command
@@ -7834,6 +8433,42 @@ def cmd_trigger(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def _unknown_runs(engine: Engine, run_ids: Sequence[int]) -> list[int]:
+    """The ids among ``run_ids`` that name no run (never triggered, or pruned)."""
+    with engine._tx(write=False) as t:
+        known = {row[0] for row in t.all(SQL.existing_runs.replace("{ids}", BulkSQL.ids(t.dialect, "", "id")),
+                                         {"ids": t.ids(run_ids)})}
+    return [run_id for run_id in run_ids if run_id not in known]
+
+
+def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
+    """Cancel runs (by id, or every run in progress of --pipeline / older than --older-than); print how many.
+    Exit 1 when a run id names no run (one line each on stderr)."""
+    if not args.run_ids and args.pipeline is None and args.older_than is None:
+        raise ConfigError("cancel needs RUN_ID ... or --pipeline NAME (and/or --older-than S)")
+    engine = _app_engine()
+    unknown = _unknown_runs(engine, args.run_ids) if args.run_ids else []
+    cancelled = engine.cancel(args.run_ids, args.pipeline, args.older_than, args.reason)
+    print(f"cancelled {len(cancelled)} run{'s' if len(cancelled) != 1 else ''}")
+    for run_id in unknown:
+        print(f"ductwork: error: run {run_id} not found", file=sys.stderr)
+    return EXIT_FAILURE if unknown else EXIT_OK
+
+
+def cmd_revive(args: argparse.Namespace, config: Config) -> int:
+    """Revive halted or cancelled runs; exit 1 when one could not be (one line each on stderr)."""
+    engine, failed = _app_engine(), 0
+    unknown = set(_unknown_runs(engine, args.run_ids))
+    for run_id in args.run_ids:
+        if run_id in unknown or not engine.revive(run_id):
+            failed += 1
+            why = "not found" if run_id in unknown else "is neither halted nor cancelled"
+            print(f"ductwork: error: run {run_id} {why}", file=sys.stderr)
+        else:
+            print(f"revived run {run_id}")
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
 def cmd_validate(args: argparse.Namespace, config: Config) -> int:
     """Validate every registered pipeline and the configured selection."""
     names = validate()
@@ -7946,6 +8581,10 @@ COMMANDS = (   # in --help order
     Command("healthcheck", "liveness probe for this machine and role", cmd_healthcheck, _healthcheck_arguments,
             aliases=("health",), light=True),
     Command("trigger", "trigger a pipeline: trigger NAME [JSON ...]", cmd_trigger, _trigger_arguments),
+    Command("cancel", "cancel runs: cancel RUN_ID ... | --pipeline NAME [--older-than S]", cmd_cancel,
+            _cancel_arguments),
+    Command("revive", "re-run what did not complete of halted or cancelled runs: revive RUN_ID ...", cmd_revive,
+            _revive_arguments),
     Command("dashboard", "read-only web dashboard, JSON API and Prometheus /metrics", cmd_dashboard,
             _dashboard_arguments),
     Command("doctor", "check the deployment: one line per check, ok / warn / fail", cmd_doctor, _doctor_arguments,

@@ -1,0 +1,59 @@
+"""Pipelines for the run-control tests (cancel, revive, retry policies, on_complete). Steps mark what they did in
+$DW_TEST_DIR/marks.log so that tests can see it from any process."""
+import os
+import time
+
+from marks import mark
+
+import ductwork
+
+STEP_SECONDS = float(os.environ.get("DW_STEP_SECONDS", "0.3"))
+
+
+def spread(n):
+    return list(range(n))
+
+
+class Patient(ductwork.Step):
+    """Works for STEP_SECONDS in small slices; stops early (marking it) once told to."""
+
+    def execute(self, x):
+        deadline = time.monotonic() + STEP_SECONDS
+        while time.monotonic() < deadline:
+            if self.should_stop:
+                mark(f"stopped {self.run_id} {self.step_id}")
+                return "late"
+            time.sleep(0.01)
+        return x
+
+
+def patient(x):
+    """Patient as a function step: it reads should_stop through current_step()."""
+    step = ductwork.current_step()
+    deadline = time.monotonic() + STEP_SECONDS
+    while time.monotonic() < deadline:
+        if step.should_stop:
+            mark(f"stopped {step.run_id} {step.step_id}")
+            return "late"
+        time.sleep(0.01)
+    return x
+
+
+def total(values):
+    return sum(values)
+
+
+class CancelFan(ductwork.Pipeline):
+    """A fan-out of n Patient steps, collapsed."""
+
+    @staticmethod
+    def define(p):
+        p.start(spread).expand(to=Patient).collapse(into=total)
+
+
+class CancelChain(ductwork.Pipeline):
+    """patient (a function step), then Patient."""
+
+    @staticmethod
+    def define(p):
+        p.start(patient).chain(to=Patient)
