@@ -3644,7 +3644,8 @@ class Engine:
         """One execution row per committed result, with its real start time; a discarded one (its run was
         cancelled) is an execution cancelled."""
         rows = [(r.claim, "succeeded" if r.ok else "failed", None if r.ok else r.value) for r in results]
-        rows += [(r.claim, "cancelled", DISCARDED_TEXT) for r in discarded]
+        rows += [(r.claim, "cancelled", DISCARDED_TEXT if r.ok else f"{DISCARDED_TEXT}; it had failed: {r.value}")
+                 for r in discarded]
         if rows:
             self._insert_executions(t, [(c.step_id, c.run_id, c.pipeline, c.process_id, c.attempt, outcome, error,
                                          c.claimed_at, c.ran_for()) for c, outcome, error in rows])

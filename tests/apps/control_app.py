@@ -14,22 +14,8 @@ def spread(n):
     return list(range(n))
 
 
-class Patient(ductwork.Step):
-    """Works for STEP_SECONDS in small slices; stops early (marking it) once told to."""
-
-    def execute(self, x):
-        deadline = time.monotonic() + STEP_SECONDS
-        while time.monotonic() < deadline:
-            if self.should_stop:
-                mark(f"stopped {self.run_id} {self.step_id}")
-                return "late"
-            time.sleep(0.01)
-        return x
-
-
-def patient(x):
-    """Patient as a function step: it reads should_stop through current_step()."""
-    step = ductwork.current_step()
+def work_patiently(x, step):
+    """Works for STEP_SECONDS in small slices; stops early (marking it) once ``step.should_stop``."""
     deadline = time.monotonic() + STEP_SECONDS
     while time.monotonic() < deadline:
         if step.should_stop:
@@ -37,6 +23,16 @@ def patient(x):
             return "late"
         time.sleep(0.01)
     return x
+
+
+class Patient(ductwork.Step):
+    def execute(self, x):
+        return work_patiently(x, self)
+
+
+def patient(x):
+    """Patient as a function step: it reads should_stop through current_step()."""
+    return work_patiently(x, ductwork.current_step())
 
 
 def total(values):
