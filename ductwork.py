@@ -3134,7 +3134,14 @@ class BulkSQL:
                 f"\n        WHERE {table}.id = r.id\n          AND {cls.ids(dialect, table)}\n          AND {fence}"
                 + (f"\n        RETURNING {returning}" if returning else ""))
 
-    # Steps that succeeded, with their outputs (fenced on their claim).
+    # Postgres: the run locks of a commit (SQL.share_runs) taken inside its first statement, steps_succeeded:
+    # an uncorrelated condition is a one-time filter, evaluated before the statement reads (or locks) any row,
+    # so the locks come first, without a round trip of their own (:lock_ids "{}" takes none).
+    SHARE_RUNS = {"postgres": " AND (SELECT count(*) FROM unnest(CAST(:lock_ids AS BIGINT[])) AS lock_id, LATERAL "
+                              "pg_advisory_xact_lock_shared(:lock_class, CAST(lock_id % 2147483647 AS INTEGER))) >= 0",
+                  "sqlite": ""}
+
+    # Steps that succeeded, with their outputs (fenced on their claim; on Postgres their runs locked first).
     @classmethod
     @functools.cache
     def steps_succeeded(cls, dialect: str) -> str:
@@ -3142,7 +3149,7 @@ class BulkSQL:
                           "status = 'succeeded', output = r.output, attempts = attempts + 1, finished_at = {now}, "
                           "claimed_by = NULL, claim_token = NULL", cls.STEP,
                           "ductwork_steps.status = 'running' AND ductwork_steps.claimed_by = :process_id "
-                          "AND ductwork_steps.claim_token = :token", "ductwork_steps.id")
+                          "AND ductwork_steps.claim_token = :token" + cls.SHARE_RUNS[dialect], "ductwork_steps.id")
 
     # Release claimed steps that never started: queued again, no crash counted.
     @classmethod
@@ -3559,8 +3566,10 @@ class Engine:
         token = _token()
         finished: list[tuple[StepResult, StepState]] = []    # the steps that are done, with their states
         with self._tx() as t:
-            self._share_runs(t, {r.claim.run_id for r in results})
-            succeeded = self._write_successes(t, [r for r in results if r.ok])
+            runs, successes = {r.claim.run_id for r in results}, [r for r in results if r.ok]
+            if not successes:   # (else the first statement of _write_successes takes the run locks)
+                self._share_runs(t, runs)
+            succeeded = self._write_successes(t, successes, runs)
             accepted = [self._settle(t, r, succeeded, finished) for r in results]
             rejected = [r for r, ok in zip(results, accepted, strict=True) if not ok]
             discarded = self._discard_cancelled(t, rejected) if rejected else set()
@@ -3604,15 +3613,20 @@ class Engine:
         return discarded
 
     @staticmethod
-    def _write_successes(t: _EngineTx, results: list[StepResult]) -> set[int]:
-        """Mark succeeded steps in one statement per claim; returns the step ids still held."""
+    def _write_successes(t: _EngineTx, results: list[StepResult], runs: set[int]) -> set[int]:
+        """Mark succeeded steps in one statement per claim, the first of them taking the locks of ``runs`` on
+        Postgres (BulkSQL.SHARE_RUNS); returns the step ids still held."""
         accepted: set[int] = set()
         groups: dict[tuple[int, str], list[StepResult]] = {}
         for r in results:
             groups.setdefault((r.claim.process_id, r.claim.token), []).append(r)
+        locks = sorted(runs)
         for (process_id, token), group in groups.items():
             params = {**t.keyed(BulkSQL.STEP, [(r.claim.step_id, r.value) for r in group]),
                       "process_id": process_id, "token": token}
+            if t.dialect == "postgres":
+                params |= {"lock_ids": t.ids(locks), "lock_class": SQL.RUN_LOCK_CLASS}
+                locks = []
             accepted |= {row[0] for row in t.all(BulkSQL.steps_succeeded(t.dialect), params)}
         return accepted
 

@@ -221,6 +221,37 @@ def test_a_claimed_step_that_had_not_started_never_starts_and_a_running_one_is_d
         runtime._unregister()
 
 
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_a_commit_waits_while_a_cancel_holds_its_run(engine):
+    """The order of a commit and a cancel (Postgres): a commit of a success takes its run's lock (shared) before
+    it writes anything; while a cancel holds it exclusively, the commit waits, then finds its step cancelled."""
+    import pg8000.native
+    run = CtlQuick.trigger(1)
+    [claim] = engine.claim_steps("CtlQuick", 777, 1)
+    info = ductwork.parse_database_url(engine.store.url)
+    other = pg8000.native.Connection(info.user, host=info.host, port=info.port, database=info.database)
+    try:
+        other.run("BEGIN")
+        other.run("SELECT pg_advisory_xact_lock(:c, :k)", c=ductwork.SQL.RUN_LOCK_CLASS, k=run.id)
+        done: list = []
+        committing = threading.Thread(target=lambda: done.append(
+            engine.commit([ductwork.StepResult(claim, True, "2")])))
+        committing.start()
+        wait_until(lambda: rows(engine, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                                        "AND classid = :c AND objid = :k",
+                                {"c": ductwork.SQL.RUN_LOCK_CLASS, "k": run.id})[0][0] == 1, 10,
+                   what="the commit waiting for the run's lock")
+        assert step_statuses(engine, run.id) == {"running": 1}   # it wrote nothing yet
+        other.run("UPDATE ductwork_steps SET status = 'stopping' WHERE run_id = :r", r=run.id)   # as a cancel
+        other.run("UPDATE ductwork_runs SET status = 'cancelled' WHERE id = :r", r=run.id)
+        other.run("COMMIT")
+        committing.join(10)
+        assert done and done[0].discarded == {claim.step_id} and done[0].accepted == [False]
+        assert [s.name for s in ductwork.Run.get(run.id).steps] == ["quick"]   # nothing advanced
+    finally:
+        other.close()
+
+
 def test_claims_nobody_answers_for_are_taken_after_the_timeout(engine, monkeypatch):
     """A frozen holder (here: a process row whose owner never looks) cannot hold up cancel() for longer than
     CANCEL_ACK_TIMEOUT: its claims are taken, and its late commit is discarded."""

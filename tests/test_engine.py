@@ -606,7 +606,8 @@ def test_batch_statements_use_indexes_on_big_tables(engine):
         batch = range(5000, 5016)
         plans = {
             "steps_succeeded": (B.steps_succeeded(dialect),
-                                {**t.keyed(B.STEP, [(i, "1") for i in batch]), "process_id": 1, "token": "x"}),
+                                {**t.keyed(B.STEP, [(i, "1") for i in batch]), "process_id": 1, "token": "x",
+                                 **({"lock_ids": t.ids(batch), "lock_class": 1} if dialect == "postgres" else {})}),
             "lock_branches": (B.lock_branches(dialect), {"ids": t.ids(batch)}),
             "apply_branches": (B.apply_branches(dialect),
                                t.keyed(B.BRANCH, [(i, "running", "", "completed", 0, 0, 0, "1", None) for i in batch])),
