@@ -7100,24 +7100,40 @@ def _run_check(check: DoctorCheck, ctx: DoctorContext) -> Finding:
 
 
 # =====================================================================================
-# dashboard: read-only pages, their JSON twins under /api/..., and /metrics
+# dashboard: pages, their JSON twins under /api/..., /metrics, and the actions (cancel, revive)
 # =====================================================================================
 # `python ductwork.py dashboard` serves / (overview), /runs (filters, pages), /runs/<id>
 # (the step tree: branches nest under the step that fanned them out), /errors (failed and
 # crashed executions), each with a JSON twin under /api/..., and /metrics (Prometheus text
 # format). Stdlib only. A page polls its JSON twin and, when its ETag changed, swaps in a
-# freshly rendered <main> (a few lines of inline JS). Only SELECTs; a handler thread's
-# connection is closed when its request ends. Everything stored is shown html-escaped (and
+# freshly rendered <main> (a few lines of inline JS). Pages only SELECT; the actions (a POST
+# each: cancel or revive a run, cancel a pipeline's runs in progress) call Engine.cancel and
+# Engine.revive, and only where the dashboard offers them (see "actions" under http). A handler
+# thread's connection is closed when its request ends. Everything stored is shown html-escaped (and
 # what UTF-8 cannot encode, a lone surrogate, as its backslash escape). A fixed pool of handler
 # threads; an accept loop reads request headers (10 s at most) without a thread each.
 # Layout: the statements, the data (JSON twins, /metrics), the html, then the http server.
 
 DASHBOARD_PER_PAGE, DASHBOARD_MAX_STEPS, DASHBOARD_MINUTES = 50, 2000, 15
 DASHBOARD_MAX_TEXT = 20000   # characters of one error text a page or JSON twin shows
+# The actions' URLs (POST only; see "actions" under http): /runs/<id>/cancel, /runs/<id>/revive, and the bulk
+# cancel, whose confirmation (a GET page: the count, then the form) has a URL of its own.
+DASHBOARD_BULK_CANCEL, DASHBOARD_CONFIRM_CANCEL = "/runs/cancel", "/runs/confirm-cancel"
+# What an action did, shown on the page it redirects to (its ?done=; {count} and {pipeline} from the query).
+DASHBOARD_NOTICES = {
+    "cancelled": "Run cancelled: no step of it starts any more; steps running were told to stop.",
+    "not-cancelled": "Nothing changed: the run was not in progress any more.",
+    "revived": "Run revived: what had not completed runs again.",
+    "not-revived": "Nothing changed: the run is neither halted nor cancelled.",
+    "bulk-cancelled": "Cancelled {count} run(s) of {pipeline}.",
+}
+DASHBOARD_OUTCOMES = {"cancelled": "cancelled", "not-cancelled": "nothing changed (it was not in progress)",
+                      "revived": "revived", "not-revived": "nothing changed (it is neither halted nor cancelled)"}
 
 
 class DashboardSQL:
-    """The dashboard's statements, SELECTs only: ``:name`` parameters, ``{now}`` the database clock.
+    """The dashboard's statements, SELECTs only (its actions write through Engine.cancel and Engine.revive):
+    ``:name`` parameters, ``{now}`` the database clock.
 
     ``{where}`` (``{{where}}`` in an f-string) takes the filters of a paged list: fixed ``AND column = :f_column``
     fragments (see _paged). A ``*_COLUMNS`` list is both its statement's select list and its records' keys.
@@ -7143,6 +7159,19 @@ class DashboardSQL:
         WHERE 1 = 1{{where}}
         ORDER BY id DESC
         LIMIT :limit OFFSET :offset"""
+
+    # an action on one run: its status (no row: no such run)
+    run_status = """
+        SELECT status
+        FROM ductwork_runs
+        WHERE id = :id"""
+
+    # the bulk cancel's confirmation: how many runs of a pipeline are in progress (what a cancel of it stops now)
+    in_progress_of_pipeline = """
+        SELECT count(*)
+        FROM ductwork_runs
+        WHERE pipeline = :pipeline
+          AND status = 'in_progress'"""
 
     # a run's page: its first :limit steps, in the order they were made
     STEP_COLUMNS = ("id, name, node, status, input, output, attempts, crashes, error, halt_reason, branch_id, "
@@ -7335,6 +7364,27 @@ def _tree(branch_rows: list[tuple], steps: dict[int, dict]) -> dict | None:
     return root
 
 
+# -- data: what the pages offer to change (the actions) ------------------------------------
+def run_actions(status: str, offered: bool) -> dict[str, bool]:
+    """A run page's actions: cancel while the run is in progress, revive once it halted or was cancelled."""
+    return {"cancel": offered and status == "in_progress", "revive": offered and status in ("halted", "cancelled")}
+
+
+def runs_actions(pipeline: str | None, status: str | None, offered: bool) -> dict[str, bool]:
+    """The runs page's: a bulk cancel of the filter's runs in progress, once it names a pipeline (and no other
+    status than in_progress): a cancel of every pipeline at once is the CLI's, not a click's."""
+    return {"bulk_cancel": offered and bool(pipeline) and status in (None, "in_progress")}
+
+
+def dashboard_bulk_cancel(store: Store, pipeline: str | None, offered: bool) -> dict:
+    """The bulk cancel's confirmation: the pipeline and how many of its runs are in progress now."""
+    if not pipeline:
+        raise _BadRequest("pipeline is required: a bulk cancel stops the runs of one pipeline")
+    with store.tx(write=False) as t:
+        (count,) = t.one(DashboardSQL.in_progress_of_pipeline, {"pipeline": pipeline})
+    return {"pipeline": pipeline, "in_progress": int(count), "actions": {"bulk_cancel": offered and int(count) > 0}}
+
+
 # -- data: /metrics ------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class MetricFamily:
@@ -7434,7 +7484,8 @@ padding:.4em}
 .st-queued,.st-waiting,.st-advance{background:#fff2b8}
 .bar{display:inline-block;height:.8em;background:#69c;margin-right:.4em}
 ul.tree{list-style:none;padding-left:1.2em;border-left:2px solid #ccd;margin:.3em 0}li.step{margin:.35em 0}
-.muted{color:#777}.warn{color:#c00}"""
+.muted{color:#777}.warn{color:#c00}.actions form{display:inline-block;margin:.2em 1em .8em 0}
+.notice{background:#e6f2e6;border:1px solid #bcd9bc;padding:.4em .8em;margin:.6em 0}"""
 
 # Poll the JSON twin; when its ETag (a hash of the data) differs from the page's, fetch this
 # page's <main> alone (X-Ductwork-Fragment) and swap it in, keeping open <details> open.
@@ -7580,14 +7631,62 @@ def _overview_errors(errors: list[dict]) -> str:
 
 
 def render_runs(data: dict) -> str:
-    """The runs page's <main>: the filters, one page of runs, the paging links."""
+    """The runs page's <main>: the filters, the bulk cancel's link (when offered), one page of runs, paging."""
     rows = [[_link(f'/runs/{r["id"]}', str(r["id"])), _esc(r["pipeline"]), _badge(r["status"]), _ts(r["created_at"]),
              _ts(r["finished_at"]), _secs(r["duration"]), _reasons(r["halt_reasons"])] for r in data["runs"]]
     headers = ["run", "pipeline", "status", "created (UTC)", "finished (UTC)", "took", "halt reasons"]
+    bulk = (f'<p class="actions"><a href="{_href(DASHBOARD_CONFIRM_CANCEL, pipeline=data["pipeline"])}">'
+            f'cancel the runs in progress of {_esc(data["pipeline"])}&hellip;</a></p>'
+            if data.get("actions", {}).get("bulk_cancel") else "")
     return ("<h2>Runs</h2>"
-            + _filters("/runs", data, pipeline=data["pipelines"], status=list(RUN_STATUSES))
+            + _filters("/runs", data, pipeline=data["pipelines"], status=list(RUN_STATUSES)) + bulk
             + _table(headers, rows, "no runs")
             + _paging("/runs", data, pipeline=data["pipeline"], status=data["status"]))
+
+
+def _action_form(action: str, token: str, label: str, **fields: Any) -> str:
+    """A POST form of one button: its hidden fields and this session's CSRF token (see "actions")."""
+    hidden = "".join(f'<input type="hidden" name="{_esc(name)}" value="{_esc(value)}">'
+                     for name, value in {**fields, "csrf": token}.items())
+    return f'<form method="post" action="{_esc(action)}">{hidden}<button>{_esc(label)}</button></form>'
+
+
+def _run_forms(run_id: int, actions: dict[str, bool], token: str | None) -> str:
+    """A run's action buttons, those its status allows (none without a token: a read-only dashboard)."""
+    if token is None:
+        return ""
+    forms = [_action_form(f"/runs/{run_id}/{name}", token, label)
+             for name, label in (("cancel", "Cancel run"), ("revive", "Revive run")) if actions.get(name)]
+    return f'<div class="actions">{"".join(forms)}</div>' if forms else ""
+
+
+def render_bulk_cancel(data: dict, token: str | None = None) -> str:
+    """The bulk cancel's confirmation: how many runs of the pipeline are in progress, and the form that
+    cancels them (no form when none is, or without a token)."""
+    pipeline, count = data["pipeline"], int(data["in_progress"])
+    back = f'<p><a href="{_href("/runs", pipeline=pipeline)}">back to the runs of {_esc(pipeline)}</a></p>'
+    head = f"<h2>Cancel the runs of {_esc(pipeline)}</h2>"
+    if count == 0:
+        return head + f"<p>No run of <b>{_esc(pipeline)}</b> is in progress: nothing to cancel.</p>" + back
+    runs = "1 run" if count == 1 else f"{count} runs"
+    text = (f'<p><b id="bulk-count">{runs}</b> of <b>{_esc(pipeline)}</b> {"is" if count == 1 else "are"} in '
+            "progress now. Cancelling ends them: no step of theirs starts any more, steps running are told to stop "
+            "and what they return is discarded. Runs of it that start before you confirm are cancelled too. A "
+            "cancelled run can be revived: it re-runs what had not completed.</p>")
+    form = (_action_form(DASHBOARD_BULK_CANCEL, token, f"Cancel {runs}", pipeline=pipeline, expected=count)
+            if token is not None and data["actions"]["bulk_cancel"] else "")
+    return head + text + f'<div class="actions">{form}</div>' + back
+
+
+def _notice(query: dict) -> str:
+    """The line saying what the action that redirected here did (its ``?done=``; unknown values: nothing)."""
+    text = DASHBOARD_NOTICES.get(query.get("done", ""))
+    if text is None:
+        return ""
+    count = query.get("count", "")
+    text = text.format(count=int(count) if count.isdigit() and len(count) <= 12 else 0,
+                       pipeline=query.get("pipeline", ""))
+    return f'<p class="notice" id="notice">{_esc(text)}</p>'
 
 
 def _render_branch(branch: dict) -> str:
@@ -7616,8 +7715,9 @@ def _render_step(s: dict) -> str:
             + (f'<ul class="tree">{children}</ul>' if children else "") + "</li>")
 
 
-def render_run(data: dict) -> str:
-    """A run's <main>: its summary, input, output, context, then the step tree."""
+def render_run(data: dict, token: str | None = None) -> str:
+    """A run's <main>: its summary, its action buttons (with a token: the actions its status allows), input,
+    output, context, then the step tree."""
     r = data["run"]
     summary = [[_esc(r["pipeline"]), _badge(r["status"]), _ts(r["created_at"]), _ts(r["finished_at"]),
                 _secs(r["duration"]), _reasons(r["halt_reasons"])]]
@@ -7626,8 +7726,11 @@ def render_run(data: dict) -> str:
     note = f'<p class="warn">showing the first {data["steps"]} steps only</p>' if data["truncated"] else ""
     tree = (f'<ul class="tree">{_render_branch(data["tree"])}</ul>' if data["tree"]
             else '<p class="muted">no branches</p>')
+    why = (f'<p class="muted" id="cancel-reason">cancel reason: {_esc(clip(r["cancel_reason"], STATUS_ERROR_LINE))}'
+           "</p>" if r.get("cancel_reason") else "")
     return (f'<h2>Run {int(r["id"])}</h2>'
             + _table(["pipeline", "status", "created (UTC)", "finished (UTC)", "took", "halt reasons"], summary)
+            + why + _run_forms(int(r["id"]), data.get("actions", {}), token)
             + _value(r["input"], "input", "run-in") + _value(r["output"], "output", "run-out")
             + "<h3>Context</h3>" + _table(["key", "value"], context, "empty") + f"<h3>Steps</h3>{note}{tree}")
 
@@ -7657,7 +7760,8 @@ def _page(title: str, api: str, etag: str, main: str, nonce: str, refresh: float
 # a 401 also carries the Basic challenge.
 DASHBOARD_CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'nonce-{nonce}'; connect-src 'self'; "
                  "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
-DASHBOARD_HEADERS = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"))
+DASHBOARD_HEADERS = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
+                     ("Referrer-Policy", "same-origin"))
 DASHBOARD_CHALLENGE = 'Basic realm="ductwork", charset="UTF-8"'
 
 
@@ -7670,6 +7774,9 @@ class DashboardReply:
     body: str
     etag: str = ""
     retry_after: str = ""  # a 429's Retry-After (seconds)
+    location: str = ""     # a 303's Location (after an action)
+    allow: str = ""        # a 405's Allow
+    cookie: str = ""       # a Set-Cookie: the session cookie a page's forms need (see "actions")
 
 
 def _int_param(query: dict, name: str, default: int, high: int) -> int:
@@ -7683,21 +7790,32 @@ def _int_param(query: dict, name: str, default: int, high: int) -> int:
     return value
 
 
-def dashboard_route(engine: Engine, path: str, query: dict,
-                    overview: Callable[[], dict] | None = None) -> tuple[str, dict, Any] | None:
+def dashboard_route(engine: Engine, path: str, query: dict, overview: Callable[[], dict] | None = None,
+                    token: str | None = None) -> tuple[str, dict, Any] | None:
     """(title, data, renderer) for a page path (``/...``, without ``/api``); None when unknown.
-    ``overview`` computes the overview's data (default: dashboard_overview, uncached)."""
+    ``overview`` computes the overview's data (default: dashboard_overview, uncached). ``token``: this
+    session's CSRF token on a dashboard that offers actions (None: read-only: the data's ``actions`` are all
+    false, no form is rendered and the bulk cancel's confirmation is not a page)."""
     paging = {"page": _int_param(query, "page", 1, 10**6),
               "per_page": _int_param(query, "per_page", DASHBOARD_PER_PAGE, 500)}
+    offered = token is not None
     if path in ("/", "/overview"):
         return "overview", (overview or functools.partial(dashboard_overview, engine))(), render_overview
     if path == "/runs":
-        return "runs", dashboard_runs(engine.store, query.get("pipeline"), query.get("status"), **paging), render_runs
+        data = dashboard_runs(engine.store, query.get("pipeline"), query.get("status"), **paging)
+        data["actions"] = runs_actions(data["pipeline"], data["status"], offered)
+        return "runs", data, render_runs
     if path == "/errors":
         return "errors", dashboard_errors(engine.store, query.get("pipeline"), **paging), render_errors
+    if path == DASHBOARD_CONFIRM_CANCEL and offered:
+        return ("cancel runs", dashboard_bulk_cancel(engine.store, query.get("pipeline"), offered),
+                functools.partial(render_bulk_cancel, token=token))
     match = re.fullmatch(r"/runs/(\d{1,18})", path)
     data = dashboard_run(engine.store, int(match.group(1))) if match else None
-    return (f"run {match.group(1)}", data, render_run) if data else None  # type: ignore[union-attr]
+    if data is None:
+        return None
+    data["actions"] = run_actions(data["run"]["status"], offered)
+    return f"run {match.group(1)}", data, functools.partial(render_run, token=token)  # type: ignore[union-attr]
 
 
 def _api_url(url: urllib.parse.SplitResult) -> str:
@@ -7720,9 +7838,10 @@ def _host_name(header: str) -> str:
 
 
 def _failure_reply(path: str, exc: Exception) -> DashboardReply:
-    """The answer to a request that raised: 400 bad parameter, 503 database unavailable, else 500 (logged)."""
+    """The answer to a request that raised: 400 bad parameter (a POST body that cannot be read: its own code),
+    503 database unavailable, else 500 (logged)."""
     if isinstance(exc, _BadRequest):
-        return DashboardReply(400, "text/plain", str(exc))
+        return DashboardReply(getattr(exc, "code", 400), "text/plain", str(exc))
     if isinstance(exc, DatabaseUnavailable):
         return DashboardReply(503, "text/plain", f"database unavailable: {mask(str(exc))}")
     log.exception("dashboard request %s failed", path)
@@ -7743,7 +7862,8 @@ def _reply_headers(reply: DashboardReply, length: int, nonce: str) -> list[tuple
     headers = [("Content-Type", f"{reply.ctype}; charset=utf-8"), ("Content-Length", str(length)), *DASHBOARD_HEADERS,
                ("ETag", reply.etag), ("Content-Security-Policy", DASHBOARD_CSP.format(nonce=nonce)),
                ("WWW-Authenticate", DASHBOARD_CHALLENGE if reply.code == 401 else ""),
-               ("Retry-After", reply.retry_after)]
+               ("Retry-After", reply.retry_after), ("Location", reply.location), ("Allow", reply.allow),
+               ("Set-Cookie", reply.cookie)]
     return [(name, value) for name, value in headers if value]
 
 
@@ -7842,6 +7962,185 @@ def _credentials_match(header: str, expected: tuple[bytes, bytes]) -> bool:
     return scheme.lower() == "basic" and bool(sep) and same_user and same_password
 
 
+# -- actions: who may change what, and the checks of a POST ------------------------------------------
+# Cancel and revive a run (/runs/<id>/cancel, /runs/<id>/revive) and cancel the runs in progress of a pipeline
+# (/runs/cancel, after the confirmation page /runs/confirm-cancel showed how many): a POST each, a form
+# (application/x-www-form-urlencoded, DASHBOARD_MAX_BODY at most), answered with a 303 to the page showing what
+# it did. They are offered on a loopback bind (this machine's users, who can run the CLI anyway) or with auth;
+# never on a public bind without auth (--insecure: read-only) nor with --read-only. A POST changes something
+# only when, in this order: it is authorized and its Host header passes (as a GET), its Origin header (without
+# one, its Referer) names this dashboard's own origin as its Host header does, and its form's token is this
+# session's. The session is the random id in an HttpOnly, SameSite=Strict cookie that the first page sets; the
+# token is HMAC-SHA256 over it (and the user) with a secret drawn when the server starts, compared in constant
+# time: a page of another origin can neither read it nor compute it, and a restart expires every form. The
+# cookie is Secure only over TLS, which this server never speaks. Each action is one info line: who (the user,
+# or "loopback"), the client address, what, and what came of it; a refused one a warning (once a minute per
+# address: a hostile page cannot flood the log).
+DASHBOARD_SESSION_COOKIE, DASHBOARD_MAX_BODY, DASHBOARD_MAX_FIELDS = "ductwork_session", 16384, 16
+DASHBOARD_REFUSAL_WINDOW = 60.0
+
+
+class _BadBody(_BadRequest):
+    """A POST body the dashboard will not take: answered with ``code`` (400, 408, 411, 413 or 415) and one line."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class _ClientGone(Exception):
+    """The client closed its connection before its request body arrived: nothing to answer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DashboardAction:
+    """A state change an action URL names: ``kind`` cancel or revive (of ``run_id``), or bulk_cancel."""
+
+    kind: str
+    run_id: int | None = None
+
+
+def dashboard_action(path: str) -> DashboardAction | None:
+    """The action a URL path names (None: not an action URL)."""
+    if path == DASHBOARD_BULK_CANCEL:
+        return DashboardAction("bulk_cancel")
+    match = re.fullmatch(r"/runs/(\d{1,18})/(cancel|revive)", path)
+    return DashboardAction(match.group(2), int(match.group(1))) if match else None
+
+
+def dashboard_actions_offered(loopback: bool, authenticated: bool, read_only: bool) -> bool:
+    """Whether a dashboard offers its actions: on a loopback bind or with auth, never on an unauthenticated
+    public bind, and not with --read-only."""
+    return not read_only and (loopback or authenticated)
+
+
+def _read_only_reason(read_only: bool) -> str:
+    """The one line a POST to an action gets from a dashboard that does not offer them."""
+    if read_only:
+        return "this dashboard is read-only (--read-only): no actions"
+    return "this dashboard is read-only: actions need a loopback bind or --auth"
+
+
+def _new_session() -> str:
+    """A fresh session id (43 url-safe characters, 256 random bits)."""
+    import secrets
+    return secrets.token_urlsafe(32)
+
+
+def _session_id(cookie_headers: list[str]) -> str | None:
+    """The first well-formed session id among the Cookie headers' cookies (None: no session yet)."""
+    for header in cookie_headers:
+        for part in header.split(";"):
+            name, sep, value = part.strip().partition("=")
+            if sep and name == DASHBOARD_SESSION_COOKIE and re.fullmatch(r"[A-Za-z0-9_-]{43}", value):
+                return value
+    return None
+
+
+def _session_cookie(session: str) -> str:
+    """The Set-Cookie of a new session: for this browser session only, never sent by a cross-site request,
+    unreadable by scripts."""
+    return f"{DASHBOARD_SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict"
+
+
+def _csrf_token(secret: bytes, session: str, user: bytes) -> str:
+    """The token of a session's forms: HMAC-SHA256 of its id and the user under the server's secret."""
+    import hashlib
+    import hmac
+    return hmac.new(secret, b"csrf\0" + session.encode() + b"\0" + user, hashlib.sha256).hexdigest()
+
+
+def _token_matches(given: str, expected: str) -> bool:
+    """A form's token is the expected one (compared in constant time; any text given)."""
+    import hmac
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode())
+
+
+def _same_origin(url: str, host_header: str) -> bool:
+    """An Origin (or a Referer's scheme, host and port) is the origin a Host header names: http, or https through
+    a TLS-terminating proxy that keeps the Host header; the port defaults by the scheme."""
+    try:
+        them, us = urllib.parse.urlsplit(url.strip()), urllib.parse.urlsplit("//" + host_header.strip())
+        default = {"http": 80, "https": 443}.get(them.scheme)
+        return (default is not None and bool(them.hostname) and them.hostname == us.hostname
+                and (them.port or default) == (us.port or default))
+    except ValueError:   # a port that is not a number, a bad IPv6 literal
+        return False
+
+
+def _content_length(values: list[str]) -> int:
+    """A POST's one Content-Length (411 without, 400 when unclear, 413 above DASHBOARD_MAX_BODY)."""
+    if not values:
+        raise _BadBody(411, "a POST needs a Content-Length")
+    if len({value.strip() for value in values}) != 1 or not re.fullmatch(r"[0-9]{1,12}", values[0].strip()):
+        raise _BadBody(400, "bad Content-Length")
+    length = int(values[0])
+    if length > DASHBOARD_MAX_BODY:
+        raise _BadBody(413, f"a form is at most {DASHBOARD_MAX_BODY} bytes")
+    return length
+
+
+def _receive(sock: Any, count: int, timeout: float) -> bytes:
+    """``count`` more bytes from ``sock``, all within ``timeout`` seconds (408 after; _ClientGone at its end)."""
+    deadline, chunks = time.monotonic() + timeout, []
+    while count > 0:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _BadBody(408, f"the request body did not arrive within {timeout:g}s")
+        sock.settimeout(left)
+        try:
+            data = sock.recv(min(count, 65536))
+        except TimeoutError:
+            continue   # the deadline has passed: the next round says so
+        except OSError:
+            raise _ClientGone from None
+        if not data:
+            raise _ClientGone
+        chunks.append(data)
+        count -= len(data)
+    return b"".join(chunks)
+
+
+def _form_fields(content_type: str, body: bytes) -> dict[str, str]:
+    """An urlencoded form as one value per field (415 for another type, 400 when malformed or a field repeats)."""
+    if content_type.partition(";")[0].strip().lower() != "application/x-www-form-urlencoded":
+        raise _BadBody(415, "an action takes a form (application/x-www-form-urlencoded)")
+    try:
+        fields = urllib.parse.parse_qs(body.decode("ascii"), keep_blank_values=True, strict_parsing=True,
+                                       errors="strict", max_num_fields=DASHBOARD_MAX_FIELDS)
+    except ValueError:   # not ASCII, percent-escapes that are not UTF-8, a field without "=", too many fields
+        raise _BadRequest("malformed form") from None
+    if any(len(values) > 1 for values in fields.values()):
+        raise _BadRequest("a field of the form is repeated")
+    return {name: values[0] for name, values in fields.items()}
+
+
+def _see_other(path: str, **params: Any) -> DashboardReply:
+    """A 303 to ``path`` with the given query parameters: where an action's result shows."""
+    location = path + "?" + urllib.parse.urlencode(params)
+    return DashboardReply(303, "text/plain", f"see {location}", location=location)
+
+
+class _OncePer:
+    """True for the first of a key's events in each window (at most 10000 keys remembered): the log lines an
+    abusive client could otherwise repeat at will."""
+
+    def __init__(self, window: float):
+        self.window, self.lock, self.last = window, threading.Lock(), {}
+
+    def first(self, key: str) -> bool:
+        now = time.monotonic()
+        with self.lock:
+            if now - self.last.get(key, -float("inf")) < self.window:
+                return False
+            if len(self.last) >= 10000:
+                self.last = {k: t for k, t in self.last.items() if now - t < self.window}
+                while len(self.last) >= 10000:
+                    del self.last[next(iter(self.last))]
+            self.last[key] = now
+            return True
+
+
 class _SendAll:
     """A handler's wfile: each write is one sendall (bounded by the socket's timeout)."""
 
@@ -7886,15 +8185,21 @@ class _Reading:
 class DashboardServer:
     """The dashboard's listening socket, its accept loop and handler pool, and what its requests share: the
     engine, the credentials expected (None = no auth), whether the bind address is loopback, the refresh,
-    the failed-login throttle and the cached overview and /metrics."""
+    whether it offers the actions (and the secret of their CSRF tokens), the failed-login throttle and the
+    cached overview and /metrics."""
 
     http_base = "HTTPServer"  # the http.server class under this one (see _http_class)
     request_queue_size = 128  # the listen backlog: where connections beyond the limit wait
 
     def __init__(self, host: str, port: int, engine: Engine, credentials: tuple[bytes, bytes] | None, loopback: bool,
-                 refresh: float, limits: dict | None = None):
+                 refresh: float, limits: dict | None = None, read_only: bool = False):
+        import secrets
         import socket
         self.engine, self.credentials, self.loopback, self.refresh = engine, credentials, loopback, refresh
+        self.actions = dashboard_actions_offered(loopback, credentials is not None, read_only)
+        self.read_only_reason = _read_only_reason(read_only)
+        self.secret = secrets.token_bytes(32)   # of the CSRF tokens: drawn anew by each start (see "actions")
+        self.refusals = _OncePer(DASHBOARD_REFUSAL_WINDOW)
         limits = {"threads": DASHBOARD_THREADS, "max_connections": DASHBOARD_MAX_CONNECTIONS,
                   "request_timeout": DASHBOARD_REQUEST_TIMEOUT, **(limits or {})}
         self.threads, self.max_connections = int(limits["threads"]), int(limits["max_connections"])
@@ -8022,8 +8327,9 @@ class DashboardServer:
 
 
 class DashboardHandler:
-    """One GET, its header already read: authorize, check the Host header, route (and render), send; its
-    connection is closed after."""
+    """One request, its header already read: a GET (authorize, check the Host header, route and render) or
+    the POST of an action (the same checks, then those of "actions"), then send; its connection is closed
+    after."""
 
     http_base = "BaseHTTPRequestHandler"
     server: DashboardServer  # the one that accepted the request
@@ -8075,31 +8381,149 @@ class DashboardHandler:
         return None
 
     def route(self, nonce: str) -> DashboardReply:
-        """/metrics, or the page a path names (under /api/: its JSON twin), rendered; else 404."""
+        """/metrics, or the page a path names (under /api/: its JSON twin), rendered; 405 for an action's
+        URL (POST only), 403 for the bulk cancel's confirmation on a read-only dashboard; else 404."""
         url = urllib.parse.urlsplit(self.path)
         engine, shared = self.server.engine, self.server.shared
         if url.path == "/metrics":
             metrics = shared["metrics"].get(functools.partial(dashboard_metrics, engine))
             return DashboardReply(200, "text/plain; version=0.0.4", metrics)
         api = url.path.startswith("/api/")
+        path = url.path[4:] if api else url.path
+        if dashboard_action(path) is not None:
+            return DashboardReply(405, "text/plain", "an action takes a POST (the form on its page)", allow="POST")
+        if path == DASHBOARD_CONFIRM_CANCEL and not self.server.actions:
+            return DashboardReply(403, "text/plain", self.server.read_only_reason)
         query = dict(urllib.parse.parse_qsl(url.query))
         overview = functools.partial(shared["overview"].get, functools.partial(dashboard_overview, engine))
-        found = dashboard_route(engine, url.path[4:] if api else url.path, query, overview)
+        session = _session_id(self.headers.get_all("Cookie") or []) if self.server.actions else None
+        fresh = _new_session() if self.server.actions and session is None else None
+        token = self.token(session or fresh) if self.server.actions else None  # type: ignore[arg-type]
+        found = dashboard_route(engine, path, query, overview, token)
         if found is None:
             return DashboardReply(404, "text/plain", "not found")
-        return self.render(url, api, *found, nonce=nonce)
+        reply = self.render(url, api, *found, nonce=nonce)
+        if fresh and not api:   # a page whose forms need the session (a JSON twin renders none)
+            reply = dataclasses.replace(reply, cookie=_session_cookie(fresh))
+        return reply
 
     def render(self, url: urllib.parse.SplitResult, api: bool, title: str, data: dict, renderer: Any,
                nonce: str) -> DashboardReply:
-        """The JSON twin, the <main> fragment alone (X-Ductwork-Fragment: 1) or the whole page."""
+        """The JSON twin, the <main> fragment alone (X-Ductwork-Fragment: 1) or the whole page; a page's
+        <main> starts with the notice of the action that redirected to it (?done=)."""
         text = json.dumps(data, default=str)  # ASCII: a lone surrogate stays a \\ud800 escape
         etag = _etag(text)
         if api:
             return DashboardReply(200, "application/json", text, etag)
+        main = _notice(dict(urllib.parse.parse_qsl(url.query))) + renderer(data)
         if self.headers.get("X-Ductwork-Fragment") == "1":
-            return DashboardReply(200, "text/html", renderer(data), etag)
-        page = _page(title, _api_url(url), etag, renderer(data), nonce, self.server.refresh)
+            return DashboardReply(200, "text/html", main, etag)
+        page = _page(title, _api_url(url), etag, main, nonce, self.server.refresh)
         return DashboardReply(200, "text/html", page, etag)
+
+    # -- the POST of an action (see "actions") --
+    def do_POST(self) -> None:  # noqa: N802
+        """An action: authorized and its Host header checked as a GET, then act(); a client that went away
+        before its body arrived gets nothing."""
+        import secrets
+        nonce = secrets.token_urlsafe(16)
+        try:
+            reply = self.authorize() or self.check_host() or self.act()
+        except _ClientGone:
+            return
+        except Exception as exc:
+            reply = _failure_reply(self.path, exc)
+        self.send(reply, nonce)
+
+    def act(self) -> DashboardReply:
+        """Read the body, check that this is an action the dashboard offers, that the form comes from its own
+        origin with this session's token, then do it. Refusals change nothing."""
+        # The body is read first (bounded): a reply sent while some of it is unread would end in a reset
+        # when the connection closes, and the client might never see the answer.
+        body = self.read_body()
+        action = dashboard_action(urllib.parse.urlsplit(self.path).path)
+        if action is None:
+            return DashboardReply(405, "text/plain", "only an action's URL takes a POST", allow="GET")
+        if not self.server.actions:
+            return DashboardReply(403, "text/plain", self.server.read_only_reason)
+        form = _form_fields(self.headers.get("Content-Type", ""), body)
+        why = self.foreign_origin() or self.foreign_token(form.get("csrf", ""))
+        if why:
+            if self.server.refusals.first(self.client_address[0]):
+                log.warning("dashboard: refused a POST to %s from %s: %s (more from it within %g s are not "
+                            "logged)", printable(clip(urllib.parse.urlsplit(self.path).path, 100)),
+                            self.client_address[0], why, self.server.refusals.window)
+            return DashboardReply(403, "text/plain", f"refused: {why}")
+        return self.perform(action, form)
+
+    def read_body(self) -> bytes:
+        """The POST's body: what came with the header, then the rest off the socket within the request
+        timeout (a Content-Length is required, DASHBOARD_MAX_BODY at most; no Transfer-Encoding)."""
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise _BadBody(411, "a POST needs a Content-Length (no Transfer-Encoding)")
+        length = _content_length(self.headers.get_all("Content-Length") or [])
+        body = self.rfile.read(length)   # what the accept loop read with the header
+        try:
+            return body + _receive(self.connection, length - len(body), self.server.request_timeout)
+        finally:
+            self.connection.settimeout(self.server.request_timeout)   # bounds the reply's sendall again
+
+    def who(self) -> str:
+        """Who acts: the user of the credentials (checked by authorize()), or "loopback" without auth."""
+        credentials = self.server.credentials
+        return credentials[0].decode("utf-8", "replace") if credentials else "loopback"
+
+    def token(self, session: str) -> str:
+        """The CSRF token of ``session``'s forms for this dashboard's user."""
+        user = self.server.credentials[0] if self.server.credentials else b""
+        return _csrf_token(self.server.secret, session, user)
+
+    def foreign_origin(self) -> str | None:
+        """Why the form does not come from this dashboard's own pages by its Origin (else Referer) header;
+        None when it does."""
+        host = self.headers.get("Host", "")
+        for header in ("Origin", "Referer"):
+            value = self.headers.get(header)
+            if value is not None:
+                shown = printable(clip(value, 200))
+                return None if _same_origin(value, host) else f"{header} {shown!r} is not this dashboard's origin"
+        return "neither Origin nor Referer says where the form comes from"
+
+    def foreign_token(self, given: str) -> str | None:
+        """Why the form's token is not this session's; None when it is."""
+        session = _session_id(self.headers.get_all("Cookie") or [])
+        if session is None:
+            return "no session cookie (cookies off, or a form from elsewhere): load the page again"
+        if not _token_matches(given, self.token(session)):
+            return "the form's token is not this session's (the dashboard restarted?): load the page again"
+        return None
+
+    def perform(self, action: DashboardAction, form: dict[str, str]) -> DashboardReply:
+        """Do the action (the cancels wait for the workers holding claimed steps, a few seconds at most),
+        log it, and redirect to the page showing what it did."""
+        who, address, engine = self.who(), self.client_address[0], self.server.engine
+        reason = f"cancelled from the dashboard by {who}"
+        if action.kind == "bulk_cancel":
+            pipeline, expected = form.get("pipeline", ""), form.get("expected", "")
+            if not pipeline:
+                raise _BadRequest("pipeline is required: a bulk cancel stops the runs of one pipeline")
+            if not re.fullmatch(r"[0-9]{1,12}", expected):
+                raise _BadRequest("expected (the count the confirmation showed) must be a whole number")
+            cancelled = engine.cancel(pipeline=pipeline, reason=reason)
+            log.info("dashboard: %s from %s cancelled %d run(s) of pipeline %s (the confirmation showed %s)", who,
+                     address, len(cancelled), printable(clip(pipeline, 200)), expected, extra={"pipeline": pipeline})
+            return _see_other("/runs", pipeline=pipeline, done="bulk-cancelled", count=len(cancelled))
+        run_id = int(action.run_id)  # type: ignore[arg-type]
+        with engine.store.tx(write=False) as t:
+            if t.one(DashboardSQL.run_status, {"id": run_id}) is None:
+                return DashboardReply(404, "text/plain", f"run {run_id} not found")
+        if action.kind == "cancel":
+            done = "cancelled" if engine.cancel(run_ids=[run_id], reason=reason) else "not-cancelled"
+        else:
+            done = "revived" if engine.revive(run_id) else "not-revived"
+        log.info("dashboard: %s from %s: %s run %d: %s", who, address, action.kind, run_id, DASHBOARD_OUTCOMES[done],
+                 extra={"run": run_id})
+        return _see_other(f"/runs/{run_id}", done=done)
 
     def send(self, reply: DashboardReply, nonce: str) -> None:
         """The status line, the headers and the body (after _final_reply); text that UTF-8 cannot encode
@@ -8144,10 +8568,11 @@ def _is_loopback(host: str) -> bool:
 
 
 def make_dashboard_server(config: Config, host: str, port: int, auth: str | None = None, insecure: bool = False,
-                          refresh: float = 5.0, **limits: float) -> Any:
+                          refresh: float = 5.0, read_only: bool = False, **limits: float) -> Any:
     """The dashboard's HTTP server (not started: call serve_forever()). Without auth it only binds
-    loopback addresses (unless ``insecure``) and then only answers loopback Host headers (no DNS
-    rebinding). ``limits``: threads, max_connections, request_timeout (DASHBOARD_* defaults)."""
+    loopback addresses (unless ``insecure``: then read-only) and then only answers loopback Host headers
+    (no DNS rebinding). It offers the actions (cancel, revive) unless that or ``read_only``.
+    ``limits``: threads, max_connections, request_timeout (DASHBOARD_* defaults)."""
     unknown = set(limits) - {"threads", "max_connections", "request_timeout"}
     if unknown or not all(value > 0 for value in limits.values()):
         raise ConfigError(f"dashboard limits must be positive threads, max_connections, request_timeout: {limits}")
@@ -8161,7 +8586,7 @@ def make_dashboard_server(config: Config, host: str, port: int, auth: str | None
     engine.store.close()
     try:
         return _http_class(DashboardServer)(host, port, engine, _expected_credentials(credentials), loopback, refresh,
-                                            limits)
+                                            limits, read_only)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
@@ -8249,7 +8674,11 @@ def _dashboard_arguments(p: argparse.ArgumentParser) -> None:
                    help="address to bind (default 127.0.0.1; others need --auth or --insecure)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port)")
     p.add_argument("--auth", help="user:password for HTTP basic auth (default: env DUCTWORK_DASHBOARD_AUTH)")
-    p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without auth")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback address without auth (read-only: no actions)")
+    p.add_argument("--read-only", action="store_true", dest="read_only",
+                   help="no actions: no cancel or revive buttons, every POST refused (the actions are offered on "
+                        "a loopback bind or with --auth otherwise)")
     p.add_argument("--refresh", type=float, default=5.0, help="seconds between a page's refresh polls (default 5)")
 
 
@@ -8566,14 +8995,15 @@ def cmd_dashboard(args: argparse.Namespace, config: Config) -> int:
         raise ConfigError("--port must be between 0 and 65535 and --refresh above 0")
     auth = args.auth or os.environ.get("DUCTWORK_DASHBOARD_AUTH") or None
     server = make_dashboard_server(config, args.host, args.port, auth=auth, insecure=args.insecure,
-                                   refresh=args.refresh)
+                                   refresh=args.refresh, read_only=args.read_only)
     stop = threading.Event()  # the handlers only record the signal
     previous = {sig: signal.signal(sig, lambda signum, _: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="ductwork.dashboard",
                      daemon=True).start()
     host, port = server.server_address[:2]
-    log.info("dashboard on http://%s:%s/ (JSON under /api/, Prometheus at /metrics)%s",
-             f"[{host}]" if ":" in host else host, port, "" if auth else ", no auth")
+    log.info("dashboard on http://%s:%s/ (JSON under /api/, Prometheus at /metrics)%s; %s",
+             f"[{host}]" if ":" in host else host, port, "" if auth else ", no auth",
+             "actions: cancel, revive" if server.actions else server.read_only_reason)
     try:
         while not stop.wait(1.0):
             pass
@@ -8600,8 +9030,8 @@ COMMANDS = (   # in --help order
             _cancel_arguments),
     Command("revive", "re-run what did not complete of halted or cancelled runs: revive RUN_ID ...", cmd_revive,
             _revive_arguments),
-    Command("dashboard", "read-only web dashboard, JSON API and Prometheus /metrics", cmd_dashboard,
-            _dashboard_arguments),
+    Command("dashboard", "web dashboard (cancel and revive runs unless --read-only), JSON API and Prometheus "
+            "/metrics", cmd_dashboard, _dashboard_arguments),
     Command("doctor", "check the deployment: one line per check, ok / warn / fail", cmd_doctor, _doctor_arguments,
             light=True),
 )
