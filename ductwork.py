@@ -19,7 +19,8 @@ A map of this module, top to bottom (search for the ``# ===`` banners):
     supervisor           the pre-fork process manager (single-threaded selectors loop, signal table)
     health & status      the liveness verdict (heartbeat rows, local fallback), the status report, doctor's
                          checks (DOCTOR_CHECKS) and the arithmetic they share (drain, connection demand)
-    dashboard            read-only web pages, their JSON twins, Prometheus /metrics (a table of families)
+    dashboard            web pages, their JSON twins, Prometheus /metrics (a table of families), and the
+                         actions (cancel, revive, bulk cancel: POST only, CSRF token and Origin check)
     cli                  the table of commands (COMMANDS), argument parsing, main()
 
 Every unit of work is a database row. A worker claims a step row, runs it, and commits
