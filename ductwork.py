@@ -134,7 +134,7 @@ class _Rejected(DuctworkError):
 
 
 class _BadRequest(DuctworkError):
-    """A query parameter the dashboard cannot use (answered with 400)."""
+    """A query parameter or form field the dashboard cannot use (answered with 400)."""
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 # Halt reasons (SPEC §9).
@@ -7684,9 +7684,9 @@ def _notice(query: dict) -> str:
     text = DASHBOARD_NOTICES.get(query.get("done", ""))
     if text is None:
         return ""
-    count = query.get("count", "")
-    text = text.format(count=int(count) if count.isdigit() and len(count) <= 12 else 0,
-                       pipeline=query.get("pipeline", ""))
+    count = query.get("count", "")   # the query's: shown as a number or not at all, the pipeline clipped
+    text = text.format(count=int(count) if re.fullmatch(r"[0-9]{1,12}", count) else 0,
+                       pipeline=clip(query.get("pipeline", ""), 200))
     return f'<p class="notice" id="notice">{_esc(text)}</p>'
 
 
@@ -8397,9 +8397,7 @@ class DashboardHandler:
             return DashboardReply(403, "text/plain", self.server.read_only_reason)
         query = dict(urllib.parse.parse_qsl(url.query))
         overview = functools.partial(shared["overview"].get, functools.partial(dashboard_overview, engine))
-        session = _session_id(self.headers.get_all("Cookie") or []) if self.server.actions else None
-        fresh = _new_session() if self.server.actions and session is None else None
-        token = self.token(session or fresh) if self.server.actions else None  # type: ignore[arg-type]
+        token, fresh = self.page_token()
         found = dashboard_route(engine, path, query, overview, token)
         if found is None:
             return DashboardReply(404, "text/plain", "not found")
@@ -8469,6 +8467,17 @@ class DashboardHandler:
         finally:
             self.connection.settimeout(self.server.request_timeout)   # bounds the reply's sendall again
 
+    def page_token(self) -> tuple[str | None, str | None]:
+        """The CSRF token of the forms this request's page renders (None: the dashboard offers no actions) and
+        the new session to set as its cookie (None: the request has one, or no actions)."""
+        if not self.server.actions:
+            return None, None
+        session = _session_id(self.headers.get_all("Cookie") or [])
+        if session is not None:
+            return self.token(session), None
+        fresh = _new_session()
+        return self.token(fresh), fresh
+
     def who(self) -> str:
         """Who acts: the user of the credentials (checked by authorize()), or "loopback" without auth."""
         credentials = self.server.credentials
@@ -8511,8 +8520,9 @@ class DashboardHandler:
             if not re.fullmatch(r"[0-9]{1,12}", expected):
                 raise _BadRequest("expected (the count the confirmation showed) must be a whole number")
             cancelled = engine.cancel(pipeline=pipeline, reason=reason)
+            shown = printable(clip(pipeline, 200))   # form input: one line in the log, whatever it holds
             log.info("dashboard: %s from %s cancelled %d run(s) of pipeline %s (the confirmation showed %s)", who,
-                     address, len(cancelled), printable(clip(pipeline, 200)), expected, extra={"pipeline": pipeline})
+                     address, len(cancelled), shown, expected, extra={"pipeline": shown})
             return _see_other("/runs", pipeline=pipeline, done="bulk-cancelled", count=len(cancelled))
         run_id = int(action.run_id)  # type: ignore[arg-type]
         with engine.store.tx(write=False) as t:

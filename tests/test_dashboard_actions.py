@@ -416,6 +416,9 @@ def test_bulk_cancel_confirms_the_count_then_cancels_those_runs(engine, serve, l
     assert "nothing to cancel" in page and not forms(page)
     code, _, page = me.get("/runs/confirm-cancel?pipeline=%3Cscript%3Ex")
     assert code == 200 and "<script>x" not in page and "&lt;script&gt;x" in page and not forms(page)
+    for count in ("%C2%B2", "-1", "9" * 40):   # a notice's query is anybody's: never more than a number shown
+        code, _, page = me.get(f"/runs?pipeline=%3Cb%3E&done=bulk-cancelled&count={count}")
+        assert code == 200 and "Cancelled 0 run(s) of &lt;b&gt;." in page, count
 
 
 def test_with_auth_on_a_public_bind_the_user_acts(engine, serve, lines):
