@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Install headless Chromium and its WebDriver (Debian/Ubuntu packages chromium and
-# chromium-driver) for the dashboard's browser test, tests/test_dashboard.py. Idempotent:
-# does nothing when both binaries are already on PATH. Exit status is non-zero only when
-# an install was attempted and failed; without apt-get it prints why and exits 0 (the
-# browser test then skips with that reason).
+# chromium-driver) for the dashboard's browser tests (tests/test_dashboard.py and
+# tests/test_dashboard_actions.py). Idempotent: does nothing when both binaries are
+# already on PATH. Exit status is non-zero only when an install was attempted and failed;
+# without apt-get it prints why and exits 0 (the browser tests then skip with that reason).
 set -euo pipefail
 
 if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
