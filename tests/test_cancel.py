@@ -346,10 +346,11 @@ def test_a_commit_racing_a_cancel_never_advances_the_cancelled_run(engine, start
 
 def test_bulk_cancel_by_pipeline_and_age(engine):
     old = [CtlBriefFan.trigger(1) for _ in range(5)]
-    time.sleep(1.2)
+    with engine.store.tx() as t:   # triggered an hour ago (database clock)
+        t.run("UPDATE ductwork_runs SET created_at = created_at - 3600 WHERE id <= :last", {"last": old[-1].id})
     new = [CtlBriefFan.trigger(1) for _ in range(240)]
     other = CtlSolo.trigger(1)
-    assert ductwork.cancel(pipeline="CtlBriefFan", older_than=1, reason="stale") == 5
+    assert ductwork.cancel(pipeline="CtlBriefFan", older_than=1800, reason="stale") == 5
     assert {r.refresh().status for r in old} == {"cancelled"}
     assert {r.refresh().status for r in new} == {"in_progress"}
     assert ductwork.cancel(pipeline="CtlBriefFan") == 240
