@@ -1703,8 +1703,9 @@ def _build_index_concurrently(store: Store, statement: str) -> None:
                 t.run(text)
         except DuctworkError:
             raise
-        except Exception as exc:   # two migrates raced to the same name (or deadlocked on its table): look again
-            if not any(code in str(exc) for code in ("23505", "42P07", "40P01")):
+        except Exception as exc:   # two migrates raced to the same name (or deadlocked on its table, or updated
+            # its table's catalog row at the same instant: "tuple concurrently updated"): look again
+            if not any(code in str(exc) for code in ("23505", "42P07", "40P01", "tuple concurrently updated")):
                 raise
 
 
