@@ -170,6 +170,15 @@ CH_JOBS, CH_ADVANCE = "ductwork_jobs", "ductwork_advance"
 # A cancel's wake-up hint (payload: a pipeline): the worker processes look at once whether a step they hold was
 # cancelled, instead of at their next look (CANCEL_POLL). See "Cancelling a run".
 CH_CANCEL = "ductwork_cancel"
+MAX_ID = 2 ** 63 - 1   # the largest id a BIGINT holds (a bigger one names no run)
+
+
+def run_lock_order(run_ids: Iterable[int]) -> list[int]:
+    """Run ids in the order of their lock keys (SQL.lock_runs): every transaction that takes several takes them
+    in this order, so none waits for another in a circle."""
+    return sorted(set(run_ids), key=lambda run_id: (run_id % SQL.RUN_LOCK_MODULUS, run_id))
+
+
 # cancel()'s filters beyond the run ids (SQL.runs_to_cancel's {where}: fixed text per filter)
 CANCEL_FILTERS = {"pipeline": "\n          AND pipeline = :pipeline",
                   "older_than": "\n          AND created_at < (SELECT {now}) - :older_than"}
@@ -177,6 +186,8 @@ DISCARDED_TEXT = "run cancelled: what the step returned was discarded"
 CANCEL_POLL = 1.0            # seconds between a busy worker process's looks for cancelled steps it holds
 CANCEL_ACK_TIMEOUT = 5.0     # how long cancel() waits for the holders of claimed steps to acknowledge
 CANCEL_BATCH = 1000          # runs per cancel transaction (a bulk cancel is a few set-based statements per batch)
+CANCEL_ROWS = 5000           # steps one statement of a cancel changes at most (a big fan-out takes several)
+CANCEL_LEASE = CANCEL_ACK_TIMEOUT / 2   # a claim not started this long after its last confirmation is checked first
 
 
 def backoff(attempt: int, base: float, cap: float, jitter: float = 0.0) -> float:
@@ -1444,14 +1455,16 @@ class Store:
             return float(t.one(StoreSQL.now)[0])
 
 
-def _retry_conflicts(fn: Callable[[], Any], attempts: int = 5) -> Any:
-    """Re-run a transaction that Postgres aborted as a deadlock or serialization failure."""
+def _retry_conflicts(fn: Callable[[], Any], attempts: int = 5, lock_timeouts: bool = False) -> Any:
+    """Re-run a transaction that Postgres aborted as a deadlock or serialization failure (``lock_timeouts``:
+    or as a lock timeout, for a transaction that sets one)."""
+    codes = ("40P01", "40001", "55P03") if lock_timeouts else ("40P01", "40001")
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as exc:
             text = str(exc)
-            if attempt == attempts - 1 or not ("40P01" in text or "40001" in text):
+            if attempt == attempts - 1 or not any(code in text for code in codes):
                 raise
             threading.Event().wait(backoff(attempt + 1, 0.005, 0.05, jitter=0.8))
 
@@ -1768,7 +1781,7 @@ class Step:
 
 def _exception_classes(name: str, value: Any) -> tuple[type[BaseException], ...]:
     """A Retry's give_up_on / retry_on as a tuple of exception classes (one class alone is fine)."""
-    classes = value if isinstance(value, tuple) else (value,)
+    classes = tuple(value) if isinstance(value, (tuple, list)) else (value,)
     for cls in classes:
         if not (inspect.isclass(cls) and issubclass(cls, BaseException)):
             raise DefinitionError(f"Retry({name}=...) needs exception classes, got {cls!r}")
@@ -1813,7 +1826,7 @@ class Retry:
         """Is an attempt that raised ``exc`` retried (budget permitting)?"""
         try:
             return isinstance(exc, self.retry_on) and not isinstance(exc, self.give_up_on)
-        except Exception:   # a hostile __instancecheck__: the default, retried
+        except BaseException:  # noqa: B036 - a hostile __instancecheck__: the default, retried
             return True
 
     def delay_after(self, failures: int, default_delay: float) -> float:
@@ -1859,7 +1872,10 @@ def step(fn: Callable | None = None, *, retry: Retry | None = None, timeout: flo
             raise DefinitionError(f"@ductwork.step decorates a function step, not {f!r} (a Step class sets "
                                   "class attributes: retry = ductwork.Retry(...))")
         if retry is not None:
-            f.retry = retry  # type: ignore[attr-defined]
+            try:
+                f.retry = retry  # type: ignore[attr-defined]
+            except (AttributeError, TypeError):   # a builtin, a bound method: nowhere to keep it
+                raise DefinitionError(f"@ductwork.step(retry=...) needs a plain function, not {f!r}") from None
         return f
     return decorate if fn is None else decorate(fn)
 
@@ -2221,6 +2237,7 @@ class JobClaim(_Row):
     # its run was cancelled (Runtime.look_for_cancels): it must not start (``dropped``), or, running, should stop
     dropped: bool = False
     stop_requested: bool = False
+    confirmed: float = 0.0   # time.monotonic() when it was last known to be this claimer's (claim, a look)
 
     @property
     def attempt(self) -> int:
@@ -2477,21 +2494,41 @@ class SQL:
         SELECT id
         FROM ductwork_runs
         WHERE status = 'in_progress'
-          AND id > :after{where}
+          AND id > :after
+          AND id <= :upto{where}
         ORDER BY id
         LIMIT :limit"""
 
-    # Postgres: the locks of a batch of runs (:ids, sorted), exclusive for a cancel, shared for a commit or an
-    # advancement that may write about them (its first statement). A cancel waits for the commits in flight; a
-    # commit after it waits for it, then finds its steps cancelled. Key: (RUN_LOCK_CLASS, id mod 2^31 - 1): two
-    # runs that share one only wait for each other.
+    # The newest run (a bulk cancel stops there: runs triggered while it works are not its own).
+    newest_run = """
+        SELECT coalesce(max(id), 0)
+        FROM ductwork_runs"""
+
+    # Postgres: the locks of a batch of runs (:ids, in the order of their keys: run_lock_order), exclusive for a
+    # cancel or a revive, shared for a transaction that may write about their progress (from its first
+    # statement: a commit, an advancement, a hand-back, a release). A cancel waits for those in flight; one after
+    # it waits for it, then finds its steps cancelled. Key: (RUN_LOCK_CLASS, id mod 2^31 - 1): two runs that
+    # share one only wait for each other.
     lock_runs = """
         SELECT pg_advisory_xact_lock(:class, CAST(id % 2147483647 AS INTEGER))
         FROM unnest(CAST(:ids AS BIGINT[])) AS id"""
     share_runs = """
         SELECT pg_advisory_xact_lock_shared(:class, CAST(id % 2147483647 AS INTEGER))
         FROM unnest(CAST(:ids AS BIGINT[])) AS id"""
+    # ... and the shared locks of the runs of some steps ({steps}: a condition on them), found by the statement.
+    share_runs_of_steps = """
+        SELECT pg_advisory_xact_lock_shared(:class, key)
+        FROM (SELECT DISTINCT CAST(run_id % 2147483647 AS INTEGER) AS key
+              FROM ductwork_steps
+              WHERE {steps}
+              ORDER BY key) AS keys"""
     RUN_LOCK_CLASS = 0x64776374   # "dwct"
+    RUN_LOCK_MODULUS = 2147483647
+    # A cancel gives up on a lock held longer than this (a transaction of a frozen process, say): the batch
+    # is tried again (Engine.cancel), the server releases what it took, and the client's socket timeout never
+    # fires first.
+    cancel_lock_timeout = """
+        SET LOCAL lock_timeout = '2s'"""
 
     # The runs of a batch that are still in progress are cancelled ({ids}: the id is one of :ids).
     runs_cancelled = """
@@ -2724,12 +2761,13 @@ class SQL:
         WHERE {runs}
           AND status IN ('advance', 'advancing')"""
 
-    # revive(): ... back in the advancer's queue.
-    branches_uncancelled = """
-        UPDATE ductwork_branches
-        SET status = 'advance', available_at = {now}, updated_at = {now}
+    # revive(): ... which go back in the advancer's queue (SQL.reopen_leaf), or run their failed step again.
+    cancelled_branches = """
+        SELECT id
+        FROM ductwork_branches
         WHERE run_id = :run_id
-          AND status = 'cancelled'"""
+          AND status = 'cancelled'
+        ORDER BY id"""
 
     # Branch claims of this process older than the grace (lost replies: no thread holds them).
     orphaned_branches = """
@@ -2791,12 +2829,19 @@ class SQL:
           AND status = 'running'
           AND claimed_by = :process_id"""
 
-    # Step claims of this process older than the grace (lost replies: no thread holds them).
+    # Step claims of this process older than the grace (lost replies: no thread holds them), running or told of a
+    # cancel (they are let go like any claim not started: Engine.release).
     orphaned_steps = """
         SELECT id, pipeline
         FROM ductwork_steps
         WHERE claimed_by = :process_id
           AND status = 'running'
+          AND claimed_at < {now} - :grace
+        UNION ALL
+        SELECT id, pipeline
+        FROM ductwork_steps
+        WHERE claimed_by = :process_id
+          AND status = 'cancelling'
           AND claimed_at < {now} - :grace"""
 
     # A branch's latest step.
@@ -2832,21 +2877,44 @@ class SQL:
     # are "cancelling" until their holder acknowledges: it drops those it had not started and marks "stopping"
     # those it runs (their results are discarded). One statement for both: a step that a concurrent hand-back or
     # release puts back in the queue is read again in its new status, and cancelled.
+    # CANCEL_ROWS at a time in id order (each statement well inside a socket timeout however big a fan-out; the
+    # order of every other statement that locks several steps, so none deadlocks with it).
     steps_cancelled = """
         UPDATE ductwork_steps
         SET status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE 'cancelling' END,
             finished_at = CASE WHEN status = 'queued' THEN {now} ELSE finished_at END
-        WHERE {runs}
+        WHERE id IN (SELECT id
+                     FROM ductwork_steps
+                     WHERE {runs}
+                       AND status IN ('queued', 'running')
+                     ORDER BY id
+                     LIMIT :limit
+                     {for_update})
           AND status IN ('queued', 'running')
         RETURNING id, status, pipeline"""
 
-    # A worker's look (Runtime.look_for_cancels): which of the steps it holds ({ids}) were cancelled ...
-    cancelled_claims = """
+    # A cancel of runs already cancelled: their claimed steps still waiting for an answer (it waits for them too).
+    still_cancelling = """
         SELECT id
         FROM ductwork_steps
+        WHERE {runs}
+          AND status = 'cancelling'"""
+
+    # A worker's look (Runtime.look_for_cancels): which of the steps it holds ({ids}) were cancelled: told
+    # (cancelling), or already let go for it (cancelled: it did not answer in time) ...
+    cancelled_claims = """
+        SELECT id, status
+        FROM ductwork_steps
         WHERE {ids}
-          AND status = 'cancelling'
-          AND claimed_by = :process_id"""
+          AND status IN ('cancelling', 'cancelled')"""
+
+    # Before a claim that waited long to start (a frozen process, a busy one) starts: is it still this one's?
+    claim_still_held = """
+        SELECT 1
+        FROM ductwork_steps
+        WHERE id = :id
+          AND status = 'running'
+          AND claim_token = :token"""
 
     # ... and its answer for those it runs: stopping (``should_stop`` is true in them; what they return is
     # discarded). Those it had not started it lets go (SQL.unclaimed_cancelled "acknowledged").
@@ -3497,7 +3565,9 @@ class Engine:
 
     def _claim_steps_in(self, t: Tx, pipeline: str, process_id: int, token: str, limit: int) -> list[JobClaim]:
         rows = self._claim_rows(t, SQL.claim_steps, pipeline, process_id, token, limit)
-        return [JobClaim.from_row(row, pipeline=pipeline, process_id=process_id, token=token) for row in rows]
+        now = time.monotonic()
+        return [JobClaim.from_row(row, pipeline=pipeline, process_id=process_id, token=token, confirmed=now)
+                for row in rows]
 
     # -- definitions --------------------------------------------------------------------
     def definition(self, digest: str, t: Tx | None = None) -> Definition:
@@ -3589,7 +3659,16 @@ class Engine:
         """Postgres: this transaction may write about these runs: a cancel of one of them waits for it, or it for
         the cancel (SQL.lock_runs). SQLite needs none: one writer at a time."""
         if t.dialect == "postgres" and run_ids:
-            t.all(SQL.share_runs, {"class": SQL.RUN_LOCK_CLASS, "ids": BulkSQL.id_list(t.dialect, sorted(run_ids))})
+            ordered = BulkSQL.id_list(t.dialect, run_lock_order(run_ids))
+            t.all(SQL.share_runs, {"class": SQL.RUN_LOCK_CLASS, "ids": ordered})
+
+    @staticmethod
+    def share_runs_of_steps(t: Tx, condition: str, params: dict) -> None:
+        """Postgres: _share_runs for the runs of the steps ``condition`` (with ``params``) names, before this
+        transaction's statements about those steps read them."""
+        if t.dialect == "postgres":
+            where = condition.replace("{ids}", BulkSQL.ids(t.dialect, "ductwork_steps")).replace("{only}", "")
+            t.all(SQL.share_runs_of_steps.replace("{steps}", where), {**params, "class": SQL.RUN_LOCK_CLASS})
 
     @staticmethod
     def unclaim_cancelled(t: Tx, occasion: str, params: dict, only: str = "") -> list[tuple]:
@@ -3622,7 +3701,7 @@ class Engine:
         groups: dict[tuple[int, str], list[StepResult]] = {}
         for r in results:
             groups.setdefault((r.claim.process_id, r.claim.token), []).append(r)
-        locks = sorted(runs)
+        locks = run_lock_order(runs)
         for (process_id, token), group in groups.items():
             params = {**t.keyed(BulkSQL.STEP, [(r.claim.step_id, r.value) for r in group]),
                       "process_id": process_id, "token": token}
@@ -3702,30 +3781,38 @@ class Engine:
         """Give back claims that never started: queued again, no crash counted."""
         if not step_ids:
             return 0
-        with self._tx() as t:
-            params = {"process_id": process_id, "ids": t.ids(step_ids)}
-            n = t.run(BulkSQL.release_steps(t.dialect), params)
-            if n < len(step_ids):   # some were cancelled meanwhile: let go (they never started)
-                n += len(self.unclaim_cancelled(t, "acknowledged", params))
-            t.notify(CH_JOBS, pipeline)
-        return n
+        def work() -> int:
+            with self._tx() as t:
+                params = {"process_id": process_id, "ids": t.ids(step_ids)}
+                self.share_runs_of_steps(t, "{ids}", params)
+                n = t.run(BulkSQL.release_steps(t.dialect), params)
+                if n < len(step_ids):   # some were cancelled meanwhile: let go (they never started)
+                    n += len(self.unclaim_cancelled(t, "acknowledged", params))
+                t.notify(CH_JOBS, pipeline)
+            return n
+        return _retry_conflicts(work)
 
     def hand_back(self, process_id: int, step_ids: Iterable[int] | None = None, why: str = "process crashed") -> int:
         """Close a process's in-flight executions as crashes and re-enqueue them (immediately
         claimable); with no ``step_ids`` also release its branch claims. Crashes never touch
         the retry budget; after ``max_crash`` the step fails."""
-        with self._tx() as t:
-            return self._hand_back(t, process_id, step_ids, why)
+        def work() -> int:
+            with self._tx() as t:
+                return self._hand_back(t, process_id, step_ids, why)
+        return _retry_conflicts(work)
 
     def reap(self, process_id: int, timeout: float) -> bool:
         """Delete a process row whose heartbeat is stale and hand back its work, in one
         transaction; idempotent and safe when several peers reap at once."""
-        with self._tx() as t:
-            row = t.one(SQL.reap_process, {"id": process_id, "timeout": timeout})
-            if row is None:
-                return False
-            count = self._hand_back(t, process_id, None, "process reaped: heartbeat stale")
-        row_id, machine, pid, role = row
+        def work() -> tuple | None:
+            with self._tx() as t:
+                row = t.one(SQL.reap_process, {"id": process_id, "timeout": timeout})
+                return None if row is None else (row, self._hand_back(t, process_id, None,
+                                                                      "process reaped: heartbeat stale"))
+        reaped = _retry_conflicts(work)
+        if reaped is None:
+            return False
+        (row_id, machine, pid, role), count = reaped
         log.warning("reaped process row %s (%s pid %s, %s); %d step(s) handed back", row_id, machine, pid, role, count)
         return True
 
@@ -3735,20 +3822,24 @@ class Engine:
         The row goes first: a claim in flight under it (which holds the row with KEY SHARE)
         finishes before, and is seen by the hand-back; one made after finds no row and claims
         nothing. Used when a child dies, when a process exits, and (fenced on staleness) by reap."""
-        with self._tx() as t:
-            t.run(SQL.delete_process, {"id": process_id})
-            return self._hand_back(t, process_id, None, why)
+        def work() -> int:
+            with self._tx() as t:
+                t.run(SQL.delete_process, {"id": process_id})
+                return self._hand_back(t, process_id, None, why)
+        return _retry_conflicts(work)
 
     def _hand_back(self, t: _EngineTx, process_id: int, step_ids: Iterable[int] | None, why: str) -> int:
         """Crash the running steps ``process_id`` holds (those of ``step_ids``, or all of them and
         its branch claims too); returns how many were handed back."""
         wanted = None if step_ids is None else set(step_ids)
-        held = [HeldStep.from_row(row) for row in t.all(SQL.steps_held_by, {"process_id": process_id})]
-        count = sum(self._crash_step(t, s, process_id, why) for s in held if wanted is None or s.step_id in wanted)
-        # the steps of cancelled runs it held are let go (nothing of theirs runs again, unless revived)
+        # first, the steps of cancelled runs it held are let go (nothing of theirs runs again, unless revived meanwhile:
+        # their runs' locks first, so that a revive is wholly before or after)
         only, params = ("", {"process_id": process_id}) if wanted is None else (
             " AND " + BulkSQL.ids(t.dialect, "ductwork_steps"), {"process_id": process_id, "ids": t.ids(wanted)})
-        count += len(self.unclaim_cancelled(t, "handed back", params, only))
+        self.share_runs_of_steps(t, SQL.UNCLAIMED["handed back"].replace("{only}", only), params)
+        count = len(self.unclaim_cancelled(t, "handed back", params, only))
+        held = [HeldStep.from_row(row) for row in t.all(SQL.steps_held_by, {"process_id": process_id})]
+        count += sum(self._crash_step(t, s, process_id, why) for s in held if wanted is None or s.step_id in wanted)
         if wanted is None:
             for (pipeline,) in set(t.all(SQL.release_branches_of, {"process_id": process_id})):
                 t.notify(CH_ADVANCE, pipeline)
@@ -4041,16 +4132,25 @@ class Engine:
         than ``older_than`` seconds (those given), CANCEL_BATCH per transaction; returns their ids. Returns once
         no step of theirs can start any more (see "Cancelling a run"): the holders of their claimed steps have
         acknowledged, or CANCEL_ACK_TIMEOUT passed and the claims were taken from them."""
-        ids = sorted({int(i) for i in run_ids})
+        ids = sorted({int(i) for i in run_ids if 0 < int(i) <= MAX_ID})
         filters = {name: value for name, value in (("pipeline", pipeline), ("older_than", older_than))
                    if value is not None}
+        if not ids and not filters:
+            if run_ids:   # only ids that cannot name a run
+                return []
+            raise DuctworkError("cancel needs run ids, a pipeline or older_than (it never cancels everything)")
         cancelled: list[int] = []
         told: list[int] = []   # claimed steps of theirs, "cancelling" until their holders answer
-        after = 0
+        with self._tx(write=False) as t:
+            after, upto = 0, int(t.one(SQL.newest_run)[0])
+            if ids:   # a cancel again (after one that failed, or by a second operator) waits for the answers too
+                told += [row[0] for row in t.all(SQL.still_cancelling.replace("{runs}", BulkSQL.ids(t.dialect, "",
+                                                                                                  "run_id")),
+                                                 {"ids": t.ids(ids)})]
         while True:
             with self._tx(write=False) as t:
                 where = "".join(CANCEL_FILTERS[name] for name in filters)
-                params = {**filters, "after": after, "limit": CANCEL_BATCH}
+                params = {**filters, "after": after, "upto": upto, "limit": CANCEL_BATCH}
                 if ids:
                     where += "\n          AND " + BulkSQL.ids(t.dialect, "", "id")
                     params["ids"] = t.ids(ids)
@@ -4058,7 +4158,15 @@ class Engine:
             if not batch:
                 break
             after = batch[-1]
-            done, claimed = _retry_conflicts(lambda b=batch: self._cancel_batch(b, reason))
+            try:
+                done, claimed = _retry_conflicts(lambda b=batch: self._cancel_batch(b, reason), lock_timeouts=True)
+            except DuctworkError:
+                raise
+            except Exception as exc:
+                if "55P03" not in str(exc):
+                    raise
+                raise DuctworkError(f"cancel: a transaction about runs {batch[0]}..{batch[-1]} does not end (a frozen "
+                                    f"process?); {len(cancelled)} run(s) cancelled so far; try again") from None
             cancelled += done
             told += claimed
         self._await_acknowledgements(told)
@@ -4068,20 +4176,32 @@ class Engine:
         """One transaction of cancel(): the runs (sorted ids), their waiting branches and their steps; returns the
         runs cancelled and their claimed steps (cancelling: the holders are told after commit)."""
         with self._tx() as t:
-            if t.dialect == "postgres":   # waits for the commits in flight about these runs (SQL.lock_runs)
-                t.all(SQL.lock_runs, {"class": SQL.RUN_LOCK_CLASS, "ids": t.ids(run_ids)})
+            if t.dialect == "postgres":   # waits for the transactions in flight about these runs (SQL.lock_runs)
+                t.run(SQL.cancel_lock_timeout)
+                self._lock_runs(t, run_ids)
             runs = t.all(SQL.runs_cancelled.replace("{ids}", BulkSQL.ids(t.dialect, "", "id")),
                          {"ids": t.ids(run_ids), "reason": reason})
             if not runs:
                 return [], []
             of_runs = {"ids": t.ids(sorted(run_id for run_id, _ in runs))}
             owned_by = BulkSQL.ids(t.dialect, "", "run_id")
+            steps: list[tuple] = []
+            while True:   # CANCEL_ROWS steps a statement, until none is left queued or running
+                chunk = t.all(SQL.steps_cancelled.replace("{runs}", owned_by), {**of_runs, "limit": CANCEL_ROWS})
+                steps += chunk
+                if len(chunk) < CANCEL_ROWS:
+                    break
+            # (after the steps: a hand-back that queued a branch for the advancer meanwhile is seen)
             t.run(SQL.branches_cancelled.replace("{runs}", owned_by), of_runs)
-            steps = t.all(SQL.steps_cancelled.replace("{runs}", owned_by), of_runs)
             told = [step_id for step_id, status, _ in steps if status == "cancelling"]
             for pipeline in sorted({pipeline for _, status, pipeline in steps if status == "cancelling"}):
                 t.notify(CH_CANCEL, pipeline)
         return [run_id for run_id, _ in runs], told
+
+    @staticmethod
+    def _lock_runs(t: Tx, run_ids: Iterable[int]) -> None:
+        """Postgres: hold these runs' locks exclusively (a cancel, a revive: see SQL.lock_runs)."""
+        t.all(SQL.lock_runs, {"class": SQL.RUN_LOCK_CLASS, "ids": BulkSQL.id_list(t.dialect, run_lock_order(run_ids))})
 
     def _await_acknowledgements(self, told: list[int]) -> None:
         """Wait until the holders of these claimed steps of cancelled runs answered (Runtime.look_for_cancels),
@@ -4097,6 +4217,7 @@ class Engine:
             pause = min(pause * 2, 0.05)
         if told:
             with self._tx() as t:
+                self.share_runs_of_steps(t, "{ids}", {"ids": t.ids(told)})
                 revoked = self.unclaim_cancelled(t, "revoked", {"ids": t.ids(told)})
             if revoked:
                 log.warning("%d claimed step(s) of cancelled runs were not acknowledged by their holders within "
@@ -4108,13 +4229,16 @@ class Engine:
         """halted or cancelled -> in_progress: re-run only what did not complete (failed and cancelled steps,
         with fresh budgets), keep completed work."""
         with self._tx() as t:
+            if t.dialect == "postgres":   # a step of it let go meanwhile is let go wholly before or after this
+                self._lock_runs(t, [run_id])
             if t.run(SQL.run_reopened, {"id": run_id}) != 1:
                 return False
             for branch_id, parent_id in t.all(SQL.halted_leaves, {"run_id": run_id}):
                 self._reopen_leaf(t, branch_id)
                 self._reopen_ancestors(t, parent_id)
-            t.run(SQL.branches_uncancelled, {"run_id": run_id})
             t.run(SQL.steps_uncancelled, {"run_id": run_id})
+            for (branch_id,) in t.all(SQL.cancelled_branches, {"run_id": run_id}):
+                self._reopen_leaf(t, branch_id)   # (its step failed meanwhile: it runs again, as a halted one's)
             pipeline = RunRow.from_row(t.one(SQL.select_run, {"id": run_id})).pipeline
             t.notify(CH_JOBS, pipeline)
             t.notify(CH_ADVANCE, pipeline)
@@ -5111,6 +5235,9 @@ class Runtime:
     def run_step(self, c: JobClaim) -> StepResult | None:
         """Execute one claimed step; None when it was handed back instead (machinery failure), or must not start
         (its run was cancelled: look_for_cancels let it go)."""
+        if time.monotonic() - c.confirmed > CANCEL_LEASE and not self._still_held(c):
+            self._untrack([c])   # (a cancel took it while this process could not answer: it must not start)
+            return None
         with self.in_flight_lock:   # (look_for_cancels decides under this lock: started, or dropped)
             if c.dropped:
                 self.in_flight.pop(c.step_id, None)
@@ -5144,7 +5271,35 @@ class Runtime:
             return self._failure(c, fn, value, error)
         return StepResult(c, True, value)
 
+    def _still_held(self, c: JobClaim) -> bool:
+        """A claim that waited longer than CANCEL_LEASE to start (this process was frozen or busy; a cancel may
+        have taken it without an answer): is it still this one's? One primary-key read; False on any error."""
+        looked = time.monotonic()
+        try:
+            with self.store.tx(write=False) as t:
+                held = t.one(SQL.claim_still_held, {"id": c.step_id, "token": c.token}) is not None
+        except Exception as exc:   # (DatabaseUnavailable too: it could not commit anyway)
+            log.info("step %s not started: its claim could not be checked (%s)", c.name, first_line(exc),
+                     extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
+            return False
+        if held:
+            c.confirmed = looked
+        else:
+            log.info("step %s not started: its claim was taken while it waited (its run was cancelled)", c.name,
+                     extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
+        return held
+
     def _failure(self, c: JobClaim, fn: Any, text: str, error: BaseException) -> StepResult:
+        """What follows a failed attempt (_classify_failure); an error in classifying it (a hostile exception
+        class: an __instancecheck__ that raises, a RetryAfter without seconds) makes it a plain failure, which
+        the config's retry budget and delay follow."""
+        try:
+            return self._classify_failure(c, fn, text, error)
+        except BaseException:  # noqa: B036 - whatever the step's error class does, the attempt is a failure
+            self.inert_if_forked(1)
+            return StepResult(c, False, text)
+
+    def _classify_failure(self, c: JobClaim, fn: Any, text: str, error: BaseException) -> StepResult:
         """A failed attempt and what follows it: failed at once (corrupt input, NonRetryable, an error its retry
         policy gives up on), or retried after the delay that RetryAfter or the policy says (None: the config's)."""
         if isinstance(error, _CorruptInput):
@@ -5154,7 +5309,10 @@ class Runtime:
         policy = retry_policy(fn)
         budget = None if policy is None else policy.max
         if isinstance(error, RetryAfter):
-            return StepResult(c, False, text, delay=error.seconds, max_retry=budget)
+            seconds = error.seconds   # (checked again: a subclass or a caller may have changed it)
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= MAX_DURATION:
+                raise ValueError(f"RetryAfter.seconds {seconds!r} is not a number of seconds")
+            return StepResult(c, False, text, delay=float(seconds), max_retry=budget)
         if policy is None:
             return StepResult(c, False, text)
         if not policy.retries(error):
@@ -5187,7 +5345,11 @@ class Runtime:
                 raise StepOutputError(
                     f"step {c.name} returned a non-JSON value of type {type(result).__name__}") from None
         except BaseException as exc:  # noqa: B036 - whatever a step raises is a failed attempt, never a dead thread
-            self.inert_if_forked(exc.code if isinstance(exc, SystemExit) else 1)
+            try:
+                code = exc.code if isinstance(exc, SystemExit) else 1
+            except BaseException:  # noqa: B036 - an exception whose __class__ raises: still just a failure
+                code = 1
+            self.inert_if_forked(code)
             return False, step_error_text(exc), exc
         finally:
             _CURRENT.step = None
@@ -5373,30 +5535,38 @@ class Runtime:
         if not held:
             return 0
         mine = {"process_id": self.process_id}
+        looked = time.monotonic()
         with self.store.tx(write=False) as t:
-            found = [row[0] for row in t.all(SQL.cancelled_claims.replace("{ids}", BulkSQL.ids(t.dialect, "")),
-                                             {**mine, "ids": BulkSQL.id_list(t.dialect, held)})]
-        if not found:
-            return 0
-        running, dropped = [], []
+            found = dict(t.all(SQL.cancelled_claims.replace("{ids}", BulkSQL.ids(t.dialect, "")),
+                               {"ids": BulkSQL.id_list(t.dialect, held)}))
+        running, dropped, answer = [], [], []   # answer: those still waiting for this process's answer
         with self.in_flight_lock:
-            for step_id in found:
-                entry = self.in_flight.get(step_id)
-                if entry is None:    # committed or given back meanwhile
+            for step_id, (claim, started) in self.in_flight.items():
+                if step_id not in found:
+                    if step_id in held:   # still its own as of the look
+                        claim.confirmed = max(claim.confirmed, looked)
                     continue
-                claim, started = entry
                 if started:
                     claim.stop_requested = True
                     running.append(step_id)
                 else:
                     claim.dropped = True
                     dropped.append(step_id)
-        with self.store.tx() as t:
-            if running:
-                t.run(SQL.claims_stopping.replace("{ids}", BulkSQL.ids(t.dialect, "")),
-                      {**mine, "ids": BulkSQL.id_list(t.dialect, running)})
-            if dropped:
-                self.engine.unclaim_cancelled(t, "acknowledged", {**mine, "ids": BulkSQL.id_list(t.dialect, dropped)})
+                if found[step_id] == "cancelling":   # (cancelled: taken already, nobody waits for an answer)
+                    answer.append(step_id)
+        if not found:
+            return 0
+        if answer:
+            with self.store.tx() as t:
+                self.engine.share_runs_of_steps(t, "{ids}", {"ids": BulkSQL.id_list(t.dialect, answer)})
+                stopping = [step_id for step_id in answer if step_id in running]
+                if stopping:
+                    t.run(SQL.claims_stopping.replace("{ids}", BulkSQL.ids(t.dialect, "")),
+                          {**mine, "ids": BulkSQL.id_list(t.dialect, stopping)})
+                let_go = [step_id for step_id in answer if step_id in dropped]
+                if let_go:
+                    self.engine.unclaim_cancelled(t, "acknowledged",
+                                                  {**mine, "ids": BulkSQL.id_list(t.dialect, let_go)})
         log.info("cancelled: %d step(s) of cancelled runs stopping, %d not started dropped", len(running),
                  len(dropped))
         return len(running) + len(dropped)

@@ -72,19 +72,29 @@ def throughput(url: str, steps: int, threads: int) -> float:
     return steps / elapsed
 
 
+def without_run_locks(patched: bool) -> None:
+    """Take the run locks out of the commit path (its first statement's, and the statement of their own that a
+    commit without a success takes), or put them back."""
+    ductwork.BulkSQL.SHARE_RUNS["postgres"] = "" if patched else SHARE_RUNS
+    ductwork.Engine._share_runs = staticmethod(lambda t, run_ids: None) if patched else SHARE_STATEMENT
+    ductwork.BulkSQL.steps_succeeded.cache_clear()
+
+
+SHARE_RUNS = ductwork.BulkSQL.SHARE_RUNS["postgres"]
+SHARE_STATEMENT = ductwork.Engine.__dict__["_share_runs"]   # (the staticmethod itself)
+
+
 def lock_cost(kind: str, steps: int, repeat: int) -> list[list[str]]:
-    """The commit path with the run lock (Engine._share_runs) and with it taken out, alternating."""
+    """The commit path with the run locks and with them taken out, alternating."""
     with_lock, without = [], []
-    original = ductwork.Engine.__dict__["_share_runs"]   # (the staticmethod itself)
     for _ in range(repeat):
         for patched, into in ((False, with_lock), (True, without)):
             db = Database(kind)
             try:
-                if patched:
-                    ductwork.Engine._share_runs = staticmethod(lambda t, run_ids: None)
+                without_run_locks(patched)
                 into.append(throughput(db.url, steps, 8))
             finally:
-                ductwork.Engine._share_runs = original
+                without_run_locks(False)
                 db.drop()
     record(f"ductwork ({kind})", "quick steps per s with the cancel lock", with_lock)
     ratio = statistics.median(with_lock) / statistics.median(without)

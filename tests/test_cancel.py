@@ -269,8 +269,77 @@ def test_claims_nobody_answers_for_are_taken_after_the_timeout(engine, monkeypat
         committed = runtime.engine.commit([ductwork.StepResult(claim, True, "1")])
         assert committed.accepted == [False] and not committed.discarded   # the claim is gone
         assert executions(engine, run.id) == []
+        # the frozen holder wakes up: a claim that waited past CANCEL_LEASE is checked before it starts
+        other = CtlSolo.trigger(2)
+        [late] = runtime.engine.claim_steps("CtlSolo", runtime.process_id, 1)
+        assert other.cancel() is True   # (nobody answers: taken after the timeout)
+        runtime._track([late])
+        late.confirmed -= ductwork.CANCEL_LEASE + 1
+        assert runtime.run_step(late) is None and STOPPED == []
+        assert executions(engine, other.id) == [] and step_statuses(engine, other.id) == {"cancelled": 1}
     finally:
         runtime._unregister()
+
+
+def test_a_revive_while_a_discarded_result_commits_leaves_the_step_queued(engine, monkeypatch):
+    """The review's race (Postgres): the holder's late commit discards its stopping step while revive() runs;
+    whichever is first, the revived run's step ends queued (not cancelled in a run in progress, stalled)."""
+    run = CtlSolo.trigger(1)
+    [claim] = engine.claim_steps("CtlSolo", 4242, 1)
+    claim.mark_started()
+
+    def answer():   # the holder answers as for a running step
+        wait_until(lambda: step_statuses(engine, run.id) == {"cancelling": 1}, 10, what="the step told")
+        with engine.store.tx() as t:
+            t.run("UPDATE ductwork_steps SET status = 'stopping' WHERE id = :i AND status = 'cancelling'",
+                  {"i": claim.step_id})
+    answering = threading.Thread(target=answer)
+    answering.start()
+    assert run.cancel() is True
+    answering.join()
+    original = ductwork.Engine._record_executions
+    recorded = threading.Event()
+
+    def slow_record(self, t, results, discarded=()):   # the commit goes on after its discard (as a longer one does)
+        original(self, t, results, discarded)
+        recorded.set()
+        time.sleep(0.5)
+    monkeypatch.setattr(ductwork.Engine, "_record_executions", slow_record)
+    out: list = []
+    committing = threading.Thread(target=lambda: out.append(engine.commit([ductwork.StepResult(claim, True, "1")])))
+    committing.start()
+    assert recorded.wait(10)
+    assert run.revive() is True
+    committing.join(10)
+    assert out[0].discarded == {claim.step_id}
+    assert ductwork.Run.get(run.id).status == "in_progress" and step_statuses(engine, run.id) == {"queued": 1}
+
+
+def test_revive_reruns_a_failed_step_of_a_branch_the_cancel_took_from_the_advancer(engine):
+    """A branch queued for the advancer with a failed step (its crash budget spent) when its run was cancelled:
+    revive() runs the step again, as for a halted run, instead of letting the advancer halt the run at once."""
+    config = ductwork.load_config(data={**FAST, "job_worker": {**FAST["job_worker"], "max_crash": 0}},
+                                  overrides={"database_url": engine.store.url})
+    crashing = ductwork.Engine(engine.store, config)
+    run = CtlSolo.trigger(1)
+    crashing.claim_steps("CtlSolo", 31, 1)
+    assert crashing.hand_back(31, None, "killed") == 1   # failed for good, its branch waits for the advancer
+    assert step_statuses(engine, run.id) == {"failed": 1}
+    assert run.cancel() is True
+    assert run.revive() is True
+    assert step_statuses(engine, run.id) == {"queued": 1}
+    with engine.store.tx(write=False) as t:
+        assert t.all("SELECT status FROM ductwork_branches WHERE run_id = :r", {"r": run.id}) == [("running",)]
+
+
+def test_a_fan_out_bigger_than_a_statement_is_cancelled_whole(engine, monkeypatch):
+    monkeypatch.setattr(ductwork, "CANCEL_ROWS", 700)
+    run = CtlBriefFan.trigger(2000)
+    [claim] = engine.claim_steps("CtlBriefFan", 55, 1)
+    assert engine.commit([ductwork.StepResult(claim, True, json.dumps(list(range(2000))))]).accepted == [True]
+    assert step_statuses(engine, run.id) == {"succeeded": 1, "queued": 2000}
+    assert run.cancel() is True
+    assert step_statuses(engine, run.id) == {"succeeded": 1, "cancelled": 2000}
 
 
 @pytest.mark.parametrize("db_url", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),

@@ -60,6 +60,42 @@ def ok(x):
     return x
 
 
+class Sly(Exception):
+    @property
+    def __class__(self):   # isinstance() falls back to __class__ when the type check fails
+        raise RuntimeError("no class for you")
+
+
+class Hostile(type):
+    def __instancecheck__(cls, obj):
+        raise SystemExit(3)
+
+
+class GiveUp(Exception, metaclass=Hostile):
+    pass
+
+
+class LazyRetryAfter(ductwork.RetryAfter):
+    def __init__(self):   # forgets super().__init__: no seconds
+        Exception.__init__(self, "lazy")
+
+
+@ductwork.step(retry=ductwork.Retry(max=1, delay=0, give_up_on=GiveUp))
+def hostile(kind):
+    CALLS["hostile", kind] += 1
+    if kind == "nan":
+        error = ductwork.RetryAfter(1)
+        error.seconds = float("nan")
+        raise error
+    raise {"sly": Sly("sly"), "meta": RuntimeError("meta"), "lazy": LazyRetryAfter()}[kind]
+
+
+class PolHostile(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(hostile)
+
+
 class PolFlaky(ductwork.Pipeline):
     @staticmethod
     def define(p):
@@ -246,3 +282,14 @@ def test_on_complete_fires_once_per_completed_run(engine, start_runtime):
     assert sorted(COMPLETED) == sorted([("PolDone", runs[0].id, "completed", [1, 2, 3]),
                                         ("PolDone", runs[1].id, "completed", [4])])
     assert sum("on_complete handler explode of PolDone raised" in m for m in records.messages) == 2
+
+
+@pytest.mark.parametrize("kind", ["sly", "meta", "lazy", "nan"])
+def test_hostile_errors_are_plain_failures_not_crashes(engine, start_runtime, kind):
+    """An error class that raises in isinstance(), a RetryAfter without (or with NaN) seconds: a failed attempt
+    (the config's budget: max_retry 1), never a worker error spending the crash budget."""
+    start_runtime(["PolHostile"], job_worker={"max_retry": 1, "retry_delay": 0, "max_crash": 1})
+    run = PolHostile.trigger(kind)
+    assert run.wait(timeout=30) == "halted" and run.halt_reasons == ["job_retries_exhausted"]
+    [step] = run.steps
+    assert (step.attempts, step.crashes) == (2, 0) and CALLS["hostile", kind] == 2
