@@ -5034,6 +5034,73 @@ class Outage:
                 raise DatabaseUnavailable("gave up waiting for the database")
 
 
+class SystemdNotifier:
+    """sd_notify(3) without libsystemd, for ``Type=notify`` units: datagrams to ``$NOTIFY_SOCKET`` (a path, or
+    ``@name`` in the abstract namespace) saying READY=1, STATUS=..., STOPPING=1, RELOADING=1, and WATCHDOG=1 at
+    half of ``$WATCHDOG_USEC`` (when ``$WATCHDOG_PID`` is unset or names this process). Taking the variables out
+    of the environment keeps the forked children from speaking for the service (``NotifyAccess=main``). Without
+    ``NOTIFY_SOCKET`` every method does nothing; a send that fails is dropped (systemd is only told, never
+    waited for)."""
+
+    def __init__(self, environ: dict | None = None):
+        env = os.environ if environ is None else environ
+        address = env.pop("NOTIFY_SOCKET", "") or ""
+        usec, watchdog_pid = env.pop("WATCHDOG_USEC", ""), env.pop("WATCHDOG_PID", "")
+        self.address = ("\0" + address[1:]) if address.startswith("@") else address
+        self.watchdog: float | None = None   # seconds between WATCHDOG=1
+        if self.address and usec.isdigit() and int(usec) > 0 and watchdog_pid in ("", str(os.getpid())):
+            self.watchdog = int(usec) / 1e6 / 2
+        self.next_ping = 0.0
+        self.status_text = ""
+        self.sock: Any = None
+
+    def send(self, *fields: str) -> None:
+        """One datagram of ``KEY=value`` lines."""
+        if not self.address:
+            return
+        import socket
+        try:
+            if self.sock is None:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self.sock.setblocking(False)
+            self.sock.sendto("\n".join(fields).encode(), self.address)
+        except OSError as exc:
+            log.debug("systemd notify: %s", exc)
+
+    def ready(self, status: str) -> None:
+        self.status_text = status
+        self.send("READY=1", f"STATUS={status}")
+
+    def status(self, text: str) -> None:
+        """A STATUS= line, sent when it changed."""
+        if text != self.status_text:
+            self.status_text = text
+            self.send(f"STATUS={text}")
+
+    def reloading(self) -> None:
+        self.send("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}",
+                  "STATUS=reloading: restarting the children")
+
+    def stopping(self, why: str) -> None:
+        self.send("STOPPING=1", f"STATUS=stopping: {why}")
+
+    def ping(self) -> None:
+        """WATCHDOG=1 when due (the main loop calls this every turn)."""
+        if self.watchdog is not None and time.monotonic() >= self.next_ping:
+            self.next_ping = time.monotonic() + self.watchdog
+            self.send("WATCHDOG=1")
+
+    def until_ping(self) -> float:
+        """Seconds until the next WATCHDOG=1 is due (the main loop sleeps no longer); infinity without one."""
+        return float("inf") if self.watchdog is None else max(0.0, self.next_ping - time.monotonic())
+
+    def close(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.sock = None
+
+
 class Runtime:
     """One process's job worker and/or advancer threads plus its heartbeat/reaper thread.
 
@@ -5077,6 +5144,7 @@ class Runtime:
         self.machine = machine_identifier()
         self.proof = LocalProof.of(self.machine, self.store.info)
         self.reaped_row = 0   # the row id last found reaped (logged once, however often registering fails)
+        self.systemd = SystemdNotifier()   # a foreground role under systemd (a forked child finds no socket)
 
     # -- process row -------------------------------------------------------------------
     @property
@@ -5737,6 +5805,7 @@ class Runtime:
         self.start_threads()
         self.booted.set()
         self._report(PIPE_READY, str(self.process_id))   # booted only now: every thread runs
+        self.systemd.ready(self.status_line())
         log.info("%s started (pid %d, row %d) for %s", self.row_role, os.getpid(), self.process_id,
                  ", ".join(sorted(set(self.pipelines) | set(self.worker_pipelines))) or "no pipelines")
         if self.report_fd is None:  # foreground: no supervisor to state the drain arithmetic
@@ -5832,15 +5901,17 @@ class Runtime:
         """The main thread: report alive each tick, drain when the supervisor is gone, act on recorded signals."""
         tick = min(1.0, float(self.config.get("supervisor.heartbeat_interval")))
         while True:
-            self._report(PIPE_ALIVE)
+            self._report(PIPE_ALIVE, str(len(self.in_flight)))
             self.proof.touch(self.row_role)
+            self.systemd.ping()
+            self.systemd.status(self.status_line())
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("supervisor (pid %d) is gone; draining", self.parent_pid)
                 return self.drain()
             if self.store.fatal is not None:   # nothing more may be done (the Store said why, or says it now)
                 return self.stop_fatal(self.store.fatal)
             try:
-                signum = self.signals.get(timeout=tick)
+                signum = self.signals.get(timeout=min(tick, self.systemd.until_ping()))
             except queue.Empty:
                 continue
             if signum in (signal.SIGTERM, signal.SIGINT):
@@ -5850,9 +5921,15 @@ class Runtime:
             if signum == signal.SIGTTIN:
                 dump_threads(self.row_role)
 
+    def status_line(self) -> str:
+        """What systemd's STATUS= says of this process."""
+        pipelines = ", ".join(sorted(set(self.pipelines) | set(self.worker_pipelines))) or "no pipelines"
+        return f"{self.row_role} for {pipelines}: {len(self.in_flight)} step(s) in flight"
+
     def drain(self) -> int:
         """Stop claiming, give in-flight steps the drain budget, hand back the rest, exit."""
         started = time.monotonic()
+        self.systemd.stopping(f"draining {len(self.in_flight)} step(s) in flight")
         self.stopping.set()
         self.wakeups.all()
         deadline = started + float(self.config.get(self.spec.shutdown_timeout))
@@ -5877,6 +5954,7 @@ class Runtime:
 
     def quit(self) -> int:
         """QUIT: stop claiming, hand every in-flight step back at once, exit."""
+        self.systemd.stopping("quit: handing the steps in flight back")
         self.stopping.set()
         handed = self._hand_back_in_flight("quit")
         self.dead.set()
@@ -5995,6 +6073,7 @@ class Child:
     buffer: bytes = b""           # a partial line read from its pipe
     killed_for: str = ""          # why the supervisor killed it, if it did
     retiring: bool = False        # an old generation's child, draining after a HUP
+    in_flight: int = 0            # steps in flight, as its last PIPE_ALIVE said (systemd's STATUS=)
 
 
 class Supervisor:
@@ -6024,6 +6103,9 @@ class Supervisor:
         self.stopping_since: float | None = None
         self.exit_code = EXIT_OK
         self.next_heartbeat = 0.0
+        # systemd (Type=notify): taken from the environment before any fork; READY=1 once every child booted
+        self.systemd = SystemdNotifier()
+        self.ready_sent = False
 
     # -- entry point --------------------------------------------------------------------
     def run(self) -> int:
@@ -6079,11 +6161,31 @@ class Supervisor:
         else:
             self.enforce_shutdown_deadline()
         self.maybe_heartbeat()
+        self.tell_systemd()
+
+    def tell_systemd(self) -> None:
+        """Each turn: WATCHDOG=1 when due, READY=1 once every child of this generation booted, STATUS= when it
+        changed."""
+        self.systemd.ping()
+        current = [c for c in self.children.values() if not c.retiring]
+        ready = sum(c.ready for c in current)
+        if self.stopping_since is None and not self.ready_sent and ready == len(self.specs):
+            self.ready_sent = True
+            self.systemd.ready(self.status_line(ready))
+        elif self.ready_sent:
+            self.systemd.status(self.status_line(ready))
+
+    def status_line(self, ready: int) -> str:
+        """What systemd's STATUS= says of the deployment."""
+        in_flight = sum(c.in_flight for c in self.children.values())
+        restarts = sum(s.restarts for s in self.specs)
+        return (f"{ready}/{len(self.specs)} children ready, {in_flight} step(s) in flight, "
+                f"{restarts} restart(s)")
 
     def next_timeout(self) -> float:
         """How long the loop may sleep: until the next heartbeat, due start or polling timeout."""
         now = time.monotonic()
-        timeout = float(self.config.get("supervisor.polling_timeout"))
+        timeout = min(float(self.config.get("supervisor.polling_timeout")), self.systemd.until_ping())
         pending = [s.next_start for s in self.specs if not self._running(s) and s.next_start > now]
         if pending and self.stopping_since is None:
             timeout = min(timeout, max(0.0, min(pending) - now))
@@ -6153,12 +6255,14 @@ class Supervisor:
                  self.config.get("supervisor.shutdown_timeout"))
         self.stopping_since = time.monotonic()
         self.exit_code = max(self.exit_code, code)
+        self.systemd.stopping(f"draining {len(self.children)} child(ren) ({why})")
         self.signal_children(signal.SIGTERM)
 
     def quit_now(self) -> None:
         """QUIT or a second TERM: SIGKILL every child, hand its work back, exit."""
         if self.stopping_since is None:
             self.stopping_since = time.monotonic()
+            self.systemd.stopping("quit: killing the children")
         for child in list(self.children.values()):
             child.killed_for = "quit"
             with contextlib.suppress(ProcessLookupError):
@@ -6188,6 +6292,8 @@ class Supervisor:
         old = list(self.children.values())
         for child in old:
             child.retiring = True
+        self.systemd.reloading()   # READY=1 again once the new children booted (tell_systemd)
+        self.ready_sent = False
         for spec in self.specs:
             self.spawn(spec)
         for child in old:
@@ -6283,6 +6389,8 @@ class Supervisor:
             kind, text = pipe_decode(line)
             if kind == PIPE_READY:
                 child.ready, child.row_id = True, int(text)
+            elif kind == PIPE_ALIVE and text.isdigit():
+                child.in_flight = int(text)
             elif kind == PIPE_ERROR:
                 child.spec.last_error = text
 

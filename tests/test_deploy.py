@@ -597,3 +597,43 @@ def test_systemd_unit_runs_reloads_and_stops_the_supervisor(db_url, tmp_path):
             os.killpg(pid, 0)                         # no child left behind in its process group
     finally:
         proc.close()
+
+
+# -- the systemd unit: notify, watchdog, restarts, hardening ---------------------------------------
+UNIT_SECURITY_LIMIT = 2.0   # systemd-analyze security's "overall exposure level" the unit stays within
+
+
+def systemd_analyze() -> str:
+    """The path of systemd-analyze, or a skip that says why there is none."""
+    found = shutil.which("systemd-analyze")
+    if found is None:
+        pytest.skip("systemd-analyze is not installed here (Debian package systemd): the unit is not analysed")
+    return found
+
+
+def test_systemd_unit_is_notify_with_a_watchdog_and_does_not_restart_a_configuration_error():
+    service = read_unit()[0]["Service"]
+    assert (service["Type"], service["NotifyAccess"]) == ("notify", "main")
+    config = ductwork.load_config(str(ROOT / "examples" / "config" / "ductwork.yml"),
+                                  environ={"DUCTWORK_ENV": "production"})
+    # the main loop pings at half of WatchdogSec and never sleeps longer than its polling timeout
+    assert duration(service["WatchdogSec"]) >= 4 * float(config.get("supervisor.polling_timeout"))
+    assert "2" in service["RestartPreventExitStatus"].split() and service["Restart"] == "on-failure"
+    assert service["KillMode"] == "mixed" and service["KillSignal"] == "SIGTERM"
+    drain = ductwork.drain_arithmetic(config, ductwork.ROLE_MODES["supervisor"])
+    assert duration(service["TimeoutStopSec"]) >= drain.grace
+    assert read_unit()[1]["TMPDIR"] == "/run/ductwork" and service["RuntimeDirectory"] == "ductwork"
+
+
+def test_systemd_analyze_verifies_the_unit_and_scores_its_security(tmp_path):
+    analyze = systemd_analyze()
+    unit = tmp_path / "ductwork.service"   # the venv's python as it would be on the server: this one
+    unit.write_text(UNIT.read_text().replace("/srv/myapp/.venv/bin/python", sys.executable))
+    verify = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    complaints = [line for line in (verify.stdout + verify.stderr).splitlines() if "ductwork.service" in line]
+    assert verify.returncode == 0 and complaints == [], verify.stdout + verify.stderr
+    security = subprocess.run([analyze, "security", "--offline=true", str(unit)], capture_output=True, text=True,
+                              timeout=60)
+    score = re.search(r"Overall exposure level for ductwork\.service: ([\d.]+)", security.stdout)
+    assert score, security.stdout[-2000:] + security.stderr
+    assert float(score.group(1)) <= UNIT_SECURITY_LIMIT, security.stdout
