@@ -63,7 +63,7 @@ __all__ = [
     "Step", "Pipeline", "Run", "StepRecord", "RunContext", "StepContext",
     "DuctworkError", "DefinitionError", "ConfigError", "ContextError", "StepOutputError",
     "configure", "validate", "current_step", "healthy", "migrate", "main", "cancel", "Retry", "step",
-    "NonRetryable", "RetryAfter",
+    "NonRetryable", "RetryAfter", "StepTimeout",
     "on_supervisor_start", "on_supervisor_stop", "on_advancer_start", "on_advancer_stop",
     "on_worker_start", "on_worker_stop", "__version__",
 ]
@@ -107,6 +107,11 @@ class RetryAfter(Exception):  # noqa: N818 - the name users know (Inngest's Retr
             raise ValueError(f"RetryAfter needs seconds from 0 to {MAX_DURATION}, got {seconds!r}")
         self.seconds = float(seconds)
         super().__init__(message or f"retry after {self.seconds:g}s")
+
+
+class StepTimeout(Exception):  # noqa: N818 - the error class SPEC §15 names
+    """The error of an attempt still running at its step's deadline (``timeout``): recorded at the deadline,
+    retried as the step's retry policy says."""
 
 
 class FaultInjected(DuctworkError):
@@ -398,6 +403,8 @@ SCHEMA: dict[str, Any] = {
         "max_crash": _Override(_number(0, integer=True), 10),
         "polling_timeout": _Override(_number(0.001), 1, per_step=False),
         "shutdown_timeout": (_number(0), 20),
+        # seconds an attempt may run (-1: no limit); a step's own ``timeout`` wins
+        "timeout": _Override(_number(0.001, allow=(-1,)), -1),
     },
     "pipeline_advancer": {
         "count": _Override(_thread_count, 1, per_step=False),
@@ -1767,16 +1774,23 @@ class Step:
         policy = cls.__dict__.get("retry")
         if policy is not None and not isinstance(policy, Retry):
             raise DefinitionError(f"step {cls.__name__}: retry must be a ductwork.Retry, got {policy!r}")
+        _check_timeout(f"step {cls.__name__}", cls.__dict__.get("timeout"))
 
     def execute(self, *args: Any) -> Any:  # pragma: no cover - always overridden
         raise NotImplementedError(f"{type(self).__name__}.execute is not implemented")
 
     @property
     def should_stop(self) -> bool:
-        """True once the step should stop early: its run was cancelled (what it returns is discarded). A long
-        step looks at it now and then; it turns true within about a second of the cancel."""
+        """True once the step should stop early: its run was cancelled (within about a second of the cancel), or
+        its deadline passed. What it returns then is discarded (cancel) or a failed attempt (StepTimeout)."""
         claim = getattr(self, "_ductwork_claim", None)
-        return bool(claim is not None and claim.stop_requested)
+        return bool(claim is not None and claim.should_stop)
+
+    @property
+    def deadline(self) -> float | None:
+        """When this attempt times out (epoch seconds), None without a timeout."""
+        claim = getattr(self, "_ductwork_claim", None)
+        return None if claim is None else claim.deadline
 
 
 def _exception_classes(name: str, value: Any) -> tuple[type[BaseException], ...]:
@@ -1844,6 +1858,16 @@ class Retry:
         return delay * random.uniform(1 - self.jitter, 1 + self.jitter) if self.jitter else delay
 
 
+def step_timeout(step: Any, config: Config, pipeline: str, name: str) -> float | None:
+    """Seconds an attempt of ``step`` may run: its own ``timeout`` (class attribute or ``@ductwork.step``), else
+    the config's job_worker.timeout for it; None for no limit."""
+    own = getattr(step, "timeout", None)
+    if isinstance(own, (int, float)) and not isinstance(own, bool) and own > 0:
+        return float(own)
+    configured = float(config.get("job_worker.timeout", pipeline, name))
+    return None if configured < 0 else configured
+
+
 def retry_policy(step: Any) -> Retry | None:
     """The Retry policy a step sets (class attribute, or ``@ductwork.step(retry=...)``), None for the config's."""
     policy = getattr(step, "retry", None)
@@ -1851,15 +1875,22 @@ def retry_policy(step: Any) -> Retry | None:
 
 
 # @ductwork.step's options that later issues fill in (SPEC §15, §17): rejected until then.
-STEP_OPTIONS_TO_COME = {"timeout": "step timeouts (SPEC §15)", "concurrency": "concurrency caps (SPEC §17)",
-                        "concurrency_key": "concurrency caps (SPEC §17)"}
+STEP_OPTIONS_TO_COME = {"concurrency": "concurrency caps (SPEC §17)", "concurrency_key": "concurrency caps (SPEC §17)"}
+
+
+def _check_timeout(where: str, value: Any) -> None:
+    """A step's ``timeout``: seconds above 0 (None: the config's job_worker.timeout)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not 0 < value <= MAX_DURATION):
+        raise DefinitionError(f"{where}: timeout must be seconds above 0 (at most {MAX_DURATION}), got {value!r}")
 
 
 def step(fn: Callable | None = None, *, retry: Retry | None = None, timeout: float | None = None,
          concurrency: int | None = None, concurrency_key: Callable | None = None) -> Any:
     """Options for a function step: ``@ductwork.step(retry=ductwork.Retry(max=5, backoff=2))`` (also bare:
     ``@ductwork.step``). The function is returned as it is, carrying them (a Step class sets class attributes)."""
-    given = {"timeout": timeout, "concurrency": concurrency, "concurrency_key": concurrency_key}
+    _check_timeout("@ductwork.step", timeout)
+    given = {"concurrency": concurrency, "concurrency_key": concurrency_key}
     for name, value in given.items():
         if value is not None:
             raise DefinitionError(f"@ductwork.step({name}=...) is not supported yet: it comes with "
@@ -1871,11 +1902,12 @@ def step(fn: Callable | None = None, *, retry: Retry | None = None, timeout: flo
         if inspect.isclass(f) or not callable(f):
             raise DefinitionError(f"@ductwork.step decorates a function step, not {f!r} (a Step class sets "
                                   "class attributes: retry = ductwork.Retry(...))")
-        if retry is not None:
-            try:
-                f.retry = retry  # type: ignore[attr-defined]
-            except (AttributeError, TypeError):   # a builtin, a bound method: nowhere to keep it
-                raise DefinitionError(f"@ductwork.step(retry=...) needs a plain function, not {f!r}") from None
+        for name, value in (("retry", retry), ("timeout", timeout)):
+            if value is not None:
+                try:
+                    setattr(f, name, value)
+                except (AttributeError, TypeError):   # a builtin, a bound method: nowhere to keep it
+                    raise DefinitionError(f"@ductwork.step({name}=...) needs a plain function, not {f!r}") from None
         return f
     return decorate if fn is None else decorate(fn)
 
@@ -2238,6 +2270,16 @@ class JobClaim(_Row):
     dropped: bool = False
     stop_requested: bool = False
     confirmed: float = 0.0   # time.monotonic() when it was last known to be this claimer's (claim, a look)
+    timeout: float | None = None    # its step's timeout, seconds (None: none)
+    deadline: float | None = None   # its attempt's timeout, epoch seconds (self.deadline), None for none
+    expires: float | None = None    # ... on the monotonic clock (the timekeeper's)
+    timed_out: bool = False          # past its deadline: a StepTimeout failure is (being) committed for it
+    returned: bool = False           # its step returned before its deadline: its own result counts
+
+    @property
+    def should_stop(self) -> bool:
+        """Cancelled (stop_requested) or past its deadline."""
+        return self.stop_requested or (self.expires is not None and time.monotonic() >= self.expires)
 
     @property
     def attempt(self) -> int:
@@ -4331,8 +4373,13 @@ class StepContext:
 
     @property
     def should_stop(self) -> bool:
-        """True once the step should stop early: its run was cancelled (what it returns is discarded)."""
-        return bool(self.claim is not None and self.claim.stop_requested)
+        """True once the step should stop early: its run was cancelled, or its deadline passed."""
+        return bool(self.claim is not None and self.claim.should_stop)
+
+    @property
+    def deadline(self) -> float | None:
+        """When this attempt times out (epoch seconds), None without a timeout."""
+        return None if self.claim is None else self.claim.deadline
 
 
 _CURRENT = threading.local()
@@ -4781,7 +4828,8 @@ class LocalWakeups:
 
 # The threads a drain does not wait for: they run until the process is dead, serving the others (the look for
 # cancelled steps too: a step may be cancelled while the process drains).
-SERVICE_THREADS = ("heartbeat.0", "listener.0", "cancels.0")
+SERVICE_THREADS = ("heartbeat.0", "listener.0", "cancels.0", "timekeeper.0")
+ABANDONED: Any = object()   # run_step's answer when its step overran its deadline and the timekeeper failed it
 MAX_BATCH = 16          # most steps a worker thread claims at once (only while steps are quick)
 QUICK_STEP = 0.005      # a step faster than this lets the batch grow
 QUICK_COMMIT = 0.02     # a finished result waits at most this long for its batch before committing
@@ -5145,6 +5193,12 @@ class Runtime:
         self.proof = LocalProof.of(self.machine, self.store.info)
         self.reaped_row = 0   # the row id last found reaped (logged once, however often registering fails)
         self.systemd = SystemdNotifier()   # a foreground role under systemd (a forked child finds no socket)
+        # step timeouts (SPEC §15): the running steps with a deadline, the timekeeper that fails them at it, and
+        # the worker threads left behind by steps that ignored it (each replaced at once: see expire_deadlines)
+        self.deadlines: dict[int, tuple[JobClaim, Any, int]] = {}   # step id -> (claim, step, thread ident)
+        self.timekeeper_wake = threading.Event()
+        self.abandoned: set[int] = set()
+        self.timeouts: dict[tuple[str, str], float | None] = {}    # (pipeline, step) -> seconds (step_timeout)
 
     # -- process row -------------------------------------------------------------------
     @property
@@ -5178,6 +5232,7 @@ class Runtime:
         plan.append((f"ductwork.{self.row_role}.heartbeat.0", self.heartbeat_loop, None))
         if self.spec.workers:
             plan.append((f"ductwork.{self.row_role}.cancels.0", self.cancel_watch_loop, None))
+            plan.append((f"ductwork.{self.row_role}.timekeeper.0", self.timekeeper_loop, None))
         if self.spec.advancers:   # (with every status kept forever it still rolls the counts up, see prune)
             plan.append((f"ductwork.{self.row_role}.pruner.0", self.prune_loop, None))
         if self.store.dialect == "sqlite":
@@ -5194,7 +5249,8 @@ class Runtime:
         """The row's ``info``: the threads (alive once started, else planned), the steps in flight and how many
         worker/advancer threads died and were replaced."""
         alive = sum(thread.is_alive() for thread in self.threads) if self.threads else self.planned_threads()
-        return _dumps({"threads": alive, "in_flight": len(self.in_flight), "thread_restarts": self.thread_restarts})
+        return _dumps({"threads": alive, "in_flight": len(self.in_flight), "thread_restarts": self.thread_restarts,
+                       "abandoned_threads": self.abandoned_alive()})
 
     def _unregister(self) -> None:
         """Close the wake-up socket, hand back what the row still holds, delete the row and the heartbeat file."""
@@ -5263,6 +5319,8 @@ class Runtime:
                 if len(claims) == limit > 1:
                     self.wakeups.notify(CH_JOBS, pipeline, every_idle=True)
             claims, per_step = self.run_batch(claims, limit)
+            if threading.get_ident() in self.abandoned:   # a replacement serves the pipeline now
+                return
             # Sized by the steps' own run time: a slow commit (a busy database) is a reason to
             # batch more, never less; slow steps go one at a time so siblings share them.
             limit = min(limit * 4, MAX_BATCH) if per_step < QUICK_STEP else 1
@@ -5286,6 +5344,10 @@ class Runtime:
             result = self.run_step(c)
             took = time.monotonic() - started
             running += took
+            if result is ABANDONED:   # its step overran its deadline: the timekeeper failed it; this thread ends
+                self._commit_results(results, 0)
+                self._release(claims[i + 1:])
+                return [], running / (i + 1)
             if result is not None:
                 results.append(result)
                 waiting_since = waiting_since or time.monotonic()
@@ -5322,10 +5384,17 @@ class Runtime:
                 why = f"step {c.name} is not defined in pipeline {c.pipeline} any more"
                 log.warning(why, extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
                 return StepResult(c, False, why, DEFINITION_CHANGED)
+            self._arm_deadline(c, fn)
             ok, value, error = self._call(c, fn)
             self.inert_if_forked(0 if ok else 1)
+            if c.expires is not None:
+                late = self._returned(c)
+                if late is not None:
+                    return late
             self.fault("before_commit", c.name)
         except Exception as exc:  # the machinery around the step failed, not the step
+            with self.in_flight_lock:
+                self.deadlines.pop(c.step_id, None)
             log.error("worker error around step %s: %s; handing it back", c.name, exc,
                       extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
             with contextlib.suppress(DatabaseUnavailable):
@@ -5338,6 +5407,88 @@ class Runtime:
                      extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
             return self._failure(c, fn, value, error)
         return StepResult(c, True, value)
+
+    # -- step timeouts (SPEC §15) --------------------------------------------------------
+    # A step with a timeout gets a deadline as it starts (self.deadline; should_stop turns true at it). At the
+    # deadline the timekeeper thread commits the attempt as failed (StepTimeout, with where the step was), so
+    # the retry policy goes on at once, not when the step returns; the worker thread it ran on is abandoned (it
+    # ends when the step returns, its result dropped) and a new one takes its place: the pipeline keeps its
+    # full job_worker.count, and a drain does not wait for abandoned threads. A step that returns after its
+    # deadline but before the timekeeper saw it is a StepTimeout too (the worker commits it itself).
+    def _arm_deadline(self, c: JobClaim, fn: Any) -> None:
+        """Give the attempt its deadline, if its step has a timeout (step_timeout, cached per step)."""
+        key = (c.pipeline, c.name)
+        if key not in self.timeouts:
+            self.timeouts[key] = step_timeout(fn, self.config, c.pipeline, c.name)
+        seconds = self.timeouts[key]
+        if seconds is None:
+            return
+        c.timeout, c.deadline, c.expires = seconds, time.time() + seconds, time.monotonic() + seconds
+        with self.in_flight_lock:
+            self.deadlines[c.step_id] = (c, fn, threading.get_ident())
+        self.timekeeper_wake.set()
+
+    def _returned(self, c: JobClaim) -> Any:
+        """The step of a claim with a deadline returned: None when in time (its result counts); ABANDONED when
+        the timekeeper failed it already (this thread ends); else, late, its StepTimeout failure."""
+        with self.in_flight_lock:
+            self.deadlines.pop(c.step_id, None)
+            if c.timed_out:
+                return ABANDONED
+            if time.monotonic() < c.expires:
+                c.returned = True
+                return None
+            c.timed_out = True
+        return self._timeout_result(c, None, None)
+
+    def _timeout_result(self, c: JobClaim, fn: Any, ident: int | None) -> StepResult:
+        """The StepTimeout failure of an attempt past its deadline (with the stack of its thread, when it still
+        runs), and what follows it by the step's retry policy."""
+        message = f"step {c.name} ran past its timeout of {c.timeout:g}s (attempt {c.attempt})"
+        frame = sys._current_frames().get(ident) if ident is not None else None
+        where = "" if frame is None else "\nwhere it was at the deadline:\n" + clip(
+            "".join(traceback.format_stack(frame)[-12:]), MAX_TRACEBACK)
+        log.warning("%s: failed (StepTimeout)%s", message, "; its thread is left to finish and replaced"
+                    if ident is not None else "", extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
+        if fn is None:
+            cls = _REGISTRY.get(c.pipeline)
+            fn = cls.steps.get(c.name) if cls else None
+        return self._failure(c, fn, f"StepTimeout: {message}{where}", StepTimeout(message))
+
+    def timekeeper_loop(self) -> None:
+        """Worker processes: fail the attempts that reach their deadline (expire_deadlines), until the end."""
+        if not self.wait_booted():
+            return
+        while not self.dead.is_set():
+            with self.in_flight_lock:
+                soonest = min((c.expires for c, _, _ in self.deadlines.values()), default=None)
+            self.timekeeper_wake.wait(1.0 if soonest is None else max(0.0, min(1.0, soonest - time.monotonic())))
+            self.timekeeper_wake.clear()
+            try:
+                self.expire_deadlines()
+            except Exception:
+                log.exception("failing the steps past their deadline failed")
+
+    def expire_deadlines(self) -> int:
+        """Commit the attempts past their deadline as failed (StepTimeout), abandon their threads and start a
+        replacement for each (not while draining). Returns how many."""
+        now = time.monotonic()
+        with self.in_flight_lock:
+            due = [(step_id, entry) for step_id, entry in self.deadlines.items() if entry[0].expires <= now]
+            for step_id, (c, _, ident) in due:
+                del self.deadlines[step_id]
+                c.timed_out = True
+                self.abandoned.add(ident)
+        for _, (c, fn, ident) in due:
+            self._commit_results([self._timeout_result(c, fn, ident)], 0)
+            if not self.stopping.is_set():
+                old = next((t.name for t in self.threads if t.ident == ident), f"ductwork.worker.{c.pipeline}")
+                self._spawn(f"{old.split('+')[0]}+{len(self.abandoned)}", self.worker_loop, c.pipeline)
+        return len(due)
+
+    def abandoned_alive(self) -> int:
+        """Worker threads left behind by steps past their deadline that still run."""
+        return sum(t.ident in self.abandoned and t.is_alive() for t in self.threads)
 
     def _still_held(self, c: JobClaim) -> bool:
         """A claim that waited longer than CANCEL_LEASE to start (this process was frozen or busy; a cancel may
@@ -5934,8 +6085,8 @@ class Runtime:
         self.wakeups.all()
         deadline = started + float(self.config.get(self.spec.shutdown_timeout))
         for thread in self.threads:
-            if thread.name.endswith(SERVICE_THREADS):   # they serve the draining ones until the end
-                continue
+            if thread.name.endswith(SERVICE_THREADS) or thread.ident in self.abandoned:   # (see SERVICE_THREADS;
+                continue                                                                  # abandoned: step timeouts)
             thread.join(max(0.0, deadline - time.monotonic()))
         handed = self._hand_back_in_flight("drain deadline passed")
         self.dead.set()
@@ -7512,6 +7663,12 @@ class DashboardSQL:
         WHERE status = 'queued' AND available_at <= {now}
         GROUP BY pipeline"""
 
+    # /metrics: the info of the live processes (their abandoned threads: step timeouts)
+    process_infos = """
+        SELECT role, info
+        FROM ductwork_processes
+        WHERE last_heartbeat_at >= {now} - :live_within"""
+
     # /metrics: per role, the live processes (a heartbeat within :live_within seconds) and the sum of restarts
     processes = """
         SELECT role, sum(CASE WHEN last_heartbeat_at >= {now} - :live_within THEN 1 ELSE 0 END), sum(restarts)
@@ -7697,6 +7854,8 @@ DASHBOARD_METRICS = (
                  "Live processes (heartbeat within supervisor.reaper_timeout) per role."),
     MetricFamily("ductwork_process_restarts", "gauge", ("role",), "restarts",
                  "Sum of the restart counts of the process rows, per role."),
+    MetricFamily("ductwork_abandoned_threads", "gauge", ("role",), "abandoned",
+                 "Worker threads still running a step that ran past its timeout (each was replaced), per role."),
 )
 # The values of the fixed labels; "pipeline" and "role" take every known one (_metric_data).
 METRIC_LABEL_VALUES = {"status": ("triggered", *FINISHED_STATUSES),
@@ -7711,6 +7870,7 @@ def _metric_data(engine: Engine) -> tuple[dict[str, Sequence[str]], dict[str, di
         counts = Counts.read(t)
         queue = t.all(DashboardSQL.queue)
         processes = t.all(DashboardSQL.processes, live_within)
+        infos = t.all(DashboardSQL.process_infos, live_within)
     runs: dict[tuple, float] = {(p, "triggered"): n for p, n in counts.triggered.items()}
     for (pipeline, status), n in (*counts.runs.items(), *counts.pruned.items()):   # pruned runs too: a counter
         runs[pipeline, status] = runs.get((pipeline, status), 0) + n              # never goes down for retention
@@ -7723,10 +7883,23 @@ def _metric_data(engine: Engine) -> tuple[dict[str, Sequence[str]], dict[str, di
         "queue_age": {(p,): round(float(age or 0), 3) for p, _, age in queue},
         "live": {(role,): int(n or 0) for role, n, _ in processes},
         "restarts": {(role,): int(restarts or 0) for role, _, restarts in processes},
+        "abandoned": _abandoned_threads(infos),
     }
     pipelines = set(_REGISTRY) | counts.pipelines() | {pipeline for (pipeline,) in sources["queue_depth"]}
     roles = {role for (role,) in sources["live"]} | set(METRIC_ROLES)
     return {**METRIC_LABEL_VALUES, "pipeline": sorted(pipelines), "role": sorted(roles)}, sources
+
+
+def _abandoned_threads(infos: list[tuple[str, str]]) -> dict[tuple, float]:
+    """Per role, the abandoned threads the process rows' info reports (a row whose info is not JSON counts 0)."""
+    out: dict[tuple, float] = {}
+    for role, info in infos:
+        try:
+            n = int(json.loads(info).get("abandoned_threads", 0))
+        except (ValueError, TypeError, AttributeError):
+            n = 0
+        out[(role,)] = out.get((role,), 0) + n
+    return out
 
 
 def _prom_family(family: MetricFamily, labels: dict[str, Sequence[str]], samples: dict[tuple, float]) -> str:
