@@ -294,9 +294,9 @@ def test_every_manifest_and_the_unit_parse():
     unit, env = read_unit()
     assert {"Unit", "Service", "Install"} <= set(unit.sections())
     service = unit["Service"]
-    assert service["Type"] == "simple"
+    assert service["Type"] == "notify"   # (the notify protocol: test_systemd.py; the unit's settings: below)
     assert service["KillSignal"] == "SIGTERM"
-    assert service["Restart"] == "always"
+    assert service["Restart"] == "on-failure"
     assert shlex.split(service["ExecReload"]) == ["/bin/kill", "-HUP", "$MAINPID"]
     assert env.get("DUCTWORK_ENV") == "production"
     assert unit["Install"]["WantedBy"] == "multi-user.target"

@@ -184,7 +184,7 @@ def test_bad_retry_attributes_and_options_to_come_are_definition_errors():
                 return x
     with pytest.raises(ductwork.DefinitionError, match="needs a ductwork.Retry"):
         ductwork.step(retry={"max": 3})
-    for option in ("timeout", "concurrency", "concurrency_key"):
+    for option in ("concurrency", "concurrency_key"):   # (timeout: tests/test_timeouts.py)
         with pytest.raises(ductwork.DefinitionError, match=f"{option}=...\\) is not supported yet"):
             ductwork.step(**{option: 5})
     with pytest.raises(ductwork.DefinitionError, match="decorates a function step"):
