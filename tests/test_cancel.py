@@ -487,6 +487,7 @@ def test_cancel_during_a_fan_out_of_100_on_three_worker_processes(layout, app_db
     wait_until(lambda: rows(engine, "SELECT count(DISTINCT machine_identifier) FROM ductwork_processes "
                                     "WHERE role = :role", {"role": worker_role})[0][0] == 3, 30,
                what="three worker processes")
+    waiting = control_app.RetryLater.trigger(5)   # fails once, then waits 60 s for its retry
     run = control_app.CancelFan.trigger(100)
     wait_until(lambda: len({e[0] for e in executions(engine, run.id)}) >= 20, 30, what="20 steps done")
     assert run.cancel(reason="a fan-out started by mistake") is True
@@ -510,6 +511,26 @@ def test_cancel_during_a_fan_out_of_100_on_three_worker_processes(layout, app_db
     assert run.wait(timeout=60) == "completed" and run.output == sum(range(100))
     succeeded = collections.Counter(e[0] for e in executions(engine, run.id) if e[1] == "succeeded")
     assert all(succeeded[step_id] == 1 for step_id in done_before)
+    # a run waiting for its retry: cancelled, nothing of it runs; revived, it completes at once
+    assert [e[1] for e in executions(engine, waiting.id)] == ["failed"]
+    assert waiting.cancel() is True and step_statuses(engine, waiting.id) == {"cancelled": 1}
+    assert waiting.revive() is True and waiting.wait(timeout=30) == "completed" and waiting.output == 6
+    # the commit race, across these processes: quick chains cancelled from before their first claim to after
+    # their last commit
+    chains, cancelled = [], []
+    for i in range(20):
+        chain = control_app.QuickChain.trigger(i)
+        chains.append(chain)
+        time.sleep(i * 0.001)
+        if chain.cancel():
+            cancelled.append((chain.id, engine.store.now()))
+    assert cancelled
+    for chain in chains:
+        assert chain.wait(timeout=30) in ("completed", "cancelled")
+    for chain_id, at in cancelled:
+        wait_until(lambda c=chain_id: settled(engine, c), settle_deadline(), what=f"run {chain_id} settled")
+        assert_nothing_started_after(engine, [chain_id], at)
+    assert all(c.output == c.input[0] + 4 for c in chains if c.refresh().status == "completed")
     for p in procs:
         p.signal(15)
     assert all(p.wait() == 0 for p in procs)

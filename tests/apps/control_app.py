@@ -53,3 +53,31 @@ class CancelChain(ductwork.Pipeline):
     @staticmethod
     def define(p):
         p.start(patient).chain(to=Patient)
+
+
+def plus_one(x):
+    return x + 1
+
+
+class QuickChain(ductwork.Pipeline):
+    """Four quick steps: cancels race their commits."""
+
+    @staticmethod
+    def define(p):
+        p.start(plus_one).chain(to=plus_one).chain(to=plus_one).chain(to=plus_one)
+
+
+@ductwork.step(retry=ductwork.Retry(max=3, delay=60))
+def fails_once(x):
+    """Fails its first attempt ever (then waits 60 s for its retry), succeeds after (a revive too)."""
+    context = ductwork.current_step().context
+    if not context.get("failed"):
+        context.set("failed", True)
+        raise RuntimeError("first attempt fails")
+    return x
+
+
+class RetryLater(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(fails_once).chain(to=plus_one)
