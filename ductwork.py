@@ -4183,8 +4183,8 @@ class Engine:
             raise DuctworkError("cancel needs run ids, a pipeline or older_than (it never cancels everything)")
         cancelled: list[int] = []
         told: list[int] = []   # claimed steps of theirs, "cancelling" until their holders answer
-        with self._tx(write=False) as t:
-            after, upto = 0, int(t.one(SQL.newest_run)[0])
+        with self._tx(write=False) as t:   # (given ids bound the cancel themselves; filters stop at the newest run)
+            after, upto = 0, MAX_ID if ids else int(t.one(SQL.newest_run)[0])
             if ids:   # a cancel again (after one that failed, or by a second operator) waits for the answers too
                 told += [row[0] for row in t.all(SQL.still_cancelling.replace("{runs}", BulkSQL.ids(t.dialect, "",
                                                                                                   "run_id")),
@@ -4248,14 +4248,14 @@ class Engine:
     def _await_acknowledgements(self, told: list[int]) -> None:
         """Wait until the holders of these claimed steps of cancelled runs answered (Runtime.look_for_cancels),
         CANCEL_ACK_TIMEOUT at most; then take the claims nobody answered for from their holders."""
-        deadline, pause = time.monotonic() + CANCEL_ACK_TIMEOUT, 0.005
+        deadline, pause, waiting = time.monotonic() + CANCEL_ACK_TIMEOUT, 0.005, threading.Event()
         while told:
             with self._tx(write=False) as t:
                 told = [row[0] for row in t.all(SQL.unacknowledged.replace("{ids}", BulkSQL.ids(t.dialect, "")),
                                                 {"ids": t.ids(told)})]
             if not told or time.monotonic() >= deadline:
                 break
-            time.sleep(pause)
+            waiting.wait(pause)
             pause = min(pause * 2, 0.05)
         if told:
             with self._tx() as t:
@@ -4577,8 +4577,6 @@ def cancel(*run_ids: int, pipeline: str | None = None, older_than: float | None 
     """Cancel runs in progress, in set-based batches: these ``run_ids``, or (with none) every run of ``pipeline``
     and/or older than ``older_than`` seconds (both filters also narrow given ids). Returns how many were
     cancelled; returns once no step of theirs can start any more."""
-    if not run_ids and pipeline is None and older_than is None:
-        raise DuctworkError("cancel() needs run ids, a pipeline or older_than (it never cancels everything)")
     if any(isinstance(i, bool) or not isinstance(i, int) for i in run_ids):
         raise DuctworkError(f"run ids must be integers, got {', '.join(repr(i) for i in run_ids)}")
     if older_than is not None and (isinstance(older_than, bool) or not isinstance(older_than, (int, float))
@@ -5388,7 +5386,7 @@ class Runtime:
             ok, value, error = self._call(c, fn)
             self.inert_if_forked(0 if ok else 1)
             if c.expires is not None:
-                late = self._returned(c)
+                late = self._returned(c, fn)
                 if late is not None:
                     return late
             self.fault("before_commit", c.name)
@@ -5428,7 +5426,7 @@ class Runtime:
             self.deadlines[c.step_id] = (c, fn, threading.get_ident())
         self.timekeeper_wake.set()
 
-    def _returned(self, c: JobClaim) -> Any:
+    def _returned(self, c: JobClaim, fn: Any) -> Any:
         """The step of a claim with a deadline returned: None when in time (its result counts); ABANDONED when
         the timekeeper failed it already (this thread ends); else, late, its StepTimeout failure."""
         with self.in_flight_lock:
@@ -5439,7 +5437,7 @@ class Runtime:
                 c.returned = True
                 return None
             c.timed_out = True
-        return self._timeout_result(c, None, None)
+        return self._timeout_result(c, fn, None)
 
     def _timeout_result(self, c: JobClaim, fn: Any, ident: int | None) -> StepResult:
         """The StepTimeout failure of an attempt past its deadline (with the stack of its thread, when it still
@@ -5450,9 +5448,6 @@ class Runtime:
             "".join(traceback.format_stack(frame)[-12:]), MAX_TRACEBACK)
         log.warning("%s: failed (StepTimeout)%s", message, "; its thread is left to finish and replaced"
                     if ident is not None else "", extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
-        if fn is None:
-            cls = _REGISTRY.get(c.pipeline)
-            fn = cls.steps.get(c.name) if cls else None
         return self._failure(c, fn, f"StepTimeout: {message}{where}", StepTimeout(message))
 
     def timekeeper_loop(self) -> None:
@@ -6054,8 +6049,9 @@ class Runtime:
         while True:
             self._report(PIPE_ALIVE, str(len(self.in_flight)))
             self.proof.touch(self.row_role)
-            self.systemd.ping()
-            self.systemd.status(self.status_line())
+            if self.systemd.address:   # (no status line built for nobody)
+                self.systemd.ping()
+                self.systemd.status(self.status_line())
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("supervisor (pid %d) is gone; draining", self.parent_pid)
                 return self.drain()
@@ -6316,7 +6312,9 @@ class Supervisor:
 
     def tell_systemd(self) -> None:
         """Each turn: WATCHDOG=1 when due, READY=1 once every child of this generation booted, STATUS= when it
-        changed."""
+        changed. Nothing without NOTIFY_SOCKET."""
+        if not self.systemd.address:
+            return
         self.systemd.ping()
         current = [c for c in self.children.values() if not c.retiring]
         ready = sum(c.ready for c in current)
@@ -7933,7 +7931,8 @@ th,td{border:1px solid #ddd;padding:.2em .6em;text-align:left;vertical-align:top
 pre{margin:.2em 0;white-space:pre-wrap;word-break:break-all;max-height:24em;overflow:auto;background:#f0f0f3;
 padding:.4em}
 .st{padding:0 .45em;border-radius:3px;background:#ddd;font-size:.9em}.st-completed,.st-succeeded{background:#c8f0c8}
-.st-halted,.st-failed,.st-crashed{background:#f6c4c4}.st-cancelled,.st-cancelling,.st-stopping{background:#e2d6ee}.st-in_progress,.st-running,.st-advancing{background:#cfe0ff}
+.st-halted,.st-failed,.st-crashed{background:#f6c4c4}.st-cancelled,.st-cancelling,.st-stopping{background:#e2d6ee}
+.st-in_progress,.st-running,.st-advancing{background:#cfe0ff}
 .st-queued,.st-waiting,.st-advance{background:#fff2b8}
 .bar{display:inline-block;height:.8em;background:#69c;margin-right:.4em}
 ul.tree{list-style:none;padding-left:1.2em;border-left:2px solid #ccd;margin:.3em 0}li.step{margin:.35em 0}
