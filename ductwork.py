@@ -405,6 +405,14 @@ SCHEMA: dict[str, Any] = {
         "shutdown_timeout": (_number(0), 20),
         # seconds an attempt may run (-1: no limit); a step's own ``timeout`` wins
         "timeout": _Override(_number(0.001, allow=(-1,)), -1),
+        # a worker process drains and is replaced (in place, in a foreground role) once it started this many
+        # steps, once its resident memory passes this many MB, or once more of its threads than this are left
+        # behind by steps past their timeout (-1: never; see "Recycling")
+        "recycle": {
+            "steps": (_number(1, integer=True, allow=(-1,)), -1),
+            "memory_mb": (_number(1, allow=(-1,), maximum=MAX_COUNT), -1),
+            "abandoned_threads": (_number(0, integer=True, allow=(-1,)), 3),
+        },
     },
     "pipeline_advancer": {
         "count": _Override(_thread_count, 1, per_step=False),
@@ -4877,6 +4885,7 @@ def role_spec(role: str, forking: str = "default") -> RoleSpec:
 PIPE_READY = "R"   # booted, its process row id follows: from here on a death is a crash, not a failed boot
 PIPE_ERROR = "E"   # the boot failed, the (masked) error follows; the child exits next
 PIPE_ALIVE = "."   # a tick of its control loop, or of a wait for the database: no line for hang_timeout is a hang
+PIPE_RECYCLE = "C"   # it drains to be recycled (why follows): start its replacement now; its exit is no crash
 
 
 def pipe_encode(kind: str, text: str = "") -> bytes:
@@ -5090,8 +5099,11 @@ class SystemdNotifier:
 
     def __init__(self, environ: dict | None = None):
         env = os.environ if environ is None else environ
-        address = env.pop("NOTIFY_SOCKET", "") or ""
-        usec, watchdog_pid = env.pop("WATCHDOG_USEC", ""), env.pop("WATCHDOG_PID", "")
+        # (given back to a recycled foreground process that re-executes itself: see reexecute)
+        self.inherited = {key: env.pop(key) for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+                          if key in env}
+        address = self.inherited.get("NOTIFY_SOCKET", "")
+        usec, watchdog_pid = self.inherited.get("WATCHDOG_USEC", ""), self.inherited.get("WATCHDOG_PID", "")
         self.address = ("\0" + address[1:]) if address.startswith("@") else address
         self.watchdog: float | None = None   # seconds between WATCHDOG=1
         if self.address and usec.isdigit() and int(usec) > 0 and watchdog_pid in ("", str(os.getpid())):
@@ -5123,9 +5135,9 @@ class SystemdNotifier:
             self.status_text = text
             self.send(f"STATUS={text}")
 
-    def reloading(self) -> None:
+    def reloading(self, why: str = "restarting the children") -> None:
         self.send("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}",
-                  "STATUS=reloading: restarting the children")
+                  f"STATUS=reloading: {why}")
 
     def stopping(self, why: str) -> None:
         self.send("STOPPING=1", f"STATUS=stopping: {why}")
@@ -5147,6 +5159,81 @@ class SystemdNotifier:
             self.sock = None
 
 
+# -- recycling (SPEC §15) ----------------------------------------------------------------
+# A worker process that leaks (memory, descriptors, threads left behind by steps past their timeout) is replaced
+# before it hurts, as Celery's worker_max_tasks_per_child / worker_max_memory_per_child and gunicorn's
+# max_requests do: job_worker.recycle. Once it started ``steps`` steps, once its resident memory passes
+# ``memory_mb`` (looked at every tick of its main loop), or once more than ``abandoned_threads`` of its threads
+# are stuck in steps past their deadline, it drains as on SIGTERM (stops claiming, gives its in-flight steps
+# the drain budget) and a fresh process takes its place:
+#   - a supervisor's child says so on its pipe as its drain begins (PIPE_RECYCLE); the supervisor starts the
+#     replacement at once, beside it, and counts no restart, no failed boot, no backoff;
+#   - a foreground role (and forking: none) re-executes itself once drained: same pid, same command line, same
+#     environment (the systemd variables given back), so an orchestrator sees no restart. systemd is told
+#     RELOADING=1, and READY=1 again by the new program.
+# The thresholds are jittered per process (steps up to RECYCLE_JITTER more, memory up to RECYCLE_JITTER less)
+# so that siblings started together do not all drain together. A memory limit the process already passes
+# once booted would recycle it forever: it is switched off, with an error line.
+RECYCLE_JITTER = 0.1
+RECYCLE_WAKE = 0   # not a signal: the item on a Runtime's signal queue that makes its main loop drain to recycle
+RECYCLED_ENV = "DUCTWORK_RECYCLED"   # in a re-executed foreground process: how often it recycled itself
+
+
+@dataclasses.dataclass(frozen=True)
+class RecyclePolicy:
+    """When a worker process is recycled (job_worker.recycle, jittered for this process); None: never."""
+    steps: int | None = None        # once it started this many steps
+    memory: int | None = None       # once its resident memory passes this many bytes
+    abandoned: int | None = None    # once more of its threads than this are stuck past a step's deadline
+
+    @classmethod
+    def of(cls, config: Config, rng: Any = None) -> "RecyclePolicy":
+        """The configured policy, jittered by ``rng`` (a random.Random; by default a fresh one)."""
+        import random
+        rng = rng or random.Random()
+        steps, mb, abandoned = (config.get(f"job_worker.recycle.{key}")
+                                for key in ("steps", "memory_mb", "abandoned_threads"))
+        return cls(steps=None if steps < 0 else steps + rng.randint(0, int(steps * RECYCLE_JITTER)),
+                   memory=None if mb < 0 else int(mb * (1 - rng.random() * RECYCLE_JITTER) * 2 ** 20),
+                   abandoned=None if abandoned < 0 else abandoned)
+
+
+NEVER_RECYCLE = RecyclePolicy()   # an advancer's: it runs no steps
+
+
+def resident_memory() -> int:
+    """This process's resident set size in bytes (Linux: now, from /proc; elsewhere the peak, getrusage)."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def recycled_count() -> int:
+    """How often this foreground process re-executed itself to recycle (RECYCLED_ENV; 0 when not)."""
+    text = os.environ.get(RECYCLED_ENV, "")
+    return int(text) if text.isdigit() else 0
+
+
+def reexecute(environment: dict[str, str]) -> int:
+    """A recycled foreground process: run its own command line again in this process (same pid), the
+    environment plus ``environment``. Returns only when the exec failed (EXIT_FAILURE: the orchestrator
+    restarts it)."""
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, sys.orig_argv, {**os.environ, **environment})
+    except OSError as exc:
+        log.error("could not re-execute %s to recycle: %s; exiting", " ".join(sys.orig_argv), exc)
+    return EXIT_FAILURE
+
+
 class Runtime:
     """One process's job worker and/or advancer threads plus its heartbeat/reaper thread.
 
@@ -5154,8 +5241,9 @@ class Runtime:
 
     def __init__(self, config: Config, role: str, pipelines: list[str], *,
                  worker_pipelines: list[str] | None = None, parent_row: int | None = None,
-                 report_fd: int | None = None, restarts: int = 0):
-        """A runtime of mode ``role`` for ``pipelines``; a forked child also gets its pipe and its supervisor's row."""
+                 report_fd: int | None = None, restarts: int = 0, recycles: int | None = None):
+        """A runtime of mode ``role`` for ``pipelines``; a forked child also gets its pipe and its supervisor's row
+        (and how often its predecessors were restarted and recycled)."""
         self.config = config
         self.role = role                        # advancer | worker | combined: a mode of ROLE_SPECS
         self.spec = ROLE_MODES[role]
@@ -5197,6 +5285,11 @@ class Runtime:
         self.timekeeper_wake = threading.Event()
         self.abandoned: set[int] = set()
         self.timeouts: dict[tuple[str, str], float | None] = {}    # (pipeline, step) -> seconds (step_timeout)
+        # recycling (job_worker.recycle): when this process drains to be replaced, and why it did
+        self.recycle = RecyclePolicy.of(config) if self.spec.workers else NEVER_RECYCLE
+        self.recycles = recycled_count() if recycles is None else recycles
+        self.started_steps = 0
+        self.recycled = ""
 
     # -- process row -------------------------------------------------------------------
     @property
@@ -5248,7 +5341,8 @@ class Runtime:
         worker/advancer threads died and were replaced."""
         alive = sum(thread.is_alive() for thread in self.threads) if self.threads else self.planned_threads()
         return _dumps({"threads": alive, "in_flight": len(self.in_flight), "thread_restarts": self.thread_restarts,
-                       "abandoned_threads": self.abandoned_alive()})
+                       "abandoned_threads": self.abandoned_alive(), "recycles": self.recycles,
+                       "steps_started": self.started_steps})
 
     def _unregister(self) -> None:
         """Close the wake-up socket, hand back what the row still holds, delete the row and the heartbeat file."""
@@ -5374,6 +5468,10 @@ class Runtime:
             c.mark_started()
             self.in_flight[c.step_id] = (c, True)
             self.owners[c.step_id] = threading.get_ident()
+            self.started_steps += 1
+            if self.started_steps == self.recycle.steps:
+                self.begin_recycle(f"it started {self.started_steps} steps (job_worker.recycle.steps "
+                                   f"{self.config.get('job_worker.recycle.steps')}, jittered)")
         try:
             self.fault("after_claim", c.name)
             cls = _REGISTRY.get(c.pipeline)
@@ -5484,6 +5582,47 @@ class Runtime:
     def abandoned_alive(self) -> int:
         """Worker threads left behind by steps past their deadline that still run."""
         return sum(t.ident in self.abandoned and t.is_alive() for t in self.threads)
+
+    # -- recycling (see "recycling" above Runtime) ---------------------------------------
+    def begin_recycle(self, why: str) -> None:
+        """Stop claiming and have the main loop drain this process to be replaced (the first reason wins)."""
+        if self.recycled or self.stopping.is_set():
+            return
+        self.recycled = why
+        log.info("%s recycles: %s; draining", self.row_role, why)
+        self.stopping.set()
+        self.wakeups.all()
+        self.signals.put(RECYCLE_WAKE)
+
+    def recycle_reason(self) -> str:
+        """Each tick of the main loop: why this process must be recycled now (its memory, its stuck threads),
+        or ""."""
+        policy = self.recycle
+        if policy.abandoned is not None and self.abandoned:
+            stuck = self.abandoned_alive()
+            if stuck > policy.abandoned:
+                return (f"{stuck} of its threads are stuck in steps past their timeout "
+                        f"(job_worker.recycle.abandoned_threads {policy.abandoned})")
+        if policy.memory is not None:
+            rss = resident_memory()
+            if rss >= policy.memory:
+                limit = self.config.get("job_worker.recycle.memory_mb")
+                return (f"its resident memory is {rss / 2 ** 20:.0f} MB (job_worker.recycle.memory_mb {limit}, "
+                        f"jittered to {policy.memory / 2 ** 20:.0f})")
+        return ""
+
+    def check_memory_limit(self) -> None:
+        """Once booted: a memory limit this process passes already would recycle it forever; switch it off."""
+        if self.recycle.memory is not None and resident_memory() >= self.recycle.memory:
+            log.error("job_worker.recycle.memory_mb (%s) is below this %s's own size once booted (%.0f MB): "
+                      "recycling on memory is off", self.config.get("job_worker.recycle.memory_mb"), self.row_role,
+                      resident_memory() / 2 ** 20)
+            self.recycle = dataclasses.replace(self.recycle, memory=None)
+
+    def recycle_environment(self) -> dict[str, str]:
+        """What a re-executed foreground process needs in its environment: the systemd variables this one took
+        out, and its recycle count."""
+        return {**self.systemd.inherited, RECYCLED_ENV: str(self.recycles + 1)}
 
     def _still_held(self, c: JobClaim) -> bool:
         """A claim that waited longer than CANCEL_LEASE to start (this process was frozen or busy; a cancel may
@@ -5949,6 +6088,7 @@ class Runtime:
         _SERVING_PID["pid"] = os.getpid()
         _SERVING_STORE[os.getpid()] = self.store
         self.start_threads()
+        self.check_memory_limit()
         self.booted.set()
         self._report(PIPE_READY, str(self.process_id))   # booted only now: every thread runs
         self.systemd.ready(self.status_line())
@@ -6057,11 +6197,15 @@ class Runtime:
                 return self.drain()
             if self.store.fatal is not None:   # nothing more may be done (the Store said why, or says it now)
                 return self.stop_fatal(self.store.fatal)
+            if self.recycle is not NEVER_RECYCLE and not self.recycled:
+                why = self.recycle_reason()
+                if why:
+                    self.begin_recycle(why)
             try:
                 signum = self.signals.get(timeout=min(tick, self.systemd.until_ping()))
             except queue.Empty:
                 continue
-            if signum in (signal.SIGTERM, signal.SIGINT):
+            if signum in (signal.SIGTERM, signal.SIGINT, RECYCLE_WAKE):
                 return self.drain()
             if signum == signal.SIGQUIT:
                 return self.quit()
@@ -6074,9 +6218,14 @@ class Runtime:
         return f"{self.row_role} for {pipelines}: {len(self.in_flight)} step(s) in flight"
 
     def drain(self) -> int:
-        """Stop claiming, give in-flight steps the drain budget, hand back the rest, exit."""
+        """Stop claiming, give in-flight steps the drain budget, hand back the rest, exit (to be recycled: the
+        supervisor is told first, and starts the replacement beside it)."""
         started = time.monotonic()
-        self.systemd.stopping(f"draining {len(self.in_flight)} step(s) in flight")
+        if self.recycled:
+            self._report(PIPE_RECYCLE, self.recycled)
+            self.systemd.reloading(f"recycling: {self.recycled}")
+        else:
+            self.systemd.stopping(f"draining {len(self.in_flight)} step(s) in flight")
         self.stopping.set()
         self.wakeups.all()
         deadline = started + float(self.config.get(self.spec.shutdown_timeout))
@@ -6087,7 +6236,8 @@ class Runtime:
         handed = self._hand_back_in_flight("drain deadline passed")
         self.dead.set()
         self._unregister()
-        log.info("drained in %.2fs (%d step(s) handed back)", time.monotonic() - started, handed)
+        log.info("drained in %.2fs (%d step(s) handed back)%s", time.monotonic() - started, handed,
+                 " to be recycled" if self.recycled else "")
         return EXIT_OK
 
     def stop_fatal(self, exc: DuctworkError) -> int:
@@ -6202,6 +6352,7 @@ class ChildSpec:
     role: str                     # its Runtime's mode: advancer | worker
     pipelines: list[str]          # the pipelines it serves (the advancer: all of them)
     restarts: int = 0             # how often it was started again (crashes and failed boots)
+    recycles: int = 0             # how often it was replaced on its own word (job_worker.recycle): no restart
     boot_failures: int = 0        # failed boots in a row (reset once one boots)
     next_start: float = 0.0       # monotonic time when it may start again
     last_error: str = ""          # the last failed boot's error line
@@ -6220,6 +6371,7 @@ class Child:
     buffer: bytes = b""           # a partial line read from its pipe
     killed_for: str = ""          # why the supervisor killed it, if it did
     retiring: bool = False        # an old generation's child, draining after a HUP
+    recycling: str = ""           # why it drains to be recycled (PIPE_RECYCLE): its replacement runs already
     in_flight: int = 0            # steps in flight, as its last PIPE_ALIVE said (systemd's STATUS=)
 
 
@@ -6316,7 +6468,7 @@ class Supervisor:
         if not self.systemd.address:
             return
         self.systemd.ping()
-        current = [c for c in self.children.values() if not c.retiring]
+        current = [c for c in self.children.values() if not (c.retiring or c.recycling)]
         ready = sum(c.ready for c in current)
         if self.stopping_since is None and not self.ready_sent and ready == len(self.specs):
             self.ready_sent = True
@@ -6327,9 +6479,9 @@ class Supervisor:
     def status_line(self, ready: int) -> str:
         """What systemd's STATUS= says of the deployment."""
         in_flight = sum(c.in_flight for c in self.children.values())
-        restarts = sum(s.restarts for s in self.specs)
+        restarts, recycles = sum(s.restarts for s in self.specs), sum(s.recycles for s in self.specs)
         return (f"{ready}/{len(self.specs)} children ready, {in_flight} step(s) in flight, "
-                f"{restarts} restart(s)")
+                f"{restarts} restart(s), {recycles} recycled")
 
     def next_timeout(self) -> float:
         """How long the loop may sleep: until the next heartbeat, due start or polling timeout."""
@@ -6451,8 +6603,8 @@ class Supervisor:
 
     # -- children -----------------------------------------------------------------------
     def _running(self, spec: ChildSpec) -> bool:
-        """Whether a current-generation child of ``spec`` is alive."""
-        return any(c.spec is spec and not c.retiring for c in self.children.values())
+        """Whether a current child of ``spec`` is alive (not one of an old generation, nor one being recycled)."""
+        return any(c.spec is spec and not (c.retiring or c.recycling) for c in self.children.values())
 
     def start_due_children(self) -> None:
         """Start every child that is not running and whose backoff has passed."""
@@ -6504,7 +6656,7 @@ class Supervisor:
         _APP.engine = None   # the supervisor's, if it made one: the child's steps use its Runtime's pool
         Fault()("boot")
         runtime = Runtime(self.config, spec.role, spec.pipelines, parent_row=self.row_id, report_fd=write_fd,
-                          restarts=spec.restarts)
+                          restarts=spec.restarts, recycles=spec.recycles)
         runtime.install_signals()
         return runtime.serve()
 
@@ -6542,6 +6694,17 @@ class Supervisor:
                 child.in_flight = int(text)
             elif kind == PIPE_ERROR:
                 child.spec.last_error = text
+            elif kind == PIPE_RECYCLE and not child.recycling:
+                self.recycling(child, text)
+
+    def recycling(self, child: Child, why: str) -> None:
+        """A child drains to be recycled: the loop starts its replacement this turn (no restart, no backoff)."""
+        child.recycling = why or "recycling"
+        if child.retiring or self.stopping_since is not None:
+            return
+        child.spec.recycles += 1
+        child.spec.next_start = 0.0
+        log.info("%s (pid %d) recycles (%s): starting its replacement", child.spec.key, child.pid, child.recycling)
 
     def reap_children(self, block: bool = False) -> None:
         """waitpid every exited child (``block``: wait for one)."""
@@ -6567,7 +6730,7 @@ class Supervisor:
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_USAGE and not child.retiring:
             self.stop_if_fatal(f"{child.spec.key} (pid {child.pid}) stopped on a configuration error: "
                                f"{child.spec.last_error or how}")
-        if self.stopping_since is not None or child.retiring:
+        if self.stopping_since is not None or child.retiring or child.recycling:
             self.log_exit(child, how, handed)
         elif not child.ready:
             self.boot_failed(child, how)
@@ -6583,9 +6746,9 @@ class Supervisor:
             os.close(child.fd)
 
     def log_exit(self, child: Child, how: str, handed: int) -> None:
-        """An exit while shutting down or retiring: expected, only logged."""
-        log.info("%s (pid %d) exited: %s%s", child.spec.key, child.pid, how,
-                 f"; {handed} step(s) handed back" if handed else "")
+        """An exit while shutting down, retiring or recycling: expected, only logged."""
+        log.info("%s (pid %d) exited%s: %s%s", child.spec.key, child.pid, " (recycled)" if child.recycling else "",
+                 how, f"; {handed} step(s) handed back" if handed else "")
 
     def boot_failed(self, child: Child, how: str) -> None:
         """It died before it finished booting: start it again after a backoff, or give up after
@@ -6684,7 +6847,8 @@ class Supervisor:
         """The row's ``info``: per child its pid, restarts, boot failures, restart delay and last error."""
         now = time.monotonic()
         return _dumps({"children": {s.key: {"pid": next((c.pid for c in self.children.values() if c.spec is s), None),
-                                            "restarts": s.restarts, "boot_failures": s.boot_failures,
+                                            "restarts": s.restarts, "recycles": s.recycles,
+                                            "boot_failures": s.boot_failures,
                                             "restart_in": round(max(0.0, s.next_start - now), 2),
                                             "last_error": s.last_error} for s in self.specs}})
 
@@ -9260,7 +9424,10 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
         return Supervisor(config, pipelines).run()
     runtime = Runtime(config, spec.mode, pipelines)
     runtime.install_signals()
-    return runtime.serve()
+    code = runtime.serve()
+    if runtime.recycled and code == EXIT_OK and not runtime.stop_requested.is_set():
+        return reexecute(runtime.recycle_environment())   # (in place: an orchestrator sees no restart)
+    return code
 
 
 def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
