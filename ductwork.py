@@ -6232,7 +6232,9 @@ class Runtime:
         for thread in self.threads:
             if thread.name.endswith(SERVICE_THREADS) or thread.ident in self.abandoned:   # (see SERVICE_THREADS;
                 continue                                                                  # abandoned: step timeouts)
-            thread.join(max(0.0, deadline - time.monotonic()))
+            while thread.is_alive() and time.monotonic() < deadline:   # (systemd's watchdog fed while it waits)
+                thread.join(min(deadline - time.monotonic(), self.systemd.until_ping()))
+                self.systemd.ping()
         handed = self._hand_back_in_flight("drain deadline passed")
         self.dead.set()
         self._unregister()

@@ -6,9 +6,11 @@ import os
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from procs import LOAD_SLACK, Proc, wait_until
@@ -134,3 +136,30 @@ def test_the_notifier_reads_and_takes_the_variables():
     silent.ready("x")
     silent.ping()
     assert silent.sock is None and silent.until_ping() == float("inf")
+
+
+def test_the_watchdog_is_fed_while_a_foreground_role_drains_its_steps(tmp_path, procs):
+    sys.path.insert(0, str(Path(__file__).parent / "apps"))
+    import sup_app
+    url = f"sqlite:///{tmp_path}/ductwork.sqlite3"
+    ductwork.configure(database_url=url)
+    ductwork.migrate()
+    systemd = FakeSystemd(f"@ductwork-test-{uuid.uuid4().hex}")
+    nap = 2.0   # the step the drain waits for: several watchdog intervals long
+    try:
+        env = {"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+        proc = Proc(tmp_path, url, name="worker", env=env, config={"role": "worker", "pipelines": ["SupNap"],
+                                                                  "job_worker": {"shutdown_timeout": 10}})
+        procs.append(proc)
+        systemd.wait_for("READY", timeout=30)
+        sup_app.SupNap.trigger(nap)
+        wait_until(lambda: (tmp_path / "marks.log").exists(), 10 + LOAD_SLACK, what="the step's start")
+        proc.signal(signal.SIGTERM)
+        stopping = systemd.wait_for("STOPPING")
+        assert proc.wait(nap + LOAD_SLACK) == 0
+        assert "end" in (tmp_path / "marks.log").read_text()   # the drain waited for the step
+        fed = [at for at, _ in systemd.having("WATCHDOG", after=stopping)]
+        interval = WATCHDOG_USEC / 1e6 / 2
+        assert len(fed) >= int(nap * 0.5 / interval), fed   # (the step had up to half its nap left)
+    finally:
+        systemd.close()
