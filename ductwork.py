@@ -1629,6 +1629,15 @@ MIGRATIONS: list[Migration] = [
         "CREATE INDEX ductwork_steps_stopping ON ductwork_steps (claimed_by) "
         "WHERE status IN ('cancelling', 'stopping')",
     )),
+    # 4: delayed runs (SPEC §16): a run triggered with a delay (or a time) says when it starts; its first step
+    # waits on its own available_at, so a process of the version before claims it at the right time too. The
+    # scheduled runs still to start are read off an index range (status, the dashboard).
+    Migration(4, (
+        "ALTER TABLE ductwork_runs ADD COLUMN scheduled_at {float}",
+    ), indexes=(
+        "CREATE INDEX ductwork_runs_scheduled ON ductwork_runs (pipeline, scheduled_at) "
+        "WHERE status = 'in_progress' AND scheduled_at IS NOT NULL",
+    )),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1].version
 _TYPES = {"sqlite": {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "float": "REAL"},
@@ -2196,9 +2205,10 @@ class Pipeline:
         _REGISTRY[name] = cls
 
     @classmethod
-    def trigger(cls, *args: Any) -> "Run":
-        """Start a run in one transaction; the arguments go to the start step."""
-        return trigger(cls.__name__, *args)
+    def trigger(cls, *args: Any, delay: float | None = None, at: Any = None) -> "Run":
+        """Start a run in one transaction; the arguments go to the start step. ``delay`` (seconds) or ``at`` (an
+        aware datetime, or epoch seconds): its first step is not claimable before then (the database clock)."""
+        return trigger(cls.__name__, *args, delay=delay, at=at)
 
 
 def registered_pipelines() -> dict[str, type[Pipeline]]:
@@ -2398,7 +2408,7 @@ class RunRow(_Row):
     """A run row as stored (``SQL.select_run``); JSON columns still encoded."""
 
     COLUMNS = ("id", "pipeline", "status", "input", "output", "halt_reasons", "created_at", "finished_at",
-               "definition", "cancel_reason")
+               "definition", "cancel_reason", "scheduled_at")
     id: int
     pipeline: str
     status: str              # in_progress | completed | halted | cancelled
@@ -2409,6 +2419,7 @@ class RunRow(_Row):
     finished_at: float | None
     definition: str          # the hash of its definition
     cancel_reason: str | None   # what cancel(reason=...) said
+    scheduled_at: float | None  # a delayed run: when its first step became (or becomes) claimable
 
 
 @dataclasses.dataclass
@@ -2490,6 +2501,28 @@ class SQL:
         INSERT INTO ductwork_runs (pipeline, definition, status, input, created_at, updated_at)
         VALUES (:pipeline, :definition, 'in_progress', :input, {now}, {now})
         RETURNING id"""
+
+    # A delayed run (trigger(delay=, at=)): when it starts, :at (epoch seconds) or :delay seconds from now on
+    # the database clock; then its first step waits until then (delay_first_step).
+    schedule_run = """
+        UPDATE ductwork_runs
+        SET scheduled_at = COALESCE(CAST(:at AS DOUBLE PRECISION), {now} + :delay)
+        WHERE id = :id
+        RETURNING scheduled_at"""
+
+    delay_first_step = """
+        UPDATE ductwork_steps
+        SET available_at = :start
+        WHERE branch_id = :branch_id"""
+
+    # The scheduled runs still to start, per pipeline, and the first start (an index range per pipeline).
+    scheduled_runs = """
+        SELECT pipeline, count(*), min(scheduled_at)
+        FROM ductwork_runs
+        WHERE status = 'in_progress'
+          AND scheduled_at IS NOT NULL
+          AND scheduled_at > {now}
+        GROUP BY pipeline"""
 
     # One run, as stored.
     select_run = f"""
@@ -3635,8 +3668,10 @@ class Engine:
         return found
 
     # -- trigger ------------------------------------------------------------------------
-    def trigger(self, name: str, args: Sequence[Any]) -> int:
-        """Start a run of pipeline ``name``: its run, root branch and first step, in one transaction."""
+    def trigger(self, name: str, args: Sequence[Any], delay: float | None = None, at: float | None = None) -> int:
+        """Start a run of pipeline ``name``: its run, root branch and first step, in one transaction; with a
+        ``delay`` (seconds, database clock) or a start time ``at`` (epoch seconds) its first step is not
+        claimable before then (trigger_start has checked them)."""
         cls = _REGISTRY.get(name)
         if cls is None:
             raise ConfigError(f"pipeline {name!r} not found (registered: {', '.join(sorted(_REGISTRY)) or 'none'})")
@@ -3653,6 +3688,9 @@ class Engine:
             run_id = t.one(SQL.insert_run, {"pipeline": name, "definition": digest, "input": args_json})[0]
             branch_id = t.one(SQL.insert_branch, {"run_id": run_id, "pipeline": name, "definition": digest})[0]
             self._insert_steps(t, [(run_id, branch_id, name, 0, d.nodes[0]["step"], args_json)])
+            if delay is not None or at is not None:
+                start = t.one(SQL.schedule_run, {"id": run_id, "at": at, "delay": delay or 0.0})[0]
+                t.run(SQL.delay_first_step, {"start": start, "branch_id": branch_id})
         self._stored_definitions.add(digest)
         return int(run_id)
 
@@ -4413,6 +4451,7 @@ class Run:
         self.output: Any = None
         self.halt_reasons: list[str] = []
         self.cancel_reason: str | None = None
+        self.scheduled_at: float | None = None   # a delayed run: when it starts (or started), epoch seconds
         self.created_at = 0.0
         self.finished_at: float | None = None
 
@@ -4460,7 +4499,7 @@ class Run:
         self.pipeline, self.status = r.pipeline, r.status
         self.created_at, self.finished_at = r.created_at, r.finished_at
         self.input, self.output, self.halt_reasons = _loads(r.input), _loads(r.output), _loads(r.halt_reasons)
-        self.cancel_reason = r.cancel_reason
+        self.cancel_reason, self.scheduled_at = r.cancel_reason, r.scheduled_at
         return self
 
     def wait(self, timeout: float | None = None, poll: float = 0.02) -> str:
@@ -4569,10 +4608,32 @@ def migrate(database_url: str | None = None) -> list[int]:
     return migrate_store(store)
 
 
-def trigger(name: str, *args: Any) -> Run:
-    """Start a run of the pipeline ``name`` with these arguments for its start step."""
+def trigger(name: str, *args: Any, delay: float | None = None, at: Any = None) -> Run:
+    """Start a run of the pipeline ``name`` with these arguments for its start step; ``delay`` (seconds) or
+    ``at`` (an aware datetime, or epoch seconds): not before then (the database's clock)."""
+    delay, start = trigger_start(delay, at)
     engine = _app_engine()
-    return Run(engine.trigger(name, args), engine).refresh()
+    return Run(engine.trigger(name, args, delay, start), engine).refresh()
+
+
+def trigger_start(delay: Any, at: Any) -> tuple[float | None, float | None]:
+    """The checked (delay, at) of a trigger: seconds from now, or epoch seconds (DuctworkError when wrong)."""
+    import datetime
+    if delay is not None and at is not None:
+        raise DuctworkError("give a trigger delay or at, not both")
+    if delay is not None:
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= MAX_DURATION:
+            raise DuctworkError(f"a trigger delay must be seconds from 0 to {MAX_DURATION}, got {delay!r}")
+        return float(delay), None
+    if isinstance(at, datetime.datetime):
+        if at.tzinfo is None or at.utcoffset() is None:
+            raise DuctworkError(f"a trigger time must be timezone-aware, got {at.isoformat()} (no timezone)")
+        return None, at.timestamp()
+    if at is not None:
+        if isinstance(at, bool) or not isinstance(at, (int, float)) or not 0 <= at < 2 ** 40:
+            raise DuctworkError(f"a trigger time must be an aware datetime or epoch seconds, got {at!r}")
+        return None, float(at)
+    return None, None
 
 
 def _check_reason(reason: Any) -> None:
@@ -6937,12 +6998,14 @@ class Counts:
 
 
 def status_report(engine: Engine) -> dict:
-    """The status report: processes, run counts per pipeline and status, recent halts and step errors."""
+    """The status report: processes, run counts per pipeline and status, the delayed runs still to start, recent
+    halts and step errors."""
     with engine.store.tx(write=False) as t:
         procs = t.all(SQL.processes)
         counts = Counts.read(t)
         halts = t.all(SQL.recent_halts, {"limit": 10})
         errors = t.all(SQL.recent_errors, {"limit": 10})
+        scheduled = t.all(SQL.scheduled_runs)
     runs: dict[str, dict[str, int]] = {}
     for (pipeline, status), n in counts.runs.items():
         if n:
@@ -6950,6 +7013,7 @@ def status_report(engine: Engine) -> dict:
     return {
         "processes": [ProcessRow.from_row(row).report() for row in procs],
         "runs": runs,
+        "scheduled": {pipeline: {"runs": int(n), "first": first} for pipeline, n, first in sorted(scheduled)},
         "recent_halts": [{"run": r[0], "pipeline": r[1], "reasons": _loads(r[2]), "finished_at": r[3]} for r in halts],
         "recent_errors": [{"step": r[0], "run": r[1], "pipeline": r[2], "name": r[3], "outcome": r[4],
                            "error": clip((r[5] or "").partition("\n")[0], STATUS_ERROR_LINE), "at": r[6]}
@@ -8202,7 +8266,8 @@ def _filters(path: str, data: dict, **choices: list[str]) -> str:
 
 def render_overview(data: dict) -> str:
     """The overview's <main>: runs per pipeline, throughput, processes, recent halts and errors."""
-    return (_overview_runs(data["runs"]) + _overview_throughput(data["throughput"])
+    return (_overview_runs(data["runs"]) + _overview_scheduled(data["scheduled"])
+            + _overview_throughput(data["throughput"])
             + _overview_processes(data["processes"], data["stale_after"])
             + _overview_halts(data["recent_halts"]) + _overview_errors(data["recent_errors"]))
 
@@ -8213,6 +8278,13 @@ def _overview_runs(counts_by_pipeline: dict[str, dict[str, int]]) -> str:
              *(f'<a href="{_href("/runs", pipeline=p, status=s)}">{counts.get(s, 0)}</a>' for s in statuses),
              str(sum(counts.values()))] for p, counts in sorted(counts_by_pipeline.items())]
     return "<h2>Runs</h2>" + _table(["pipeline", *statuses, "total"], rows, "no runs yet")
+
+
+def _overview_scheduled(scheduled: dict[str, dict]) -> str:
+    """The delayed runs still to start, per pipeline (nothing when there are none)."""
+    rows = [[_esc(p), str(due["runs"]), _ts(due["first"])] for p, due in scheduled.items()]
+    return ('<h2>Scheduled</h2><div id="scheduled">' + _table(["pipeline", "runs to start", "first at (UTC)"], rows)
+            + "</div>") if rows else ""
 
 
 def _overview_throughput(tp: dict) -> str:
@@ -8346,6 +8418,9 @@ def render_run(data: dict, token: str | None = None) -> str:
             else '<p class="muted">no branches</p>')
     why = (f'<p class="muted" id="cancel-reason">cancel reason: {_esc(clip(r["cancel_reason"], STATUS_ERROR_LINE))}'
            "</p>" if r.get("cancel_reason") else "")
+    if r.get("scheduled_at") is not None:   # a delayed run: when it starts (started)
+        why += f'<p class="muted" id="scheduled-at">scheduled to start at {_ts(r["scheduled_at"])} UTC</p>'
+
     return (f'<h2>Run {int(r["id"])}</h2>'
             + _table(["pipeline", "status", "created (UTC)", "finished (UTC)", "took", "halt reasons"], summary)
             + why + _run_forms(int(r["id"]), data.get("actions", {}), token)
@@ -9294,6 +9369,9 @@ def _trigger_arguments(p: argparse.ArgumentParser) -> None:
     """trigger's own arguments: the pipeline and the start step's arguments."""
     p.add_argument("name")
     p.add_argument("args", nargs="*", help="one JSON value per argument of the start step")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--delay", type=float, metavar="S", help="start it S seconds from now (the database clock)")
+    when.add_argument("--at", metavar="ISO8601", help="start it at this time (with its UTC offset, or Z)")
 
 
 def _dashboard_arguments(p: argparse.ArgumentParser) -> None:
@@ -9504,8 +9582,26 @@ def cmd_trigger(args: argparse.Namespace, config: Config) -> int:
     values = [_json_argument(text) for text in args.args]
     if args.name not in _REGISTRY:
         raise ConfigError(f"pipeline {args.name!r} not found (registered: {', '.join(sorted(_REGISTRY)) or 'none'})")
-    print(trigger(args.name, *values).id)
+    try:
+        trigger_start(args.delay, _time_argument(args.at))
+    except DuctworkError as exc:   # (a usage error: exit 2)
+        raise ConfigError(str(exc)) from None
+    print(trigger(args.name, *values, delay=args.delay, at=_time_argument(args.at)).id)
     return EXIT_OK
+
+
+def _time_argument(text: str | None) -> Any:
+    """--at: an ISO 8601 time with its UTC offset (Z too) as an aware datetime; ConfigError (exit 2) when not."""
+    import datetime
+    if text is None:
+        return None
+    try:
+        at = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"--at {text!r} is not an ISO 8601 time (e.g. 2026-12-24T18:00:00+01:00)") from None
+    if at.tzinfo is None:
+        raise ConfigError(f"--at {text!r} has no UTC offset: add one (e.g. +01:00, or Z for UTC)")
+    return at
 
 
 def _unknown_runs(engine: Engine, run_ids: Sequence[int]) -> list[int]:
@@ -9584,6 +9680,10 @@ def _status_lines(report: dict) -> Iterator[str]:
     yield "runs:"
     for pipeline, by_status in sorted(report["runs"].items()):
         yield f"  {pipeline:<28} " + "  ".join(f"{s} {n}" for s, n in sorted(by_status.items()))
+    if report["scheduled"]:
+        yield "scheduled (delayed runs still to start):"
+        for pipeline, due in report["scheduled"].items():
+            yield f"  {pipeline:<28} {due['runs']} run(s), the first at {_ts(due['first'])} UTC"
     if report["recent_halts"]:
         yield "recent halts:"
         for h in report["recent_halts"]:
@@ -9656,7 +9756,8 @@ COMMANDS = (   # in --help order
             _prune_arguments),
     Command("healthcheck", "liveness probe for this machine and role", cmd_healthcheck, _healthcheck_arguments,
             aliases=("health",), light=True),
-    Command("trigger", "trigger a pipeline: trigger NAME [JSON ...]", cmd_trigger, _trigger_arguments),
+    Command("trigger", "trigger a pipeline: trigger NAME [JSON ...] [--delay S | --at ISO8601]", cmd_trigger,
+            _trigger_arguments),
     Command("cancel", "cancel runs: cancel RUN_ID ... | --pipeline NAME [--older-than S]", cmd_cancel,
             _cancel_arguments),
     Command("revive", "re-run what did not complete of halted or cancelled runs: revive RUN_ID ...", cmd_revive,
