@@ -152,6 +152,9 @@ TRANSITION_INVALID = "transition_invalid"
 DEFINITION_CHANGED = "definition_changed"
 PIPELINE_NOT_CONFIGURED = "pipeline_not_configured"
 JOB_NON_RETRYABLE = "job_non_retryable"     # NonRetryable raised, or the step's Retry policy gave up on the error
+SIGNAL_TIMEOUT = "signal_timeout"           # a wait_for's timeout passed before its signal came
+# A branch parked for a signal without a timeout waits in the advance queue at this available_at (year 36812).
+PARKED_FOREVER = float(2 ** 40)
 
 # A run's statuses; a finished one is kept for its status's retention (SPEC §18), then pruned.
 RUN_STATUSES = ("in_progress", "completed", "halted", "cancelled")
@@ -1629,14 +1632,26 @@ MIGRATIONS: list[Migration] = [
         "CREATE INDEX ductwork_steps_stopping ON ductwork_steps (claimed_by) "
         "WHERE status IN ('cancelling', 'stopping')",
     )),
-    # 4: delayed runs (SPEC §16): a run triggered with a delay (or a time) says when it starts; its first step
-    # waits on its own available_at, so a process of the version before claims it at the right time too. The
-    # scheduled runs still to start are read off an index range (status, the dashboard).
+    # 4: time (SPEC §16). A run triggered with a delay (or a time) says when it starts; its first step waits on its
+    # own available_at, so a process of the version before claims it at the right time too (as it does the steps
+    # after a sleep: a sleep needs nothing new). A run's signals, the first of each name kept (one sent before its
+    # wait_for waits for it there); a branch that waits for one is parked in the advance queue until its timeout
+    # (or far away) and says what it waits for.
     Migration(4, (
         "ALTER TABLE ductwork_runs ADD COLUMN scheduled_at {float}",
-    ), indexes=(
+        "ALTER TABLE ductwork_branches ADD COLUMN waiting_for TEXT",
+        "ALTER TABLE ductwork_branches ADD COLUMN wait_until {float}",
+        """CREATE TABLE ductwork_signals (
+            run_id BIGINT NOT NULL, name TEXT NOT NULL, payload TEXT, created_at {float} NOT NULL,
+            PRIMARY KEY (run_id, name))""",
+    )),
+    # 5: ... and the indexes of migration 4's columns (built concurrently on Postgres: a migration's indexes come
+    # before its statements, so they need the columns of the migration before): the scheduled runs still to
+    # start, and the parked branches (status, the dashboard).
+    Migration(5, (), indexes=(
         "CREATE INDEX ductwork_runs_scheduled ON ductwork_runs (pipeline, scheduled_at) "
         "WHERE status = 'in_progress' AND scheduled_at IS NOT NULL",
+        "CREATE INDEX ductwork_branches_waiting ON ductwork_branches (pipeline, id) WHERE waiting_for IS NOT NULL",
     )),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -1768,6 +1783,9 @@ def schema_is_current(store: Store) -> bool:
 #   {"kind": "divide", "children": [n, ...], "join": ...}  same input to every child
 #   {"kind": "divert", "cases": {"key": n, ..., "otherwise": n}, "join": ...}
 #   {"kind": "end"}                                        the branch is finished
+# A chain or fan-out may carry a wait, set by .sleep() / .wait_for() before it (SPEC §16):
+#   "wait": {"sleep": seconds}                 the steps it starts are claimable that much later
+#   "wait": {"signal": name, "timeout": s}     the branch parks until run.signal(name) (or halts at the timeout)
 # A branch is one line of steps. A fan-out parks the branch and starts child branches;
 # when every child has finished, the join step (collapse/combine/converge) runs on the
 # parked branch with the children's outputs, or, with no join (a fan-out left open at
@@ -1957,6 +1975,45 @@ class Handle:
         self._b, self._tip, self._stack = builder, tip, stack
         self._group: Group | None = None   # set on the handles of a divide/divert
         self._closed = False
+        self._wait: dict | None = None     # a sleep() / wait_for() for the transition that comes next
+
+    def sleep(self, seconds: float) -> "Handle":
+        """Wait ``seconds`` (durably: in the database, no thread) before the next transition's steps start; they
+        get this step's output."""
+        self._live("sleep")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= MAX_DURATION:
+            raise DefinitionError(f"pipeline {self._b.name}: sleep needs seconds above 0 (at most {MAX_DURATION}), "
+                                  f"got {seconds!r}")
+        return self._waits({"sleep": seconds}, "sleep")
+
+    def wait_for(self, name: str, timeout: float | None = None) -> "Handle":
+        """Wait for ``run.signal(name, payload)`` before the next transition, which goes on with the payload;
+        past ``timeout`` seconds (None: forever) the branch halts with signal_timeout."""
+        self._live("wait_for")
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_SIGNAL_NAME:
+            raise DefinitionError(f"pipeline {self._b.name}: wait_for needs a signal name (a non-empty string of "
+                                  f"at most {MAX_SIGNAL_NAME} characters), got {name!r}")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not 0 < timeout <= MAX_DURATION):
+            raise DefinitionError(f"pipeline {self._b.name}: wait_for timeout must be seconds above 0 (at most "
+                                  f"{MAX_DURATION}) or None, got {timeout!r}")
+        return self._waits({"signal": name, "timeout": timeout}, "wait_for")
+
+    def _waits(self, wait: dict, what: str) -> "Handle":
+        if self._wait is not None:
+            raise DefinitionError(f"pipeline {self._b.name}: {what} after another sleep/wait_for: one wait per "
+                                  "transition")
+        self._wait = wait
+        self._b.waiting.append(self)
+        return self
+
+    def _take_wait(self, verb: str) -> dict | None:
+        """The wait set for the transition ``verb`` is making (a join or the end cannot take one)."""
+        wait, self._wait = self._wait, None
+        if wait is not None and verb in ("collapse", "combine", "converge"):
+            raise DefinitionError(f"pipeline {self._b.name}: sleep/wait_for before {verb}: a wait must be followed "
+                                  "by chain, expand, divide or divert")
+        return wait
 
     def _live(self, what: str) -> None:
         if self._closed:
@@ -1966,20 +2023,22 @@ class Handle:
     def chain(self, to: Any) -> "Handle":
         """The next step runs on this step's output."""
         self._live("chain")
-        self._tip = self._b.link(self._tip, {"kind": "chain"}, to, "next")
+        self._tip = self._b.link(self._tip, _waited({"kind": "chain"}, self._take_wait("chain")), to, "next")
         return self
 
     def expand(self, to: Any) -> "Handle":
         """One branch per element of this step's output (a list), each running ``to``."""
         self._live("expand")
         parent = self._tip
-        self._tip = self._b.link(parent, {"kind": "expand", "join": None}, to, "child")
+        after = _waited({"kind": "expand", "join": None}, self._take_wait("expand"))
+        self._tip = self._b.link(parent, after, to, "child")
         self._stack = self._stack + [_Frame("expand", parent)]
         return self
 
     def collapse(self, into: Any) -> "Handle":
         """Close the innermost expand: ``into`` runs on the list of the branches' outputs."""
         self._live("collapse")
+        self._take_wait("collapse")
         if not self._stack or self._stack[-1].kind != "expand":
             raise DefinitionError(f"pipeline {self._b.name}: collapse without a matching expand")
         frame = self._stack[-1]
@@ -1995,7 +2054,8 @@ class Handle:
             raise DefinitionError(f"pipeline {self._b.name}: divide(to=...) needs a non-empty list of steps")
         parent = self._tip
         children = [self._b.add(step) for step in to]
-        self._b.nodes[parent]["after"] = {"kind": "divide", "children": children, "join": None}
+        self._b.nodes[parent]["after"] = _waited({"kind": "divide", "children": children, "join": None},
+                                                 self._take_wait("divide"))
         return self._fan_out("divide", parent, children, [str(i) for i in range(len(children))])
 
     def divert(self, to: dict) -> "Group":
@@ -2009,7 +2069,8 @@ class Handle:
         cases = {str(key): self._b.add(step) for key, step in to.items()}
         if len(cases) != len(to):
             raise DefinitionError(f"pipeline {self._b.name}: divert keys collide once turned into strings")
-        self._b.nodes[parent]["after"] = {"kind": "divert", "cases": cases, "join": None}
+        self._b.nodes[parent]["after"] = _waited({"kind": "divert", "cases": cases, "join": None},
+                                                 self._take_wait("divert"))
         return self._fan_out("divert", parent, list(cases.values()), list(cases))
 
     def _fan_out(self, kind: str, parent: int, children: list[int], keys: list[str]) -> "Group":
@@ -2035,6 +2096,15 @@ class Handle:
         if self._group is None or self._group.kind != "divert":
             raise DefinitionError(f"pipeline {self._b.name}: converge without a matching divert")
         return self._group.close("converge", [self, *others], into)
+
+
+def _waited(after: dict, wait: dict | None) -> dict:
+    """A transition with the wait before it (none: as it is, so a pipeline without waits keeps its hash)."""
+    return after if wait is None else {**after, "wait": wait}
+
+
+# The longest signal name (it is stored with each signal and each branch waiting for one).
+MAX_SIGNAL_NAME = 200
 
 
 class Group:
@@ -2074,6 +2144,7 @@ class Group:
             raise DefinitionError(f"pipeline {b.name}: {verb} must name every branch of its {self.kind} exactly once")
         for h in handles:
             h._live(verb)
+            h._take_wait(verb)
             if h._stack[-1].node != self.node:
                 raise DefinitionError(f"pipeline {b.name}: a branch has an expand that is not collapsed before {verb}")
             b.end(h._tip)
@@ -2093,6 +2164,7 @@ class Builder:
         self.steps: dict[str, Any] = {}
         self.halt_handlers: list[Callable] = []
         self.complete_handlers: list[Callable] = []
+        self.waiting: list[Handle] = []    # handles given a sleep/wait_for (one left unused is a mistake)
         self._started = False
 
     def start(self, step: Any) -> Handle:
@@ -2193,6 +2265,9 @@ class Pipeline:
             raise DefinitionError(f"pipeline {name}: {exc}") from None
         if not builder.nodes:
             raise DefinitionError(f"pipeline {name}: define(p) never called p.start(...)")
+        if any(handle._wait is not None for handle in builder.waiting):
+            raise DefinitionError(f"pipeline {name}: sleep/wait_for at the end of a line: a wait must be followed "
+                                  "by chain, expand, divide or divert")
         cls.definition = Definition(name, builder.nodes)
         cls.steps = builder.steps
         cls.halt_handlers = builder.halt_handlers
@@ -2341,7 +2416,7 @@ class BranchClaim(_Row):
     transaction that commits its step (``BulkSQL.lock_branches``)."""
 
     COLUMNS = ("id", "run_id", "pipeline", "definition", "parent_id", "node", "expected", "arrived",
-               "advance_failures")
+               "advance_failures", "waiting_for", "wait_until")
     id: int
     run_id: int
     pipeline: str
@@ -2351,6 +2426,8 @@ class BranchClaim(_Row):
     expected: int            # children of its open fan-out (0: none)
     arrived: int             # ... of which this many have finished
     advance_failures: int    # failed advancements so far (the advancer's retry budget)
+    waiting_for: str | None  # the signal it is parked for (wait_for), None when it waits for none
+    wait_until: float | None  # ... and until when (None: no timeout)
     process_id: int
     token: str               # "" for a branch locked (not claimed) by the transaction that advances it
     held: str = "advancing"  # the status it is held in: "running" when locked by a step's own commit
@@ -2468,6 +2545,8 @@ class _Outcome:
     new_step: tuple[int, str] | None = None               # (node, input json) on this branch
     children: list[tuple[int, int, str]] = dataclasses.field(default_factory=list)  # (position, node, input json)
     warning: str | None = None   # why it halted, for the log
+    delay: float = 0.0       # a sleep before the transition: its new steps are claimable this much later
+    park: tuple[str, float | None] | None = None   # wait_for: parked for this signal, until then (None: no timeout)
 
 
 # -- SQL, grouped by table ---------------------------------------------------------------
@@ -2514,6 +2593,35 @@ class SQL:
         UPDATE ductwork_steps
         SET available_at = :start
         WHERE branch_id = :branch_id"""
+
+    # status: the branches parked for a signal, per pipeline, with the first deadline (a partial index's rows) ...
+    parked_branches = """
+        SELECT pipeline, count(*), min(wait_until)
+        FROM ductwork_branches
+        WHERE waiting_for IS NOT NULL
+          AND status = 'advance'
+        GROUP BY pipeline"""
+
+    # ... the first of them, each with what it waits for and until when ...
+    parked_list = """
+        SELECT run_id, id, pipeline, waiting_for, wait_until
+        FROM ductwork_branches
+        WHERE waiting_for IS NOT NULL
+          AND status = 'advance'
+        ORDER BY id
+        LIMIT :limit"""
+
+    # ... and a pipeline's steps asleep (after a sleep: not a retry's delay, nor a delayed run's start), with the
+    # first to wake (an index range of the queue).
+    sleeping_steps = """
+        SELECT count(*), min(available_at)
+        FROM ductwork_steps
+        WHERE pipeline = :pipeline
+          AND status = 'queued'
+          AND available_at > (SELECT {now})
+          AND node > 0
+          AND attempts = 0
+          AND crashes = 0"""
 
     # The scheduled runs still to start, per pipeline, and the first start (an index range per pipeline).
     scheduled_runs = """
@@ -2766,6 +2874,45 @@ class SQL:
           AND status = :status
         RETURNING {BranchClaim.select_list()}"""
 
+    # -- wait_for (SPEC §16): signals and the branches parked for them ----------------------------
+    # A run's signal of a name (its payload, JSON), if it was sent.
+    signal_of = """
+        SELECT payload
+        FROM ductwork_signals
+        WHERE run_id = :run_id
+          AND name = :name"""
+
+    # A branch parks for a signal: in the advance queue (status advance, set by apply_branches) until its
+    # timeout, or PARKED_FOREVER; the signal that comes makes it claimable at once (wake_waiting).
+    park_branch = """
+        UPDATE ductwork_branches
+        SET waiting_for = :name, wait_until = :until, available_at = :available_at
+        WHERE id = :id"""
+
+    unpark_branch = """
+        UPDATE ductwork_branches
+        SET waiting_for = NULL, wait_until = NULL
+        WHERE id = :id"""
+
+    # run.signal(): the first signal of a name is kept (a later one changes nothing), for a run in progress.
+    insert_signal = """
+        INSERT INTO ductwork_signals (run_id, name, payload, created_at)
+        SELECT id, :name, :payload, {now}
+        FROM ductwork_runs
+        WHERE id = :run_id
+          AND status = 'in_progress'
+        ON CONFLICT (run_id, name) DO NOTHING
+        RETURNING run_id"""
+
+    # ... and the run's branches parked for it are claimable now.
+    wake_waiting = """
+        UPDATE ductwork_branches
+        SET available_at = {now}
+        WHERE run_id = :run_id
+          AND status = 'advance'
+          AND waiting_for = :name
+        RETURNING pipeline"""
+
     # The children of a fan-out, in position order (their outputs feed the join).
     children_of = """
         SELECT status, output
@@ -2818,10 +2965,11 @@ class SQL:
           AND halt_reason IS NOT NULL
         ORDER BY id"""
 
-    # revive(): a halted branch runs (its failed step again) or advances again.
+    # revive(): a halted branch runs (its failed step again) or advances again (a wait_for waits afresh).
     reopen_leaf = """
         UPDATE ductwork_branches
-        SET status = :status, halt_reason = NULL, advance_failures = 0, available_at = {now}, updated_at = {now}
+        SET status = :status, halt_reason = NULL, advance_failures = 0, available_at = {now}, updated_at = {now},
+            waiting_for = NULL, wait_until = NULL
         WHERE id = :id"""
 
     # revive(): a parent of a reopened branch.
@@ -2840,7 +2988,8 @@ class SQL:
     # queue; revive() puts them back.
     branches_cancelled = """
         UPDATE ductwork_branches
-        SET status = 'cancelled', claimed_by = NULL, claim_token = NULL, updated_at = {now}
+        SET status = 'cancelled', claimed_by = NULL, claim_token = NULL, updated_at = {now},
+            waiting_for = NULL, wait_until = NULL
         WHERE {runs}
           AND status IN ('advance', 'advancing')"""
 
@@ -3133,6 +3282,9 @@ class SQL:
     # condition "run_id is one of :ids". A table that later holds rows of a run gets its line here.
     PRUNE_OWNED = (
         """
+        DELETE FROM ductwork_signals
+        WHERE {runs}""",
+        """
         DELETE FROM ductwork_executions
         WHERE step_id IN (SELECT id FROM ductwork_steps WHERE {runs})""",
         """
@@ -3248,7 +3400,7 @@ class BulkSQL:
     BRANCH = [("id", "BIGINT"), ("held", "TEXT"), ("token", "TEXT"), ("status", "TEXT"), ("node", "INTEGER"),
               ("expected", "INTEGER"), ("arrived", "INTEGER"), ("output", "TEXT"), ("halt_reason", "TEXT")]
     NEW_STEP = [("run_id", "BIGINT"), ("branch_id", "BIGINT"), ("pipeline", "TEXT"), ("node", "INTEGER"),
-                ("name", "TEXT"), ("input", "TEXT")]
+                ("name", "TEXT"), ("input", "TEXT"), ("delay", "DOUBLE PRECISION")]
     CHILD_BRANCH = [("position", "INTEGER"), ("node", "INTEGER")]
     EXECUTION = [("step_id", "BIGINT"), ("run_id", "BIGINT"), ("pipeline", "TEXT"), ("process_id", "BIGINT"),
                  ("attempt", "INTEGER"), ("outcome", "TEXT"), ("error", "TEXT"), ("claimed_at", "DOUBLE PRECISION"),
@@ -3345,7 +3497,7 @@ class BulkSQL:
     def insert_steps(cls, dialect: str) -> str:
         return ("\n        INSERT INTO ductwork_steps (run_id, branch_id, pipeline, node, name, status, input, "
                 "available_at, created_at)\n        SELECT r.run_id, r.branch_id, r.pipeline, r.node, r.name, "
-                "'queued', r.input, {now}, {now}\n        FROM " + cls.rows(dialect, cls.NEW_STEP)
+                "'queued', r.input, {now} + r.delay, {now}\n        FROM " + cls.rows(dialect, cls.NEW_STEP)
                 + "\n        RETURNING id, pipeline")
 
     # The child branches of a fan-out (one per position).
@@ -3458,6 +3610,12 @@ class Situation:
     children: list[tuple[str, str | None]] = dataclasses.field(default_factory=list)  # (status, output) by position
     max_depth: int = -1                  # pipeline_advancer.steps.max_depth for this step (-1: no limit)
     defined: Any = None                  # the step names this process defines for the pipeline (None: unknown here)
+    # a wait_for after the current step (read only then): the signal's payload (JSON; None: not sent yet), the
+    # database clock, and what the branch is parked for already (and until when)
+    signal: str | None = None
+    now: float = 0.0
+    waiting_for: str | None = None
+    wait_until: float | None = None
 
     @property
     def after(self) -> dict:
@@ -3481,7 +3639,31 @@ def decide(s: Situation) -> _Outcome:
         return s.halt(TRANSITION_INVALID)
     if s.step.status == "failed":
         return s.halt(s.step.halt_reason or JOB_RETRIES_EXHAUSTED)
-    return DECISIONS.get(s.after["kind"], _decide_unknown)(s)
+    wait = s.after.get("wait")
+    if wait is not None and "signal" in wait:
+        return _decide_signal(s, wait)
+    outcome = DECISIONS.get(s.after["kind"], _decide_unknown)(s)
+    if wait is not None and "sleep" in wait:   # (the steps it starts, on this branch or its children, wait)
+        outcome.delay = float(wait["sleep"])
+    return outcome
+
+
+def _decide_signal(s: Situation, wait: dict) -> _Outcome:
+    """wait_for: with its signal sent the transition goes on with the payload (not the step's output); without,
+    the branch parks until it comes, or halts with signal_timeout once its own deadline passed (an advancement
+    before it, a branch handed back early, parks it again until the same deadline)."""
+    if s.signal is not None:
+        assert s.step is not None
+        given = dataclasses.replace(s, step=dataclasses.replace(s.step, output=s.signal))
+        return DECISIONS.get(s.after["kind"], _decide_unknown)(given)
+    name, timeout = wait["signal"], wait.get("timeout")
+    if s.waiting_for == name:
+        until = s.wait_until
+    else:
+        until = None if timeout is None else s.now + float(timeout)
+    if until is not None and s.now >= until:
+        return s.halt(SIGNAL_TIMEOUT, f"no signal {name!r} within {timeout:g}s")
+    return _Outcome("advance", s.node, park=(name, until))
 
 
 def _decide_end(s: Situation) -> _Outcome:
@@ -3687,12 +3869,27 @@ class Engine:
                 t.run(SQL.insert_definition, {"hash": digest, "pipeline": name, "body": d.body})
             run_id = t.one(SQL.insert_run, {"pipeline": name, "definition": digest, "input": args_json})[0]
             branch_id = t.one(SQL.insert_branch, {"run_id": run_id, "pipeline": name, "definition": digest})[0]
-            self._insert_steps(t, [(run_id, branch_id, name, 0, d.nodes[0]["step"], args_json)])
+            self._insert_steps(t, [(run_id, branch_id, name, 0, d.nodes[0]["step"], args_json, 0.0)])
             if delay is not None or at is not None:
                 start = t.one(SQL.schedule_run, {"id": run_id, "at": at, "delay": delay or 0.0})[0]
                 t.run(SQL.delay_first_step, {"start": start, "branch_id": branch_id})
         self._stored_definitions.add(digest)
         return int(run_id)
+
+    def signal(self, run_id: int, name: str, payload_json: str) -> bool:
+        """Send the run its signal ``name``: kept if it is the first of its name and the run is in progress (else
+        False), and the branches parked for it are woken. On Postgres under the run's lock, exclusively: an
+        advancement of the run that found no signal parks before this looks for parked branches."""
+        def work() -> bool:
+            with self._tx() as t:
+                if t.dialect == "postgres":
+                    self._lock_runs(t, [run_id])
+                if t.one(SQL.insert_signal, {"run_id": run_id, "name": name, "payload": payload_json}) is None:
+                    return False
+                for pipeline in sorted({p for (p,) in t.all(SQL.wake_waiting, {"run_id": run_id, "name": name})}):
+                    t.notify(CH_ADVANCE, pipeline)
+            return True
+        return _retry_conflicts(work)
 
     # -- job claims and commits ---------------------------------------------------------
     def claim_steps(self, pipeline: str, process_id: int, limit: int = 1) -> list[JobClaim]:
@@ -3984,11 +4181,13 @@ class Engine:
         self._apply_outcomes(t, [(b, o) for b, _, _, o in decided])
         new_steps: list[tuple] = []
         for b, d, step, o in decided:
+            if o.park is not None or b.waiting_for is not None:   # (wait_for: parks, or leaves the park)
+                self._park(t, b, o)
             if o.new_step is not None:
                 node, value = o.new_step
-                new_steps.append((b.run_id, b.id, b.pipeline, node, d.nodes[node]["step"], value))
+                new_steps.append((b.run_id, b.id, b.pipeline, node, d.nodes[node]["step"], value, o.delay))
             if o.children:
-                self._insert_children(t, b, d, step.step_id, o.children)
+                self._insert_children(t, b, d, step.step_id, o.children, o.delay)
             if o.status in ("completed", "halted"):
                 self._branch_finished(t, b, o.status, o.output)
         if new_steps:
@@ -4008,7 +4207,14 @@ class Engine:
         max_depth = (self.config.get("pipeline_advancer.steps.max_depth", b.pipeline, node["step"])
                      if node["after"]["kind"] in BOUNDED_FAN_OUTS else -1)
         cls = _REGISTRY.get(b.pipeline)
-        return Situation(b.node, d.nodes, step, b.expected, children, max_depth, cls.steps if cls else None)
+        situation = Situation(b.node, d.nodes, step, b.expected, children, max_depth, cls.steps if cls else None,
+                              waiting_for=b.waiting_for, wait_until=b.wait_until)
+        wait = node["after"].get("wait")
+        if wait is not None and "signal" in wait and b.expected == 0:   # (a wait_for: its signal, and the clock)
+            row = t.one(SQL.signal_of, {"run_id": b.run_id, "name": wait["signal"]})
+            situation.signal = None if row is None else (row[0] if row[0] is not None else "null")
+            situation.now = float(t.one(StoreSQL.now)[0])
+        return situation
 
     @staticmethod
     def _apply_outcomes(t: _EngineTx, decided: list[tuple[BranchClaim, _Outcome]]) -> None:
@@ -4031,14 +4237,25 @@ class Engine:
         for pipeline, ids in by_pipeline.items():
             t.queued(pipeline, ids)
 
+    @staticmethod
+    def _park(t: _EngineTx, b: BranchClaim, o: _Outcome) -> None:
+        """wait_for: park the branch in the advance queue until its signal's deadline (PARKED_FOREVER without
+        one), saying what it waits for; or, once it goes on (or halts), say it waits for nothing any more."""
+        if o.park is None:
+            t.run(SQL.unpark_branch, {"id": b.id})
+            return
+        name, until = o.park
+        t.run(SQL.park_branch, {"id": b.id, "name": name, "until": until,
+                                "available_at": PARKED_FOREVER if until is None else until})
+
     def _insert_children(self, t: _EngineTx, b: BranchClaim, d: Definition, origin_step: int,
-                         children: list[tuple[int, int, str]]) -> None:
-        """The child branches of a fan-out, each with its first step."""
+                         children: list[tuple[int, int, str]], delay: float = 0.0) -> None:
+        """The child branches of a fan-out, each with its first step (claimable ``delay`` seconds from now)."""
         params = {"run_id": b.run_id, "pipeline": b.pipeline, "definition": b.definition, "parent_id": b.id,
                   "origin_step_id": origin_step,
                   "rows": _document(BulkSQL.CHILD_BRANCH, [(position, node) for position, node, _ in children])}
         ids = {pos: bid for bid, pos in t.all(BulkSQL.insert_child_branches(t.dialect), params)}
-        self._insert_steps(t, [(b.run_id, ids[position], b.pipeline, node, d.nodes[node]["step"], value)
+        self._insert_steps(t, [(b.run_id, ids[position], b.pipeline, node, d.nodes[node]["step"], value, delay)
                                for position, node, value in children])
 
     def _branch_finished(self, t: _EngineTx, b: BranchClaim, status: str, output: str | None) -> None:
@@ -4544,6 +4761,19 @@ class Run:
         with contextlib.suppress(DuctworkError):
             self.refresh()
         return cancelled
+
+    def signal(self, name: str, payload: Any = None) -> bool:
+        """Send the run the signal ``name`` with a JSON ``payload``: a branch waiting for it (wait_for) goes on with
+        the payload, and one that reaches its wait_for later finds it. True when it was kept: False when the run
+        is not in progress (or unknown) or a signal of that name came first (the first one wins)."""
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_SIGNAL_NAME:
+            raise DuctworkError(f"a signal name must be a non-empty string of at most {MAX_SIGNAL_NAME} characters, "
+                                f"got {name!r}")
+        try:
+            payload_json = _dumps(payload)
+        except (TypeError, ValueError) as exc:
+            raise DuctworkError(f"a signal payload must be JSON: {exc}") from None
+        return self.engine.signal(self.id, name, payload_json)
 
     def __repr__(self) -> str:
         return f"<Run {self.id} {self.pipeline} {self.status}>"
@@ -6997,23 +7227,36 @@ class Counts:
         return {pipeline for pipeline, _ in (*self.runs, *self.pruned)}
 
 
+STATUS_WAITS = 10   # the parked branches status lists one by one (the dashboard's run page shows each)
+
+
 def status_report(engine: Engine) -> dict:
-    """The status report: processes, run counts per pipeline and status, the delayed runs still to start, recent
-    halts and step errors."""
+    """The status report: processes, run counts per pipeline and status, what waits (branches for a signal, steps
+    asleep, the first STATUS_WAITS parked branches), the delayed runs still to start, recent halts and errors."""
     with engine.store.tx(write=False) as t:
         procs = t.all(SQL.processes)
         counts = Counts.read(t)
         halts = t.all(SQL.recent_halts, {"limit": 10})
         errors = t.all(SQL.recent_errors, {"limit": 10})
         scheduled = t.all(SQL.scheduled_runs)
-    runs: dict[str, dict[str, int]] = {}
-    for (pipeline, status), n in counts.runs.items():
-        if n:
-            runs.setdefault(pipeline, {})[status] = n
+        runs: dict[str, dict[str, int]] = {}
+        for (pipeline, status), n in counts.runs.items():
+            if n:
+                runs.setdefault(pipeline, {})[status] = n
+        waiting = {pipeline: {"signal": int(n), "first_timeout": first, "sleeping": 0, "first_wake": None}
+                   for pipeline, n, first in t.all(SQL.parked_branches)}
+        for pipeline in sorted(p for p, by_status in runs.items() if by_status.get("in_progress")):
+            n, first = t.one(SQL.sleeping_steps, {"pipeline": pipeline})
+            if n:
+                waiting.setdefault(pipeline, {"signal": 0, "first_timeout": None})
+                waiting[pipeline].update(sleeping=int(n), first_wake=first)
+        parked = t.all(SQL.parked_list, {"limit": STATUS_WAITS})
     return {
         "processes": [ProcessRow.from_row(row).report() for row in procs],
         "runs": runs,
         "scheduled": {pipeline: {"runs": int(n), "first": first} for pipeline, n, first in sorted(scheduled)},
+        "waiting": dict(sorted(waiting.items())),
+        "waits": [{"run": r[0], "branch": r[1], "pipeline": r[2], "signal": r[3], "until": r[4]} for r in parked],
         "recent_halts": [{"run": r[0], "pipeline": r[1], "reasons": _loads(r[2]), "finished_at": r[3]} for r in halts],
         "recent_errors": [{"step": r[0], "run": r[1], "pipeline": r[2], "name": r[3], "outcome": r[4],
                            "error": clip((r[5] or "").partition("\n")[0], STATUS_ERROR_LINE), "at": r[6]}
@@ -7834,7 +8077,8 @@ class DashboardSQL:
 
     # a run's page: its first :limit steps, in the order they were made
     STEP_COLUMNS = ("id, name, node, status, input, output, attempts, crashes, error, halt_reason, branch_id, "
-                    "created_at, claimed_at AS started_at, finished_at")
+                    "created_at, claimed_at AS started_at, finished_at, "
+                    "CASE WHEN status = 'queued' AND available_at > {now} THEN available_at END AS not_before")
     steps = f"""
         SELECT {STEP_COLUMNS}
         FROM ductwork_steps
@@ -7843,7 +8087,7 @@ class DashboardSQL:
         LIMIT :limit"""
 
     # a run's page: its branches, the nodes of the step tree
-    BRANCH_COLUMNS = "id, parent_id, origin_step_id, position, status, halt_reason"
+    BRANCH_COLUMNS = "id, parent_id, origin_step_id, position, status, halt_reason, waiting_for, wait_until"
     branches = f"""
         SELECT {BRANCH_COLUMNS}
         FROM ductwork_branches
@@ -8383,6 +8627,9 @@ def _render_branch(branch: dict) -> str:
     """A branch and its steps, each step followed by the branches it fanned out to (recursively)."""
     where = f', position {branch["position"]}' if branch["parent_id"] is not None else " (root)"
     reason = f' <span class="warn">{_esc(branch["halt_reason"])}</span>' if branch["halt_reason"] else ""
+    if branch.get("waiting_for") is not None and branch["status"] == "advance":
+        until = f'until {_ts(branch["wait_until"])} UTC' if branch["wait_until"] is not None else "(no timeout)"
+        reason += f' <span class="muted waits">waits for signal {_esc(repr(branch["waiting_for"]))} {until}</span>'
     steps = "".join(_render_step(s) for s in branch["steps"])
     return f'<li class="branch">branch {int(branch["id"])}{where} {_badge(branch["status"])}{reason}' \
            f'<ul class="tree">{steps}</ul></li>'
@@ -8400,6 +8647,8 @@ def _render_step(s: dict) -> str:
             f'queued {_ts(s["created_at"])}, started {_ts(s["started_at"])}, finished {_ts(s["finished_at"])}, '
             f'took {_secs(s["duration"])}</span>'
             + (f' <span class="warn">{_esc(s["halt_reason"])}</span>' if s["halt_reason"] else "")
+            + (f' <span class="muted waits">not before {_ts(s["not_before"])} UTC</span>' if s.get("not_before")
+               else "")
             + _value(s["input"], "input", f"in-{sid}") + _value(s["output"], "output", f"out-{sid}")
             + _error(s["error"], f"error-{sid}") + (f'<ul class="muted">{attempts}</ul>' if attempts else "")
             + (f'<ul class="tree">{children}</ul>' if children else "") + "</li>")
@@ -9435,6 +9684,13 @@ def _revive_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_ids", nargs="+", type=_run_id, metavar="RUN_ID", help="halted or cancelled runs")
 
 
+def _signal_arguments(p: argparse.ArgumentParser) -> None:
+    """signal's own arguments."""
+    p.add_argument("run_id", type=_run_id, metavar="RUN_ID")
+    p.add_argument("name", help="the signal's name (what wait_for waits for)")
+    p.add_argument("payload", nargs="?", default="null", help="its payload, one JSON value (default null)")
+
+
 def _config_from_args(args: argparse.Namespace) -> Config:
     """The configuration: the config file and environment, overridden by the command line."""
     apps = (args.app or []) + (getattr(args, "app_after", None) or [])  # --app before and after the command
@@ -9640,6 +9896,25 @@ def cmd_revive(args: argparse.Namespace, config: Config) -> int:
     return EXIT_FAILURE if failed else EXIT_OK
 
 
+def cmd_signal(args: argparse.Namespace, config: Config) -> int:
+    """Send a run a signal; exit 1 (one line on stderr) when it was not kept."""
+    payload = _json_argument(args.payload)
+    engine = _app_engine()
+    if _unknown_runs(engine, [args.run_id]):
+        print(f"ductwork: error: run {args.run_id} not found", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        kept = Run(args.run_id, engine).signal(args.name, payload)
+    except DuctworkError as exc:   # (a bad name: a usage error)
+        raise ConfigError(str(exc)) from None
+    if not kept:
+        print(f"ductwork: error: run {args.run_id} is not in progress, or had its signal {args.name!r} already",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"signal {args.name!r} sent to run {args.run_id}")
+    return EXIT_OK
+
+
 def cmd_validate(args: argparse.Namespace, config: Config) -> int:
     """Validate every registered pipeline and the configured selection."""
     names = validate()
@@ -9670,6 +9945,25 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def _waiting_lines(report: dict) -> Iterator[str]:
+    """The status report's waits: per pipeline, branches parked for a signal and steps asleep; then the first
+    parked branches, each with its signal and deadline."""
+    if not report["waiting"]:
+        return
+    yield "waiting (for a signal, or asleep):"
+    for pipeline, w in report["waiting"].items():
+        parts = []
+        if w["signal"]:
+            timeout = f"the first timeout at {_ts(w['first_timeout'])} UTC" if w["first_timeout"] else "no timeout"
+            parts.append(f"{w['signal']} branch(es) for a signal ({timeout})")
+        if w["sleeping"]:
+            parts.append(f"{w['sleeping']} step(s) asleep (the first wakes at {_ts(w['first_wake'])} UTC)")
+        yield f"  {pipeline:<28} " + ", ".join(parts)
+    for w in report["waits"]:
+        until = f"until {_ts(w['until'])} UTC" if w["until"] is not None else "(no timeout)"
+        yield f"  run {w['run']} branch {w['branch']} {w['pipeline']}: signal {w['signal']!r} {until}"
+
+
 def _status_lines(report: dict) -> Iterator[str]:
     """The text form of the status report, line by line (raw: the caller escapes them)."""
     yield f"processes ({len(report['processes'])}):"
@@ -9680,6 +9974,7 @@ def _status_lines(report: dict) -> Iterator[str]:
     yield "runs:"
     for pipeline, by_status in sorted(report["runs"].items()):
         yield f"  {pipeline:<28} " + "  ".join(f"{s} {n}" for s, n in sorted(by_status.items()))
+    yield from _waiting_lines(report)
     if report["scheduled"]:
         yield "scheduled (delayed runs still to start):"
         for pipeline, due in report["scheduled"].items():
@@ -9762,6 +10057,8 @@ COMMANDS = (   # in --help order
             _cancel_arguments),
     Command("revive", "re-run what did not complete of halted or cancelled runs: revive RUN_ID ...", cmd_revive,
             _revive_arguments),
+    Command("signal", "send a run a signal (what wait_for waits for): signal RUN_ID NAME [JSON]", cmd_signal,
+            _signal_arguments),
     Command("dashboard", "web dashboard (cancel and revive runs unless --read-only), JSON API and Prometheus "
             "/metrics", cmd_dashboard, _dashboard_arguments),
     Command("doctor", "check the deployment: one line per check, ok / warn / fail", cmd_doctor, _doctor_arguments,
