@@ -63,7 +63,7 @@ __all__ = [
     "Step", "Pipeline", "Run", "StepRecord", "RunContext", "StepContext",
     "DuctworkError", "DefinitionError", "ConfigError", "ContextError", "StepOutputError",
     "configure", "validate", "current_step", "healthy", "migrate", "main", "cancel", "Retry", "step",
-    "NonRetryable", "RetryAfter", "StepTimeout",
+    "NonRetryable", "RetryAfter", "StepTimeout", "Schedule",
     "on_supervisor_start", "on_supervisor_stop", "on_advancer_start", "on_advancer_stop",
     "on_worker_start", "on_worker_stop", "__version__",
 ]
@@ -1771,6 +1771,416 @@ def schema_is_current(store: Store) -> bool:
         raise
     except Exception:
         return False
+
+
+# -- schedules: cron expressions and fire times (SPEC §16) -----------------------------
+# A Schedule names when a pipeline fires by itself: ``cron`` (5 fields, in its time zone) or ``every`` (seconds).
+# This part is pure arithmetic (no database): which instants are fire times. Every host computes the same
+# ones without talking to the others, so a unique key per (pipeline, Schedule.ident, fire time) makes each
+# tick one run however many processes fire it.
+#   every=S   the fire times are the multiples of S seconds since the Unix epoch (UTC; no time zone).
+#   cron      the fire times are whole minutes of the schedule's local wall clock. Fields are Vixie cron's:
+#             lists, ranges, steps (``a/s`` is ``a-max/s``), month and day names, day-of-week 0 or 7 for
+#             Sunday, the @ aliases. When day-of-month and day-of-week are both restricted (neither starts
+#             with "*") a day matches either ("0 0 13 * FRI": every 13th and every Friday); otherwise both
+#             must match, so "0 0 13 * *" is the 13ths only and "0 0 */2 * MON" the Mondays on odd days.
+# Daylight saving time (Vixie cron's rule, which tells fixed-time jobs from wildcard ones):
+#   fixed-time (the minute and hour fields both start with a digit: "30 2 * * *", @daily) fires once for each
+#             matching local date and time. A time the clocks skip (02:30 when they jump 02:00 -> 03:00)
+#             fires at the instant the gap ends (03:00 local); a time they show twice (01:30 when they fall
+#             back 02:00 -> 01:00) fires at its first occurrence only. Skipped times that match fire
+#             once between them ("0,30 2 * * *" on that day: once, at 03:00). As in Vixie cron it is the
+#             field's text that counts: "0-59 1 * * *" is fixed-time, "* 1 * * *" a wildcard.
+#   wildcard  (the minute or the hour field starts with "*": "*/5 * * * *", "30 * * * *", @hourly) follows the
+#             clock as it is shown, keeping its rhythm in elapsed time: skipped minutes do not fire (no clock
+#             shows them) and minutes shown twice fire twice (once in each occurrence of the repeated hour).
+# Searches go field by field (month, then day, hour, minute), so a yearly cron costs a few steps, not minutes
+# by the million. The Gregorian calendar repeats every 400 years (146097 days, whole weeks), so a cron that
+# fires at all fires within any 401 calendar years (the year a search starts in, then a whole cycle): that
+# bounds every search, and a cron that can never fire (Feb 30) is a DefinitionError when it is made.
+
+CRON_HORIZON_YEARS = 401
+CRON_FIELDS = (   # name, lowest, highest, the names of its values from the lowest up
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day-of-month", 1, 31, ()),
+    ("month", 1, 12, ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")),
+    ("day-of-week", 0, 7, ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")),
+)
+CRON_ALIASES = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+                "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
+_MONTH_MOST_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)   # February: in a leap year
+# A local wall-clock minute: (year, month, day, hour, minute). A search may hold one a step past its field's
+# end (minute 60, hour 24, day 32, month 13, or -1 / 0 going back): the next look-up finds nothing there and
+# carries into the field above, so no step needs its own carry.
+Wall = tuple[int, int, int, int, int]
+
+
+def _month_days(year: int, month: int) -> int:
+    if month == 2:
+        return 29 if year % 4 == 0 and (year % 100 != 0 or year % 400 == 0) else 28
+    return 30 if month in (4, 6, 9, 11) else 31
+
+
+def _weekday(year: int, month: int, day: int) -> int:
+    """Day of the week, 0 = Sunday (Sakamoto's method: no datetime needed in the searches)."""
+    if month < 3:
+        year -= 1
+    return (year + year // 4 - year // 100 + year // 400 + (0, 3, 2, 5, 0, 3, 5, 1, 4, 6, 2, 4)[month - 1] + day) % 7
+
+
+def _at_or_after(values: tuple[int, ...], low: int) -> int | None:
+    return next((v for v in values if v >= low), None)
+
+
+def _at_or_before(values: tuple[int, ...], high: int) -> int | None:
+    return next((v for v in reversed(values) if v <= high), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cron:
+    """A parsed 5-field cron expression (``parse_cron``): the values each field allows, sorted."""
+
+    text: str                       # as written (whitespace collapsed; an alias stays an alias)
+    minutes: tuple[int, ...]
+    hours: tuple[int, ...]
+    days: tuple[int, ...]
+    months: tuple[int, ...]
+    weekdays: tuple[int, ...]       # 0 = Sunday (a 7 is stored as 0)
+    days_restricted: bool           # day-of-month does not start with "*"
+    weekdays_restricted: bool       # day-of-week does not start with "*"
+    wildcard: bool                  # minute or hour starts with "*" (the DST rule above)
+
+    def days_of(self, year: int, month: int) -> tuple[int, ...]:
+        """The days of a month that match (day-of-month and day-of-week, by Vixie's either/both rule)."""
+        first = _weekday(year, month, 1)
+        either = self.days_restricted and self.weekdays_restricted
+        found = []
+        for day in range(1, _month_days(year, month) + 1):
+            by_day, by_weekday = day in self.days, (first + day - 1) % 7 in self.weekdays
+            if (by_day or by_weekday) if either else (by_day and by_weekday):
+                found.append(day)
+        return tuple(found)
+
+    def next_wall(self, wall: Wall) -> Wall | None:
+        """The first matching local minute at or after ``wall`` (None past the search horizon)."""
+        year, month, day, hour, minute = wall
+        while year <= min(wall[0] + CRON_HORIZON_YEARS, 9999):
+            if month > 12 or month not in self.months:
+                year, month = (year + 1, 1) if month >= 12 else (year, month + 1)
+                day, hour, minute = 1, 0, 0
+                continue
+            found = _at_or_after(self.days_of(year, month), day)
+            if found is None:
+                month, day, hour, minute = month + 1, 1, 0, 0
+                continue
+            if found != day:
+                day, hour, minute = found, 0, 0
+            found = _at_or_after(self.hours, hour)
+            if found is None:
+                day, hour, minute = day + 1, 0, 0
+                continue
+            if found != hour:
+                hour, minute = found, 0
+            found = _at_or_after(self.minutes, minute)
+            if found is None:
+                hour, minute = hour + 1, 0
+                continue
+            return year, month, day, hour, found
+        return None
+
+    def previous_wall(self, wall: Wall) -> Wall | None:
+        """The last matching local minute at or before ``wall`` (None past the search horizon)."""
+        year, month, day, hour, minute = wall
+        while year >= max(wall[0] - CRON_HORIZON_YEARS, 1):
+            if month < 1 or month not in self.months:
+                year, month = (year - 1, 12) if month <= 1 else (year, month - 1)
+                day, hour, minute = 31, 23, 59
+                continue
+            found = _at_or_before(self.days_of(year, month), day)
+            if found is None:
+                month, day, hour, minute = month - 1, 31, 23, 59
+                continue
+            if found != day:
+                day, hour, minute = found, 23, 59
+            found = _at_or_before(self.hours, hour)
+            if found is None:
+                day, hour, minute = day - 1, 23, 59
+                continue
+            if found != hour:
+                hour, minute = found, 59
+            found = _at_or_before(self.minutes, minute)
+            if found is None:
+                hour, minute = hour - 1, 59
+                continue
+            return year, month, day, hour, found
+        return None
+
+
+def parse_cron(text: str) -> Cron:
+    """A cron expression (5 fields, or an @ alias) parsed; DefinitionError names the field and the value."""
+    written = spec = " ".join(text.split())
+    where = f'cron "{written}"'
+    if spec.startswith("@"):
+        if spec.lower() == "@reboot":
+            raise DefinitionError(f"{where}: @reboot is not supported (a schedule fires at times of day; for work "
+                                  "at start-up use a hook such as ductwork.on_supervisor_start)")
+        if spec.lower() not in CRON_ALIASES:
+            raise DefinitionError(f"{where}: unknown alias {spec} (known: {' '.join(CRON_ALIASES)})")
+        spec = CRON_ALIASES[spec.lower()]
+    fields = spec.split()
+    if len(fields) != 5:
+        extra = ": a seconds field is not supported" if len(fields) == 6 else ""
+        raise DefinitionError(f"{where}: expected 5 fields (minute hour day-of-month month day-of-week), "
+                              f"got {len(fields)}{extra}")
+    values = [sorted(_cron_field(where, field, *form)) for field, form in zip(fields, CRON_FIELDS, strict=True)]
+    cron = Cron(text=written, minutes=tuple(values[0]), hours=tuple(values[1]), days=tuple(values[2]),
+                months=tuple(values[3]), weekdays=tuple(sorted({v % 7 for v in values[4]})),
+                days_restricted=not fields[2].startswith("*"), weekdays_restricted=not fields[4].startswith("*"),
+                wildcard=fields[0].startswith("*") or fields[1].startswith("*"))
+    # Both restricted: the weekdays match in every month. Otherwise a day must be in day-of-month, and some
+    # allowed month must have it (each date of the 400-year cycle falls on every day of the week).
+    if not (cron.days_restricted and cron.weekdays_restricted) and \
+            not any(day <= _MONTH_MOST_DAYS[month - 1] for month in cron.months for day in cron.days):
+        raise DefinitionError(f"{where}: never fires (day-of-month {fields[2]} never falls in month {fields[3]})")
+    return cron
+
+
+def _cron_field(where: str, text: str, name: str, low: int, high: int, names: tuple[str, ...]) -> set[int]:
+    """One field's values: a comma list of ``*``, ``a``, ``a-b``, each with an optional ``/step``."""
+    values: set[int] = set()
+    for item in text.split(","):
+        if not item:
+            raise DefinitionError(f"{where}: {name} has an empty item in {text!r}")
+        base, slash, step_text = item.partition("/")
+        if base == "*":
+            start, end = low, high
+        else:
+            first, dash, last = base.partition("-")
+            start = _cron_value(where, first or item, name, low, high, names)
+            end = _cron_value(where, last or item, name, low, high, names) if dash else high if slash else start
+            if dash and name == "day-of-week" and end == 0 < start:
+                end = 7   # FRI-SUN, 5-0: Sunday as 7 (not a backwards range)
+            if end < start:
+                raise DefinitionError(f"{where}: {name} range {first}-{last} is backwards "
+                                      f"(write {start}-{high},{low}-{end})")
+        step = _cron_value(where, step_text or item, f"{name} step", 1, high, ()) if slash else 1
+        values.update(range(start, end + 1, step))
+    return values
+
+
+def _cron_value(where: str, token: str, name: str, low: int, high: int, names: tuple[str, ...]) -> int:
+    """One number (or month / day name) of a field, in range."""
+    if names and token.upper() in names:
+        return names.index(token.upper()) + low
+    if not (token.isascii() and token.isdigit()):
+        noun = "month" if name == "month" else "day"
+        kind = f" or a {noun} name ({names[0]}-{names[-1]})" if names else ""
+        raise DefinitionError(f"{where}: {name} {token!r} is not a number{kind}")
+    value = int(token)
+    if not low <= value <= high:
+        raise DefinitionError(f"{where}: {name} {value} is out of range {low}-{high}")
+    return value
+
+
+def _zone(timezone: str) -> Any:
+    """The tzinfo of an IANA zone name. UTC needs no tz database (zoneinfo is imported only for the others)."""
+    import datetime
+    if timezone == "UTC":
+        return datetime.timezone.utc
+    import zoneinfo
+    try:
+        return zoneinfo.ZoneInfo(timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError, OSError):
+        raise DefinitionError(f"Schedule(timezone={timezone!r}): unknown time zone (an IANA name such as "
+                              "'Europe/Berlin', or 'UTC')") from None
+
+
+def _local(zone: Any, t: float) -> tuple[Wall, int, float]:
+    """The local minute an instant shows, its fold (1: the second showing of a repeated time), and how far
+    the clocks fall back there (0 unless that time is shown twice)."""
+    import datetime
+    local = datetime.datetime.fromtimestamp(t, zone)
+    shift = abs((local.utcoffset() - local.replace(fold=1 - local.fold).utcoffset()).total_seconds())
+    return (local.year, local.month, local.day, local.hour, local.minute), local.fold, shift
+
+
+def _instants(zone: Any, wall: Wall, wildcard: bool) -> list[float]:
+    """The fire instants of a matching local minute by the DST rule above, sorted (none for a wildcard
+    schedule's minute that the clocks skip)."""
+    import datetime
+    import math
+    local = datetime.datetime(*wall)
+    first, second = (local.replace(tzinfo=zone, fold=fold).timestamp() for fold in (0, 1))
+    if first == second:
+        return [first]
+    early, late = sorted((first, second))
+    if _local(zone, early)[0] == wall:    # shown twice: fold 0 is the first showing, the earlier instant
+        return [early, late] if wildcard else [early]
+    if wildcard:                           # skipped: early and late are the two offsets' readings of it
+        return []
+    offset = datetime.datetime.fromtimestamp(late, zone).utcoffset()
+    low, high = math.floor(early), math.ceil(late)   # the gap ends at the second the offset changes
+    while high - low > 1:
+        middle = (low + high) // 2
+        if datetime.datetime.fromtimestamp(middle, zone).utcoffset() == offset:
+            high = middle
+        else:
+            low = middle
+    return [float(high)]
+
+
+def _every_count(every: float, t: float) -> int:
+    """How many ``every`` seconds fit in ``t``: the last tick at or before t is that many times ``every``
+    (the float division checked both ways, so every host gets the same tick)."""
+    import math
+    count = math.floor(t / every)
+    while count * every > t:
+        count -= 1
+    while (count + 1) * every <= t:
+        count += 1
+    return count
+
+
+def _schedule_args(args: Any) -> tuple:
+    """A schedule's arguments as its runs get them: through JSON (tuples become lists, keys strings)."""
+    if not isinstance(args, (tuple, list)):
+        raise DefinitionError(f"Schedule(args=...) must be a tuple or list of JSON values, got {args!r}")
+    try:
+        return tuple(json.loads(json.dumps(list(args), allow_nan=False)))
+    except (TypeError, ValueError) as exc:
+        raise DefinitionError(f"Schedule(args=...) must be JSON: {exc}") from None
+
+
+def _schedule_every(every: Any, timezone: str) -> float:
+    if isinstance(every, bool) or not isinstance(every, (int, float)) or not 1 <= every <= MAX_DURATION:
+        raise DefinitionError(f"Schedule(every=...) must be seconds from 1 to {MAX_DURATION}, got {every!r}")
+    if timezone != "UTC":
+        raise DefinitionError(f"Schedule(every=..., timezone={timezone!r}): every ticks at multiples of its "
+                              "seconds since the Unix epoch; timezone applies to cron only")
+    return float(every)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Schedule:
+    """When a pipeline fires by itself: a Pipeline class attribute ``schedule = ductwork.Schedule(...)`` (or a
+    list of them). Exactly one of ``cron`` (5 fields or an @ alias, read in ``timezone``) and ``every``
+    (seconds: ticks at its multiples since the Unix epoch); each run gets ``args`` (JSON). A mistake is a
+    DefinitionError raised here, so when the Pipeline class is defined. Equal when their ``ident`` is."""
+
+    cron: str | None = None
+    every: float | None = None
+    args: tuple | list = ()
+    timezone: str = "UTC"
+    _cron: Cron | None = dataclasses.field(default=None, init=False, repr=False)
+    _zone: Any = dataclasses.field(default=None, init=False, repr=False)
+    _ident: str = dataclasses.field(default="", init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        import hashlib
+        put = functools.partial(object.__setattr__, self)
+        if (self.cron is None) == (self.every is None):
+            raise DefinitionError("Schedule needs exactly one of cron= and every=, got "
+                                  + ("neither" if self.cron is None else "both"))
+        if not isinstance(self.timezone, str):
+            raise DefinitionError(f"Schedule(timezone=...) must be an IANA zone name, got {self.timezone!r}")
+        put("args", _schedule_args(self.args))
+        if self.every is not None:
+            put("every", _schedule_every(self.every, self.timezone))
+        elif not isinstance(self.cron, str):
+            raise DefinitionError(f"Schedule(cron=...) must be a string, got {self.cron!r}")
+        else:
+            put("_cron", parse_cron(self.cron))
+            put("_zone", _zone(self.timezone))
+            put("cron", self._cron.text)
+        canonical = json.dumps({"cron": self.cron, "every": self.every, "args": list(self.args),
+                                "timezone": self.timezone}, sort_keys=True, separators=(",", ":"))
+        put("_ident", hashlib.sha1(canonical.encode()).hexdigest()[:12])
+
+    @property
+    def ident(self) -> str:
+        """12 hex digits naming this schedule within its pipeline, the same in every process and Python run
+        (sha1 of its canonical JSON, not hash()): part of the unique key of each tick."""
+        return self._ident
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Schedule) and other.ident == self.ident
+
+    def __hash__(self) -> int:
+        return hash(self._ident)
+
+    def describe(self) -> str:
+        """One line for listings: ``cron "0 3 * * *" (Europe/Berlin)`` or ``every 60s``, then any args."""
+        if self.every is not None:
+            every = self.every
+            what = f"every {int(every) if every.is_integer() else every}s"
+        else:
+            what = f'cron "{self.cron}" ({self.timezone})'
+        return f"{what} with args {json.dumps(list(self.args))}" if self.args else what
+
+    __str__ = describe
+
+    def next_after(self, t: float) -> float:
+        """The first fire time strictly after ``t`` (epoch seconds)."""
+        cron, zone = self._cron, self._zone
+        if cron is None:
+            return float((_every_count(self.every, t) + 1) * self.every)
+        wall, fold, shift = _local(zone, t)
+        if fold == 0 and shift:   # t is in the first showing of a repeated hour: the second showings of the
+            wall = _local(zone, t - shift)[0]   # minutes before it are still to come
+        best = None
+        for _ in range(3 * 1440):   # the minutes passed over here span at most one clock change (< a day)
+            wall = cron.next_wall(wall)
+            if wall is None:
+                break
+            instants = _instants(zone, wall, cron.wildcard)
+            later = [x for x in instants if x > t]
+            if later and (best is None or later[0] < best):
+                best = later[0]
+            if instants and instants[0] > t:   # a later minute's first instant is no earlier: done
+                return best
+            wall = (*wall[:4], wall[4] + 1)
+        raise ValueError(f"{self}: no fire time after {t!r} within {CRON_HORIZON_YEARS} years")
+
+    def latest_at_or_before(self, t: float) -> float | None:
+        """The last fire time at or before ``t`` (epoch seconds); None if there is none within
+        CRON_HORIZON_YEARS (only near the ends of the calendar: a cron that never fires is refused)."""
+        cron, zone = self._cron, self._zone
+        if cron is None:
+            return float(_every_count(self.every, t) * self.every)
+        wall, fold, shift = _local(zone, t)
+        if fold == 1:   # t is in the second showing of a repeated hour: the first showings of the minutes
+            wall = _local(zone, t + shift)[0]   # after it are already past
+        best = None
+        for _ in range(3 * 1440):
+            wall = cron.previous_wall(wall)
+            if wall is None:
+                return None
+            instants = _instants(zone, wall, cron.wildcard)
+            earlier = [x for x in instants if x <= t]
+            if earlier and (best is None or earlier[-1] > best):
+                best = earlier[-1]
+            if instants and instants[-1] <= t:   # an earlier minute's last instant is no later: done
+                return best
+            wall = (*wall[:4], wall[4] - 1)
+        return None
+
+
+def schedules_of(pipeline_name: str, value: Any) -> list[Schedule]:
+    """A Pipeline class attribute ``schedule`` as a list: None, a Schedule, or a list or tuple of Schedules, no
+    two alike (they would share their ticks' unique keys)."""
+    if value is None:
+        return []
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    seen: set[str] = set()
+    for item in items:
+        if not isinstance(item, Schedule):
+            raise DefinitionError(f"pipeline {pipeline_name}: schedule must be a ductwork.Schedule or a list of "
+                                  f"them, got {item!r}")
+        if item.ident in seen:
+            raise DefinitionError(f"pipeline {pipeline_name}: schedule {item} is listed twice")
+        seen.add(item.ident)
+    return items
 
 
 # =====================================================================================
