@@ -8,7 +8,8 @@ A map of this module, top to bottom (search for the ``# ===`` banners):
     config               YAML sections, strict validation, override maps
     storage              database URLs, SQLite / pg8000 connections (prepared, or pooler-safe unnamed), TLS,
                          the connection pool, Store and Tx (and the SQLite file under them), StoreSQL, migrations
-    definitions          Step, Pipeline, the definition builder and its graph
+    definitions          Step, Pipeline, the definition builder and its graph (waits: sleep, wait_for), and
+                         schedules (Schedule: the cron parser and fire times, pure arithmetic)
     engine               records (one per row shape), SQL by table, BulkSQL, decide() and its rules,
                          Engine: trigger, claim, commit, advance, hand back, reap, revive, context
     app API              Run, run and step contexts, configure(), trigger(), lifecycle hooks
@@ -368,6 +369,13 @@ class _Override:
         return value
 
 
+def _switches(path: str, value: Any) -> Any:
+    """A mapping of names to true/false (``schedules``)."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, bool) for k, v in value.items()):
+        _fail(path, f"must map pipeline names to true or false, got {value!r}")
+    return value
+
+
 MAX_THREADS_PER_PIPELINE = 256
 MAX_POOL_SIZE = 256
 
@@ -438,6 +446,8 @@ SCHEMA: dict[str, Any] = {
         "max_boot_failures": (_number(0, integer=True), 10),
     },
     "healthcheck": {"max_age": (_number(0.001), 300)},
+    # a pipeline's schedules switched off (false) or on (true, the default) without a code change
+    "schedules": (_switches, {}),
     # seconds a finished run is kept after it finished, per status; -1 keeps it forever (SPEC §18)
     "retention": {status: (_number(0, allow=(-1,), maximum=MAX_COUNT), age)
                   for status, age in RETENTION_DEFAULTS.items()},
@@ -1644,14 +1654,21 @@ MIGRATIONS: list[Migration] = [
         """CREATE TABLE ductwork_signals (
             run_id BIGINT NOT NULL, name TEXT NOT NULL, payload TEXT, created_at {float} NOT NULL,
             PRIMARY KEY (run_id, name))""",
+        # trigger(key=...) and each schedule's ticks: one run per key and pipeline (the unique index, migration 5)
+        "ALTER TABLE ductwork_runs ADD COLUMN trigger_key TEXT",
+        # each schedule's last tick fired (or first seen), and its run: what the scheduler compares with
+        """CREATE TABLE ductwork_schedules (
+            pipeline TEXT NOT NULL, ident TEXT NOT NULL, last_fire {float} NOT NULL, last_run_id BIGINT,
+            updated_at {float} NOT NULL, PRIMARY KEY (pipeline, ident))""",
     )),
     # 5: ... and the indexes of migration 4's columns (built concurrently on Postgres: a migration's indexes come
     # before its statements, so they need the columns of the migration before): the scheduled runs still to
-    # start, and the parked branches (status, the dashboard).
+    # start, the parked branches (status, the dashboard), and one run per trigger key.
     Migration(5, (), indexes=(
         "CREATE INDEX ductwork_runs_scheduled ON ductwork_runs (pipeline, scheduled_at) "
         "WHERE status = 'in_progress' AND scheduled_at IS NOT NULL",
         "CREATE INDEX ductwork_branches_waiting ON ductwork_branches (pipeline, id) WHERE waiting_for IS NOT NULL",
+        "CREATE UNIQUE INDEX ductwork_runs_key ON ductwork_runs (pipeline, trigger_key) WHERE trigger_key IS NOT NULL",
     )),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -1669,8 +1686,9 @@ def _statement_text(statement: str | dict[str, str], dialect: str) -> str:
 
 
 def _index_name(statement: str) -> str:
-    """The name a migration's ``CREATE INDEX name ON ...`` gives its index."""
-    return statement.split()[2]
+    """The name a migration's ``CREATE [UNIQUE] INDEX name ON ...`` gives its index."""
+    words = statement.split()
+    return words[3] if words[1] == "UNIQUE" else words[2]
 
 
 def migrate_store(store: Store) -> list[int]:
@@ -1744,7 +1762,7 @@ def _build_index_concurrently(store: Store, statement: str) -> None:
         if row is not None and row[0]:
             return
         if row is None:
-            text = statement.replace("CREATE INDEX ", "CREATE INDEX CONCURRENTLY IF NOT EXISTS ", 1)
+            text = statement.replace(" INDEX ", " INDEX CONCURRENTLY IF NOT EXISTS ", 1)
         elif row[1]:
             threading.Event().wait(INDEX_BUILD_POLL)
             continue
@@ -1771,6 +1789,554 @@ def schema_is_current(store: Store) -> bool:
         raise
     except Exception:
         return False
+
+
+# =====================================================================================
+# definitions: Step, Pipeline and the builder that turns define(p) into a graph
+# =====================================================================================
+# The graph is a list of nodes; node 0 is the start step. Each node names its step and
+# what happens after it ("after"):
+#   {"kind": "chain",  "next": n}
+#   {"kind": "expand", "child": n, "join": n | None}      one child branch per element
+#   {"kind": "divide", "children": [n, ...], "join": ...}  same input to every child
+#   {"kind": "divert", "cases": {"key": n, ..., "otherwise": n}, "join": ...}
+#   {"kind": "end"}                                        the branch is finished
+# A chain or fan-out may have a wait before it, set by .sleep() / .wait_for() (SPEC §16), which wraps it:
+#   {"kind": "wait", "wait": {"sleep": seconds}, "then": {...}}   the steps it starts are claimable that much later
+#   {"kind": "wait", "wait": {"signal": name, "timeout": s}, "then": {...}}
+#                                                  the branch parks until run.signal(name) (or halts at the timeout)
+# (a wrapped fan-out's "join" is on the wrapper too: see _waited).
+# A branch is one line of steps. A fan-out parks the branch and starts child branches;
+# when every child has finished, the join step (collapse/combine/converge) runs on the
+# parked branch with the children's outputs, or, with no join (a fan-out left open at
+# the end of the pipeline), the branch finishes with that list as its output.
+
+
+class Step:
+    """Subclass and implement ``execute(self, input)``; the return value must be JSON. Class attribute
+    ``retry = ductwork.Retry(...)`` sets its retry policy."""
+
+    context: "RunContext"
+    run_id: int
+    attempt: int
+    idempotency_key: str
+    step_id: int
+    pipeline: str
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A retry policy that is not a Retry is a definition mistake, found when the class is defined."""
+        super().__init_subclass__(**kwargs)
+        policy = cls.__dict__.get("retry")
+        if policy is not None and not isinstance(policy, Retry):
+            raise DefinitionError(f"step {cls.__name__}: retry must be a ductwork.Retry, got {policy!r}")
+        _check_timeout(f"step {cls.__name__}", cls.__dict__.get("timeout"))
+
+    def execute(self, *args: Any) -> Any:  # pragma: no cover - always overridden
+        raise NotImplementedError(f"{type(self).__name__}.execute is not implemented")
+
+    @property
+    def should_stop(self) -> bool:
+        """True once the step should stop early: its run was cancelled (within about a second of the cancel), or
+        its deadline passed. What it returns then is discarded (cancel) or a failed attempt (StepTimeout)."""
+        claim = getattr(self, "_ductwork_claim", None)
+        return bool(claim is not None and claim.should_stop)
+
+    @property
+    def deadline(self) -> float | None:
+        """When this attempt times out (epoch seconds), None without a timeout."""
+        claim = getattr(self, "_ductwork_claim", None)
+        return None if claim is None else claim.deadline
+
+
+def _exception_classes(name: str, value: Any) -> tuple[type[BaseException], ...]:
+    """A Retry's give_up_on / retry_on as a tuple of exception classes (one class alone is fine)."""
+    classes = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    for cls in classes:
+        if not (inspect.isclass(cls) and issubclass(cls, BaseException)):
+            raise DefinitionError(f"Retry({name}=...) needs exception classes, got {cls!r}")
+    return classes
+
+
+@dataclasses.dataclass(frozen=True)
+class Retry:
+    """A step's retry policy: a Step class attribute ``retry = ductwork.Retry(...)``, or
+    ``@ductwork.step(retry=...)`` on a function step. After failed attempt n the next is claimable
+    min(delay * backoff ** (n - 1), max_delay) seconds later, spread by +/- ``jitter`` (a fraction), up to
+    ``max`` retries. An error of a class in ``give_up_on``, or of none in ``retry_on``, fails the step at once
+    (``job_non_retryable``). ``max`` and ``delay`` left out are the config's ``job_worker.max_retry`` and
+    ``retry_delay`` for the step (3 and 10 out of the box)."""
+
+    max: int | None = None
+    delay: float | None = None
+    backoff: float = 1.0
+    max_delay: float = 3600
+    jitter: float = 0.0
+    give_up_on: Any = ()
+    retry_on: Any = (Exception,)
+
+    def __post_init__(self) -> None:
+        def number(name: str, low: float, high: float, whole: bool = False, none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and none:
+                return
+            kinds = (int,) if whole else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+                kind = "a whole number" if whole else "a number"
+                raise DefinitionError(f"Retry({name}=...) must be {kind} from {low:g} to {high:g}, got {value!r}")
+        number("max", 0, MAX_COUNT, whole=True, none=True)
+        number("delay", 0, MAX_DURATION, none=True)
+        number("backoff", 1, 1000)
+        number("max_delay", 0, MAX_DURATION)
+        number("jitter", 0, 1)
+        object.__setattr__(self, "give_up_on", _exception_classes("give_up_on", self.give_up_on))
+        object.__setattr__(self, "retry_on", _exception_classes("retry_on", self.retry_on))
+
+    def retries(self, exc: BaseException) -> bool:
+        """Is an attempt that raised ``exc`` retried (budget permitting)?"""
+        try:
+            return isinstance(exc, self.retry_on) and not isinstance(exc, self.give_up_on)
+        except BaseException:  # noqa: B036 - a hostile __instancecheck__: the default, retried
+            return True
+
+    def delay_after(self, failures: int, default_delay: float) -> float:
+        """Seconds before the attempt that follows failed attempt number ``failures`` (1 for the first)."""
+        import math
+        import random
+        base = default_delay if self.delay is None else self.delay
+        exponent = max(failures - 1, 0)
+        if base <= 0:
+            delay = 0.0
+        elif self.backoff > 1 and exponent * math.log(self.backoff) >= math.log(max(self.max_delay, 1e-9) / base):
+            delay = float(self.max_delay)
+        else:
+            delay = min(base * self.backoff ** exponent, self.max_delay)
+        return delay * random.uniform(1 - self.jitter, 1 + self.jitter) if self.jitter else delay
+
+
+def step_timeout(step: Any, config: Config, pipeline: str, name: str) -> float | None:
+    """Seconds an attempt of ``step`` may run: its own ``timeout`` (class attribute or ``@ductwork.step``), else
+    the config's job_worker.timeout for it; None for no limit."""
+    own = getattr(step, "timeout", None)
+    if isinstance(own, (int, float)) and not isinstance(own, bool) and own > 0:
+        return float(own)
+    configured = float(config.get("job_worker.timeout", pipeline, name))
+    return None if configured < 0 else configured
+
+
+def retry_policy(step: Any) -> Retry | None:
+    """The Retry policy a step sets (class attribute, or ``@ductwork.step(retry=...)``), None for the config's."""
+    policy = getattr(step, "retry", None)
+    return policy if isinstance(policy, Retry) else None
+
+
+# @ductwork.step's options that later issues fill in (SPEC §15, §17): rejected until then.
+STEP_OPTIONS_TO_COME = {"concurrency": "concurrency caps (SPEC §17)", "concurrency_key": "concurrency caps (SPEC §17)"}
+
+
+def _check_timeout(where: str, value: Any) -> None:
+    """A step's ``timeout``: seconds above 0 (None: the config's job_worker.timeout)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not 0 < value <= MAX_DURATION):
+        raise DefinitionError(f"{where}: timeout must be seconds above 0 (at most {MAX_DURATION}), got {value!r}")
+
+
+def step(fn: Callable | None = None, *, retry: Retry | None = None, timeout: float | None = None,
+         concurrency: int | None = None, concurrency_key: Callable | None = None) -> Any:
+    """Options for a function step: ``@ductwork.step(retry=ductwork.Retry(max=5, backoff=2))`` (also bare:
+    ``@ductwork.step``). The function is returned as it is, carrying them (a Step class sets class attributes)."""
+    _check_timeout("@ductwork.step", timeout)
+    given = {"concurrency": concurrency, "concurrency_key": concurrency_key}
+    for name, value in given.items():
+        if value is not None:
+            raise DefinitionError(f"@ductwork.step({name}=...) is not supported yet: it comes with "
+                                  f"{STEP_OPTIONS_TO_COME[name]}")
+    if retry is not None and not isinstance(retry, Retry):
+        raise DefinitionError(f"@ductwork.step(retry=...) needs a ductwork.Retry, got {retry!r}")
+
+    def decorate(f: Callable) -> Callable:
+        if inspect.isclass(f) or not callable(f):
+            raise DefinitionError(f"@ductwork.step decorates a function step, not {f!r} (a Step class sets "
+                                  "class attributes: retry = ductwork.Retry(...))")
+        for name, value in (("retry", retry), ("timeout", timeout)):
+            if value is not None:
+                try:
+                    setattr(f, name, value)
+                except (AttributeError, TypeError):   # a builtin, a bound method: nowhere to keep it
+                    raise DefinitionError(f"@ductwork.step({name}=...) needs a plain function, not {f!r}") from None
+        return f
+    return decorate if fn is None else decorate(fn)
+
+
+def _step_name(step: Any, pipeline: str) -> str:
+    if inspect.isclass(step):
+        if not issubclass(step, Step):
+            raise DefinitionError(f"pipeline {pipeline}: {step.__name__} is a class but not a ductwork.Step subclass")
+        if step.execute is Step.execute:
+            raise DefinitionError(f"pipeline {pipeline}: step {step.__name__} does not define execute()")
+        return step.__name__
+    if callable(step) and hasattr(step, "__name__"):
+        if step.__name__ == "<lambda>":
+            raise DefinitionError(f"pipeline {pipeline}: a lambda cannot be a step (it has no stable name); use a def")
+        return step.__name__
+    raise DefinitionError(f"pipeline {pipeline}: {step!r} is not a ductwork.Step subclass or a function")
+
+
+@dataclasses.dataclass
+class _Frame:
+    """An open fan-out on a builder handle's stack."""
+    kind: str          # expand | divide | divert
+    node: int          # the node whose step fans out
+
+
+class Handle:
+    """The tip of one line of a definition; transitions move it forward and return it."""
+
+    def __init__(self, builder: "Builder", tip: int, stack: list[_Frame]):
+        self._b, self._tip, self._stack = builder, tip, stack
+        self._group: Group | None = None   # set on the handles of a divide/divert
+        self._closed = False
+        self._wait: dict | None = None     # a sleep() / wait_for() for the transition that comes next
+
+    def sleep(self, seconds: float) -> "Handle":
+        """Wait ``seconds`` (durably: in the database, no thread) before the next transition's steps start; they
+        get this step's output."""
+        self._live("sleep")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= MAX_DURATION:
+            raise DefinitionError(f"pipeline {self._b.name}: sleep needs seconds above 0 (at most {MAX_DURATION}), "
+                                  f"got {seconds!r}")
+        return self._waits({"sleep": seconds}, "sleep")
+
+    def wait_for(self, name: str, timeout: float | None = None) -> "Handle":
+        """Wait for ``run.signal(name, payload)`` before the next transition, which goes on with the payload;
+        past ``timeout`` seconds (None: forever) the branch halts with signal_timeout."""
+        self._live("wait_for")
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_SIGNAL_NAME:
+            raise DefinitionError(f"pipeline {self._b.name}: wait_for needs a signal name (a non-empty string of "
+                                  f"at most {MAX_SIGNAL_NAME} characters), got {name!r}")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not 0 < timeout <= MAX_DURATION):
+            raise DefinitionError(f"pipeline {self._b.name}: wait_for timeout must be seconds above 0 (at most "
+                                  f"{MAX_DURATION}) or None, got {timeout!r}")
+        return self._waits({"signal": name, "timeout": timeout}, "wait_for")
+
+    def _waits(self, wait: dict, what: str) -> "Handle":
+        if self._wait is not None:
+            raise DefinitionError(f"pipeline {self._b.name}: {what} after another sleep/wait_for: one wait per "
+                                  "transition")
+        self._wait = wait
+        self._b.waiting.append(self)
+        return self
+
+    def _take_wait(self, verb: str) -> dict | None:
+        """The wait set for the transition ``verb`` is making (a join or the end cannot take one)."""
+        wait, self._wait = self._wait, None
+        if wait is not None and verb in ("collapse", "combine", "converge"):
+            raise DefinitionError(f"pipeline {self._b.name}: sleep/wait_for before {verb}: a wait must be followed "
+                                  "by chain, expand, divide or divert")
+        return wait
+
+    def _live(self, what: str) -> None:
+        if self._closed:
+            raise DefinitionError(f"pipeline {self._b.name}: {what} on a branch that was already "
+                                  "combined/converged or divided")
+
+    def chain(self, to: Any) -> "Handle":
+        """The next step runs on this step's output."""
+        self._live("chain")
+        self._tip = self._b.link(self._tip, _waited({"kind": "chain"}, self._take_wait("chain")), to, "next")
+        return self
+
+    def expand(self, to: Any) -> "Handle":
+        """One branch per element of this step's output (a list), each running ``to``."""
+        self._live("expand")
+        parent = self._tip
+        after = _waited({"kind": "expand", "join": None}, self._take_wait("expand"))
+        self._tip = self._b.link(parent, after, to, "child")
+        self._stack = self._stack + [_Frame("expand", parent)]
+        return self
+
+    def collapse(self, into: Any) -> "Handle":
+        """Close the innermost expand: ``into`` runs on the list of the branches' outputs."""
+        self._live("collapse")
+        self._take_wait("collapse")
+        if not self._stack or self._stack[-1].kind != "expand":
+            raise DefinitionError(f"pipeline {self._b.name}: collapse without a matching expand")
+        frame = self._stack[-1]
+        self._b.end(self._tip)
+        self._tip = self._b.join(frame.node, into)
+        self._stack = self._stack[:-1]
+        return self
+
+    def divide(self, to: Sequence[Any]) -> "Group":
+        """Every step of ``to`` runs on this step's output, one branch each."""
+        self._live("divide")
+        if not isinstance(to, (list, tuple)) or len(to) < 1:
+            raise DefinitionError(f"pipeline {self._b.name}: divide(to=...) needs a non-empty list of steps")
+        parent = self._tip
+        children = [self._b.add(step) for step in to]
+        self._b.nodes[parent]["after"] = _waited({"kind": "divide", "children": children, "join": None},
+                                                 self._take_wait("divide"))
+        return self._fan_out("divide", parent, children, [str(i) for i in range(len(children))])
+
+    def divert(self, to: dict) -> "Group":
+        """One branch, chosen by str() of this step's output among the keys of ``to`` (or otherwise)."""
+        self._live("divert")
+        if not isinstance(to, dict) or not to:
+            raise DefinitionError(f"pipeline {self._b.name}: divert(to=...) needs a mapping of keys to steps")
+        if "otherwise" not in to:
+            raise DefinitionError(f"pipeline {self._b.name}: divert without an 'otherwise' branch")
+        parent = self._tip
+        cases = {str(key): self._b.add(step) for key, step in to.items()}
+        if len(cases) != len(to):
+            raise DefinitionError(f"pipeline {self._b.name}: divert keys collide once turned into strings")
+        self._b.nodes[parent]["after"] = _waited({"kind": "divert", "cases": cases, "join": None},
+                                                 self._take_wait("divert"))
+        return self._fan_out("divert", parent, list(cases.values()), list(cases))
+
+    def _fan_out(self, kind: str, parent: int, children: list[int], keys: list[str]) -> "Group":
+        group = Group(self, kind, parent, keys)
+        stack = self._stack + [_Frame(kind, parent)]
+        for child in children:
+            handle = Handle(self._b, child, list(stack))
+            handle._group = group
+            group.handles.append(handle)
+        self._closed = True
+        return group
+
+    def combine(self, *others: "Handle", into: Any) -> "Handle":
+        """Close the divide: ``into`` runs on the branches' outputs, in divide order."""
+        self._live("combine")
+        if self._group is None or self._group.kind != "divide":
+            raise DefinitionError(f"pipeline {self._b.name}: combine without a matching divide")
+        return self._group.close("combine", [self, *others], into)
+
+    def converge(self, *others: "Handle", into: Any) -> "Handle":
+        """Close the divert: ``into`` runs on the chosen branch's output."""
+        self._live("converge")
+        if self._group is None or self._group.kind != "divert":
+            raise DefinitionError(f"pipeline {self._b.name}: converge without a matching divert")
+        return self._group.close("converge", [self, *others], into)
+
+
+def _waited(after: dict, wait: dict | None) -> dict:
+    """A transition with the wait before it (none: as it is, so a pipeline without waits keeps its hash): wrapped
+    in a transition of its own kind, which a process of the version before does not know, so it halts the
+    branch there (transition_invalid, revivable) instead of going past the wait; a fan-out's join is named on
+    the wrapper too, for such a process's join of children started after the wait."""
+    if wait is None:
+        return after
+    return {"kind": "wait", "wait": wait, "then": after, **({"join": after["join"]} if "join" in after else {})}
+
+
+def _transition(after: dict) -> dict:
+    """The transition a node's ``after`` makes (a wait's wrapped one)."""
+    return after["then"] if after["kind"] == "wait" else after
+
+
+# The longest signal name (it is stored with each signal and each branch waiting for one).
+MAX_SIGNAL_NAME = 200
+
+
+class Group:
+    """The branches of a divide or divert: unpack them (``a, b = ...``) or close them all."""
+
+    def __init__(self, parent: Handle, kind: str, node: int, keys: list[str]):
+        self.parent, self.kind, self.node, self.keys = parent, kind, node, keys
+        self.handles: list[Handle] = []
+
+    def __iter__(self) -> Iterator[Handle]:
+        return iter(self.handles)
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    def __getitem__(self, key: int | str) -> Handle:
+        return self.handles[self.keys.index(str(key)) if isinstance(key, str) else key]
+
+    def combine(self, into: Any) -> Handle:
+        """Close the divide over all its branches."""
+        if self.kind != "divide":
+            raise DefinitionError(f"pipeline {self.parent._b.name}: combine without a matching divide "
+                                  "(this is a divert; use converge)")
+        return self.close("combine", list(self.handles), into)
+
+    def converge(self, into: Any) -> Handle:
+        """Close the divert over all its branches."""
+        if self.kind != "divert":
+            raise DefinitionError(f"pipeline {self.parent._b.name}: converge without a matching divert "
+                                  "(this is a divide; use combine)")
+        return self.close("converge", list(self.handles), into)
+
+    def close(self, verb: str, handles: list[Handle], into: Any) -> Handle:
+        """Join every branch of the group into the step ``into`` on the parent line."""
+        b = self.parent._b
+        if any(h._group is not self for h in handles) or len({id(h) for h in handles}) != len(self.handles):
+            raise DefinitionError(f"pipeline {b.name}: {verb} must name every branch of its {self.kind} exactly once")
+        for h in handles:
+            h._live(verb)
+            h._take_wait(verb)
+            if h._stack[-1].node != self.node:
+                raise DefinitionError(f"pipeline {b.name}: a branch has an expand that is not collapsed before {verb}")
+            b.end(h._tip)
+            h._closed = True
+        parent = self.parent
+        parent._tip = b.join(self.node, into)
+        parent._closed = False
+        return parent
+
+
+class Builder:
+    """What ``define(p)`` receives: ``p.start(Step)``, ``p.on_halt(handler)`` and ``p.on_complete(handler)``."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes: list[dict] = []
+        self.steps: dict[str, Any] = {}
+        self.halt_handlers: list[Callable] = []
+        self.complete_handlers: list[Callable] = []
+        self.waiting: list[Handle] = []    # handles given a sleep/wait_for (one left unused is a mistake)
+        self._started = False
+
+    def start(self, step: Any) -> Handle:
+        """The first step of the pipeline (it gets the trigger's arguments)."""
+        if self._started:
+            raise DefinitionError(f"pipeline {self.name}: start called twice")
+        self._started = True
+        return Handle(self, self.add(step), [])
+
+    def on_halt(self, handler: Callable) -> Callable:
+        """Register ``handler(run, reasons)``, called once per halt of a run."""
+        if not callable(handler):
+            raise DefinitionError(f"pipeline {self.name}: on_halt needs a callable")
+        self.halt_handlers.append(handler)
+        return handler
+
+    def on_complete(self, handler: Callable) -> Callable:
+        """Register ``handler(run)``, called once per completed run (like on_halt: after the commit, outside
+        any transaction, by the process that completed it; its exceptions are logged)."""
+        if not callable(handler):
+            raise DefinitionError(f"pipeline {self.name}: on_complete needs a callable")
+        self.complete_handlers.append(handler)
+        return handler
+
+    def add(self, step: Any) -> int:
+        """A new node for ``step`` (one name, one step object per pipeline)."""
+        name = _step_name(step, self.name)
+        known = self.steps.get(name)
+        if known is not None and known is not step:
+            raise DefinitionError(f"pipeline {self.name}: two different steps are named {name}")
+        self.steps[name] = step
+        self.nodes.append({"id": len(self.nodes), "step": name, "after": {"kind": "end"}})
+        return len(self.nodes) - 1
+
+    def link(self, src: int, after: dict, step: Any, field: str) -> int:
+        dst = self.add(step)
+        _transition(after)[field] = dst
+        self.nodes[src]["after"] = after
+        return dst
+
+    def end(self, node: int) -> None:
+        self.nodes[node]["after"] = {"kind": "end"}
+
+    def join(self, fan_out_node: int, step: Any) -> int:
+        dst = self.add(step)
+        after = self.nodes[fan_out_node]["after"]
+        after["join"] = dst
+        if after["kind"] == "wait":   # (the wrapped fan-out's own, and the wrapper's: see _waited)
+            after["then"]["join"] = dst
+        return dst
+
+
+@dataclasses.dataclass
+class Definition:
+    """A compiled pipeline graph (what each run stores)."""
+
+    pipeline: str
+    nodes: list[dict]
+
+    @property
+    def body(self) -> str:
+        """The graph as canonical JSON (what is stored and hashed)."""
+        return json.dumps({"pipeline": self.pipeline, "nodes": self.nodes}, sort_keys=True, separators=(",", ":"))
+
+    @property
+    def hash(self) -> str:
+        """The graph's identity: a run keeps the definition it was triggered with."""
+        import hashlib
+        return hashlib.sha256(self.body.encode()).hexdigest()[:32]
+
+    @classmethod
+    def from_body(cls, body: str) -> "Definition":
+        """A definition read back from its stored body."""
+        data = json.loads(body)
+        return cls(data["pipeline"], data["nodes"])
+
+
+_REGISTRY: dict[str, type["Pipeline"]] = {}
+
+
+class Pipeline:
+    """Subclass with ``@staticmethod define(p)``; the class name is the pipeline name."""
+
+    definition: Definition
+    schedules: list["Schedule"]       # from the class attribute ``schedule`` (a Schedule or a list of them)
+    steps: dict[str, Any]
+    halt_handlers: list[Callable]
+    complete_handlers: list[Callable]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Build and register the definition of each subclass as it is created."""
+        super().__init_subclass__(**kwargs)
+        name = cls.__name__
+        if "define" not in cls.__dict__:
+            raise DefinitionError(f"pipeline {name}: define(p) is missing")
+        builder = Builder(name)
+        try:
+            cls.define(builder)
+        except DefinitionError:
+            raise
+        except TypeError as exc:
+            raise DefinitionError(f"pipeline {name}: {exc}") from None
+        if not builder.nodes:
+            raise DefinitionError(f"pipeline {name}: define(p) never called p.start(...)")
+        if any(handle._wait is not None for handle in builder.waiting):
+            raise DefinitionError(f"pipeline {name}: sleep/wait_for at the end of a line: a wait must be followed "
+                                  "by chain, expand, divide or divert")
+        cls.definition = Definition(name, builder.nodes)
+        cls.schedules = schedules_of(name, cls.__dict__.get("schedule"))
+        cls.steps = builder.steps
+        cls.halt_handlers = builder.halt_handlers
+        cls.complete_handlers = builder.complete_handlers
+        known = _REGISTRY.get(name)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__) \
+                and inspect.getsourcefile(known) != inspect.getsourcefile(cls):
+            raise DefinitionError(f"pipeline {name}: defined twice ({known.__module__} and {cls.__module__}); "
+                                  "names must be unique")
+        _REGISTRY[name] = cls
+
+    @classmethod
+    def trigger(cls, *args: Any, delay: float | None = None, at: Any = None, key: str | None = None) -> "Run":
+        """Start a run in one transaction; the arguments go to the start step. ``delay`` (seconds) or ``at`` (an
+        aware datetime, or epoch seconds): its first step is not claimable before then (the database clock).
+        ``key``: the run of this pipeline with that key, if there is one, instead of a new run."""
+        return trigger(cls.__name__, *args, delay=delay, at=at, key=key)
+
+
+def registered_pipelines() -> dict[str, type[Pipeline]]:
+    """Every pipeline class defined so far, by name."""
+    return dict(_REGISTRY)
+
+
+def validate() -> list[str]:
+    """Check every registered pipeline; raises DefinitionError, returns the names checked."""
+    for name, cls in _REGISTRY.items():
+        nodes = cls.definition.nodes
+        for node in nodes:
+            if node["step"] not in cls.steps:
+                raise DefinitionError(f"pipeline {name}: node {node['id']} names unknown step {node['step']}")
+            _step_name(cls.steps[node["step"]], name)
+        json.loads(cls.definition.body)
+    return sorted(_REGISTRY)
 
 
 # -- schedules: cron expressions and fire times (SPEC §16) -----------------------------
@@ -2184,536 +2750,6 @@ def schedules_of(pipeline_name: str, value: Any) -> list[Schedule]:
 
 
 # =====================================================================================
-# definitions: Step, Pipeline and the builder that turns define(p) into a graph
-# =====================================================================================
-# The graph is a list of nodes; node 0 is the start step. Each node names its step and
-# what happens after it ("after"):
-#   {"kind": "chain",  "next": n}
-#   {"kind": "expand", "child": n, "join": n | None}      one child branch per element
-#   {"kind": "divide", "children": [n, ...], "join": ...}  same input to every child
-#   {"kind": "divert", "cases": {"key": n, ..., "otherwise": n}, "join": ...}
-#   {"kind": "end"}                                        the branch is finished
-# A chain or fan-out may carry a wait, set by .sleep() / .wait_for() before it (SPEC §16):
-#   "wait": {"sleep": seconds}                 the steps it starts are claimable that much later
-#   "wait": {"signal": name, "timeout": s}     the branch parks until run.signal(name) (or halts at the timeout)
-# A branch is one line of steps. A fan-out parks the branch and starts child branches;
-# when every child has finished, the join step (collapse/combine/converge) runs on the
-# parked branch with the children's outputs, or, with no join (a fan-out left open at
-# the end of the pipeline), the branch finishes with that list as its output.
-
-
-class Step:
-    """Subclass and implement ``execute(self, input)``; the return value must be JSON. Class attribute
-    ``retry = ductwork.Retry(...)`` sets its retry policy."""
-
-    context: "RunContext"
-    run_id: int
-    attempt: int
-    idempotency_key: str
-    step_id: int
-    pipeline: str
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        """A retry policy that is not a Retry is a definition mistake, found when the class is defined."""
-        super().__init_subclass__(**kwargs)
-        policy = cls.__dict__.get("retry")
-        if policy is not None and not isinstance(policy, Retry):
-            raise DefinitionError(f"step {cls.__name__}: retry must be a ductwork.Retry, got {policy!r}")
-        _check_timeout(f"step {cls.__name__}", cls.__dict__.get("timeout"))
-
-    def execute(self, *args: Any) -> Any:  # pragma: no cover - always overridden
-        raise NotImplementedError(f"{type(self).__name__}.execute is not implemented")
-
-    @property
-    def should_stop(self) -> bool:
-        """True once the step should stop early: its run was cancelled (within about a second of the cancel), or
-        its deadline passed. What it returns then is discarded (cancel) or a failed attempt (StepTimeout)."""
-        claim = getattr(self, "_ductwork_claim", None)
-        return bool(claim is not None and claim.should_stop)
-
-    @property
-    def deadline(self) -> float | None:
-        """When this attempt times out (epoch seconds), None without a timeout."""
-        claim = getattr(self, "_ductwork_claim", None)
-        return None if claim is None else claim.deadline
-
-
-def _exception_classes(name: str, value: Any) -> tuple[type[BaseException], ...]:
-    """A Retry's give_up_on / retry_on as a tuple of exception classes (one class alone is fine)."""
-    classes = tuple(value) if isinstance(value, (tuple, list)) else (value,)
-    for cls in classes:
-        if not (inspect.isclass(cls) and issubclass(cls, BaseException)):
-            raise DefinitionError(f"Retry({name}=...) needs exception classes, got {cls!r}")
-    return classes
-
-
-@dataclasses.dataclass(frozen=True)
-class Retry:
-    """A step's retry policy: a Step class attribute ``retry = ductwork.Retry(...)``, or
-    ``@ductwork.step(retry=...)`` on a function step. After failed attempt n the next is claimable
-    min(delay * backoff ** (n - 1), max_delay) seconds later, spread by +/- ``jitter`` (a fraction), up to
-    ``max`` retries. An error of a class in ``give_up_on``, or of none in ``retry_on``, fails the step at once
-    (``job_non_retryable``). ``max`` and ``delay`` left out are the config's ``job_worker.max_retry`` and
-    ``retry_delay`` for the step (3 and 10 out of the box)."""
-
-    max: int | None = None
-    delay: float | None = None
-    backoff: float = 1.0
-    max_delay: float = 3600
-    jitter: float = 0.0
-    give_up_on: Any = ()
-    retry_on: Any = (Exception,)
-
-    def __post_init__(self) -> None:
-        def number(name: str, low: float, high: float, whole: bool = False, none: bool = False) -> None:
-            value = getattr(self, name)
-            if value is None and none:
-                return
-            kinds = (int,) if whole else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
-                kind = "a whole number" if whole else "a number"
-                raise DefinitionError(f"Retry({name}=...) must be {kind} from {low:g} to {high:g}, got {value!r}")
-        number("max", 0, MAX_COUNT, whole=True, none=True)
-        number("delay", 0, MAX_DURATION, none=True)
-        number("backoff", 1, 1000)
-        number("max_delay", 0, MAX_DURATION)
-        number("jitter", 0, 1)
-        object.__setattr__(self, "give_up_on", _exception_classes("give_up_on", self.give_up_on))
-        object.__setattr__(self, "retry_on", _exception_classes("retry_on", self.retry_on))
-
-    def retries(self, exc: BaseException) -> bool:
-        """Is an attempt that raised ``exc`` retried (budget permitting)?"""
-        try:
-            return isinstance(exc, self.retry_on) and not isinstance(exc, self.give_up_on)
-        except BaseException:  # noqa: B036 - a hostile __instancecheck__: the default, retried
-            return True
-
-    def delay_after(self, failures: int, default_delay: float) -> float:
-        """Seconds before the attempt that follows failed attempt number ``failures`` (1 for the first)."""
-        import math
-        import random
-        base = default_delay if self.delay is None else self.delay
-        exponent = max(failures - 1, 0)
-        if base <= 0:
-            delay = 0.0
-        elif self.backoff > 1 and exponent * math.log(self.backoff) >= math.log(max(self.max_delay, 1e-9) / base):
-            delay = float(self.max_delay)
-        else:
-            delay = min(base * self.backoff ** exponent, self.max_delay)
-        return delay * random.uniform(1 - self.jitter, 1 + self.jitter) if self.jitter else delay
-
-
-def step_timeout(step: Any, config: Config, pipeline: str, name: str) -> float | None:
-    """Seconds an attempt of ``step`` may run: its own ``timeout`` (class attribute or ``@ductwork.step``), else
-    the config's job_worker.timeout for it; None for no limit."""
-    own = getattr(step, "timeout", None)
-    if isinstance(own, (int, float)) and not isinstance(own, bool) and own > 0:
-        return float(own)
-    configured = float(config.get("job_worker.timeout", pipeline, name))
-    return None if configured < 0 else configured
-
-
-def retry_policy(step: Any) -> Retry | None:
-    """The Retry policy a step sets (class attribute, or ``@ductwork.step(retry=...)``), None for the config's."""
-    policy = getattr(step, "retry", None)
-    return policy if isinstance(policy, Retry) else None
-
-
-# @ductwork.step's options that later issues fill in (SPEC §15, §17): rejected until then.
-STEP_OPTIONS_TO_COME = {"concurrency": "concurrency caps (SPEC §17)", "concurrency_key": "concurrency caps (SPEC §17)"}
-
-
-def _check_timeout(where: str, value: Any) -> None:
-    """A step's ``timeout``: seconds above 0 (None: the config's job_worker.timeout)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                              or not 0 < value <= MAX_DURATION):
-        raise DefinitionError(f"{where}: timeout must be seconds above 0 (at most {MAX_DURATION}), got {value!r}")
-
-
-def step(fn: Callable | None = None, *, retry: Retry | None = None, timeout: float | None = None,
-         concurrency: int | None = None, concurrency_key: Callable | None = None) -> Any:
-    """Options for a function step: ``@ductwork.step(retry=ductwork.Retry(max=5, backoff=2))`` (also bare:
-    ``@ductwork.step``). The function is returned as it is, carrying them (a Step class sets class attributes)."""
-    _check_timeout("@ductwork.step", timeout)
-    given = {"concurrency": concurrency, "concurrency_key": concurrency_key}
-    for name, value in given.items():
-        if value is not None:
-            raise DefinitionError(f"@ductwork.step({name}=...) is not supported yet: it comes with "
-                                  f"{STEP_OPTIONS_TO_COME[name]}")
-    if retry is not None and not isinstance(retry, Retry):
-        raise DefinitionError(f"@ductwork.step(retry=...) needs a ductwork.Retry, got {retry!r}")
-
-    def decorate(f: Callable) -> Callable:
-        if inspect.isclass(f) or not callable(f):
-            raise DefinitionError(f"@ductwork.step decorates a function step, not {f!r} (a Step class sets "
-                                  "class attributes: retry = ductwork.Retry(...))")
-        for name, value in (("retry", retry), ("timeout", timeout)):
-            if value is not None:
-                try:
-                    setattr(f, name, value)
-                except (AttributeError, TypeError):   # a builtin, a bound method: nowhere to keep it
-                    raise DefinitionError(f"@ductwork.step({name}=...) needs a plain function, not {f!r}") from None
-        return f
-    return decorate if fn is None else decorate(fn)
-
-
-def _step_name(step: Any, pipeline: str) -> str:
-    if inspect.isclass(step):
-        if not issubclass(step, Step):
-            raise DefinitionError(f"pipeline {pipeline}: {step.__name__} is a class but not a ductwork.Step subclass")
-        if step.execute is Step.execute:
-            raise DefinitionError(f"pipeline {pipeline}: step {step.__name__} does not define execute()")
-        return step.__name__
-    if callable(step) and hasattr(step, "__name__"):
-        if step.__name__ == "<lambda>":
-            raise DefinitionError(f"pipeline {pipeline}: a lambda cannot be a step (it has no stable name); use a def")
-        return step.__name__
-    raise DefinitionError(f"pipeline {pipeline}: {step!r} is not a ductwork.Step subclass or a function")
-
-
-@dataclasses.dataclass
-class _Frame:
-    """An open fan-out on a builder handle's stack."""
-    kind: str          # expand | divide | divert
-    node: int          # the node whose step fans out
-
-
-class Handle:
-    """The tip of one line of a definition; transitions move it forward and return it."""
-
-    def __init__(self, builder: "Builder", tip: int, stack: list[_Frame]):
-        self._b, self._tip, self._stack = builder, tip, stack
-        self._group: Group | None = None   # set on the handles of a divide/divert
-        self._closed = False
-        self._wait: dict | None = None     # a sleep() / wait_for() for the transition that comes next
-
-    def sleep(self, seconds: float) -> "Handle":
-        """Wait ``seconds`` (durably: in the database, no thread) before the next transition's steps start; they
-        get this step's output."""
-        self._live("sleep")
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= MAX_DURATION:
-            raise DefinitionError(f"pipeline {self._b.name}: sleep needs seconds above 0 (at most {MAX_DURATION}), "
-                                  f"got {seconds!r}")
-        return self._waits({"sleep": seconds}, "sleep")
-
-    def wait_for(self, name: str, timeout: float | None = None) -> "Handle":
-        """Wait for ``run.signal(name, payload)`` before the next transition, which goes on with the payload;
-        past ``timeout`` seconds (None: forever) the branch halts with signal_timeout."""
-        self._live("wait_for")
-        if not isinstance(name, str) or not name.strip() or len(name) > MAX_SIGNAL_NAME:
-            raise DefinitionError(f"pipeline {self._b.name}: wait_for needs a signal name (a non-empty string of "
-                                  f"at most {MAX_SIGNAL_NAME} characters), got {name!r}")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or not 0 < timeout <= MAX_DURATION):
-            raise DefinitionError(f"pipeline {self._b.name}: wait_for timeout must be seconds above 0 (at most "
-                                  f"{MAX_DURATION}) or None, got {timeout!r}")
-        return self._waits({"signal": name, "timeout": timeout}, "wait_for")
-
-    def _waits(self, wait: dict, what: str) -> "Handle":
-        if self._wait is not None:
-            raise DefinitionError(f"pipeline {self._b.name}: {what} after another sleep/wait_for: one wait per "
-                                  "transition")
-        self._wait = wait
-        self._b.waiting.append(self)
-        return self
-
-    def _take_wait(self, verb: str) -> dict | None:
-        """The wait set for the transition ``verb`` is making (a join or the end cannot take one)."""
-        wait, self._wait = self._wait, None
-        if wait is not None and verb in ("collapse", "combine", "converge"):
-            raise DefinitionError(f"pipeline {self._b.name}: sleep/wait_for before {verb}: a wait must be followed "
-                                  "by chain, expand, divide or divert")
-        return wait
-
-    def _live(self, what: str) -> None:
-        if self._closed:
-            raise DefinitionError(f"pipeline {self._b.name}: {what} on a branch that was already "
-                                  "combined/converged or divided")
-
-    def chain(self, to: Any) -> "Handle":
-        """The next step runs on this step's output."""
-        self._live("chain")
-        self._tip = self._b.link(self._tip, _waited({"kind": "chain"}, self._take_wait("chain")), to, "next")
-        return self
-
-    def expand(self, to: Any) -> "Handle":
-        """One branch per element of this step's output (a list), each running ``to``."""
-        self._live("expand")
-        parent = self._tip
-        after = _waited({"kind": "expand", "join": None}, self._take_wait("expand"))
-        self._tip = self._b.link(parent, after, to, "child")
-        self._stack = self._stack + [_Frame("expand", parent)]
-        return self
-
-    def collapse(self, into: Any) -> "Handle":
-        """Close the innermost expand: ``into`` runs on the list of the branches' outputs."""
-        self._live("collapse")
-        self._take_wait("collapse")
-        if not self._stack or self._stack[-1].kind != "expand":
-            raise DefinitionError(f"pipeline {self._b.name}: collapse without a matching expand")
-        frame = self._stack[-1]
-        self._b.end(self._tip)
-        self._tip = self._b.join(frame.node, into)
-        self._stack = self._stack[:-1]
-        return self
-
-    def divide(self, to: Sequence[Any]) -> "Group":
-        """Every step of ``to`` runs on this step's output, one branch each."""
-        self._live("divide")
-        if not isinstance(to, (list, tuple)) or len(to) < 1:
-            raise DefinitionError(f"pipeline {self._b.name}: divide(to=...) needs a non-empty list of steps")
-        parent = self._tip
-        children = [self._b.add(step) for step in to]
-        self._b.nodes[parent]["after"] = _waited({"kind": "divide", "children": children, "join": None},
-                                                 self._take_wait("divide"))
-        return self._fan_out("divide", parent, children, [str(i) for i in range(len(children))])
-
-    def divert(self, to: dict) -> "Group":
-        """One branch, chosen by str() of this step's output among the keys of ``to`` (or otherwise)."""
-        self._live("divert")
-        if not isinstance(to, dict) or not to:
-            raise DefinitionError(f"pipeline {self._b.name}: divert(to=...) needs a mapping of keys to steps")
-        if "otherwise" not in to:
-            raise DefinitionError(f"pipeline {self._b.name}: divert without an 'otherwise' branch")
-        parent = self._tip
-        cases = {str(key): self._b.add(step) for key, step in to.items()}
-        if len(cases) != len(to):
-            raise DefinitionError(f"pipeline {self._b.name}: divert keys collide once turned into strings")
-        self._b.nodes[parent]["after"] = _waited({"kind": "divert", "cases": cases, "join": None},
-                                                 self._take_wait("divert"))
-        return self._fan_out("divert", parent, list(cases.values()), list(cases))
-
-    def _fan_out(self, kind: str, parent: int, children: list[int], keys: list[str]) -> "Group":
-        group = Group(self, kind, parent, keys)
-        stack = self._stack + [_Frame(kind, parent)]
-        for child in children:
-            handle = Handle(self._b, child, list(stack))
-            handle._group = group
-            group.handles.append(handle)
-        self._closed = True
-        return group
-
-    def combine(self, *others: "Handle", into: Any) -> "Handle":
-        """Close the divide: ``into`` runs on the branches' outputs, in divide order."""
-        self._live("combine")
-        if self._group is None or self._group.kind != "divide":
-            raise DefinitionError(f"pipeline {self._b.name}: combine without a matching divide")
-        return self._group.close("combine", [self, *others], into)
-
-    def converge(self, *others: "Handle", into: Any) -> "Handle":
-        """Close the divert: ``into`` runs on the chosen branch's output."""
-        self._live("converge")
-        if self._group is None or self._group.kind != "divert":
-            raise DefinitionError(f"pipeline {self._b.name}: converge without a matching divert")
-        return self._group.close("converge", [self, *others], into)
-
-
-def _waited(after: dict, wait: dict | None) -> dict:
-    """A transition with the wait before it (none: as it is, so a pipeline without waits keeps its hash)."""
-    return after if wait is None else {**after, "wait": wait}
-
-
-# The longest signal name (it is stored with each signal and each branch waiting for one).
-MAX_SIGNAL_NAME = 200
-
-
-class Group:
-    """The branches of a divide or divert: unpack them (``a, b = ...``) or close them all."""
-
-    def __init__(self, parent: Handle, kind: str, node: int, keys: list[str]):
-        self.parent, self.kind, self.node, self.keys = parent, kind, node, keys
-        self.handles: list[Handle] = []
-
-    def __iter__(self) -> Iterator[Handle]:
-        return iter(self.handles)
-
-    def __len__(self) -> int:
-        return len(self.handles)
-
-    def __getitem__(self, key: int | str) -> Handle:
-        return self.handles[self.keys.index(str(key)) if isinstance(key, str) else key]
-
-    def combine(self, into: Any) -> Handle:
-        """Close the divide over all its branches."""
-        if self.kind != "divide":
-            raise DefinitionError(f"pipeline {self.parent._b.name}: combine without a matching divide "
-                                  "(this is a divert; use converge)")
-        return self.close("combine", list(self.handles), into)
-
-    def converge(self, into: Any) -> Handle:
-        """Close the divert over all its branches."""
-        if self.kind != "divert":
-            raise DefinitionError(f"pipeline {self.parent._b.name}: converge without a matching divert "
-                                  "(this is a divide; use combine)")
-        return self.close("converge", list(self.handles), into)
-
-    def close(self, verb: str, handles: list[Handle], into: Any) -> Handle:
-        """Join every branch of the group into the step ``into`` on the parent line."""
-        b = self.parent._b
-        if any(h._group is not self for h in handles) or len({id(h) for h in handles}) != len(self.handles):
-            raise DefinitionError(f"pipeline {b.name}: {verb} must name every branch of its {self.kind} exactly once")
-        for h in handles:
-            h._live(verb)
-            h._take_wait(verb)
-            if h._stack[-1].node != self.node:
-                raise DefinitionError(f"pipeline {b.name}: a branch has an expand that is not collapsed before {verb}")
-            b.end(h._tip)
-            h._closed = True
-        parent = self.parent
-        parent._tip = b.join(self.node, into)
-        parent._closed = False
-        return parent
-
-
-class Builder:
-    """What ``define(p)`` receives: ``p.start(Step)``, ``p.on_halt(handler)`` and ``p.on_complete(handler)``."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.nodes: list[dict] = []
-        self.steps: dict[str, Any] = {}
-        self.halt_handlers: list[Callable] = []
-        self.complete_handlers: list[Callable] = []
-        self.waiting: list[Handle] = []    # handles given a sleep/wait_for (one left unused is a mistake)
-        self._started = False
-
-    def start(self, step: Any) -> Handle:
-        """The first step of the pipeline (it gets the trigger's arguments)."""
-        if self._started:
-            raise DefinitionError(f"pipeline {self.name}: start called twice")
-        self._started = True
-        return Handle(self, self.add(step), [])
-
-    def on_halt(self, handler: Callable) -> Callable:
-        """Register ``handler(run, reasons)``, called once per halt of a run."""
-        if not callable(handler):
-            raise DefinitionError(f"pipeline {self.name}: on_halt needs a callable")
-        self.halt_handlers.append(handler)
-        return handler
-
-    def on_complete(self, handler: Callable) -> Callable:
-        """Register ``handler(run)``, called once per completed run (like on_halt: after the commit, outside
-        any transaction, by the process that completed it; its exceptions are logged)."""
-        if not callable(handler):
-            raise DefinitionError(f"pipeline {self.name}: on_complete needs a callable")
-        self.complete_handlers.append(handler)
-        return handler
-
-    def add(self, step: Any) -> int:
-        """A new node for ``step`` (one name, one step object per pipeline)."""
-        name = _step_name(step, self.name)
-        known = self.steps.get(name)
-        if known is not None and known is not step:
-            raise DefinitionError(f"pipeline {self.name}: two different steps are named {name}")
-        self.steps[name] = step
-        self.nodes.append({"id": len(self.nodes), "step": name, "after": {"kind": "end"}})
-        return len(self.nodes) - 1
-
-    def link(self, src: int, after: dict, step: Any, field: str) -> int:
-        dst = self.add(step)
-        after[field] = dst
-        self.nodes[src]["after"] = after
-        return dst
-
-    def end(self, node: int) -> None:
-        self.nodes[node]["after"] = {"kind": "end"}
-
-    def join(self, fan_out_node: int, step: Any) -> int:
-        dst = self.add(step)
-        self.nodes[fan_out_node]["after"]["join"] = dst
-        return dst
-
-
-@dataclasses.dataclass
-class Definition:
-    """A compiled pipeline graph (what each run stores)."""
-
-    pipeline: str
-    nodes: list[dict]
-
-    @property
-    def body(self) -> str:
-        """The graph as canonical JSON (what is stored and hashed)."""
-        return json.dumps({"pipeline": self.pipeline, "nodes": self.nodes}, sort_keys=True, separators=(",", ":"))
-
-    @property
-    def hash(self) -> str:
-        """The graph's identity: a run keeps the definition it was triggered with."""
-        import hashlib
-        return hashlib.sha256(self.body.encode()).hexdigest()[:32]
-
-    @classmethod
-    def from_body(cls, body: str) -> "Definition":
-        """A definition read back from its stored body."""
-        data = json.loads(body)
-        return cls(data["pipeline"], data["nodes"])
-
-
-_REGISTRY: dict[str, type["Pipeline"]] = {}
-
-
-class Pipeline:
-    """Subclass with ``@staticmethod define(p)``; the class name is the pipeline name."""
-
-    definition: Definition
-    steps: dict[str, Any]
-    halt_handlers: list[Callable]
-    complete_handlers: list[Callable]
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Build and register the definition of each subclass as it is created."""
-        super().__init_subclass__(**kwargs)
-        name = cls.__name__
-        if "define" not in cls.__dict__:
-            raise DefinitionError(f"pipeline {name}: define(p) is missing")
-        builder = Builder(name)
-        try:
-            cls.define(builder)
-        except DefinitionError:
-            raise
-        except TypeError as exc:
-            raise DefinitionError(f"pipeline {name}: {exc}") from None
-        if not builder.nodes:
-            raise DefinitionError(f"pipeline {name}: define(p) never called p.start(...)")
-        if any(handle._wait is not None for handle in builder.waiting):
-            raise DefinitionError(f"pipeline {name}: sleep/wait_for at the end of a line: a wait must be followed "
-                                  "by chain, expand, divide or divert")
-        cls.definition = Definition(name, builder.nodes)
-        cls.steps = builder.steps
-        cls.halt_handlers = builder.halt_handlers
-        cls.complete_handlers = builder.complete_handlers
-        known = _REGISTRY.get(name)
-        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__) \
-                and inspect.getsourcefile(known) != inspect.getsourcefile(cls):
-            raise DefinitionError(f"pipeline {name}: defined twice ({known.__module__} and {cls.__module__}); "
-                                  "names must be unique")
-        _REGISTRY[name] = cls
-
-    @classmethod
-    def trigger(cls, *args: Any, delay: float | None = None, at: Any = None) -> "Run":
-        """Start a run in one transaction; the arguments go to the start step. ``delay`` (seconds) or ``at`` (an
-        aware datetime, or epoch seconds): its first step is not claimable before then (the database clock)."""
-        return trigger(cls.__name__, *args, delay=delay, at=at)
-
-
-def registered_pipelines() -> dict[str, type[Pipeline]]:
-    """Every pipeline class defined so far, by name."""
-    return dict(_REGISTRY)
-
-
-def validate() -> list[str]:
-    """Check every registered pipeline; raises DefinitionError, returns the names checked."""
-    for name, cls in _REGISTRY.items():
-        nodes = cls.definition.nodes
-        for node in nodes:
-            if node["step"] not in cls.steps:
-                raise DefinitionError(f"pipeline {name}: node {node['id']} names unknown step {node['step']}")
-            _step_name(cls.steps[node["step"]], name)
-        json.loads(cls.definition.body)
-    return sorted(_REGISTRY)
-
-
-# =====================================================================================
 # engine: every state change of runs, branches and steps; its records, its SQL, its decisions
 # =====================================================================================
 # Step rows are the job queue (status queued -> running -> succeeded | failed). A claim
@@ -2991,6 +3027,20 @@ class SQL:
         VALUES (:pipeline, :definition, 'in_progress', :input, {now}, {now})
         RETURNING id"""
 
+    # trigger(key=...): a run with a key, unless its pipeline has a run with that key already (then nothing).
+    insert_keyed_run = """
+        INSERT INTO ductwork_runs (pipeline, definition, status, input, trigger_key, created_at, updated_at)
+        VALUES (:pipeline, :definition, 'in_progress', :input, :key, {now}, {now})
+        ON CONFLICT (pipeline, trigger_key) WHERE trigger_key IS NOT NULL DO NOTHING
+        RETURNING id"""
+
+    # ... and that run.
+    run_of_key = """
+        SELECT id
+        FROM ductwork_runs
+        WHERE pipeline = :pipeline
+          AND trigger_key = :key"""
+
     # A delayed run (trigger(delay=, at=)): when it starts, :at (epoch seconds) or :delay seconds from now on
     # the database clock; then its first step waits until then (delay_first_step).
     schedule_run = """
@@ -3032,6 +3082,33 @@ class SQL:
           AND node > 0
           AND attempts = 0
           AND crashes = 0"""
+
+    # -- ductwork_schedules: each schedule's last tick (SPEC §16) --------------------------------------
+    # The tick a schedule fired last (or was first seen at), locked for the firing transaction.
+    schedule_state = """
+        SELECT last_fire
+        FROM ductwork_schedules
+        WHERE pipeline = :pipeline
+          AND ident = :ident
+        {for_update}"""
+
+    # A schedule seen for the first time: its latest tick counts as fired (a new schedule waits for its next).
+    schedule_seen = """
+        INSERT INTO ductwork_schedules (pipeline, ident, last_fire, last_run_id, updated_at)
+        VALUES (:pipeline, :ident, :last_fire, NULL, {now})
+        ON CONFLICT (pipeline, ident) DO NOTHING"""
+
+    schedule_fired = """
+        UPDATE ductwork_schedules
+        SET last_fire = :last_fire, last_run_id = :run_id, updated_at = {now}
+        WHERE pipeline = :pipeline
+          AND ident = :ident
+          AND last_fire < :last_fire"""
+
+    # `schedules`: every schedule's last tick and run.
+    schedule_states = """
+        SELECT pipeline, ident, last_fire, last_run_id
+        FROM ductwork_schedules"""
 
     # The scheduled runs still to start, per pipeline, and the first start (an index range per pipeline).
     scheduled_runs = """
@@ -3508,9 +3585,12 @@ class SQL:
         WHERE id = :id"""
 
     # revive(): the steps a cancel stopped run again (fresh budgets, as after a halt).
+    # (A step that never ran keeps a start still to come: a delayed run's, or the step after a sleep.)
     steps_uncancelled = """
         UPDATE ductwork_steps
-        SET status = 'queued', attempts = 0, crashes = 0, halt_reason = NULL, available_at = {now}
+        SET status = 'queued', attempts = 0, crashes = 0, halt_reason = NULL,
+            available_at = CASE WHEN attempts = 0 AND crashes = 0 AND available_at > {now}
+                                THEN available_at ELSE {now} END
         WHERE run_id = :run_id
           AND status = 'cancelled'
         RETURNING pipeline"""
@@ -4029,8 +4109,8 @@ class Situation:
 
     @property
     def after(self) -> dict:
-        """The transition that follows the current step."""
-        return self.nodes[self.node]["after"]
+        """The transition that follows the current step (after its wait, if it has one)."""
+        return _transition(self.nodes[self.node]["after"])
 
     def halt(self, reason: str | None, warning: str | None = None) -> _Outcome:
         """The branch halts at its current node."""
@@ -4049,7 +4129,7 @@ def decide(s: Situation) -> _Outcome:
         return s.halt(TRANSITION_INVALID)
     if s.step.status == "failed":
         return s.halt(s.step.halt_reason or JOB_RETRIES_EXHAUSTED)
-    wait = s.after.get("wait")
+    wait = s.nodes[s.node]["after"].get("wait")
     if wait is not None and "signal" in wait:
         return _decide_signal(s, wait)
     outcome = DECISIONS.get(s.after["kind"], _decide_unknown)(s)
@@ -4260,31 +4340,69 @@ class Engine:
         return found
 
     # -- trigger ------------------------------------------------------------------------
-    def trigger(self, name: str, args: Sequence[Any], delay: float | None = None, at: float | None = None) -> int:
+    def trigger(self, name: str, args: Sequence[Any], delay: float | None = None, at: float | None = None,
+                key: str | None = None) -> int:
         """Start a run of pipeline ``name``: its run, root branch and first step, in one transaction; with a
         ``delay`` (seconds, database clock) or a start time ``at`` (epoch seconds) its first step is not
-        claimable before then (trigger_start has checked them)."""
+        claimable before then (trigger_start has checked them); with a ``key``, the run of the pipeline that
+        has that key already, if there is one (any status, until pruned), instead of a new one."""
+        cls, args_json = self._trigger_input(name, args)
+        with self._tx() as t:
+            run_id = self._trigger_in(t, cls, args_json, delay, at, key)
+        self._stored_definitions.add(cls.definition.hash)
+        return run_id
+
+    @staticmethod
+    def _trigger_input(name: str, args: Sequence[Any]) -> tuple[type["Pipeline"], str]:
+        """The pipeline class of ``name`` and the trigger's arguments as JSON (checked before any write)."""
         cls = _REGISTRY.get(name)
         if cls is None:
             raise ConfigError(f"pipeline {name!r} not found (registered: {', '.join(sorted(_REGISTRY)) or 'none'})")
         try:
-            args_json = _dumps(list(args))
+            return cls, _dumps(list(args))
         except (TypeError, ValueError) as exc:
             raise DuctworkError(f"trigger arguments of {name} must be JSON: {exc}") from None
-        d = cls.definition
+
+    def _trigger_in(self, t: _EngineTx, cls: type["Pipeline"], args_json: str, delay: float | None,
+                    at: float | None, key: str | None) -> int:
+        """trigger() inside ``t``: the run's id (with a key that is taken: the run that has it)."""
+        name, d = cls.__name__, cls.definition
         digest = d.hash
         self._definitions.setdefault(digest, d)
-        with self._tx() as t:
-            if digest not in self._stored_definitions:
-                t.run(SQL.insert_definition, {"hash": digest, "pipeline": name, "body": d.body})
-            run_id = t.one(SQL.insert_run, {"pipeline": name, "definition": digest, "input": args_json})[0]
-            branch_id = t.one(SQL.insert_branch, {"run_id": run_id, "pipeline": name, "definition": digest})[0]
-            self._insert_steps(t, [(run_id, branch_id, name, 0, d.nodes[0]["step"], args_json, 0.0)])
-            if delay is not None or at is not None:
-                start = t.one(SQL.schedule_run, {"id": run_id, "at": at, "delay": delay or 0.0})[0]
-                t.run(SQL.delay_first_step, {"start": start, "branch_id": branch_id})
-        self._stored_definitions.add(digest)
+        if digest not in self._stored_definitions:
+            t.run(SQL.insert_definition, {"hash": digest, "pipeline": name, "body": d.body})
+        run = {"pipeline": name, "definition": digest, "input": args_json}
+        if key is None:
+            run_id = t.one(SQL.insert_run, run)[0]
+        else:
+            row = t.one(SQL.insert_keyed_run, {**run, "key": key})
+            if row is None:   # (Postgres: after the transaction that inserted it ended; it committed)
+                return int(t.one(SQL.run_of_key, {"pipeline": name, "key": key})[0])
+            run_id = row[0]
+        branch_id = t.one(SQL.insert_branch, {"run_id": run_id, "pipeline": name, "definition": digest})[0]
+        self._insert_steps(t, [(run_id, branch_id, name, 0, d.nodes[0]["step"], args_json, 0.0)])
+        if delay is not None or at is not None:
+            start = t.one(SQL.schedule_run, {"id": run_id, "at": at, "delay": delay or 0.0})[0]
+            t.run(SQL.delay_first_step, {"start": start, "branch_id": branch_id})
         return int(run_id)
+
+    def fire_schedule(self, name: str, schedule: "Schedule", tick: float) -> int | None:
+        """A schedule's ``tick`` (its latest fire time now): the run of that tick, triggered once however many
+        processes fire it (its key: pipeline, schedule, tick); None when that tick (or a later one) was fired,
+        or when the schedule is seen for the first time (a new schedule waits for its next tick)."""
+        cls, args_json = self._trigger_input(name, schedule.args)
+        state = {"pipeline": name, "ident": schedule.ident}
+        with self._tx() as t:
+            row = t.one(SQL.schedule_state, state)
+            if row is None:
+                t.run(SQL.schedule_seen, {**state, "last_fire": tick})
+                return None
+            if float(row[0]) >= tick:
+                return None
+            run_id = self._trigger_in(t, cls, args_json, None, None, f"schedule:{schedule.ident}:{tick:.3f}")
+            t.run(SQL.schedule_fired, {**state, "last_fire": tick, "run_id": run_id})
+        self._stored_definitions.add(cls.definition.hash)
+        return run_id
 
     def signal(self, run_id: int, name: str, payload_json: str) -> bool:
         """Send the run its signal ``name``: kept if it is the first of its name and the run is in progress (else
@@ -4615,7 +4733,7 @@ class Engine:
         children = (t.all(SQL.children_of, {"origin_step_id": step.step_id})
                     if b.expected > 0 and step is not None else [])
         max_depth = (self.config.get("pipeline_advancer.steps.max_depth", b.pipeline, node["step"])
-                     if node["after"]["kind"] in BOUNDED_FAN_OUTS else -1)
+                     if _transition(node["after"])["kind"] in BOUNDED_FAN_OUTS else -1)
         cls = _REGISTRY.get(b.pipeline)
         situation = Situation(b.node, d.nodes, step, b.expected, children, max_depth, cls.steps if cls else None,
                               waiting_for=b.waiting_for, wait_until=b.wait_until)
@@ -5248,12 +5366,19 @@ def migrate(database_url: str | None = None) -> list[int]:
     return migrate_store(store)
 
 
-def trigger(name: str, *args: Any, delay: float | None = None, at: Any = None) -> Run:
+def trigger(name: str, *args: Any, delay: float | None = None, at: Any = None, key: str | None = None) -> Run:
     """Start a run of the pipeline ``name`` with these arguments for its start step; ``delay`` (seconds) or
-    ``at`` (an aware datetime, or epoch seconds): not before then (the database's clock)."""
+    ``at`` (an aware datetime, or epoch seconds): not before then (the database's clock); ``key``: if the
+    pipeline has a run with that key (any status, until pruned), that run instead of a new one."""
     delay, start = trigger_start(delay, at)
+    if key is not None and (not isinstance(key, str) or not key or len(key) > MAX_TRIGGER_KEY):
+        raise DuctworkError(f"a trigger key must be a non-empty string of at most {MAX_TRIGGER_KEY} characters, "
+                            f"got {key!r}")
     engine = _app_engine()
-    return Run(engine.trigger(name, args, delay, start), engine).refresh()
+    return Run(engine.trigger(name, args, delay, start, key), engine).refresh()
+
+
+MAX_TRIGGER_KEY = 500   # characters of a trigger key (it is indexed with its pipeline)
 
 
 def trigger_start(delay: Any, at: Any) -> tuple[float | None, float | None]:
@@ -5876,6 +6001,9 @@ class SystemdNotifier:
 # so that siblings started together do not all drain together. A memory limit the process already passes
 # once booted would recycle it forever: it is switched off, with an error line.
 RECYCLE_JITTER = 0.1
+# Schedules (Runtime.schedule_loop): the longest wait between two looks, the shortest (past a tick, by the
+# database clock), and the pause after a failed look.
+SCHEDULE_LOOK, SCHEDULE_MIN_WAIT, SCHEDULE_RETRY = 60.0, 0.005, 1.0
 RECYCLE_WAKE = 0   # not a signal: the item on a Runtime's signal queue that makes its main loop drain to recycle
 RECYCLED_ENV = "DUCTWORK_RECYCLED"   # in a re-executed foreground process: how often it recycled itself
 
@@ -5932,6 +6060,7 @@ def reexecute(environment: dict[str, str]) -> int:
         os.execve(sys.executable, sys.orig_argv, {**os.environ, **environment})
     except OSError as exc:
         log.error("could not re-execute %s to recycle: %s; exiting", " ".join(sys.orig_argv), exc)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, RUNTIME_SIGNALS)
     return EXIT_FAILURE
 
 
@@ -6027,6 +6156,8 @@ class Runtime:
             plan.append((f"ductwork.{self.row_role}.timekeeper.0", self.timekeeper_loop, None))
         if self.spec.advancers:   # (with every status kept forever it still rolls the counts up, see prune)
             plan.append((f"ductwork.{self.row_role}.pruner.0", self.prune_loop, None))
+        if self.spec.advancers and self.schedules():
+            plan.append((f"ductwork.{self.row_role}.scheduler.0", self.schedule_loop, None))
         if self.store.dialect == "sqlite":
             plan.append((f"ductwork.{self.row_role}.listener.0", self.local_listen_loop, None))
         elif self.store.listen_info is not None:   # else (behind a pooler, no listen_url) polling alone
@@ -6565,6 +6696,51 @@ class Runtime:
             if pruned:
                 log.info("pruned %s", pruned_text(pruned))
 
+    # -- schedules (SPEC §16) --------------------------------------------------------------
+    # Every advancer process fires the schedules of the pipelines it advances: no leader. At each tick every one
+    # of them asks (Engine.fire_schedule); the schedule's row, locked, and the tick's trigger key let one run
+    # through. A process asks about the latest tick at or before the database's clock, so a deployment that was
+    # down fires the latest tick it missed, once, and none before it; then it waits until the next tick by the
+    # same clock (a host clock ahead or behind shifts nothing).
+    def schedules(self) -> list[tuple[str, "Schedule"]]:
+        """The (pipeline, schedule) pairs this process fires: of the pipelines it advances, not switched off in
+        config ``schedules``."""
+        switches = self.config.data["schedules"]
+        return [(name, schedule) for name in self.pipelines if switches.get(name, True)
+                for schedule in getattr(_REGISTRY.get(name), "schedules", [])]
+
+    def schedule_loop(self) -> None:
+        """Advancer processes with schedules: fire each one's due tick, then wait for the next, until stopping."""
+        if not self.wait_booted():
+            return
+        asked: dict[tuple[str, str], float] = {}   # the tick this process asked about last, per schedule
+        while not self.stopping.is_set():
+            try:
+                wait = self.fire_due_schedules(asked)
+            except (DatabaseUnavailable, sqlite3.OperationalError) as exc:   # the heartbeat reports outages
+                log.debug("schedules skipped: %s", first_line(exc))
+                wait = SCHEDULE_RETRY
+            except Exception:
+                log.exception("firing schedules failed")
+                wait = SCHEDULE_RETRY
+            self.stopping.wait(wait)
+
+    def fire_due_schedules(self, asked: dict[tuple[str, str], float]) -> float:
+        """Fire every schedule whose latest tick this process has not asked about; seconds until the next tick
+        (at most SCHEDULE_LOOK: a schedule edited by a deploy, a clock step, are seen within it)."""
+        now = self.store.now()
+        soonest = SCHEDULE_LOOK
+        for name, schedule in self.schedules():
+            tick = schedule.latest_at_or_before(now)
+            if tick is not None and asked.get((name, schedule.ident), -1.0) < tick:
+                run_id = self.engine.fire_schedule(name, schedule, tick)
+                asked[(name, schedule.ident)] = tick
+                if run_id is not None:
+                    log.info("schedule %s of %s fired run %s (tick %s UTC)", schedule, name, run_id, _ts(tick),
+                             extra={"run": run_id, "pipeline": name})
+            soonest = min(soonest, schedule.next_after(now) - now)
+        return max(SCHEDULE_MIN_WAIT, soonest)
+
     def cancel_watch_loop(self) -> None:
         """Worker processes: look for cancelled runs among the steps this process holds, at once on a cancel's hint
         and every CANCEL_POLL while it holds any (hints can be lost), until the process ends."""
@@ -6765,6 +6941,7 @@ class Runtime:
                 self.stop_requested.set()
         for sig in RUNTIME_SIGNALS:
             signal.signal(sig, record)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, RUNTIME_SIGNALS)   # (a recycled predecessor exec'd, them blocked)
 
     def hooks(self, phase: str) -> None:
         """Run this role's lifecycle hooks of ``phase`` (start | stop; stop in reverse order)."""
@@ -6930,11 +7107,13 @@ class Runtime:
         self.stopping.set()
         self.wakeups.all()
         deadline = started + float(self.config.get(self.spec.shutdown_timeout))
+        tick = min(1.0, float(self.config.get("supervisor.heartbeat_interval")))
         for thread in self.threads:
             if thread.name.endswith(SERVICE_THREADS) or thread.ident in self.abandoned:   # (see SERVICE_THREADS;
                 continue                                                                  # abandoned: step timeouts)
-            while thread.is_alive() and time.monotonic() < deadline:   # (systemd's watchdog fed while it waits)
-                thread.join(min(deadline - time.monotonic(), self.systemd.until_ping()))
+            while thread.is_alive() and time.monotonic() < deadline:   # alive for the supervisor's hang check and
+                thread.join(min(deadline - time.monotonic(), tick, self.systemd.until_ping()))   # systemd's watchdog
+                self._report(PIPE_ALIVE, str(len(self.in_flight)))
                 self.systemd.ping()
         handed = self._hand_back_in_flight("drain deadline passed")
         self.dead.set()
@@ -10013,7 +10192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _status_arguments(p: argparse.ArgumentParser) -> None:
-    """status's own options."""
+    """status's (and schedules') own options."""
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -10031,6 +10210,7 @@ def _trigger_arguments(p: argparse.ArgumentParser) -> None:
     when = p.add_mutually_exclusive_group()
     when.add_argument("--delay", type=float, metavar="S", help="start it S seconds from now (the database clock)")
     when.add_argument("--at", metavar="ISO8601", help="start it at this time (with its UTC offset, or Z)")
+    p.add_argument("--key", help="the run of this pipeline with this key, if there is one, instead of a new one")
 
 
 def _dashboard_arguments(p: argparse.ArgumentParser) -> None:
@@ -10171,8 +10351,13 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     runtime = Runtime(config, spec.mode, pipelines)
     runtime.install_signals()
     code = runtime.serve()
-    if runtime.recycled and code == EXIT_OK and not runtime.stop_requested.is_set():
-        return reexecute(runtime.recycle_environment())   # (in place: an orchestrator sees no restart)
+    if runtime.recycled and code == EXIT_OK:
+        # blocked from here on and across the exec (the mask is kept): a stop signal that comes now waits for the
+        # new program's handlers (Runtime.install_signals unblocks them), one that came before is seen here
+        signal.pthread_sigmask(signal.SIG_BLOCK, RUNTIME_SIGNALS)
+        if not runtime.stop_requested.is_set():   # (reexecute unblocks them if the exec fails)
+            return reexecute(runtime.recycle_environment())   # (in place: an orchestrator sees no restart)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, RUNTIME_SIGNALS)
     return code
 
 
@@ -10252,7 +10437,13 @@ def cmd_trigger(args: argparse.Namespace, config: Config) -> int:
         trigger_start(args.delay, _time_argument(args.at))
     except DuctworkError as exc:   # (a usage error: exit 2)
         raise ConfigError(str(exc)) from None
-    print(trigger(args.name, *values, delay=args.delay, at=_time_argument(args.at)).id)
+    try:
+        run = trigger(args.name, *values, delay=args.delay, at=_time_argument(args.at), key=args.key)
+    except DuctworkError as exc:   # (a bad key: a usage error)
+        if args.key is not None and "trigger key" in str(exc):
+            raise ConfigError(str(exc)) from None
+        raise
+    print(run.id)
     return EXIT_OK
 
 
@@ -10322,6 +10513,39 @@ def cmd_signal(args: argparse.Namespace, config: Config) -> int:
               file=sys.stderr)
         return EXIT_FAILURE
     print(f"signal {args.name!r} sent to run {args.run_id}")
+    return EXIT_OK
+
+
+def schedule_report(engine: Engine, config: Config) -> list[dict]:
+    """Every schedule of the registered pipelines: what it is, on or off (config ``schedules``), its next tick
+    by the database's clock, and the last tick fired (or first seen) with its run."""
+    now = engine.store.now()
+    with engine.store.tx(write=False) as t:
+        states = {(p, ident): (last, run_id) for p, ident, last, run_id in t.all(SQL.schedule_states)}
+    switches = config.data["schedules"]
+    out = []
+    for name in sorted(_REGISTRY):
+        for schedule in _REGISTRY[name].schedules:
+            last, run_id = states.get((name, schedule.ident), (None, None))
+            out.append({"pipeline": name, "schedule": schedule.describe(), "ident": schedule.ident,
+                        "on": switches.get(name, True), "next": schedule.next_after(now), "last": last,
+                        "last_run": run_id})
+    return out
+
+
+def cmd_schedules(args: argparse.Namespace, config: Config) -> int:
+    """List the schedules, their next ticks and their last runs (--json: exact)."""
+    report = schedule_report(_app_engine(), config)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    if not report:
+        print("no schedules")
+    for r in report:
+        last = (f"last {_ts(r['last'])} UTC" + (f" (run {r['last_run']})" if r["last_run"] else " (seen, not fired)")
+                if r["last"] is not None else "never fired")
+        state = "next " + _ts(r["next"]) + " UTC" if r["on"] else "off (config schedules)"
+        print(printable(f"{r['pipeline']:<28} {r['schedule']}  {state}  {last}"))
     return EXIT_OK
 
 
@@ -10469,6 +10693,8 @@ COMMANDS = (   # in --help order
             _revive_arguments),
     Command("signal", "send a run a signal (what wait_for waits for): signal RUN_ID NAME [JSON]", cmd_signal,
             _signal_arguments),
+    Command("schedules", "list the schedules, their next ticks and last runs: schedules [--json]", cmd_schedules,
+            _status_arguments),
     Command("dashboard", "web dashboard (cancel and revive runs unless --read-only), JSON API and Prometheus "
             "/metrics", cmd_dashboard, _dashboard_arguments),
     Command("doctor", "check the deployment: one line per check, ok / warn / fail", cmd_doctor, _doctor_arguments,

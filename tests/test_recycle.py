@@ -193,3 +193,21 @@ def test_a_memory_limit_below_the_booted_size_is_switched_off_not_looped(procs, 
     assert "recycles" not in worker.log()
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
+
+
+def test_a_recycle_s_drain_longer_than_hang_timeout_is_not_killed_as_hung(procs, tmp_path):
+    url = f"sqlite:///{tmp_path}/ductwork.sqlite3"
+    ductwork.configure(database_url=url)
+    ductwork.migrate()
+    hang = 1.0
+    sup = start(procs, tmp_path, url, config={
+        "app": APP, "pipelines": ["RecSlow"], "supervisor": {"hang_timeout": hang},
+        "job_worker": {"count": 1, "shutdown_timeout": 10, "recycle": {"steps": 1}}})
+    old = sup.child_pid("worker:RecSlow")
+    run = recycle_app.RecSlow.trigger(3 * hang)   # it starts, the worker recycles, its drain waits for it
+    assert run.wait(3 * hang + 2 * LOAD_SLACK) == "completed"
+    sup.wait_log(rf"worker:RecSlow \(pid {old}\) exited \(recycled\): exit 0")
+    assert "killed" not in sup.log() and outcomes() == {"succeeded": 1}
+    assert [m[1] for m in marks(tmp_path, "slow")] == [str(run.id)]   # it ran once, to its end
+    sup.signal(signal.SIGTERM)
+    assert sup.wait() == 0

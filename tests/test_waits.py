@@ -197,10 +197,20 @@ def test_misused_waits_are_definition_errors(define, problem):
 
 
 def test_waits_are_stored_in_the_run_s_definition():
+    # wrapped in a transition kind of their own: a process of the version before halts there (transition_invalid)
     after = WaitTimeout.definition.nodes[0]["after"]
-    assert after == {"kind": "chain", "next": 1, "wait": {"signal": "approved", "timeout": NAP}}
+    assert after == {"kind": "wait", "wait": {"signal": "approved", "timeout": NAP},
+                     "then": {"kind": "chain", "next": 1}}
     assert WaitSleep.definition.nodes[0]["after"]["wait"] == {"sleep": NAP}
-    assert "wait" not in WaitSleep.definition.nodes[1]["after"]
+    assert WaitSleep.definition.nodes[1]["after"] == {"kind": "end"}
+    fan = WaitSleepFan.definition.nodes[0]["after"]
+    assert fan == {"kind": "wait", "wait": {"sleep": NAP}, "then": {"kind": "expand", "child": 1, "join": 2},
+                   "join": 2}
+    before = ductwork.decide(ductwork.Situation(0, WaitTimeout.definition.nodes,
+                                                ductwork.StepState(1, "succeeded", "2", None), now=100.0))
+    assert (before.status, before.park) == ("advance", ("approved", 100.0 + NAP))
+    # what the version before makes of it: an unknown transition (its decide() never saw a "wait" kind)
+    assert ductwork.DECISIONS.get("wait") is None
 
 
 APP_TEXT = '''

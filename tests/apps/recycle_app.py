@@ -53,3 +53,18 @@ class RecStuck(ductwork.Pipeline):
     @staticmethod
     def define(p):
         p.start(Stuck)
+
+
+class Slow(ductwork.Step):
+    """Takes its time: a recycle's drain waits for it longer than supervisor.hang_timeout."""
+
+    def execute(self, seconds):
+        mark(f"slow {self.run_id} {os.getpid()}")
+        threading.Event().wait(seconds)
+        return seconds
+
+
+class RecSlow(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(Slow)
