@@ -113,7 +113,10 @@ def test_the_cli_triggers_delayed_runs_and_status_shows_them(tmp_path, db_url):
     ductwork.configure(database_url=db_url)
     run = ductwork.Run.get(int(at.stdout))
     assert run.scheduled_at == datetime.datetime(2030, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
+    keyed = [run_cli("trigger", "CliDelay", "3", "--key", "nightly-2030", env=env) for _ in range(2)]
+    assert [k.returncode for k in keyed] == [0, 0] and keyed[0].stdout == keyed[1].stdout   # one run per key
     for argv, problem in [
+        (["--key", ""], "ductwork: error: a trigger key must be a non-empty string"),
         (["--at", "2030-01-01T00:00:00"], "ductwork: error: --at '2030-01-01T00:00:00' has no UTC offset"),
         (["--at", "soon"], "ductwork: error: --at 'soon' is not an ISO 8601 time"),
         (["--delay", "-3"], "ductwork: error: a trigger delay must be seconds from 0"),
