@@ -50,3 +50,17 @@ class BenchNap(ductwork.Pipeline):
     @staticmethod
     def define(p):
         p.start(nap)
+
+
+class BenchSleep(ductwork.Pipeline):
+    """A durable sleep between two no-op steps (bench/waits.py aligns the sleeps' ends)."""
+    @staticmethod
+    def define(p):
+        p.start(noop).sleep(3600).chain(to=noop)
+
+
+class BenchGate(ductwork.Pipeline):
+    """Waits for a signal that never comes (no timeout): a run parked for good."""
+    @staticmethod
+    def define(p):
+        p.start(noop).wait_for("never").chain(to=noop)

@@ -21,19 +21,19 @@ def then(x):
     return {"got": x}
 
 
-class RvSleep(ductwork.Pipeline):
+class PooledSleep(ductwork.Pipeline):
     @staticmethod
     def define(p):
         p.start(first).sleep(NAP).chain(to=then)
 
 
-class RvSignal(ductwork.Pipeline):
+class PooledSignal(ductwork.Pipeline):
     @staticmethod
     def define(p):
         p.start(first).wait_for("go").chain(to=then)
 
 
-class RvOne(ductwork.Pipeline):
+class PooledOne(ductwork.Pipeline):
     @staticmethod
     def define(p):
         p.start(then)
@@ -59,10 +59,10 @@ def db_now(engine):
 
 def test_delayed_runs_and_signals_through_every_database(engine, start_runtime):
     """delay= and at= (each leaves the other parameter NULL) and a signal, also through PgBouncer."""
-    start_runtime(["RvOne", "RvSignal"])
-    a = RvOne.trigger(1, delay=0.5)
-    b = RvOne.trigger(2, at=time.time() + 0.5)
-    c = RvSignal.trigger(3)
+    start_runtime(["PooledOne", "PooledSignal"])
+    a = PooledOne.trigger(1, delay=0.5)
+    b = PooledOne.trigger(2, at=time.time() + 0.5)
+    c = PooledSignal.trigger(3)
     assert a.wait(timeout=LOAD_SLACK) == "completed" and b.wait(timeout=LOAD_SLACK) == "completed"
     wait_until(lambda: len(steps_of(engine, c.id)) == 1 and steps_of(engine, c.id)[0][1] == "succeeded",
                LOAD_SLACK, what="first step")
@@ -71,8 +71,8 @@ def test_delayed_runs_and_signals_through_every_database(engine, start_runtime):
 
 def test_a_revived_delayed_run_does_not_start_before_its_time(engine, start_runtime):
     """SPEC §16: with delay/at "the run's first step is not claimable before that time", a revive included."""
-    start_runtime(["RvOne"])
-    run = RvOne.trigger(1, delay=NAP)
+    start_runtime(["PooledOne"])
+    run = PooledOne.trigger(1, delay=NAP)
     assert run.cancel()
     assert run.revive()
     assert run.wait(timeout=NAP + LOAD_SLACK) == "completed"
@@ -83,8 +83,8 @@ def test_a_revived_delayed_run_does_not_start_before_its_time(engine, start_runt
 
 def test_a_revived_sleeping_run_sleeps_out_its_sleep(engine, start_runtime):
     """SPEC §16: nothing shortens a sleep, a cancel and a revive included."""
-    start_runtime(["RvSleep"])
-    run = RvSleep.trigger(1)
+    start_runtime(["PooledSleep"])
+    run = PooledSleep.trigger(1)
     wait_until(lambda: len(steps_of(engine, run.id)) == 2, LOAD_SLACK, what="the sleeping step")
     wake = steps_of(engine, run.id)[1][2]
     assert run.cancel() and run.revive()
@@ -95,8 +95,8 @@ def test_a_revived_sleeping_run_sleeps_out_its_sleep(engine, start_runtime):
 
 def test_many_signals_racing_the_advancement_all_wake(engine, start_runtime):
     """A signal sent while the branch's step commits and the advancer decides: no wake-up lost."""
-    start_runtime(["RvSignal"], **{"pipeline_advancer": {"count": 3}})
-    runs = [RvSignal.trigger(i) for i in range(60)]
+    start_runtime(["PooledSignal"], **{"pipeline_advancer": {"count": 3}})
+    runs = [PooledSignal.trigger(i) for i in range(60)]
     for i, run in enumerate(runs):
         if i % 3 == 0:
             time.sleep(0.005)
