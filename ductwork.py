@@ -4346,11 +4346,16 @@ class Engine:
         ``delay`` (seconds, database clock) or a start time ``at`` (epoch seconds) its first step is not
         claimable before then (trigger_start has checked them); with a ``key``, the run of the pipeline that
         has that key already, if there is one (any status, until pruned), instead of a new one."""
+        return self.trigger_run(name, args, delay, at, key)[0]
+
+    def trigger_run(self, name: str, args: Sequence[Any], delay: float | None = None, at: float | None = None,
+                    key: str | None = None) -> tuple[int, bool]:
+        """trigger(), and whether the run is new (False: the run of that key, there already)."""
         cls, args_json = self._trigger_input(name, args)
         with self._tx() as t:
-            run_id = self._trigger_in(t, cls, args_json, delay, at, key)
+            run_id, new = self._trigger_in(t, cls, args_json, delay, at, key)
         self._stored_definitions.add(cls.definition.hash)
-        return run_id
+        return run_id, new
 
     @staticmethod
     def _trigger_input(name: str, args: Sequence[Any]) -> tuple[type["Pipeline"], str]:
@@ -4364,8 +4369,9 @@ class Engine:
             raise DuctworkError(f"trigger arguments of {name} must be JSON: {exc}") from None
 
     def _trigger_in(self, t: _EngineTx, cls: type["Pipeline"], args_json: str, delay: float | None,
-                    at: float | None, key: str | None) -> int:
-        """trigger() inside ``t``: the run's id (with a key that is taken: the run that has it)."""
+                    at: float | None, key: str | None) -> tuple[int, bool]:
+        """trigger() inside ``t``: the run's id, and True when it is new (with a key that is taken: the run that
+        has it, and False)."""
         name, d = cls.__name__, cls.definition
         digest = d.hash
         self._definitions.setdefault(digest, d)
@@ -4377,14 +4383,14 @@ class Engine:
         else:
             row = t.one(SQL.insert_keyed_run, {**run, "key": key})
             if row is None:   # (Postgres: after the transaction that inserted it ended; it committed)
-                return int(t.one(SQL.run_of_key, {"pipeline": name, "key": key})[0])
+                return int(t.one(SQL.run_of_key, {"pipeline": name, "key": key})[0]), False
             run_id = row[0]
         branch_id = t.one(SQL.insert_branch, {"run_id": run_id, "pipeline": name, "definition": digest})[0]
         self._insert_steps(t, [(run_id, branch_id, name, 0, d.nodes[0]["step"], args_json, 0.0)])
         if delay is not None or at is not None:
             start = t.one(SQL.schedule_run, {"id": run_id, "at": at, "delay": delay or 0.0})[0]
             t.run(SQL.delay_first_step, {"start": start, "branch_id": branch_id})
-        return int(run_id)
+        return int(run_id), True
 
     def fire_schedule(self, name: str, schedule: "Schedule", tick: float) -> int | None:
         """A schedule's ``tick`` (its latest fire time now): the run of that tick, triggered once however many
@@ -4399,7 +4405,7 @@ class Engine:
                 return None
             if float(row[0]) >= tick:
                 return None
-            run_id = self._trigger_in(t, cls, args_json, None, None, f"schedule:{schedule.ident}:{tick:.3f}")
+            run_id, _ = self._trigger_in(t, cls, args_json, None, None, f"schedule:{schedule.ident}:{tick:.3f}")
             t.run(SQL.schedule_fired, {**state, "last_fire": tick, "run_id": run_id})
         self._stored_definitions.add(cls.definition.hash)
         return run_id
@@ -5197,6 +5203,7 @@ class Run:
         self.halt_reasons: list[str] = []
         self.cancel_reason: str | None = None
         self.scheduled_at: float | None = None   # a delayed run: when it starts (or started), epoch seconds
+        self.new: bool | None = None   # from trigger(): True when it started this run, False when its key found one
         self.created_at = 0.0
         self.finished_at: float | None = None
 
@@ -5375,7 +5382,10 @@ def trigger(name: str, *args: Any, delay: float | None = None, at: Any = None, k
         raise DuctworkError(f"a trigger key must be a non-empty string of at most {MAX_TRIGGER_KEY} characters, "
                             f"got {key!r}")
     engine = _app_engine()
-    return Run(engine.trigger(name, args, delay, start, key), engine).refresh()
+    run_id, new = engine.trigger_run(name, args, delay, start, key)
+    run = Run(run_id, engine).refresh()
+    run.new = new
+    return run
 
 
 MAX_TRIGGER_KEY = 500   # characters of a trigger key (it is indexed with its pipeline)

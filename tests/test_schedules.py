@@ -71,6 +71,7 @@ def test_a_trigger_key_gives_one_run_per_pipeline_even_when_raced(engine):
     first = SchedKeyed.trigger(1, key="order-42")
     again = SchedKeyed.trigger(2, key="order-42")
     assert again.id == first.id and again.input == [1]
+    assert (first.new, again.new, ductwork.Run.get(first.id).new) == (True, False, None)
     other = SchedOther.trigger(1, key="order-42")   # a key is per pipeline
     assert other.id != first.id
     got: list[int] = []
@@ -148,10 +149,8 @@ def test_two_supervisors_fire_each_tick_once(tmp_path, procs, app_db, every_app)
     assert sum(fired_by.values()) == len(ticks)
 
 
-def test_after_downtime_only_the_latest_missed_tick_fires(tmp_path, procs, every_app):
-    url = f"sqlite:///{tmp_path}/ductwork.sqlite3"
-    ductwork.configure(database_url=url)
-    ductwork.migrate()
+def test_after_downtime_only_the_latest_missed_tick_fires(tmp_path, procs, every_app, app_db):
+    url = app_db
     every = 1.0
     config = every_app(every)
     first = Proc(tmp_path, url, name="first", config=config)
@@ -205,3 +204,63 @@ def test_config_switches_a_schedule_off_and_the_cli_lists_them(tmp_path, every_a
     refused = run_cli("schedules", "-c", str(bad))
     assert refused.returncode == 2 and refused.stderr.strip() == (
         "ductwork: error: config key 'schedules' must map pipeline names to true or false, got {'Every': 0}")
+
+
+RACER = '''
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import ductwork
+
+
+def ping(x=None):
+    return x
+
+
+class KeyRace(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(ping)
+
+
+ductwork.configure(database_url=sys.argv[2])
+start = float(sys.argv[3])
+while time.time() < start:   # every racer triggers at the same instant
+    time.sleep(0.001)
+run = KeyRace.trigger(1, key="webhook-7")
+print(run.id, run.new)
+'''
+
+
+class KeyRace(ductwork.Pipeline):   # (the racers define it too, each in its own process)
+    @staticmethod
+    def define(p):
+        p.start(ping)
+
+
+def test_eight_processes_triggering_one_key_at_once_get_one_run_and_a_pruned_run_frees_it(tmp_path, engine,
+                                                                                          start_runtime):
+    import subprocess
+    import sys
+
+    from procs import ROOT
+    ductwork.migrate()
+    script = tmp_path / "racer.py"
+    script.write_text(RACER)
+    url = engine.store.url
+    at = time.time() + 3   # time enough for all eight to import and connect
+    racers = [subprocess.Popen([sys.executable, str(script), str(ROOT), url, str(at)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    answers = [racer.communicate(timeout=60) for racer in racers]
+    assert all(racer.returncode == 0 for racer in racers), [err for _, err in answers]
+    said = sorted(out.split() for out, _ in answers)
+    assert len({run_id for run_id, _ in said}) == 1, said
+    assert [new for _, new in said].count("True") == 1, said   # one of them made it; seven were given it
+    assert len(keyed_runs(engine, "KeyRace")) == 1
+    start_runtime(["KeyRace"])
+    assert ductwork.Run.get(int(said[0][0])).wait(timeout=LOAD_SLACK) == "completed"
+    assert not KeyRace.trigger(2, key="webhook-7").new   # finished, still there: still its run
+    assert engine.prune({"completed": 0})["KeyRace", "completed"] == 1   # pruned: the key is free again
+    again = subprocess.run([sys.executable, str(script), str(ROOT), url, "0"], capture_output=True, text=True,
+                           timeout=60)
+    run_id, new = again.stdout.split()
+    assert new == "True" and run_id != said[0][0], again.stderr
