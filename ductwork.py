@@ -1667,7 +1667,7 @@ MIGRATIONS: list[Migration] = [
     Migration(5, (), indexes=(
         "CREATE INDEX ductwork_runs_scheduled ON ductwork_runs (pipeline, scheduled_at) "
         "WHERE status = 'in_progress' AND scheduled_at IS NOT NULL",
-        "CREATE INDEX ductwork_branches_waiting ON ductwork_branches (pipeline, id) WHERE waiting_for IS NOT NULL",
+        "CREATE INDEX ductwork_branches_waiting ON ductwork_branches (id) WHERE waiting_for IS NOT NULL",
         "CREATE UNIQUE INDEX ductwork_runs_key ON ductwork_runs (pipeline, trigger_key) WHERE trigger_key IS NOT NULL",
     )),
 ]
@@ -3347,7 +3347,7 @@ class SQL:
                      FROM ductwork_branches
                      WHERE pipeline = :pipeline
                        AND status = 'advance'
-                       AND available_at <= {{now}}
+                       AND available_at <= (SELECT {{now}})
                      ORDER BY available_at, id
                      LIMIT :limit
                      {{skip_locked}}){{fence}}
@@ -3515,7 +3515,7 @@ class SQL:
                      FROM ductwork_steps
                      WHERE pipeline = :pipeline
                        AND status = 'queued'
-                       AND available_at <= {{now}}
+                       AND available_at <= (SELECT {{now}})
                      ORDER BY available_at, id
                      LIMIT :limit
                      {{skip_locked}}){{fence}}
@@ -3549,7 +3549,8 @@ class SQL:
           AND claimed_by = :process_id"""
 
     # Step claims of this process older than the grace (lost replies: no thread holds them), running or told of a
-    # cancel (they are let go like any claim not started: Engine.release).
+    # cancel (they are let go like any claim not started: Engine.release). (The second part names the partial
+    # index's own condition: SQLite uses a partial index only for a query that says it.)
     orphaned_steps = """
         SELECT id, pipeline
         FROM ductwork_steps
@@ -3560,6 +3561,7 @@ class SQL:
         SELECT id, pipeline
         FROM ductwork_steps
         WHERE claimed_by = :process_id
+          AND status IN ('cancelling', 'stopping')
           AND status = 'cancelling'
           AND claimed_at < {now} - :grace"""
 
@@ -8731,7 +8733,7 @@ class DashboardSQL:
     queue = """
         SELECT pipeline, count(*), max({now} - available_at)
         FROM ductwork_steps
-        WHERE status = 'queued' AND available_at <= {now}
+        WHERE status = 'queued' AND available_at <= (SELECT {now})
         GROUP BY pipeline"""
 
     # /metrics: the info of the live processes (their abandoned threads: step timeouts)

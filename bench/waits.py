@@ -11,7 +11,8 @@ completed, and each step's lateness (its start minus its wake time).
 
 Idle: a real supervisor with N runs waiting (N/2 asleep, N/2 parked for a signal that never comes) against the
 same supervisor on an empty database, each for --idle seconds after a settling pause: the CPU seconds of the
-process tree, and on Postgres of the server backends of that database too, measured in the same run.
+process tree, and on Postgres of the server's client backends of that database too (not autovacuum, which
+visits the freshly written tables once), measured in the same run.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from common import Database, children_of, pause, start, stop, table, wait_for, w
 import ductwork
 
 TICKS = os.sysconf("SC_CLK_TCK")
+SETTLE = 10.0   # seconds an idle deployment runs before its CPU is counted
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -55,7 +57,8 @@ def backends(db: Database) -> list[int]:
     try:
         with store.tx(write=False) as t:
             return [int(pid) for (pid,) in t.all("SELECT pid FROM pg_stat_activity WHERE datname = :name "
-                                                   "AND pid <> pg_backend_pid()", {"name": db.name})]
+                                                   "AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                                                   {"name": db.name})]
     finally:
         store.close()
 
@@ -127,7 +130,7 @@ def idle_cpu(db: Database, config: Path, seconds: float) -> tuple[float, float]:
     """CPU seconds over ``seconds`` of an idle supervisor's process tree, and of the database's backends."""
     sup = start(config)
     try:
-        pause(3)   # booted, first polls done
+        pause(SETTLE)   # booted, its first polls done (and the server's caches warm)
         procs, server = tree(sup.pid), backends(db)
         before = cpu_seconds(procs), cpu_seconds(server)
         pause(seconds)

@@ -619,6 +619,46 @@ def test_batch_statements_use_indexes_on_big_tables(engine):
             assert "Seq Scan on ductwork_" not in plan and "SCAN ductwork_" not in plan, f"{name}: {plan}"
 
 
+def test_periodic_queries_read_index_ranges_not_the_rows_that_wait(engine):
+    """What every process asks every poll or heartbeat (claims, lost claims) and what status asks, on tables full
+    of steps asleep and branches parked for a signal: an index range each, never a scan of the waiting rows (a
+    claim that filtered available_at row by row read all of them at every idle poll; the lost-claims look at
+    'cancelling' steps scanned the whole steps table on SQLite)."""
+    dialect = engine.store.dialect
+    with engine.store.tx(kind=ductwork._EngineTx) as t:
+        for table, columns, values in (   # finished rows, the many, and 1 in 5 waiting: asleep, parked, to start
+                ("ductwork_steps", "run_id, branch_id, pipeline, node, name, status, input, available_at, created_at",
+                 "i, i, 'P', 1, 's', CASE WHEN i % 5 = 0 THEN 'queued' ELSE 'succeeded' END, '[]', 4000000000, 0"),
+                ("ductwork_branches", "run_id, pipeline, definition, node, status, available_at, created_at, "
+                 "updated_at, waiting_for", "i, 'P', 'd', 0, CASE WHEN i % 5 = 0 THEN 'advance' ELSE 'completed' "
+                 "END, 4000000000, 0, 0, CASE WHEN i % 5 = 0 THEN 'go' END"),
+                ("ductwork_runs", "pipeline, definition, status, input, created_at, updated_at, scheduled_at",
+                 "'P', 'd', CASE WHEN i % 5 = 0 THEN 'in_progress' ELSE 'completed' END, '[]', 0, 0, "
+                 "CASE WHEN i % 5 = 0 THEN 4000000000 END")):
+            t.run(f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000) "
+                  f"INSERT INTO {table} ({columns}) SELECT {values} FROM n")
+        t.run("ANALYZE")
+        mine = {"process_id": 1, "grace": 60}
+        claim = {"process_id": 1, "token": "x", "pipeline": "P", "limit": 8}
+        fenced = ductwork.SQL.fenced
+        plans = {"claim_steps": (fenced(ductwork.SQL.claim_steps, True), claim),
+                 "claim_branches": (fenced(ductwork.SQL.claim_branches, True), claim),
+                 "orphaned_steps": (ductwork.SQL.orphaned_steps, mine),
+                 "orphaned_branches": (ductwork.SQL.orphaned_branches, mine),
+                 "sleeping_steps": (ductwork.SQL.sleeping_steps, {"pipeline": "P"}),
+                 "parked_list": (ductwork.SQL.parked_list, {"limit": 10}),
+                 "scheduled_runs": (ductwork.SQL.scheduled_runs, {})}
+        explain = "EXPLAIN " if dialect == "postgres" else "EXPLAIN QUERY PLAN "
+        for name, (sql, params) in plans.items():
+            lines = [str(row[-1]) for row in t.all(explain + sql, params)]
+            plan = " | ".join(lines)
+            scans = [line for line in lines   # whole tables (the live processes aside: a handful of rows, the fence's)
+                     if ("Seq Scan on ductwork_" in line or ("SCAN ductwork_" in line and "USING" not in line))
+                     and "ductwork_processes" not in line]
+            assert not scans, f"{name}: {plan}"
+            assert not any("Filter:" in line and "available_at" in line for line in lines), f"{name}: {plan}"
+
+
 # -- executions record when a step ran -----------------------------------------------------------
 def test_an_execution_records_when_its_step_started_not_when_it_was_claimed(engine):
     """A batch's later steps start well after their claim: their execution rows said the claim time."""
