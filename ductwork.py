@@ -3099,6 +3099,14 @@ class SQL:
         VALUES (:pipeline, :ident, :last_fire, NULL, {now})
         ON CONFLICT (pipeline, ident) DO NOTHING"""
 
+    # ... a tick of a schedule switched off in config: passed, not fired.
+    schedule_skipped = """
+        UPDATE ductwork_schedules
+        SET last_fire = :last_fire, updated_at = {now}
+        WHERE pipeline = :pipeline
+          AND ident = :ident
+          AND last_fire < :last_fire"""
+
     schedule_fired = """
         UPDATE ductwork_schedules
         SET last_fire = :last_fire, last_run_id = :run_id, updated_at = {now}
@@ -4384,9 +4392,13 @@ class Engine:
         if key is None:
             run_id = t.one(SQL.insert_run, run)[0]
         else:
-            row = t.one(SQL.insert_keyed_run, {**run, "key": key})
-            if row is None:   # (Postgres: after the transaction that inserted it ended; it committed)
-                return int(t.one(SQL.run_of_key, {"pipeline": name, "key": key})[0]), False
+            while True:   # (Postgres: after the transaction that inserted it ended, it committed; a run pruned
+                row = t.one(SQL.insert_keyed_run, {**run, "key": key})   # between the two statements frees it)
+                if row is not None:
+                    break
+                holder = t.one(SQL.run_of_key, {"pipeline": name, "key": key})
+                if holder is not None:
+                    return int(holder[0]), False
             run_id = row[0]
         branch_id = t.one(SQL.insert_branch, {"run_id": run_id, "pipeline": name, "definition": digest})[0]
         self._insert_steps(t, [(run_id, branch_id, name, 0, d.nodes[0]["step"], args_json, 0.0)])
@@ -4395,18 +4407,26 @@ class Engine:
             t.run(SQL.delay_first_step, {"start": start, "branch_id": branch_id})
         return int(run_id), True
 
-    def fire_schedule(self, name: str, schedule: "Schedule", tick: float) -> int | None:
+    def fire_schedule(self, name: str, schedule: "Schedule", tick: float, fire: bool = True) -> int | None:
         """A schedule's ``tick`` (its latest fire time now): the run of that tick, triggered once however many
         processes fire it (its key: pipeline, schedule, tick); None when that tick (or a later one) was fired,
-        or when the schedule is seen for the first time (a new schedule waits for its next tick)."""
+        or when the schedule is seen for the first time (a new schedule waits for its next tick). Not ``fire``
+        (switched off in config): the tick counts as fired, without a run, so switching it on fires none of the
+        ticks it was off for. Postgres: a process that holds the schedule's row and does not end its
+        transaction (paused) makes this one give up after CANCEL's lock timeout (55P03), not wait."""
         cls, args_json = self._trigger_input(name, schedule.args)
         state = {"pipeline": name, "ident": schedule.ident}
         with self._tx() as t:
+            if t.dialect == "postgres":
+                t.run(SQL.cancel_lock_timeout)
             row = t.one(SQL.schedule_state, state)
             if row is None:
                 t.run(SQL.schedule_seen, {**state, "last_fire": tick})
                 return None
             if float(row[0]) >= tick:
+                return None
+            if not fire:
+                t.run(SQL.schedule_skipped, {**state, "last_fire": tick})
                 return None
             run_id, _ = self._trigger_in(t, cls, args_json, None, None, f"schedule:{schedule.ident}:{tick:.3f}")
             t.run(SQL.schedule_fired, {**state, "last_fire": tick, "run_id": run_id})
@@ -6169,7 +6189,7 @@ class Runtime:
             plan.append((f"ductwork.{self.row_role}.timekeeper.0", self.timekeeper_loop, None))
         if self.spec.advancers:   # (with every status kept forever it still rolls the counts up, see prune)
             plan.append((f"ductwork.{self.row_role}.pruner.0", self.prune_loop, None))
-        if self.spec.advancers and self.schedules():
+        if self.spec.advancers and self.schedules(switched_off=True):
             plan.append((f"ductwork.{self.row_role}.scheduler.0", self.schedule_loop, None))
         if self.store.dialect == "sqlite":
             plan.append((f"ductwork.{self.row_role}.listener.0", self.local_listen_loop, None))
@@ -6715,11 +6735,11 @@ class Runtime:
     # through. A process asks about the latest tick at or before the database's clock, so a deployment that was
     # down fires the latest tick it missed, once, and none before it; then it waits until the next tick by the
     # same clock (a host clock ahead or behind shifts nothing).
-    def schedules(self) -> list[tuple[str, "Schedule"]]:
+    def schedules(self, switched_off: bool = False) -> list[tuple[str, "Schedule"]]:
         """The (pipeline, schedule) pairs this process fires: of the pipelines it advances, not switched off in
-        config ``schedules``."""
+        config ``schedules`` (``switched_off``: those too, whose ticks it passes without a run)."""
         switches = self.config.data["schedules"]
-        return [(name, schedule) for name in self.pipelines if switches.get(name, True)
+        return [(name, schedule) for name in self.pipelines if switched_off or switches.get(name, True)
                 for schedule in getattr(_REGISTRY.get(name), "schedules", [])]
 
     def schedule_loop(self) -> None:
@@ -6739,14 +6759,24 @@ class Runtime:
             self.stopping.wait(wait)
 
     def fire_due_schedules(self, asked: dict[tuple[str, str], float]) -> float:
-        """Fire every schedule whose latest tick this process has not asked about; seconds until the next tick
-        (at most SCHEDULE_LOOK: a schedule edited by a deploy, a clock step, are seen within it)."""
+        """Fire every schedule whose latest tick this process has not asked about (pass the ticks of those switched
+        off); seconds until the next tick (at most SCHEDULE_LOOK: a schedule edited by a deploy, a clock step,
+        are seen within it; SCHEDULE_RETRY after one that failed, which the others do not wait for)."""
         now = self.store.now()
         soonest = SCHEDULE_LOOK
-        for name, schedule in self.schedules():
+        switches = self.config.data["schedules"]
+        for name, schedule in self.schedules(switched_off=True):
             tick = schedule.latest_at_or_before(now)
             if tick is not None and asked.get((name, schedule.ident), -1.0) < tick:
-                run_id = self.engine.fire_schedule(name, schedule, tick)
+                try:
+                    run_id = self.engine.fire_schedule(name, schedule, tick, fire=switches.get(name, True))
+                except (DatabaseUnavailable, sqlite3.OperationalError):
+                    raise   # (an outage: the heartbeat reports it; the loop looks again)
+                except Exception as exc:   # (its row held by a paused process past the lock timeout, ...)
+                    log.warning("schedule %s of %s: tick %s UTC not fired yet: %s", schedule, name, _ts(tick),
+                                first_line(exc), extra={"pipeline": name})
+                    soonest = min(soonest, SCHEDULE_RETRY)
+                    continue
                 asked[(name, schedule.ident)] = tick
                 if run_id is not None:
                     log.info("schedule %s of %s fired run %s (tick %s UTC)", schedule, name, run_id, _ts(tick),
@@ -10336,12 +10366,14 @@ def import_app(targets: Iterable[str]) -> None:
 def selected_pipelines(config: Config) -> list[str]:
     """The configured pipelines (``*``: every registered one); a ConfigError names one that is missing."""
     wanted = config.data["pipelines"]
-    if wanted == "*":
-        return sorted(_REGISTRY)
-    missing = [name for name in wanted if name not in _REGISTRY]
+    switched = [name for name in config.data["schedules"] if name not in _REGISTRY]
+    missing = [name for name in wanted if name not in _REGISTRY] if wanted != "*" else []
+    if switched:   # (a typo in a safety switch must not pass unseen)
+        raise ConfigError(f"config key 'schedules' names pipeline {switched[0]!r}, which is not defined "
+                          f"(registered: {', '.join(sorted(_REGISTRY)) or 'none'})")
     if missing:
         raise ConfigError(f"pipeline {missing[0]!r} not found (registered: {', '.join(sorted(_REGISTRY)) or 'none'})")
-    return list(wanted)
+    return sorted(_REGISTRY) if wanted == "*" else list(wanted)
 
 
 def _prepare(args: argparse.Namespace) -> Config:
@@ -10548,6 +10580,7 @@ def schedule_report(engine: Engine, config: Config) -> list[dict]:
 
 def cmd_schedules(args: argparse.Namespace, config: Config) -> int:
     """List the schedules, their next ticks and their last runs (--json: exact)."""
+    selected_pipelines(config)   # (a config naming a pipeline that is not there: exit 2)
     report = schedule_report(_app_engine(), config)
     if args.json:
         print(json.dumps(report, indent=2))
