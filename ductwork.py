@@ -5401,9 +5401,7 @@ def trigger(name: str, *args: Any, delay: float | None = None, at: Any = None, k
     ``at`` (an aware datetime, or epoch seconds): not before then (the database's clock); ``key``: if the
     pipeline has a run with that key (any status, until pruned), that run instead of a new one."""
     delay, start = trigger_start(delay, at)
-    if key is not None and (not isinstance(key, str) or not key or len(key) > MAX_TRIGGER_KEY):
-        raise DuctworkError(f"a trigger key must be a non-empty string of at most {MAX_TRIGGER_KEY} characters, "
-                            f"got {key!r}")
+    check_trigger_key(key)
     engine = _app_engine()
     run_id, new = engine.trigger_run(name, args, delay, start, key)
     run = Run(run_id, engine).refresh()
@@ -5412,6 +5410,13 @@ def trigger(name: str, *args: Any, delay: float | None = None, at: Any = None, k
 
 
 MAX_TRIGGER_KEY = 500   # characters of a trigger key (it is indexed with its pipeline)
+
+
+def check_trigger_key(key: Any) -> None:
+    """A trigger key: None, or a non-empty string of at most MAX_TRIGGER_KEY characters (DuctworkError)."""
+    if key is not None and (not isinstance(key, str) or not key or len(key) > MAX_TRIGGER_KEY):
+        raise DuctworkError(f"a trigger key must be a non-empty string of at most {MAX_TRIGGER_KEY} characters, "
+                            f"got {key!r}")
 
 
 def trigger_start(delay: Any, at: Any) -> tuple[float | None, float | None]:
@@ -10478,17 +10483,13 @@ def cmd_trigger(args: argparse.Namespace, config: Config) -> int:
     values = [_json_argument(text) for text in args.args]
     if args.name not in _REGISTRY:
         raise ConfigError(f"pipeline {args.name!r} not found (registered: {', '.join(sorted(_REGISTRY)) or 'none'})")
-    try:
-        trigger_start(args.delay, _time_argument(args.at))
-    except DuctworkError as exc:   # (a usage error: exit 2)
+    at = _time_argument(args.at)
+    try:   # the trigger's own checks, before anything is written: a usage error (exit 2)
+        trigger_start(args.delay, at)
+        check_trigger_key(args.key)
+    except DuctworkError as exc:
         raise ConfigError(str(exc)) from None
-    try:
-        run = trigger(args.name, *values, delay=args.delay, at=_time_argument(args.at), key=args.key)
-    except DuctworkError as exc:   # (a bad key: a usage error)
-        if args.key is not None and "trigger key" in str(exc):
-            raise ConfigError(str(exc)) from None
-        raise
-    print(run.id)
+    print(trigger(args.name, *values, delay=args.delay, at=at, key=args.key).id)
     return EXIT_OK
 
 
