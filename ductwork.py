@@ -199,6 +199,22 @@ CANCEL_BATCH = 1000          # runs per cancel transaction (a bulk cancel is a f
 CANCEL_ROWS = 5000           # steps one statement of a cancel changes at most (a big fan-out takes several)
 CANCEL_LEASE = CANCEL_ACK_TIMEOUT / 2   # a claim not started this long after its last confirmation is checked first
 
+# Flow control (SPEC §17). A claim that finds a capped key's
+# slots all held blocks those steps and claims further, CAP_SCAN steps a round, CAP_ROUNDS rounds at most: a hot
+# key with a long backlog is set aside in a few claims, so the keys queued behind it are reached.
+CAP_SCAN = 100
+# The priorities a run may have: a 32-bit column's (SQLite would take any integer; Postgres's INTEGER would not).
+PRIORITY_RANGE = (-2 ** 31, 2 ** 31 - 1)
+CAP_ROUNDS = 8
+MAX_CONCURRENCY_KEY = 500   # characters of a concurrency key (indexed with its pipeline and step)
+
+
+def _slot_lock_key(pipeline: str, name: str, key: str) -> int:
+    """The second key of a concurrency key's transaction lock on Postgres (SQL.slot_lock): 32 bits of its
+    names' CRC (two keys that share one only wait for each other)."""
+    import zlib
+    return zlib.crc32(f"{pipeline}\0{name}\0{key}".encode()) - 2 ** 31
+
 
 def backoff(attempt: int, base: float, cap: float, jitter: float = 0.0) -> float:
     """The one backoff formula: ``base`` doubled for every attempt after the first, at most
@@ -417,6 +433,9 @@ SCHEMA: dict[str, Any] = {
         "shutdown_timeout": (_number(0), 20),
         # seconds an attempt may run (-1: no limit); a step's own ``timeout`` wins
         "timeout": _Override(_number(0.001, allow=(-1,)), -1),
+        # executions of a step running at once across every process and host, per concurrency key (-1: the
+        # step's own ``concurrency``, or no cap); this wins over the step's: an operator's change needs no deploy
+        "concurrency": _Override(_number(1, integer=True, allow=(-1,), maximum=MAX_COUNT), -1),
         # a worker process drains and is replaced (in place, in a foreground role) once it started this many
         # steps, once its resident memory passes this many MB, or once more of its threads than this are left
         # behind by steps past their timeout (-1: never; see "Recycling")
@@ -1671,6 +1690,26 @@ MIGRATIONS: list[Migration] = [
         "CREATE INDEX ductwork_branches_waiting ON ductwork_branches (id) WHERE waiting_for IS NOT NULL",
         "CREATE UNIQUE INDEX ductwork_runs_key ON ductwork_runs (pipeline, trigger_key) WHERE trigger_key IS NOT NULL",
     )),
+    # 6: flow control (SPEC §17). A run's priority, copied to each of its steps (lower first); a capped step's
+    # concurrency key, written by the process that claims it (its code computes it): a step running (or told of a
+    # cancel, or stopping) with a key holds one of that key's slots, and one claimed while they are all held waits
+    # "blocked", out of the claim queue, until a holder lets go of its slot (Engine._free_slots).
+    Migration(6, (
+        "ALTER TABLE ductwork_runs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE ductwork_steps ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE ductwork_steps ADD COLUMN concurrency_key TEXT",
+    )),
+    # 7: ... and their indexes: the claim queue by priority, then age (it replaces migration 1's: one index per
+    # queued row is what a claim costs to keep up), the steps waiting for a slot per key in claim order, and the
+    # slots held per key (what a claim of a capped step counts).
+    Migration(7, (), indexes=(
+        "CREATE INDEX ductwork_steps_ready ON ductwork_steps (pipeline, priority, available_at, id) "
+        "WHERE status = 'queued'",
+        "CREATE INDEX ductwork_steps_blocked ON ductwork_steps (pipeline, name, concurrency_key, priority, "
+        "available_at, id) WHERE status = 'blocked'",
+        "CREATE INDEX ductwork_steps_slots ON ductwork_steps (pipeline, name, concurrency_key) "
+        "WHERE status IN ('running', 'cancelling', 'stopping') AND concurrency_key IS NOT NULL",
+    ), dropped=("ductwork_steps_queue",)),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1].version
 _TYPES = {"sqlite": {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "float": "REAL"},
@@ -1831,6 +1870,8 @@ class Step:
         if policy is not None and not isinstance(policy, Retry):
             raise DefinitionError(f"step {cls.__name__}: retry must be a ductwork.Retry, got {policy!r}")
         _check_timeout(f"step {cls.__name__}", cls.__dict__.get("timeout"))
+        _check_concurrency(f"step {cls.__name__}", cls.__dict__.get("concurrency"),
+                           cls.__dict__.get("concurrency_key"))
 
     def execute(self, *args: Any) -> Any:  # pragma: no cover - always overridden
         raise NotImplementedError(f"{type(self).__name__}.execute is not implemented")
@@ -1930,8 +1971,13 @@ def retry_policy(step: Any) -> Retry | None:
     return policy if isinstance(policy, Retry) else None
 
 
-# @ductwork.step's options that later issues fill in (SPEC §15, §17): rejected until then.
-STEP_OPTIONS_TO_COME = {"concurrency": "concurrency caps (SPEC §17)", "concurrency_key": "concurrency caps (SPEC §17)"}
+def _check_concurrency(where: str, cap: Any, key: Any) -> None:
+    """A step's ``concurrency`` (a whole number above 0, or None) and ``concurrency_key`` (callable, or None)."""
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or not 0 < cap <= MAX_COUNT):
+        raise DefinitionError(f"{where}: concurrency must be a whole number above 0, got {cap!r}")
+    if key is not None and not callable(key):
+        raise DefinitionError(f"{where}: concurrency_key must be a method (or, for a function step, a function) "
+                              f"of the step's input, got {key!r}")
 
 
 def _check_timeout(where: str, value: Any) -> None:
@@ -1946,11 +1992,7 @@ def step(fn: Callable | None = None, *, retry: Retry | None = None, timeout: flo
     """Options for a function step: ``@ductwork.step(retry=ductwork.Retry(max=5, backoff=2))`` (also bare:
     ``@ductwork.step``). The function is returned as it is, carrying them (a Step class sets class attributes)."""
     _check_timeout("@ductwork.step", timeout)
-    given = {"concurrency": concurrency, "concurrency_key": concurrency_key}
-    for name, value in given.items():
-        if value is not None:
-            raise DefinitionError(f"@ductwork.step({name}=...) is not supported yet: it comes with "
-                                  f"{STEP_OPTIONS_TO_COME[name]}")
+    _check_concurrency("@ductwork.step", concurrency, concurrency_key)
     if retry is not None and not isinstance(retry, Retry):
         raise DefinitionError(f"@ductwork.step(retry=...) needs a ductwork.Retry, got {retry!r}")
 
@@ -1958,7 +2000,8 @@ def step(fn: Callable | None = None, *, retry: Retry | None = None, timeout: flo
         if inspect.isclass(f) or not callable(f):
             raise DefinitionError(f"@ductwork.step decorates a function step, not {f!r} (a Step class sets "
                                   "class attributes: retry = ductwork.Retry(...))")
-        for name, value in (("retry", retry), ("timeout", timeout)):
+        for name, value in (("retry", retry), ("timeout", timeout), ("concurrency", concurrency),
+                            ("concurrency_key", concurrency_key)):
             if value is not None:
                 try:
                     setattr(f, name, value)
@@ -2316,11 +2359,13 @@ class Pipeline:
         _REGISTRY[name] = cls
 
     @classmethod
-    def trigger(cls, *args: Any, delay: float | None = None, at: Any = None, key: str | None = None) -> "Run":
+    def trigger(cls, *args: Any, delay: float | None = None, at: Any = None, key: str | None = None,
+                priority: int = 0) -> "Run":
         """Start a run in one transaction; the arguments go to the start step. ``delay`` (seconds) or ``at`` (an
         aware datetime, or epoch seconds): its first step is not claimable before then (the database clock).
-        ``key``: the run of this pipeline with that key, if there is one, instead of a new run."""
-        return trigger(cls.__name__, *args, delay=delay, at=at, key=key)
+        ``key``: the run of this pipeline with that key, if there is one, instead of a new run. ``priority``:
+        its steps are claimed before those of runs with a higher number (default 0, negatives allowed)."""
+        return trigger(cls.__name__, *args, delay=delay, at=at, key=key, priority=priority)
 
 
 def registered_pipelines() -> dict[str, type[Pipeline]]:
@@ -2792,7 +2837,7 @@ class JobClaim(_Row):
     """A step this process claimed to run (a row of ``SQL.claim_steps``)."""
 
     COLUMNS = ("id AS step_id", "run_id", "branch_id", "node", "name", "input", "attempts", "crashes",
-               "claimed_at")
+               "claimed_at", "priority")
     step_id: int
     run_id: int
     branch_id: int
@@ -2802,9 +2847,12 @@ class JobClaim(_Row):
     attempts: int              # failed attempts so far (the retry budget)
     crashes: int               # crashed executions so far (the crash budget)
     claimed_at: float          # database clock, epoch seconds
+    priority: int              # its run's (trigger(priority=))
     pipeline: str
     process_id: int            # the claimer's process row: every write about the claim is fenced on it
     token: str                 # the claim token: ... and on this
+    concurrency_key: str | None = None   # a capped step's key: it holds one of the key's slots ("" without a key)
+    refused: str | None = None           # why its concurrency_key could not be computed: it fails without running
     started: float | None = None   # time.monotonic() when it began running (set by the runner)
     # its run was cancelled (Runtime.look_for_cancels): it must not start (``dropped``), or, running, should stop
     dropped: bool = False
@@ -2895,7 +2943,8 @@ class StepState(_Row):
 class HeldStep(_Row):
     """A running step held by a process that is being retired or reaped (``SQL.steps_held_by``)."""
 
-    COLUMNS = ("id AS step_id", "run_id", "branch_id", "pipeline", "name", "attempts", "crashes", "claimed_at")
+    COLUMNS = ("id AS step_id", "run_id", "branch_id", "pipeline", "name", "attempts", "crashes", "claimed_at",
+               "concurrency_key")
     step_id: int
     run_id: int
     branch_id: int
@@ -2904,6 +2953,7 @@ class HeldStep(_Row):
     attempts: int
     crashes: int
     claimed_at: float
+    concurrency_key: str | None   # the slot it holds (a capped step's key)
 
 
 @dataclasses.dataclass
@@ -2932,7 +2982,7 @@ class RunRow(_Row):
     """A run row as stored (``SQL.select_run``); JSON columns still encoded."""
 
     COLUMNS = ("id", "pipeline", "status", "input", "output", "halt_reasons", "created_at", "finished_at",
-               "definition", "cancel_reason", "scheduled_at")
+               "definition", "cancel_reason", "scheduled_at", "priority")
     id: int
     pipeline: str
     status: str              # in_progress | completed | halted | cancelled
@@ -2944,6 +2994,7 @@ class RunRow(_Row):
     definition: str          # the hash of its definition
     cancel_reason: str | None   # what cancel(reason=...) said
     scheduled_at: float | None  # a delayed run: when its first step became (or becomes) claimable
+    priority: int               # trigger(priority=): lower first
 
 
 @dataclasses.dataclass
@@ -3024,14 +3075,15 @@ class SQL:
 
     # A new run.
     insert_run = """
-        INSERT INTO ductwork_runs (pipeline, definition, status, input, created_at, updated_at)
-        VALUES (:pipeline, :definition, 'in_progress', :input, {now}, {now})
+        INSERT INTO ductwork_runs (pipeline, definition, status, input, priority, created_at, updated_at)
+        VALUES (:pipeline, :definition, 'in_progress', :input, :priority, {now}, {now})
         RETURNING id"""
 
     # trigger(key=...): a run with a key, unless its pipeline has a run with that key already (then nothing).
     insert_keyed_run = """
-        INSERT INTO ductwork_runs (pipeline, definition, status, input, trigger_key, created_at, updated_at)
-        VALUES (:pipeline, :definition, 'in_progress', :input, :key, {now}, {now})
+        INSERT INTO ductwork_runs (pipeline, definition, status, input, priority, trigger_key, created_at,
+                                   updated_at)
+        VALUES (:pipeline, :definition, 'in_progress', :input, :priority, :key, {now}, {now})
         ON CONFLICT (pipeline, trigger_key) WHERE trigger_key IS NOT NULL DO NOTHING
         RETURNING id"""
 
@@ -3516,7 +3568,10 @@ class SQL:
 
     # -- ductwork_steps: the job queue (queued -> running -> succeeded | failed) -----------------
 
-    # Claim up to :limit claimable steps, oldest first (fenced on the claimer's row).
+    # Claim up to :limit claimable steps of the lowest priority queued from :lowest on, oldest first (fenced on the
+    # claimer's row). One priority at a time: with the priority as its equality, the queue index's available_at
+    # is a range, so the steps that wait (a retry's delay, a sleep) are never read; Engine._claim_queue goes on
+    # to the next priority (SQL.next_priority) when this one has too few.
     claim_steps = f"""
         UPDATE ductwork_steps
         SET status = 'running', claimed_by = :process_id, claim_token = :token, claimed_at = {{now}}
@@ -3524,11 +3579,62 @@ class SQL:
                      FROM ductwork_steps
                      WHERE pipeline = :pipeline
                        AND status = 'queued'
+                       AND priority = (SELECT min(priority)
+                                       FROM ductwork_steps
+                                       WHERE pipeline = :pipeline
+                                         AND status = 'queued'
+                                         AND priority >= :lowest)
                        AND available_at <= (SELECT {{now}})
                      ORDER BY available_at, id
                      LIMIT :limit
                      {{skip_locked}}){{fence}}
         RETURNING {JobClaim.select_list()}"""
+
+    # The lowest priority of a pipeline's queued steps from :lowest on (NULL: none).
+    next_priority = """
+        SELECT min(priority)
+        FROM ductwork_steps
+        WHERE pipeline = :pipeline
+          AND status = 'queued'
+          AND priority >= :lowest"""
+
+    # -- concurrency caps (SPEC §17): a slot is a step row that holds it --------------------------
+    # A step with a cap holds one of its key's slots while it is running, told of a cancel, or stopping: the
+    # claim takes the slot, and whatever lets go of the claim (commit, hand-back, reaping, a cancel's let-go)
+    # frees it, so a dead holder's slot is freed with its claim, and none can leak. Postgres: a claim of a capped
+    # step counts the slots of its key under the key's transaction lock (tried, never waited for: it gives the
+    # step back instead); whatever frees slots takes the same lock (waiting, keys in order), then unblocks, so a
+    # step blocked by a claim that has not committed yet is seen once it has.
+    slot_lock = "SELECT pg_advisory_xact_lock(:class, :key)"
+    try_slot_lock = "SELECT pg_try_advisory_xact_lock(:class, :key)"
+    SLOT_LOCK_CLASS = 0x5107   # the first key of the slot locks (run locks: RUN_LOCK_CLASS)
+
+    # The slots of a key held (by claims before this one: this claim's own steps have no key yet, or its token).
+    slots_held = """
+        SELECT count(*)
+        FROM ductwork_steps
+        WHERE pipeline = :pipeline
+          AND name = :name
+          AND concurrency_key = :key
+          AND status IN ('running', 'cancelling', 'stopping')
+          AND concurrency_key IS NOT NULL
+          AND claim_token <> :token"""
+
+    # Steps waiting for a slot of a key, in claim order, queued again: one per slot freed (a claim that finds the
+    # slots held again blocks it again; one queued too many costs a claim, one too few would leak the slot).
+    unblock_steps = """
+        UPDATE ductwork_steps
+        SET status = 'queued'
+        WHERE id IN (SELECT id
+                     FROM ductwork_steps
+                     WHERE pipeline = :pipeline
+                       AND name = :name
+                       AND concurrency_key = :key
+                       AND status = 'blocked'
+                     ORDER BY priority, available_at, id
+                     LIMIT :limit
+                     {skip_locked})
+        RETURNING id"""
 
     # A failed attempt: queued again after :delay, or failed for good (fenced on the claim).
     step_failed = """
@@ -3614,16 +3720,16 @@ class SQL:
     # order of every other statement that locks several steps, so none deadlocks with it).
     steps_cancelled = """
         UPDATE ductwork_steps
-        SET status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE 'cancelling' END,
-            finished_at = CASE WHEN status = 'queued' THEN {now} ELSE finished_at END
+        SET status = CASE WHEN status = 'running' THEN 'cancelling' ELSE 'cancelled' END,
+            finished_at = CASE WHEN status = 'running' THEN finished_at ELSE {now} END
         WHERE id IN (SELECT id
                      FROM ductwork_steps
                      WHERE {runs}
-                       AND status IN ('queued', 'running')
+                       AND status IN ('queued', 'running', 'blocked')
                      ORDER BY id
                      LIMIT :limit
                      {for_update})
-          AND status IN ('queued', 'running')
+          AND status IN ('queued', 'running', 'blocked')
         RETURNING id, status, pipeline"""
 
     # A cancel of runs already cancelled: their claimed steps still waiting for an answer (it waits for them too).
@@ -3676,7 +3782,7 @@ class SQL:
                           THEN 'queued' ELSE 'cancelled' END,
             claimed_by = NULL, claim_token = NULL, available_at = {now}, finished_at = {now}
         WHERE {unclaimed}
-        RETURNING id, status, pipeline"""
+        RETURNING id, status, pipeline, name, concurrency_key"""
     UNCLAIMED = {
         "acknowledged": "{ids} AND status = 'cancelling' AND claimed_by = :process_id",
         "discarded": "{ids} AND status IN ('cancelling', 'stopping') AND claimed_by = :process_id "
@@ -3963,7 +4069,22 @@ class BulkSQL:
     def release_steps(cls, dialect: str) -> str:
         return ("\n        UPDATE ductwork_steps\n        SET status = 'queued', claimed_by = NULL, claim_token = NULL"
                 "\n        WHERE claimed_by = :process_id\n          AND status = 'running'"
-                "\n          AND " + cls.ids(dialect, "ductwork_steps"))
+                "\n          AND " + cls.ids(dialect, "ductwork_steps")
+                + "\n        RETURNING pipeline, name, concurrency_key")
+
+    # A claim's capped steps decided (Engine._within_caps): kept with their key written (running), blocked (their
+    # key's slots all held), or queued again; the two let go lose the claim (fenced on it).
+    CAPPED = [("id", "BIGINT"), ("status", "TEXT"), ("key", "TEXT")]
+
+    @classmethod
+    @functools.cache
+    def capped_claims(cls, dialect: str) -> str:
+        held = "CASE WHEN r.status = 'running' THEN ductwork_steps.{0} END"
+        return cls.update(dialect, "ductwork_steps",
+                          "status = r.status, concurrency_key = COALESCE(r.key, ductwork_steps.concurrency_key), "
+                          + ", ".join(f"{column} = {held.format(column)}"
+                                      for column in ("claimed_by", "claim_token", "claimed_at")), cls.CAPPED,
+                          "ductwork_steps.status = 'running' AND ductwork_steps.claim_token = :token")
 
     # The running branches of steps committed in this transaction, row-locked (not claimed: they
     # are advanced before this transaction ends, so no second row version is written).
@@ -3992,14 +4113,20 @@ class BulkSQL:
         return cls.update(dialect, "ductwork_runs", "status = 'completed', output = r.output, finished_at = {now}, "
                           "updated_at = {now}", cls.STEP, "ductwork_runs.status = 'in_progress'")
 
-    # Queue new steps.
+    # Queue new steps, with their run's priority. A step not delayed (by a sleep) is claimable since its run
+    # started: the claim queue's order within a priority is (available_at, id), so a run's later steps come
+    # before the first steps of runs that started after it, and runs finish about in the order they started
+    # (SPEC §17; a step queued "now" went behind the whole backlog at every hop). (Subqueries on the runs'
+    # primary key, not a join: Postgres guesses 100 rows for the JSON row source, see IDS.)
     @classmethod
     @functools.cache
     def insert_steps(cls, dialect: str) -> str:
         return ("\n        INSERT INTO ductwork_steps (run_id, branch_id, pipeline, node, name, status, input, "
-                "available_at, created_at)\n        SELECT r.run_id, r.branch_id, r.pipeline, r.node, r.name, "
-                "'queued', r.input, {now} + r.delay, {now}\n        FROM " + cls.rows(dialect, cls.NEW_STEP)
-                + "\n        RETURNING id, pipeline")
+                "priority, available_at, created_at)\n        SELECT r.run_id, r.branch_id, r.pipeline, r.node, "
+                "r.name, 'queued', r.input,\n               (SELECT priority FROM ductwork_runs WHERE id = r.run_id),"
+                "\n               CASE WHEN r.delay > 0 THEN {now} + r.delay ELSE (SELECT COALESCE(scheduled_at, "
+                "created_at) FROM ductwork_runs WHERE id = r.run_id) END,\n               {now}\n        FROM "
+                + cls.rows(dialect, cls.NEW_STEP) + "\n        RETURNING id, pipeline")
 
     # The child branches of a fan-out (one per position).
     @classmethod
@@ -4305,6 +4432,69 @@ def roll_up_counts(store: Store, wait: bool = False) -> bool | None:
     return True
 
 
+class StepCaps:
+    """The concurrency caps this process's code and config give the steps it claims (SPEC §17), cached per step:
+    config ``job_worker.concurrency`` (when set), else the step's own ``concurrency``; the key of a claimed step
+    comes from its ``concurrency_key`` (called with the step's arguments, as ``execute`` is; "" without one)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self._caps: dict[tuple[str, str], int | None] = {}
+        self._capped: dict[str, bool] = {}
+
+    @staticmethod
+    def _step(pipeline: str, name: str) -> Any:
+        cls = _REGISTRY.get(pipeline)
+        return None if cls is None else cls.steps.get(name)
+
+    def cap(self, pipeline: str, name: str) -> int | None:
+        """The step's cap (None: none)."""
+        found = self._caps.get((pipeline, name), -1)
+        if found == -1:
+            configured = int(self.config.get("job_worker.concurrency", pipeline, name))
+            own = getattr(self._step(pipeline, name), "concurrency", None)
+            found = self._caps[(pipeline, name)] = configured if configured > 0 else own
+        return found
+
+    def capped(self, pipeline: str) -> bool:
+        """Whether any step of the pipeline has a cap (a claim of one that has none needs no look at slots)."""
+        found = self._capped.get(pipeline)
+        if found is None:
+            cls = _REGISTRY.get(pipeline)
+            found = self._capped[pipeline] = cls is not None and any(self.cap(pipeline, n) for n in cls.steps)
+        return found
+
+    def key(self, c: JobClaim) -> str | None:
+        """The concurrency key of a claimed step (None: uncapped; or its concurrency_key failed, saying why in
+        ``c.refused``: the step fails without running, not retried)."""
+        if self.cap(c.pipeline, c.name) is None:
+            return None
+        fn = self._step(c.pipeline, c.name)
+        if getattr(fn, "concurrency_key", None) is None:
+            return ""
+        try:
+            args = _step_arguments(c)
+            value = fn().concurrency_key(*args) if inspect.isclass(fn) else fn.concurrency_key(*args)
+        except BaseException as exc:  # noqa: B036 - user code: whatever it raises refuses this step only
+            c.refused = f"DefinitionError: concurrency_key of step {c.name} raised {type(exc).__name__}: {exc}"
+            return None
+        if not isinstance(value, str) or len(value) > MAX_CONCURRENCY_KEY:
+            c.refused = (f"DefinitionError: concurrency_key of step {c.name} must return a string of at most "
+                         f"{MAX_CONCURRENCY_KEY} characters, got {clip(repr(value), 80)} "
+                         f"({type(value).__name__})")
+            return None
+        return value
+
+
+def _step_arguments(c: JobClaim) -> list:
+    """What a claimed step is called with: the trigger's arguments (the start step), else the one input."""
+    try:
+        value = _loads(c.input)
+    except ValueError as exc:
+        raise _CorruptInput(f"stored input of step {c.name} is not valid JSON: {exc}") from None
+    return value if c.node == 0 else [value]
+
+
 class Engine:
     """The state machine over one Store, with the configuration's budgets."""
 
@@ -4319,21 +4509,109 @@ class Engine:
         # fence_claims: every claim holds the claimer's process row (KEY SHARE) and claims nothing when
         # it is gone (reaped while paused, handed back after death); set by Runtime, off for bare Engine use
         self.fence_claims = False
+        self.caps = StepCaps(config)
 
     def _tx(self, write: bool = True, single: bool = False) -> Any:
         """An engine transaction (_EngineTx)."""
         return self.store.tx(write, single, kind=_EngineTx)
 
-    def _claim_rows(self, t: Tx, statement: str, pipeline: str, process_id: int, token: str, limit: int) -> list[tuple]:
+    def _claim_rows(self, t: Tx, statement: str, pipeline: str, process_id: int, token: str, limit: int,
+                    **more: Any) -> list[tuple]:
         """Run a claim statement (SQL.claim_steps / claim_branches), fenced when fence_claims is on."""
-        params = {"process_id": process_id, "token": token, "pipeline": pipeline, "limit": limit}
+        params = {"process_id": process_id, "token": token, "pipeline": pipeline, "limit": limit, **more}
         return sorted(t.all(SQL.fenced(statement, self.fence_claims), params))
 
     def _claim_steps_in(self, t: Tx, pipeline: str, process_id: int, token: str, limit: int) -> list[JobClaim]:
-        rows = self._claim_rows(t, SQL.claim_steps, pipeline, process_id, token, limit)
+        """Claim up to ``limit`` steps: lowest priority first, oldest run first within one (SQL.claim_steps), those
+        of capped steps only as far as their keys have free slots (the others wait blocked: _within_caps)."""
+        claims = self._claim_queue(t, pipeline, process_id, token, limit)
+        if not claims or not self.caps.capped(pipeline):
+            return claims
+        kept: list[JobClaim] = []
+        free: dict[tuple[str, str], int | None] = {}   # (step, key) -> slots still free (None: its lock was busy)
+        for round_ in range(1, CAP_ROUNDS + 1):   # a key's slots all held: claim further, past the steps blocked
+            got, blocked = self._within_caps(t, pipeline, claims, limit - len(kept), token, free)
+            kept += got
+            if not blocked or len(kept) >= limit:
+                break
+            if round_ == CAP_ROUNDS:   # (a hot key blocking many at once: a worker goes on past them, at once)
+                t.notify(CH_JOBS, pipeline)
+                break
+            claims = self._claim_queue(t, pipeline, process_id, token, CAP_SCAN)
+            if not claims:
+                break
+        return kept
+
+    def _claim_queue(self, t: Tx, pipeline: str, process_id: int, token: str, limit: int) -> list[JobClaim]:
+        """Claim up to ``limit`` queued steps, a priority at a time (lowest first) while too few were claimed:
+        one statement for a claim the lowest priority fills (SQL.claim_steps), SQL.next_priority to go on."""
+        lowest = PRIORITY_RANGE[0]
+        rows = self._claim_rows(t, SQL.claim_steps, pipeline, process_id, token, limit, lowest=lowest)
+        tried = rows[-1][-1] if rows else None   # (the claim's priority: its select list ends with it)
+        while len(rows) < limit:
+            if tried is None:   # the lowest priority queued had no claimable step: which it was
+                tried = t.one(SQL.next_priority, {"pipeline": pipeline, "lowest": lowest})[0]
+            if tried is None or tried >= PRIORITY_RANGE[1]:
+                break
+            tried = t.one(SQL.next_priority, {"pipeline": pipeline, "lowest": tried + 1})[0]
+            if tried is None:
+                break
+            more = self._claim_rows(t, SQL.claim_steps, pipeline, process_id, token, limit - len(rows),
+                                    lowest=tried)
+            rows += more
+            tried = more[-1][-1] if more else tried
         now = time.monotonic()
         return [JobClaim.from_row(row, pipeline=pipeline, process_id=process_id, token=token, confirmed=now)
                 for row in rows]
+
+    def _within_caps(self, t: Tx, pipeline: str, claims: list[JobClaim], need: int, token: str,
+                     free: dict[tuple[str, str], int | None]) -> tuple[list[JobClaim], int]:
+        """Of just-claimed steps, those to run: at most ``need``, and a capped step only while its key has a free
+        slot (``free``, kept across the rounds of one claim: the slots of a key are counted once, Postgres under
+        the key's lock, tried). The others let go in one statement: blocked (their key's slots all held), or
+        queued again (more than ``need``, or their key's lock busy). Returns the steps kept and how many were
+        blocked."""
+        keys = {c.step_id: self.caps.key(c) for c in claims}
+        for name, key in sorted({(c.name, keys[c.step_id]) for c in claims if keys[c.step_id] is not None}):
+            if (name, key) in free:
+                continue
+            lock = {"class": SQL.SLOT_LOCK_CLASS, "key": _slot_lock_key(pipeline, name, key)}
+            if t.dialect == "postgres" and not t.one(SQL.try_slot_lock, lock)[0]:
+                free[(name, key)] = None   # another claim (or a let-go) of the key is in flight: not this one's turn
+                continue
+            held = t.one(SQL.slots_held, {"pipeline": pipeline, "name": name, "key": key, "token": token})[0]
+            free[(name, key)] = self.caps.cap(pipeline, name) - int(held)
+        kept: list[JobClaim] = []
+        let_go: list[tuple[int, str, str | None]] = []   # (step id, status, key)
+        for c in claims:
+            key = keys[c.step_id]
+            slot = None if key is None else free[(c.name, key)]
+            if key is not None and slot is not None and slot <= 0:
+                let_go.append((c.step_id, "blocked", key))
+            elif len(kept) >= need or (key is not None and slot is None):
+                let_go.append((c.step_id, "queued", None))
+            else:
+                if key is not None:
+                    free[(c.name, key)] = slot - 1
+                    c.concurrency_key = key
+                    let_go.append((c.step_id, "running", key))   # (kept: the key written, the claim kept)
+                kept.append(c)
+        if let_go:
+            t.run(BulkSQL.capped_claims(t.dialect), {**BulkSQL.keyed(t.dialect, BulkSQL.CAPPED, let_go),
+                                                      "token": token})
+        return kept, sum(1 for _, status, _ in let_go if status == "blocked")
+
+    @staticmethod
+    def free_slots(t: Tx, freed: Iterable[tuple[str, str, str | None]]) -> None:
+        """Steps that held slots of capped keys (pipeline, name, key; key None: uncapped) let go of them: as many
+        steps blocked on each key are queued again (SQL.unblock_steps; Postgres: under the key's lock, waited
+        for, keys in lock order, so the steps a claim blocked before it committed are seen)."""
+        counts = collections.Counter(item for item in freed if item[2] is not None)
+        for (pipeline, name, key), n in sorted(counts.items(), key=lambda item: _slot_lock_key(*item[0])):
+            if t.dialect == "postgres":
+                t.one(SQL.slot_lock, {"class": SQL.SLOT_LOCK_CLASS, "key": _slot_lock_key(pipeline, name, key)})
+            if t.all(SQL.unblock_steps, {"pipeline": pipeline, "name": name, "key": key, "limit": n}):
+                t.notify(CH_JOBS, pipeline)
 
     # -- definitions --------------------------------------------------------------------
     def definition(self, digest: str, t: Tx | None = None) -> Definition:
@@ -4352,19 +4630,20 @@ class Engine:
 
     # -- trigger ------------------------------------------------------------------------
     def trigger(self, name: str, args: Sequence[Any], delay: float | None = None, at: float | None = None,
-                key: str | None = None) -> int:
+                key: str | None = None, priority: int = 0) -> int:
         """Start a run of pipeline ``name``: its run, root branch and first step, in one transaction; with a
         ``delay`` (seconds, database clock) or a start time ``at`` (epoch seconds) its first step is not
         claimable before then (trigger_start has checked them); with a ``key``, the run of the pipeline that
-        has that key already, if there is one (any status, until pruned), instead of a new one."""
-        return self.trigger_run(name, args, delay, at, key)[0]
+        has that key already, if there is one (any status, until pruned), instead of a new one; its steps have
+        its ``priority`` (check_priority has checked it)."""
+        return self.trigger_run(name, args, delay, at, key, priority)[0]
 
     def trigger_run(self, name: str, args: Sequence[Any], delay: float | None = None, at: float | None = None,
-                    key: str | None = None) -> tuple[int, bool]:
+                    key: str | None = None, priority: int = 0) -> tuple[int, bool]:
         """trigger(), and whether the run is new (False: the run of that key, there already)."""
         cls, args_json = self._trigger_input(name, args)
         with self._tx() as t:
-            run_id, new = self._trigger_in(t, cls, args_json, delay, at, key)
+            run_id, new = self._trigger_in(t, cls, args_json, delay, at, key, priority)
         self._stored_definitions.add(cls.definition.hash)
         return run_id, new
 
@@ -4380,7 +4659,7 @@ class Engine:
             raise DuctworkError(f"trigger arguments of {name} must be JSON: {exc}") from None
 
     def _trigger_in(self, t: _EngineTx, cls: type["Pipeline"], args_json: str, delay: float | None,
-                    at: float | None, key: str | None) -> tuple[int, bool]:
+                    at: float | None, key: str | None, priority: int = 0) -> tuple[int, bool]:
         """trigger() inside ``t``: the run's id, and True when it is new (with a key that is taken: the run that
         has it, and False)."""
         name, d = cls.__name__, cls.definition
@@ -4388,7 +4667,7 @@ class Engine:
         self._definitions.setdefault(digest, d)
         if digest not in self._stored_definitions:
             t.run(SQL.insert_definition, {"hash": digest, "pipeline": name, "body": d.body})
-        run = {"pipeline": name, "definition": digest, "input": args_json}
+        run = {"pipeline": name, "definition": digest, "input": args_json, "priority": priority}
         if key is None:
             run_id = t.one(SQL.insert_run, run)[0]
         else:
@@ -4485,6 +4764,8 @@ class Engine:
                 self._share_runs(t, runs)
             succeeded = self._write_successes(t, successes, runs)
             accepted = [self._settle(t, r, succeeded, finished) for r in results]
+            self.free_slots(t, [(r.claim.pipeline, r.claim.name, r.claim.concurrency_key)
+                                for r, ok in zip(results, accepted, strict=True) if ok])
             rejected = [r for r, ok in zip(results, accepted, strict=True) if not ok]
             discarded = self._discard_cancelled(t, rejected) if rejected else set()
             if finished:
@@ -4519,8 +4800,9 @@ class Engine:
         where = SQL.UNCLAIMED[occasion].replace("{only}", only)
         where = where.replace("{ids}", BulkSQL.ids(t.dialect, "ductwork_steps"))
         rows = t.all(SQL.unclaimed_cancelled.replace("{unclaimed}", where), params)
-        for pipeline in {pipeline for _, status, pipeline in rows if status == "queued"}:
+        for pipeline in {pipeline for _, status, pipeline, _, _ in rows if status == "queued"}:
             t.notify(CH_JOBS, pipeline)
+        Engine.free_slots(t, [(pipeline, name, key) for _, _, pipeline, name, key in rows])
         return rows
 
     def _discard_cancelled(self, t: _EngineTx, rejected: list[StepResult]) -> set[int]:
@@ -4627,7 +4909,9 @@ class Engine:
             with self._tx() as t:
                 params = {"process_id": process_id, "ids": t.ids(step_ids)}
                 self.share_runs_of_steps(t, "{ids}", params)
-                n = t.run(BulkSQL.release_steps(t.dialect), params)
+                released = t.all(BulkSQL.release_steps(t.dialect), params)
+                self.free_slots(t, released)
+                n = len(released)
                 if n < len(step_ids):   # some were cancelled meanwhile: let go (they never started)
                     n += len(self.unclaim_cancelled(t, "acknowledged", params))
                 t.notify(CH_JOBS, pipeline)
@@ -4699,6 +4983,7 @@ class Engine:
             "process_id": process_id})
         if changed != 1:
             return False  # committed by its (resumed) claimer since the SELECT: nothing to hand back
+        self.free_slots(t, [(s.pipeline, s.name, s.concurrency_key)])
         self._insert_executions(t, [(s.step_id, s.run_id, s.pipeline, process_id, s.attempts + crashes, "crashed",
                                      why, s.claimed_at, None)])
         t.notify(CH_ADVANCE if exhausted else CH_JOBS, s.pipeline)
@@ -5227,6 +5512,7 @@ class Run:
         self.cancel_reason: str | None = None
         self.scheduled_at: float | None = None   # a delayed run: when it starts (or started), epoch seconds
         self.new: bool | None = None   # from trigger(): True when it started this run, False when its key found one
+        self.priority = 0              # trigger(priority=): its steps are claimed before those of higher numbers
         self.created_at = 0.0
         self.finished_at: float | None = None
 
@@ -5274,7 +5560,7 @@ class Run:
         self.pipeline, self.status = r.pipeline, r.status
         self.created_at, self.finished_at = r.created_at, r.finished_at
         self.input, self.output, self.halt_reasons = _loads(r.input), _loads(r.output), _loads(r.halt_reasons)
-        self.cancel_reason, self.scheduled_at = r.cancel_reason, r.scheduled_at
+        self.cancel_reason, self.scheduled_at, self.priority = r.cancel_reason, r.scheduled_at, r.priority
         return self
 
     def wait(self, timeout: float | None = None, poll: float = 0.02) -> str:
@@ -5396,14 +5682,17 @@ def migrate(database_url: str | None = None) -> list[int]:
     return migrate_store(store)
 
 
-def trigger(name: str, *args: Any, delay: float | None = None, at: Any = None, key: str | None = None) -> Run:
+def trigger(name: str, *args: Any, delay: float | None = None, at: Any = None, key: str | None = None,
+            priority: int = 0) -> Run:
     """Start a run of the pipeline ``name`` with these arguments for its start step; ``delay`` (seconds) or
     ``at`` (an aware datetime, or epoch seconds): not before then (the database's clock); ``key``: if the
-    pipeline has a run with that key (any status, until pruned), that run instead of a new one."""
+    pipeline has a run with that key (any status, until pruned), that run instead of a new one; ``priority``:
+    lower runs first (default 0, negatives allowed; every step of the run has it), in start order within one."""
     delay, start = trigger_start(delay, at)
     check_trigger_key(key)
+    check_priority(priority)
     engine = _app_engine()
-    run_id, new = engine.trigger_run(name, args, delay, start, key)
+    run_id, new = engine.trigger_run(name, args, delay, start, key, priority)
     run = Run(run_id, engine).refresh()
     run.new = new
     return run
@@ -5417,6 +5706,13 @@ def check_trigger_key(key: Any) -> None:
     if key is not None and (not isinstance(key, str) or not key or len(key) > MAX_TRIGGER_KEY):
         raise DuctworkError(f"a trigger key must be a non-empty string of at most {MAX_TRIGGER_KEY} characters, "
                             f"got {key!r}")
+
+
+def check_priority(priority: Any) -> None:
+    """A run's priority: a whole number in PRIORITY_RANGE (DuctworkError)."""
+    low, high = PRIORITY_RANGE
+    if isinstance(priority, bool) or not isinstance(priority, int) or not low <= priority <= high:
+        raise DuctworkError(f"a priority must be a whole number from {low} to {high}, got {priority!r}")
 
 
 def trigger_start(delay: Any, at: Any) -> tuple[float | None, float | None]:
@@ -6350,6 +6646,9 @@ class Runtime:
                 why = f"step {c.name} is not defined in pipeline {c.pipeline} any more"
                 log.warning(why, extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
                 return StepResult(c, False, why, DEFINITION_CHANGED)
+            if c.refused is not None:   # (its concurrency_key failed at the claim: it must not run uncapped)
+                log.warning(c.refused, extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
+                return StepResult(c, False, c.refused, JOB_NON_RETRYABLE)
             self._arm_deadline(c, fn)
             ok, value, error = self._call(c, fn)
             self.inert_if_forked(0 if ok else 1)
@@ -6549,11 +6848,7 @@ class Runtime:
                           f"{c.pipeline}:{c.run_id}:{c.step_id}", c.pipeline, c.name, c)
         _CURRENT.step = ctx
         try:
-            try:
-                value = _loads(c.input)
-            except ValueError as exc:
-                raise _CorruptInput(f"stored input of step {c.name} is not valid JSON: {exc}") from None
-            args = value if c.node == 0 else [value]
+            args = _step_arguments(c)
             if inspect.isclass(fn):
                 obj = fn()
                 obj.context, obj.run_id, obj.attempt = ctx.context, c.run_id, c.attempt
@@ -10259,6 +10554,8 @@ def _trigger_arguments(p: argparse.ArgumentParser) -> None:
     when.add_argument("--delay", type=float, metavar="S", help="start it S seconds from now (the database clock)")
     when.add_argument("--at", metavar="ISO8601", help="start it at this time (with its UTC offset, or Z)")
     p.add_argument("--key", help="the run of this pipeline with this key, if there is one, instead of a new one")
+    p.add_argument("--priority", type=int, default=0, metavar="N",
+                   help="lower runs first (default 0, negatives allowed)")
 
 
 def _dashboard_arguments(p: argparse.ArgumentParser) -> None:
@@ -10487,9 +10784,10 @@ def cmd_trigger(args: argparse.Namespace, config: Config) -> int:
     try:   # the trigger's own checks, before anything is written: a usage error (exit 2)
         trigger_start(args.delay, at)
         check_trigger_key(args.key)
+        check_priority(args.priority)
     except DuctworkError as exc:
         raise ConfigError(str(exc)) from None
-    print(trigger(args.name, *values, delay=args.delay, at=at, key=args.key).id)
+    print(trigger(args.name, *values, delay=args.delay, at=at, key=args.key, priority=args.priority).id)
     return EXIT_OK
 
 

@@ -640,8 +640,13 @@ def test_periodic_queries_read_index_ranges_not_the_rows_that_wait(engine):
         t.run("ANALYZE")
         mine = {"process_id": 1, "grace": 60}
         claim = {"process_id": 1, "token": "x", "pipeline": "P", "limit": 8}
+        lowest = {"pipeline": "P", "lowest": ductwork.PRIORITY_RANGE[0]}
+        slot = {"pipeline": "P", "name": "s", "key": "k"}
         fenced = ductwork.SQL.fenced
-        plans = {"claim_steps": (fenced(ductwork.SQL.claim_steps, True), claim),
+        plans = {"claim_steps": (fenced(ductwork.SQL.claim_steps, True), {**claim, **lowest}),
+                 "next_priority": (ductwork.SQL.next_priority, lowest),
+                 "slots_held": (ductwork.SQL.slots_held, {**slot, "token": "x"}),
+                 "unblock_steps": (ductwork.SQL.unblock_steps, {**slot, "limit": 1}),
                  "claim_branches": (fenced(ductwork.SQL.claim_branches, True), claim),
                  "orphaned_steps": (ductwork.SQL.orphaned_steps, mine),
                  "orphaned_branches": (ductwork.SQL.orphaned_branches, mine),

@@ -1,0 +1,305 @@
+"""Flow control (SPEC §17): priorities (lower first, FIFO within one, every step of the run), runs finishing in the
+order they started, and concurrency caps across processes and hosts (a slot held with the claim, freed with it;
+never above the cap, under SIGKILL too; a hot key does not starve a cold one; a step waiting for a slot is woken
+when one frees). Real engines, runtimes and supervisors on real SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from procs import LOAD_SLACK, Proc, reap_deadline, wait_until
+
+import ductwork
+
+sys.path.insert(0, str(Path(__file__).parent / "apps"))
+import flow_app  # noqa: E402
+
+
+def plus_one(x):
+    return x + 1
+
+
+class FlowOne(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(plus_one)
+
+
+class FlowChain(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(plus_one).chain(to=plus_one).chain(to=plus_one)
+
+
+@ductwork.step(concurrency=2, concurrency_key=lambda tenant: f"t-{tenant}")
+def per_tenant(tenant):
+    return tenant
+
+
+class FlowKeyed(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(per_tenant)
+
+
+class OneAtATime(ductwork.Step):
+    concurrency = 1
+
+    def execute(self, seconds):
+        time.sleep(seconds)
+        return seconds
+
+
+class FlowSerial(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(OneAtATime)
+
+
+class BadKey(ductwork.Step):
+    concurrency = 3
+
+    def concurrency_key(self, x):
+        return x   # a number, not a string
+
+    def execute(self, x):
+        return x
+
+
+class FlowBadKey(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(BadKey)
+
+
+def rows(engine, sql, params=None):
+    with engine.store.tx(write=False) as t:
+        return t.all(sql, params or {})
+
+
+def drain(engine, pipeline, limit=4, process_id=1, steps=10_000, cap=None):
+    """A worker's loop, in the test: claim up to ``limit``, commit each as succeeded; returns the run ids in the
+    order their steps were claimed (with a ``cap``: no claim holds more steps of one key)."""
+    order = []
+    for _ in range(steps):
+        claims = engine.claim_steps(pipeline, process_id, limit)
+        if not claims:
+            return order
+        if cap is not None:
+            per_key = collections.Counter(c.concurrency_key for c in claims)
+            assert max(per_key.values()) <= cap and None not in per_key, per_key
+        order += [c.run_id for c in claims]
+        engine.commit([ductwork.StepResult(c, True, json.dumps(c.run_id)) for c in claims])
+    raise AssertionError("the queue did not drain")
+
+
+# -- priorities ---------------------------------------------------------------------------------
+def test_lower_priority_runs_first_fifo_within_a_priority_negatives_allowed(engine):
+    triggered = [(FlowOne.trigger(i, priority=p).id, p) for i, p in enumerate([5, 0, -3, 0, 5, -3, 0])]
+    claimed = [c.run_id for _ in triggered for c in engine.claim_steps("FlowOne", 1, 1)]
+    assert claimed == [run_id for run_id, _ in sorted(triggered, key=lambda item: (item[1], item[0]))]
+    assert ductwork.Run.get(triggered[2][0]).priority == -3
+
+
+def test_a_batch_claim_goes_on_to_the_next_priority_past_steps_that_wait(engine):
+    asleep = [FlowOne.trigger(i, delay=3600).id for i in range(3)]          # priority 0, not claimable yet
+    later = [FlowOne.trigger(i, priority=7).id for i in range(2)]
+    urgent = FlowOne.trigger(0, priority=-1).id
+    claimed = engine.claim_steps("FlowOne", 1, 10)
+    assert [c.run_id for c in claimed] == [urgent, *later]
+    assert not set(asleep) & {c.run_id for c in claimed}
+
+
+def test_every_step_of_a_run_has_its_priority(engine, start_runtime):
+    start_runtime(["FlowChain"])
+    run = FlowChain.trigger(1, priority=-2)
+    assert run.wait(timeout=LOAD_SLACK) == "completed" and run.output == 4
+    assert [p for (p,) in rows(engine, "SELECT priority FROM ductwork_steps WHERE run_id = :r", {"r": run.id})] \
+        == [-2, -2, -2]
+
+
+@pytest.mark.parametrize("bad", ["1", 1.5, True, 2 ** 31, -2 ** 31 - 1, None])
+def test_a_priority_that_is_not_a_whole_number_in_range_is_refused_before_anything_is_written(engine, bad):
+    with pytest.raises(ductwork.DuctworkError, match="priority must be a whole number"):
+        FlowOne.trigger(1, priority=bad)
+    assert rows(engine, "SELECT count(*) FROM ductwork_runs")[0][0] == 0
+
+
+def test_cli_trigger_priority(engine, tmp_path):
+    app = tmp_path / "app.py"
+    app.write_text("import ductwork\n\ndef plus_one(x):\n    return x + 1\n\n"
+                   "class CliPrio(ductwork.Pipeline):\n    @staticmethod\n    def define(p):\n"
+                   "        p.start(plus_one)\n")
+    env = {"DUCTWORK_DATABASE_URL": engine.store.url, "DUCTWORK_APP": str(app)}
+    done = run_cli("trigger", "CliPrio", "1", "--priority", "-4", env=env)
+    assert done.returncode == 0, done.stderr
+    assert ductwork.Run.get(int(done.stdout)).priority == -4
+    for bad in ("2147483648", "x"):
+        refused = run_cli("trigger", "CliPrio", "1", "--priority", bad, env=env)
+        assert refused.returncode == 2 and "priority" in refused.stderr and "Traceback" not in refused.stderr
+    assert rows(engine, "SELECT count(*) FROM ductwork_runs")[0][0] == 1
+
+
+# -- runs finish in the order they started -------------------------------------------------------------
+def test_a_runs_later_steps_come_before_the_first_steps_of_runs_that_started_after_it(engine):
+    runs = [FlowChain.trigger(i).id for i in range(4)]
+    order = drain(engine, "FlowChain", limit=1)
+    assert order == [run_id for run_id in runs for _ in range(3)]   # each run whole, in start order
+
+
+def test_a_delayed_runs_later_steps_queue_from_its_start(engine):
+    early = FlowChain.trigger(1, delay=0.3)
+    wait_until(lambda: engine.store.now() >= early.scheduled_at, timeout=LOAD_SLACK)
+    late = FlowChain.trigger(2)   # started after the delayed one did
+    assert drain(engine, "FlowChain", limit=1) == [early.id] * 3 + [late.id] * 3
+
+
+# -- concurrency caps: definitions and config -----------------------------------------------------------
+@pytest.mark.parametrize("bad", [0, -1, True, "5", 2.0])
+def test_a_concurrency_that_is_not_a_whole_number_above_zero_is_a_definition_error(bad):
+    with pytest.raises(ductwork.DefinitionError, match="concurrency must be a whole number above 0"):
+        type("BadCap", (ductwork.Step,), {"concurrency": bad, "execute": lambda self: 1})
+    with pytest.raises(ductwork.DefinitionError, match="concurrency must be a whole number above 0"):
+        ductwork.step(concurrency=bad)
+
+
+def test_a_concurrency_key_that_is_not_callable_is_a_definition_error():
+    with pytest.raises(ductwork.DefinitionError, match="concurrency_key must be a method"):
+        type("BadKeyed", (ductwork.Step,), {"concurrency": 2, "concurrency_key": "tenant", "execute": lambda s: 1})
+    with pytest.raises(ductwork.DefinitionError, match="concurrency_key must be a method"):
+        ductwork.step(concurrency=2, concurrency_key=7)
+
+
+def test_config_concurrency_is_validated_and_wins_over_the_steps_own(engine):
+    with pytest.raises(ductwork.ConfigError, match="concurrency"):
+        ductwork.load_config(data={"job_worker": {"concurrency": {"FlowKeyed": 0}}})
+    config = ductwork.load_config(data={"job_worker": {"concurrency": {"FlowKeyed": {"per_tenant": 1}}}})
+    caps = ductwork.StepCaps(config)
+    assert caps.cap("FlowKeyed", "per_tenant") == 1 and caps.cap("FlowSerial", "OneAtATime") == 1
+    assert ductwork.StepCaps(ductwork.load_config(data={})).cap("FlowKeyed", "per_tenant") == 2
+    assert ductwork.StepCaps(ductwork.load_config(data={})).cap("FlowOne", "plus_one") is None
+
+
+# -- concurrency caps: slots held with the claim ---------------------------------------------------------
+def slots(engine, pipeline):
+    """(status, key) -> steps."""
+    found = rows(engine, "SELECT status, concurrency_key, count(*) FROM ductwork_steps WHERE pipeline = :p "
+                         "GROUP BY status, concurrency_key", {"p": pipeline})
+    return {(status, key): n for status, key, n in found}
+
+
+def test_a_claim_keeps_a_capped_step_only_while_its_key_has_a_free_slot(engine):
+    runs = [FlowKeyed.trigger(tenant).id for tenant in "ababab"]
+    claimed = engine.claim_steps("FlowKeyed", 1, 10)
+    assert sorted((c.concurrency_key, c.run_id) for c in claimed) == sorted(
+        [("t-a", runs[0]), ("t-a", runs[2]), ("t-b", runs[1]), ("t-b", runs[3])])
+    assert slots(engine, "FlowKeyed") == {("running", "t-a"): 2, ("running", "t-b"): 2,
+                                          ("blocked", "t-a"): 1, ("blocked", "t-b"): 1}
+    assert engine.claim_steps("FlowKeyed", 2, 10) == []   # another process: nothing (the blocked wait, unread)
+    # each way a slot is let go unblocks one step of its key: a commit, a hand-back, a release
+    a1, b1, a2, b2 = sorted(claimed, key=lambda c: c.run_id)
+    assert engine.commit([ductwork.StepResult(a1, True, "1")]).accepted == [True]
+    assert slots(engine, "FlowKeyed")[("queued", "t-a")] == 1
+    assert engine.hand_back(1, [b1.step_id], "test crash") == 1
+    assert ("blocked", "t-b") not in slots(engine, "FlowKeyed")
+    assert engine.release(1, [b2.step_id], "FlowKeyed") == 1
+    again = engine.claim_steps("FlowKeyed", 2, 10)
+    # (the crashed one queued again last: it waits, blocked, behind the one given back and the one unblocked)
+    assert sorted(c.concurrency_key for c in again) == ["t-a", "t-b", "t-b"]
+    assert slots(engine, "FlowKeyed") == {("succeeded", "t-a"): 1, ("running", "t-a"): 2, ("running", "t-b"): 2,
+                                          ("blocked", "t-b"): 1}
+
+
+def test_a_cancelled_run_waiting_for_a_slot_is_cancelled_and_a_cancelled_holder_frees_its_slot(engine):
+    holders = [FlowKeyed.trigger("c").id for _ in range(2)]
+    waiting = FlowKeyed.trigger("c").id
+    assert len(engine.claim_steps("FlowKeyed", 1, 10)) == 2
+    assert slots(engine, "FlowKeyed")[("blocked", "t-c")] == 1
+    assert ductwork.cancel(waiting) == 1
+    assert rows(engine, "SELECT status FROM ductwork_steps WHERE run_id = :r", {"r": waiting}) == [("cancelled",)]
+    follower = FlowKeyed.trigger("c").id
+    assert engine.claim_steps("FlowKeyed", 1, 10) == []   # blocked: both slots held
+    ductwork.cancel(holders[0])   # its holder never answers (this test): the cancel takes the claim, and the slot
+    assert rows(engine, "SELECT status FROM ductwork_steps WHERE run_id = :r", {"r": follower}) == [("queued",)]
+    assert [c.run_id for c in engine.claim_steps("FlowKeyed", 1, 10)] == [follower]
+
+
+def test_a_hot_key_with_a_long_backlog_does_not_starve_a_key_queued_behind_it(engine):
+    hot = [FlowKeyed.trigger("hot").id for _ in range(1000)]
+    cold = [FlowKeyed.trigger("cold").id for _ in range(10)]
+    order = drain(engine, "FlowKeyed", limit=4, cap=2)
+    assert sorted(order) == sorted(hot + cold)
+    last_cold = max(order.index(run_id) for run_id in cold)
+    assert last_cold < 40, order[:60]   # about one cold step per hot step, each at its cap of 2
+    assert slots(engine, "FlowKeyed") == {("succeeded", "t-hot"): 1000, ("succeeded", "t-cold"): 10}
+
+
+def test_a_concurrency_key_that_does_not_return_a_string_fails_the_step_without_running_it(engine, start_runtime):
+    start_runtime(["FlowBadKey"])
+    run = FlowBadKey.trigger(42)
+    assert run.wait(timeout=LOAD_SLACK) == "halted"
+    assert run.halt_reasons == [ductwork.JOB_NON_RETRYABLE]
+    (error,) = [s.error for s in run.steps]
+    assert "concurrency_key of step BadKey must return a string" in error and "got 42 (int)" in error
+
+
+def test_a_step_waiting_for_a_slot_is_woken_when_the_slot_frees_not_at_the_next_poll(engine, start_runtime):
+    idle = 30.0   # a poll this slow would show
+    start_runtime(["FlowSerial"], job_worker={"polling_timeout": idle, "count": 4})
+    first, second = FlowSerial.trigger(0.5), FlowSerial.trigger(0.5)
+    started = time.monotonic()
+    assert second.wait(timeout=idle / 2) == "completed" and first.refresh().status == "completed"
+    assert time.monotonic() - started < 1.0 + LOAD_SLACK
+    executions = rows(engine, "SELECT started_at, finished_at FROM ductwork_executions ORDER BY started_at")
+    assert len(executions) == 2 and executions[1][0] >= executions[0][1] - 0.002   # one at a time
+
+
+# -- concurrency caps across hosts, under SIGKILL ----------------------------------------------------------
+def most_at_once(intervals):
+    """The most intervals (start, end) open at one moment."""
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals],
+                   key=lambda edge: (edge[0], edge[1]))   # an end before a start at the same instant
+    most = running = 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    return most
+
+
+def test_a_cap_holds_across_hosts_and_sigkills_and_no_slot_leaks(procs, tmp_path, app_db):
+    cap, per_tenant = flow_app.TENANT_CAP, 16
+    config = {"app": str(Path(__file__).parent / "apps" / "flow_app.py"), "pipelines": ["FlowTenant"],
+              "job_worker": {"count": 4}, "supervisor": {"reaper_timeout": 1.5}}
+    a = Proc(tmp_path, app_db, name="a", machine="host-a", config=config)
+    b = Proc(tmp_path, app_db, name="b", machine="host-b", config=config)
+    procs += [a, b]
+    for p in (a, b):
+        p.wait_log("worker started")
+    runs = [flow_app.FlowTenant.trigger(tenant, 0.3) for _ in range(per_tenant) for tenant in ("x", "y")]
+    marks = tmp_path / "marks.log"
+    wait_until(lambda: marks.exists() and len(marks.read_text().splitlines()) >= 6, timeout=LOAD_SLACK,
+               what="steps started")
+    os.kill(a.child_pid("worker:FlowTenant"), signal.SIGKILL)   # a worker dies holding slots: its supervisor
+    wait_until(lambda: len(marks.read_text().splitlines()) >= 14, timeout=LOAD_SLACK * 2, what="more steps")
+    b.kill_group()                                               # a whole host dies: host-a reaps it
+    deadline = per_tenant * 0.3 + reap_deadline(config) + LOAD_SLACK * 2
+    for run in runs:
+        assert run.wait(timeout=deadline) == "completed", a.log()[-3000:]
+    engine = ductwork._app_engine()
+    executions = rows(engine, "SELECT s.concurrency_key, e.outcome, e.started_at, e.finished_at "
+                              "FROM ductwork_executions e JOIN ductwork_steps s ON s.id = e.step_id")
+    crashed = [e for e in executions if e[1] == "crashed"]
+    assert crashed, "no step was running when its process was killed"
+    for key in ("tenant-x", "tenant-y"):
+        held = [(start, end) for k, _, start, end in executions if k == key]
+        assert most_at_once(held) == cap, (key, sorted(held))   # never above, and the cap was reached
+    assert rows(engine, "SELECT count(*) FROM ductwork_steps WHERE status <> 'succeeded'")[0][0] == 0
+    a.signal(signal.SIGTERM)
+    assert a.wait() == 0
