@@ -1703,7 +1703,7 @@ MIGRATIONS: list[Migration] = [
     # queued row is what a claim costs to keep up), the steps waiting for a slot per key in claim order, and the
     # slots held per key (what a claim of a capped step counts).
     Migration(7, (), indexes=(
-        "CREATE INDEX ductwork_steps_ready ON ductwork_steps (pipeline, priority, available_at, id) "
+        "CREATE INDEX ductwork_steps_ready ON ductwork_steps (pipeline, priority, available_at, run_id, id) "
         "WHERE status = 'queued'",
         "CREATE INDEX ductwork_steps_blocked ON ductwork_steps (pipeline, name, concurrency_key, priority, "
         "available_at, id) WHERE status = 'blocked'",
@@ -3126,6 +3126,14 @@ class SQL:
 
     # ... and a pipeline's steps asleep (after a sleep: not a retry's delay, nor a delayed run's start), with the
     # first to wake (an index range of the queue).
+    # ... and the steps of capped steps waiting for a free slot of their key, per pipeline (the blocked ones: a
+    # partial index's rows).
+    blocked_steps = """
+        SELECT pipeline, count(*)
+        FROM ductwork_steps
+        WHERE status = 'blocked'
+        GROUP BY pipeline"""
+
     sleeping_steps = """
         SELECT count(*), min(available_at)
         FROM ductwork_steps
@@ -3568,10 +3576,11 @@ class SQL:
 
     # -- ductwork_steps: the job queue (queued -> running -> succeeded | failed) -----------------
 
-    # Claim up to :limit claimable steps of the lowest priority queued from :lowest on, oldest first (fenced on the
-    # claimer's row). One priority at a time: with the priority as its equality, the queue index's available_at
-    # is a range, so the steps that wait (a retry's delay, a sleep) are never read; Engine._claim_queue goes on
-    # to the next priority (SQL.next_priority) when this one has too few.
+    # Claim up to :limit claimable steps of the lowest priority queued from :lowest on, oldest first (runs started
+    # in one tick of the clock: by run), fenced on the claimer's row. One priority at a time: with the priority as
+    # its equality, the queue index's available_at is a range, so the steps that wait (a retry's delay, a sleep)
+    # are never read; Engine._claim_queue goes on to the next priority (SQL.next_priority) when this one has too
+    # few.
     claim_steps = f"""
         UPDATE ductwork_steps
         SET status = 'running', claimed_by = :process_id, claim_token = :token, claimed_at = {{now}}
@@ -3585,7 +3594,7 @@ class SQL:
                                          AND status = 'queued'
                                          AND priority >= :lowest)
                        AND available_at <= (SELECT {{now}})
-                     ORDER BY available_at, id
+                     ORDER BY available_at, run_id, id
                      LIMIT :limit
                      {{skip_locked}}){{fence}}
         RETURNING {JobClaim.select_list()}"""
@@ -3621,7 +3630,8 @@ class SQL:
           AND claim_token <> :token"""
 
     # Steps waiting for a slot of a key, in claim order, queued again: one per slot freed (a claim that finds the
-    # slots held again blocks it again; one queued too many costs a claim, one too few would leak the slot).
+    # slots held again blocks it again; one queued too many costs a claim, one too few would leak the slot). Not
+    # those of cancelled runs (a cancel by a process of the version before caps leaves them blocked).
     unblock_steps = """
         UPDATE ductwork_steps
         SET status = 'queued'
@@ -3631,6 +3641,7 @@ class SQL:
                        AND name = :name
                        AND concurrency_key = :key
                        AND status = 'blocked'
+                       AND (SELECT status FROM ductwork_runs WHERE id = ductwork_steps.run_id) <> 'cancelled'
                      ORDER BY priority, available_at, id
                      LIMIT :limit
                      {skip_locked})
@@ -4114,7 +4125,7 @@ class BulkSQL:
                           "updated_at = {now}", cls.STEP, "ductwork_runs.status = 'in_progress'")
 
     # Queue new steps, with their run's priority. A step not delayed (by a sleep) is claimable since its run
-    # started: the claim queue's order within a priority is (available_at, id), so a run's later steps come
+    # started: the claim queue's order within a priority is (available_at, run_id, id), so a run's later steps come
     # before the first steps of runs that started after it, and runs finish about in the order they started
     # (SPEC §17; a step queued "now" went behind the whole backlog at every hop). (Subqueries on the runs'
     # primary key, not a join: Postgres guesses 100 rows for the JSON row source, see IDS.)
@@ -4729,8 +4740,10 @@ class Engine:
 
     # -- job claims and commits ---------------------------------------------------------
     def claim_steps(self, pipeline: str, process_id: int, limit: int = 1) -> list[JobClaim]:
-        """Claim up to ``limit`` claimable steps of ``pipeline`` for ``process_id``."""
-        with self.store.tx(single=True) as t:
+        """Claim up to ``limit`` claimable steps of ``pipeline`` for ``process_id``. (A statement at a time, each its
+        own transaction on Postgres, unless a step of the pipeline is capped: its slots are counted under a lock
+        held to the end of the transaction.)"""
+        with self.store.tx(single=not self.caps.capped(pipeline)) as t:
             return self._claim_steps_in(t, pipeline, process_id, _token(), limit)
 
     def commit_success(self, c: JobClaim, output_json: str) -> bool:
@@ -8175,13 +8188,15 @@ def status_report(engine: Engine) -> dict:
         for (pipeline, status), n in counts.runs.items():
             if n:
                 runs.setdefault(pipeline, {})[status] = n
-        waiting = {pipeline: {"signal": int(n), "first_timeout": first, "sleeping": 0, "first_wake": None}
+        empty = {"signal": 0, "first_timeout": None, "sleeping": 0, "first_wake": None, "for_slot": 0}
+        waiting = {pipeline: {**empty, "signal": int(n), "first_timeout": first}
                    for pipeline, n, first in t.all(SQL.parked_branches)}
+        for pipeline, n in t.all(SQL.blocked_steps):
+            waiting.setdefault(pipeline, dict(empty))["for_slot"] = int(n)
         for pipeline in sorted(p for p, by_status in runs.items() if by_status.get("in_progress")):
             n, first = t.one(SQL.sleeping_steps, {"pipeline": pipeline})
             if n:
-                waiting.setdefault(pipeline, {"signal": 0, "first_timeout": None})
-                waiting[pipeline].update(sleeping=int(n), first_wake=first)
+                waiting.setdefault(pipeline, dict(empty)).update(sleeping=int(n), first_wake=first)
         parked = t.all(SQL.parked_list, {"limit": STATUS_WAITS})
     return {
         "processes": [ProcessRow.from_row(row).report() for row in procs],
@@ -9060,9 +9075,11 @@ class DashboardSQL:
         WHERE status IN ('succeeded', 'failed') AND finished_at >= (SELECT {now}) - :window
         GROUP BY 1"""
 
-    # /metrics: claimable steps per pipeline, and the seconds the oldest of them has waited
+    # /metrics: claimable steps per pipeline, and the seconds the oldest of them has waited: since it was queued,
+    # or since its delay ended (its available_at alone is its run's start: the claim order, see insert_steps)
     queue = """
-        SELECT pipeline, count(*), max({now} - available_at)
+        SELECT pipeline, count(*), max({now} - CASE WHEN available_at > created_at THEN available_at
+                                                    ELSE created_at END)
         FROM ductwork_steps
         WHERE status = 'queued' AND available_at <= (SELECT {now})
         GROUP BY pipeline"""
@@ -9254,6 +9271,8 @@ DASHBOARD_METRICS = (
                  "Claimable steps (queued and available now) per pipeline."),
     MetricFamily("ductwork_queue_oldest_age_seconds", "gauge", ("pipeline",), "queue_age",
                  "Seconds the oldest claimable step has waited (0 when none).", zero=0.0),
+    MetricFamily("ductwork_steps_waiting_for_slot", "gauge", ("pipeline",), "for_slot",
+                 "Steps of capped steps waiting for a free slot of their concurrency key, per pipeline."),
     MetricFamily("ductwork_processes", "gauge", ("role",), "live",
                  "Live processes (heartbeat within supervisor.reaper_timeout) per role."),
     MetricFamily("ductwork_process_restarts", "gauge", ("role",), "restarts",
@@ -9273,6 +9292,7 @@ def _metric_data(engine: Engine) -> tuple[dict[str, Sequence[str]], dict[str, di
     with engine.store.tx(write=False) as t:
         counts = Counts.read(t)
         queue = t.all(DashboardSQL.queue)
+        blocked = t.all(SQL.blocked_steps)
         processes = t.all(DashboardSQL.processes, live_within)
         infos = t.all(DashboardSQL.process_infos, live_within)
     runs: dict[tuple, float] = {(p, "triggered"): n for p, n in counts.triggered.items()}
@@ -9285,6 +9305,7 @@ def _metric_data(engine: Engine) -> tuple[dict[str, Sequence[str]], dict[str, di
         "pruned": dict(counts.pruned),
         "queue_depth": {(p,): int(n) for p, n, _ in queue},
         "queue_age": {(p,): round(float(age or 0), 3) for p, _, age in queue},
+        "for_slot": {(p,): int(n) for p, n in blocked},
         "live": {(role,): int(n or 0) for role, n, _ in processes},
         "restarts": {(role,): int(restarts or 0) for role, _, restarts in processes},
         "abandoned": _abandoned_threads(infos),
@@ -9339,7 +9360,7 @@ padding:.4em}
 .st{padding:0 .45em;border-radius:3px;background:#ddd;font-size:.9em}.st-completed,.st-succeeded{background:#c8f0c8}
 .st-halted,.st-failed,.st-crashed{background:#f6c4c4}.st-cancelled,.st-cancelling,.st-stopping{background:#e2d6ee}
 .st-in_progress,.st-running,.st-advancing{background:#cfe0ff}
-.st-queued,.st-waiting,.st-advance{background:#fff2b8}
+.st-queued,.st-waiting,.st-advance,.st-blocked{background:#fff2b8}
 .bar{display:inline-block;height:.8em;background:#69c;margin-right:.4em}
 ul.tree{list-style:none;padding-left:1.2em;border-left:2px solid #ccd;margin:.3em 0}li.step{margin:.35em 0}
 .muted{color:#777}.warn{color:#c00}.actions form{display:inline-block;margin:.2em 1em .8em 0}
@@ -10929,7 +10950,7 @@ def _waiting_lines(report: dict) -> Iterator[str]:
     parked branches, each with its signal and deadline."""
     if not report["waiting"]:
         return
-    yield "waiting (for a signal, or asleep):"
+    yield "waiting (for a signal, asleep, or for a slot of a concurrency cap):"
     for pipeline, w in report["waiting"].items():
         parts = []
         if w["signal"]:
@@ -10937,6 +10958,8 @@ def _waiting_lines(report: dict) -> Iterator[str]:
             parts.append(f"{w['signal']} branch(es) for a signal ({timeout})")
         if w["sleeping"]:
             parts.append(f"{w['sleeping']} step(s) asleep (the first wakes at {_ts(w['first_wake'])} UTC)")
+        if w["for_slot"]:
+            parts.append(f"{w['for_slot']} step(s) waiting for a slot (concurrency cap)")
         yield f"  {pipeline:<28} " + ", ".join(parts)
     for w in report["waits"]:
         until = f"until {_ts(w['until'])} UTC" if w["until"] is not None else "(no timeout)"

@@ -217,6 +217,29 @@ def test_a_claim_keeps_a_capped_step_only_while_its_key_has_a_free_slot(engine):
                                           ("blocked", "t-b"): 1}
 
 
+def test_status_and_metrics_count_the_steps_waiting_for_a_slot(engine):
+    for tenant in "ddd":
+        FlowKeyed.trigger(tenant)
+    assert len(engine.claim_steps("FlowKeyed", 1, 10)) == 2
+    report = ductwork.status_report(engine)
+    assert report["waiting"]["FlowKeyed"]["for_slot"] == 1
+    assert "1 step(s) waiting for a slot (concurrency cap)" in "\n".join(ductwork._waiting_lines(report))
+    metrics = ductwork.dashboard_metrics(engine)
+    assert 'ductwork_steps_waiting_for_slot{pipeline="FlowKeyed"} 1' in metrics
+    assert 'ductwork_queue_depth{pipeline="FlowKeyed"} 0' in metrics   # the blocked step is not claimable
+
+
+def test_the_queue_age_is_how_long_a_step_has_waited_not_how_old_its_run_is(engine):
+    run = FlowChain.trigger(1)
+    (claim,) = engine.claim_steps("FlowChain", 1, 1)
+    wait_until(lambda: engine.store.now() - run.created_at >= 1.0, timeout=LOAD_SLACK)
+    engine.commit([ductwork.StepResult(claim, True, "2")])   # its second step queues now, in its run's place
+    metrics = ductwork.dashboard_metrics(engine)
+    (age,) = [float(line.split()[-1]) for line in metrics.splitlines()
+              if line.startswith('ductwork_queue_oldest_age_seconds{pipeline="FlowChain"}')]
+    assert 0 <= age < 1.0, metrics
+
+
 def test_a_cancelled_run_waiting_for_a_slot_is_cancelled_and_a_cancelled_holder_frees_its_slot(engine):
     holders = [FlowKeyed.trigger("c").id for _ in range(2)]
     waiting = FlowKeyed.trigger("c").id

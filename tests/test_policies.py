@@ -175,7 +175,7 @@ def test_a_bad_retry_policy_is_a_definition_error(kwargs, words):
         ductwork.Retry(**kwargs)
 
 
-def test_bad_retry_attributes_and_options_to_come_are_definition_errors():
+def test_bad_retry_attributes_and_options_are_definition_errors():
     with pytest.raises(ductwork.DefinitionError, match="BadStep: retry must be a ductwork.Retry"):
         class BadStep(ductwork.Step):
             retry = 3
@@ -184,9 +184,9 @@ def test_bad_retry_attributes_and_options_to_come_are_definition_errors():
                 return x
     with pytest.raises(ductwork.DefinitionError, match="needs a ductwork.Retry"):
         ductwork.step(retry={"max": 3})
-    for option in ("concurrency", "concurrency_key"):   # (timeout: tests/test_timeouts.py)
-        with pytest.raises(ductwork.DefinitionError, match=f"{option}=...\\) is not supported yet"):
-            ductwork.step(**{option: 5})
+    for option, bad in (("concurrency", 0), ("concurrency_key", 5)):   # (timeout: tests/test_timeouts.py;
+        with pytest.raises(ductwork.DefinitionError, match=f"{option} must be"):   # caps: tests/test_flow.py)
+            ductwork.step(**{option: bad})
     with pytest.raises(ductwork.DefinitionError, match="decorates a function step"):
         ductwork.step(Flaky)
     assert ductwork.step(ok) is ok and ductwork.retry_policy(ok) is None
