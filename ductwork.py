@@ -1051,6 +1051,7 @@ class Tx:
     def __init__(self, store: "Store", conn: Any):
         self.store, self.conn = store, conn
         self.pending: list[tuple[str, str]] = []   # wake-up hints (channel, payload) to deliver after commit
+        self.slot_locks: set[int] = set()   # Postgres: the concurrency keys' locks it holds (Engine.free_slots)
 
     @property
     def dialect(self) -> str:
@@ -2837,7 +2838,7 @@ class JobClaim(_Row):
     """A step this process claimed to run (a row of ``SQL.claim_steps``)."""
 
     COLUMNS = ("id AS step_id", "run_id", "branch_id", "node", "name", "input", "attempts", "crashes",
-               "claimed_at", "priority")
+               "claimed_at", "priority", "concurrency_key AS stored_key")
     step_id: int
     run_id: int
     branch_id: int
@@ -2848,6 +2849,7 @@ class JobClaim(_Row):
     crashes: int               # crashed executions so far (the crash budget)
     claimed_at: float          # database clock, epoch seconds
     priority: int              # its run's (trigger(priority=))
+    stored_key: str | None     # the concurrency key its row has (a capped step claimed before, then let go)
     pipeline: str
     process_id: int            # the claimer's process row: every write about the claim is fenced on it
     token: str                 # the claim token: ... and on this
@@ -4558,7 +4560,8 @@ class Engine:
         one statement for a claim the lowest priority fills (SQL.claim_steps), SQL.next_priority to go on."""
         lowest = PRIORITY_RANGE[0]
         rows = self._claim_rows(t, SQL.claim_steps, pipeline, process_id, token, limit, lowest=lowest)
-        tried = rows[-1][-1] if rows else None   # (the claim's priority: its select list ends with it)
+        at = JobClaim.field_names().index("priority")   # (the priority of a claim's rows: one, the lowest)
+        tried = rows[-1][at] if rows else None
         while len(rows) < limit:
             if tried is None:   # the lowest priority queued had no claimable step: which it was
                 tried = t.one(SQL.next_priority, {"pipeline": pipeline, "lowest": lowest})[0]
@@ -4570,7 +4573,7 @@ class Engine:
             more = self._claim_rows(t, SQL.claim_steps, pipeline, process_id, token, limit - len(rows),
                                     lowest=tried)
             rows += more
-            tried = more[-1][-1] if more else tried
+            tried = more[-1][at] if more else tried
         now = time.monotonic()
         return [JobClaim.from_row(row, pipeline=pipeline, process_id=process_id, token=token, confirmed=now)
                 for row in rows]
@@ -4583,11 +4586,9 @@ class Engine:
         queued again (more than ``need``, or their key's lock busy). Returns the steps kept and how many were
         blocked."""
         keys = {c.step_id: self.caps.key(c) for c in claims}
-        for name, key in sorted({(c.name, keys[c.step_id]) for c in claims if keys[c.step_id] is not None}):
-            if (name, key) in free:
-                continue
-            lock = {"class": SQL.SLOT_LOCK_CLASS, "key": _slot_lock_key(pipeline, name, key)}
-            if t.dialect == "postgres" and not t.one(SQL.try_slot_lock, lock)[0]:
+        groups = {(c.name, keys[c.step_id]) for c in claims if keys[c.step_id] is not None} - free.keys()
+        for name, key in sorted(groups, key=lambda group: _slot_lock_key(pipeline, *group)):
+            if t.dialect == "postgres" and not self._slot_lock(t, _slot_lock_key(pipeline, name, key)):
                 free[(name, key)] = None   # another claim (or a let-go) of the key is in flight: not this one's turn
                 continue
             held = t.one(SQL.slots_held, {"pipeline": pipeline, "name": name, "key": key, "token": token})[0]
@@ -4605,7 +4606,8 @@ class Engine:
                 if key is not None:
                     free[(c.name, key)] = slot - 1
                     c.concurrency_key = key
-                    let_go.append((c.step_id, "running", key))   # (kept: the key written, the claim kept)
+                    if c.stored_key != key:   # (kept: the key written, the claim kept)
+                        let_go.append((c.step_id, "running", key))
                 kept.append(c)
         if let_go:
             t.run(BulkSQL.capped_claims(t.dialect), {**BulkSQL.keyed(t.dialect, BulkSQL.CAPPED, let_go),
@@ -4620,9 +4622,27 @@ class Engine:
         counts = collections.Counter(item for item in freed if item[2] is not None)
         for (pipeline, name, key), n in sorted(counts.items(), key=lambda item: _slot_lock_key(*item[0])):
             if t.dialect == "postgres":
-                t.one(SQL.slot_lock, {"class": SQL.SLOT_LOCK_CLASS, "key": _slot_lock_key(pipeline, name, key)})
-            if t.all(SQL.unblock_steps, {"pipeline": pipeline, "name": name, "key": key, "limit": n}):
+                Engine._slot_lock(t, _slot_lock_key(pipeline, name, key), wait=True)
+            unblocked = [step_id for (step_id,) in t.all(SQL.unblock_steps, {"pipeline": pipeline, "name": name,
+                                                                            "key": key, "limit": n})]
+            if isinstance(t, _EngineTx):   # (a commit that claims them itself wakes nobody for them)
+                t.queued(pipeline, unblocked)
+            elif unblocked:
                 t.notify(CH_JOBS, pipeline)
+
+    @staticmethod
+    def _slot_lock(t: Tx, key: int, wait: bool = False) -> bool:
+        """Postgres: hold a concurrency key's lock to the end of the transaction; True once held. Waited for
+        when ``wait`` or when no key after it in lock order is held already (every transaction that waits takes
+        them in that order, so none waits in a circle), else only tried."""
+        if key in t.slot_locks:
+            return True
+        if wait or not t.slot_locks or key > max(t.slot_locks):
+            t.one(SQL.slot_lock, {"class": SQL.SLOT_LOCK_CLASS, "key": key})
+        elif not t.one(SQL.try_slot_lock, {"class": SQL.SLOT_LOCK_CLASS, "key": key})[0]:
+            return False
+        t.slot_locks.add(key)
+        return True
 
     # -- definitions --------------------------------------------------------------------
     def definition(self, digest: str, t: Tx | None = None) -> Definition:
@@ -4777,14 +4797,15 @@ class Engine:
                 self._share_runs(t, runs)
             succeeded = self._write_successes(t, successes, runs)
             accepted = [self._settle(t, r, succeeded, finished) for r in results]
-            self.free_slots(t, [(r.claim.pipeline, r.claim.name, r.claim.concurrency_key)
-                                for r, ok in zip(results, accepted, strict=True) if ok])
             rejected = [r for r, ok in zip(results, accepted, strict=True) if not ok]
             discarded = self._discard_cancelled(t, rejected) if rejected else set()
             if finished:
                 self._advance_finished(t, finished, inline)
             self._record_executions(t, [r for r, ok in zip(results, accepted, strict=True) if ok],
                                     [r for r in rejected if r.claim.step_id in discarded])
+            # (the slots let go last but the claim: their keys' locks are held to the commit, so the least time)
+            self.free_slots(t, [(r.claim.pipeline, r.claim.name, r.claim.concurrency_key)
+                                for r, ok in zip(results, accepted, strict=True) if ok])
             claims = self._claim_next(t, results, claim_limit, token)
             if results:
                 self._flush_arrivals(t, results[0].claim.process_id, token)
@@ -4978,7 +4999,10 @@ class Engine:
         self.share_runs_of_steps(t, SQL.UNCLAIMED["handed back"].replace("{only}", only), params)
         count = len(self.unclaim_cancelled(t, "handed back", params, only))
         held = [HeldStep.from_row(row) for row in t.all(SQL.steps_held_by, {"process_id": process_id})]
-        count += sum(self._crash_step(t, s, process_id, why) for s in held if wanted is None or s.step_id in wanted)
+        crashed = [s for s in held
+                   if (wanted is None or s.step_id in wanted) and self._crash_step(t, s, process_id, why)]
+        self.free_slots(t, [(s.pipeline, s.name, s.concurrency_key) for s in crashed])
+        count += len(crashed)
         if wanted is None:
             for (pipeline,) in set(t.all(SQL.release_branches_of, {"process_id": process_id})):
                 t.notify(CH_ADVANCE, pipeline)
@@ -4996,7 +5020,6 @@ class Engine:
             "process_id": process_id})
         if changed != 1:
             return False  # committed by its (resumed) claimer since the SELECT: nothing to hand back
-        self.free_slots(t, [(s.pipeline, s.name, s.concurrency_key)])
         self._insert_executions(t, [(s.step_id, s.run_id, s.pipeline, process_id, s.attempts + crashes, "crashed",
                                      why, s.claimed_at, None)])
         t.notify(CH_ADVANCE if exhausted else CH_JOBS, s.pipeline)
