@@ -3610,19 +3610,21 @@ class SQL:
           AND priority >= :lowest"""
 
     # -- concurrency caps (SPEC §17): a slot is a step row that holds it --------------------------
-    # A step with a cap holds one of its key's slots while it is running, told of a cancel, or stopping: the
+    # A claim holding steps of a capped key (running, told of a cancel, or stopping) holds one of the key's slots:
+    # its steps run one after another on one thread, so it is one execution at a time however many it holds. The
     # claim takes the slot, and whatever lets go of the claim (commit, hand-back, reaping, a cancel's let-go)
     # frees it, so a dead holder's slot is freed with its claim, and none can leak. Postgres: a claim of a capped
-    # step counts the slots of its key under the key's transaction lock (tried, never waited for: it gives the
-    # step back instead); whatever frees slots takes the same lock (waiting, keys in order), then unblocks, so a
-    # step blocked by a claim that has not committed yet is seen once it has.
+    # step counts the slots of its key under the key's transaction lock (Engine._slot_lock: waited for in lock
+    # order, else only tried, and the step given back when it is busy); whatever frees slots takes the same lock,
+    # then unblocks, so a step blocked by a claim that has not committed yet is seen once it has.
     slot_lock = "SELECT pg_advisory_xact_lock(:class, :key)"
     try_slot_lock = "SELECT pg_try_advisory_xact_lock(:class, :key)"
     SLOT_LOCK_CLASS = 0x5107   # the first key of the slot locks (run locks: RUN_LOCK_CLASS)
 
-    # The slots of a key held (by claims before this one: this claim's own steps have no key yet, or its token).
+    # The slots of a key held: by the claims (tokens) before this one, each one slot however many steps of the key
+    # it holds (a claim's steps run one after another on one thread).
     slots_held = """
-        SELECT count(*)
+        SELECT count(DISTINCT claim_token)
         FROM ductwork_steps
         WHERE pipeline = :pipeline
           AND name = :name
@@ -4580,11 +4582,12 @@ class Engine:
 
     def _within_caps(self, t: Tx, pipeline: str, claims: list[JobClaim], need: int, token: str,
                      free: dict[tuple[str, str], int | None]) -> tuple[list[JobClaim], int]:
-        """Of just-claimed steps, those to run: at most ``need``, and a capped step only while its key has a free
-        slot (``free``, kept across the rounds of one claim: the slots of a key are counted once, Postgres under
-        the key's lock, tried). The others let go in one statement: blocked (their key's slots all held), or
-        queued again (more than ``need``, or their key's lock busy). Returns the steps kept and how many were
-        blocked."""
+        """Of just-claimed steps, those to run: at most ``need``, and a capped step only if this claim holds a slot
+        of its key, or takes a free one (``free``, kept across the rounds of one claim: a key's slots are counted
+        once, Postgres under the key's lock; -1 once this claim holds one). A claim's steps run one after another
+        on one thread, so they take one slot together however many of a key it holds. The others let go in one
+        statement: blocked (their key's slots all held by other claims), or queued again (more than ``need``, or
+        their key's lock busy). Returns the steps kept and how many were blocked."""
         keys = {c.step_id: self.caps.key(c) for c in claims}
         groups = {(c.name, keys[c.step_id]) for c in claims if keys[c.step_id] is not None} - free.keys()
         for name, key in sorted(groups, key=lambda group: _slot_lock_key(pipeline, *group)):
@@ -4592,19 +4595,19 @@ class Engine:
                 free[(name, key)] = None   # another claim (or a let-go) of the key is in flight: not this one's turn
                 continue
             held = t.one(SQL.slots_held, {"pipeline": pipeline, "name": name, "key": key, "token": token})[0]
-            free[(name, key)] = self.caps.cap(pipeline, name) - int(held)
+            free[(name, key)] = max(0, self.caps.cap(pipeline, name) - int(held))
         kept: list[JobClaim] = []
         let_go: list[tuple[int, str, str | None]] = []   # (step id, status, key)
         for c in claims:
             key = keys[c.step_id]
             slot = None if key is None else free[(c.name, key)]
-            if key is not None and slot is not None and slot <= 0:
+            if key is not None and slot == 0:
                 let_go.append((c.step_id, "blocked", key))
             elif len(kept) >= need or (key is not None and slot is None):
                 let_go.append((c.step_id, "queued", None))
             else:
                 if key is not None:
-                    free[(c.name, key)] = slot - 1
+                    free[(c.name, key)] = -1   # (this claim's slot: its other steps of the key run after this one)
                     c.concurrency_key = key
                     if c.stored_key != key:   # (kept: the key written, the claim kept)
                         let_go.append((c.step_id, "running", key))

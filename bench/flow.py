@@ -149,7 +149,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--width", type=int, default=50)
     parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--figures", default="order,claims", help="order (figure 1), claims (figures 2 and 3)")
     args = parser.parse_args()
+    figures = set(args.figures.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="ductwork-bench-flow-"))
     before, now = Version(tmp, args.baseline), Version(tmp, None)
     capped = {"job_worker": {"concurrency": {"BenchSingle": {"noop": CAP}}}}
@@ -158,30 +160,44 @@ def main() -> None:
         single: dict[str, list[float]] = {before.label: [], now.label: [], f"now, cap {CAP}": []}
         for i in range(args.repeat):
             for version in (before, now) if i % 2 == 0 else (now, before):   # alternated: drift shared alike
-                done, rate = measure(version, kind, tmp, "BenchFan", args.runs, args.width, args.width + 2)
-                order[version.label].append((done[0], statistics.median(done), done[-1], rate))
-                single[version.label].append(measure(version, kind, tmp, "BenchSingle", args.steps, None, 1)[1])
-            single[f"now, cap {CAP}"].append(
-                measure(now, kind, tmp, "BenchSingle", args.steps, None, 1, **capped)[1])
+                if "order" in figures:
+                    done, rate = measure(version, kind, tmp, "BenchFan", args.runs, args.width, args.width + 2)
+                    order[version.label].append((done[0], statistics.median(done), done[-1], rate))
+                if "claims" in figures:
+                    single[version.label].append(measure(version, kind, tmp, "BenchSingle", args.steps, None, 1)[1])
+            if "claims" in figures:
+                single[f"now, cap {CAP}"].append(
+                    measure(now, kind, tmp, "BenchSingle", args.steps, None, 1, **capped)[1])
 
-        def med(label: str, field: int, order=order) -> float:
-            return statistics.median(row[field] for row in order[label])
-        rows = [[label, f"{med(label, 0):.1f}", f"{med(label, 1):.1f}", f"{med(label, 2):.1f}",
-                 f"{med(label, 1) / med(label, 2):.2f}", f"{med(label, 3):.0f}"] for label in order]
-        table(f"{kind}: {args.runs} runs x {args.width}-way fan-out, released at once (medians of {args.repeat}; "
-              "seconds after the release)",
-              ["version", "first run done", "median run done", "last run done", "median / last", "steps/s"], rows)
-        print(f"run-order throughput ratio now / before: {med(now.label, 3) / med(before.label, 3):.2f} "
-              "(goal >= 0.97)")
-        rates = {label: statistics.median(values) for label, values in single.items()}
-        table(f"{kind}: {args.steps} single no-op steps, released at once (steps/s, medians of {args.repeat})",
-              ["version", "steps/s"], [[label, f"{rate:.0f}"] for label, rate in rates.items()])
-        print(f"claim throughput ratio now / before (no caps, no priorities): "
-              f"{rates[now.label] / rates[before.label]:.2f} (goal >= 0.97)")
-        print(f"claim throughput ratio cap {CAP} / uncapped: {rates[f'now, cap {CAP}'] / rates[now.label]:.2f} "
-              "(goal >= 0.8)")
-        record(f"ductwork ({kind})", "fan-out backlog, median run done / last", [
-            row[1] / row[2] for row in order[now.label]])
+        if "order" in figures:
+            report_order(kind, args, order, before, now)
+        if "claims" in figures:
+            report_claims(kind, args, single, before, now)
+
+
+def report_order(kind: str, args: argparse.Namespace, order: dict, before: Version, now: Version) -> None:
+    """Figure 1: the fan-out backlog's completions, and the throughput ratio."""
+    def med(label: str, field: int) -> float:
+        return statistics.median(row[field] for row in order[label])
+    rows = [[label, f"{med(label, 0):.1f}", f"{med(label, 1):.1f}", f"{med(label, 2):.1f}",
+             f"{med(label, 1) / med(label, 2):.2f}", f"{med(label, 3):.0f}"] for label in order]
+    table(f"{kind}: {args.runs} runs x {args.width}-way fan-out, released at once (medians of {args.repeat}; "
+          "seconds after the release)",
+          ["version", "first run done", "median run done", "last run done", "median / last", "steps/s"], rows)
+    print(f"run-order throughput ratio now / before: {med(now.label, 3) / med(before.label, 3):.2f} (goal >= 0.97)")
+    record(f"ductwork ({kind})", "fan-out backlog, median run done / last",
+           [row[1] / row[2] for row in order[now.label]])
+
+
+def report_claims(kind: str, args: argparse.Namespace, single: dict, before: Version, now: Version) -> None:
+    """Figures 2 and 3: claim throughput, before and now, capped and not."""
+    rates = {label: statistics.median(values) for label, values in single.items()}
+    table(f"{kind}: {args.steps} single no-op steps, released at once (steps/s, medians of {args.repeat})",
+          ["version", "steps/s"], [[label, f"{rate:.0f}"] for label, rate in rates.items()])
+    print(f"claim throughput ratio now / before (no caps, no priorities): "
+          f"{rates[now.label] / rates[before.label]:.2f} (goal >= 0.97)")
+    print(f"claim throughput ratio cap {CAP} / uncapped: {rates[f'now, cap {CAP}'] / rates[now.label]:.2f} "
+          "(goal >= 0.8)")
 
 
 if __name__ == "__main__":

@@ -84,19 +84,26 @@ def rows(engine, sql, params=None):
         return t.all(sql, params or {})
 
 
-def drain(engine, pipeline, limit=4, process_id=1, steps=10_000, cap=None):
-    """A worker's loop, in the test: claim up to ``limit``, commit each as succeeded; returns the run ids in the
-    order their steps were claimed (with a ``cap``: no claim holds more steps of one key)."""
-    order = []
+def drain(engine, pipeline, limit=4, threads=1, process_id=1, steps=10_000, cap=None):
+    """Worker threads' loop, in the test: ``threads`` claims of up to ``limit`` steps outstanding, the oldest
+    committed (succeeded) before the next claim; returns the run ids in the order their steps were claimed. With
+    a ``cap``: never more outstanding claims holding a key than that."""
+    order: list[int] = []
+    outstanding: collections.deque = collections.deque()
     for _ in range(steps):
-        claims = engine.claim_steps(pipeline, process_id, limit)
-        if not claims:
+        while len(outstanding) < threads:
+            claims = engine.claim_steps(pipeline, process_id, limit)
+            if not claims:
+                break
+            outstanding.append(claims)
+            order += [c.run_id for c in claims]
+            if cap is not None:
+                holders = collections.Counter(key for held in outstanding for key in {c.concurrency_key for c in held})
+                assert max(holders.values()) <= cap and None not in holders, holders
+        if not outstanding:
             return order
-        if cap is not None:
-            per_key = collections.Counter(c.concurrency_key for c in claims)
-            assert max(per_key.values()) <= cap and None not in per_key, per_key
-        order += [c.run_id for c in claims]
-        engine.commit([ductwork.StepResult(c, True, json.dumps(c.run_id)) for c in claims])
+        done = outstanding.popleft()
+        engine.commit([ductwork.StepResult(c, True, json.dumps(c.run_id)) for c in done])
     raise AssertionError("the queue did not drain")
 
 
@@ -195,32 +202,50 @@ def slots(engine, pipeline):
     return {(status, key): n for status, key, n in found}
 
 
-def test_a_claim_keeps_a_capped_step_only_while_its_key_has_a_free_slot(engine):
+def claim_one(engine, process_id, limit=1):
+    """One claim (its own token: a worker thread's) of FlowKeyed steps: their (key, run) pairs."""
+    return [(c.concurrency_key, c.run_id) for c in engine.claim_steps("FlowKeyed", process_id, limit)]
+
+
+def test_a_claim_takes_a_slot_of_its_key_only_while_one_is_free(engine):
     runs = [FlowKeyed.trigger(tenant).id for tenant in "ababab"]
-    claimed = engine.claim_steps("FlowKeyed", 1, 10)
-    assert sorted((c.concurrency_key, c.run_id) for c in claimed) == sorted(
-        [("t-a", runs[0]), ("t-a", runs[2]), ("t-b", runs[1]), ("t-b", runs[3])])
+    # claims of one step each (threads): two slots per key, then the other steps of the keys wait
+    assert [claim_one(engine, 1) for _ in range(4)] == [[("t-a", runs[0])], [("t-b", runs[1])],
+                                                        [("t-a", runs[2])], [("t-b", runs[3])]]
+    assert claim_one(engine, 2, limit=10) == []   # another process: nothing (the blocked wait, unread)
     assert slots(engine, "FlowKeyed") == {("running", "t-a"): 2, ("running", "t-b"): 2,
                                           ("blocked", "t-a"): 1, ("blocked", "t-b"): 1}
-    assert engine.claim_steps("FlowKeyed", 2, 10) == []   # another process: nothing (the blocked wait, unread)
-    # each way a slot is let go unblocks one step of its key: a commit, a hand-back, a release
-    a1, b1, a2, b2 = sorted(claimed, key=lambda c: c.run_id)
-    assert engine.commit([ductwork.StepResult(a1, True, "1")]).accepted == [True]
-    assert slots(engine, "FlowKeyed")[("queued", "t-a")] == 1
-    assert engine.hand_back(1, [b1.step_id], "test crash") == 1
+    with engine.store.tx(write=False) as t:
+        tokens = [token for (token,) in t.all("SELECT claim_token FROM ductwork_steps WHERE status = 'running'")]
+    assert len(set(tokens)) == 4   # four claims, four slots
+    # each way a claim is let go frees its slot and unblocks a step of its key: a hand-back, a release
+    steps = {run_id: step_id for run_id, step_id in rows(
+        engine, "SELECT run_id, id FROM ductwork_steps WHERE pipeline = 'FlowKeyed'")}
+    assert engine.hand_back(1, [steps[runs[1]]], "test crash") == 1      # b's first claim: its process died
     assert ("blocked", "t-b") not in slots(engine, "FlowKeyed")
-    assert engine.release(1, [b2.step_id], "FlowKeyed") == 1
-    again = engine.claim_steps("FlowKeyed", 2, 10)
-    # (the crashed one queued again last: it waits, blocked, behind the one given back and the one unblocked)
-    assert sorted(c.concurrency_key for c in again) == ["t-a", "t-b", "t-b"]
-    assert slots(engine, "FlowKeyed") == {("succeeded", "t-a"): 1, ("running", "t-a"): 2, ("running", "t-b"): 2,
+    assert engine.release(1, [steps[runs[3]]], "FlowKeyed") == 1         # b's second: given back unstarted
+    assert engine.hand_back(1, [steps[runs[0]]], "test crash") == 1      # a's first
+    assert ("blocked", "t-a") not in slots(engine, "FlowKeyed")
+    # (the crashed ones queued again last: behind the one given back and the ones unblocked, and blocked again)
+    again = [claim_one(engine, 3) for _ in range(4)]
+    assert again == [[("t-b", runs[3])], [("t-a", runs[4])], [("t-b", runs[5])], []]
+    assert slots(engine, "FlowKeyed") == {("running", "t-a"): 2, ("running", "t-b"): 2, ("blocked", "t-a"): 1,
                                           ("blocked", "t-b"): 1}
+
+
+def test_one_claim_holds_one_slot_however_many_steps_of_the_key_it_takes(engine):
+    runs = [FlowKeyed.trigger("c").id for _ in range(5)]
+    batch = claim_one(engine, 1, limit=3)   # a thread's batch: they run one after another
+    assert batch == [("t-c", run_id) for run_id in runs[:3]]
+    assert claim_one(engine, 2, limit=1) == [("t-c", runs[3])]   # the second slot
+    assert claim_one(engine, 3, limit=1) == []                    # none left: the last one waits
+    assert slots(engine, "FlowKeyed") == {("running", "t-c"): 4, ("blocked", "t-c"): 1}
 
 
 def test_status_and_metrics_count_the_steps_waiting_for_a_slot(engine):
     for tenant in "ddd":
         FlowKeyed.trigger(tenant)
-    assert len(engine.claim_steps("FlowKeyed", 1, 10)) == 2
+    assert [len(claim_one(engine, 1)) for _ in range(3)] == [1, 1, 0]
     report = ductwork.status_report(engine)
     assert report["waiting"]["FlowKeyed"]["for_slot"] == 1
     assert "1 step(s) waiting for a slot (concurrency cap)" in "\n".join(ductwork._waiting_lines(report))
@@ -243,24 +268,24 @@ def test_the_queue_age_is_how_long_a_step_has_waited_not_how_old_its_run_is(engi
 def test_a_cancelled_run_waiting_for_a_slot_is_cancelled_and_a_cancelled_holder_frees_its_slot(engine):
     holders = [FlowKeyed.trigger("c").id for _ in range(2)]
     waiting = FlowKeyed.trigger("c").id
-    assert len(engine.claim_steps("FlowKeyed", 1, 10)) == 2
+    assert [len(claim_one(engine, 1)) for _ in range(3)] == [1, 1, 0]
     assert slots(engine, "FlowKeyed")[("blocked", "t-c")] == 1
     assert ductwork.cancel(waiting) == 1
     assert rows(engine, "SELECT status FROM ductwork_steps WHERE run_id = :r", {"r": waiting}) == [("cancelled",)]
     follower = FlowKeyed.trigger("c").id
-    assert engine.claim_steps("FlowKeyed", 1, 10) == []   # blocked: both slots held
+    assert claim_one(engine, 1) == []   # blocked: both slots held
     ductwork.cancel(holders[0])   # its holder never answers (this test): the cancel takes the claim, and the slot
     assert rows(engine, "SELECT status FROM ductwork_steps WHERE run_id = :r", {"r": follower}) == [("queued",)]
-    assert [c.run_id for c in engine.claim_steps("FlowKeyed", 1, 10)] == [follower]
+    assert claim_one(engine, 1, limit=10) == [("t-c", follower)]
 
 
 def test_a_hot_key_with_a_long_backlog_does_not_starve_a_key_queued_behind_it(engine):
     hot = [FlowKeyed.trigger("hot").id for _ in range(1000)]
     cold = [FlowKeyed.trigger("cold").id for _ in range(10)]
-    order = drain(engine, "FlowKeyed", limit=4, cap=2)
+    order = drain(engine, "FlowKeyed", limit=4, threads=3, cap=2)   # three threads: the hot key's 2 slots held
     assert sorted(order) == sorted(hot + cold)
     last_cold = max(order.index(run_id) for run_id in cold)
-    assert last_cold < 40, order[:60]   # about one cold step per hot step, each at its cap of 2
+    assert last_cold < 40, order[:60]   # the cold key's steps run beside the hot key's, not after them
     assert slots(engine, "FlowKeyed") == {("succeeded", "t-hot"): 1000, ("succeeded", "t-cold"): 10}
 
 
@@ -296,6 +321,21 @@ def most_at_once(intervals):
     return most
 
 
+def executions_marked(marks: Path, killed: dict[int, float]) -> dict[str, list[tuple[float, float]]]:
+    """Per tenant, the (start, end) of every execution the steps marked; one whose process was killed before it
+    ended ends at the kill (``killed``: pid -> when)."""
+    starts, ends = {}, {}
+    for line in marks.read_text().splitlines():
+        what, tenant, run_id, attempt, pid, at = line.split()
+        (starts if what == "start" else ends)[tenant, run_id, attempt, int(pid)] = float(at)
+    out: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+    for (tenant, *rest, pid), began in starts.items():
+        ended = ends.get((tenant, *rest, pid), killed.get(pid))
+        assert ended is not None, f"an execution in pid {pid} neither ended nor was killed"
+        out[f"tenant-{tenant}"].append((began, ended))
+    return out
+
+
 def test_a_cap_holds_across_hosts_and_sigkills_and_no_slot_leaks(procs, tmp_path, app_db):
     cap, per_tenant = flow_app.TENANT_CAP, 16
     config = {"app": str(Path(__file__).parent / "apps" / "flow_app.py"), "pipelines": ["FlowTenant"],
@@ -307,22 +347,24 @@ def test_a_cap_holds_across_hosts_and_sigkills_and_no_slot_leaks(procs, tmp_path
         p.wait_log("worker started")
     runs = [flow_app.FlowTenant.trigger(tenant, 0.3) for _ in range(per_tenant) for tenant in ("x", "y")]
     marks = tmp_path / "marks.log"
-    wait_until(lambda: marks.exists() and len(marks.read_text().splitlines()) >= 6, timeout=LOAD_SLACK,
-               what="steps started")
-    os.kill(a.child_pid("worker:FlowTenant"), signal.SIGKILL)   # a worker dies holding slots: its supervisor
-    wait_until(lambda: len(marks.read_text().splitlines()) >= 14, timeout=LOAD_SLACK * 2, what="more steps")
-    b.kill_group()                                               # a whole host dies: host-a reaps it
+
+    def started() -> int:
+        return sum(line.startswith("start") for line in marks.read_text().splitlines()) if marks.exists() else 0
+    wait_until(lambda: started() >= 6, timeout=LOAD_SLACK, what="steps started")
+    killed = {a.child_pid("worker:FlowTenant"): time.time()}   # a worker dies holding slots: its supervisor
+    os.kill(next(iter(killed)), signal.SIGKILL)                # hands its claims back, and starts another
+    wait_until(lambda: started() >= 14, timeout=LOAD_SLACK * 2, what="more steps")
+    b_pids = [b.pid, b.child_pid("worker:FlowTenant")]
+    b.kill_group()                                             # a whole host dies: host-a reaps it
+    killed |= dict.fromkeys(b_pids, time.time())
     deadline = per_tenant * 0.3 + reap_deadline(config) + LOAD_SLACK * 2
     for run in runs:
         assert run.wait(timeout=deadline) == "completed", a.log()[-3000:]
     engine = ductwork._app_engine()
-    executions = rows(engine, "SELECT s.concurrency_key, e.outcome, e.started_at, e.finished_at "
-                              "FROM ductwork_executions e JOIN ductwork_steps s ON s.id = e.step_id")
-    crashed = [e for e in executions if e[1] == "crashed"]
+    crashed = rows(engine, "SELECT count(*) FROM ductwork_executions WHERE outcome = 'crashed'")[0][0]
     assert crashed, "no step was running when its process was killed"
-    for key in ("tenant-x", "tenant-y"):
-        held = [(start, end) for k, _, start, end in executions if k == key]
-        assert most_at_once(held) == cap, (key, sorted(held))   # never above, and the cap was reached
+    for key, intervals in executions_marked(marks, killed).items():
+        assert most_at_once(intervals) == cap, (key, sorted(intervals))   # never above, and the cap was reached
     assert rows(engine, "SELECT count(*) FROM ductwork_steps WHERE status <> 'succeeded'")[0][0] == 0
     a.signal(signal.SIGTERM)
     assert a.wait() == 0

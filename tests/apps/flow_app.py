@@ -1,6 +1,7 @@
 """Pipelines for the flow-control tests (SPEC §17): capped steps, per tenant. Steps log to $DW_TEST_DIR."""
 import os
 import threading
+import time
 
 from marks import mark
 
@@ -19,8 +20,10 @@ class TenantCall(ductwork.Step):
         return f"tenant-{tenant}"
 
     def execute(self, tenant, seconds):
-        mark(f"start {tenant} {self.run_id} {os.getpid()}")
+        """Marks when it starts and ends (wall clock, this host's: the tests' processes share it)."""
+        mark(f"start {tenant} {self.run_id} {self.attempt} {os.getpid()} {time.time()!r}")
         threading.Event().wait(seconds)
+        mark(f"end {tenant} {self.run_id} {self.attempt} {os.getpid()} {time.time()!r}")
         return tenant
 
 
