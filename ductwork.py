@@ -199,13 +199,15 @@ CANCEL_BATCH = 1000          # runs per cancel transaction (a bulk cancel is a f
 CANCEL_ROWS = 5000           # steps one statement of a cancel changes at most (a big fan-out takes several)
 CANCEL_LEASE = CANCEL_ACK_TIMEOUT / 2   # a claim not started this long after its last confirmation is checked first
 
-# Flow control (SPEC §17). A claim that finds a capped key's
-# slots all held blocks those steps and claims further, CAP_SCAN steps a round, CAP_ROUNDS rounds at most: a hot
-# key with a long backlog is set aside in a few claims, so the keys queued behind it are reached.
+# Flow control (SPEC §17). A claim that finds a capped key's slots all held blocks those steps and claims further,
+# twice as many as it blocked a round (CAP_SCAN at most), CAP_ROUNDS rounds at most: a hot key with a long backlog
+# is set aside in a few claims, so the keys queued behind it are reached.
 CAP_SCAN = 100
+# A claim walks this many priorities one at a time (an index range each) before it takes the rest in one go.
+PRIORITY_WALK = 4
 # The priorities a run may have: a 32-bit column's (SQLite would take any integer; Postgres's INTEGER would not).
 PRIORITY_RANGE = (-2 ** 31, 2 ** 31 - 1)
-CAP_ROUNDS = 8
+CAP_ROUNDS = 12
 MAX_CONCURRENCY_KEY = 500   # characters of a concurrency key (indexed with its pipeline and step)
 
 
@@ -1051,7 +1053,8 @@ class Tx:
     def __init__(self, store: "Store", conn: Any):
         self.store, self.conn = store, conn
         self.pending: list[tuple[str, str]] = []   # wake-up hints (channel, payload) to deliver after commit
-        self.slot_locks: set[int] = set()   # Postgres: the concurrency keys' locks it holds (Engine.free_slots)
+        self.slot_locks: set[int] = set()   # Postgres: the concurrency keys' locks it holds (Engine._slot_lock)
+        self.slots_freed: list[tuple[str, str, str]] = []   # slots its writes let go of (Engine.free_slots)
 
     @property
     def dialect(self) -> str:
@@ -3141,6 +3144,7 @@ class SQL:
         FROM ductwork_steps
         WHERE pipeline = :pipeline
           AND status = 'queued'
+          AND priority = :priority
           AND available_at > (SELECT {now})
           AND node > 0
           AND attempts = 0
@@ -3601,6 +3605,22 @@ class SQL:
                      {{skip_locked}}){{fence}}
         RETURNING {JobClaim.select_list()}"""
 
+    # ... and, once PRIORITY_WALK priorities were walked with too few, the rest of them in one statement: the steps
+    # that wait in those priorities are read too (filtered), which a claim of few priorities never does.
+    claim_steps_rest = f"""
+        UPDATE ductwork_steps
+        SET status = 'running', claimed_by = :process_id, claim_token = :token, claimed_at = {{now}}
+        WHERE id IN (SELECT id
+                     FROM ductwork_steps
+                     WHERE pipeline = :pipeline
+                       AND status = 'queued'
+                       AND priority >= :lowest
+                       AND available_at <= (SELECT {{now}})
+                     ORDER BY priority, available_at, run_id, id
+                     LIMIT :limit
+                     {{skip_locked}}){{fence}}
+        RETURNING {JobClaim.select_list()}"""
+
     # The lowest priority of a pipeline's queued steps from :lowest on (NULL: none).
     next_priority = """
         SELECT min(priority)
@@ -3632,6 +3652,24 @@ class SQL:
           AND status IN ('running', 'cancelling', 'stopping')
           AND concurrency_key IS NOT NULL
           AND claim_token <> :token"""
+
+    # Engine.sweep_blocked: a pipeline's keys with steps waiting for a slot, and the slots each holds (what is let go
+    # of without a turn passed on: a cap raised or removed, a step re-keyed or renamed, a queued step whose turn was
+    # lost, a process of the version before caps that let go of a slot).
+    blocked_keys = """
+        SELECT name, concurrency_key
+        FROM ductwork_steps
+        WHERE pipeline = :pipeline
+          AND status = 'blocked'
+        GROUP BY name, concurrency_key"""
+
+    held_keys = """
+        SELECT name, concurrency_key, count(DISTINCT claim_token)
+        FROM ductwork_steps
+        WHERE pipeline = :pipeline
+          AND status IN ('running', 'cancelling', 'stopping')
+          AND concurrency_key IS NOT NULL
+        GROUP BY name, concurrency_key"""
 
     # Steps waiting for a slot of a key, in claim order, queued again: one per slot freed (a claim that finds the
     # slots held again blocks it again; one queued too many costs a claim, one too few would leak the slot). Not
@@ -3745,7 +3783,7 @@ class SQL:
                      LIMIT :limit
                      {for_update})
           AND status IN ('queued', 'running', 'blocked')
-        RETURNING id, status, pipeline"""
+        RETURNING id, status, pipeline, name, concurrency_key"""
 
     # A cancel of runs already cancelled: their claimed steps still waiting for an answer (it waits for them too).
     still_cancelling = """
@@ -4468,7 +4506,9 @@ class StepCaps:
         if found == -1:
             configured = int(self.config.get("job_worker.concurrency", pipeline, name))
             own = getattr(self._step(pipeline, name), "concurrency", None)
-            found = self._caps[(pipeline, name)] = configured if configured > 0 else own
+            found = configured if configured > 0 else own
+            if pipeline in _REGISTRY:   # (a pipeline not imported yet may be later)
+                self._caps[(pipeline, name)] = found
         return found
 
     def capped(self, pipeline: str) -> bool:
@@ -4476,7 +4516,9 @@ class StepCaps:
         found = self._capped.get(pipeline)
         if found is None:
             cls = _REGISTRY.get(pipeline)
-            found = self._capped[pipeline] = cls is not None and any(self.cap(pipeline, n) for n in cls.steps)
+            found = cls is not None and any(self.cap(pipeline, n) for n in cls.steps)
+            if cls is not None:
+                self._capped[pipeline] = found
         return found
 
     def key(self, c: JobClaim) -> str | None:
@@ -4545,14 +4587,18 @@ class Engine:
         kept: list[JobClaim] = []
         free: dict[tuple[str, str], int | None] = {}   # (step, key) -> slots still free (None: its lock was busy)
         for round_ in range(1, CAP_ROUNDS + 1):   # a key's slots all held: claim further, past the steps blocked
-            got, blocked = self._within_caps(t, pipeline, claims, limit - len(kept), token, free)
+            got, blocked, returned = self._within_caps(t, pipeline, claims, limit - len(kept), token, free)
             kept += got
+            if returned:   # (given back to the queue: others may claim them, at once)
+                t.notify(CH_JOBS, pipeline)
             if not blocked or len(kept) >= limit:
                 break
             if round_ == CAP_ROUNDS:   # (a hot key blocking many at once: a worker goes on past them, at once)
                 t.notify(CH_JOBS, pipeline)
                 break
-            claims = self._claim_queue(t, pipeline, process_id, token, CAP_SCAN)
+            # (as many as were blocked, twice: a hot key's backlog is set aside in a few rounds, a few in one)
+            claims = self._claim_queue(t, pipeline, process_id, token,
+                                       min(CAP_SCAN, max(limit - len(kept), 2 * blocked)))
             if not claims:
                 break
         return kept
@@ -4564,10 +4610,16 @@ class Engine:
         rows = self._claim_rows(t, SQL.claim_steps, pipeline, process_id, token, limit, lowest=lowest)
         at = JobClaim.field_names().index("priority")   # (the priority of a claim's rows: one, the lowest)
         tried = rows[-1][at] if rows else None
-        while len(rows) < limit:
+        for walked in range(1, PRIORITY_WALK + 1):
+            if len(rows) >= limit:
+                break
             if tried is None:   # the lowest priority queued had no claimable step: which it was
                 tried = t.one(SQL.next_priority, {"pipeline": pipeline, "lowest": lowest})[0]
             if tried is None or tried >= PRIORITY_RANGE[1]:
+                break
+            if walked == PRIORITY_WALK:   # (many priorities with too few: the rest at once)
+                rows += self._claim_rows(t, SQL.claim_steps_rest, pipeline, process_id, token, limit - len(rows),
+                                         lowest=tried + 1)
                 break
             tried = t.one(SQL.next_priority, {"pipeline": pipeline, "lowest": tried + 1})[0]
             if tried is None:
@@ -4581,13 +4633,13 @@ class Engine:
                 for row in rows]
 
     def _within_caps(self, t: Tx, pipeline: str, claims: list[JobClaim], need: int, token: str,
-                     free: dict[tuple[str, str], int | None]) -> tuple[list[JobClaim], int]:
+                     free: dict[tuple[str, str], int | None]) -> tuple[list[JobClaim], int, int]:
         """Of just-claimed steps, those to run: at most ``need``, and a capped step only if this claim holds a slot
         of its key, or takes a free one (``free``, kept across the rounds of one claim: a key's slots are counted
         once, Postgres under the key's lock; -1 once this claim holds one). A claim's steps run one after another
         on one thread, so they take one slot together however many of a key it holds. The others let go in one
         statement: blocked (their key's slots all held by other claims), or queued again (more than ``need``, or
-        their key's lock busy). Returns the steps kept and how many were blocked."""
+        their key's lock busy). Returns the steps kept, and how many were blocked and given back."""
         keys = {c.step_id: self.caps.key(c) for c in claims}
         groups = {(c.name, keys[c.step_id]) for c in claims if keys[c.step_id] is not None} - free.keys()
         for name, key in sorted(groups, key=lambda group: _slot_lock_key(pipeline, *group)):
@@ -4615,23 +4667,64 @@ class Engine:
         if let_go:
             t.run(BulkSQL.capped_claims(t.dialect), {**BulkSQL.keyed(t.dialect, BulkSQL.CAPPED, let_go),
                                                       "token": token})
-        return kept, sum(1 for _, status, _ in let_go if status == "blocked")
+        blocked = sum(1 for _, status, _ in let_go if status == "blocked")
+        return kept, blocked, sum(1 for _, status, _ in let_go if status == "queued")
 
     @staticmethod
     def free_slots(t: Tx, freed: Iterable[tuple[str, str, str | None]]) -> None:
-        """Steps that held slots of capped keys (pipeline, name, key; key None: uncapped) let go of them: as many
-        steps blocked on each key are queued again (SQL.unblock_steps; Postgres: under the key's lock, waited
-        for, keys in lock order, so the steps a claim blocked before it committed are seen)."""
-        counts = collections.Counter(item for item in freed if item[2] is not None)
+        """Steps of capped keys (pipeline, name, key; key None: uncapped) let go of their slots (or, queued, of
+        the turn an unblock gave them) in this transaction: unblocked by unblock_freed, once for all of them."""
+        t.slots_freed += [item for item in freed if item[2] is not None]
+
+    @staticmethod
+    def unblock_freed(t: Tx) -> None:
+        """The slots this transaction let go of (free_slots): as many steps blocked on each key queued again
+        (SQL.unblock_steps; Postgres: under the key's lock, waited for, the keys in lock order and all at once, so
+        no two transactions wait for each other's keys, and the steps a claim blocked before it committed are
+        seen). Called before a transaction's claim, or at its end."""
+        counts = collections.Counter(t.slots_freed)
+        t.slots_freed = []
         for (pipeline, name, key), n in sorted(counts.items(), key=lambda item: _slot_lock_key(*item[0])):
             if t.dialect == "postgres":
                 Engine._slot_lock(t, _slot_lock_key(pipeline, name, key), wait=True)
             unblocked = [step_id for (step_id,) in t.all(SQL.unblock_steps, {"pipeline": pipeline, "name": name,
                                                                             "key": key, "limit": n})]
-            if isinstance(t, _EngineTx):   # (a commit that claims them itself wakes nobody for them)
+            if unblocked and isinstance(t, _EngineTx):   # (a commit that claims them itself wakes nobody for them)
                 t.queued(pipeline, unblocked)
             elif unblocked:
                 t.notify(CH_JOBS, pipeline)
+
+    def sweep_blocked(self, pipeline: str) -> int:
+        """The safety net of the slots' hand-over, run by each worker process at its reaping cadence (from the
+        heartbeat thread: it only tries the keys' locks, never waits): for each key of the pipeline with steps
+        blocked and slots free (by this process's caps; all of them when its code caps the step no more), as many
+        blocked steps queued again as slots are free. Returns how many. (Nothing is let go of: a slot is a claim,
+        freed with it; this only passes on turns that were lost.)"""
+        with self._tx() as t:
+            blocked = t.all(SQL.blocked_keys, {"pipeline": pipeline})
+            if not blocked:
+                return 0
+            held = {(name, key): int(n) for name, key, n in t.all(SQL.held_keys, {"pipeline": pipeline})}
+            queued = 0
+            for name, key in sorted(blocked, key=lambda item: _slot_lock_key(pipeline, *item)):
+                cap = self.caps.cap(pipeline, name)
+                if cap is not None and held.get((name, key), 0) >= cap:
+                    continue   # (its holders pass their turns on when they let go)
+                lock = {"class": SQL.SLOT_LOCK_CLASS, "key": _slot_lock_key(pipeline, name, key)}
+                if t.dialect == "postgres" and not t.one(SQL.try_slot_lock, lock)[0]:
+                    continue   # (busy: a claim or a let-go of the key is in flight; looked at again next time)
+                now_held = t.one(SQL.slots_held, {"pipeline": pipeline, "name": name, "key": key, "token": ""})[0]
+                free = CANCEL_ROWS if cap is None else cap - int(now_held)
+                if free > 0:
+                    queued += len(t.all(SQL.unblock_steps, {"pipeline": pipeline, "name": name, "key": key,
+                                                            "limit": free}))
+            if queued:
+                t.notify(CH_JOBS, pipeline)
+        if queued:
+            log.warning("%d step(s) of %s waiting for a slot were queued again by the sweep (their turn was lost: "
+                        "a cap raised or removed, a step re-keyed, or a process of an older version)", queued,
+                        pipeline)
+        return queued
 
     @staticmethod
     def _slot_lock(t: Tx, key: int, wait: bool = False) -> bool:
@@ -4809,6 +4902,7 @@ class Engine:
             # (the slots let go last but the claim: their keys' locks are held to the commit, so the least time)
             self.free_slots(t, [(r.claim.pipeline, r.claim.name, r.claim.concurrency_key)
                                 for r, ok in zip(results, accepted, strict=True) if ok])
+            self.unblock_freed(t)
             claims = self._claim_next(t, results, claim_limit, token)
             if results:
                 self._flush_arrivals(t, results[0].claim.process_id, token)
@@ -4951,6 +5045,7 @@ class Engine:
                 n = len(released)
                 if n < len(step_ids):   # some were cancelled meanwhile: let go (they never started)
                     n += len(self.unclaim_cancelled(t, "acknowledged", params))
+                self.unblock_freed(t)
                 t.notify(CH_JOBS, pipeline)
             return n
         return _retry_conflicts(work)
@@ -5005,6 +5100,7 @@ class Engine:
         crashed = [s for s in held
                    if (wanted is None or s.step_id in wanted) and self._crash_step(t, s, process_id, why)]
         self.free_slots(t, [(s.pipeline, s.name, s.concurrency_key) for s in crashed])
+        self.unblock_freed(t)
         count += len(crashed)
         if wanted is None:
             for (pipeline,) in set(t.all(SQL.release_branches_of, {"process_id": process_id})):
@@ -5379,9 +5475,17 @@ class Engine:
                     break
             # (after the steps: a hand-back that queued a branch for the advancer meanwhile is seen)
             t.run(SQL.branches_cancelled.replace("{runs}", owned_by), of_runs)
-            told = [step_id for step_id, status, _ in steps if status == "cancelling"]
-            for pipeline in sorted({pipeline for _, status, pipeline in steps if status == "cancelling"}):
+            told = [step_id for step_id, status, *_ in steps if status == "cancelling"]
+            for pipeline in sorted({pipeline for _, status, pipeline, *_ in steps if status == "cancelling"}):
                 t.notify(CH_CANCEL, pipeline)
+            # (a queued step with a key may be one an unblock queued: its turn goes to the next one blocked; the
+            # blocked ones cancelled too are not told apart, so at most a cap's worth per key: one too many costs
+            # a claim)
+            turns = collections.Counter((pipeline, name, key) for _, status, pipeline, name, key in steps
+                                        if status == "cancelled" and key is not None)
+            self.free_slots(t, [item for item, n in turns.items()
+                                for _ in range(min(n, self.caps.cap(item[0], item[1]) or 1))])
+            self.unblock_freed(t)
         return [run_id for run_id, _ in runs], told
 
     @staticmethod
@@ -5405,6 +5509,7 @@ class Engine:
             with self._tx() as t:
                 self.share_runs_of_steps(t, "{ids}", {"ids": t.ids(told)})
                 revoked = self.unclaim_cancelled(t, "revoked", {"ids": t.ids(told)})
+                self.unblock_freed(t)
             if revoked:
                 log.warning("%d claimed step(s) of cancelled runs were not acknowledged by their holders within "
                             "%gs (a process frozen or cut off): their claims were taken; whatever they return is "
@@ -7041,6 +7146,9 @@ class Runtime:
                     self.release_orphans()
                     if self.spec.advancers:
                         self.halt_unknown_pipelines()
+                    if self.spec.workers:
+                        for pipeline in self.worker_pipelines:
+                            self.engine.sweep_blocked(pipeline)
                     next_reap = time.monotonic() + reap_every
                 self.outage.ok()
             except (DatabaseUnavailable, sqlite3.OperationalError) as exc:
@@ -7179,6 +7287,7 @@ class Runtime:
                 if let_go:
                     self.engine.unclaim_cancelled(t, "acknowledged",
                                                   {**mine, "ids": BulkSQL.id_list(t.dialect, let_go)})
+                    self.engine.unblock_freed(t)
         log.info("cancelled: %d step(s) of cancelled runs stopping, %d not started dropped", len(running),
                  len(dropped))
         return len(running) + len(dropped)
@@ -8220,7 +8329,7 @@ def status_report(engine: Engine) -> dict:
         for pipeline, n in t.all(SQL.blocked_steps):
             waiting.setdefault(pipeline, dict(empty))["for_slot"] = int(n)
         for pipeline in sorted(p for p, by_status in runs.items() if by_status.get("in_progress")):
-            n, first = t.one(SQL.sleeping_steps, {"pipeline": pipeline})
+            n, first = sleeping_steps(t, pipeline)
             if n:
                 waiting.setdefault(pipeline, dict(empty)).update(sleeping=int(n), first_wake=first)
         parked = t.all(SQL.parked_list, {"limit": STATUS_WAITS})
@@ -10969,6 +11078,20 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     for line in _status_lines(report):
         print(printable(line))
     return EXIT_OK
+
+
+def sleeping_steps(t: Tx, pipeline: str) -> tuple[int, float | None]:
+    """A pipeline's steps asleep, and the first wake-up: SQL.sleeping_steps a priority at a time (an index range
+    of the claim queue each)."""
+    count, first, priority = 0, None, t.one(SQL.next_priority, {"pipeline": pipeline, "lowest": PRIORITY_RANGE[0]})[0]
+    while priority is not None:
+        n, wake = t.one(SQL.sleeping_steps, {"pipeline": pipeline, "priority": priority})
+        count += int(n)
+        first = wake if first is None or (wake is not None and wake < first) else first
+        if priority >= PRIORITY_RANGE[1]:
+            break
+        priority = t.one(SQL.next_priority, {"pipeline": pipeline, "lowest": priority + 1})[0]
+    return count, first
 
 
 def _waiting_lines(report: dict) -> Iterator[str]:

@@ -637,6 +637,11 @@ def test_periodic_queries_read_index_ranges_not_the_rows_that_wait(engine):
                  "CASE WHEN i % 5 = 0 THEN 4000000000 END")):
             t.run(f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000) "
                   f"INSERT INTO {table} ({columns}) SELECT {values} FROM n")
+        # ... and a claimable backlog in three priorities, and steps waiting for a slot
+        t.run("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 6000) "
+              "INSERT INTO ductwork_steps (run_id, branch_id, pipeline, node, name, status, input, priority, "
+              "concurrency_key, available_at, created_at) SELECT i, i, 'P', 1, 's', CASE WHEN i % 3 = 0 "
+              "THEN 'blocked' ELSE 'queued' END, '[]', i % 3 - 1, CASE WHEN i % 3 = 0 THEN 'k' END, 1, 0 FROM n")
         t.run("ANALYZE")
         mine = {"process_id": 1, "grace": 60}
         claim = {"process_id": 1, "token": "x", "pipeline": "P", "limit": 8}
@@ -650,7 +655,9 @@ def test_periodic_queries_read_index_ranges_not_the_rows_that_wait(engine):
                  "claim_branches": (fenced(ductwork.SQL.claim_branches, True), claim),
                  "orphaned_steps": (ductwork.SQL.orphaned_steps, mine),
                  "orphaned_branches": (ductwork.SQL.orphaned_branches, mine),
-                 "sleeping_steps": (ductwork.SQL.sleeping_steps, {"pipeline": "P"}),
+                 "sleeping_steps": (ductwork.SQL.sleeping_steps, {"pipeline": "P", "priority": 0}),
+                 "blocked_keys": (ductwork.SQL.blocked_keys, {"pipeline": "P"}),
+                 "held_keys": (ductwork.SQL.held_keys, {"pipeline": "P"}),
                  "parked_list": (ductwork.SQL.parked_list, {"limit": 10}),
                  "scheduled_runs": (ductwork.SQL.scheduled_runs, {})}
         explain = "EXPLAIN " if dialect == "postgres" else "EXPLAIN QUERY PLAN "

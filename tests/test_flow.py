@@ -63,6 +63,17 @@ class FlowSerial(ductwork.Pipeline):
         p.start(OneAtATime)
 
 
+@ductwork.step(concurrency=1)
+def removable(x):
+    return x
+
+
+class FlowRemovable(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(removable)
+
+
 class BadKey(ductwork.Step):
     concurrency = 3
 
@@ -277,6 +288,42 @@ def test_a_cancelled_run_waiting_for_a_slot_is_cancelled_and_a_cancelled_holder_
     ductwork.cancel(holders[0])   # its holder never answers (this test): the cancel takes the claim, and the slot
     assert rows(engine, "SELECT status FROM ductwork_steps WHERE run_id = :r", {"r": follower}) == [("queued",)]
     assert claim_one(engine, 1, limit=10) == [("t-c", follower)]
+
+
+def statuses(engine, run_ids):
+    return [rows(engine, "SELECT status FROM ductwork_steps WHERE run_id = :r", {"r": r})[0][0] for r in run_ids]
+
+
+def test_a_cancelled_step_that_an_unblock_queued_passes_its_turn_on(engine):
+    first, second, third = (FlowSerial.trigger(0).id for _ in range(3))
+    (holder,) = engine.claim_steps("FlowSerial", 1, 1)
+    assert engine.claim_steps("FlowSerial", 2, 1) == []   # cap 1: both others wait
+    engine.commit([ductwork.StepResult(holder, True, "0")])   # the slot freed: the second queued, its turn
+    assert statuses(engine, [first, second, third]) == ["succeeded", "queued", "blocked"]
+    assert ductwork.cancel(second) == 1
+    assert statuses(engine, [second, third]) == ["cancelled", "queued"]   # the turn went on, not lost
+
+
+def test_the_sweep_queues_steps_whose_turn_was_lost_when_a_cap_is_raised_or_removed(engine):
+    tight = ductwork.load_config(data={"job_worker": {"concurrency": {"FlowKeyed": {"per_tenant": 1}}}})
+    engine.caps = ductwork.StepCaps(tight)
+    runs = [FlowKeyed.trigger("e").id for _ in range(6)]
+    assert [len(claim_one(engine, 1)) for _ in range(2)] == [1, 0]
+    assert engine.sweep_blocked("FlowKeyed") == 0   # at its cap: nothing to pass on
+    engine.caps = ductwork.StepCaps(ductwork.load_config(data={}))   # deployed again: its own cap, 2
+    assert engine.sweep_blocked("FlowKeyed") == 1
+    assert [len(claim_one(engine, 1)) for _ in range(2)] == [1, 0]
+    assert statuses(engine, runs).count("running") == 2
+    # a cap removed from the code: its blocked steps all go
+    removed = [FlowRemovable.trigger(i).id for i in range(4)]
+    assert [len(engine.claim_steps("FlowRemovable", 1, 1)) for _ in range(2)] == [1, 0]
+    del removable.concurrency
+    try:
+        engine.caps = ductwork.StepCaps(ductwork.load_config(data={}))
+        assert engine.sweep_blocked("FlowRemovable") == 3
+        assert statuses(engine, removed) == ["running", "queued", "queued", "queued"]
+    finally:
+        removable.concurrency = 1
 
 
 def test_a_hot_key_with_a_long_backlog_does_not_starve_a_key_queued_behind_it(engine):
