@@ -3586,40 +3586,30 @@ class SQL:
     # in one tick of the clock: by run), fenced on the claimer's row. One priority at a time: with the priority as
     # its equality, the queue index's available_at is a range, so the steps that wait (a retry's delay, a sleep)
     # are never read; Engine._claim_queue goes on to the next priority (SQL.next_priority) when this one has too
-    # few.
-    claim_steps = f"""
+    # few ...
+    CLAIM_STEPS = f"""
         UPDATE ductwork_steps
         SET status = 'running', claimed_by = :process_id, claim_token = :token, claimed_at = {{now}}
         WHERE id IN (SELECT id
                      FROM ductwork_steps
                      WHERE pipeline = :pipeline
                        AND status = 'queued'
-                       AND priority = (SELECT min(priority)
+                       AND {{priorities}}
+                       AND available_at <= (SELECT {{now}})
+                     ORDER BY {{order}}
+                     LIMIT :limit
+                     {{skip_locked}}){{fence}}
+        RETURNING {JobClaim.select_list()}"""
+    claim_steps = CLAIM_STEPS.replace("{priorities}", """priority = (SELECT min(priority)
                                        FROM ductwork_steps
                                        WHERE pipeline = :pipeline
                                          AND status = 'queued'
-                                         AND priority >= :lowest)
-                       AND available_at <= (SELECT {{now}})
-                     ORDER BY available_at, run_id, id
-                     LIMIT :limit
-                     {{skip_locked}}){{fence}}
-        RETURNING {JobClaim.select_list()}"""
+                                         AND priority >= :lowest)""").replace("{order}", "available_at, run_id, id")
 
     # ... and, once PRIORITY_WALK priorities were walked with too few, the rest of them in one statement: the steps
     # that wait in those priorities are read too (filtered), which a claim of few priorities never does.
-    claim_steps_rest = f"""
-        UPDATE ductwork_steps
-        SET status = 'running', claimed_by = :process_id, claim_token = :token, claimed_at = {{now}}
-        WHERE id IN (SELECT id
-                     FROM ductwork_steps
-                     WHERE pipeline = :pipeline
-                       AND status = 'queued'
-                       AND priority >= :lowest
-                       AND available_at <= (SELECT {{now}})
-                     ORDER BY priority, available_at, run_id, id
-                     LIMIT :limit
-                     {{skip_locked}}){{fence}}
-        RETURNING {JobClaim.select_list()}"""
+    claim_steps_rest = CLAIM_STEPS.replace("{priorities}", "priority >= :lowest").replace(
+        "{order}", "priority, available_at, run_id, id")
 
     # The lowest priority of a pipeline's queued steps from :lowest on (NULL: none).
     next_priority = """
@@ -3629,7 +3619,7 @@ class SQL:
           AND status = 'queued'
           AND priority >= :lowest"""
 
-    # -- concurrency caps (SPEC §17): a slot is a step row that holds it --------------------------
+    # -- concurrency caps (SPEC §17): a slot is a claim that holds steps of the key --------------
     # A claim holding steps of a capped key (running, told of a cancel, or stopping) holds one of the key's slots:
     # its steps run one after another on one thread, so it is one execution at a time however many it holds. The
     # claim takes the slot, and whatever lets go of the claim (commit, hand-back, reaping, a cancel's let-go)

@@ -135,6 +135,13 @@ def test_a_batch_claim_goes_on_to_the_next_priority_past_steps_that_wait(engine)
     assert not set(asleep) & {c.run_id for c in claimed}
 
 
+def test_a_claim_past_many_priorities_of_waiting_steps_still_finds_the_claimable_ones(engine):
+    for priority in range(ductwork.PRIORITY_WALK * 2):   # each priority: one step asleep, none claimable
+        FlowOne.trigger(priority, delay=3600, priority=priority)
+    later = [FlowOne.trigger(i, priority=100 + i).id for i in range(3)]
+    assert [c.run_id for c in engine.claim_steps("FlowOne", 1, 10)] == later
+
+
 def test_every_step_of_a_run_has_its_priority(engine, start_runtime):
     start_runtime(["FlowChain"])
     run = FlowChain.trigger(1, priority=-2)
