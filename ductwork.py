@@ -4159,17 +4159,18 @@ class BulkSQL:
     # Queue new steps, with their run's priority. A step not delayed (by a sleep) is claimable since its run
     # started: the claim queue's order within a priority is (available_at, run_id, id), so a run's later steps come
     # before the first steps of runs that started after it, and runs finish about in the order they started
-    # (SPEC §17; a step queued "now" went behind the whole backlog at every hop). (Subqueries on the runs'
-    # primary key, not a join: Postgres guesses 100 rows for the JSON row source, see IDS.)
+    # (SPEC §17; a step queued "now" went behind the whole backlog at every hop). Each run is read once (its ids
+    # named on the primary key: Postgres guesses 100 rows for the JSON row source, see IDS).
     @classmethod
     @functools.cache
     def insert_steps(cls, dialect: str) -> str:
         return ("\n        INSERT INTO ductwork_steps (run_id, branch_id, pipeline, node, name, status, input, "
                 "priority, available_at, created_at)\n        SELECT r.run_id, r.branch_id, r.pipeline, r.node, "
-                "r.name, 'queued', r.input,\n               (SELECT priority FROM ductwork_runs WHERE id = r.run_id),"
-                "\n               CASE WHEN r.delay > 0 THEN {now} + r.delay ELSE (SELECT COALESCE(scheduled_at, "
-                "created_at) FROM ductwork_runs WHERE id = r.run_id) END,\n               {now}\n        FROM "
-                + cls.rows(dialect, cls.NEW_STEP) + "\n        RETURNING id, pipeline")
+                "r.name, 'queued', r.input, u.priority,\n               CASE WHEN r.delay > 0 THEN {now} + r.delay "
+                "ELSE COALESCE(u.scheduled_at, u.created_at) END, {now}\n        FROM "
+                + cls.rows(dialect, cls.NEW_STEP) + "\n        JOIN ductwork_runs u ON u.id = r.run_id"
+                "\n        WHERE " + cls.ids(dialect, "u").replace(":ids", ":run_ids")
+                + "\n        RETURNING id, pipeline")
 
     # The child branches of a fan-out (one per position).
     @classmethod
@@ -5199,7 +5200,8 @@ class Engine:
     def _insert_steps(t: _EngineTx, rows: list[tuple]) -> None:
         """Queue new steps (BulkSQL.NEW_STEP rows); a worker is woken for them after commit."""
         by_pipeline: dict[str, list[int]] = {}
-        for step_id, pipeline in t.all(BulkSQL.insert_steps(t.dialect), {"rows": _document(BulkSQL.NEW_STEP, rows)}):
+        params = {"rows": _document(BulkSQL.NEW_STEP, rows), "run_ids": t.ids({row[0] for row in rows})}
+        for step_id, pipeline in t.all(BulkSQL.insert_steps(t.dialect), params):
             by_pipeline.setdefault(pipeline, []).append(step_id)
         for pipeline, ids in by_pipeline.items():
             t.queued(pipeline, ids)
