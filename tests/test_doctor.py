@@ -352,7 +352,9 @@ def test_old_claimable_step(tmp_path, app_db):
     assert out["queue"].startswith("ok    queue: 1 claimable step(s), the oldest "), out
     store = store_of(app_db)
     with store.tx() as t:
-        t.run("UPDATE ductwork_steps SET available_at = available_at - 3600 WHERE status = 'queued'")
+        # (an hour in the queue: queued an hour ago, claimable since; available_at alone is its run's start)
+        t.run("UPDATE ductwork_steps SET available_at = available_at - 3600, created_at = created_at - 3600 "
+              "WHERE status = 'queued'")
     store.close()
     out = Doctor("-c", cfg)
     assert out.code == 0, out
