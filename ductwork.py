@@ -3589,7 +3589,7 @@ class SQL:
     # few ...
     CLAIM_STEPS = f"""
         UPDATE ductwork_steps
-        SET status = 'running', claimed_by = :process_id, claim_token = :token, claimed_at = {{now}}
+        SET status = 'running', claimed_by = :process_id, claim_token = :token, claimed_at = {{now}}{{keyed}}
         WHERE id IN (SELECT id
                      FROM ductwork_steps
                      WHERE pipeline = :pipeline
@@ -3600,16 +3600,32 @@ class SQL:
                      LIMIT :limit
                      {{skip_locked}}){{fence}}
         RETURNING {JobClaim.select_list()}"""
-    claim_steps = CLAIM_STEPS.replace("{priorities}", """priority = (SELECT min(priority)
+    CLAIM_STEPS_AT = CLAIM_STEPS.replace("{priorities}", """priority = (SELECT min(priority)
                                        FROM ductwork_steps
                                        WHERE pipeline = :pipeline
                                          AND status = 'queued'
                                          AND priority >= :lowest)""").replace("{order}", "available_at, run_id, id")
+    claim_steps = CLAIM_STEPS_AT.replace("{keyed}", "")
 
     # ... and, once PRIORITY_WALK priorities were walked with too few, the rest of them in one statement: the steps
     # that wait in those priorities are read too (filtered), which a claim of few priorities never does.
-    claim_steps_rest = CLAIM_STEPS.replace("{priorities}", "priority >= :lowest").replace(
+    CLAIM_STEPS_REST = CLAIM_STEPS.replace("{priorities}", "priority >= :lowest").replace(
         "{order}", "priority, available_at, run_id, id")
+    claim_steps_rest = CLAIM_STEPS_REST.replace("{keyed}", "")
+
+    # A claim of a pipeline with capped steps also writes the key of those without a concurrency_key (:statics,
+    # their names: the key is "" whatever their input), so that keeping them needs no second write.
+    KEYED = (",\n            concurrency_key = CASE WHEN name IN (SELECT {names}) THEN '' "
+             "ELSE concurrency_key END")
+    STATIC_NAMES = {"postgres": "json_array_elements_text(CAST(:statics AS JSON))",
+                    "sqlite": "value FROM json_each(:statics)"}
+
+    @classmethod
+    @functools.cache
+    def claim_keyed(cls, rest: bool, dialect: str) -> str:
+        """claim_steps (or, ``rest``, claim_steps_rest) for a capped pipeline: writing the static keys too."""
+        keyed = cls.KEYED.replace("{names}", cls.STATIC_NAMES[dialect])
+        return (cls.CLAIM_STEPS_REST if rest else cls.CLAIM_STEPS_AT).replace("{keyed}", keyed)
 
     # The lowest priority of a pipeline's queued steps from :lowest on (NULL: none).
     next_priority = """
@@ -4485,6 +4501,7 @@ class StepCaps:
         self.config = config
         self._caps: dict[tuple[str, str], int | None] = {}
         self._capped: dict[str, bool] = {}
+        self._statics: dict[str, list[str] | None] = {}
 
     @staticmethod
     def _step(pipeline: str, name: str) -> Any:
@@ -4510,6 +4527,17 @@ class StepCaps:
             found = cls is not None and any(self.cap(pipeline, n) for n in cls.steps)
             if cls is not None:
                 self._capped[pipeline] = found
+        return found
+
+    def static_names(self, pipeline: str) -> list[str] | None:
+        """A capped pipeline's capped steps whose key is always "" (no concurrency_key); None: not capped."""
+        found = self._statics.get(pipeline, ())
+        if found == ():
+            found = None if not self.capped(pipeline) else sorted(
+                name for name in _REGISTRY[pipeline].steps if self.cap(pipeline, name) is not None
+                and getattr(self._step(pipeline, name), "concurrency_key", None) is None)
+            if pipeline in _REGISTRY:
+                self._statics[pipeline] = found
         return found
 
     def key(self, c: JobClaim) -> str | None:
@@ -4598,7 +4626,11 @@ class Engine:
         """Claim up to ``limit`` queued steps, a priority at a time (lowest first) while too few were claimed:
         one statement for a claim the lowest priority fills (SQL.claim_steps), SQL.next_priority to go on."""
         lowest = PRIORITY_RANGE[0]
-        rows = self._claim_rows(t, SQL.claim_steps, pipeline, process_id, token, limit, lowest=lowest)
+        statics = self.caps.static_names(pipeline)
+        keyed = {} if statics is None else {"statics": _dumps(statics)}
+        claim, rest = ((SQL.claim_steps, SQL.claim_steps_rest) if statics is None
+                       else (SQL.claim_keyed(False, t.dialect), SQL.claim_keyed(True, t.dialect)))
+        rows = self._claim_rows(t, claim, pipeline, process_id, token, limit, lowest=lowest, **keyed)
         at = JobClaim.field_names().index("priority")   # (the priority of a claim's rows: one, the lowest)
         tried = rows[-1][at] if rows else None
         for walked in range(1, PRIORITY_WALK + 1):
@@ -4609,14 +4641,14 @@ class Engine:
             if tried is None or tried >= PRIORITY_RANGE[1]:
                 break
             if walked == PRIORITY_WALK:   # (many priorities with too few: the rest at once)
-                rows += self._claim_rows(t, SQL.claim_steps_rest, pipeline, process_id, token, limit - len(rows),
-                                         lowest=tried + 1)
+                rows += self._claim_rows(t, rest, pipeline, process_id, token, limit - len(rows),
+                                         lowest=tried + 1, **keyed)
                 break
             tried = t.one(SQL.next_priority, {"pipeline": pipeline, "lowest": tried + 1})[0]
             if tried is None:
                 break
-            more = self._claim_rows(t, SQL.claim_steps, pipeline, process_id, token, limit - len(rows),
-                                    lowest=tried)
+            more = self._claim_rows(t, claim, pipeline, process_id, token, limit - len(rows), lowest=tried,
+                                    **keyed)
             rows += more
             tried = more[-1][at] if more else tried
         now = time.monotonic()

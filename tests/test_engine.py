@@ -649,6 +649,8 @@ def test_periodic_queries_read_index_ranges_not_the_rows_that_wait(engine):
         slot = {"pipeline": "P", "name": "s", "key": "k"}
         fenced = ductwork.SQL.fenced
         plans = {"claim_steps": (fenced(ductwork.SQL.claim_steps, True), {**claim, **lowest}),
+                 "claim_keyed": (fenced(ductwork.SQL.claim_keyed(False, dialect), True),
+                                 {**claim, **lowest, "statics": '["s"]'}),
                  "next_priority": (ductwork.SQL.next_priority, lowest),
                  "slots_held": (ductwork.SQL.slots_held, {**slot, "token": "x"}),
                  "unblock_steps": (ductwork.SQL.unblock_steps, {**slot, "limit": 1}),
