@@ -212,7 +212,7 @@ MAX_CONCURRENCY_KEY = 500   # characters of a concurrency key (indexed with its 
 
 
 def _slot_lock_key(pipeline: str, name: str, key: str) -> int:
-    """The second key of a concurrency key's transaction lock on Postgres (SQL.slot_lock): 32 bits of its
+    """The second key of a concurrency key's transaction lock on Postgres (SQL.locked_slots_held): 32 bits of its
     names' CRC (two keys that share one only wait for each other)."""
     import zlib
     return zlib.crc32(f"{pipeline}\0{name}\0{key}".encode()) - 2 ** 31
@@ -1053,7 +1053,7 @@ class Tx:
     def __init__(self, store: "Store", conn: Any):
         self.store, self.conn = store, conn
         self.pending: list[tuple[str, str]] = []   # wake-up hints (channel, payload) to deliver after commit
-        self.slot_locks: set[int] = set()   # Postgres: the concurrency keys' locks it holds (Engine._slot_lock)
+        self.slot_locks: set[int] = set()   # Postgres: the concurrency keys' locks it holds (Engine._slots_held)
         self.slots_freed: list[tuple[str, str, str]] = []   # slots its writes let go of (Engine.free_slots)
 
     @property
@@ -1539,7 +1539,7 @@ class Migration:
     """One schema version: its statements, the indexes built before them, those dropped after (see above)."""
 
     version: int
-    statements: tuple[str | dict[str, str], ...]
+    statements: tuple[str | dict[str, str] | Callable[[str], str], ...]
     indexes: tuple[str, ...] = ()
     dropped: tuple[str, ...] = ()
     after: Callable[[Store], Any] | None = None
@@ -1702,6 +1702,9 @@ MIGRATIONS: list[Migration] = [
         "ALTER TABLE ductwork_runs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE ductwork_steps ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE ductwork_steps ADD COLUMN concurrency_key TEXT",
+        # Postgres: a concurrency key's lock and what needs it, in one round trip (SQL.slot_functions)
+        lambda dialect: SQL.slot_functions()[0] if dialect == "postgres" else "",
+        lambda dialect: SQL.slot_functions()[1] if dialect == "postgres" else "",
     )),
     # 7: ... and their indexes: the claim queue by priority, then age (it replaces migration 1's: one index per
     # queued row is what a claim costs to keep up), the steps waiting for a slot per key in claim order, and the
@@ -1722,8 +1725,11 @@ _TYPES = {"sqlite": {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "float": "REAL"}
 INDEX_BUILD_POLL = 0.5
 
 
-def _statement_text(statement: str | dict[str, str], dialect: str) -> str:
-    """A migration statement as ``dialect`` runs it ("" when it is the other dialect's)."""
+def _statement_text(statement: str | dict[str, str] | Callable[[str], str], dialect: str) -> str:
+    """A migration statement as ``dialect`` runs it ("" when it is the other dialect's; a callable gives it, for
+    a text built from statements defined further down)."""
+    if callable(statement):
+        statement = statement(dialect)
     text = statement.get(dialect, "") if isinstance(statement, dict) else statement
     types = _TYPES[dialect]
     return text.replace("{pk}", types["pk"]).replace("{float}", types["float"])
@@ -3640,10 +3646,9 @@ class SQL:
     # its steps run one after another on one thread, so it is one execution at a time however many it holds. The
     # claim takes the slot, and whatever lets go of the claim (commit, hand-back, reaping, a cancel's let-go)
     # frees it, so a dead holder's slot is freed with its claim, and none can leak. Postgres: a claim of a capped
-    # step counts the slots of its key under the key's transaction lock (Engine._slot_lock: waited for in lock
+    # step counts the slots of its key under the key's transaction lock (Engine._slots_held: waited for in lock
     # order, else only tried, and the step given back when it is busy); whatever frees slots takes the same lock,
     # then unblocks, so a step blocked by a claim that has not committed yet is seen once it has.
-    slot_lock = "SELECT pg_advisory_xact_lock(:class, :key)"
     try_slot_lock = "SELECT pg_try_advisory_xact_lock(:class, :key)"
     SLOT_LOCK_CLASS = 0x5107   # the first key of the slot locks (run locks: RUN_LOCK_CLASS)
 
@@ -3694,6 +3699,32 @@ class SQL:
                      LIMIT :limit
                      {skip_locked})
         RETURNING id"""
+
+    # Postgres: a key's lock and the statement that needs it, in one round trip (functions of migration 6; a
+    # VOLATILE function's statements each take a fresh snapshot, so what committed before the lock was granted is
+    # seen). locked_slots_held waits for the lock (:wait) or tries it (-1: busy); locked_unblock waits.
+    locked_slots_held = "SELECT ductwork_locked_slots_held(:class, :key, :wait, :pipeline, :name, :ckey, :token)"
+    locked_unblock = "SELECT id FROM ductwork_locked_unblock(:class, :key, :pipeline, :name, :ckey, :limit) AS id"
+
+    @classmethod
+    def slot_functions(cls) -> tuple[str, str]:
+        """The CREATE FUNCTION statements of locked_slots_held and locked_unblock (their bodies: slots_held and
+        unblock_steps, with the functions' arguments for parameters)."""
+        def body(statement: str) -> str:
+            for param in ("pipeline", "name", "key", "token", "limit"):
+                statement = statement.replace(f":{param}", f"p_{param}")
+            return statement.replace("{skip_locked}", "FOR UPDATE SKIP LOCKED").strip()
+        held = ("CREATE OR REPLACE FUNCTION ductwork_locked_slots_held(lock_class integer, lock_key integer, "
+                "wait boolean, p_pipeline text, p_name text, p_key text, p_token text) RETURNS bigint "
+                "LANGUAGE plpgsql VOLATILE AS $$\nBEGIN\n    IF wait THEN\n"
+                "        PERFORM pg_advisory_xact_lock(lock_class, lock_key);\n"
+                "    ELSIF NOT pg_try_advisory_xact_lock(lock_class, lock_key) THEN\n        RETURN -1;\n"
+                f"    END IF;\n    RETURN ({body(cls.slots_held)});\nEND\n$$")
+        unblock = ("CREATE OR REPLACE FUNCTION ductwork_locked_unblock(lock_class integer, lock_key integer, "
+                   "p_pipeline text, p_name text, p_key text, p_limit integer) RETURNS SETOF bigint "
+                   "LANGUAGE plpgsql VOLATILE AS $$\nBEGIN\n    PERFORM pg_advisory_xact_lock(lock_class, lock_key);"
+                   f"\n    RETURN QUERY {body(cls.unblock_steps)};\nEND\n$$")
+        return held, unblock
 
     # A failed attempt: queued again after :delay, or failed for good (fenced on the claim).
     step_failed = """
@@ -4666,11 +4697,11 @@ class Engine:
         keys = {c.step_id: self.caps.key(c) for c in claims}
         groups = {(c.name, keys[c.step_id]) for c in claims if keys[c.step_id] is not None} - free.keys()
         for name, key in sorted(groups, key=lambda group: _slot_lock_key(pipeline, *group)):
-            if t.dialect == "postgres" and not self._slot_lock(t, _slot_lock_key(pipeline, name, key)):
+            held = self._slots_held(t, pipeline, name, key, token)
+            if held is None:
                 free[(name, key)] = None   # another claim (or a let-go) of the key is in flight: not this one's turn
                 continue
-            held = t.one(SQL.slots_held, {"pipeline": pipeline, "name": name, "key": key, "token": token})[0]
-            free[(name, key)] = max(0, self.caps.cap(pipeline, name) - int(held))
+            free[(name, key)] = max(0, self.caps.cap(pipeline, name) - held)
         kept: list[JobClaim] = []
         let_go: list[tuple[int, str, str | None]] = []   # (step id, status, key)
         for c in claims:
@@ -4708,10 +4739,14 @@ class Engine:
         counts = collections.Counter(t.slots_freed)
         t.slots_freed = []
         for (pipeline, name, key), n in sorted(counts.items(), key=lambda item: _slot_lock_key(*item[0])):
-            if t.dialect == "postgres":
-                Engine._slot_lock(t, _slot_lock_key(pipeline, name, key), wait=True)
-            unblocked = [step_id for (step_id,) in t.all(SQL.unblock_steps, {"pipeline": pipeline, "name": name,
-                                                                            "key": key, "limit": n})]
+            params = {"pipeline": pipeline, "name": name, "limit": n}
+            if t.dialect == "postgres":   # (the lock and the unblock in one round trip)
+                lock = _slot_lock_key(pipeline, name, key)
+                rows = t.all(SQL.locked_unblock, {**params, "class": SQL.SLOT_LOCK_CLASS, "key": lock, "ckey": key})
+                t.slot_locks.add(lock)
+            else:
+                rows = t.all(SQL.unblock_steps, {**params, "key": key})
+            unblocked = [step_id for (step_id,) in rows]
             if unblocked and isinstance(t, _EngineTx):   # (a commit that claims them itself wakes nobody for them)
                 t.queued(pipeline, unblocked)
             elif unblocked:
@@ -4750,18 +4785,22 @@ class Engine:
         return queued
 
     @staticmethod
-    def _slot_lock(t: Tx, key: int, wait: bool = False) -> bool:
-        """Postgres: hold a concurrency key's lock to the end of the transaction; True once held. Waited for
-        when ``wait`` or when no key after it in lock order is held already (every transaction that waits takes
-        them in that order, so none waits in a circle), else only tried."""
-        if key in t.slot_locks:
-            return True
-        if wait or not t.slot_locks or key > max(t.slot_locks):
-            t.one(SQL.slot_lock, {"class": SQL.SLOT_LOCK_CLASS, "key": key})
-        elif not t.one(SQL.try_slot_lock, {"class": SQL.SLOT_LOCK_CLASS, "key": key})[0]:
-            return False
-        t.slot_locks.add(key)
-        return True
+    def _slots_held(t: Tx, pipeline: str, name: str, key: str, token: str) -> int | None:
+        """The slots of a key held by claims other than ``token``'s, counted under the key's lock (held to the end
+        of the transaction; Postgres, in the same round trip: SQL.locked_slots_held); None when the lock was
+        busy. It is waited for when no key after it in lock order is held already (every transaction that
+        waits takes them in that order, so none waits in a circle), else only tried."""
+        params = {"pipeline": pipeline, "name": name, "token": token}
+        if t.dialect != "postgres":   # (SQLite: one writer at a time)
+            return int(t.one(SQL.slots_held, {**params, "key": key})[0])
+        lock = _slot_lock_key(pipeline, name, key)
+        wait = lock in t.slot_locks or not t.slot_locks or lock > max(t.slot_locks)
+        held = int(t.one(SQL.locked_slots_held, {**params, "class": SQL.SLOT_LOCK_CLASS, "key": lock,
+                                                  "wait": wait, "ckey": key})[0])
+        if held < 0:
+            return None
+        t.slot_locks.add(lock)
+        return held
 
     # -- definitions --------------------------------------------------------------------
     def definition(self, digest: str, t: Tx | None = None) -> Definition:
