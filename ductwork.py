@@ -3653,7 +3653,9 @@ class SQL:
     SLOT_LOCK_CLASS = 0x5107   # the first key of the slot locks (run locks: RUN_LOCK_CLASS)
 
     # The slots of a key held: by the claims (tokens) before this one, each one slot however many steps of the key
-    # it holds (a claim's steps run one after another on one thread).
+    # it holds (a claim's steps run one after another on one thread). (This and unblock_steps are also the bodies
+    # of migration 6's Postgres functions, SQL.slot_functions: a change here needs a migration that replaces them;
+    # tests/test_flow.py compares.)
     slots_held = """
         SELECT count(DISTINCT claim_token)
         FROM ductwork_steps
@@ -4097,7 +4099,7 @@ class BulkSQL:
     BRANCH = [("id", "BIGINT"), ("held", "TEXT"), ("token", "TEXT"), ("status", "TEXT"), ("node", "INTEGER"),
               ("expected", "INTEGER"), ("arrived", "INTEGER"), ("output", "TEXT"), ("halt_reason", "TEXT")]
     NEW_STEP = [("run_id", "BIGINT"), ("branch_id", "BIGINT"), ("pipeline", "TEXT"), ("node", "INTEGER"),
-                ("name", "TEXT"), ("input", "TEXT"), ("delay", "DOUBLE PRECISION")]
+                ("name", "TEXT"), ("input", "TEXT"), ("delay", "DOUBLE PRECISION"), ("pos", "INTEGER")]
     CHILD_BRANCH = [("position", "INTEGER"), ("node", "INTEGER")]
     EXECUTION = [("step_id", "BIGINT"), ("run_id", "BIGINT"), ("pipeline", "TEXT"), ("process_id", "BIGINT"),
                  ("attempt", "INTEGER"), ("outcome", "TEXT"), ("error", "TEXT"), ("claimed_at", "DOUBLE PRECISION"),
@@ -4207,7 +4209,8 @@ class BulkSQL:
     # started: the claim queue's order within a priority is (available_at, run_id, id), so a run's later steps come
     # before the first steps of runs that started after it, and runs finish about in the order they started
     # (SPEC §17; a step queued "now" went behind the whole backlog at every hop). Each run is read once (its ids
-    # named on the primary key: Postgres guesses 100 rows for the JSON row source, see IDS).
+    # named on the primary key: Postgres guesses 100 rows for the JSON row source, see IDS; SQLite reads the rows
+    # first, CROSS JOIN). The steps get their ids in the rows' order (pos): a fan-out's children in element order.
     @classmethod
     @functools.cache
     def insert_steps(cls, dialect: str) -> str:
@@ -4215,9 +4218,9 @@ class BulkSQL:
                 "priority, available_at, created_at)\n        SELECT r.run_id, r.branch_id, r.pipeline, r.node, "
                 "r.name, 'queued', r.input, u.priority,\n               CASE WHEN r.delay > 0 THEN {now} + r.delay "
                 "ELSE COALESCE(u.scheduled_at, u.created_at) END, {now}\n        FROM "
-                + cls.rows(dialect, cls.NEW_STEP) + "\n        JOIN ductwork_runs u ON u.id = r.run_id"
-                "\n        WHERE " + cls.ids(dialect, "u").replace(":ids", ":run_ids")
-                + "\n        RETURNING id, pipeline")
+                + cls.rows(dialect, cls.NEW_STEP) + "\n        CROSS JOIN ductwork_runs u"
+                "\n        WHERE u.id = r.run_id\n          AND " + cls.ids(dialect, "u").replace(":ids", ":run_ids")
+                + "\n        ORDER BY r.pos\n        RETURNING id, pipeline")
 
     # The child branches of a fan-out (one per position).
     @classmethod
@@ -5271,7 +5274,8 @@ class Engine:
     def _insert_steps(t: _EngineTx, rows: list[tuple]) -> None:
         """Queue new steps (BulkSQL.NEW_STEP rows); a worker is woken for them after commit."""
         by_pipeline: dict[str, list[int]] = {}
-        params = {"rows": _document(BulkSQL.NEW_STEP, rows), "run_ids": t.ids({row[0] for row in rows})}
+        params = {"rows": _document(BulkSQL.NEW_STEP, [(*row, pos) for pos, row in enumerate(rows)]),
+                  "run_ids": t.ids({row[0] for row in rows})}
         for step_id, pipeline in t.all(BulkSQL.insert_steps(t.dialect), params):
             by_pipeline.setdefault(pipeline, []).append(step_id)
         for pipeline, ids in by_pipeline.items():

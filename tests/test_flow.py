@@ -179,6 +179,16 @@ def test_a_runs_later_steps_come_before_the_first_steps_of_runs_that_started_aft
     assert order == [run_id for run_id in runs for _ in range(3)]   # each run whole, in start order
 
 
+def test_new_steps_get_their_ids_in_the_order_they_were_written_however_many_runs_a_batch_names(engine):
+    runs = [FlowOne.trigger(i).id for i in range(1000)]
+    batch = [(run_id, 0, "FlowOne", 1, "plus_one", json.dumps([run_id, k]), 0.0) for run_id in runs for k in range(5)]
+    with engine.store.tx(kind=ductwork._EngineTx) as t:
+        t.run("ANALYZE")   # (the planner knows the runs: a join it may turn around)
+        engine._insert_steps(t, batch)
+    written = rows(engine, "SELECT input FROM ductwork_steps WHERE node = 1 ORDER BY id")
+    assert [json.loads(i) for (i,) in written] == [[run_id, k] for run_id in runs for k in range(5)]
+
+
 def test_a_delayed_runs_later_steps_queue_from_its_start(engine):
     early = FlowChain.trigger(1, delay=0.3)
     wait_until(lambda: engine.store.now() >= early.scheduled_at, timeout=LOAD_SLACK)
@@ -361,6 +371,15 @@ def test_a_step_waiting_for_a_slot_is_woken_when_the_slot_frees_not_at_the_next_
     assert time.monotonic() - started < 1.0 + LOAD_SLACK
     executions = rows(engine, "SELECT started_at, finished_at FROM ductwork_executions ORDER BY started_at")
     assert len(executions) == 2 and executions[1][0] >= executions[0][1] - 0.002   # one at a time
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_the_postgres_slot_functions_run_the_statements_the_code_has(engine):
+    """Migration 6's functions take their bodies from SQL.slots_held and SQL.unblock_steps as they were when it
+    ran: a later change to those statements needs a migration that replaces the functions (this says so)."""
+    for text in ductwork.SQL.slot_functions():
+        name, body = text.split("FUNCTION ")[1].split("(")[0], text.split("$$")[1]
+        assert rows(engine, "SELECT prosrc FROM pg_proc WHERE proname = :n", {"n": name}) == [(body,)], name
 
 
 # -- concurrency caps across hosts, under SIGKILL ----------------------------------------------------------
