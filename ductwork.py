@@ -2895,6 +2895,10 @@ class JobClaim(_Row):
         return None if self.started is None else time.monotonic() - self.started
 
 
+# Where a claim row has its priority (Engine._claim_queue: the priority of a claim's rows, one, the lowest).
+JOB_CLAIM_PRIORITY = JobClaim.field_names().index("priority")
+
+
 @dataclasses.dataclass
 class StepResult:
     """A finished execution waiting to be committed (several are committed in one transaction)."""
@@ -3649,7 +3653,6 @@ class SQL:
     # step counts the slots of its key under the key's transaction lock (Engine._slots_held: waited for in lock
     # order, else only tried, and the step given back when it is busy); whatever frees slots takes the same lock,
     # then unblocks, so a step blocked by a claim that has not committed yet is seen once it has.
-    try_slot_lock = "SELECT pg_try_advisory_xact_lock(:class, :key)"
     SLOT_LOCK_CLASS = 0x5107   # the first key of the slot locks (run locks: RUN_LOCK_CLASS)
 
     # The slots of a key held: by the claims (tokens) before this one, each one slot however many steps of the key
@@ -4665,7 +4668,7 @@ class Engine:
         claim, rest = ((SQL.claim_steps, SQL.claim_steps_rest) if statics is None
                        else (SQL.claim_keyed(False, t.dialect), SQL.claim_keyed(True, t.dialect)))
         rows = self._claim_rows(t, claim, pipeline, process_id, token, limit, lowest=lowest, **keyed)
-        at = JobClaim.field_names().index("priority")   # (the priority of a claim's rows: one, the lowest)
+        at = JOB_CLAIM_PRIORITY
         tried = rows[-1][at] if rows else None
         for walked in range(1, PRIORITY_WALK + 1):
             if len(rows) >= limit:
@@ -4739,6 +4742,8 @@ class Engine:
         (SQL.unblock_steps; Postgres: under the key's lock, waited for, the keys in lock order and all at once, so
         no two transactions wait for each other's keys, and the steps a claim blocked before it committed are
         seen). Called before a transaction's claim, or at its end."""
+        if not t.slots_freed:   # (uncapped steps: nothing to do, at every commit)
+            return
         counts = collections.Counter(t.slots_freed)
         t.slots_freed = []
         for (pipeline, name, key), n in sorted(counts.items(), key=lambda item: _slot_lock_key(*item[0])):
@@ -4771,11 +4776,10 @@ class Engine:
                 cap = self.caps.cap(pipeline, name)
                 if cap is not None and held.get((name, key), 0) >= cap:
                     continue   # (its holders pass their turns on when they let go)
-                lock = {"class": SQL.SLOT_LOCK_CLASS, "key": _slot_lock_key(pipeline, name, key)}
-                if t.dialect == "postgres" and not t.one(SQL.try_slot_lock, lock)[0]:
+                now_held = self._slots_held(t, pipeline, name, key, "", may_wait=False)
+                if now_held is None:
                     continue   # (busy: a claim or a let-go of the key is in flight; looked at again next time)
-                now_held = t.one(SQL.slots_held, {"pipeline": pipeline, "name": name, "key": key, "token": ""})[0]
-                free = CANCEL_ROWS if cap is None else cap - int(now_held)
+                free = CANCEL_ROWS if cap is None else cap - now_held
                 if free > 0:
                     queued += len(t.all(SQL.unblock_steps, {"pipeline": pipeline, "name": name, "key": key,
                                                             "limit": free}))
@@ -4788,16 +4792,16 @@ class Engine:
         return queued
 
     @staticmethod
-    def _slots_held(t: Tx, pipeline: str, name: str, key: str, token: str) -> int | None:
+    def _slots_held(t: Tx, pipeline: str, name: str, key: str, token: str, may_wait: bool = True) -> int | None:
         """The slots of a key held by claims other than ``token``'s, counted under the key's lock (held to the end
         of the transaction; Postgres, in the same round trip: SQL.locked_slots_held); None when the lock was
-        busy. It is waited for when no key after it in lock order is held already (every transaction that
-        waits takes them in that order, so none waits in a circle), else only tried."""
+        busy. It is waited for (``may_wait``) when no key after it in lock order is held already (every
+        transaction that waits takes them in that order, so none waits in a circle), else only tried."""
         params = {"pipeline": pipeline, "name": name, "token": token}
         if t.dialect != "postgres":   # (SQLite: one writer at a time)
             return int(t.one(SQL.slots_held, {**params, "key": key})[0])
         lock = _slot_lock_key(pipeline, name, key)
-        wait = lock in t.slot_locks or not t.slot_locks or lock > max(t.slot_locks)
+        wait = lock in t.slot_locks or (may_wait and (not t.slot_locks or lock > max(t.slot_locks)))
         held = int(t.one(SQL.locked_slots_held, {**params, "class": SQL.SLOT_LOCK_CLASS, "key": lock,
                                                   "wait": wait, "ckey": key})[0])
         if held < 0:

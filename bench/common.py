@@ -40,7 +40,7 @@ def pg_admin():
 class Database:
     """A throwaway database: a fresh Postgres database or a SQLite file."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, migrate: bool = True):
         self.kind = kind
         if kind == "postgres":
             self.name = f"ductwork_bench_{uuid.uuid4().hex[:8]}"
@@ -51,7 +51,8 @@ class Database:
         else:
             self.dir = tempfile.mkdtemp(prefix="ductwork-bench-")
             self.url = f"sqlite:///{self.dir}/bench.sqlite3"
-        ductwork.migrate_store(ductwork.Store(self.url))
+        if migrate:   # (else the caller migrates it: another version of ductwork, bench/flow.py)
+            ductwork.migrate_store(ductwork.Store(self.url))
 
     def drop(self) -> None:
         if self.kind == "postgres":

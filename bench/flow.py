@@ -59,20 +59,7 @@ class Version:
 
     def database(self, kind: str) -> Database:
         """A fresh database migrated by this version."""
-        db = Database.__new__(Database)
-        db.kind = kind
-        if kind == "postgres":
-            import uuid
-
-            from common import PG_ADMIN, pg_admin
-            db.name = f"ductwork_bench_{uuid.uuid4().hex[:8]}"
-            admin = pg_admin()
-            admin.cursor().execute(f"CREATE DATABASE {db.name}")
-            admin.close()
-            db.url = PG_ADMIN.rsplit("/", 1)[0] + "/" + db.name
-        else:
-            db.dir = tempfile.mkdtemp(prefix="ductwork-bench-")
-            db.url = f"sqlite:///{db.dir}/bench.sqlite3"
+        db = Database(kind, migrate=False)
         subprocess.run([sys.executable, str(self.script), "--database-url", db.url, "migrate"], check=True,
                        capture_output=True, timeout=300)
         return db
