@@ -12,12 +12,12 @@ A map of this module, top to bottom (search for the ``# ===`` banners):
                          schedules (Schedule: the cron parser and fire times, pure arithmetic)
     engine               records (one per row shape), SQL by table, BulkSQL, decide() and its rules,
                          Engine: trigger, claim, commit, advance, hand back, reap, revive, context
-    app API              Run, run and step contexts, configure(), trigger(), lifecycle hooks
+    app API              Run, run and step contexts, configure(), trigger(), run_inline(), lifecycle hooks
     wake-ups             in-process hints (Wakeups) and SQLite's cross-process ones (LocalWakeups)
     runners              the role table (ROLE_SPECS), the child pipe protocol, Fault, Outage, SystemdNotifier,
                          recycling (RecyclePolicy, re-exec), and one process Runtime: process row, job worker
                          (step timeouts, answers to a cancel, recycling), advancer, schedules, heartbeat &
-                         reaper, listeners, lifecycle
+                         reaper, listeners, lifecycle; InlineRunner (run_inline's, on the caller's thread)
     supervisor           the pre-fork process manager (single-threaded selectors loop, signal table)
     health & status      the liveness verdict (heartbeat rows, local fallback), the status report, doctor's
                          checks (DOCTOR_CHECKS) and the arithmetic they share (drain, connection demand)
@@ -67,7 +67,7 @@ __all__ = [
     "configure", "validate", "current_step", "healthy", "migrate", "main", "cancel", "Retry", "step",
     "NonRetryable", "RetryAfter", "StepTimeout", "Schedule",
     "on_supervisor_start", "on_supervisor_stop", "on_advancer_start", "on_advancer_stop",
-    "on_worker_start", "on_worker_stop", "__version__",
+    "on_worker_start", "on_worker_stop", "run_inline", "__version__",
 ]
 
 
@@ -1046,6 +1046,95 @@ def _defer_scramp() -> None:
     sys.modules["scramp"] = proxy
 
 
+class _ForeignConnection:
+    """trigger(connection=) (SPEC §19): the caller's own connection (sqlite3, pg8000.native or pg8000's DB-API,
+    psycopg 3, psycopg2) behind the interface of _SqliteConnection / _PgConnection. ductwork's statements run in
+    whatever transaction it has open; ductwork never begins, commits or rolls it back (the DB-API drivers begin
+    one by themselves at the first statement, when the caller has not). The ``:name`` parameters of ductwork's
+    SQL become the driver's own style; a ``%`` in a statement is doubled for the drivers that format."""
+
+    DRIVERS = {"sqlite3": ("sqlite", "sqlite3"), "pg8000.native": ("postgres", "native"),
+               "pg8000.dbapi": ("postgres", "pg8000"), "pg8000.legacy": ("postgres", "pg8000"),
+               "psycopg": ("postgres", "pyformat"), "psycopg2": ("postgres", "pyformat")}
+    PARAMETER = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")   # :name, never a ::cast
+
+    def __init__(self, conn: Any, driver: str):
+        self.conn, self.driver = conn, driver
+        self.texts: dict[str, tuple[str, list[str]]] = {}   # ductwork's SQL -> the driver's, its parameters
+
+    @classmethod
+    def of(cls, conn: Any, info: DatabaseInfo) -> "_ForeignConnection":
+        """The adapter of ``conn``, checked: a driver ductwork knows, on the configured database (DuctworkError)."""
+        module = type(conn).__module__
+        known = next((v for k, v in cls.DRIVERS.items() if module == k or module.startswith(k + ".")), None)
+        if known is None:
+            raise DuctworkError(f"trigger(connection=): a {module}.{type(conn).__name__} is not a connection "
+                                "ductwork can write on (sqlite3, pg8000, psycopg 3, psycopg2)")
+        dialect, driver = known
+        if dialect != info.dialect:
+            raise DuctworkError(f"trigger(connection=): a {dialect} connection, but the configured database is "
+                                f"{info.display}")
+        adapter = cls(conn, driver)
+        adapter.check_database(info)
+        return adapter
+
+    def check_database(self, info: DatabaseInfo) -> None:
+        """The connection's database is the configured one: the same SQLite file, or a Postgres database of the
+        same name (its host cannot be told apart from behind a pooler or a proxy)."""
+        if info.dialect == "sqlite":
+            files = {name: path for _, name, path in self.execute(StoreSQL.database_files, ())[0]}
+            same = bool(files.get("main")) and os.path.realpath(files["main"]) == os.path.realpath(info.path)
+            where = files.get("main") or "an in-memory database"
+        else:
+            where = self.execute(StoreSQL.database_name, ())[0][0][0]
+            same = where == info.database
+        if not same:
+            raise DuctworkError(f"trigger(connection=): the connection is to {where}, but the configured database "
+                                f"is {info.display}")
+
+    def execute(self, sql: str, params: Params) -> tuple[list[tuple], int]:
+        named = params if isinstance(params, dict) else {f"p{i}": value for i, value in enumerate(params)}
+        if self.driver == "native":
+            rows = self.conn.run(sql, **named)
+            return list(rows or []), self.conn.row_count
+        cur = self.conn.cursor()
+        try:
+            if self.driver == "sqlite3":
+                cur.execute(sql, params if isinstance(params, dict) else tuple(params))
+            elif self.driver == "pg8000" and self._pg8000_style() == "named":
+                cur.execute(sql, named)
+            else:   # format (pg8000's default: %s and a sequence) or pyformat (psycopg: %(name)s and a mapping)
+                text, names = self._formatted(sql)
+                cur.execute(text, tuple(named[n] for n in names) if self.driver == "pg8000" else named)
+            rows = [tuple(row) for row in cur.fetchall()] if cur.description else []
+            return rows, cur.rowcount
+        finally:
+            cur.close()
+
+    @staticmethod
+    def _pg8000_style() -> str:
+        import pg8000.dbapi
+        style = pg8000.dbapi.paramstyle
+        if style not in ("format", "pyformat", "named"):
+            raise DuctworkError(f"trigger(connection=): pg8000.dbapi.paramstyle {style!r}: ductwork writes with "
+                                "format, pyformat or named")
+        return style
+
+    def _formatted(self, sql: str) -> tuple[str, list[str]]:
+        """``sql`` in the format style (%s, the parameters' names in order) or the pyformat one (%(name)s)."""
+        done = self.texts.get(sql)
+        if done is None:
+            names: list[str] = []
+            pyformat = self.driver == "pyformat"
+
+            def placeholder(m: re.Match) -> str:
+                names.append(m.group(1))
+                return f"%({m.group(1)})s" if pyformat else "%s"
+            done = self.PARAMETER.sub(placeholder, sql.replace("%", "%%")), names
+            self.texts[sql] = done
+        return done
+
+
 class Tx:
     """One open transaction: ``all``/``one``/``run`` statements with ``?`` or ``:name``
     parameters and the placeholders of ``Store.sql``; wake-up hints go out after it commits."""
@@ -1086,6 +1175,13 @@ class StoreSQL:
     # Deliver a wake-up hint (Postgres: at commit, to every LISTENing session).
     notify = """
         SELECT pg_notify(:channel, :payload)"""
+
+    # trigger(connection=): the files of a caller's SQLite connection ((seq, name, file) rows; "main" is its
+    # database), and the database of a caller's Postgres one.
+    database_files = """
+        PRAGMA database_list"""
+    database_name = """
+        SELECT current_database()"""
 
     # Subscribe this session to a wake-up channel (a constant name: LISTEN takes no parameter).
     listen = """
@@ -1469,6 +1565,18 @@ class Store:
             self._release(conn, broken)
         if t.pending:
             self._deliver(t.pending)
+
+    @contextlib.contextmanager
+    def borrowed(self, connection: Any, kind: type[Tx] = Tx) -> Iterator[Any]:
+        """A transaction of the caller's (trigger(connection=)): statements on ``connection``, inside whatever
+        transaction it has open, never begun, committed or rolled back here. Postgres: the wake-up hints go as
+        NOTIFY in it, delivered if it commits, dropped if it rolls back; SQLite: none (a commit here cannot be
+        seen: the workers find the rows at their next poll)."""
+        t = kind(self, _ForeignConnection.of(connection, self.info))
+        yield t
+        if self.dialect == "postgres":
+            for channel, payload in t.pending:
+                t.run(StoreSQL.notify, {"channel": channel, "payload": payload})
 
     def _release(self, conn: Any, broken: bool) -> None:
         """A transaction ended: its connection back to the pool; one that may be broken is closed instead,
@@ -2370,12 +2478,13 @@ class Pipeline:
 
     @classmethod
     def trigger(cls, *args: Any, delay: float | None = None, at: Any = None, key: str | None = None,
-                priority: int = 0) -> "Run":
+                priority: int = 0, connection: Any = None) -> "Run":
         """Start a run in one transaction; the arguments go to the start step. ``delay`` (seconds) or ``at`` (an
         aware datetime, or epoch seconds): its first step is not claimable before then (the database clock).
         ``key``: the run of this pipeline with that key, if there is one, instead of a new run. ``priority``:
-        its steps are claimed before those of runs with a higher number (default 0, negatives allowed)."""
-        return trigger(cls.__name__, *args, delay=delay, at=at, key=key, priority=priority)
+        its steps are claimed before those of runs with a higher number (default 0, negatives allowed).
+        ``connection``: written in the caller's own transaction on that DB-API connection (see trigger())."""
+        return trigger(cls.__name__, *args, delay=delay, at=at, key=key, priority=priority, connection=connection)
 
 
 def registered_pipelines() -> dict[str, type[Pipeline]]:
@@ -3438,6 +3547,21 @@ class SQL:
                      {{skip_locked}}){{fence}}
         RETURNING {BranchClaim.select_list()}"""
 
+    # run_inline (SPEC §19): a branch of one run to advance, at once whatever its backoff says; one parked for a
+    # signal only once the signal made it claimable (else the run is left waiting, in progress).
+    claim_run_branches = f"""
+        UPDATE ductwork_branches
+        SET status = 'advancing', claimed_by = :process_id, claim_token = :token, claimed_at = {{now}}
+        WHERE id IN (SELECT id
+                     FROM ductwork_branches
+                     WHERE run_id = :run_id
+                       AND status = 'advance'
+                       AND (waiting_for IS NULL OR available_at <= (SELECT {{now}}))
+                     ORDER BY id
+                     LIMIT :limit
+                     {{skip_locked}}){{fence}}
+        RETURNING {BranchClaim.select_list()}"""
+
     # Claim one branch by id in a known status (a join whose last child arrived here).
     claim_branch = f"""
         UPDATE ductwork_branches
@@ -3596,7 +3720,9 @@ class SQL:
     # in one tick of the clock: by run), fenced on the claimer's row. One priority at a time: with the priority as
     # its equality, the queue index's available_at is a range, so the steps that wait (a retry's delay, a sleep)
     # are never read; Engine._claim_queue goes on to the next priority (SQL.next_priority) when this one has too
-    # few ...
+    # few. The lowest priority is looked for below :below only (the priority this process claimed at last, else
+    # the highest), :below itself when none is queued there: the head of that priority's index range, where
+    # claims and new steps churn, is read once (by the claim), not twice ...
     CLAIM_STEPS = f"""
         UPDATE ductwork_steps
         SET status = 'running', claimed_by = :process_id, claim_token = :token, claimed_at = {{now}}{{keyed}}
@@ -3610,11 +3736,13 @@ class SQL:
                      LIMIT :limit
                      {{skip_locked}}){{fence}}
         RETURNING {JobClaim.select_list()}"""
-    CLAIM_STEPS_AT = CLAIM_STEPS.replace("{priorities}", """priority = (SELECT min(priority)
-                                       FROM ductwork_steps
-                                       WHERE pipeline = :pipeline
-                                         AND status = 'queued'
-                                         AND priority >= :lowest)""").replace("{order}", "available_at, run_id, id")
+    CLAIM_STEPS_AT = CLAIM_STEPS.replace("{priorities}", """priority = COALESCE((SELECT min(priority)
+                                                FROM ductwork_steps
+                                                WHERE pipeline = :pipeline
+                                                  AND status = 'queued'
+                                                  AND priority >= :lowest
+                                                  AND priority < :below),
+                                               :below)""").replace("{order}", "available_at, run_id, id")
     claim_steps = CLAIM_STEPS_AT.replace("{keyed}", "")
 
     # ... and, once PRIORITY_WALK priorities were walked with too few, the rest of them in one statement: the steps
@@ -3636,6 +3764,20 @@ class SQL:
         """claim_steps (or, ``rest``, claim_steps_rest) for a capped pipeline: writing the static keys too."""
         keyed = cls.KEYED.replace("{names}", cls.STATIC_NAMES[dialect])
         return (cls.CLAIM_STEPS_REST if rest else cls.CLAIM_STEPS_AT).replace("{keyed}", keyed)
+
+    # run_inline (SPEC §19): a queued step of one run, at once whatever it waits for (a retry's delay, a sleep,
+    # a delayed start), oldest first; no caps, no priorities (one step at a time, on the caller's thread).
+    claim_run_steps = f"""
+        UPDATE ductwork_steps
+        SET status = 'running', claimed_by = :process_id, claim_token = :token, claimed_at = {{now}}
+        WHERE id IN (SELECT id
+                     FROM ductwork_steps
+                     WHERE run_id = :run_id
+                       AND status = 'queued'
+                     ORDER BY id
+                     LIMIT :limit
+                     {{skip_locked}}){{fence}}
+        RETURNING {JobClaim.select_list()}"""
 
     # The lowest priority of a pipeline's queued steps from :lowest on (NULL: none).
     next_priority = """
@@ -4623,6 +4765,7 @@ class Engine:
         # it is gone (reaped while paused, handed back after death); set by Runtime, off for bare Engine use
         self.fence_claims = False
         self.caps = StepCaps(config)
+        self._claimed_at: dict[str, int] = {}   # pipeline -> the priority this process claimed its steps at last
 
     def _tx(self, write: bool = True, single: bool = False) -> Any:
         """An engine transaction (_EngineTx)."""
@@ -4662,12 +4805,17 @@ class Engine:
     def _claim_queue(self, t: Tx, pipeline: str, process_id: int, token: str, limit: int) -> list[JobClaim]:
         """Claim up to ``limit`` queued steps, a priority at a time (lowest first) while too few were claimed:
         one statement for a claim the lowest priority fills (SQL.claim_steps), SQL.next_priority to go on."""
-        lowest = PRIORITY_RANGE[0]
+        lowest, highest = PRIORITY_RANGE
         statics = self.caps.static_names(pipeline)
         keyed = {} if statics is None else {"statics": _dumps(statics)}
         claim, rest = ((SQL.claim_steps, SQL.claim_steps_rest) if statics is None
                        else (SQL.claim_keyed(False, t.dialect), SQL.claim_keyed(True, t.dialect)))
-        rows = self._claim_rows(t, claim, pipeline, process_id, token, limit, lowest=lowest, **keyed)
+        below = self._claimed_at.get(pipeline, highest)
+        rows = self._claim_rows(t, claim, pipeline, process_id, token, limit, lowest=lowest, below=below, **keyed)
+        if not rows and below != highest:   # (none where this process claimed last: the lowest looked for in full)
+            self._claimed_at.pop(pipeline, None)
+            rows = self._claim_rows(t, claim, pipeline, process_id, token, limit, lowest=lowest, below=highest,
+                                    **keyed)
         at = JOB_CLAIM_PRIORITY
         tried = rows[-1][at] if rows else None
         for walked in range(1, PRIORITY_WALK + 1):
@@ -4685,9 +4833,11 @@ class Engine:
             if tried is None:
                 break
             more = self._claim_rows(t, claim, pipeline, process_id, token, limit - len(rows), lowest=tried,
-                                    **keyed)
+                                    below=highest, **keyed)
             rows += more
             tried = more[-1][at] if more else tried
+        if rows:   # (where the next claim looks first; a stale value costs a statement, never a step's turn)
+            self._claimed_at[pipeline] = min(row[at] for row in rows)
         now = time.monotonic()
         return [JobClaim.from_row(row, pipeline=pipeline, process_id=process_id, token=token, confirmed=now)
                 for row in rows]
@@ -4842,6 +4992,17 @@ class Engine:
             run_id, new = self._trigger_in(t, cls, args_json, delay, at, key, priority)
         self._stored_definitions.add(cls.definition.hash)
         return run_id, new
+
+    def trigger_on(self, connection: Any, name: str, args: Sequence[Any], delay: float | None = None,
+                   at: float | None = None, key: str | None = None, priority: int = 0) -> tuple[bool, "RunRow"]:
+        """trigger(connection=): the run written in the caller's transaction on ``connection`` (Store.borrowed),
+        whether it is new, and its row as that transaction sees it (no other connection sees it before the
+        commit). The definition is not noted as stored: the caller may roll it back."""
+        cls, args_json = self._trigger_input(name, args)
+        with self.store.borrowed(connection, kind=_EngineTx) as t:
+            run_id, new = self._trigger_in(t, cls, args_json, delay, at, key, priority)
+            row = t.one(SQL.select_run, {"id": run_id})
+        return new, RunRow.from_row(row)
 
     @staticmethod
     def _trigger_input(name: str, args: Sequence[Any]) -> tuple[type["Pipeline"], str]:
@@ -5202,6 +5363,20 @@ class Engine:
         with self.store.tx(single=True) as t:
             rows = self._claim_rows(t, SQL.claim_branches, pipeline, process_id, token, limit)
         return [BranchClaim.from_row(row, process_id=process_id, token=token) for row in rows]
+
+    def claim_run(self, run_id: int, pipeline: str, process_id: int) -> tuple[list[JobClaim], list[BranchClaim]]:
+        """run_inline: a queued step of the run (claimed at once, whatever it waits for) or, with none, a branch of
+        it to advance (SQL.claim_run_steps, SQL.claim_run_branches); ([], []) when the run can go no further."""
+        token = _token()
+        params = {"process_id": process_id, "token": token, "run_id": run_id, "limit": 1}
+        with self.store.tx(single=True) as t:
+            rows = t.all(SQL.fenced(SQL.claim_run_steps, self.fence_claims), params)
+        if rows:
+            return [JobClaim.from_row(row, pipeline=pipeline, process_id=process_id, token=token,
+                                      confirmed=time.monotonic()) for row in rows], []
+        with self.store.tx(single=True) as t:
+            rows = t.all(SQL.fenced(SQL.claim_run_branches, self.fence_claims), params)
+        return [], [BranchClaim.from_row(row, process_id=process_id, token=token) for row in rows]
 
     def advance(self, b: BranchClaim) -> tuple[list[int], list[int]]:
         """Apply one advancement; returns the runs that halted (for on_halt) and completed (for on_complete)."""
@@ -5656,7 +5831,7 @@ class Engine:
 
 
 # =====================================================================================
-# app API: Run, contexts, configure(), trigger(), lifecycle hooks
+# app API: Run, contexts, configure(), trigger(), run_inline(), lifecycle hooks
 # =====================================================================================
 
 
@@ -5898,17 +6073,23 @@ def migrate(database_url: str | None = None) -> list[int]:
 
 
 def trigger(name: str, *args: Any, delay: float | None = None, at: Any = None, key: str | None = None,
-            priority: int = 0) -> Run:
+            priority: int = 0, connection: Any = None) -> Run:
     """Start a run of the pipeline ``name`` with these arguments for its start step; ``delay`` (seconds) or
     ``at`` (an aware datetime, or epoch seconds): not before then (the database's clock); ``key``: if the
     pipeline has a run with that key (any status, until pruned), that run instead of a new one; ``priority``:
-    lower runs first (default 0, negatives allowed; every step of the run has it), in start order within one."""
+    lower runs first (default 0, negatives allowed; every step of the run has it), in start order within one.
+    ``connection``: the caller's own DB-API connection (sqlite3, pg8000, psycopg 3, psycopg2) to the configured
+    database: the run is written inside its open transaction and exists only if that transaction commits."""
     delay, start = trigger_start(delay, at)
     check_trigger_key(key)
     check_priority(priority)
     engine = _app_engine()
-    run_id, new = engine.trigger_run(name, args, delay, start, key, priority)
-    run = Run(run_id, engine).refresh()
+    if connection is not None:
+        new, row = engine.trigger_on(connection, name, args, delay, start, key, priority)
+        run = Run(row.id, engine)._fill(row)
+    else:
+        run_id, new = engine.trigger_run(name, args, delay, start, key, priority)
+        run = Run(run_id, engine).refresh()
     run.new = new
     return run
 
@@ -5928,6 +6109,71 @@ def check_priority(priority: Any) -> None:
     low, high = PRIORITY_RANGE
     if isinstance(priority, bool) or not isinstance(priority, int) or not low <= priority <= high:
         raise DuctworkError(f"a priority must be a whole number from {low} to {high}, got {priority!r}")
+
+
+def run_inline(pipeline: "type[Pipeline] | Run", *args: Any, steps: dict[str, Any] | None = None) -> Run:
+    """Run a pipeline to its end on this thread, without a supervisor (tests): trigger it with ``args`` and run its
+    steps and advancements here, through the real engine and SQL, one at a time, on the configured database or,
+    with none configured, a private temporary SQLite one. Retry delays, ``sleep`` and delays are skipped.
+    ``steps={"StepName": replacement}`` runs a stand-in (a Step class, a function, any callable) in place of a
+    step. Returns the run, refreshed: completed or halted, or in_progress when it waits for a signal that was not
+    sent (``run.signal(...)``, then ``run_inline(run)`` goes on with it)."""
+    if isinstance(pipeline, Run):
+        if args:
+            raise DuctworkError("run_inline(run) goes on with a run: it takes no arguments")
+        cls, run_id = _inline_pipeline(pipeline.refresh().pipeline), pipeline.id
+    else:
+        cls, run_id = _inline_pipeline(pipeline), None
+    replaced = _inline_replacements(cls, steps or {})
+    engine = _app_engine_for_inline()
+    if run_id is None:
+        run_id, _ = engine.trigger_run(cls.__name__, args)
+    InlineRunner(engine.config, cls.__name__, replaced).drive(run_id)
+    return Run(run_id, engine).refresh()
+
+
+def _inline_pipeline(pipeline: Any) -> "type[Pipeline]":
+    """The registered Pipeline class run_inline runs (a class, or the name of one: a Run's pipeline)."""
+    if isinstance(pipeline, str):
+        cls = _REGISTRY.get(pipeline)
+        if cls is None:
+            raise DuctworkError(f"run_inline: pipeline {pipeline} is not defined in this process")
+        return cls
+    if not (inspect.isclass(pipeline) and issubclass(pipeline, Pipeline) and pipeline is not Pipeline):
+        raise DuctworkError(f"run_inline needs a Pipeline subclass (or a Run), got {pipeline!r}")
+    if _REGISTRY.get(pipeline.__name__) is not pipeline:
+        raise DuctworkError(f"run_inline: pipeline {pipeline.__name__} is not the registered class of that name")
+    return pipeline
+
+
+def _inline_replacements(cls: "type[Pipeline]", steps: Any) -> dict[str, Any]:
+    """run_inline's ``steps=``, checked: names of the pipeline's steps, each to a callable."""
+    if not isinstance(steps, dict):
+        raise DuctworkError(f"run_inline: steps= must be a dict of step name to replacement, got {steps!r}")
+    for name, replacement in steps.items():
+        if name not in cls.steps:
+            raise DuctworkError(f"run_inline: pipeline {cls.__name__} has no step {name!r} "
+                                f"(its steps: {', '.join(sorted(cls.steps))})")
+        if not callable(replacement):
+            raise DuctworkError(f"run_inline: the replacement of step {name} is not callable: {replacement!r}")
+    return dict(steps)
+
+
+def _app_engine_for_inline() -> Engine:
+    """The app's engine, configured (configure(), a config file, DUCTWORK_DATABASE_URL / DATABASE_URL) or else,
+    once per process, on a private temporary SQLite database (removed at exit)."""
+    with _APP.lock:
+        configured = _APP.config is not None
+    if not configured:
+        config = load_config()
+        if config.path is None and config.data["database_url"] == DEFAULT_DATABASE_URL:
+            import atexit
+            import shutil
+            import tempfile
+            folder = tempfile.mkdtemp(prefix="ductwork-inline-")
+            atexit.register(shutil.rmtree, folder, True)
+            configure(database_url=f"sqlite:///{folder}/ductwork.sqlite3")
+    return _app_engine()
 
 
 def trigger_start(delay: Any, at: Any) -> tuple[float | None, float | None]:
@@ -6669,6 +6915,7 @@ class Runtime:
         self.recycles = recycled_count() if recycles is None else recycles
         self.started_steps = 0
         self.recycled = ""
+        self.replaced: dict[str, Any] = {}   # run_inline(steps=): step name -> what runs in its place
 
     # -- process row -------------------------------------------------------------------
     @property
@@ -6857,6 +7104,8 @@ class Runtime:
             self.fault("after_claim", c.name)
             cls = _REGISTRY.get(c.pipeline)
             fn = cls.steps.get(c.name) if cls else None
+            if self.replaced:   # (run_inline's steps=: a test's stand-ins)
+                fn = self.replaced.get(c.name, fn)
             if fn is None:
                 why = f"step {c.name} is not defined in pipeline {c.pipeline} any more"
                 log.warning(why, extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
@@ -7743,6 +7992,49 @@ class Runtime:
             return
         if abs(skew) > 5:
             log.warning("host clock differs from the database clock by %.1fs; ductwork uses the database clock", skew)
+
+
+# -- run_inline (SPEC §19) ----------------------------------------------------------------
+# A test runs a pipeline to its end on its own thread through the same engine, SQL and step runner as a worker
+# and an advancer (Runtime.run_step, _commit_results, advance): only the claim differs. It takes the run's own
+# rows (SQL.claim_run_steps, claim_run_branches), none of another run even on a shared database, and at once
+# whatever they wait for, so retry delays, `sleep` and a delayed start are skipped; a branch parked for a signal
+# is left parked until the signal comes. It claims under a process row of its own (deleted at the end, with
+# whatever it still held handed back), heartbeating between steps.
+class InlineRunner:
+    """Runs one run's steps and advancements on the calling thread until it can go no further."""
+
+    def __init__(self, config: Config, pipeline: str, replaced: dict[str, Any]):
+        self.runtime = Runtime(config, "worker", [pipeline])
+        self.runtime.replaced = replaced
+        self.pipeline = pipeline
+        self.beat_every = float(config.get("supervisor.heartbeat_interval"))
+
+    def drive(self, run_id: int) -> None:
+        """Claim, run and commit the run's steps, and advance its branches, one at a time, until none is left."""
+        rt = self.runtime
+        rt.register()
+        rt.booted.set()
+        try:
+            beaten = time.monotonic()
+            while True:
+                if time.monotonic() - beaten >= self.beat_every:
+                    rt.heartbeat()
+                    beaten = time.monotonic()
+                steps, branches = rt.engine.claim_run(run_id, self.pipeline, rt.process_id)
+                for c in steps:
+                    rt._track([c])
+                    result = rt.run_step(c)
+                    if result is not None:
+                        rt._commit_results([result], 0)
+                for b in branches:
+                    rt.advance(b)
+                if not steps and not branches:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                rt.engine.retire(rt.process_id, "run_inline ended holding it")
+            rt.store.close()
 
 
 def dump_threads(role: str) -> None:

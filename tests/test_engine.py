@@ -648,9 +648,11 @@ def test_periodic_queries_read_index_ranges_not_the_rows_that_wait(engine):
         lowest = {"pipeline": "P", "lowest": ductwork.PRIORITY_RANGE[0]}
         slot = {"pipeline": "P", "name": "s", "key": "k"}
         fenced = ductwork.SQL.fenced
-        plans = {"claim_steps": (fenced(ductwork.SQL.claim_steps, True), {**claim, **lowest}),
+        highest, cached = {"below": ductwork.PRIORITY_RANGE[1]}, {"below": 0}   # (below: where it looks first)
+        plans = {"claim_steps": (fenced(ductwork.SQL.claim_steps, True), {**claim, **lowest, **highest}),
+                 "claim_steps_cached": (fenced(ductwork.SQL.claim_steps, True), {**claim, **lowest, **cached}),
                  "claim_keyed": (fenced(ductwork.SQL.claim_keyed(False, dialect), True),
-                                 {**claim, **lowest, "statics": '["s"]'}),
+                                 {**claim, **lowest, **highest, "statics": '["s"]'}),
                  "next_priority": (ductwork.SQL.next_priority, lowest),
                  "slots_held": (ductwork.SQL.slots_held, {**slot, "token": "x"}),
                  "unblock_steps": (ductwork.SQL.unblock_steps, {**slot, "limit": 1}),

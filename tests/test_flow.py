@@ -119,6 +119,25 @@ def drain(engine, pipeline, limit=4, threads=1, process_id=1, steps=10_000, cap=
 
 
 # -- priorities ---------------------------------------------------------------------------------
+def test_a_claim_looks_below_the_priority_it_claimed_at_last_first_and_still_finds_every_other(engine):
+    """Each process remembers the priority it claimed at last and looks below it first (one read of that
+    priority's busy index head instead of two): a lower priority queued since still comes first, and a drained
+    one sends the claim on to what is left, above or below."""
+    def claim() -> list[int]:
+        return [c.priority for c in engine.claim_steps("FlowOne", 1, 1)]
+    FlowOne.trigger(1, priority=5)
+    assert claim() == [5]
+    FlowOne.trigger(2, priority=5)
+    FlowOne.trigger(3, priority=-1)
+    assert claim() == [-1]
+    assert claim() == [5]    # (none left at -1, where it claimed last)
+    FlowOne.trigger(4, priority=9)
+    FlowOne.trigger(5, priority=7)
+    assert claim() == [7]
+    assert claim() == [9]
+    assert claim() == []
+
+
 def test_lower_priority_runs_first_fifo_within_a_priority_negatives_allowed(engine):
     triggered = [(FlowOne.trigger(i, priority=p).id, p) for i, p in enumerate([5, 0, -3, 0, 5, -3, 0])]
     claimed = [c.run_id for _ in triggered for c in engine.claim_steps("FlowOne", 1, 1)]
