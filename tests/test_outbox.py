@@ -39,7 +39,7 @@ def open_connection(driver: str, url: str):
         import pg8000.dbapi
         return pg8000.dbapi.connect(**p)
     if driver == "psycopg":
-        import psycopg   # a test dependency (pyproject's test extra), as is psycopg2
+        import psycopg  # a test dependency (pyproject's test extra), as is psycopg2
         return psycopg.connect(host=p["host"], port=p["port"], user=p["user"], dbname=p["database"])
     import psycopg2
     return psycopg2.connect(host=p["host"], port=p["port"], user=p["user"], dbname=p["database"])
