@@ -32,8 +32,10 @@ whose step finished and writes the next step rows in one transaction.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import importlib
@@ -428,6 +430,8 @@ SCHEMA: dict[str, Any] = {
     },
     "job_worker": {
         "count": _Override(_thread_count, 5, per_step=False),
+        # async steps of a worker process running at once on its event loop (beside its ``count`` threads)
+        "async_count": (_number(1, integer=True, maximum=MAX_COUNT), 100),
         "max_retry": _Override(_number(0, integer=True), 3),
         "retry_delay": _Override(_number(0), 10),
         "max_crash": _Override(_number(0, integer=True), 10),
@@ -5877,12 +5881,14 @@ class StepContext:
         return None if self.claim is None else self.claim.deadline
 
 
-_CURRENT = threading.local()
+# The step running here: a context variable, so that a thread's step and each task of the async lane's event loop
+# see their own (asyncio copies the context into every task).
+_CURRENT: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("ductwork_step", default=None)
 
 
 def current_step() -> StepContext:
-    """The step running in this thread (for plain-function steps)."""
-    found = getattr(_CURRENT, "step", None)
+    """The step running in this thread or task (for plain-function steps)."""
+    found = _CURRENT.get()
     if found is None:
         raise DuctworkError("current_step() called outside a running step")
     return found
@@ -6636,6 +6642,42 @@ def clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
+def _step_output(c: JobClaim, result: Any) -> str:
+    """A step's result as stored (StepOutputError when it is not JSON)."""
+    try:
+        return _dumps(result)
+    except (TypeError, ValueError):
+        raise StepOutputError(f"step {c.name} returned a non-JSON value of type {type(result).__name__}") from None
+
+
+def _run_coroutine(coro: Any) -> Any:
+    """An async step's coroutine run to its end here, on an event loop of its own (in a thread of its own when
+    this thread runs a loop already: a test's)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as exc:  # noqa: B036 - handed to the caller as the step's own error
+            box["error"] = exc
+    thread = threading.Thread(target=run, name="ductwork.inline-async", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def is_async_step(step: Any) -> bool:
+    """An ``async def`` step: a function, or a Step class whose ``execute`` is one."""
+    target = getattr(step, "execute", None) if inspect.isclass(step) else step
+    return inspect.iscoroutinefunction(target)
+
+
 def step_error_text(exc: BaseException) -> str:
     """What a failed attempt records: class name, message (see _exception_text) of at most
     MAX_ERROR_MESSAGE characters, the last MAX_TRACEBACK characters of the traceback; storable
@@ -6859,6 +6901,169 @@ def reexecute(environment: dict[str, str]) -> int:
     return EXIT_FAILURE
 
 
+# -- async steps (SPEC §19) ------------------------------------------------------------------
+# A worker process that works a pipeline with an ``async def`` step runs one event loop (AsyncLane) beside its
+# worker threads. The threads claim as ever; a claimed async step is handed to the loop (run_step -> dispatch)
+# and the thread goes on to its next claim, so up to job_worker.async_count async steps run at once whatever
+# ``count`` is. The database is never touched on the loop (pg8000 is synchronous): a commit thread commits the
+# results in batches through the worker's own commit (Runtime._commit_results). current_step() is a context
+# variable, its own in every task. A cancel (should_stop) or a timeout cancels the task; the loop ticks every
+# ASYNC_TICK, and a tick later than ASYNC_BLOCKED means a step blocks the loop (time.sleep, blocking I/O): the
+# commit thread logs the step that does, found on the loop thread's stack.
+ASYNC_TICK = 0.05      # seconds between the loop's ticks (and its look at cancels)
+ASYNC_BLOCKED = 0.5    # a tick this late: the step running on the loop is blocking it
+
+
+class AsyncLane:
+    """One worker process's event loop for its async steps, and the thread that commits their results."""
+
+    def __init__(self, runtime: "Runtime"):
+        self.rt = runtime
+        self.slots = threading.BoundedSemaphore(int(runtime.config.get("job_worker.async_count")))
+        self.loop = asyncio.new_event_loop()
+        self.results: "queue.SimpleQueue[StepResult]" = queue.SimpleQueue()
+        self.tasks: dict[int, tuple[JobClaim, asyncio.Task]] = {}   # step id -> its task (the loop's thread only)
+        self.running = 0            # dispatched, not yet committed (under the runtime's in_flight_lock)
+        self.ticked = time.monotonic()
+        self.loop_ident: int | None = None
+        self.ended = threading.Event()   # the loop stopped: the commit thread ends once it committed the rest
+        self.known: dict[Any, bool] = {}
+
+    def takes(self, fn: Any) -> bool:
+        """Is ``fn`` an async step (looked at once per step)?"""
+        known = self.known.get(fn)
+        if known is None:
+            known = self.known[fn] = is_async_step(fn)
+        return known
+
+    # -- a worker thread hands a step over -----------------------------------------------------
+    def dispatch(self, c: JobClaim, fn: Any) -> None:
+        """Start ``c``'s step on the loop (waiting for a free place among async_count; a drain that begins
+        meanwhile gives the claim back instead)."""
+        while not self.slots.acquire(timeout=ASYNC_TICK * 4):
+            if self.rt.stopping.is_set():
+                self.rt._release([c])
+                return
+        self.rt._give_deadline(c, fn)
+        with self.rt.in_flight_lock:
+            self.running += 1
+            if self.loop_ident is not None:   # (a worker thread that dies does not take it with it)
+                self.rt.owners[c.step_id] = self.loop_ident
+        self.loop.call_soon_threadsafe(self._start, c, fn)
+
+    def _start(self, c: JobClaim, fn: Any) -> None:
+        self.tasks[c.step_id] = (c, self.loop.create_task(self._run(c, fn), name=f"ductwork.step.{c.name}"))
+
+    async def _run(self, c: JobClaim, fn: Any) -> None:
+        """One async step on the loop: its result (or failure) to the commit thread."""
+        rt = self.rt
+        _CURRENT.set(rt._step_context(c))   # (this task's own context)
+        try:
+            try:
+                coro = rt._invoke(c, fn)
+                remaining = None if c.expires is None else max(0.0, c.expires - time.monotonic())
+                value = await asyncio.wait_for(coro, remaining) if remaining is not None else await coro
+                result = StepResult(c, True, _step_output(c, value))
+            except asyncio.TimeoutError:
+                if c.expires is None or time.monotonic() < c.expires:
+                    raise   # (the step's own: a failure like any other)
+                result = rt._timeout_result(c, fn, None)
+            except asyncio.CancelledError:
+                if not c.stop_requested:
+                    raise   # (the step's own, or the loop's end after a drain handed the claim back: a failure)
+                result = StepResult(c, False, f"step {c.name} cancelled: its run was cancelled")
+        except BaseException as exc:  # noqa: B036 - whatever a step raises is a failed attempt
+            _, text, error = rt._raised(exc)
+            log.info("step %s failed (attempt %d): %s", c.name, c.attempt, text.splitlines()[0],
+                     extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
+            result = rt._failure(c, fn, text, error)
+        finally:
+            self.tasks.pop(c.step_id, None)
+            self.slots.release()
+        self.results.put(result)
+
+    # -- the loop's thread -------------------------------------------------------------------
+    def loop_thread(self) -> None:
+        """Run the loop until the process drains with no async step in flight, or dies."""
+        if not self.rt.wait_booted():
+            return
+        self.loop_ident = threading.get_ident()
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._watch())
+        finally:
+            for _, task in list(self.tasks.values()):
+                task.cancel()
+            with contextlib.suppress(Exception):
+                self.loop.run_until_complete(asyncio.sleep(0))
+            self.loop.close()
+            self.ended.set()
+
+    async def _watch(self) -> None:
+        """Tick; cancel the tasks whose run was cancelled; end when nothing is left to do."""
+        while not self.rt.dead.is_set():
+            self.ticked = time.monotonic()
+            for c, task in list(self.tasks.values()):
+                if c.stop_requested and not task.done():
+                    task.cancel()
+            if self.rt.stopping.is_set() and not self.pending():
+                return
+            await asyncio.sleep(ASYNC_TICK)
+
+    def pending(self) -> int:
+        """Async steps dispatched and not yet committed."""
+        with self.rt.in_flight_lock:
+            return self.running
+
+    # -- the commit thread -------------------------------------------------------------------
+    def commit_thread(self) -> None:
+        """Commit the results of async steps in batches (the worker's own commit), and watch the loop's ticks."""
+        if not self.rt.wait_booted():
+            return
+        blocked = False
+        while not (self.ended.is_set() and self.results.empty()):
+            batch = self._take(ASYNC_TICK * 2)
+            if batch:
+                self.rt._commit_results(batch, 0)
+                with self.rt.in_flight_lock:
+                    self.running -= len(batch)
+            late = time.monotonic() - self.ticked
+            if late > ASYNC_BLOCKED and not self.ended.is_set():
+                if not blocked:
+                    self._log_blocker(late)
+                blocked = True
+            else:
+                blocked = False
+
+    def _take(self, wait: float) -> list[StepResult]:
+        """The results waiting (up to MAX_BATCH), after waiting up to ``wait`` for the first."""
+        try:
+            batch = [self.results.get(timeout=wait)]
+        except queue.Empty:
+            return []
+        while len(batch) < MAX_BATCH:
+            try:
+                batch.append(self.results.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _log_blocker(self, late: float) -> None:
+        """The loop has not ticked for ``late`` seconds: say which step holds it (from the loop thread's stack)."""
+        frame = sys._current_frames().get(self.loop_ident or -1)
+        claim = None
+        while frame is not None and claim is None:
+            if frame.f_code is AsyncLane._run.__code__:
+                claim = frame.f_locals.get("c")
+            frame = frame.f_back
+        if claim is None:
+            log.warning("the event loop of async steps has not run for %.1fs", late)
+            return
+        log.warning("async step %s blocks the event loop (no tick for %.1fs): it calls something blocking "
+                    "(time.sleep, blocking I/O); await asyncio.sleep / asyncio.to_thread instead", claim.name, late,
+                    extra={"run": claim.run_id, "step": claim.step_id, "pipeline": claim.pipeline})
+
+
 class Runtime:
     """One process's job worker and/or advancer threads plus its heartbeat/reaper thread.
 
@@ -6916,6 +7121,10 @@ class Runtime:
         self.started_steps = 0
         self.recycled = ""
         self.replaced: dict[str, Any] = {}   # run_inline(steps=): step name -> what runs in its place
+        # async steps (SPEC §19): the event loop they run on, when a pipeline this process works has one
+        self.lane: AsyncLane | None = AsyncLane(self) if self.spec.workers and any(
+            is_async_step(fn) for name in self.worker_pipelines
+            for fn in getattr(_REGISTRY.get(name), "steps", {}).values()) else None
 
     # -- process row -------------------------------------------------------------------
     @property
@@ -6950,6 +7159,9 @@ class Runtime:
         if self.spec.workers:
             plan.append((f"ductwork.{self.row_role}.cancels.0", self.cancel_watch_loop, None))
             plan.append((f"ductwork.{self.row_role}.timekeeper.0", self.timekeeper_loop, None))
+        if self.lane is not None:   # (drained like the workers: they end once no async step is in flight)
+            plan.append((f"ductwork.{self.row_role}.async.0", self.lane.loop_thread, None))
+            plan.append((f"ductwork.{self.row_role}.async-commit.0", self.lane.commit_thread, None))
         if self.spec.advancers:   # (with every status kept forever it still rolls the counts up, see prune)
             plan.append((f"ductwork.{self.row_role}.pruner.0", self.prune_loop, None))
         if self.spec.advancers and self.schedules(switched_off=True):
@@ -7113,6 +7325,9 @@ class Runtime:
             if c.refused is not None:   # (its concurrency_key failed at the claim: it must not run uncapped)
                 log.warning(c.refused, extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
                 return StepResult(c, False, c.refused, JOB_NON_RETRYABLE)
+            if self.lane is not None and self.lane.takes(fn):   # an async step: on the event loop, not here
+                self.lane.dispatch(c, fn)
+                return None
             self._arm_deadline(c, fn)
             ok, value, error = self._call(c, fn)
             self.inert_if_forked(0 if ok else 1)
@@ -7145,17 +7360,23 @@ class Runtime:
     # full job_worker.count, and a drain does not wait for abandoned threads. A step that returns after its
     # deadline but before the timekeeper saw it is a StepTimeout too (the worker commits it itself).
     def _arm_deadline(self, c: JobClaim, fn: Any) -> None:
-        """Give the attempt its deadline, if its step has a timeout (step_timeout, cached per step)."""
+        """Give the attempt its deadline, if its step has a timeout, and the timekeeper the claim."""
+        if not self._give_deadline(c, fn):
+            return
+        with self.in_flight_lock:
+            self.deadlines[c.step_id] = (c, fn, threading.get_ident())
+        self.timekeeper_wake.set()
+
+    def _give_deadline(self, c: JobClaim, fn: Any) -> bool:
+        """The attempt's deadline from now (step_timeout, cached per step); False when its step has none."""
         key = (c.pipeline, c.name)
         if key not in self.timeouts:
             self.timeouts[key] = step_timeout(fn, self.config, c.pipeline, c.name)
         seconds = self.timeouts[key]
         if seconds is None:
-            return
+            return False
         c.timeout, c.deadline, c.expires = seconds, time.time() + seconds, time.monotonic() + seconds
-        with self.in_flight_lock:
-            self.deadlines[c.step_id] = (c, fn, threading.get_ident())
-        self.timekeeper_wake.set()
+        return True
 
     def _returned(self, c: JobClaim, fn: Any) -> Any:
         """The step of a claim with a deadline returned: None when in time (its result counts); ABANDONED when
@@ -7307,34 +7528,45 @@ class Runtime:
         return StepResult(c, False, text, delay=policy.delay_after(c.attempts + 1, default), max_retry=budget)
 
     def _call(self, c: JobClaim, fn: Any) -> tuple[bool, str, BaseException | None]:
-        """Run the step; (True, output json, None) or (False, error text with a bounded traceback, the error)."""
-        ctx = StepContext(RunContext(self.engine, c.run_id), c.run_id, c.step_id, c.attempt,
-                          f"{c.pipeline}:{c.run_id}:{c.step_id}", c.pipeline, c.name, c)
-        _CURRENT.step = ctx
+        """Run the step; (True, output json, None) or (False, error text with a bounded traceback, the error). An
+        async step that comes here (run_inline; a worker without the async lane) runs on an event loop of its own."""
+        token = _CURRENT.set(self._step_context(c))
         try:
-            args = _step_arguments(c)
-            if inspect.isclass(fn):
-                obj = fn()
-                obj.context, obj.run_id, obj.attempt = ctx.context, c.run_id, c.attempt
-                obj.idempotency_key = ctx.idempotency_key
-                obj.step_id, obj.pipeline, obj._ductwork_claim = c.step_id, c.pipeline, c
-                result = obj.execute(*args)
-            else:
-                result = fn(*args)
-            try:
-                return True, _dumps(result), None
-            except (TypeError, ValueError):
-                raise StepOutputError(
-                    f"step {c.name} returned a non-JSON value of type {type(result).__name__}") from None
+            result = self._invoke(c, fn)
+            if inspect.iscoroutine(result):
+                result = _run_coroutine(result)
+            return True, _step_output(c, result), None
         except BaseException as exc:  # noqa: B036 - whatever a step raises is a failed attempt, never a dead thread
-            try:
-                code = exc.code if isinstance(exc, SystemExit) else 1
-            except BaseException:  # noqa: B036 - an exception whose __class__ raises: still just a failure
-                code = 1
-            self.inert_if_forked(code)
-            return False, step_error_text(exc), exc
+            return self._raised(exc)
         finally:
-            _CURRENT.step = None
+            _CURRENT.reset(token)
+
+    def _step_context(self, c: JobClaim) -> StepContext:
+        """What the step sees of itself (self.* and current_step())."""
+        return StepContext(RunContext(self.engine, c.run_id), c.run_id, c.step_id, c.attempt,
+                           f"{c.pipeline}:{c.run_id}:{c.step_id}", c.pipeline, c.name, c)
+
+    @staticmethod
+    def _invoke(c: JobClaim, fn: Any) -> Any:
+        """Call the step with its input: what it returns (an async step: its coroutine)."""
+        args = _step_arguments(c)
+        if inspect.isclass(fn):
+            ctx = _CURRENT.get()
+            obj = fn()
+            obj.context, obj.run_id, obj.attempt = ctx.context, c.run_id, c.attempt
+            obj.idempotency_key = ctx.idempotency_key
+            obj.step_id, obj.pipeline, obj._ductwork_claim = c.step_id, c.pipeline, c
+            return obj.execute(*args)
+        return fn(*args)
+
+    def _raised(self, exc: BaseException) -> tuple[bool, str, BaseException]:
+        """A step raised ``exc``: a failed attempt (a forked copy of this process exits here)."""
+        try:
+            code = exc.code if isinstance(exc, SystemExit) else 1
+        except BaseException:  # noqa: B036 - an exception whose __class__ raises: still just a failure
+            code = 1
+        self.inert_if_forked(code)
+        return False, step_error_text(exc), exc
 
     def _commit_results(self, results: list[StepResult], claim_limit: int) -> list[JobClaim]:
         """Commit finished steps (and claim up to ``claim_limit`` more in the same transaction): the new claims."""
@@ -8007,6 +8239,7 @@ class InlineRunner:
     def __init__(self, config: Config, pipeline: str, replaced: dict[str, Any]):
         self.runtime = Runtime(config, "worker", [pipeline])
         self.runtime.replaced = replaced
+        self.runtime.lane = None   # (an async step runs on a loop of its own, here: Runtime._call)
         self.pipeline = pipeline
         self.beat_every = float(config.get("supervisor.heartbeat_interval"))
 

@@ -64,3 +64,16 @@ class BenchGate(ductwork.Pipeline):
     @staticmethod
     def define(p):
         p.start(noop).wait_for("never").chain(to=noop)
+
+
+async def async_nap(seconds):
+    import asyncio
+    await asyncio.sleep(seconds)
+    return seconds
+
+
+class BenchAsyncNap(ductwork.Pipeline):
+    """One async step that awaits (bench/async_steps.py): BenchNap's twin on the event loop."""
+    @staticmethod
+    def define(p):
+        p.start(async_nap)

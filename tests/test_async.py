@@ -1,0 +1,206 @@
+"""Async steps (SPEC §19): ``async def execute`` and ``async def`` function steps run on one event loop per worker
+process, up to job_worker.async_count at once beside the worker threads, mixed with sync steps in one pipeline;
+current_step() is each task's own; a cancel and a timeout cancel the task; a step that blocks the loop is logged
+by name; a drain lets them finish; run_inline runs them too. Real runtimes on real SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import pytest
+
+import ductwork
+
+MARKS: dict[str, list] = {"started": [], "cancelled": []}
+PEAK = {"now": 0, "max": 0}
+LOCK = threading.Lock()
+
+
+@pytest.fixture(autouse=True)
+def fresh_marks():
+    for value in MARKS.values():
+        value.clear()
+    PEAK.update(now=0, max=0)
+
+
+def split(n):
+    return list(range(n))
+
+
+class AsyncDouble(ductwork.Step):
+    async def execute(self, x):
+        await asyncio.sleep(0.01 * (3 - x % 3))   # (they finish out of order, and interleave)
+        return {"x": 2 * x, "run": self.run_id, "seen": ductwork.current_step().step_id, "step": self.step_id}
+
+
+async def async_total(values):
+    step = ductwork.current_step()
+    await asyncio.sleep(0)
+    return {"sum": sum(v["x"] for v in values), "own": all(v["seen"] == v["step"] for v in values),
+            "step": step.step}
+
+
+class AsyncMixed(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(split).expand(to=AsyncDouble).collapse(into=async_total)
+
+
+async def crowd(x):
+    with LOCK:
+        PEAK["now"] += 1
+        PEAK["max"] = max(PEAK["max"], PEAK["now"])
+    try:
+        await asyncio.sleep(1.0)
+    finally:
+        with LOCK:
+            PEAK["now"] -= 1
+    return x
+
+
+class AsyncCrowd(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(crowd)
+
+
+class AsyncStuck(ductwork.Step):
+    timeout = 0.3
+
+    async def execute(self, x):
+        MARKS["started"].append(self.step_id)
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            MARKS["cancelled"].append(self.step_id)
+            raise
+        return x
+
+
+class AsyncTimesOut(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(AsyncStuck)
+
+
+async def waits_long(x):
+    MARKS["started"].append(x)
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        MARKS["cancelled"].append(x)
+        raise
+    return x
+
+
+class AsyncCancel(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(waits_long)
+
+
+async def blocker(x):
+    time.sleep(1.2)   # the mistake the lane must name
+    return x
+
+
+class AsyncBlocks(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(blocker)
+
+
+async def half_second(x):
+    MARKS["started"].append(x)
+    await asyncio.sleep(0.5)
+    return x + 1
+
+
+class AsyncDrain(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(half_second)
+
+
+def test_async_and_sync_steps_mix_in_one_pipeline_each_task_sees_its_own_step(engine, start_runtime):
+    start_runtime(["AsyncMixed"])
+    runs = [AsyncMixed.trigger(n) for n in (1, 4, 7)]
+    assert [run.wait(timeout=30) for run in runs] == ["completed"] * 3
+    assert [run.refresh().output for run in runs] == [
+        {"sum": 2 * sum(range(n)), "own": True, "step": "async_total"} for n in (1, 4, 7)]
+
+
+def test_up_to_async_count_run_at_once_whatever_the_thread_count(engine, start_runtime):
+    start_runtime(["AsyncCrowd"], job_worker={"count": 1, "async_count": 8})
+    runs = [AsyncCrowd.trigger(i) for i in range(24)]
+    assert all(run.wait(timeout=60) == "completed" for run in runs)
+    assert PEAK["max"] == 8   # one thread, eight at once: never more
+
+
+def test_a_timeout_cancels_the_task_and_fails_the_attempt(engine, start_runtime, db_url):
+    ductwork.configure(database_url=db_url, config={"job_worker": {"max_retry": 0}})
+    start_runtime(["AsyncTimesOut"], job_worker={"max_retry": 0})
+    run = AsyncTimesOut.trigger(1)
+    assert run.wait(timeout=30) == "halted"
+    assert run.halt_reasons == ["job_retries_exhausted"]
+    assert MARKS["cancelled"] == MARKS["started"] and len(MARKS["started"]) == 1
+    with engine.store.tx(write=False) as t:
+        (error,) = t.one("SELECT error FROM ductwork_executions WHERE run_id = :r", {"r": run.id})
+    assert error.startswith("StepTimeout: step AsyncStuck ran past its timeout of 0.3s"), error
+
+
+def test_a_cancel_cancels_the_running_task(engine, start_runtime):
+    start_runtime(["AsyncCancel"])
+    run = AsyncCancel.trigger(5)
+    deadline = time.monotonic() + 20
+    while not MARKS["started"] and time.monotonic() < deadline:
+        threading.Event().wait(0.02)
+    assert MARKS["started"] == [5]
+    assert ductwork.cancel(run.id) == 1
+    assert run.wait(timeout=20) == "cancelled"
+    deadline = time.monotonic() + 20   # the answer to a cancel comes within about a second (cancel watch)
+    while not MARKS["cancelled"] and time.monotonic() < deadline:
+        threading.Event().wait(0.02)
+    assert MARKS["cancelled"] == [5]
+
+
+def test_a_step_that_blocks_the_loop_is_logged_by_name(engine, start_runtime):
+    lines: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+    handler = Catch(level=logging.WARNING)
+    logging.getLogger("ductwork").addHandler(handler)
+    try:
+        start_runtime(["AsyncBlocks"])
+        run = AsyncBlocks.trigger(3)
+        assert run.wait(timeout=30) == "completed"
+    finally:
+        logging.getLogger("ductwork").removeHandler(handler)
+    assert any(line.startswith("async step blocker blocks the event loop") for line in lines), lines
+
+
+def test_a_drain_lets_the_async_steps_in_flight_finish(engine, start_runtime):
+    handle = start_runtime(["AsyncDrain"])
+    runs = [AsyncDrain.trigger(i) for i in range(5)]
+    deadline = time.monotonic() + 20
+    while len(MARKS["started"]) < 5 and time.monotonic() < deadline:
+        threading.Event().wait(0.02)
+    assert sorted(MARKS["started"]) == list(range(5))
+    assert handle.stop(timeout=20) == ductwork.EXIT_OK
+    assert [run.refresh().status for run in runs] == ["completed"] * 5
+    assert [run.output for run in runs] == [i + 1 for i in range(5)]
+
+
+def test_run_inline_runs_async_steps_too(engine):
+    run = ductwork.run_inline(AsyncMixed, 3)
+    assert (run.status, run.output) == ("completed", {"sum": 6, "own": True, "step": "async_total"})
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "many"])
+def test_a_bad_async_count_is_a_config_error(value):
+    with pytest.raises(ductwork.ConfigError, match="async_count"):
+        ductwork.load_config(data={"job_worker": {"async_count": value}})
