@@ -15,9 +15,10 @@ A map of this module, top to bottom (search for the ``# ===`` banners):
     app API              Run, run and step contexts, configure(), trigger(), run_inline(), lifecycle hooks
     wake-ups             in-process hints (Wakeups) and SQLite's cross-process ones (LocalWakeups)
     runners              the role table (ROLE_SPECS), the child pipe protocol, Fault, Outage, SystemdNotifier,
-                         recycling (RecyclePolicy, re-exec), and one process Runtime: process row, job worker
-                         (step timeouts, answers to a cancel, recycling), advancer, schedules, heartbeat &
-                         reaper, listeners, lifecycle; InlineRunner (run_inline's, on the caller's thread)
+                         recycling (RecyclePolicy, re-exec), AsyncLane (async steps), and one process
+                         Runtime: process row, job worker (step timeouts, answers to a cancel, recycling),
+                         advancer, schedules, heartbeat & reaper, listeners, lifecycle; InlineRunner (run_inline's,
+                         on the caller's thread)
     supervisor           the pre-fork process manager (single-threaded selectors loop, signal table)
     health & status      the liveness verdict (heartbeat rows, local fallback), the status report, doctor's
                          checks (DOCTOR_CHECKS) and the arithmetic they share (drain, connection demand)
