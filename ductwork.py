@@ -33,7 +33,6 @@ whose step finished and writes the next step rows in one transaction.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import contextlib
 import contextvars
@@ -1063,9 +1062,10 @@ class _ForeignConnection:
                "psycopg": ("postgres", "pyformat"), "psycopg2": ("postgres", "pyformat")}
     PARAMETER = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")   # :name, never a ::cast
 
+    TEXTS: dict[tuple[str, str], tuple[str, list[str]]] = {}   # (driver, ductwork's SQL) -> the driver's, its names
+
     def __init__(self, conn: Any, driver: str):
         self.conn, self.driver = conn, driver
-        self.texts: dict[str, tuple[str, list[str]]] = {}   # ductwork's SQL -> the driver's, its parameters
 
     @classmethod
     def of(cls, conn: Any, info: DatabaseInfo) -> "_ForeignConnection":
@@ -1076,12 +1076,43 @@ class _ForeignConnection:
             raise DuctworkError(f"trigger(connection=): a {module}.{type(conn).__name__} is not a connection "
                                 "ductwork can write on (sqlite3, pg8000, psycopg 3, psycopg2)")
         dialect, driver = known
+        if "Async" in type(conn).__name__:
+            raise DuctworkError(f"trigger(connection=): {type(conn).__name__} is asynchronous; give a synchronous "
+                                "connection (its transaction is what the run joins)")
         if dialect != info.dialect:
             raise DuctworkError(f"trigger(connection=): a {dialect} connection, but the configured database is "
                                 f"{info.display}")
+        if cls.autocommits(conn, driver):
+            raise DuctworkError("trigger(connection=): the connection is in autocommit mode, so the run would not "
+                                "be part of a transaction of yours (pg8000.native: run BEGIN first)")
         adapter = cls(conn, driver)
         adapter.check_database(info)
         return adapter
+
+    @staticmethod
+    def autocommits(conn: Any, driver: str) -> bool:
+        """Would each statement commit by itself? (pg8000.native: not inside a BEGIN; sqlite3: isolation_level
+        None or autocommit=True, outside a transaction; the others: their ``autocommit``.)"""
+        if driver == "native":
+            return getattr(conn, "_transaction_status", None) != b"T"
+        if getattr(conn, "autocommit", False) is True:
+            return True
+        return driver == "sqlite3" and conn.isolation_level is None and not conn.in_transaction
+
+    def _cursor(self) -> Any:
+        """A cursor of the caller's connection that gives rows as tuples, whatever row factory the connection
+        has (psycopg's dict_row, psycopg2's RealDictCursor, a sqlite3 row_factory)."""
+        module = type(self.conn).__module__
+        if module.startswith("psycopg2"):
+            import psycopg2.extensions
+            return self.conn.cursor(cursor_factory=psycopg2.extensions.cursor)
+        if module.startswith("psycopg"):
+            import psycopg.rows
+            return self.conn.cursor(row_factory=psycopg.rows.tuple_row)
+        cur = self.conn.cursor()
+        if self.driver == "sqlite3":
+            cur.row_factory = None
+        return cur
 
     def check_database(self, info: DatabaseInfo) -> None:
         """The connection's database is the configured one: the same SQLite file, or a Postgres database of the
@@ -1101,8 +1132,8 @@ class _ForeignConnection:
         named = params if isinstance(params, dict) else {f"p{i}": value for i, value in enumerate(params)}
         if self.driver == "native":
             rows = self.conn.run(sql, **named)
-            return list(rows or []), self.conn.row_count
-        cur = self.conn.cursor()
+            return [tuple(row) for row in rows or []], self.conn.row_count
+        cur = self._cursor()
         try:
             if self.driver == "sqlite3":
                 cur.execute(sql, params if isinstance(params, dict) else tuple(params))
@@ -1127,7 +1158,7 @@ class _ForeignConnection:
 
     def _formatted(self, sql: str) -> tuple[str, list[str]]:
         """``sql`` in the format style (%s, the parameters' names in order) or the pyformat one (%(name)s)."""
-        done = self.texts.get(sql)
+        done = self.TEXTS.get((self.driver, sql))
         if done is None:
             names: list[str] = []
             pyformat = self.driver == "pyformat"
@@ -1136,7 +1167,7 @@ class _ForeignConnection:
                 names.append(m.group(1))
                 return f"%({m.group(1)})s" if pyformat else "%s"
             done = self.PARAMETER.sub(placeholder, sql.replace("%", "%%")), names
-            self.texts[sql] = done
+            self.TEXTS[(self.driver, sql)] = done
         return done
 
 
@@ -4162,6 +4193,13 @@ class SQL:
         VALUES (:pid, :machine, :role, :pipelines, :parent_id, :state, :restarts, :info, {now}, {now})
         RETURNING id"""
 
+    # run_inline: the pipelines served by the live processes that run steps (run_inline's own rows aside).
+    live_workers = """
+        SELECT pipelines
+        FROM ductwork_processes
+        WHERE role IN ('worker', 'supervisor')
+          AND last_heartbeat_at > {now} - :stale"""
+
     # Proof of life (0 rows: the row was reaped meanwhile).
     heartbeat = """
         UPDATE ductwork_processes
@@ -4817,12 +4855,17 @@ class Engine:
                        else (SQL.claim_keyed(False, t.dialect), SQL.claim_keyed(True, t.dialect)))
         below = self._claimed_at.get(pipeline, highest)
         rows = self._claim_rows(t, claim, pipeline, process_id, token, limit, lowest=lowest, below=below, **keyed)
-        if not rows and below != highest:   # (none where this process claimed last: the lowest looked for in full)
-            self._claimed_at.pop(pipeline, None)
-            rows = self._claim_rows(t, claim, pipeline, process_id, token, limit, lowest=lowest, below=highest,
-                                    **keyed)
         at = JOB_CLAIM_PRIORITY
         tried = rows[-1][at] if rows else None
+        if not rows and below != highest:   # (none where this process claimed last: which priority was tried)
+            self._claimed_at.pop(pipeline, None)
+            tried = t.one(SQL.next_priority, {"pipeline": pipeline, "lowest": lowest})[0]
+            if tried is None:
+                return []
+            if tried > below:   # (the lowest queued is above where it looked: not tried yet)
+                rows = self._claim_rows(t, claim, pipeline, process_id, token, limit, lowest=tried, below=highest,
+                                        **keyed)
+                tried = rows[-1][at] if rows else tried
         for walked in range(1, PRIORITY_WALK + 1):
             if len(rows) >= limit:
                 break
@@ -6133,6 +6176,7 @@ def run_inline(pipeline: "type[Pipeline] | Run", *args: Any, steps: dict[str, An
         cls, run_id = _inline_pipeline(pipeline), None
     replaced = _inline_replacements(cls, steps or {})
     engine = _app_engine_for_inline()
+    _refuse_served(engine, cls.__name__)
     if run_id is None:
         run_id, _ = engine.trigger_run(cls.__name__, args)
     InlineRunner(engine.config, cls.__name__, replaced).drive(run_id)
@@ -6151,6 +6195,18 @@ def _inline_pipeline(pipeline: Any) -> "type[Pipeline]":
     if _REGISTRY.get(pipeline.__name__) is not pipeline:
         raise DuctworkError(f"run_inline: pipeline {pipeline.__name__} is not the registered class of that name")
     return pipeline
+
+
+def _refuse_served(engine: Engine, pipeline: str) -> None:
+    """run_inline's run would be claimed by the live workers of its pipeline too (running its real steps, not the
+    stand-ins): refused when a live process on this database serves it (DuctworkError)."""
+    stale = float(engine.config.get("supervisor.reaper_timeout"))
+    with engine.store.tx(write=False) as t:
+        serving = [row for row in t.all(SQL.live_workers, {"stale": stale})
+                   if pipeline in (row[0] or "").split(",")]
+    if serving:
+        raise DuctworkError(f"run_inline: {len(serving)} live process(es) on this database serve pipeline {pipeline} "
+                            "and would run its steps too; use a database of the test's own, or stop them")
 
 
 def _inline_replacements(cls: "type[Pipeline]", steps: Any) -> dict[str, Any]:
@@ -6654,15 +6710,17 @@ def _step_output(c: JobClaim, result: Any) -> str:
 def _run_coroutine(coro: Any) -> Any:
     """An async step's coroutine run to its end here, on an event loop of its own (in a thread of its own when
     this thread runs a loop already: a test's)."""
+    import asyncio
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
     box: dict[str, Any] = {}
+    context = contextvars.copy_context()   # (current_step() there too)
 
     def run() -> None:
         try:
-            box["value"] = asyncio.run(coro)
+            box["value"] = context.run(asyncio.run, coro)
         except BaseException as exc:  # noqa: B036 - handed to the caller as the step's own error
             box["error"] = exc
     thread = threading.Thread(target=run, name="ductwork.inline-async", daemon=True)
@@ -6911,6 +6969,7 @@ def reexecute(environment: dict[str, str]) -> int:
 # variable, its own in every task. A cancel (should_stop) or a timeout cancels the task; the loop ticks every
 # ASYNC_TICK, and a tick later than ASYNC_BLOCKED means a step blocks the loop (time.sleep, blocking I/O): the
 # commit thread logs the step that does, found on the loop thread's stack.
+INLINE_ROLE = "inline"   # run_inline's process row (it claims, but only its own run's rows)
 ASYNC_TICK = 0.05      # seconds between the loop's ticks (and its look at cancels)
 ASYNC_BLOCKED = 0.5    # a tick this late: the step running on the loop is blocking it
 
@@ -6920,11 +6979,15 @@ class AsyncLane:
 
     def __init__(self, runtime: "Runtime"):
         self.rt = runtime
+        import asyncio  # (here: asyncio imports ssl, which a process with no async step never needs)
+        self.asyncio = asyncio
         self.slots = threading.BoundedSemaphore(int(runtime.config.get("job_worker.async_count")))
         self.loop = asyncio.new_event_loop()
         self.results: "queue.SimpleQueue[StepResult]" = queue.SimpleQueue()
-        self.tasks: dict[int, tuple[JobClaim, asyncio.Task]] = {}   # step id -> its task (the loop's thread only)
-        self.running = 0            # dispatched, not yet committed (under the runtime's in_flight_lock)
+        self.tasks: dict[int, tuple[JobClaim, Any]] = {}   # step id -> its task (the loop's thread only)
+        self.cancelled: set[int] = set()   # the steps whose task was told to stop (once each)
+        self.running = 0      # dispatched, not yet committed (under the runtime's in_flight_lock) ...
+        self.closed = False   # ... and, once the loop ended (decided under that lock), none is taken any more
         self.ticked = time.monotonic()
         self.loop_ident: int | None = None
         self.ended = threading.Event()   # the loop stopped: the commit thread ends once it committed the rest
@@ -6937,97 +7000,140 @@ class AsyncLane:
             known = self.known[fn] = is_async_step(fn)
         return known
 
+    def close(self) -> None:
+        """The loop of a lane that never ran (run_inline's runtime, a failed boot)."""
+        if not self.loop.is_closed():
+            self.loop.close()
+
     # -- a worker thread hands a step over -----------------------------------------------------
     def dispatch(self, c: JobClaim, fn: Any) -> None:
-        """Start ``c``'s step on the loop (waiting for a free place among async_count; a drain that begins
-        meanwhile gives the claim back instead)."""
+        """Start ``c``'s step on the loop (waiting for a free place among async_count); once the loop ended (a
+        drain that began meanwhile), the claim goes back to the queue, never run."""
         while not self.slots.acquire(timeout=ASYNC_TICK * 4):
-            if self.rt.stopping.is_set():
+            if self.rt.stopping.is_set() and self.closed:
                 self.rt._release([c])
                 return
-        self.rt._give_deadline(c, fn)
         with self.rt.in_flight_lock:
-            self.running += 1
-            if self.loop_ident is not None:   # (a worker thread that dies does not take it with it)
-                self.rt.owners[c.step_id] = self.loop_ident
+            taken = not self.closed
+            if taken:
+                self.running += 1
+                if self.loop_ident is not None:   # (a worker thread that dies does not take it with it)
+                    self.rt.owners[c.step_id] = self.loop_ident
+        if not taken:
+            self.slots.release()
+            self.rt._release([c])
+            return
+        self.rt._give_deadline(c, fn)
         self.loop.call_soon_threadsafe(self._start, c, fn)
 
     def _start(self, c: JobClaim, fn: Any) -> None:
-        self.tasks[c.step_id] = (c, self.loop.create_task(self._run(c, fn), name=f"ductwork.step.{c.name}"))
+        """On the loop: the step's task, its deadline, and what follows its end (_done)."""
+        task = self.loop.create_task(self._run(c, fn), name=f"ductwork.step.{c.name}")
+        timer = None if c.expires is None else self.loop.call_later(
+            max(0.0, c.expires - time.monotonic()), self._expire, c)
+        self.tasks[c.step_id] = (c, task)
+        task.add_done_callback(functools.partial(self._done, c, fn, timer))
 
-    async def _run(self, c: JobClaim, fn: Any) -> None:
-        """One async step on the loop: its result (or failure) to the commit thread."""
+    def _expire(self, c: JobClaim) -> None:
+        """The attempt's deadline: its task is cancelled (in the task itself: its stack stays the loop's)."""
+        entry = self.tasks.get(c.step_id)
+        if entry is not None and not entry[1].done():
+            c.timed_out = True
+            entry[1].cancel()
+
+    async def _run(self, c: JobClaim, fn: Any) -> StepResult:
+        """One async step on the loop: its result, or its failure."""
         rt = self.rt
         _CURRENT.set(rt._step_context(c))   # (this task's own context)
         try:
-            try:
-                coro = rt._invoke(c, fn)
-                remaining = None if c.expires is None else max(0.0, c.expires - time.monotonic())
-                value = await asyncio.wait_for(coro, remaining) if remaining is not None else await coro
-                result = StepResult(c, True, _step_output(c, value))
-            except asyncio.TimeoutError:
-                if c.expires is None or time.monotonic() < c.expires:
-                    raise   # (the step's own: a failure like any other)
-                result = rt._timeout_result(c, fn, None)
-            except asyncio.CancelledError:
-                if not c.stop_requested:
-                    raise   # (the step's own, or the loop's end after a drain handed the claim back: a failure)
-                result = StepResult(c, False, f"step {c.name} cancelled: its run was cancelled")
+            value = await rt._invoke(c, fn)
+            if not c.timed_out:
+                return StepResult(c, True, _step_output(c, value))
+        except self.asyncio.CancelledError:
+            if not (c.timed_out or c.stop_requested):
+                raise   # (the step's own, or the loop's end after a drain handed the claim back: _done)
         except BaseException as exc:  # noqa: B036 - whatever a step raises is a failed attempt
-            _, text, error = rt._raised(exc)
-            log.info("step %s failed (attempt %d): %s", c.name, c.attempt, text.splitlines()[0],
-                     extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
-            result = rt._failure(c, fn, text, error)
-        finally:
-            self.tasks.pop(c.step_id, None)
-            self.slots.release()
+            if not c.timed_out:
+                _, text, error = rt._raised(exc)
+                log.info("step %s failed (attempt %d): %s", c.name, c.attempt, text.splitlines()[0],
+                         extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
+                return rt._failure(c, fn, text, error)
+        if c.timed_out:   # (cancelled at its deadline, or done after it: the attempt timed out)
+            return rt._timeout_result(c, fn, None)
+        return self._cancelled(c)
+
+    @staticmethod
+    def _cancelled(c: JobClaim) -> StepResult:
+        """The failure of a step whose task was cancelled (its run's cancel: discarded at the commit)."""
+        why = ": its run was cancelled" if c.stop_requested else ""
+        return StepResult(c, False, f"CancelledError: step {c.name} was cancelled{why}")
+
+    def _done(self, c: JobClaim, fn: Any, timer: Any, task: Any) -> None:
+        """A step's task ended (also one cancelled before it began): its place freed, its result to commit."""
+        if timer is not None:
+            timer.cancel()
+        self.tasks.pop(c.step_id, None)
+        self.cancelled.discard(c.step_id)
+        self.slots.release()
+        if self.rt.dead.is_set():   # (the process ends: its claims were handed back)
+            return
+        if task.cancelled():
+            result = self.rt._timeout_result(c, fn, None) if c.timed_out else self._cancelled(c)
+        else:
+            result = task.result()
         self.results.put(result)
 
     # -- the loop's thread -------------------------------------------------------------------
     def loop_thread(self) -> None:
         """Run the loop until the process drains with no async step in flight, or dies."""
         if not self.rt.wait_booted():
+            self.close()
             return
         self.loop_ident = threading.get_ident()
-        asyncio.set_event_loop(self.loop)
+        self.asyncio.set_event_loop(self.loop)
         try:
             self.loop.run_until_complete(self._watch())
         finally:
             for _, task in list(self.tasks.values()):
                 task.cancel()
             with contextlib.suppress(Exception):
-                self.loop.run_until_complete(asyncio.sleep(0))
+                self.loop.run_until_complete(self.asyncio.sleep(0))
             self.loop.close()
             self.ended.set()
 
     async def _watch(self) -> None:
-        """Tick; cancel the tasks whose run was cancelled; end when nothing is left to do."""
+        """Tick; cancel (once) the tasks whose run was cancelled; end when nothing is left to do."""
         while not self.rt.dead.is_set():
             self.ticked = time.monotonic()
             for c, task in list(self.tasks.values()):
-                if c.stop_requested and not task.done():
+                if c.stop_requested and c.step_id not in self.cancelled and not task.done():
+                    self.cancelled.add(c.step_id)
                     task.cancel()
-            if self.rt.stopping.is_set() and not self.pending():
-                return
-            await asyncio.sleep(ASYNC_TICK)
-
-    def pending(self) -> int:
-        """Async steps dispatched and not yet committed."""
-        with self.rt.in_flight_lock:
-            return self.running
+            if self.rt.stopping.is_set():
+                with self.rt.in_flight_lock:
+                    self.closed = self.running == 0
+                if self.closed:
+                    return
+            await self.asyncio.sleep(ASYNC_TICK)
 
     # -- the commit thread -------------------------------------------------------------------
     def commit_thread(self) -> None:
-        """Commit the results of async steps in batches (the worker's own commit), and watch the loop's ticks."""
+        """Commit the results of async steps in batches (the worker's own commit), and watch the loop's ticks.
+        An error in a commit is logged, never the end of this thread (its claims: handed back by the commit, or
+        at the drain)."""
         if not self.rt.wait_booted():
             return
         blocked = False
         while not (self.ended.is_set() and self.results.empty()):
             batch = self._take(ASYNC_TICK * 2)
             if batch:
-                self.rt._commit_results(batch, 0)
-                with self.rt.in_flight_lock:
-                    self.running -= len(batch)
+                try:
+                    self.rt._commit_results(batch, 0)
+                except Exception:
+                    log.exception("committing %d async step result(s) failed", len(batch))
+                finally:
+                    with self.rt.in_flight_lock:
+                        self.running -= len(batch)
             late = time.monotonic() - self.ticked
             if late > ASYNC_BLOCKED and not self.ended.is_set():
                 if not blocked:
@@ -7122,6 +7228,7 @@ class Runtime:
         self.started_steps = 0
         self.recycled = ""
         self.replaced: dict[str, Any] = {}   # run_inline(steps=): step name -> what runs in its place
+        self.caller_thread = False   # run_inline's: steps run on the caller's thread (its Ctrl-C is its own)
         # async steps (SPEC §19): the event loop they run on, when a pipeline this process works has one
         self.lane: AsyncLane | None = AsyncLane(self) if self.spec.workers and any(
             is_async_step(fn) for name in self.worker_pipelines
@@ -7130,8 +7237,8 @@ class Runtime:
     # -- process row -------------------------------------------------------------------
     @property
     def row_role(self) -> str:
-        """This process's role in its row, its log lines and its local heartbeat file."""
-        return self.spec.row_role
+        """This process's role in its row, its log lines and its local heartbeat file (run_inline's: inline)."""
+        return INLINE_ROLE if self.caller_thread else self.spec.row_role
 
     def register(self) -> None:
         """Insert this process's row (its id fences every claim this process makes)."""
@@ -7538,6 +7645,8 @@ class Runtime:
                 result = _run_coroutine(result)
             return True, _step_output(c, result), None
         except BaseException as exc:  # noqa: B036 - whatever a step raises is a failed attempt, never a dead thread
+            if self.caller_thread and not isinstance(exc, (Exception, SystemExit)):
+                raise   # (run_inline: Ctrl-C, or a test's pytest.fail() in a stand-in, is the caller's)
             return self._raised(exc)
         finally:
             _CURRENT.reset(token)
@@ -8239,8 +8348,10 @@ class InlineRunner:
 
     def __init__(self, config: Config, pipeline: str, replaced: dict[str, Any]):
         self.runtime = Runtime(config, "worker", [pipeline])
-        self.runtime.replaced = replaced
-        self.runtime.lane = None   # (an async step runs on a loop of its own, here: Runtime._call)
+        self.runtime.replaced, self.runtime.caller_thread = replaced, True
+        if self.runtime.lane is not None:   # (an async step runs on a loop of its own, here: Runtime._call)
+            self.runtime.lane.close()
+            self.runtime.lane = None
         self.pipeline = pipeline
         self.beat_every = float(config.get("supervisor.heartbeat_interval"))
 

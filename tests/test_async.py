@@ -112,6 +112,37 @@ class AsyncBlocks(ductwork.Pipeline):
         p.start(blocker)
 
 
+class TimedBlocker(ductwork.Step):
+    timeout = 30   # (a deadline: the step still runs in its own task, found on the loop's stack)
+
+    async def execute(self, x):
+        time.sleep(1.2)
+        return x
+
+
+class AsyncBlocksTimed(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(TimedBlocker)
+
+
+async def cleans_up(x):
+    MARKS["started"].append(x)
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        await asyncio.sleep(0.3)   # its own clean-up, after the cancel: not cancelled again
+        MARKS["cancelled"].append(x)
+        raise
+    return x
+
+
+class AsyncCleanUp(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(cleans_up)
+
+
 async def half_second(x):
     MARKS["started"].append(x)
     await asyncio.sleep(0.5)
@@ -166,7 +197,22 @@ def test_a_cancel_cancels_the_running_task(engine, start_runtime):
     assert MARKS["cancelled"] == [5]
 
 
-def test_a_step_that_blocks_the_loop_is_logged_by_name(engine, start_runtime):
+def test_a_cancelled_task_is_cancelled_once_its_clean_up_runs_to_its_end(engine, start_runtime):
+    start_runtime(["AsyncCleanUp"])
+    run = AsyncCleanUp.trigger(8)
+    deadline = time.monotonic() + 20
+    while not MARKS["started"] and time.monotonic() < deadline:
+        threading.Event().wait(0.02)
+    assert ductwork.cancel(run.id) == 1
+    deadline = time.monotonic() + 20
+    while not MARKS["cancelled"] and time.monotonic() < deadline:
+        threading.Event().wait(0.02)
+    assert MARKS["cancelled"] == [8]   # (cancelled again at the next tick, its clean-up would never finish)
+    assert run.wait(timeout=20) == "cancelled"
+
+
+@pytest.mark.parametrize("pipeline, name", [(AsyncBlocks, "blocker"), (AsyncBlocksTimed, "TimedBlocker")])
+def test_a_step_that_blocks_the_loop_is_logged_by_name(engine, start_runtime, pipeline, name):
     lines: list[str] = []
 
     class Catch(logging.Handler):
@@ -175,12 +221,12 @@ def test_a_step_that_blocks_the_loop_is_logged_by_name(engine, start_runtime):
     handler = Catch(level=logging.WARNING)
     logging.getLogger("ductwork").addHandler(handler)
     try:
-        start_runtime(["AsyncBlocks"])
-        run = AsyncBlocks.trigger(3)
+        start_runtime([pipeline.__name__])
+        run = pipeline.trigger(3)
         assert run.wait(timeout=30) == "completed"
     finally:
         logging.getLogger("ductwork").removeHandler(handler)
-    assert any(line.startswith("async step blocker blocks the event loop") for line in lines), lines
+    assert any(line.startswith(f"async step {name} blocks the event loop") for line in lines), lines
 
 
 def test_a_drain_lets_the_async_steps_in_flight_finish(engine, start_runtime):

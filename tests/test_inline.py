@@ -4,6 +4,7 @@ steps swapped by name; only the run's own rows touched; a private temporary SQLi
 configured; and a pytest suite built on it (examples/testing) that needs no fixture."""
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -165,6 +166,33 @@ def test_only_the_runs_own_rows_are_claimed(engine, db_url):
     assert other.refresh().status == "in_progress"
     assert count(db_url, "SELECT count(*) FROM ductwork_steps WHERE run_id = :r AND status = 'queued'",
                  (("r", other.id),)) == 1
+
+
+def test_refused_while_live_workers_serve_the_pipeline_they_would_run_its_real_steps(engine, start_runtime):
+    handle = start_runtime(["InlineFan"])
+    assert handle.runtime.booted.wait(20)
+    with pytest.raises(ductwork.DuctworkError, match="live process.*serve pipeline InlineFan"):
+        ductwork.run_inline(InlineFan, 2, steps={"square": lambda x: 0})
+    assert ductwork.run_inline(InlineDivide, "a").status == "completed"   # (a pipeline nobody serves: fine)
+
+
+def test_ctrl_c_in_a_step_is_the_callers_not_a_failed_attempt(engine):
+    def interrupted(x):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        ductwork.run_inline(InlineFan, 2, steps={"square": interrupted})
+
+
+async def async_square(x):
+    await asyncio.sleep(0)
+    return x * x + 0 * ductwork.current_step().step_id
+
+
+def test_async_steps_inline_inside_a_running_event_loop_see_their_step(engine):
+    async def main():   # (an async test: this thread runs a loop already)
+        return ductwork.run_inline(InlineFan, 3, steps={"square": async_square})
+    run = asyncio.run(main())
+    assert (run.status, run.output) == ("completed", 5)
 
 
 @pytest.mark.parametrize("call, message", [

@@ -141,6 +141,7 @@ def test_a_connection_to_another_database_or_of_an_unknown_kind_is_refused(outbo
     else:
         import pg8000.native
         conn = pg8000.native.Connection(**{**pg_params(outbox), "database": "postgres"})
+        conn.run("BEGIN")
         with pytest.raises(ductwork.DuctworkError, match="the connection is to postgres, but the configured"):
             OutboxPipe.trigger(1, connection=conn)
         conn.close()
@@ -151,3 +152,57 @@ def test_a_connection_to_another_database_or_of_an_unknown_kind_is_refused(outbo
     with pytest.raises(ductwork.DuctworkError, match="is not a connection ductwork can write on"):
         OutboxPipe.trigger(1, connection=object())
     assert rows(outbox, "SELECT count(*) FROM ductwork_runs") == 0
+
+
+def test_an_autocommitting_or_asynchronous_connection_is_refused(outbox):
+    """The run would not be part of the caller's transaction: refused before anything is written."""
+    if outbox.startswith("sqlite"):
+        conn = sqlite3.connect(ductwork.parse_database_url(outbox).path, isolation_level=None)
+        with pytest.raises(ductwork.DuctworkError, match="autocommit"):
+            OutboxPipe.trigger(1, connection=conn)
+        conn.close()
+    else:
+        import asyncio
+
+        import pg8000.native
+        import psycopg
+        p = pg_params(outbox)
+        native = pg8000.native.Connection(**p)   # no BEGIN: each statement would commit alone
+        with pytest.raises(ductwork.DuctworkError, match="autocommit mode.*run BEGIN first"):
+            OutboxPipe.trigger(1, connection=native)
+        native.close()
+        auto = psycopg.connect(host=p["host"], port=p["port"], user=p["user"], dbname=p["database"], autocommit=True)
+        with pytest.raises(ductwork.DuctworkError, match="autocommit mode"):
+            OutboxPipe.trigger(1, connection=auto)
+        auto.close()
+
+        async def refused() -> str:
+            conn = await psycopg.AsyncConnection.connect(host=p["host"], port=p["port"], user=p["user"],
+                                                         dbname=p["database"])
+            try:
+                with pytest.raises(ductwork.DuctworkError, match="is asynchronous") as caught:
+                    OutboxPipe.trigger(1, connection=conn)
+                return str(caught.value)
+            finally:
+                await conn.close()
+        assert "AsyncConnection" in asyncio.run(refused())
+    assert rows(outbox, "SELECT count(*) FROM ductwork_runs") == 0
+
+
+def test_a_connection_that_gives_rows_as_dicts_works(outbox):
+    if outbox.startswith("sqlite"):
+        conn = sqlite3.connect(ductwork.parse_database_url(outbox).path)
+        conn.row_factory = sqlite3.Row
+    else:
+        import psycopg
+        import psycopg.rows
+        p = pg_params(outbox)
+        conn = psycopg.connect(host=p["host"], port=p["port"], user=p["user"], dbname=p["database"],
+                               row_factory=psycopg.rows.dict_row)
+    try:
+        run = OutboxPipe.trigger(4, connection=conn)
+        assert (run.status, run.input, run.pipeline) == ("in_progress", [4], "OutboxPipe")
+        conn.commit()
+    finally:
+        conn.close()
+    assert ductwork.Run.get(run.id).input == [4]
