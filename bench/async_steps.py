@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import bench_app  # noqa: F401 - the pipelines
 from common import Database, pause, stop, table, wait_for, write_config
 
 import ductwork
