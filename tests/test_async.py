@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
+from procs import Proc, wait_until
 
 import ductwork
+
+sys.path.insert(0, str(Path(__file__).parent / "apps"))
+import async_app  # noqa: E402
 
 MARKS: dict[str, list] = {"started": [], "cancelled": []}
 PEAK = {"now": 0, "max": 0}
@@ -250,3 +257,28 @@ def test_run_inline_runs_async_steps_too(engine):
 def test_a_bad_async_count_is_a_config_error(value):
     with pytest.raises(ductwork.ConfigError, match="async_count"):
         ductwork.load_config(data={"job_worker": {"async_count": value}})
+
+
+def test_a_real_supervisors_worker_runs_async_steps_at_once_and_drains_them(procs, tmp_path, app_db):
+    """`python ductwork.py run` (forking): its worker child, one thread, runs 12 half-second async steps at once
+    (their executions overlap in the database), and a SIGTERM while 4 more run lets them commit."""
+    sup = Proc(tmp_path, app_db, config={"app": async_app.__file__, "job_worker": {"count": 1, "async_count": 12,
+                                                                                 "shutdown_timeout": 10},
+                                         "supervisor": {"shutdown_timeout": 15}})
+    procs.append(sup)
+    sup.wait_log(r"worker started")
+    runs = [async_app.SupAsync.trigger(0.5) for _ in range(12)]
+    assert all(run.wait(timeout=30) == "completed" for run in runs)
+    with ductwork._app_engine().store.tx(write=False) as t:
+        spans = t.all("SELECT started_at, finished_at FROM ductwork_executions ORDER BY started_at")
+    assert len(spans) == 12
+    overlap = max(sum(1 for s, f in spans if s <= start < f) for start, _ in spans)
+    assert overlap >= 6, spans   # (one thread: one at a time without the loop)
+    late = [async_app.SupAsync.trigger(2.0) for _ in range(4)]
+    def running() -> int:
+        with ductwork._app_engine().store.tx(write=False) as t:
+            return t.one("SELECT count(*) FROM ductwork_steps WHERE status = 'running'")[0]
+    wait_until(lambda: running() == 4, 20, what="4 async steps running")
+    sup.signal(signal.SIGTERM)
+    assert sup.wait(30) == 0
+    assert [run.refresh().status for run in late] == ["completed"] * 4
