@@ -49,7 +49,8 @@ results = Path(tempfile.mkstemp(prefix="ductwork-bench-", suffix=".jsonl")[1])
 env = {**os.environ, "DUCTWORK_BENCH_RESULTS": str(results)}
 try:
     for script, args in (("floor.py", []), ("throughput.py", []), ("peers.py", []), ("scale.py", []), ("ops.py", []),
-                         ("bigdb.py", []), ("cancel.py", []), ("waits.py", [])):
+                         ("bigdb.py", []), ("cancel.py", []), ("waits.py", []), ("flow.py", []),
+                         ("async_steps.py", [])):
         print(f"\n## bench/{script} {' '.join(args)}", flush=True)
         subprocess.run([sys.executable, str(HERE / script), *args], check=True, env=env)
     side_by_side(results)
