@@ -1091,13 +1091,21 @@ class _ForeignConnection:
 
     @staticmethod
     def autocommits(conn: Any, driver: str) -> bool:
-        """Would each statement commit by itself? (pg8000.native: not inside a BEGIN; sqlite3: isolation_level
-        None or autocommit=True, outside a transaction; the others: their ``autocommit``.)"""
-        if driver == "native":
-            return getattr(conn, "_transaction_status", None) != b"T"
-        if getattr(conn, "autocommit", False) is True:
-            return True
-        return driver == "sqlite3" and conn.isolation_level is None and not conn.in_transaction
+        """Would each statement commit by itself: a connection in autocommit mode (pg8000.native always is;
+        sqlite3 also with isolation_level None) outside a transaction it began (BEGIN, psycopg's transaction())?"""
+        module = type(conn).__module__
+        if driver == "sqlite3":
+            autocommit = getattr(conn, "autocommit", None) is True or conn.isolation_level is None
+            return autocommit and not conn.in_transaction
+        if driver != "native" and getattr(conn, "autocommit", False) is not True:
+            return False   # (the driver begins a transaction at the first statement)
+        if module.startswith("psycopg2"):
+            import psycopg2.extensions
+            return conn.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_INTRANS
+        if module.startswith("psycopg"):
+            import psycopg.pq
+            return conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS
+        return getattr(conn, "_transaction_status", None) != b"T"   # (pg8000: its last ReadyForQuery)
 
     def _cursor(self) -> Any:
         """A cursor of the caller's connection that gives rows as tuples, whatever row factory the connection
@@ -4193,11 +4201,11 @@ class SQL:
         VALUES (:pid, :machine, :role, :pipelines, :parent_id, :state, :restarts, :info, {now}, {now})
         RETURNING id"""
 
-    # run_inline: the pipelines served by the live processes that run steps (run_inline's own rows aside).
+    # run_inline: the pipelines of the live processes that claim steps or branches (run_inline's own aside).
     live_workers = """
         SELECT pipelines
         FROM ductwork_processes
-        WHERE role IN ('worker', 'supervisor')
+        WHERE role IN ('worker', 'advancer', 'supervisor')
           AND last_heartbeat_at > {now} - :stale"""
 
     # Proof of life (0 rows: the row was reaped meanwhile).
@@ -7010,7 +7018,7 @@ class AsyncLane:
         """Start ``c``'s step on the loop (waiting for a free place among async_count); once the loop ended (a
         drain that began meanwhile), the claim goes back to the queue, never run."""
         while not self.slots.acquire(timeout=ASYNC_TICK * 4):
-            if self.rt.stopping.is_set() and self.closed:
+            if self.rt.stopping.is_set():   # (a drain: a step that has not begun goes back)
                 self.rt._release([c])
                 return
         with self.rt.in_flight_lock:
@@ -7019,12 +7027,17 @@ class AsyncLane:
                 self.running += 1
                 if self.loop_ident is not None:   # (a worker thread that dies does not take it with it)
                     self.rt.owners[c.step_id] = self.loop_ident
-        if not taken:
+        try:
+            if not taken:
+                raise RuntimeError("the event loop of async steps ended")
+            self.rt._give_deadline(c, fn)
+            self.loop.call_soon_threadsafe(self._start, c, fn)
+        except RuntimeError:   # (the loop ended meanwhile: closed, or its thread died)
+            if taken:
+                with self.rt.in_flight_lock:
+                    self.running -= 1
             self.slots.release()
             self.rt._release([c])
-            return
-        self.rt._give_deadline(c, fn)
-        self.loop.call_soon_threadsafe(self._start, c, fn)
 
     def _start(self, c: JobClaim, fn: Any) -> None:
         """On the loop: the step's task, its deadline, and what follows its end (_done)."""
@@ -7047,6 +7060,8 @@ class AsyncLane:
         _CURRENT.set(rt._step_context(c))   # (this task's own context)
         try:
             value = await rt._invoke(c, fn)
+            if c.expires is not None and time.monotonic() >= c.expires:
+                c.timed_out = True   # (returned past its deadline: it blocked the loop, the timer could not fire)
             if not c.timed_out:
                 return StepResult(c, True, _step_output(c, value))
         except self.asyncio.CancelledError:
@@ -7094,6 +7109,8 @@ class AsyncLane:
         try:
             self.loop.run_until_complete(self._watch())
         finally:
+            with self.rt.in_flight_lock:   # (however it ended: no step is handed to it any more)
+                self.closed = True
             for _, task in list(self.tasks.values()):
                 task.cancel()
             with contextlib.suppress(Exception):

@@ -150,6 +150,20 @@ class AsyncCleanUp(ductwork.Pipeline):
         p.start(cleans_up)
 
 
+class LateReturner(ductwork.Step):
+    timeout = 0.5
+
+    async def execute(self, x):
+        time.sleep(1.0)   # (blocks the loop: the deadline's timer cannot fire before it returns)
+        return x
+
+
+class AsyncLate(ductwork.Pipeline):
+    @staticmethod
+    def define(p):
+        p.start(LateReturner)
+
+
 async def half_second(x):
     MARKS["started"].append(x)
     await asyncio.sleep(0.5)
@@ -187,6 +201,16 @@ def test_a_timeout_cancels_the_task_and_fails_the_attempt(engine, start_runtime,
     with engine.store.tx(write=False) as t:
         (error,) = t.one("SELECT error FROM ductwork_executions WHERE run_id = :r", {"r": run.id})
     assert error.startswith("StepTimeout: step AsyncStuck ran past its timeout of 0.3s"), error
+
+
+def test_a_step_that_returns_past_its_deadline_timed_out(engine, start_runtime, db_url):
+    ductwork.configure(database_url=db_url, config={"job_worker": {"max_retry": 0}})
+    start_runtime(["AsyncLate"], job_worker={"max_retry": 0})
+    run = AsyncLate.trigger(1)
+    assert run.wait(timeout=30) == "halted"
+    with engine.store.tx(write=False) as t:
+        (error,) = t.one("SELECT error FROM ductwork_executions WHERE run_id = :r", {"r": run.id})
+    assert error.startswith("StepTimeout: step LateReturner ran past its timeout of 0.5s"), error
 
 
 def test_a_cancel_cancels_the_running_task(engine, start_runtime):

@@ -168,8 +168,9 @@ def test_only_the_runs_own_rows_are_claimed(engine, db_url):
                  (("r", other.id),)) == 1
 
 
-def test_refused_while_live_workers_serve_the_pipeline_they_would_run_its_real_steps(engine, start_runtime):
-    handle = start_runtime(["InlineFan"])
+@pytest.mark.parametrize("role", ["combined", "advancer"])
+def test_refused_while_live_workers_serve_the_pipeline_they_would_run_its_real_steps(engine, start_runtime, role):
+    handle = start_runtime(["InlineFan"], role=role)
     assert handle.runtime.booted.wait(20)
     with pytest.raises(ductwork.DuctworkError, match="live process.*serve pipeline InlineFan"):
         ductwork.run_inline(InlineFan, 2, steps={"square": lambda x: 0})

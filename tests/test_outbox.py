@@ -206,3 +206,21 @@ def test_a_connection_that_gives_rows_as_dicts_works(outbox):
     finally:
         conn.close()
     assert ductwork.Run.get(run.id).input == [4]
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_an_autocommit_connection_inside_a_transaction_it_began_is_accepted(outbox):
+    """psycopg's documented pattern: autocommit=True, and conn.transaction() for the writes that go together."""
+    import psycopg
+    p = pg_params(outbox)
+    conn = psycopg.connect(host=p["host"], port=p["port"], user=p["user"], dbname=p["database"], autocommit=True)
+    try:
+        with pytest.raises(RuntimeError, match="rolled back"), conn.transaction():
+            dropped = OutboxPipe.trigger(2, connection=conn)
+            raise RuntimeError("rolled back")
+        with conn.transaction():
+            kept = OutboxPipe.trigger(3, connection=conn)
+    finally:
+        conn.close()
+    assert rows(outbox, f"SELECT count(*) FROM ductwork_runs WHERE id = {dropped.id}") == 0
+    assert ductwork.Run.get(kept.id).input == [3]
