@@ -216,28 +216,21 @@ def test_a_step_that_returns_past_its_deadline_timed_out(engine, start_runtime, 
 def test_a_cancel_cancels_the_running_task(engine, start_runtime):
     start_runtime(["AsyncCancel"])
     run = AsyncCancel.trigger(5)
-    deadline = time.monotonic() + 20
-    while not MARKS["started"] and time.monotonic() < deadline:
-        threading.Event().wait(0.02)
+    wait_until(lambda: MARKS["started"], 20, what="started")
     assert MARKS["started"] == [5]
     assert ductwork.cancel(run.id) == 1
     assert run.wait(timeout=20) == "cancelled"
-    deadline = time.monotonic() + 20   # the answer to a cancel comes within about a second (cancel watch)
-    while not MARKS["cancelled"] and time.monotonic() < deadline:
-        threading.Event().wait(0.02)
+    # the answer to a cancel comes within about a second (the cancel watch), then the next tick
+    wait_until(lambda: MARKS["cancelled"], 20, what="cancelled")
     assert MARKS["cancelled"] == [5]
 
 
 def test_a_cancelled_task_is_cancelled_once_its_clean_up_runs_to_its_end(engine, start_runtime):
     start_runtime(["AsyncCleanUp"])
     run = AsyncCleanUp.trigger(8)
-    deadline = time.monotonic() + 20
-    while not MARKS["started"] and time.monotonic() < deadline:
-        threading.Event().wait(0.02)
+    wait_until(lambda: MARKS["started"], 20, what="started")
     assert ductwork.cancel(run.id) == 1
-    deadline = time.monotonic() + 20
-    while not MARKS["cancelled"] and time.monotonic() < deadline:
-        threading.Event().wait(0.02)
+    wait_until(lambda: MARKS["cancelled"], 20, what="cancelled")
     assert MARKS["cancelled"] == [8]   # (cancelled again at the next tick, its clean-up would never finish)
     assert run.wait(timeout=20) == "cancelled"
 
@@ -263,9 +256,7 @@ def test_a_step_that_blocks_the_loop_is_logged_by_name(engine, start_runtime, pi
 def test_a_drain_lets_the_async_steps_in_flight_finish(engine, start_runtime):
     handle = start_runtime(["AsyncDrain"])
     runs = [AsyncDrain.trigger(i) for i in range(5)]
-    deadline = time.monotonic() + 20
-    while len(MARKS["started"]) < 5 and time.monotonic() < deadline:
-        threading.Event().wait(0.02)
+    wait_until(lambda: len(MARKS["started"]) >= 5, 20, what="5 started")
     assert sorted(MARKS["started"]) == list(range(5))
     assert handle.stop(timeout=20) == ductwork.EXIT_OK
     assert [run.refresh().status for run in runs] == ["completed"] * 5
