@@ -7057,9 +7057,10 @@ class AsyncLane:
     async def _run(self, c: JobClaim, fn: Any) -> StepResult:
         """One async step on the loop: its result, or its failure."""
         rt = self.rt
-        _CURRENT.set(rt._step_context(c))   # (this task's own context)
+        ctx = rt._step_context(c)
+        _CURRENT.set(ctx)   # (this task's own context)
         try:
-            value = await rt._invoke(c, fn)
+            value = await rt._invoke(c, fn, ctx)
             if c.expires is not None and time.monotonic() >= c.expires:
                 c.timed_out = True   # (returned past its deadline: it blocked the loop, the timer could not fire)
             if not c.timed_out:
@@ -7070,9 +7071,7 @@ class AsyncLane:
         except BaseException as exc:  # noqa: B036 - whatever a step raises is a failed attempt
             if not c.timed_out:
                 _, text, error = rt._raised(exc)
-                log.info("step %s failed (attempt %d): %s", c.name, c.attempt, text.splitlines()[0],
-                         extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
-                return rt._failure(c, fn, text, error)
+                return rt._failed_attempt(c, fn, text, error)
         if c.timed_out:   # (cancelled at its deadline, or done after it: the attempt timed out)
             return rt._timeout_result(c, fn, None)
         return self._cancelled(c)
@@ -7472,10 +7471,14 @@ class Runtime:
             self._untrack([c])
             return None
         if not ok:
-            log.info("step %s failed (attempt %d): %s", c.name, c.attempt, value.splitlines()[0],
-                     extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
-            return self._failure(c, fn, value, error)
+            return self._failed_attempt(c, fn, value, error)
         return StepResult(c, True, value)
+
+    def _failed_attempt(self, c: JobClaim, fn: Any, text: str, error: BaseException | None) -> StepResult:
+        """A step's attempt failed (on a worker thread, or on the async lane's loop): logged, and what follows."""
+        log.info("step %s failed (attempt %d): %s", c.name, c.attempt, text.splitlines()[0],
+                 extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
+        return self._failure(c, fn, text, error)
 
     # -- step timeouts (SPEC §15) --------------------------------------------------------
     # A step with a timeout gets a deadline as it starts (self.deadline; should_stop turns true at it). At the
@@ -7655,9 +7658,10 @@ class Runtime:
     def _call(self, c: JobClaim, fn: Any) -> tuple[bool, str, BaseException | None]:
         """Run the step; (True, output json, None) or (False, error text with a bounded traceback, the error). An
         async step that comes here (run_inline; a worker without the async lane) runs on an event loop of its own."""
-        token = _CURRENT.set(self._step_context(c))
+        ctx = self._step_context(c)
+        token = _CURRENT.set(ctx)
         try:
-            result = self._invoke(c, fn)
+            result = self._invoke(c, fn, ctx)
             if inspect.iscoroutine(result):
                 result = _run_coroutine(result)
             return True, _step_output(c, result), None
@@ -7674,11 +7678,10 @@ class Runtime:
                            f"{c.pipeline}:{c.run_id}:{c.step_id}", c.pipeline, c.name, c)
 
     @staticmethod
-    def _invoke(c: JobClaim, fn: Any) -> Any:
+    def _invoke(c: JobClaim, fn: Any, ctx: StepContext) -> Any:
         """Call the step with its input: what it returns (an async step: its coroutine)."""
         args = _step_arguments(c)
         if inspect.isclass(fn):
-            ctx = _CURRENT.get()
             obj = fn()
             obj.context, obj.run_id, obj.attempt = ctx.context, c.run_id, c.attempt
             obj.idempotency_key = ctx.idempotency_key

@@ -73,16 +73,22 @@ class AsyncCrowd(ductwork.Pipeline):
         p.start(crowd)
 
 
+async def marked_wait(mark, clean_up: float = 0.0):
+    """Wait a minute, marking the start and the cancel (after ``clean_up`` seconds of the step's own)."""
+    MARKS["started"].append(mark)
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        await asyncio.sleep(clean_up)
+        MARKS["cancelled"].append(mark)
+        raise
+
+
 class AsyncStuck(ductwork.Step):
     timeout = 0.3
 
     async def execute(self, x):
-        MARKS["started"].append(self.step_id)
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            MARKS["cancelled"].append(self.step_id)
-            raise
+        await marked_wait(self.step_id)
         return x
 
 
@@ -93,12 +99,7 @@ class AsyncTimesOut(ductwork.Pipeline):
 
 
 async def waits_long(x):
-    MARKS["started"].append(x)
-    try:
-        await asyncio.sleep(60)
-    except asyncio.CancelledError:
-        MARKS["cancelled"].append(x)
-        raise
+    await marked_wait(x)
     return x
 
 
@@ -134,13 +135,7 @@ class AsyncBlocksTimed(ductwork.Pipeline):
 
 
 async def cleans_up(x):
-    MARKS["started"].append(x)
-    try:
-        await asyncio.sleep(60)
-    except asyncio.CancelledError:
-        await asyncio.sleep(0.3)   # its own clean-up, after the cancel: not cancelled again
-        MARKS["cancelled"].append(x)
-        raise
+    await marked_wait(x, clean_up=0.3)   # its own clean-up, after the cancel: not cancelled again
     return x
 
 
