@@ -4,7 +4,9 @@
 A map of this module, top to bottom (search for the ``# ===`` banners):
 
     errors & constants   exception classes, exit codes, halt reasons, wake-up channels, backoff()
-    logging              text/JSON log lines, password masking
+    logging              text/JSON log lines (ECS fields; in a serving process the app's loggers, warnings, prints and
+                         uncaught exceptions too), password masking; this process's metrics (ProcessMetrics: the
+                         histograms and counters its row carries to /metrics); OpenTelemetry tracing (_Tracing)
     config               YAML sections, strict validation, override maps
     storage              database URLs, SQLite / pg8000 connections (prepared, or pooler-safe unnamed), TLS,
                          the connection pool, Store and Tx (and the SQLite file under them), StoreSQL, migrations
@@ -33,12 +35,14 @@ whose step finished and writes the next step rows in one transaction.
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import contextlib
 import contextvars
 import dataclasses
 import functools
 import importlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -231,7 +235,7 @@ def backoff(attempt: int, base: float, cap: float, jitter: float = 0.0) -> float
 
 
 # =====================================================================================
-# logging: one line per event, text or JSON, with pid/role/pipeline; secrets masked
+# logging: one line per event, text or JSON, with pid/role/pipeline; secrets masked; metrics; tracing
 # =====================================================================================
 
 log = logging.getLogger("ductwork")
@@ -253,8 +257,20 @@ def mask(text: str) -> str:
     return text
 
 
+# JSON lines follow the Elastic Common Schema (ECS 8): "@timestamp", "log.level", "message", "log.logger",
+# "process.pid", "process.thread.name", "error.type" / "error.message" / "error.stack_trace", "trace.id" /
+# "span.id" (OpenTelemetry on), and ductwork's own under "ductwork." (role, pipeline, run_id, step_id, attempt).
+# Keys are dotted, not nested (Filebeat's ndjson parser expands them; Loki and Vector take them as they are).
+# "severity" repeats the level upper-case: Google Cloud Logging reads that key, and shows DEFAULT without it.
+ECS_VERSION = "8.11"
+# The record attributes a line shows (extra={...} of ductwork's own calls; else the step running on that thread
+# or task, see _CURRENT): record attribute (the text format's key) -> JSON key.
+LOG_FIELDS = {"pipeline": "ductwork.pipeline", "run": "ductwork.run_id", "step": "ductwork.step_id",
+              "attempt": "ductwork.attempt"}
+
+
 class _Formatter(logging.Formatter):
-    """One line per record: text (``ts LEVEL [pid role thread] message k=v``) or a JSON object."""
+    """One line per record: text (``ts LEVEL [pid role thread] message k=v``) or a JSON object (ECS fields)."""
 
     def __init__(self, fmt: str):
         super().__init__()
@@ -262,33 +278,291 @@ class _Formatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
-        if record.exc_info and isinstance(record.exc_info[1], ConfigError):   # a setting to fix: one line, the fix
-            message += f": {record.exc_info[1]}"
-        elif record.exc_info:
-            message += "\n" + self.formatException(record.exc_info)
-        fields = {key: getattr(record, key) for key in ("pipeline", "run", "step")
-                  if getattr(record, key, None) is not None}
+        error = record.exc_info[1] if record.exc_info else None
+        trace = self.formatException(record.exc_info) if record.exc_info and not isinstance(error, ConfigError) else ""
+        fields = _record_fields(record)
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         role = _PROCESS_ROLE["role"]
         if self.json:
-            out = {"ts": ts, "level": record.levelname.lower(), "pid": record.process, "role": role,
-                   "thread": record.threadName, "msg": message, **fields}
+            out = {"@timestamp": ts, "log.level": record.levelname.lower(), "severity": record.levelname,
+                   "message": message, "log.logger": record.name, "process.pid": record.process,
+                   "process.thread.name": record.threadName, "ductwork.role": role, "ecs.version": ECS_VERSION,
+                   **{LOG_FIELDS.get(k, k): v for k, v in fields.items()}}
+            if error is not None:
+                out |= {"error.type": type(error).__name__, "error.message": str(error)}
+                if trace:
+                    out["error.stack_trace"] = trace
             return mask(json.dumps(out, default=str))
+        if isinstance(error, ConfigError):   # a setting to fix: one line, the fix
+            message += f": {error}"
+        elif trace:
+            message += "\n" + trace
         extra = "".join(f" {k}={v}" for k, v in fields.items())
+        if not record.name.startswith("ductwork") or record.name.startswith("ductwork.app"):
+            extra += f" logger={record.name}"
         return mask(f"{ts} {record.levelname:<7} [{record.process} {role} {record.threadName}] {message}{extra}")
 
 
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    """Send ductwork's log lines to stdout in the configured format (idempotent)."""
-    for handler in list(log.handlers):
-        if getattr(handler, "_ductwork", False):
-            log.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stdout)
+def _record_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """A record's run, step, pipeline and attempt: what its call gave (extra=), else the step running in that
+    thread or task (so the app's own log lines inside a step say which), plus the trace ids when tracing is on."""
+    fields = {key: getattr(record, key) for key in LOG_FIELDS if getattr(record, key, None) is not None}
+    if "run" not in fields:
+        current = _CURRENT.get()
+        if current is not None:
+            fields |= {"pipeline": current.pipeline, "run": current.run_id, "step": current.step_id,
+                       "attempt": current.attempt}
+    fields |= _trace_fields()
+    return fields
+
+
+def _trace_fields() -> dict[str, str]:
+    """The current span's trace and span ids (hex), when OpenTelemetry traces this process (see "tracing")."""
+    span = _Tracing.current_span()
+    return {} if span is None else {"trace.id": span[0], "span.id": span[1]}
+
+
+class _OutputLines:
+    """sys.stdout / sys.stderr of a serving process in JSON mode: each line written (print(), a library's
+    writes, a traceback printed by hand) becomes a log record of logger ``ductwork.app.<name>``, so every line on
+    stdout is one JSON object. Bytes written to ``.buffer`` and a write from inside logging itself (an error of a
+    handler) go to the real stream as they are."""
+
+    def __init__(self, name: str, stream: Any, level: int):
+        self.logger, self.stream, self.level = logging.getLogger(f"ductwork.app.{name}"), stream, level
+        self.lock, self.partial, self.inside = threading.Lock(), "", threading.local()
+        self.buffer = getattr(stream, "buffer", None)
+        self.encoding, self.errors = getattr(stream, "encoding", "utf-8"), getattr(stream, "errors", "strict")
+
+    def write(self, text: str) -> int:
+        if getattr(self.inside, "yes", False):
+            return self.stream.write(text)
+        with self.lock:
+            lines = (self.partial + text).split("\n")
+            self.partial = lines.pop()
+        self._emit(lines)
+        return len(text)
+
+    def _emit(self, lines: list[str]) -> None:
+        self.inside.yes = True
+        try:
+            for line in lines:
+                if line.strip():
+                    self.logger.log(self.level, line)
+        finally:
+            self.inside.yes = False
+
+    def flush(self) -> None:
+        with self.lock:
+            rest, self.partial = self.partial, ""
+        self._emit([rest])
+        with contextlib.suppress(Exception):
+            self.stream.flush()
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+
+def _log_uncaught(kind: str) -> Callable[..., None]:
+    """sys.excepthook / threading.excepthook: an uncaught exception as one error record (its traceback in it)."""
+    def hook(*args: Any) -> None:
+        if kind == "thread":
+            (info,) = args
+            if info.exc_type is SystemExit:
+                return
+            where, exc_info = f"thread {info.thread.name if info.thread else '?'}", (
+                info.exc_type, info.exc_value, info.exc_traceback)
+        else:
+            where, exc_info = "main thread", args
+        logging.getLogger("ductwork.app.uncaught").error("uncaught exception in %s", where, exc_info=exc_info)
+    return hook
+
+
+def setup_logging(level: str = "info", fmt: str = "text", capture: bool = False) -> None:
+    """Send ductwork's log lines to stdout in the configured format (idempotent). ``capture`` (a serving process,
+    config ``logger.capture``): the app's loggers (the root logger's handlers), Python warnings and uncaught
+    exceptions of threads too, in the same format; in JSON mode, what is printed as well."""
+    stream = sys.stdout.stream if isinstance(sys.stdout, _OutputLines) else sys.stdout
+    handler = logging.StreamHandler(stream)
     handler._ductwork = True  # type: ignore[attr-defined]
     handler.setFormatter(_Formatter(fmt))
-    log.addHandler(handler)
-    log.setLevel(level.upper())
+    loggers = [log, logging.getLogger()] if capture else [log]
+    for logger in (log, logging.getLogger()):
+        for old in list(logger.handlers):
+            if getattr(old, "_ductwork", False):
+                logger.removeHandler(old)
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(level.upper())
     log.propagate = False
+    if capture:
+        logging.captureWarnings(True)
+        sys.excepthook, threading.excepthook = _log_uncaught("main"), _log_uncaught("thread")
+        if fmt == "json" and not isinstance(sys.stdout, _OutputLines):
+            sys.stdout = _OutputLines("stdout", sys.stdout, logging.INFO)
+            sys.stderr = _OutputLines("stderr", sys.stderr, logging.WARNING)
+
+
+# -------------------------------------------------------------------------------------
+# This process's histograms and counters (/metrics, see "Metrics: what counts where"). Kept in memory, cheap to
+# add to (a bisect and a lock per observation), written to the process's row with every heartbeat (its info's
+# "metrics") and exported from there by the dashboard with a label naming the process, so that a scrape of one
+# endpoint gives every process's series: each only goes up while its process lives (a restart is a reset, as
+# when Prometheus scrapes a restarted target), and sum(rate(...)) over them is right.
+# -------------------------------------------------------------------------------------
+
+# Upper bounds (seconds) of each histogram's buckets, +Inf implied: a no-op step takes milliseconds, a call to
+# a vendor seconds, a batch job an hour; a run of a chain takes tens of milliseconds to days (sleeps, waits).
+HISTOGRAM_BOUNDS = {
+    "step_duration": (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
+    "queue_wait": (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
+    "run_duration": (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400),
+}
+
+
+class ProcessMetrics:
+    """Per pipeline: each histogram's bucket counts (not cumulative; the last, +Inf) and sum, and counters."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.histograms: dict[str, dict[str, list[float]]] = {name: {} for name in HISTOGRAM_BOUNDS}
+        self.counters: dict[str, dict[str, int]] = {}
+
+    def observe(self, name: str, pipeline: str, value: float) -> None:
+        """One observation of histogram ``name`` (a value above every bound goes to +Inf; a negative one, a
+        clock's step back, to the first bucket)."""
+        bounds = HISTOGRAM_BOUNDS[name]
+        bucket = bisect.bisect_left(bounds, value)
+        with self.lock:
+            counts = self.histograms[name].get(pipeline)
+            if counts is None:
+                counts = self.histograms[name][pipeline] = [0] * (len(bounds) + 1) + [0.0]
+            counts[bucket] += 1
+            counts[-1] += max(0.0, value)
+
+    def count(self, name: str, pipeline: str, n: int = 1) -> None:
+        """Add ``n`` to counter ``name`` of ``pipeline``."""
+        with self.lock:
+            by_pipeline = self.counters.setdefault(name, {})
+            by_pipeline[pipeline] = by_pipeline.get(pipeline, 0) + n
+
+    def snapshot(self) -> dict:
+        """What the process row's info carries: {"histograms": {name: {pipeline: [counts..., sum]}}, "counters":
+        {name: {pipeline: n}}}, only what was observed."""
+        with self.lock:
+            return {"histograms": {name: {p: list(c) for p, c in by_pipeline.items()}
+                                   for name, by_pipeline in self.histograms.items() if by_pipeline},
+                    "counters": {name: dict(by_pipeline) for name, by_pipeline in self.counters.items()}}
+
+
+METRICS = ProcessMetrics()   # this process's; a forked child starts its own (_after_fork_in_child)
+
+
+# -------------------------------------------------------------------------------------
+# Tracing (SPEC §19): OpenTelemetry, only when the opentelemetry-api package is importable and the app set a
+# tracer provider (the API's default provider records nothing: then nothing is read or written for it either).
+# trigger() starts and ends a span "ductwork.run <Pipeline>", child of the span current there (the web request
+# that triggered the run), and stores its W3C trace context with the run (runs.trace_context, migration 8);
+# each step execution, in whatever worker process, is a span "ductwork.step <Pipeline>.<Step>", child of the
+# run's span, current while the step runs (the app's own spans and log lines inside it belong to it). One trace
+# goes from the request through every process that ran a step. (The run span is the trigger's moment: a span
+# cannot be ended by another process; the run's duration is a histogram, see ProcessMetrics.)
+# -------------------------------------------------------------------------------------
+
+TRACE_CACHE = 1000   # the runs' trace contexts a worker process keeps (one read per run, not per step)
+
+
+class _Tracing:
+    """OpenTelemetry's modules (imported once, on first use; False when not importable) and the spans."""
+
+    api: Any = None
+    contexts: dict[int, Any] = {}   # run id -> its trace context (a carrier dict, or None: not traced)
+
+    @classmethod
+    def tracer(cls) -> Any:
+        """ductwork's tracer, or None: no opentelemetry-api, or no tracer provider set by the app."""
+        if cls.api is None:
+            try:
+                if importlib.util.find_spec("opentelemetry") is None:
+                    raise ImportError("opentelemetry")
+                from opentelemetry import propagate, trace
+                cls.api = (trace, propagate)
+            except (ImportError, ValueError):
+                cls.api = False
+        if not cls.api:
+            return None
+        trace = cls.api[0]
+        if type(trace.get_tracer_provider()).__name__ in ("ProxyTracerProvider", "NoOpTracerProvider"):
+            return None
+        return trace.get_tracer("ductwork", __version__)
+
+    @classmethod
+    def current_span(cls) -> tuple[str, str] | None:
+        """The current span's (trace id, span id) in hex, or None (never imports: a log line must not)."""
+        if not cls.api:
+            return None
+        span_context = cls.api[0].get_current_span().get_span_context()
+        if not span_context.is_valid:
+            return None
+        return format(span_context.trace_id, "032x"), format(span_context.span_id, "016x")
+
+    @classmethod
+    def run_span(cls, pipeline: str) -> tuple[Any, str] | None:
+        """trigger(): the run's span (started, child of the current one) and its trace context as stored."""
+        tracer = cls.tracer()
+        if tracer is None:
+            return None
+        trace, propagate = cls.api
+        span = tracer.start_span(f"ductwork.run {pipeline}", kind=trace.SpanKind.PRODUCER,
+                                 attributes={"ductwork.pipeline": pipeline})
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        return span, _dumps(carrier)
+
+    @classmethod
+    @contextlib.contextmanager
+    def step_span(cls, engine: Any, c: Any) -> Iterator[Any]:
+        """A step execution's span, current inside (None: not traced); the caller records its outcome."""
+        tracer = cls.tracer()
+        if tracer is None:
+            yield None
+            return
+        trace, propagate = cls.api
+        if c.run_id not in cls.contexts:
+            if len(cls.contexts) >= TRACE_CACHE:
+                cls.contexts.clear()
+            with engine.store.tx(write=False) as t:
+                row = t.one(SQL.run_trace_context, {"id": c.run_id})
+            cls.contexts[c.run_id] = _loads(row[0]) if row and row[0] else None
+        carrier = cls.contexts[c.run_id]
+        parent = propagate.extract(carrier) if isinstance(carrier, dict) else None
+        attributes = {"ductwork.pipeline": c.pipeline, "ductwork.run_id": c.run_id, "ductwork.step_id": c.step_id,
+                      "ductwork.step": c.name, "ductwork.attempt": c.attempt}
+        with tracer.start_as_current_span(f"ductwork.step {c.pipeline}.{c.name}", context=parent,
+                                          kind=trace.SpanKind.CONSUMER, attributes=attributes,
+                                          record_exception=False, set_status_on_exception=False) as span:
+            yield span
+
+    @classmethod
+    def outcome(cls, span: Any, ok: bool, text: str, error: BaseException | None) -> None:
+        """A step span's outcome: the attribute, and a failure's exception and error status."""
+        if span is None:
+            return
+        span.set_attribute("ductwork.outcome", "succeeded" if ok else "failed")
+        if not ok:
+            if error is not None:
+                span.record_exception(error)
+            span.set_status(cls.api[0].Status(cls.api[0].StatusCode.ERROR, (text or str(error)).split("\n")[0]))
 
 
 # =====================================================================================
@@ -343,6 +617,12 @@ def _choice(*choices: str) -> Callable[[str, Any], Any]:
             _fail(path, f"must be one of {', '.join(choices)}, got {value!r}")
         return value
     return check
+
+
+def _boolean(path: str, value: Any) -> Any:
+    if not isinstance(value, bool):
+        _fail(path, f"must be true or false, got {value!r}")
+    return value
 
 
 def _string(path: str, value: Any) -> Any:
@@ -427,6 +707,9 @@ SCHEMA: dict[str, Any] = {
     "logger": {
         "level": (_choice("debug", "info", "warning", "error"), "info"),
         "format": (_choice("text", "json"), "text"),
+        # a serving process's stdout carries the app's log lines, warnings, uncaught exceptions (and, in JSON
+        # mode, what it prints) in the same format; false leaves the root logger, stdout and stderr alone
+        "capture": (_boolean, True),
     },
     "job_worker": {
         "count": _Override(_thread_count, 5, per_step=False),
@@ -1186,6 +1469,7 @@ class Tx:
     def __init__(self, store: "Store", conn: Any):
         self.store, self.conn = store, conn
         self.pending: list[tuple[str, str]] = []   # wake-up hints (channel, payload) to deliver after commit
+        self.measured: list[tuple[str, str, float]] = []   # (histogram, pipeline, value): METRICS, once committed
         self.slot_locks: set[int] = set()   # Postgres: the concurrency keys' locks it holds (Engine._slots_held)
         self.slots_freed: list[tuple[str, str, str]] = []   # slots its writes let go of (Engine.free_slots)
 
@@ -1607,8 +1891,14 @@ class Store:
         finally:
             self._holding.tx = False
             self._release(conn, broken)
+        self._committed(t)
+
+    def _committed(self, t: Tx) -> None:
+        """After ``t`` committed: its wake-up hints out, its measurements into this process's metrics."""
         if t.pending:
             self._deliver(t.pending)
+        for name, pipeline, value in t.measured:
+            METRICS.observe(name, pipeline, value)
 
     @contextlib.contextmanager
     def borrowed(self, connection: Any, kind: type[Tx] = Tx) -> Iterator[Any]:
@@ -1869,6 +2159,18 @@ MIGRATIONS: list[Migration] = [
         "CREATE INDEX ductwork_steps_slots ON ductwork_steps (pipeline, name, concurrency_key) "
         "WHERE status IN ('running', 'cancelling', 'stopping') AND concurrency_key IS NOT NULL",
     ), dropped=("ductwork_steps_queue",)),
+    # 8: observability (issue 20). Totals that are no rollup, in a table of their own: the version before reads
+    # every row of ductwork_counters and knows none but its names. revive() adds there the runs it takes out of a
+    # finished status, so a finished status's count (the runs in it now, pruned from it, taken out of it) never
+    # goes down (see "Metrics: what counts where").
+    Migration(8, (
+        """CREATE TABLE ductwork_tallies (
+            pipeline TEXT NOT NULL, name TEXT NOT NULL, label TEXT NOT NULL, value BIGINT NOT NULL,
+            PRIMARY KEY (pipeline, name, label))""",
+        {"postgres": f"ALTER TABLE ductwork_tallies SET ({_STORAGE['ductwork_counters']})"},
+        # the W3C trace context of the run's span (SPEC §19, see "Tracing"), NULL when not traced
+        "ALTER TABLE ductwork_runs ADD COLUMN trace_context TEXT",
+    )),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1].version
 _TYPES = {"sqlite": {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "float": "REAL"},
@@ -3000,7 +3302,8 @@ class JobClaim(_Row):
     """A step this process claimed to run (a row of ``SQL.claim_steps``)."""
 
     COLUMNS = ("id AS step_id", "run_id", "branch_id", "node", "name", "input", "attempts", "crashes",
-               "claimed_at", "priority", "concurrency_key AS stored_key")
+               "claimed_at", "priority", "concurrency_key AS stored_key",
+               "CASE WHEN available_at > created_at THEN available_at ELSE created_at END AS claimable_at")
     step_id: int
     run_id: int
     branch_id: int
@@ -3012,6 +3315,7 @@ class JobClaim(_Row):
     claimed_at: float          # database clock, epoch seconds
     priority: int              # its run's (trigger(priority=))
     stored_key: str | None     # the concurrency key its row has (a capped step claimed before, then let go)
+    claimable_at: float        # since when it could be claimed: queued, or its delay's end (queue wait's start)
     pipeline: str
     process_id: int            # the claimer's process row: every write about the claim is fenced on it
     token: str                 # the claim token: ... and on this
@@ -3247,6 +3551,16 @@ class SQL:
         VALUES (:pipeline, :definition, 'in_progress', :input, :priority, {now}, {now})
         RETURNING id"""
 
+    # Tracing: a run's trace context (set by its trigger), and what a worker reads of it.
+    run_traced = """
+        UPDATE ductwork_runs
+        SET trace_context = :trace_context
+        WHERE id = :id"""
+    run_trace_context = """
+        SELECT trace_context
+        FROM ductwork_runs
+        WHERE id = :id"""
+
     # trigger(key=...): a run with a key, unless its pipeline has a run with that key already (then nothing).
     insert_keyed_run = """
         INSERT INTO ductwork_runs (pipeline, definition, status, input, priority, trigger_key, created_at,
@@ -3477,6 +3791,9 @@ class SQL:
         FROM (SELECT pipeline, name, label, value AS n
               FROM ductwork_counters
               UNION ALL
+              SELECT pipeline, name, label, value
+              FROM ductwork_tallies
+              UNION ALL
               SELECT pipeline, 'triggered', '', count(*)
               FROM ductwork_runs
               WHERE id > (SELECT mark FROM ductwork_rollup WHERE name = 'runs')
@@ -3498,6 +3815,12 @@ class SQL:
     # rows. The transaction goes without either.
     plain_plans = """
         SELECT set_config('max_parallel_workers_per_gather', '0', true), set_config('jit', 'off', true)"""
+
+    # Add to a tally (:pipeline, :name, :label, :n; see migration 8).
+    add_tally = """
+        INSERT INTO ductwork_tallies (pipeline, name, label, value)
+        VALUES (:pipeline, :name, :label, :n)
+        ON CONFLICT (pipeline, name, label) DO UPDATE SET value = ductwork_tallies.value + excluded.value"""
 
     # Add to a rolled-up total (:pipeline, :name, :label, :n).
     add_count = """
@@ -4399,7 +4722,8 @@ class BulkSQL:
     @functools.cache
     def runs_completed(cls, dialect: str) -> str:
         return cls.update(dialect, "ductwork_runs", "status = 'completed', output = r.output, finished_at = {now}, "
-                          "updated_at = {now}", cls.STEP, "ductwork_runs.status = 'in_progress'")
+                          "updated_at = {now}", cls.STEP, "ductwork_runs.status = 'in_progress'",
+                          "ductwork_runs.pipeline, ductwork_runs.finished_at - ductwork_runs.created_at")
 
     # Queue new steps, with their run's priority. A step not delayed (by a sleep) is claimable since its run
     # started: the claim queue's order within a priority is (available_at, run_id, id), so a run's later steps come
@@ -5081,6 +5405,17 @@ class Engine:
         if digest not in self._stored_definitions:
             t.run(SQL.insert_definition, {"hash": digest, "pipeline": name, "body": d.body})
         run = {"pipeline": name, "definition": digest, "input": args_json, "priority": priority}
+        traced = _Tracing.run_span(name)
+        try:
+            return self._insert_run(t, run, d, key, delay, at, traced)
+        finally:
+            if traced is not None:
+                traced[0].end()
+
+    def _insert_run(self, t: _EngineTx, run: dict, d: Any, key: str | None, delay: float | None, at: float | None,
+                    traced: tuple[Any, str] | None) -> tuple[int, bool]:
+        """_trigger_in's rows: the run (unless its key is taken), its root branch, its first step."""
+        name, digest, args_json = run["pipeline"], run["definition"], run["input"]
         if key is None:
             run_id = t.one(SQL.insert_run, run)[0]
         else:
@@ -5092,6 +5427,9 @@ class Engine:
                 if holder is not None:
                     return int(holder[0]), False
             run_id = row[0]
+        if traced is not None:
+            traced[0].set_attribute("ductwork.run_id", int(run_id))
+            t.run(SQL.run_traced, {"id": run_id, "trace_context": traced[1]})
         branch_id = t.one(SQL.insert_branch, {"run_id": run_id, "pipeline": name, "definition": digest})[0]
         self._insert_steps(t, [(run_id, branch_id, name, 0, d.nodes[0]["step"], args_json, 0.0)])
         if delay is not None or at is not None:
@@ -5252,6 +5590,12 @@ class Engine:
             accepted |= {row[0] for row in t.all(BulkSQL.steps_succeeded(t.dialect), params)}
         return accepted
 
+    def gives_up(self, r: StepResult) -> bool:
+        """A failed attempt's result: is it the step's last (a halt reason, or its retry budget spent)?"""
+        c = r.claim
+        max_retry = self.config.get("job_worker.max_retry", c.pipeline, c.name) if r.max_retry is None else r.max_retry
+        return r.permanent is not None or c.attempts + 1 > max_retry
+
     def _settle(self, t: _EngineTx, r: StepResult, succeeded: set[int],
                 finished: list[tuple[StepResult, StepState]]) -> bool:
         """One result's step row: succeeded (written in bulk before), failed for good, or queued
@@ -5261,8 +5605,7 @@ class Engine:
             if c.step_id in succeeded:
                 finished.append((r, StepState(c.step_id, "succeeded", r.value, None)))
             return c.step_id in succeeded
-        max_retry = self.config.get("job_worker.max_retry", c.pipeline, c.name) if r.max_retry is None else r.max_retry
-        failed = r.permanent is not None or c.attempts + 1 > max_retry
+        failed = self.gives_up(r)
         reason = r.permanent or (JOB_RETRIES_EXHAUSTED if failed else None)
         delay = 0 if failed else float(self.config.get("job_worker.retry_delay", c.pipeline, c.name)
                                        if r.delay is None else r.delay)
@@ -5470,7 +5813,8 @@ class Engine:
         if new_steps:
             self._insert_steps(t, new_steps)
         if t.completed:
-            t.run(BulkSQL.runs_completed(t.dialect), t.keyed(BulkSQL.STEP, t.completed))
+            for pipeline, took in t.all(BulkSQL.runs_completed(t.dialect), t.keyed(BulkSQL.STEP, t.completed)):
+                t.measured.append(("run_duration", pipeline, float(took)))
             t.completed = []
 
     def _situation(self, t: Tx, b: BranchClaim, d: Definition, step: StepState | None) -> Situation:
@@ -5824,17 +6168,19 @@ class Engine:
         with self._tx() as t:
             if t.dialect == "postgres":   # a step of it let go meanwhile is let go wholly before or after this
                 self._lock_runs(t, [run_id])
-            if t.run(SQL.run_reopened, {"id": run_id}) != 1:
+            row = t.one(SQL.select_run, {"id": run_id})
+            if row is None or t.run(SQL.run_reopened, {"id": run_id}) != 1:
                 return False
+            run = RunRow.from_row(row)   # (read under the run's lock, or SQLite's write lock: its status held)
+            t.run(SQL.add_tally, {"pipeline": run.pipeline, "name": "reopened", "label": run.status, "n": 1})
             for branch_id, parent_id in t.all(SQL.halted_leaves, {"run_id": run_id}):
                 self._reopen_leaf(t, branch_id)
                 self._reopen_ancestors(t, parent_id)
             t.run(SQL.steps_uncancelled, {"run_id": run_id})
             for (branch_id,) in t.all(SQL.cancelled_branches, {"run_id": run_id}):
                 self._reopen_leaf(t, branch_id)   # (its step failed meanwhile: it runs again, as a halted one's)
-            pipeline = RunRow.from_row(t.one(SQL.select_run, {"id": run_id})).pipeline
-            t.notify(CH_JOBS, pipeline)
-            t.notify(CH_ADVANCE, pipeline)
+            t.notify(CH_JOBS, run.pipeline)
+            t.notify(CH_ADVANCE, run.pipeline)
         return True
 
     @staticmethod
@@ -6660,7 +7006,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)   # they also end
 
 
 def _after_fork_in_child() -> None:
-    """os.register_at_fork hook: in a forked copy of a serving Runtime, Python's default signal handling."""
+    """os.register_at_fork hook: a child counts its own metrics (a fresh lock: another thread may have held the
+    parent's); in a forked copy of a serving Runtime, Python's default signal handling."""
+    METRICS.__init__()
     if _SERVING_PID["pid"] not in (None, os.getpid()):
         for sig in RUNTIME_SIGNALS:
             with contextlib.suppress(ValueError, OSError):
@@ -7059,6 +7407,14 @@ class AsyncLane:
         rt = self.rt
         ctx = rt._step_context(c)
         _CURRENT.set(ctx)   # (this task's own context)
+        with _Tracing.step_span(rt.engine, c) as span:
+            result = await self._attempt(c, fn, ctx)
+            _Tracing.outcome(span, result.ok, result.value, None)
+        return result
+
+    async def _attempt(self, c: JobClaim, fn: Any, ctx: StepContext) -> StepResult:
+        """_run inside the step's span."""
+        rt = self.rt
         try:
             value = await rt._invoke(c, fn, ctx)
             if c.expires is not None and time.monotonic() >= c.expires:
@@ -7306,7 +7662,7 @@ class Runtime:
         alive = sum(thread.is_alive() for thread in self.threads) if self.threads else self.planned_threads()
         return _dumps({"threads": alive, "in_flight": len(self.in_flight), "thread_restarts": self.thread_restarts,
                        "abandoned_threads": self.abandoned_alive(), "recycles": self.recycles,
-                       "steps_started": self.started_steps})
+                       "steps_started": self.started_steps, "metrics": METRICS.snapshot()})
 
     def _unregister(self) -> None:
         """Close the wake-up socket, hand back what the row still holds, delete the row and the heartbeat file."""
@@ -7376,6 +7732,8 @@ class Runtime:
                     self.wakeups.notify(CH_JOBS, pipeline, every_idle=True)
             claims, per_step = self.run_batch(claims, limit)
             if threading.get_ident() in self.abandoned:   # a replacement serves the pipeline now
+                with self.in_flight_lock:   # its ident goes with it: a thread started later may be given it again
+                    self.abandoned.discard(threading.get_ident())
                 return
             # Sized by the steps' own run time: a slow commit (a busy database) is a reason to
             # batch more, never less; slow steps go one at a time so siblings share them.
@@ -7476,9 +7834,13 @@ class Runtime:
 
     def _failed_attempt(self, c: JobClaim, fn: Any, text: str, error: BaseException | None) -> StepResult:
         """A step's attempt failed (on a worker thread, or on the async lane's loop): logged, and what follows."""
-        log.info("step %s failed (attempt %d): %s", c.name, c.attempt, text.splitlines()[0],
-                 extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline})
-        return self._failure(c, fn, text, error)
+        result = self._failure(c, fn, text, error)
+        final = self.engine.gives_up(result)
+        exc_info = (type(error), error, error.__traceback__) if error is not None and error.__traceback__ else None
+        log.log(logging.ERROR if final else logging.WARNING, "step %s failed (attempt %d%s): %s", c.name, c.attempt,
+                ", the last" if final else "", text.splitlines()[0], exc_info=exc_info,
+                extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline, "attempt": c.attempt})
+        return result
 
     # -- step timeouts (SPEC §15) --------------------------------------------------------
     # A step with a timeout gets a deadline as it starts (self.deadline; should_stop turns true at it). At the
@@ -7661,6 +8023,16 @@ class Runtime:
         ctx = self._step_context(c)
         token = _CURRENT.set(ctx)
         try:
+            with _Tracing.step_span(self.engine, c) as span:
+                outcome = self._traced_call(c, fn, ctx)
+                _Tracing.outcome(span, *outcome)
+            return outcome
+        finally:
+            _CURRENT.reset(token)
+
+    def _traced_call(self, c: JobClaim, fn: Any, ctx: StepContext) -> tuple[bool, str, BaseException | None]:
+        """_call inside the step's span."""
+        try:
             result = self._invoke(c, fn, ctx)
             if inspect.iscoroutine(result):
                 result = _run_coroutine(result)
@@ -7669,8 +8041,6 @@ class Runtime:
             if self.caller_thread and not isinstance(exc, (Exception, SystemExit)):
                 raise   # (run_inline: Ctrl-C, or a test's pytest.fail() in a stand-in, is the caller's)
             return self._raised(exc)
-        finally:
-            _CURRENT.reset(token)
 
     def _step_context(self, c: JobClaim) -> StepContext:
         """What the step sees of itself (self.* and current_step())."""
@@ -7703,6 +8073,7 @@ class Runtime:
         if not results:
             return []
         self.inert_if_forked(1)
+        self._measure(results)
         try:
             done: Committed = self._db_retry(lambda: self.engine.commit(results, claim_limit), self.dead)
         except DatabaseUnavailable:
@@ -7735,6 +8106,23 @@ class Runtime:
             except FaultInjected as exc:
                 log.warning("%s (after the commit: nothing to undo)", exc)
         return done.claims
+
+    @staticmethod
+    def _measure(results: list[StepResult]) -> None:
+        """The executions of ``results`` in this process's metrics (executions that ran: whether their commit goes
+        through or not): their durations and queue waits, the retries (an attempt after a failed one) and
+        timeouts among them."""
+        for r in results:
+            c = r.claim
+            ran_for = c.ran_for()
+            if ran_for is None:
+                continue
+            METRICS.observe("step_duration", c.pipeline, ran_for)
+            METRICS.observe("queue_wait", c.pipeline, c.claimed_at - c.claimable_at)
+            if c.attempts:
+                METRICS.count("retries", c.pipeline)
+            if not r.ok and r.value.startswith(f"{StepTimeout.__name__}:"):
+                METRICS.count("timeouts", c.pipeline)
 
     def _track(self, claims: list[JobClaim]) -> None:
         """Note claims as in flight, not started yet (a drain releases them without counting a crash)."""
@@ -9014,11 +9402,13 @@ class Counts:
     runs: dict[tuple[str, str], int]       # runs in each status now
     pruned: dict[tuple[str, str], int]     # runs pruned, by the status they had
     executed: dict[tuple[str, str], int]   # step executions, by outcome
+    reopened: dict[tuple[str, str], int]   # runs revive() took out of a finished status, by that status
     triggered: dict[str, int]              # every run ever, per pipeline (pruned or not)
 
     @classmethod
     def read(cls, t: Tx) -> Counts:
-        counts: dict[str, dict[tuple[str, str], int]] = {"runs": {}, "pruned": {}, "executed": {}, "triggered": {}}
+        counts: dict[str, dict[tuple[str, str], int]] = {"runs": {}, "pruned": {}, "executed": {}, "reopened": {},
+                                                         "triggered": {}}
         if t.dialect == "postgres":
             t.run(SQL.plain_plans)
         for pipeline, name, label, value in t.all(SQL.counters):
@@ -9033,6 +9423,16 @@ class Counts:
     def pipelines(self) -> set[str]:
         """Every pipeline that ever had a run."""
         return {pipeline for pipeline, _ in (*self.runs, *self.pruned)}
+
+    def finished(self) -> dict[tuple[str, str], int]:
+        """Per (pipeline, finished status): every time a run entered it, ever: the runs in it now, those pruned from
+        it, those revive() took out of it. Only ever goes up."""
+        out: dict[tuple[str, str], int] = {}
+        for source in (self.runs, self.pruned, self.reopened):
+            for (pipeline, status), n in source.items():
+                if status in FINISHED_STATUSES:
+                    out[pipeline, status] = out.get((pipeline, status), 0) + n
+        return out
 
 
 STATUS_WAITS = 10   # the parked branches status lists one by one (the dashboard's run page shows each)
@@ -9949,13 +10349,13 @@ class DashboardSQL:
 
     # /metrics: the info of the live processes (their abandoned threads: step timeouts)
     process_infos = """
-        SELECT role, info
+        SELECT role, machine_identifier, pid, info
         FROM ductwork_processes
         WHERE last_heartbeat_at >= {now} - :live_within"""
 
-    # /metrics: per role, the live processes (a heartbeat within :live_within seconds) and the sum of restarts
+    # /metrics: per role, the live processes (a heartbeat within :live_within seconds)
     processes = """
-        SELECT role, sum(CASE WHEN last_heartbeat_at >= {now} - :live_within THEN 1 ELSE 0 END), sum(restarts)
+        SELECT role, sum(CASE WHEN last_heartbeat_at >= {now} - :live_within THEN 1 ELSE 0 END)
         FROM ductwork_processes
         GROUP BY role"""
 
@@ -10121,10 +10521,17 @@ class MetricFamily:
 
 
 DASHBOARD_METRICS = (
-    MetricFamily("ductwork_runs_total", "counter", ("pipeline", "status"), "runs",
-                 "Runs per pipeline: triggered (all), completed, halted, cancelled (revive() lowers the last two)."),
+    MetricFamily("ductwork_build_info", "gauge", ("version", "python", "dialect", "schema"), "build",
+                 "This ductwork: 1, its version, Python, the database dialect and the schema version in it."),
+    MetricFamily("ductwork_runs", "gauge", ("pipeline", "status"), "runs",
+                 "Runs kept per pipeline and status now (pruned ones are gone; revive() moves one back)."),
     MetricFamily("ductwork_runs_in_progress", "gauge", ("pipeline",), "in_progress",
                  "Runs in progress per pipeline."),
+    MetricFamily("ductwork_runs_triggered_total", "counter", ("pipeline",), "triggered",
+                 "Runs ever triggered per pipeline."),
+    MetricFamily("ductwork_runs_finished_total", "counter", ("pipeline", "status"), "finished",
+                 "Times a run of the pipeline completed, halted or was cancelled (a revived run that halts again "
+                 "counts again).", values=(("status", FINISHED_STATUSES),)),
     MetricFamily("ductwork_runs_pruned_total", "counter", ("pipeline", "status"), "pruned",
                  "Finished runs deleted by retention, per pipeline and the status they had.",
                  values=(("status", FINISHED_STATUSES),)),
@@ -10138,19 +10545,34 @@ DASHBOARD_METRICS = (
                  "Steps of capped steps waiting for a free slot of their concurrency key, per pipeline."),
     MetricFamily("ductwork_processes", "gauge", ("role",), "live",
                  "Live processes (heartbeat within supervisor.reaper_timeout) per role."),
-    MetricFamily("ductwork_process_restarts", "gauge", ("role",), "restarts",
-                 "Sum of the restart counts of the process rows, per role."),
     MetricFamily("ductwork_abandoned_threads", "gauge", ("role",), "abandoned",
                  "Worker threads still running a step that ran past its timeout (each was replaced), per role."),
 )
 # The values of the fixed labels; "pipeline" and "role" take every known one (_metric_data).
-METRIC_LABEL_VALUES = {"status": ("triggered", *FINISHED_STATUSES),
-                       "outcome": ("succeeded", "failed", "crashed", "cancelled")}
+METRIC_LABEL_VALUES = {"status": RUN_STATUSES, "outcome": ("succeeded", "failed", "crashed", "cancelled")}
 METRIC_ROLES = tuple(dict.fromkeys(spec.row_role for spec in ROLE_SPECS))   # supervisor, advancer, worker
 
+# The families each live process exports through its row (ProcessMetrics, the supervisor's children): labelled
+# with the process ("machine:pid") and its role, present only for what it observed. (name, type, help)
+PROCESS_HISTOGRAMS = {
+    "step_duration": ("ductwork_step_duration_seconds", "Seconds a step execution ran, per pipeline."),
+    "queue_wait": ("ductwork_queue_wait_seconds",
+                   "Seconds a step waited from claimable (queued, or its delay's end) to claimed, per pipeline."),
+    "run_duration": ("ductwork_run_duration_seconds", "Seconds from trigger to completion of completed runs."),
+}
+PROCESS_COUNTERS = {
+    "retries": ("ductwork_step_retries_total", "Step executions that were a retry (an attempt after a failed one)."),
+    "timeouts": ("ductwork_step_timeouts_total", "Step executions that ran past their timeout (StepTimeout)."),
+}
+CHILD_COUNTERS = {
+    "restarts": ("ductwork_child_restarts_total", "Restarts of a supervisor's child (by its supervisor)."),
+    "recycles": ("ductwork_child_recycles_total", "Recycles of a supervisor's child (planned restarts)."),
+}
 
-def _metric_data(engine: Engine) -> tuple[dict[str, Sequence[str]], dict[str, dict[tuple, float]]]:
-    """Each label's values (every known pipeline and role: zero-valued series too) and each source's samples."""
+
+def _metric_data(engine: Engine) -> tuple[dict[str, Sequence[str]], dict[str, dict[tuple, float]], list[tuple]]:
+    """Each label's values (every known pipeline and role: zero-valued series too), each source's samples and the
+    live processes' rows (role, machine, pid, info)."""
     live_within = {"live_within": float(engine.config.get("supervisor.reaper_timeout"))}
     with engine.store.tx(write=False) as t:
         counts = Counts.read(t)
@@ -10158,30 +10580,81 @@ def _metric_data(engine: Engine) -> tuple[dict[str, Sequence[str]], dict[str, di
         blocked = t.all(SQL.blocked_steps)
         processes = t.all(DashboardSQL.processes, live_within)
         infos = t.all(DashboardSQL.process_infos, live_within)
-    runs: dict[tuple, float] = {(p, "triggered"): n for p, n in counts.triggered.items()}
-    for (pipeline, status), n in (*counts.runs.items(), *counts.pruned.items()):   # pruned runs too: a counter
-        runs[pipeline, status] = runs.get((pipeline, status), 0) + n              # never goes down for retention
+        schema = (t.one(StoreSQL.schema_version) or (0,))[0]
+    build = (__version__, ".".join(map(str, sys.version_info[:3])), engine.store.dialect, str(schema))
     sources: dict[str, dict[tuple, float]] = {
-        "runs": runs,
+        "build": {build: 1},
+        "runs": dict(counts.runs),
         "in_progress": {(p,): n for (p, s), n in counts.runs.items() if s == "in_progress"},
+        "triggered": {(p,): n for p, n in counts.triggered.items()},
+        "finished": counts.finished(),
         "executed": dict(counts.executed),
         "pruned": dict(counts.pruned),
         "queue_depth": {(p,): int(n) for p, n, _ in queue},
         "queue_age": {(p,): round(float(age or 0), 3) for p, _, age in queue},
         "for_slot": {(p,): int(n) for p, n in blocked},
-        "live": {(role,): int(n or 0) for role, n, _ in processes},
-        "restarts": {(role,): int(restarts or 0) for role, _, restarts in processes},
+        "live": {(role,): int(n or 0) for role, n in processes},
         "abandoned": _abandoned_threads(infos),
     }
     pipelines = set(_REGISTRY) | counts.pipelines() | {pipeline for (pipeline,) in sources["queue_depth"]}
     roles = {role for (role,) in sources["live"]} | set(METRIC_ROLES)
-    return {**METRIC_LABEL_VALUES, "pipeline": sorted(pipelines), "role": sorted(roles)}, sources
+    labels = {**METRIC_LABEL_VALUES, "pipeline": sorted(pipelines), "role": sorted(roles)}
+    labels.update({name: (value,) for name, value in zip(("version", "python", "dialect", "schema"), build,
+                                                         strict=True)})
+    return labels, sources, infos
+
+
+def _process_families(infos: list[tuple]) -> str:
+    """The families the live processes export through their rows' info (PROCESS_HISTOGRAMS, PROCESS_COUNTERS,
+    CHILD_COUNTERS), each series labelled with its process; a row whose info is not what this version writes
+    (another version's, a hand-written one) adds nothing."""
+    histograms: dict[str, list[str]] = {name: [] for name in PROCESS_HISTOGRAMS}
+    counters: dict[str, list[str]] = {name: [] for name in (*PROCESS_COUNTERS, *CHILD_COUNTERS)}
+    for role, machine, pid, info in sorted(infos, key=lambda row: (row[1], row[2])):
+        process = _prom_label(f"{machine}:{pid}")
+        try:
+            data = json.loads(info)
+            metrics = data.get("metrics") or {}
+            for name, by_pipeline in (metrics.get("histograms") or {}).items():
+                if name in histograms:
+                    for pipeline, counts in sorted(by_pipeline.items()):
+                        where = f'pipeline="{_prom_label(pipeline)}",process="{process}",role="{role}"'
+                        histograms[name] += _histogram_lines(PROCESS_HISTOGRAMS[name][0], HISTOGRAM_BOUNDS[name],
+                                                             where, counts)
+            for name, by_pipeline in (metrics.get("counters") or {}).items():
+                for pipeline, n in sorted(by_pipeline.items()) if name in PROCESS_COUNTERS else ():
+                    counters[name].append(f'{PROCESS_COUNTERS[name][0]}{{pipeline="{_prom_label(pipeline)}",'
+                                          f'process="{process}",role="{role}"}} {int(n)}')
+            for child, about in sorted((data.get("children") or {}).items()):
+                for name in CHILD_COUNTERS:
+                    counters[name].append(f'{CHILD_COUNTERS[name][0]}{{child="{_prom_label(child)}",'
+                                          f'process="{process}"}} {int(about.get(name, 0))}')
+        except (ValueError, TypeError, AttributeError, IndexError):
+            continue
+    out = []
+    for name, (family, about) in PROCESS_HISTOGRAMS.items():
+        out += [f"# HELP {family} {about}", f"# TYPE {family} histogram", *histograms[name]]
+    for name, (family, about) in {**PROCESS_COUNTERS, **CHILD_COUNTERS}.items():
+        out += [f"# HELP {family} {about}", f"# TYPE {family} counter", *counters[name]]
+    return "".join(line + "\n" for line in out)
+
+
+def _histogram_lines(family: str, bounds: Sequence[float], where: str, counts: list[float]) -> list[str]:
+    """A histogram's sample lines: the cumulative _bucket per bound and +Inf, _sum, _count (``counts``: per bucket,
+    not cumulative, then the sum). Of the wrong length (another bucket layout): none."""
+    if len(counts) != len(bounds) + 2:
+        return []
+    lines, total = [], 0
+    for bound, n in zip((*(repr(float(b)) for b in bounds), "+Inf"), counts, strict=False):
+        total += int(n)
+        lines.append(f'{family}_bucket{{{where},le="{bound}"}} {total}')
+    return [*lines, f"{family}_sum{{{where}}} {float(counts[-1])!r}", f"{family}_count{{{where}}} {total}"]
 
 
 def _abandoned_threads(infos: list[tuple[str, str]]) -> dict[tuple, float]:
     """Per role, the abandoned threads the process rows' info reports (a row whose info is not JSON counts 0)."""
     out: dict[tuple, float] = {}
-    for role, info in infos:
+    for role, _, _, info in infos:
         try:
             n = int(json.loads(info).get("abandoned_threads", 0))
         except (ValueError, TypeError, AttributeError):
@@ -10207,9 +10680,11 @@ def _prom_label(value: str) -> str:
 
 
 def dashboard_metrics(engine: Engine) -> str:
-    """Prometheus text format (0.0.4), with zero-valued series for every known pipeline and role."""
-    labels, sources = _metric_data(engine)
-    return "".join(_prom_family(family, labels, sources[family.source]) for family in DASHBOARD_METRICS)
+    """Prometheus text format (0.0.4): the deployment's counts from the database, with zero-valued series for every
+    known pipeline and role, then what each live process exports through its row."""
+    labels, sources, infos = _metric_data(engine)
+    return ("".join(_prom_family(family, labels, sources[family.source]) for family in DASHBOARD_METRICS)
+            + _process_families(infos))
 
 
 # -- html ------------------------------------------------------------------------------------
@@ -11577,6 +12052,8 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     pipelines = selected_pipelines(config)
     validate()
     spec = role_spec(config.role, config.data["forking"])
+    if config.data["logger"]["capture"]:
+        setup_logging(config.data["logger"]["level"], config.data["logger"]["format"], capture=True)
     if spec.forks:
         return Supervisor(config, pipelines).run()
     runtime = Runtime(config, spec.mode, pipelines)

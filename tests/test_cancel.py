@@ -162,8 +162,9 @@ def test_a_run_cancelled_before_any_worker_is_cancelled_everywhere(engine):
     report = ductwork.status_report(engine)
     assert report["runs"]["CtlBriefFan"] == {"cancelled": 1}
     metrics = ductwork.dashboard_metrics(engine)
-    assert 'ductwork_runs_total{pipeline="CtlBriefFan",status="cancelled"} 1' in metrics
-    assert 'ductwork_runs_total{pipeline="CtlBriefFan",status="completed"} 0' in metrics
+    assert 'ductwork_runs_finished_total{pipeline="CtlBriefFan",status="cancelled"} 1' in metrics
+    assert 'ductwork_runs_finished_total{pipeline="CtlBriefFan",status="completed"} 0' in metrics
+    assert 'ductwork_runs{pipeline="CtlBriefFan",status="cancelled"} 1' in metrics
     assert 'ductwork_runs_in_progress{pipeline="CtlBriefFan"} 0' in metrics
 
 

@@ -6,6 +6,7 @@ import base64
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import signal
@@ -137,7 +138,8 @@ def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
         match = re.fullmatch(r'([a-z_]+)\{(.*)\} (\S+)', line)
         assert match, f"bad sample line {line!r}"
         name, labels, value = match.groups()
-        assert declared.get(name) == {"HELP", "TYPE"}, f"{name} lacks HELP/TYPE"
+        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in declared else name
+        assert declared.get(family) == {"HELP", "TYPE"}, f"{name} lacks HELP/TYPE"
         pairs = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels))
         samples[name, pairs] = float(value)
     return samples
@@ -221,11 +223,14 @@ def test_metrics_values(runs, serve, engine):
     code, headers, text = get(serve() + "/metrics")
     assert code == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
     s = parse_metrics(text)
-    assert m(s, "ductwork_runs_total", pipeline="DashFan", status="triggered") == 1
-    assert m(s, "ductwork_runs_total", pipeline="DashFan", status="completed") == 1
-    assert m(s, "ductwork_runs_total", pipeline="DashFail", status="halted") == 1
-    assert m(s, "ductwork_runs_total", pipeline="DashFail", status="completed") == 0
-    assert m(s, "ductwork_runs_total", pipeline="DashIdle", status="triggered") == len(idle)
+    assert m(s, "ductwork_runs_triggered_total", pipeline="DashFan") == 1
+    assert m(s, "ductwork_runs_finished_total", pipeline="DashFan", status="completed") == 1
+    assert m(s, "ductwork_runs", pipeline="DashFan", status="completed") == 1
+    assert m(s, "ductwork_runs_finished_total", pipeline="DashFail", status="halted") == 1
+    assert m(s, "ductwork_runs", pipeline="DashFail", status="halted") == 1
+    assert m(s, "ductwork_runs_finished_total", pipeline="DashFail", status="completed") == 0
+    assert m(s, "ductwork_runs_triggered_total", pipeline="DashIdle") == len(idle)
+    assert m(s, "ductwork_runs", pipeline="DashIdle", status="in_progress") == 2
     assert m(s, "ductwork_runs_in_progress", pipeline="DashIdle") == 2
     assert m(s, "ductwork_steps_executed_total", pipeline="DashFan", outcome="succeeded") == 5
     assert m(s, "ductwork_steps_executed_total", pipeline="DashFail", outcome="failed") == 4
@@ -236,8 +241,11 @@ def test_metrics_values(runs, serve, engine):
     assert m(s, "ductwork_queue_oldest_age_seconds", pipeline="DashSplit") == 0
     assert m(s, "ductwork_processes", role="supervisor") == 1
     assert m(s, "ductwork_processes", role="worker") == 0
-    assert m(s, "ductwork_process_restarts", role="supervisor") == 0
-    assert "# TYPE ductwork_runs_total counter" in text and "# TYPE ductwork_queue_depth gauge" in text
+    assert m(s, "ductwork_build_info", version=ductwork.__version__, python=platform.python_version(),
+             dialect=engine.store.dialect, schema=str(ductwork.SCHEMA_VERSION)) == 1
+    assert "# TYPE ductwork_runs_finished_total counter" in text and "# TYPE ductwork_runs gauge" in text
+    assert "# TYPE ductwork_queue_depth gauge" in text and "# TYPE ductwork_step_duration_seconds histogram" in text
+    assert "ductwork_runs_total" not in text   # (a "counter" that went down: replaced by the two above)
 
 
 # -- escaping, fragments, headers -------------------------------------------------------------------

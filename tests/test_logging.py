@@ -33,7 +33,7 @@ def pg_with_password(pg_server_url):
 def test_json_logs_have_fields_and_never_the_password(tmp_path, pg_with_password):
     sup = Proc(tmp_path, pg_with_password, config={"logger": {"format": "json"}, "pipelines": ["SupMixed"]})
     try:
-        sup.wait_log('"msg": "worker started')
+        sup.wait_log('"message": "worker started')
         run = sup_app.SupMixed.trigger(3)
         assert run.wait(15) == "completed"
         sup.signal(signal.SIGTERM)
@@ -42,12 +42,13 @@ def test_json_logs_have_fields_and_never_the_password(tmp_path, pg_with_password
         sup.close()
     lines = sup.log().splitlines()
     records = [json.loads(line) for line in lines]  # every line is one JSON object
-    assert {"ts", "level", "pid", "role", "thread", "msg"} <= set(records[0])
-    roles = {r["role"] for r in records}
+    assert {"@timestamp", "log.level", "severity", "process.pid", "ductwork.role", "process.thread.name", "message",
+            "log.logger", "ecs.version"} <= set(records[0])
+    roles = {r["ductwork.role"] for r in records}
     assert {"supervisor", "worker", "advancer"} <= roles
-    assert any(r["msg"].startswith("drain:") for r in records)
+    assert any(r["message"].startswith("drain:") for r in records)
     assert all(SECRET not in line for line in lines)
-    started = next(r["msg"] for r in records if r["msg"].startswith("supervisor started"))
+    started = next(r["message"] for r in records if r["message"].startswith("supervisor started"))
     assert "postgresql://postgres:***@" in started  # the URL is shown, its password masked
 
 

@@ -122,6 +122,69 @@ def rows_of(engine, run_id):
 # -- counters ---------------------------------------------------------------------------------------------
 
 
+def counter_samples(text: str) -> dict[str, float]:
+    """Every sample of a Prometheus counter family in ``text`` (/metrics), by its line's name and labels."""
+    counters = set(re.findall(r"^# TYPE (\S+) counter$", text, re.M))
+    return {key: float(value) for key, value in re.findall(r"^(\S+\{.*\}) (\S+)$", text, re.M)
+            if key.partition("{")[0] in counters}
+
+
+@pytest.mark.parametrize("db_url", DB_VARIANTS, indirect=True)
+def test_counters_never_go_down_across_revive_and_prune(engine, start_runtime):
+    """Issue 20: a counter that went down read as a reset (increase() made 6.38 halts of 5). Halt, revive, halt
+    again, revive to completion, cancel, revive, prune everything: no counter sample ever goes down, and the
+    finished counts are the events (two halts, one cancel, one completion), whatever was pruned or revived."""
+    start_runtime(["RetHalts", "RetIdle"], job_worker={"max_retry": 0, "retry_delay": 0})
+    snapshots = []
+
+    def snapshot() -> dict[str, float]:
+        samples = counter_samples(ductwork.dashboard_metrics(engine))
+        for before in snapshots:
+            went_down = {k: (before[k], v) for k, v in samples.items() if k in before and v < before[k]}
+            assert not went_down, went_down
+        assert all(k in samples for k in (snapshots[-1] if snapshots else ())), "a counter series vanished"
+        snapshots.append(samples)
+        return samples
+
+    def finished_total(samples, status):
+        return samples[f'ductwork_runs_finished_total{{pipeline="RetHalts",status="{status}"}}']
+
+    run = RetHalts.trigger(1)
+    assert finished(run) == "halted"
+    assert finished_total(snapshot(), "halted") == 1
+    assert run.revive() and finished(run) == "halted"            # the same run halts a second time
+    assert finished_total(snapshot(), "halted") == 2
+    FLAGS["allowed"] = True
+    assert run.revive() and finished(run) == "completed"
+    samples = snapshot()
+    assert (finished_total(samples, "halted"), finished_total(samples, "completed")) == (2, 1)
+    idle = RetIdle.trigger(1)   # (RetIdle is served here: it completes; a cancelled one of RetHalts is below)
+    assert finished(idle) == "completed"
+    other = RetHalts.trigger(1)
+    FLAGS["allowed"] = False
+    assert finished(other) == "halted"
+    assert other.cancel() is False   # (a halted run is finished: cancel leaves it)
+    unserved = RetChain.trigger(1)   # not served here: cancelled, revived (in progress again), cancelled again
+    assert unserved.cancel() is True
+    assert snapshot()['ductwork_runs_finished_total{pipeline="RetChain",status="cancelled"}'] == 1
+    assert unserved.revive() is True and ductwork.Run.get(unserved.id).status == "in_progress"
+    assert snapshot()['ductwork_runs_finished_total{pipeline="RetChain",status="cancelled"}'] == 1
+    assert unserved.cancel() is True
+    assert snapshot()['ductwork_runs_finished_total{pipeline="RetChain",status="cancelled"}'] == 2
+    with engine.store.tx(write=False) as t:
+        reopened = rows_by(t, "SELECT pipeline, label, value FROM ductwork_tallies WHERE name = 'reopened'")
+    assert reopened == {("RetHalts", "halted"): 2, ("RetChain", "cancelled"): 1}
+    age_runs(engine, [run.id, other.id, idle.id], 100)
+    assert engine.prune({"completed": 50, "halted": 50}) == {("RetHalts", "completed"): 1,
+                                                               ("RetHalts", "halted"): 1, ("RetIdle", "completed"): 1}
+    samples = snapshot()
+    assert (finished_total(samples, "halted"), finished_total(samples, "completed")) == (3, 1)
+    assert samples['ductwork_runs_triggered_total{pipeline="RetHalts"}'] == 2
+    assert samples['ductwork_runs_pruned_total{pipeline="RetHalts",status="halted"}'] == 1
+    assert engine.roll_up() is True
+    assert snapshot() == samples   # rolled up: the same numbers, read another way
+
+
 @EVERY_DATABASE
 def test_counters_follow_every_transition_and_survive_pruning(engine, start_runtime):
     start_runtime(["RetChain", "RetFan", "RetHalts"], job_worker={"max_retry": 1, "retry_delay": 0})
@@ -152,8 +215,9 @@ def test_counters_follow_every_transition_and_survive_pruning(engine, start_runt
     assert counts.pruned == {("RetChain", "completed"): 3}
     assert counts.executed[("RetChain", "succeeded")] == 6     # a total: pruning does not lower it
     metrics = ductwork.dashboard_metrics(engine)
-    for line in ('ductwork_runs_total{pipeline="RetChain",status="completed"} 3',
-                 'ductwork_runs_total{pipeline="RetChain",status="triggered"} 3',
+    for line in ('ductwork_runs_finished_total{pipeline="RetChain",status="completed"} 3',
+                 'ductwork_runs{pipeline="RetChain",status="completed"} 0',
+                 'ductwork_runs_triggered_total{pipeline="RetChain"} 3',
                  'ductwork_runs_pruned_total{pipeline="RetChain",status="completed"} 3',
                  'ductwork_runs_pruned_total{pipeline="RetFan",status="completed"} 0',
                  'ductwork_steps_executed_total{pipeline="RetChain",outcome="succeeded"} 6'):
