@@ -358,7 +358,7 @@ def test_every_manifest_and_the_unit_parse():
         assert docs and all(isinstance(d, dict) for d in docs), path
     kinds = sorted(d["kind"] for d in k8s_docs())
     assert kinds == ["Deployment", "Deployment", "Deployment", "HorizontalPodAutoscaler", "Job", "NetworkPolicy",
-                     "NetworkPolicy", "ScaledObject", "Service", "ServiceMonitor"], kinds
+                     "NetworkPolicy", "PrometheusRule", "ScaledObject", "Service", "ServiceMonitor"], kinds
 
     unit, env = read_unit()
     assert {"Unit", "Service", "Install"} <= set(unit.sections())
@@ -1187,3 +1187,65 @@ def test_systemd_analyze_verifies_the_unit_and_scores_its_security(tmp_path):
     score = re.search(r"Overall exposure level for ductwork\.service: ([\d.]+)", security.stdout)
     assert score, security.stdout[-2000:] + security.stderr
     assert float(score.group(1)) <= UNIT_SECURITY_LIMIT, security.stdout
+
+
+# -- alerting rules (k8s/metrics-alerts.yaml) ------------------------------------------------------------------
+
+RULE_TESTS = """
+rule_files: [rules.yml]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'ductwork_queue_depth{pipeline="Orders"}'
+        values: '5x20'
+      - series: 'ductwork_processes{role="worker"}'
+        values: '1 1 0x18'
+      - series: 'ductwork_queue_oldest_age_seconds{pipeline="Orders"}'
+        values: '0+60x20'
+      - series: 'ductwork_runs_finished_total{pipeline="Orders",status="halted"}'
+        values: '0 0 0+1x18'
+    alert_rule_test:
+      - {eval_time: 1m, alertname: DuctworkWorkQueuedNoWorkers, exp_alerts: []}
+      - eval_time: 9m
+        alertname: DuctworkWorkQueuedNoWorkers
+        exp_alerts:
+          - exp_labels: {severity: critical, pipeline: Orders}
+            exp_annotations: {summary: "Orders: 5 steps queued and no live job worker", description: %(queued)s}
+      - {eval_time: 12m, alertname: DuctworkOldestStepTooOld, exp_alerts: []}
+      - eval_time: 17m
+        alertname: DuctworkOldestStepTooOld
+        exp_alerts:
+          - exp_labels: {severity: warning, pipeline: Orders}
+            exp_annotations: {summary: "Orders: the oldest claimable step has waited 17m 0s", description: %(old)s}
+      - {eval_time: 1m, alertname: DuctworkHaltsRising, exp_alerts: []}
+      - eval_time: 12m
+        alertname: DuctworkHaltsRising
+        exp_alerts:
+          - exp_labels: {severity: warning, pipeline: Orders}
+            exp_annotations: {summary: "Orders: 10 runs halted in 15 minutes", description: %(halts)s}
+"""
+
+
+def test_alerting_rules_pass_promtool_and_each_fires_when_it_should(tmp_path):
+    """The PrometheusRule's groups are a valid rules file (`promtool check rules`), every series they read is one
+    /metrics exports, and promtool's unit test shows each alert quiet while all is well and firing when it should:
+    work queued with no worker (5 min), the oldest step older than 10 min (5 min), more than 3 halts in 15 min."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool is not installed (.ci/run installs the prometheus package)")
+        pytest.skip("promtool is not installed: apt-get install prometheus")
+    (rule,) = [d for d in k8s_docs() if d["kind"] == "PrometheusRule"]
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rule["spec"]))
+    checked = subprocess.run([promtool, "check", "rules", str(tmp_path / "rules.yml")], capture_output=True, text=True)
+    assert checked.returncode == 0 and "SUCCESS: 3 rules found" in checked.stdout, checked.stdout + checked.stderr
+    rules = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
+    exported = {f.name for f in ductwork.DASHBOARD_METRICS}
+    for r in rules.values():
+        assert set(re.findall(r"\b(ductwork_[a-z_]+)", r["expr"])) <= exported, r["expr"]
+    descriptions = {key: json.dumps(rules[name]["annotations"]["description"]) for key, name in (
+        ("queued", "DuctworkWorkQueuedNoWorkers"), ("old", "DuctworkOldestStepTooOld"), ("halts", "DuctworkHaltsRising"))}
+    (tmp_path / "tests.yml").write_text(RULE_TESTS % descriptions)
+    tested = subprocess.run([promtool, "test", "rules", "tests.yml"], capture_output=True, text=True, cwd=tmp_path)
+    assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
