@@ -10447,11 +10447,26 @@ def dashboard_run(store: Store, run_id: int, max_steps: int = DASHBOARD_MAX_STEP
         step_rows = t.all(DashboardSQL.steps, {**by_run, "limit": max_steps + 1})
         execution_rows = t.all(DashboardSQL.executions, by_run)
         context = {k: _loads_for_display(v) for k, v in t.all(SQL.context_all, by_run)}
-    run = _records([row], RunRow.select_list(), "input output halt_reasons")[0]
-    del run["definition"]
+        run = _records([row], RunRow.select_list(), "input output halt_reasons")[0]
+        definition = t.one(SQL.select_definition, {"hash": run.pop("definition")})
     run.update(duration=_duration(run["created_at"], run["finished_at"]), context=context)
     steps = _steps(step_rows[:max_steps], execution_rows)
-    return {"run": run, "tree": _tree(branch_rows, steps), "steps": len(steps), "truncated": len(step_rows) > max_steps}
+    counts: dict[int, dict[str, int]] = {}
+    for step in steps.values():
+        by_status = counts.setdefault(int(step["node"]), {})
+        by_status[step["status"]] = by_status.get(step["status"], 0) + 1
+    graph = _graph_nodes(definition[0]) if definition else None
+    return {"run": run, "tree": _tree(branch_rows, steps), "steps": len(steps), "truncated": len(step_rows) > max_steps,
+            "graph": graph, "node_counts": counts}
+
+
+def _graph_nodes(body: str) -> list[dict] | None:
+    """A stored definition's nodes (None when the body is not one: a hand-edited or newer row)."""
+    try:
+        nodes = json.loads(body)["nodes"]
+        return nodes if isinstance(nodes, list) and all(isinstance(n, dict) and "id" in n for n in nodes) else None
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def _steps(step_rows: list[tuple], execution_rows: list[tuple]) -> dict[int, dict]:
@@ -10702,7 +10717,14 @@ padding:.4em}
 .bar{display:inline-block;height:.8em;background:#69c;margin-right:.4em}
 ul.tree{list-style:none;padding-left:1.2em;border-left:2px solid #ccd;margin:.3em 0}li.step{margin:.35em 0}
 .muted{color:#777}.warn{color:#c00}.actions form{display:inline-block;margin:.2em 1em .8em 0}
-.notice{background:#e6f2e6;border:1px solid #bcd9bc;padding:.4em .8em;margin:.6em 0}"""
+.notice{background:#e6f2e6;border:1px solid #bcd9bc;padding:.4em .8em;margin:.6em 0}
+svg{display:block;margin:.4em 0 1.2em;max-width:100%;height:auto;font-size:12px}
+svg .node rect{fill:#fff;stroke:#889}svg .node.st-succeeded rect{fill:#c8f0c8}
+svg .node.st-failed rect,svg .node.st-crashed rect{fill:#f6c4c4}svg .node.st-running rect{fill:#cfe0ff}
+svg .node.st-queued rect,svg .node.st-blocked rect{fill:#fff2b8}svg .node.st-cancelled rect{fill:#e2d6ee}
+svg .edge{stroke:#667;stroke-width:1.4}svg marker path{fill:#667}svg .edge-label,svg .tl-axis{fill:#555}
+svg .wait{fill:#e9e9ef}svg .bar-x{fill:#69c}svg .o-succeeded{fill:#4a4}svg .o-failed{fill:#d44}
+svg .o-crashed{fill:#a0a}svg .o-cancelled{fill:#98a}svg .o-running{fill:#69c}"""
 
 # Poll the JSON twin; when its ETag (a hash of the data) differs from the page's, fetch this
 # page's <main> alone (X-Ductwork-Fragment) and swap it in, keeping open <details> open.
@@ -10965,7 +10987,149 @@ def render_run(data: dict, token: str | None = None) -> str:
             + _table(["pipeline", "status", "created (UTC)", "finished (UTC)", "took", "halt reasons"], summary)
             + why + _run_forms(int(r["id"]), data.get("actions", {}), token)
             + _value(r["input"], "input", "run-in") + _value(r["output"], "output", "run-out")
+            + _run_pictures(data)
             + "<h3>Context</h3>" + _table(["key", "value"], context, "empty") + f"<h3>Steps</h3>{note}{tree}")
+
+
+def _run_pictures(data: dict) -> str:
+    """A run page's graph and timeline (none for a run whose definition is not stored)."""
+    if not data.get("graph"):
+        return ""
+    steps = sorted(_tree_steps(data["tree"]), key=lambda s: (s.get("created_at") or 0, s["id"]))
+    r = data["run"]
+    end = max([r["finished_at"] or time.time(), *(e["finished_at"] for s in steps for e in s["executions"])])
+    counts = {int(node): by_status for node, by_status in data["node_counts"].items()}
+    return ("<h3>Pipeline</h3>" + render_graph(data["graph"], counts)
+            + "<h3>Timeline</h3>" + render_timeline(steps, r["created_at"], end))
+
+
+# -- pictures: a run's pipeline as a graph, its executions as a timeline (inline SVG, no script) -------------
+GRAPH_BOX = (150, 34, 56, 18)   # a node's width and height, the gaps between layers and between nodes (px)
+TIMELINE_ROWS = 200             # the timeline's rows (steps) at most; the rest are counted below it
+TIMELINE_SIZE = (900, 14, 200)  # the bars' width, a row's height, the label column's width (px)
+# a step status (or an execution's outcome) -> its colour class; a node takes the first of these its steps have
+GRAPH_STATUS_ORDER = ("failed", "crashed", "running", "cancelling", "stopping", "blocked", "queued", "cancelled",
+                      "succeeded")
+
+
+def _tree_steps(branch: dict | None) -> Iterator[dict]:
+    """Every step of a run's tree (dashboard_run), each branch's in order, its fan-outs' under it."""
+    for step in (branch or {}).get("steps", []):
+        yield step
+        for child in step["branches"]:
+            yield from _tree_steps(child)
+
+
+def _node_edges(after: dict) -> list[tuple[int, str, str]]:
+    """A node's edges: (target, kind: next | child | join, label: the wait before it, if any)."""
+    label = ""
+    if after.get("kind") == "wait":
+        wait = after.get("wait") or {}
+        label = f'sleep {wait["sleep"]:g}s' if "sleep" in wait else f'wait_for {wait.get("signal", "")}'
+        join, after = after.get("join"), after.get("then") or {}
+    else:
+        join = after.get("join")
+    kind = after.get("kind")
+    targets = ([(after["next"], "next")] if kind == "chain" else [(after["child"], "child")] if kind == "expand"
+               else [(n, "child") for n in after.get("children", [])] if kind == "divide"
+               else [(n, "child") for n in (after.get("cases") or {}).values()] if kind == "divert" else [])
+    if join is not None and kind in ("expand", "divide", "divert"):
+        targets.append((join, "join"))
+    return [(int(n), k, label) for n, k in targets]
+
+
+def render_graph(nodes: list[dict], counts: dict[int, dict[str, int]]) -> str:
+    """The pipeline's definition as an SVG DAG: a box per node (layered by its longest path from the start),
+    coloured by the status of its steps in this run, with their count on a fan-out's; arrows for chains and
+    fan-outs, dashed ones to a fan-out's join, a wait's label on its arrow."""
+    edges = {int(n["id"]): _node_edges(n.get("after") or {}) for n in nodes}
+    layer = {0: 0}
+    for _ in nodes:   # longest path: at most len(nodes) rounds in a DAG
+        changed = False
+        for source, out in edges.items():
+            for target, kind, _ in out:   # (a join comes after its fan-out's children: two layers on)
+                step = 2 if kind == "join" else 1
+                if source in layer and layer.get(target, -1) < layer[source] + step <= 2 * len(nodes):
+                    layer[target], changed = layer[source] + step, True
+        if not changed:
+            break
+    rows: dict[int, int] = {}
+    place: dict[int, tuple[int, int]] = {}
+    for n in sorted(layer, key=lambda n: (layer[n], n)):
+        place[n] = (layer[n], rows.get(layer[n], 0))
+        rows[layer[n]] = rows.get(layer[n], 0) + 1
+    w, h, gx, gy = GRAPH_BOX
+    at = {n: (10 + c * (w + gx), 10 + r * (h + gy)) for n, (c, r) in place.items()}
+    width = 20 + (max(layer.values()) + 1) * (w + gx) - gx
+    height = 20 + max(rows.values()) * (h + gy) - gy
+    parts = []
+    for source, out in edges.items():
+        for target, kind, label in out:
+            if source not in at or target not in at:
+                continue
+            (x1, y1), (x2, y2) = at[source], at[target]
+            dash = ' stroke-dasharray="5 4"' if kind == "join" else ""
+            parts.append(f'<line class="edge edge-{kind}" x1="{x1 + w}" y1="{y1 + h / 2:g}" x2="{x2 - 4}" '
+                         f'y2="{y2 + h / 2:g}" marker-end="url(#arrow)"{dash}/>')
+            if label:
+                parts.append(f'<text class="edge-label" x="{(x1 + w + x2) / 2:g}" y="{(y1 + y2) / 2 + h / 2 - 4:g}" '
+                             f'text-anchor="middle">{_esc(label)}</text>')
+    by_id = {int(n["id"]): n for n in nodes}
+    for n, (x, y) in at.items():
+        mine = counts.get(n, {})
+        status = next((s for s in GRAPH_STATUS_ORDER if mine.get(s)), "none")
+        total = sum(mine.values())
+        name = str(by_id[n]["step"])
+        about = ", ".join(f"{k} {v}" for k, v in sorted(mine.items())) or "not reached"
+        shown = clip(name, 18) + (f" \u00d7{total}" if total > 1 else "")
+        parts.append(f'<g class="node st-{status}" data-node="{n}" data-step="{_esc(name)}" data-count="{total}" '
+                     f'data-status="{status}"><title>{_esc(name)}: {_esc(about)}</title>'
+                     f'<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="5"/>'
+                     f'<text x="{x + w / 2:g}" y="{y + h / 2 + 5:g}" text-anchor="middle">{_esc(shown)}</text></g>')
+    return (f'<svg class="graph" role="img" aria-label="pipeline graph" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}"><defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" '
+            'markerWidth="7" markerHeight="7" orient="auto"><path d="M0,0L10,5L0,10z"/></marker></defs>'
+            + "".join(parts) + "</svg>")
+
+
+def render_timeline(steps: list[dict], start: float, end: float) -> str:
+    """The run's executions as Gantt bars, a row per step (the first TIMELINE_ROWS): the wait before its first
+    execution (queued, asleep, blocked) as a pale bar, each execution a bar coloured by its outcome (a retry's,
+    a crash's: a bar each), a step still running up to now."""
+    width, row, label = TIMELINE_SIZE
+    span = max(end - start, 1e-3)
+
+    def x(t: float) -> float:
+        return label + round(max(0.0, min(span, t - start)) / span * width, 1)
+    shown, parts = steps[:TIMELINE_ROWS], []
+    for i, step in enumerate(shown):
+        y = 4 + i * row
+        parts.append(f'<text class="tl-label" x="{label - 6}" y="{y + row - 4}" text-anchor="end">'
+                     f'{_esc(clip(str(step["name"]), 26))}</text>')
+        first = step["executions"][0]["started_at"] if step["executions"] else step.get("started_at")
+        waited_until = first if first is not None else (end if step["status"] in ("queued", "blocked") else None)
+        if waited_until is not None and step.get("created_at") is not None and waited_until > step["created_at"]:
+            parts.append(f'<rect class="wait" data-step="{int(step["id"])}" x="{x(step["created_at"])}" y="{y + 3}" '
+                         f'width="{max(0.5, x(waited_until) - x(step["created_at"])):g}" height="{row - 6}">'
+                         f'<title>waited {waited_until - step["created_at"]:.3f}s</title></rect>')
+        bars = [(e["started_at"], e["finished_at"], e["outcome"], e["attempt"]) for e in step["executions"]
+                if e["started_at"] is not None]
+        if step["status"] == "running" and step.get("started_at") is not None:
+            bars.append((step["started_at"], end, "running", step["attempts"] + 1))
+        for began, ended, outcome, attempt in bars:
+            parts.append(f'<rect class="bar-x o-{_esc(outcome)}" data-step="{int(step["id"])}" '
+                         f'data-attempt="{int(attempt)}" data-outcome="{_esc(outcome)}" x="{x(began)}" y="{y + 1}" '
+                         f'width="{max(1.0, x(ended) - x(began)):g}" height="{row - 2}"><title>'
+                         f'{_esc(step["name"])} attempt {int(attempt)}: {_esc(outcome)}, {ended - began:.3f}s'
+                         '</title></rect>')
+    height = 8 + len(shown) * row
+    more = (f'<p class="muted">timeline: the first {TIMELINE_ROWS} of {len(steps)} steps</p>'
+            if len(steps) > TIMELINE_ROWS else "")
+    return (f'<svg class="timeline" role="img" aria-label="timeline of executions" width="{label + width + 10}" '
+            f'height="{height}" viewBox="0 0 {label + width + 10} {height}">' + "".join(parts)
+            + f'<text class="tl-axis" x="{label}" y="{height - 1}">0s</text>'
+            f'<text class="tl-axis" x="{label + width}" y="{height - 1}" text-anchor="end">{span:.3f}s</text>'
+            + "</svg>" + more)
 
 
 def render_errors(data: dict) -> str:

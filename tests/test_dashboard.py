@@ -402,6 +402,35 @@ class WebDriver:
             self.log.close()
 
 
+SVG_NODES = """return [...document.querySelectorAll('svg.graph g.node')].map(g => {const r = g.getBBox();
+  return {step: g.dataset.step, count: g.dataset.count, status: g.dataset.status, width: r.width, height: r.height};});"""
+SVG_BARS = """return [...document.querySelectorAll('svg.timeline rect.bar-x')].map(b => ({outcome: b.dataset.outcome,
+  attempt: b.dataset.attempt, width: b.getBBox().width}));"""
+
+
+def test_run_page_draws_the_pipeline_graph_and_the_timeline(runs, serve):
+    """The run page's SVGs, as served: a node per definition node coloured by its steps (with the fan-out's count),
+    arrows for the chain, the fan-out and (dashed) its join, and a timeline bar per execution."""
+    base = serve()
+    _, _, page = get(base + f"/runs/{runs['fan'].id}")
+    graph = re.search(r'<svg class="graph".*?</svg>', page, re.S).group(0)
+    nodes = re.findall(r'<g class="node st-(\w+)" data-node="(\d+)" data-step="(\w+)" data-count="(\d+)"', graph)
+    assert nodes == [("succeeded", "0", "dash_list", "1"), ("succeeded", "1", "dash_html", "3"),
+                     ("succeeded", "2", "dash_ident", "1")]
+    assert "dash_html \u00d73" in graph
+    assert re.findall(r'class="edge edge-(\w+)"', graph) == ["child", "join"]
+    timeline = re.search(r'<svg class="timeline".*?</svg>', page, re.S).group(0)
+    assert re.findall(r'data-outcome="(\w+)"', timeline) == ["succeeded"] * 5
+    _, _, failed = get(base + f"/runs/{runs['fail'].id}")
+    timeline = re.search(r'<svg class="timeline".*?</svg>', failed, re.S).group(0)
+    assert re.findall(r'data-attempt="(\d)" data-outcome="(\w+)"', timeline) == [(str(i), "failed") for i in (1, 2, 3, 4)]
+    assert re.search(r'<g class="node st-failed" data-node="0" data-step="dash_boom" data-count="1"', failed)
+    waits = ductwork.render_graph([{"id": 0, "step": "a", "after": {"kind": "wait", "wait": {"sleep": 60},
+                                                                     "then": {"kind": "chain", "next": 1}}},
+                                   {"id": 1, "step": "b", "after": {"kind": "end"}}], {0: {"succeeded": 1}})
+    assert "sleep 60s" in waits and 'st-none" data-node="1"' in waits   # (b not reached: no steps)
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_browser_follows_a_run_and_sees_live_updates(runs, serve, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -432,9 +461,25 @@ def test_browser_follows_a_run_and_sees_live_updates(runs, serve, tmp_path):
         summaries = [browser.text(e) for e in browser.find_all("li.branch li.branch li.step details summary")]
         assert 'output "<script>alert(0)</script>"' in summaries  # shown as text, never run
         assert browser.do("POST", "/execute/sync", {"script": "return document.title;", "args": []}).startswith("run ")
-        shot = tmp_path / "dashboard-run.png"
-        shot.write_bytes(base64.b64decode(browser.do("GET", "/screenshot")))
-        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
+        # the pictures, as the browser laid them out: a node per definition node (the fan-out's with its count),
+        # a bar per execution, each of them drawn (a box of real size)
+        nodes = browser.do("POST", "/execute/sync", {"script": SVG_NODES, "args": []})
+        assert [(n["step"], n["count"], n["status"]) for n in nodes] == \
+            [("dash_list", "1", "succeeded"), ("dash_html", "3", "succeeded"), ("dash_ident", "1", "succeeded")]
+        assert all(n["width"] > 100 and n["height"] > 20 for n in nodes)
+        bars = browser.do("POST", "/execute/sync", {"script": SVG_BARS, "args": []})
+        assert len(bars) == 5 and all(b["outcome"] == "succeeded" and b["width"] >= 1 for b in bars)
+        for path in ("/", "/runs", "/errors", f"/runs/{runs['fail'].id}", f"/runs/{runs['fan'].id}"):
+            browser.do("POST", "/url", {"url": base + path})
+            browser.wait_for("main")
+            shot = tmp_path / f"dashboard{path.replace('/', '-')}.png"
+            shot.write_bytes(base64.b64decode(browser.do("GET", "/screenshot")))
+            assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
+            if path == f"/runs/{runs['fail'].id}":   # four failed attempts: four red bars, the node failed
+                bars = browser.do("POST", "/execute/sync", {"script": SVG_BARS, "args": []})
+                assert [b["outcome"] for b in bars] == ["failed"] * 4
+                assert [n["status"] for n in browser.do("POST", "/execute/sync", {"script": SVG_NODES, "args": []})] \
+                    == ["failed"]
     finally:
         browser.close()
 
