@@ -44,6 +44,7 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import io
 import json
 import logging
 import os
@@ -280,6 +281,11 @@ class _Formatter(logging.Formatter):
         message = record.getMessage()
         error = record.exc_info[1] if record.exc_info else None
         trace = self.formatException(record.exc_info) if record.exc_info and not isinstance(error, ConfigError) else ""
+        kind, about = (type(error).__name__, _safe_text(error)) if error is not None else ("", "")
+        failure = getattr(record, "failure", None)   # a failed attempt's stored error text: "Class: message\n..."
+        if failure:
+            head, _, trace = failure.partition("\n")
+            kind, _, about = head.partition(": ")
         fields = _record_fields(record)
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         role = _PROCESS_ROLE["role"]
@@ -288,19 +294,29 @@ class _Formatter(logging.Formatter):
                    "message": message, "log.logger": record.name, "process.pid": record.process,
                    "process.thread.name": record.threadName, "ductwork.role": role, "ecs.version": ECS_VERSION,
                    **{LOG_FIELDS.get(k, k): v for k, v in fields.items()}}
-            if error is not None:
-                out |= {"error.type": type(error).__name__, "error.message": str(error)}
+            if kind:
+                out |= {"error.type": kind, "error.message": about}
                 if trace:
                     out["error.stack_trace"] = trace
+            if isinstance(error, ConfigError):   # a setting to fix: the fix in the message too
+                out["message"] = f"{message}: {about}"
             return mask(json.dumps(out, default=str))
         if isinstance(error, ConfigError):   # a setting to fix: one line, the fix
-            message += f": {error}"
-        elif trace:
-            message += "\n" + trace
+            message += f": {about}"
+        elif trace.strip():
+            message += "\n" + trace.rstrip("\n")
         extra = "".join(f" {k}={v}" for k, v in fields.items())
         if not record.name.startswith("ductwork") or record.name.startswith("ductwork.app"):
             extra += f" logger={record.name}"
         return mask(f"{ts} {record.levelname:<7} [{record.process} {role} {record.threadName}] {message}{extra}")
+
+
+def _safe_text(error: BaseException) -> str:
+    """str() of an exception that may raise in its __str__ (a hostile step's): then its class's name."""
+    try:
+        return str(error)
+    except Exception:
+        return f"<unprintable {type(error).__name__}>"
 
 
 def _record_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -322,46 +338,39 @@ def _trace_fields() -> dict[str, str]:
     return {} if span is None else {"trace.id": span[0], "span.id": span[1]}
 
 
-class _OutputLines:
+class _OutputLines(io.TextIOBase):
     """sys.stdout / sys.stderr of a serving process in JSON mode: each line written (print(), a library's
     writes, a traceback printed by hand) becomes a log record of logger ``ductwork.app.<name>``, so every line on
-    stdout is one JSON object. Bytes written to ``.buffer`` and a write from inside logging itself (an error of a
-    handler) go to the real stream as they are."""
+    stdout is one JSON object. A line is kept per thread until its newline (two steps printing at once never
+    share a record). Bytes written to ``.buffer``, a write from inside logging itself (an error of a handler) and
+    every other attribute of a stream go to the real one."""
 
     def __init__(self, name: str, stream: Any, level: int):
+        super().__init__()
         self.logger, self.stream, self.level = logging.getLogger(f"ductwork.app.{name}"), stream, level
-        self.lock, self.partial, self.inside = threading.Lock(), "", threading.local()
-        self.buffer = getattr(stream, "buffer", None)
-        self.encoding, self.errors = getattr(stream, "encoding", "utf-8"), getattr(stream, "errors", "strict")
+        self.local = threading.local()   # .partial: this thread's line so far; .inside: in a log call
 
     def write(self, text: str) -> int:
-        if getattr(self.inside, "yes", False):
+        if getattr(self.local, "inside", False):
             return self.stream.write(text)
-        with self.lock:
-            lines = (self.partial + text).split("\n")
-            self.partial = lines.pop()
+        lines = (getattr(self.local, "partial", "") + text).split("\n")
+        self.local.partial = lines.pop()
         self._emit(lines)
         return len(text)
 
     def _emit(self, lines: list[str]) -> None:
-        self.inside.yes = True
+        self.local.inside = True
         try:
             for line in lines:
                 if line.strip():
                     self.logger.log(self.level, line)
         finally:
-            self.inside.yes = False
+            self.local.inside = False
 
     def flush(self) -> None:
-        with self.lock:
-            rest, self.partial = self.partial, ""
-        self._emit([rest])
+        """The real stream's flush (a partial line waits for its newline: a progress bar's updates are one line)."""
         with contextlib.suppress(Exception):
             self.stream.flush()
-
-    def writelines(self, lines: Iterable[str]) -> None:
-        for line in lines:
-            self.write(line)
 
     def fileno(self) -> int:
         return self.stream.fileno()
@@ -371,6 +380,19 @@ class _OutputLines:
 
     def writable(self) -> bool:
         return True
+
+    @property
+    def encoding(self) -> str:   # type: ignore[override]
+        return getattr(self.stream, "encoding", None) or "utf-8"
+
+    @property
+    def errors(self) -> str | None:   # type: ignore[override]
+        return getattr(self.stream, "errors", None)
+
+    def __getattr__(self, name: str) -> Any:   # buffer, reconfigure, mode, name, line_buffering...
+        if name in ("stream", "local", "logger", "level"):
+            raise AttributeError(name)
+        return getattr(self.stream, name)
 
 
 def _log_uncaught(kind: str) -> Callable[..., None]:
@@ -401,6 +423,12 @@ def setup_logging(level: str = "info", fmt: str = "text", capture: bool = False)
         for old in list(logger.handlers):
             if getattr(old, "_ductwork", False):
                 logger.removeHandler(old)
+    if capture:   # the app's own handler to stdout or stderr would print each line twice: ductwork's replaces it
+        root = logging.getLogger()
+        for old in list(root.handlers):
+            if type(old) is logging.StreamHandler and getattr(old, "stream", None) in (
+                    sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+                root.removeHandler(old)
     for logger in loggers:
         logger.addHandler(handler)
         logger.setLevel(level.upper())
@@ -414,7 +442,7 @@ def setup_logging(level: str = "info", fmt: str = "text", capture: bool = False)
 
 
 # -------------------------------------------------------------------------------------
-# This process's histograms and counters (/metrics, see "Metrics: what counts where"). Kept in memory, cheap to
+# This process's histograms and counters (/metrics, see "Metrics" in the README). Kept in memory, cheap to
 # add to (a bisect and a lock per observation), written to the process's row with every heartbeat (its info's
 # "metrics") and exported from there by the dashboard with a label naming the process, so that a scrape of one
 # endpoint gives every process's series: each only goes up while its process lives (a restart is a reset, as
@@ -537,15 +565,12 @@ class _Tracing:
         if tracer is None:
             yield None
             return
-        trace, propagate = cls.api
-        if c.run_id not in cls.contexts:
-            if len(cls.contexts) >= TRACE_CACHE:
-                cls.contexts.clear()
-            with engine.store.tx(write=False) as t:
-                row = t.one(SQL.run_trace_context, {"id": c.run_id})
-            cls.contexts[c.run_id] = _loads(row[0]) if row and row[0] else None
-        carrier = cls.contexts[c.run_id]
-        parent = propagate.extract(carrier) if isinstance(carrier, dict) else None
+        trace = cls.api[0]
+        try:
+            parent = cls._parent(engine, c.run_id)
+        except Exception as exc:   # (the database, a corrupt context: the step runs all the same, its span a root)
+            log.debug("trace context of run %s unread: %s", c.run_id, exc)
+            parent = None
         attributes = {"ductwork.pipeline": c.pipeline, "ductwork.run_id": c.run_id, "ductwork.step_id": c.step_id,
                       "ductwork.step": c.name, "ductwork.attempt": c.attempt}
         with tracer.start_as_current_span(f"ductwork.step {c.pipeline}.{c.name}", context=parent,
@@ -554,15 +579,33 @@ class _Tracing:
             yield span
 
     @classmethod
-    def outcome(cls, span: Any, ok: bool, text: str, error: BaseException | None) -> None:
-        """A step span's outcome: the attribute, and a failure's exception and error status."""
+    def _parent(cls, engine: Any, run_id: int) -> Any:
+        """The context of a run's span (read once per run), or None when its trigger was not traced."""
+        carrier = cls.contexts.get(run_id, False)
+        if carrier is False:
+            if len(cls.contexts) >= TRACE_CACHE:
+                cls.contexts.clear()
+            with engine.store.tx(write=False) as t:
+                row = t.one(SQL.run_trace_context, {"id": run_id})
+            carrier = cls.contexts[run_id] = _loads(row[0]) if row and row[0] else None
+        return cls.api[1].extract(carrier) if isinstance(carrier, dict) else None
+
+    @classmethod
+    def outcome(cls, span: Any, c: Any, ok: bool, text: str, error: BaseException | None) -> None:
+        """A step span's outcome: the attribute, and a failure's exception and error status (an attempt past its
+        deadline failed, whatever its thread returned later). Never raises: tracing never changes a result."""
         if span is None:
             return
-        span.set_attribute("ductwork.outcome", "succeeded" if ok else "failed")
-        if not ok:
-            if error is not None:
-                span.record_exception(error)
-            span.set_status(cls.api[0].Status(cls.api[0].StatusCode.ERROR, (text or str(error)).split("\n")[0]))
+        try:
+            if c.timed_out:
+                ok, text, error = False, f"{StepTimeout.__name__}: step {c.name} ran past its timeout", None
+            span.set_attribute("ductwork.outcome", "succeeded" if ok else "failed")
+            if not ok:
+                if error is not None:
+                    span.record_exception(error)
+                span.set_status(cls.api[0].Status(cls.api[0].StatusCode.ERROR, text.split("\n")[0]))
+        except Exception as exc:
+            log.debug("span of step %s: %s", c.step_id, exc)
 
 
 # =====================================================================================
@@ -2160,14 +2203,36 @@ MIGRATIONS: list[Migration] = [
         "WHERE status IN ('running', 'cancelling', 'stopping') AND concurrency_key IS NOT NULL",
     ), dropped=("ductwork_steps_queue",)),
     # 8: observability (issue 20). Totals that are no rollup, in a table of their own: the version before reads
-    # every row of ductwork_counters and knows none but its names. revive() adds there the runs it takes out of a
-    # finished status, so a finished status's count (the runs in it now, pruned from it, taken out of it) never
-    # goes down (see "Metrics: what counts where").
+    # every row of ductwork_counters and knows none but its names. A trigger adds there each run taken out of a
+    # finished status (revive(), whichever version runs it, or a hand-written fix), so a finished status's count
+    # (the runs in it now, pruned from it, taken out of it) never goes down (see "Metrics" in the README). It
+    # fires on those rare updates only: a run's other updates fail its WHEN at the cost of a comparison.
     Migration(8, (
         """CREATE TABLE ductwork_tallies (
             pipeline TEXT NOT NULL, name TEXT NOT NULL, label TEXT NOT NULL, value BIGINT NOT NULL,
             PRIMARY KEY (pipeline, name, label))""",
         {"postgres": f"ALTER TABLE ductwork_tallies SET ({_STORAGE['ductwork_counters']})"},
+        {"postgres": """CREATE OR REPLACE FUNCTION ductwork_tally_reopened() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                INSERT INTO ductwork_tallies (pipeline, name, label, value)
+                VALUES (OLD.pipeline, 'reopened', OLD.status, 1)
+                ON CONFLICT (pipeline, name, label) DO UPDATE SET value = ductwork_tallies.value + 1;
+                RETURN NULL;
+            END $$""",
+         "sqlite": ""},
+        {"postgres": """CREATE TRIGGER ductwork_runs_reopened
+            AFTER UPDATE OF status ON ductwork_runs
+            FOR EACH ROW
+            WHEN (OLD.status IN ('completed', 'halted', 'cancelled') AND NEW.status <> OLD.status)
+            EXECUTE FUNCTION ductwork_tally_reopened()""",
+         "sqlite": """CREATE TRIGGER ductwork_runs_reopened
+            AFTER UPDATE OF status ON ductwork_runs
+            WHEN OLD.status IN ('completed', 'halted', 'cancelled') AND NEW.status <> OLD.status
+            BEGIN
+                INSERT INTO ductwork_tallies (pipeline, name, label, value)
+                VALUES (OLD.pipeline, 'reopened', OLD.status, 1)
+                ON CONFLICT (pipeline, name, label) DO UPDATE SET value = ductwork_tallies.value + 1;
+            END"""},
         # the W3C trace context of the run's span (SPEC §19, see "Tracing"), NULL when not traced
         "ALTER TABLE ductwork_runs ADD COLUMN trace_context TEXT",
     )),
@@ -3322,6 +3387,7 @@ class JobClaim(_Row):
     concurrency_key: str | None = None   # a capped step's key: it holds one of the key's slots ("" without a key)
     refused: str | None = None           # why its concurrency_key could not be computed: it fails without running
     started: float | None = None   # time.monotonic() when it began running (set by the runner)
+    ended: float | None = None     # ... and when it returned, raised or reached its deadline (its duration's end)
     # its run was cancelled (Runtime.look_for_cancels): it must not start (``dropped``), or, running, should stop
     dropped: bool = False
     stop_requested: bool = False
@@ -3815,12 +3881,6 @@ class SQL:
     # rows. The transaction goes without either.
     plain_plans = """
         SELECT set_config('max_parallel_workers_per_gather', '0', true), set_config('jit', 'off', true)"""
-
-    # Add to a tally (:pipeline, :name, :label, :n; see migration 8).
-    add_tally = """
-        INSERT INTO ductwork_tallies (pipeline, name, label, value)
-        VALUES (:pipeline, :name, :label, :n)
-        ON CONFLICT (pipeline, name, label) DO UPDATE SET value = ductwork_tallies.value + excluded.value"""
 
     # Add to a rolled-up total (:pipeline, :name, :label, :n).
     add_count = """
@@ -6168,19 +6228,17 @@ class Engine:
         with self._tx() as t:
             if t.dialect == "postgres":   # a step of it let go meanwhile is let go wholly before or after this
                 self._lock_runs(t, [run_id])
-            row = t.one(SQL.select_run, {"id": run_id})
-            if row is None or t.run(SQL.run_reopened, {"id": run_id}) != 1:
+            if t.run(SQL.run_reopened, {"id": run_id}) != 1:   # (migration 8's trigger tallies it)
                 return False
-            run = RunRow.from_row(row)   # (read under the run's lock, or SQLite's write lock: its status held)
-            t.run(SQL.add_tally, {"pipeline": run.pipeline, "name": "reopened", "label": run.status, "n": 1})
             for branch_id, parent_id in t.all(SQL.halted_leaves, {"run_id": run_id}):
                 self._reopen_leaf(t, branch_id)
                 self._reopen_ancestors(t, parent_id)
             t.run(SQL.steps_uncancelled, {"run_id": run_id})
             for (branch_id,) in t.all(SQL.cancelled_branches, {"run_id": run_id}):
                 self._reopen_leaf(t, branch_id)   # (its step failed meanwhile: it runs again, as a halted one's)
-            t.notify(CH_JOBS, run.pipeline)
-            t.notify(CH_ADVANCE, run.pipeline)
+            pipeline = RunRow.from_row(t.one(SQL.select_run, {"id": run_id})).pipeline
+            t.notify(CH_JOBS, pipeline)
+            t.notify(CH_ADVANCE, pipeline)
         return True
 
     @staticmethod
@@ -7409,7 +7467,8 @@ class AsyncLane:
         _CURRENT.set(ctx)   # (this task's own context)
         with _Tracing.step_span(rt.engine, c) as span:
             result = await self._attempt(c, fn, ctx)
-            _Tracing.outcome(span, result.ok, result.value, None)
+            c.ended = c.ended or time.monotonic()
+            _Tracing.outcome(span, c, result.ok, result.value, None)
         return result
 
     async def _attempt(self, c: JobClaim, fn: Any, ctx: StepContext) -> StepResult:
@@ -7836,10 +7895,13 @@ class Runtime:
         """A step's attempt failed (on a worker thread, or on the async lane's loop): logged, and what follows."""
         result = self._failure(c, fn, text, error)
         final = self.engine.gives_up(result)
-        exc_info = (type(error), error, error.__traceback__) if error is not None and error.__traceback__ else None
+        # the stored error text, not the exception (a hostile one may raise in whatever formats it); a corrupt row's
+        # traceback is ductwork's own, not the step's: one line
+        failure = None if type(error) is _CorruptInput else text   # (type(): a hostile __class__ may raise)
         log.log(logging.ERROR if final else logging.WARNING, "step %s failed (attempt %d%s): %s", c.name, c.attempt,
-                ", the last" if final else "", text.splitlines()[0], exc_info=exc_info,
-                extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline, "attempt": c.attempt})
+                ", the last" if final else "", text.splitlines()[0],
+                extra={"run": c.run_id, "step": c.step_id, "pipeline": c.pipeline, "attempt": c.attempt,
+                       "failure": failure})
         return result
 
     # -- step timeouts (SPEC §15) --------------------------------------------------------
@@ -7885,6 +7947,7 @@ class Runtime:
         """The StepTimeout failure of an attempt past its deadline (with the stack of its thread, when it still
         runs), and what follows it by the step's retry policy."""
         message = f"step {c.name} ran past its timeout of {c.timeout:g}s (attempt {c.attempt})"
+        c.ended = c.ended or time.monotonic()
         frame = sys._current_frames().get(ident) if ident is not None else None
         where = "" if frame is None else "\nwhere it was at the deadline:\n" + clip(
             "".join(traceback.format_stack(frame)[-12:]), MAX_TRACEBACK)
@@ -8025,7 +8088,8 @@ class Runtime:
         try:
             with _Tracing.step_span(self.engine, c) as span:
                 outcome = self._traced_call(c, fn, ctx)
-                _Tracing.outcome(span, *outcome)
+                c.ended = time.monotonic()
+                _Tracing.outcome(span, c, *outcome)
             return outcome
         finally:
             _CURRENT.reset(token)
@@ -8114,9 +8178,9 @@ class Runtime:
         timeouts among them."""
         for r in results:
             c = r.claim
-            ran_for = c.ran_for()
-            if ran_for is None:
+            if c.started is None:
                 continue
+            ran_for = (c.ended or time.monotonic()) - c.started   # (not the wait for this commit)
             METRICS.observe("step_duration", c.pipeline, ran_for)
             METRICS.observe("queue_wait", c.pipeline, c.claimed_at - c.claimable_at)
             if c.attempts:
@@ -9412,7 +9476,8 @@ class Counts:
         if t.dialect == "postgres":
             t.run(SQL.plain_plans)
         for pipeline, name, label, value in t.all(SQL.counters):
-            counts[name][pipeline, label] = int(value)
+            if name in counts:   # (a name of a newer version's, during a rolling upgrade: not this one's to show)
+                counts[name][pipeline, label] = int(value)
         triggered = {pipeline: n for (pipeline, _), n in counts.pop("triggered").items()}
         for pipeline, n in triggered.items():   # completed: what the rest leaves
             gone = sum(m for (p, _), m in counts["pruned"].items() if p == pipeline)
@@ -10349,7 +10414,7 @@ class DashboardSQL:
 
     # /metrics: the info of the live processes (their abandoned threads: step timeouts)
     process_infos = """
-        SELECT role, machine_identifier, pid, info
+        SELECT role, machine_identifier, pid, info, id
         FROM ductwork_processes
         WHERE last_heartbeat_at >= {now} - :live_within"""
 
@@ -10625,8 +10690,10 @@ def _process_families(infos: list[tuple]) -> str:
     (another version's, a hand-written one) adds nothing."""
     histograms: dict[str, list[str]] = {name: [] for name in PROCESS_HISTOGRAMS}
     counters: dict[str, list[str]] = {name: [] for name in (*PROCESS_COUNTERS, *CHILD_COUNTERS)}
-    for role, machine, pid, info in sorted(infos, key=lambda row: (row[1], row[2])):
-        process = _prom_label(f"{machine}:{pid}")
+    for role, machine, pid, info, row_id in sorted(infos, key=lambda row: (row[1], row[2], row[4])):
+        # (the row too: a container restarted in its pod has the same machine and pid as its dead predecessor,
+        # whose row lives on until the reaper takes it)
+        process = _prom_label(f"{machine}:{pid}/{row_id}")
         try:
             data = json.loads(info)
             metrics = data.get("metrics") or {}
@@ -10666,10 +10733,10 @@ def _histogram_lines(family: str, bounds: Sequence[float], where: str, counts: l
     return [*lines, f"{family}_sum{{{where}}} {float(counts[-1])!r}", f"{family}_count{{{where}}} {total}"]
 
 
-def _abandoned_threads(infos: list[tuple[str, str]]) -> dict[tuple, float]:
+def _abandoned_threads(infos: list[tuple]) -> dict[tuple, float]:
     """Per role, the abandoned threads the process rows' info reports (a row whose info is not JSON counts 0)."""
     out: dict[tuple, float] = {}
-    for role, _, _, info in infos:
+    for role, _, _, info, _ in infos:
         try:
             n = int(json.loads(info).get("abandoned_threads", 0))
         except (ValueError, TypeError, AttributeError):

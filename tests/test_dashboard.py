@@ -403,7 +403,8 @@ class WebDriver:
 
 
 SVG_NODES = """return [...document.querySelectorAll('svg.graph g.node')].map(g => {const r = g.getBBox();
-  return {step: g.dataset.step, count: g.dataset.count, status: g.dataset.status, width: r.width, height: r.height};});"""
+  return {step: g.dataset.step, count: g.dataset.count, status: g.dataset.status,
+          width: r.width, height: r.height};});"""
 SVG_BARS = """return [...document.querySelectorAll('svg.timeline rect.bar-x')].map(b => ({outcome: b.dataset.outcome,
   attempt: b.dataset.attempt, width: b.getBBox().width}));"""
 
@@ -423,7 +424,8 @@ def test_run_page_draws_the_pipeline_graph_and_the_timeline(runs, serve):
     assert re.findall(r'data-outcome="(\w+)"', timeline) == ["succeeded"] * 5
     _, _, failed = get(base + f"/runs/{runs['fail'].id}")
     timeline = re.search(r'<svg class="timeline".*?</svg>', failed, re.S).group(0)
-    assert re.findall(r'data-attempt="(\d)" data-outcome="(\w+)"', timeline) == [(str(i), "failed") for i in (1, 2, 3, 4)]
+    attempts = re.findall(r'data-attempt="(\d)" data-outcome="(\w+)"', timeline)
+    assert attempts == [(str(i), "failed") for i in (1, 2, 3, 4)]
     assert re.search(r'<g class="node st-failed" data-node="0" data-step="dash_boom" data-count="1"', failed)
     waits = ductwork.render_graph([{"id": 0, "step": "a", "after": {"kind": "wait", "wait": {"sleep": 60},
                                                                      "then": {"kind": "chain", "next": 1}}},

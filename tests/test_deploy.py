@@ -1245,7 +1245,8 @@ def test_alerting_rules_pass_promtool_and_each_fires_when_it_should(tmp_path):
     for r in rules.values():
         assert set(re.findall(r"\b(ductwork_[a-z_]+)", r["expr"])) <= exported, r["expr"]
     descriptions = {key: json.dumps(rules[name]["annotations"]["description"]) for key, name in (
-        ("queued", "DuctworkWorkQueuedNoWorkers"), ("old", "DuctworkOldestStepTooOld"), ("halts", "DuctworkHaltsRising"))}
+        ("queued", "DuctworkWorkQueuedNoWorkers"), ("old", "DuctworkOldestStepTooOld"),
+        ("halts", "DuctworkHaltsRising"))}
     (tmp_path / "tests.yml").write_text(RULE_TESTS % descriptions)
     tested = subprocess.run([promtool, "test", "rules", "tests.yml"], capture_output=True, text=True, cwd=tmp_path)
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr

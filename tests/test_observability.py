@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_metrics_of_real_workers_histograms_and_counters_pass_promtool(procs, tm
     assert worker_metrics(text, 'ductwork_step_duration_seconds_bucket{le="+Inf"', "Observed") == 0  # (label order)
     s = samples(text)
     infinite = [k for k in s if k.startswith("ductwork_step_duration_seconds_bucket{") and 'le="+Inf"' in k]
-    assert infinite and all('process="host-a:' in k and 'role="worker"' in k for k in infinite)
+    assert infinite and all(re.search(r'process="host-a:\d+/\d+"', k) and 'role="worker"' in k for k in infinite)
     assert sum(s[k] for k in infinite if 'pipeline="Observed"' in k) == 30
     # the timed-out attempts ran 0.3 s at least: 6 of the 30 above 0.25 s
     slow = sum(v for k, v in s.items() if k.startswith("ductwork_step_duration_seconds_bucket{")
@@ -150,12 +151,12 @@ def test_one_trace_from_the_request_through_the_worker_processes(procs, tmp_path
     supervisor's worker runs its steps (one fails once). Every span is in the request's trace: the run span under
     the request's, each step execution under the run span, with run, step and attempt, the failure recorded."""
     pytest.importorskip("opentelemetry.sdk")
-    import traced_app
-    sup = Proc(tmp_path, app_db, config={"app": traced_app.__file__, "job_worker": {"retry_delay": 0}})
+    apps = os.path.dirname(observe_app.__file__)   # (traced_app is never imported here: its hooks would be ours)
+    sup = Proc(tmp_path, app_db, config={"app": os.path.join(apps, "traced_app.py"), "job_worker": {"retry_delay": 0}})
     procs.append(sup)
     sup.wait_log(r"worker started")
     env = {**os.environ, "DW_TEST_DIR": str(tmp_path)}
-    script = TRIGGER_IN_A_REQUEST.format(apps=os.path.dirname(traced_app.__file__), url=app_db)
+    script = TRIGGER_IN_A_REQUEST.format(apps=apps, url=app_db)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     run = ductwork.Run.get(int(out.stdout.strip().splitlines()[-1]))
@@ -203,3 +204,37 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.splitlines()[-1] == "ok", out.stderr
+
+
+def test_printed_lines_are_kept_per_thread():
+    """Two threads printing parts of their lines at once: each line is one record of its own thread (the JSON
+    mode's stdout, ductwork._OutputLines, on a logger of its own here)."""
+    import io
+    import logging
+    import threading
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append((record.threadName, record.getMessage()))
+    out = ductwork._OutputLines("stdout-test", io.StringIO(), logging.INFO)
+    out.logger.addHandler(handler)
+    out.logger.propagate = False
+    out.logger.setLevel(logging.INFO)
+    a_wrote, b_done = threading.Event(), threading.Event()
+
+    def a():
+        out.write("A: fetching...")
+        a_wrote.set()
+        b_done.wait(5)
+        out.write(" done\n")
+
+    def b():
+        a_wrote.wait(5)
+        out.write("B: all at once\n")
+        b_done.set()
+    threads = [threading.Thread(target=a, name="A"), threading.Thread(target=b, name="B")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(records) == [("A", "A: fetching... done"), ("B", "B: all at once")]
+    assert out.encoding and out.closed is False and out.writable()

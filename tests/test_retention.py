@@ -172,7 +172,8 @@ def test_counters_never_go_down_across_revive_and_prune(engine, start_runtime):
     assert unserved.cancel() is True
     assert snapshot()['ductwork_runs_finished_total{pipeline="RetChain",status="cancelled"}'] == 2
     with engine.store.tx(write=False) as t:
-        reopened = rows_by(t, "SELECT pipeline, label, value FROM ductwork_tallies WHERE name = 'reopened'")
+        reopened = rows_by(t, "SELECT pipeline, label, value FROM ductwork_tallies WHERE name = 'reopened' "
+                              "AND pipeline IN ('RetHalts', 'RetChain')")
     assert reopened == {("RetHalts", "halted"): 2, ("RetChain", "cancelled"): 1}
     age_runs(engine, [run.id, other.id, idle.id], 100)
     assert engine.prune({"completed": 50, "halted": 50}) == {("RetHalts", "completed"): 1,
@@ -616,3 +617,19 @@ def test_an_interrupted_concurrent_index_build_is_rebuilt_by_the_next_migrate(fr
         assert t.one("SELECT indisvalid FROM pg_index WHERE indexrelid = CAST('ductwork_runs_finished' AS regclass)") \
             == (True,)
     store.close()
+
+
+@pytest.mark.parametrize("db_url", DB_VARIANTS, indirect=True)
+def test_a_run_reopened_by_hand_or_by_an_older_version_is_still_counted(engine, start_runtime):
+    """The finished count's "taken out of it" part is migration 8's trigger, not revive()'s code: an UPDATE that
+    reopens a halted run (the version before's revive, a hand-written fix) keeps the count where it was."""
+    start_runtime(["RetHalts"], job_worker={"max_retry": 0, "retry_delay": 0})
+    run = RetHalts.trigger(1)
+    assert finished(run) == "halted"
+    before = counter_samples(ductwork.dashboard_metrics(engine))
+    with engine.store.tx() as t:
+        t.run("UPDATE ductwork_runs SET status = 'in_progress', finished_at = NULL WHERE id = :id", {"id": run.id})
+        t.run("UPDATE ductwork_runs SET updated_at = updated_at + 1 WHERE id = :id", {"id": run.id})  # (no tally)
+    after = counter_samples(ductwork.dashboard_metrics(engine))
+    key = 'ductwork_runs_finished_total{pipeline="RetHalts",status="halted"}'
+    assert before[key] == after[key] == 1
