@@ -10791,7 +10791,16 @@ svg .node.st-failed rect,svg .node.st-crashed rect{fill:#f6c4c4}svg .node.st-run
 svg .node.st-queued rect,svg .node.st-blocked rect{fill:#fff2b8}svg .node.st-cancelled rect{fill:#e2d6ee}
 svg .edge{stroke:#667;stroke-width:1.4}svg marker path{fill:#667}svg .edge-label,svg .tl-axis{fill:#555}
 svg .wait{fill:#e9e9ef}svg .bar-x{fill:#69c}svg .o-succeeded{fill:#4a4}svg .o-failed{fill:#d44}
-svg .o-crashed{fill:#a0a}svg .o-cancelled{fill:#98a}svg .o-running{fill:#69c}"""
+svg .o-crashed{fill:#a0a}svg .o-cancelled{fill:#98a}svg .o-running{fill:#69c}
+@media (prefers-color-scheme:dark){body{color:#e4e4ea;background:#15171c}table{background:#1d2027}th{background:#272b38}
+th,td{border-color:#3a3d48}pre{background:#22252d}summary,a{color:#9cc4ff}.muted{color:#a0a3ad}.warn{color:#ff8a80}
+.st{background:#3a3d48;color:#fff}.st-completed,.st-succeeded{background:#1f5a2a}.st-halted,.st-failed,.st-crashed{background:#7a2626}
+.st-cancelled,.st-cancelling,.st-stopping{background:#4d3a66}.st-in_progress,.st-running,.st-advancing{background:#24467a}
+.st-queued,.st-waiting,.st-advance,.st-blocked{background:#6b5a12}.notice{background:#1f3a24;border-color:#2f5a36}
+svg .node rect{fill:#1d2027;stroke:#8890a0}svg .node text,svg .tl-label{fill:#e4e4ea}
+svg .node.st-succeeded rect{fill:#1f5a2a}svg .node.st-failed rect,svg .node.st-crashed rect{fill:#7a2626}
+svg .node.st-running rect{fill:#24467a}svg .node.st-queued rect,svg .node.st-blocked rect{fill:#6b5a12}
+svg .edge{stroke:#a0a8b8}svg marker path{fill:#a0a8b8}svg .edge-label,svg .tl-axis{fill:#a0a3ad}svg .wait{fill:#2c2f38}}"""
 
 # Poll the JSON twin; when its ETag (a hash of the data) differs from the page's, fetch this
 # page's <main> alone (X-Ductwork-Fragment) and swap it in, keeping open <details> open.

@@ -405,6 +405,7 @@ class WebDriver:
 SVG_NODES = """return [...document.querySelectorAll('svg.graph g.node')].map(g => {const r = g.getBBox();
   return {step: g.dataset.step, count: g.dataset.count, status: g.dataset.status,
           width: r.width, height: r.height};});"""
+BACKGROUND = "return getComputedStyle(document.body).backgroundColor;"
 SVG_BARS = """return [...document.querySelectorAll('svg.timeline rect.bar-x')].map(b => ({outcome: b.dataset.outcome,
   attempt: b.dataset.attempt, width: b.getBBox().width}));"""
 
@@ -471,6 +472,15 @@ def test_browser_follows_a_run_and_sees_live_updates(runs, serve, tmp_path):
         assert all(n["width"] > 100 and n["height"] > 20 for n in nodes)
         bars = browser.do("POST", "/execute/sync", {"script": SVG_BARS, "args": []})
         assert len(bars) == 5 and all(b["outcome"] == "succeeded" and b["width"] >= 1 for b in bars)
+        light = browser.do("POST", "/execute/sync", {"script": BACKGROUND, "args": []})
+        browser.call("POST", browser.session + "/goog/cdp/execute", {"cmd": "Emulation.setEmulatedMedia", "params": {
+            "features": [{"name": "prefers-color-scheme", "value": "dark"}]}})
+        dark = browser.do("POST", "/execute/sync", {"script": BACKGROUND, "args": []})
+        assert light == "rgb(247, 247, 249)" and dark == "rgb(21, 23, 28)", (light, dark)   # prefers-color-scheme
+        shot = tmp_path / "dashboard-run-dark.png"
+        shot.write_bytes(base64.b64decode(browser.do("GET", "/screenshot")))
+        browser.call("POST", browser.session + "/goog/cdp/execute", {"cmd": "Emulation.setEmulatedMedia", "params": {
+            "features": [{"name": "prefers-color-scheme", "value": "light"}]}})
         for path in ("/", "/runs", "/errors", f"/runs/{runs['fail'].id}", f"/runs/{runs['fan'].id}"):
             browser.do("POST", "/url", {"url": base + path})
             browser.wait_for("main")
