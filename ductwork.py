@@ -10794,7 +10794,8 @@ svg .wait{fill:#e9e9ef}svg .bar-x{fill:#69c}svg .o-succeeded{fill:#4a4}svg .o-fa
 svg .o-crashed{fill:#a0a}svg .o-cancelled{fill:#98a}svg .o-running{fill:#69c}
 @media (prefers-color-scheme:dark){body{color:#e4e4ea;background:#15171c}table{background:#1d2027}th{background:#272b38}
 th,td{border-color:#3a3d48}pre{background:#22252d}summary,a{color:#9cc4ff}.muted{color:#a0a3ad}.warn{color:#ff8a80}
-.st{background:#3a3d48;color:#fff}.st-completed,.st-succeeded{background:#1f5a2a}.st-halted,.st-failed,.st-crashed{background:#7a2626}
+.st{background:#3a3d48;color:#fff}.st-completed,.st-succeeded{background:#1f5a2a}
+.st-halted,.st-failed,.st-crashed{background:#7a2626}
 .st-cancelled,.st-cancelling,.st-stopping{background:#4d3a66}.st-in_progress,.st-running,.st-advancing{background:#24467a}
 .st-queued,.st-waiting,.st-advance,.st-blocked{background:#6b5a12}.notice{background:#1f3a24;border-color:#2f5a36}
 svg .node rect{fill:#1d2027;stroke:#8890a0}svg .node text,svg .tl-label{fill:#e4e4ea}
