@@ -10801,7 +10801,8 @@ th,td{border-color:#3a3d48}pre{background:#22252d}summary,a{color:#9cc4ff}.muted
 svg .node rect{fill:#1d2027;stroke:#8890a0}svg .node text,svg .tl-label{fill:#e4e4ea}
 svg .node.st-succeeded rect{fill:#1f5a2a}svg .node.st-failed rect,svg .node.st-crashed rect{fill:#7a2626}
 svg .node.st-running rect{fill:#24467a}svg .node.st-queued rect,svg .node.st-blocked rect{fill:#6b5a12}
-svg .edge{stroke:#a0a8b8}svg marker path{fill:#a0a8b8}svg .edge-label,svg .tl-axis{fill:#a0a3ad}svg .wait{fill:#2c2f38}}"""
+svg .edge{stroke:#a0a8b8}svg marker path{fill:#a0a8b8}svg .edge-label,svg .tl-axis{fill:#a0a3ad}
+svg .wait{fill:#2c2f38}}"""
 
 # Poll the JSON twin; when its ETag (a hash of the data) differs from the page's, fetch this
 # page's <main> alone (X-Ductwork-Fragment) and swap it in, keeping open <details> open.
