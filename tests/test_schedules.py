@@ -143,7 +143,10 @@ def test_two_supervisors_fire_each_tick_once(tmp_path, procs, app_db, every_app)
     assert len(ticks) == len(set(ticks)), ticks                            # no tick twice
     assert ticks == sorted(ticks), ticks   # in order (a look delayed past a tick fires the latest: none twice)
     with engine.store.tx(write=False) as t:
-        assert t.one("SELECT count(*) FROM ductwork_runs WHERE status != 'completed'")[0] == 0
+        unfinished = [row[0] for row in t.all("SELECT id FROM ductwork_runs WHERE status != 'completed'")]
+        newest = t.one("SELECT max(id) FROM ductwork_runs")[0]
+    # every run completed, but the newest may be one fired as the stop came: a draining worker claims nothing new
+    assert unfinished in ([], [newest]), (unfinished, newest)
     fired_by = collections.Counter(line.split()[0] for h in hosts for line in h.log().splitlines()
                                    if "schedule every 1s" in line and "fired run" in line)
     assert sum(fired_by.values()) == len(ticks)
