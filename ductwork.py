@@ -419,16 +419,13 @@ def setup_logging(level: str = "info", fmt: str = "text", capture: bool = False)
     handler._ductwork = True  # type: ignore[attr-defined]
     handler.setFormatter(_Formatter(fmt))
     loggers = [log, logging.getLogger()] if capture else [log]
+    consoles = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
     for logger in (log, logging.getLogger()):
         for old in list(logger.handlers):
-            if getattr(old, "_ductwork", False):
+            # ours (a second call), and, captured, the app's own to stdout or stderr: each line would go out twice
+            if getattr(old, "_ductwork", False) or (capture and logger is not log and type(old) is logging.StreamHandler
+                                                    and getattr(old, "stream", None) in consoles):
                 logger.removeHandler(old)
-    if capture:   # the app's own handler to stdout or stderr would print each line twice: ductwork's replaces it
-        root = logging.getLogger()
-        for old in list(root.handlers):
-            if type(old) is logging.StreamHandler and getattr(old, "stream", None) in (
-                    sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-                root.removeHandler(old)
     for logger in loggers:
         logger.addHandler(handler)
         logger.setLevel(level.upper())
@@ -467,22 +464,29 @@ class ProcessMetrics:
         self.counters: dict[str, dict[str, int]] = {}
 
     def observe(self, name: str, pipeline: str, value: float) -> None:
-        """One observation of histogram ``name`` (a value above every bound goes to +Inf; a negative one, a
-        clock's step back, to the first bucket)."""
-        bounds = HISTOGRAM_BOUNDS[name]
-        bucket = bisect.bisect_left(bounds, value)
+        """One observation of histogram ``name``."""
         with self.lock:
-            counts = self.histograms[name].get(pipeline)
-            if counts is None:
-                counts = self.histograms[name][pipeline] = [0] * (len(bounds) + 1) + [0.0]
-            counts[bucket] += 1
-            counts[-1] += max(0.0, value)
+            self._observe(name, pipeline, value)
 
-    def count(self, name: str, pipeline: str, n: int = 1) -> None:
-        """Add ``n`` to counter ``name`` of ``pipeline``."""
+    def _observe(self, name: str, pipeline: str, value: float) -> None:
+        """observe(), under the lock (a value above every bound goes to +Inf; a negative one, a clock's step back,
+        to the first bucket)."""
+        bounds = HISTOGRAM_BOUNDS[name]
+        counts = self.histograms[name].get(pipeline)
+        if counts is None:
+            counts = self.histograms[name][pipeline] = [0] * (len(bounds) + 1) + [0.0]
+        counts[bisect.bisect_left(bounds, value)] += 1
+        counts[-1] += max(0.0, value)
+
+    def execution(self, pipeline: str, ran_for: float, waited: float, retry: bool, timed_out: bool) -> None:
+        """One step execution: its duration and queue wait, and whether it was a retry or timed out (one lock)."""
         with self.lock:
-            by_pipeline = self.counters.setdefault(name, {})
-            by_pipeline[pipeline] = by_pipeline.get(pipeline, 0) + n
+            self._observe("step_duration", pipeline, ran_for)
+            self._observe("queue_wait", pipeline, waited)
+            for name, happened in (("retries", retry), ("timeouts", timed_out)):
+                if happened:
+                    by_pipeline = self.counters.setdefault(name, {})
+                    by_pipeline[pipeline] = by_pipeline.get(pipeline, 0) + 1
 
     def snapshot(self) -> dict:
         """What the process row's info carries: {"histograms": {name: {pipeline: [counts..., sum]}}, "counters":
@@ -508,6 +512,7 @@ METRICS = ProcessMetrics()   # this process's; a forked child starts its own (_a
 # -------------------------------------------------------------------------------------
 
 TRACE_CACHE = 1000   # the runs' trace contexts a worker process keeps (one read per run, not per step)
+_NO_SPAN = contextlib.nullcontext()   # step_span's when not tracing (reentrant: every thread and task shares it)
 
 
 class _Tracing:
@@ -558,13 +563,15 @@ class _Tracing:
         return span, _dumps(carrier)
 
     @classmethod
-    @contextlib.contextmanager
-    def step_span(cls, engine: Any, c: Any) -> Iterator[Any]:
-        """A step execution's span, current inside (None: not traced); the caller records its outcome."""
+    def step_span(cls, engine: Any, c: Any) -> Any:
+        """A step execution's span, current inside (None: not traced; no generator made per step for that); the
+        caller records its outcome."""
         tracer = cls.tracer()
-        if tracer is None:
-            yield None
-            return
+        return _NO_SPAN if tracer is None else cls._step_span(tracer, engine, c)
+
+    @classmethod
+    @contextlib.contextmanager
+    def _step_span(cls, tracer: Any, engine: Any, c: Any) -> Iterator[Any]:
         trace = cls.api[0]
         try:
             parent = cls._parent(engine, c.run_id)
@@ -8180,13 +8187,9 @@ class Runtime:
             c = r.claim
             if c.started is None:
                 continue
-            ran_for = (c.ended or time.monotonic()) - c.started   # (not the wait for this commit)
-            METRICS.observe("step_duration", c.pipeline, ran_for)
-            METRICS.observe("queue_wait", c.pipeline, c.claimed_at - c.claimable_at)
-            if c.attempts:
-                METRICS.count("retries", c.pipeline)
-            if not r.ok and r.value.startswith(f"{StepTimeout.__name__}:"):
-                METRICS.count("timeouts", c.pipeline)
+            METRICS.execution(c.pipeline, (c.ended or time.monotonic()) - c.started,   # (not the wait for this commit)
+                              c.claimed_at - c.claimable_at, c.attempts > 0,
+                              not r.ok and r.value.startswith(f"{StepTimeout.__name__}:"))
 
     def _track(self, claims: list[JobClaim]) -> None:
         """Note claims as in flight, not started yet (a drain releases them without counting a crash)."""
@@ -10796,7 +10799,8 @@ svg .o-crashed{fill:#a0a}svg .o-cancelled{fill:#98a}svg .o-running{fill:#69c}
 th,td{border-color:#3a3d48}pre{background:#22252d}summary,a{color:#9cc4ff}.muted{color:#a0a3ad}.warn{color:#ff8a80}
 .st{background:#3a3d48;color:#fff}.st-completed,.st-succeeded{background:#1f5a2a}
 .st-halted,.st-failed,.st-crashed{background:#7a2626}
-.st-cancelled,.st-cancelling,.st-stopping{background:#4d3a66}.st-in_progress,.st-running,.st-advancing{background:#24467a}
+.st-cancelled,.st-cancelling,.st-stopping{background:#4d3a66}
+.st-in_progress,.st-running,.st-advancing{background:#24467a}
 .st-queued,.st-waiting,.st-advance,.st-blocked{background:#6b5a12}.notice{background:#1f3a24;border-color:#2f5a36}
 svg .node rect{fill:#1d2027;stroke:#8890a0}svg .node text,svg .tl-label{fill:#e4e4ea}
 svg .node.st-succeeded rect{fill:#1f5a2a}svg .node.st-failed rect,svg .node.st-crashed rect{fill:#7a2626}
