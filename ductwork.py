@@ -10295,6 +10295,10 @@ def _run_check(check: DoctorCheck, ctx: DoctorContext) -> Finding:
 # Layout: the statements, the data (JSON twins, /metrics), the html, then the http server.
 
 DASHBOARD_PER_PAGE, DASHBOARD_MAX_STEPS, DASHBOARD_MINUTES = 50, 2000, 15
+# A fan-out's branches a run page shows (in position order; ?fanout=<step>&fstatus=&fpage= pages and filters
+# one fan-out); the rest are counted by status, and their steps are not read at all: a 1,000-way expand's
+# page reads and renders ~20 branches, not 1,000 (issue 20).
+DASHBOARD_BRANCHES = 20
 DASHBOARD_MAX_TEXT = 20000   # characters of one error text a page or JSON twin shows
 # The actions' URLs (POST only; see "actions" under http): /runs/<id>/cancel, /runs/<id>/revive, and the bulk
 # cancel, whose confirmation (a GET page: the count, then the form) has a URL of its own.
@@ -10353,7 +10357,8 @@ class DashboardSQL:
         WHERE pipeline = :pipeline
           AND status = 'in_progress'"""
 
-    # a run's page: its first :limit steps, in the order they were made
+    # a run's page: the first :limit steps of the branches it shows ({branches}: BulkSQL.ids over branch_id),
+    # in the order they were made
     STEP_COLUMNS = ("id, name, node, status, input, output, attempts, crashes, error, halt_reason, branch_id, "
                     "created_at, claimed_at AS started_at, finished_at, "
                     "CASE WHEN status = 'queued' AND available_at > {now} THEN available_at END AS not_before")
@@ -10361,8 +10366,16 @@ class DashboardSQL:
         SELECT {STEP_COLUMNS}
         FROM ductwork_steps
         WHERE run_id = :run_id
+          AND {{branches}}
         ORDER BY id
         LIMIT :limit"""
+
+    # a run's page: how many of its steps each node of its graph has, by status (all of them, shown or not)
+    node_counts = """
+        SELECT node, status, count(*)
+        FROM ductwork_steps
+        WHERE run_id = :run_id
+        GROUP BY node, status"""
 
     # a run's page: its branches, the nodes of the step tree
     BRANCH_COLUMNS = "id, parent_id, origin_step_id, position, status, halt_reason, waiting_for, wait_until"
@@ -10372,13 +10385,13 @@ class DashboardSQL:
         WHERE run_id = :run_id
         ORDER BY id"""
 
-    # a run's page: every execution (attempt) of its steps, oldest first
+    # a run's page: every execution (attempt) of the steps it shows ({steps}: BulkSQL.ids over step_id), oldest
+    # first
     EXECUTION_COLUMNS = "e.step_id, e.attempt, e.outcome, e.error, e.process_id, e.started_at, e.finished_at"
     executions = f"""
         SELECT {EXECUTION_COLUMNS}
         FROM ductwork_executions e
-        JOIN ductwork_steps s ON s.id = e.step_id
-        WHERE s.run_id = :run_id
+        WHERE {{steps}}
         ORDER BY e.id"""
 
     # the errors page: one page of failed and crashed executions, newest first
@@ -10503,29 +10516,78 @@ def dashboard_errors(store: Store, pipeline: str | None = None, page: int = 1,
                   page, per_page)
 
 
-def dashboard_run(store: Store, run_id: int, max_steps: int = DASHBOARD_MAX_STEPS) -> dict | None:
+@dataclasses.dataclass(frozen=True)
+class FanoutView:
+    """Which branches of one fan-out a run page shows: those of ``status`` (None: any), page ``page``."""
+
+    step: int | None = None   # the fan-out's step (None: no fan-out is paged or filtered: each shows its first)
+    status: str | None = None
+    page: int = 1
+
+    def of(self, step_id: int) -> tuple[str | None, int]:
+        """(status filter, page) for the fan-out of ``step_id``."""
+        return (self.status, self.page) if step_id == self.step else (None, 1)
+
+
+def dashboard_run(store: Store, run_id: int, view: FanoutView = FanoutView(),
+                  max_steps: int = DASHBOARD_MAX_STEPS) -> dict | None:
     """One run and its tree: ``tree`` is the root branch; a step's ``branches`` are the fan-out
-    (expand/divide/divert) that followed it, in position order; its join step comes after it."""
+    (expand/divide/divert) that followed it, in position order, at most DASHBOARD_BRANCHES of them (which
+    ones: ``view``), and its ``fanout`` counts them all by status; its join step comes after it. Only the
+    shown branches' steps (and their executions) are read; the graph's counts are of every step."""
     by_run = {"run_id": run_id}
     with store.tx(write=False) as t:
         row = t.one(SQL.select_run, {"id": run_id})
         if row is None:
             return None
-        branch_rows = t.all(DashboardSQL.branches, by_run)
-        step_rows = t.all(DashboardSQL.steps, {**by_run, "limit": max_steps + 1})
-        execution_rows = t.all(DashboardSQL.executions, by_run)
+        branches, fanouts = _shown_branches(t.all(DashboardSQL.branches, by_run), run_id, view)
+        step_rows = t.all(DashboardSQL.steps.replace("{branches}", BulkSQL.ids(t.dialect, "", "branch_id")),
+                          {**by_run, "ids": BulkSQL.id_list(t.dialect, branches), "limit": max_steps + 1})
+        execution_rows = t.all(DashboardSQL.executions.replace("{steps}", BulkSQL.ids(t.dialect, "e", "step_id")),
+                               {"ids": BulkSQL.id_list(t.dialect, (r[0] for r in step_rows[:max_steps]))})
+        node_counts = t.all(DashboardSQL.node_counts, by_run)
         context = {k: _loads_for_display(v) for k, v in t.all(SQL.context_all, by_run)}
         run = _records([row], RunRow.select_list(), "input output halt_reasons")[0]
         definition = t.one(SQL.select_definition, {"hash": run.pop("definition")})
     run.update(duration=_duration(run["created_at"], run["finished_at"]), context=context)
     steps = _steps(step_rows[:max_steps], execution_rows)
     counts: dict[int, dict[str, int]] = {}
-    for step in steps.values():
-        by_status = counts.setdefault(int(step["node"]), {})
-        by_status[step["status"]] = by_status.get(step["status"], 0) + 1
+    for node, status, n in node_counts:
+        counts.setdefault(int(node), {})[status] = int(n)
     graph = _graph_nodes(definition[0]) if definition else None
-    return {"run": run, "tree": _tree(branch_rows, steps), "steps": len(steps), "truncated": len(step_rows) > max_steps,
-            "graph": graph, "node_counts": counts}
+    return {"run": run, "tree": _tree(branches, fanouts, steps), "steps": len(steps),
+            "truncated": len(step_rows) > max_steps, "graph": graph, "node_counts": counts}
+
+
+def _shown_branches(branch_rows: list[tuple], run_id: int, view: FanoutView) -> tuple[dict[int, dict], dict[int, dict]]:
+    """The branches a run page shows (by id: the root, and per fan-out of a shown branch the page of its
+    children ``view`` picks), and every fan-out's summary by its step: its branches by status, which shown."""
+    records = sorted(_records(branch_rows, DashboardSQL.BRANCH_COLUMNS), key=lambda b: (b["position"], b["id"]))
+    children: dict[int, dict[int, list[dict]]] = {}   # parent branch -> its fan-outs' steps -> their branches
+    roots = []
+    for b in records:
+        if b["parent_id"] is None:
+            roots.append(b)
+        else:
+            children.setdefault(b["parent_id"], {}).setdefault(b["origin_step_id"], []).append(b)
+    shown: dict[int, dict] = {}
+    fanouts: dict[int, dict] = {}
+    todo = roots[:1]
+    while todo:
+        branch = todo.pop()
+        shown[branch["id"]] = branch
+        for step_id, fanned in children.get(branch["id"], {}).items():
+            status, page = view.of(step_id)
+            by_status: dict[str, int] = {}
+            for b in fanned:
+                by_status[b["status"]] = by_status.get(b["status"], 0) + 1
+            chosen = [b for b in fanned if status in (None, b["status"])]
+            first = (page - 1) * DASHBOARD_BRANCHES
+            fanouts[step_id] = {"run": run_id, "step": step_id, "branches": len(fanned), "by_status": by_status,
+                                "status": status, "page": page, "first": first, "matching": len(chosen),
+                                "has_next": len(chosen) > first + DASHBOARD_BRANCHES}
+            todo.extend(chosen[first:first + DASHBOARD_BRANCHES])
+    return shown, fanouts
 
 
 def _graph_nodes(body: str) -> list[dict] | None:
@@ -10554,11 +10616,14 @@ def _steps(step_rows: list[tuple], execution_rows: list[tuple]) -> dict[int, dic
     return steps
 
 
-def _tree(branch_rows: list[tuple], steps: dict[int, dict]) -> dict | None:
-    """The root branch: each step in its branch's ``steps``, each child branch under the step it came from."""
-    branches = {b["id"]: {**b, "steps": []} for b in _records(branch_rows, DashboardSQL.BRANCH_COLUMNS)}
+def _tree(shown: dict[int, dict], fanouts: dict[int, dict], steps: dict[int, dict]) -> dict | None:
+    """The root branch: each step in its branch's ``steps``, each shown child branch under the step it came
+    from (with that fan-out's summary as the step's ``fanout``)."""
+    branches = {i: {**b, "steps": []} for i, b in shown.items()}
     for step in steps.values():
         branches[step["branch_id"]]["steps"].append(step)
+        if step["id"] in fanouts:
+            step["fanout"] = fanouts[step["id"]]
     root = None
     for branch in sorted(branches.values(), key=lambda b: (b["position"], b["id"])):
         if branch["parent_id"] is None:
@@ -11036,7 +11101,8 @@ def _render_step(s: dict) -> str:
     attempts = "".join(f'<li>{_badge(e["outcome"])} attempt {_esc(e["attempt"])}, process {_esc(e["process_id"])}, '
                        f'{_ts(e["started_at"])} &rarr; {_ts(e["finished_at"])} ({_secs(e["duration"])})'
                        f'{_error(e["error"], f"err-{sid}-{i}")}</li>' for i, e in enumerate(s["executions"]))
-    children = "".join(_render_branch(b) for b in s["branches"])
+    children = _render_fanout(s["fanout"]) if s.get("fanout") else ""
+    children += "".join(_render_branch(b) for b in s["branches"])
     return (f'<li class="step" id="step-{sid}"><b>{_esc(s["name"])}</b> {_badge(s["status"])} '
             f'<span class="muted">step {sid}, attempts {_esc(s["attempts"])}, crashes {_esc(s["crashes"])}, '
             f'queued {_ts(s["created_at"])}, started {_ts(s["started_at"])}, finished {_ts(s["finished_at"])}, '
@@ -11047,6 +11113,27 @@ def _render_step(s: dict) -> str:
             + _value(s["input"], "input", f"in-{sid}") + _value(s["output"], "output", f"out-{sid}")
             + _error(s["error"], f"error-{sid}") + (f'<ul class="muted">{attempts}</ul>' if attempts else "")
             + (f'<ul class="tree">{children}</ul>' if children else "") + "</li>")
+
+
+def _render_fanout(f: dict) -> str:
+    """A fan-out's summary line above its branches: how many, by status (each a link to those alone), which
+    of them are shown, and the links to the next and previous ones. Nothing for a small fan-out shown whole."""
+    if f["branches"] <= DASHBOARD_BRANCHES and f["status"] is None:
+        return ""
+    run, step = int(f["run"]), int(f["step"])
+
+    def link(text: str, status: str | None, page: int) -> str:
+        return f'<a href="{_href(f"/runs/{run}", fanout=step, fstatus=status, fpage=page)}#fanout-{step}">{text}</a>'
+    statuses = " ".join(f"<b>{_esc(name)} {n}</b>" if name == f["status"] else link(f"{_esc(name)} {n}", name, 1)
+                        for name, n in sorted(f["by_status"].items()))
+    every = link("all", None, 1) if f["status"] is not None else "<b>all</b>"
+    last = min(f["first"] + DASHBOARD_BRANCHES, f["matching"])
+    which = (f"showing {f['first'] + 1}&ndash;{last} of {f['matching']}" if f["matching"] else "none shown")
+    previous = f" {link('&larr; previous', f['status'], f['page'] - 1)}" if f["page"] > 1 else ""
+    following = f" {link('next &rarr;', f['status'], f['page'] + 1)}" if f["has_next"] else ""
+    return (f'<li class="fanout" id="fanout-{step}"><b>fan-out of {int(f["branches"])} branches</b>: {every} '
+            f'{statuses} <span class="muted">({which}{" " + _esc(f["status"]) if f["status"] else ""})</span>'
+            f"{previous}{following}</li>")
 
 
 def render_run(data: dict, token: str | None = None) -> str:
@@ -11290,11 +11377,19 @@ def dashboard_route(engine: Engine, path: str, query: dict, overview: Callable[[
         return ("cancel runs", dashboard_bulk_cancel(engine.store, query.get("pipeline"), offered),
                 functools.partial(render_bulk_cancel, token=token))
     match = re.fullmatch(r"/runs/(\d{1,18})", path)
-    data = dashboard_run(engine.store, int(match.group(1))) if match else None
+    data = dashboard_run(engine.store, int(match.group(1)), _fanout_view(query)) if match else None
     if data is None:
         return None
     data["actions"] = run_actions(data["run"]["status"], offered)
     return f"run {match.group(1)}", data, functools.partial(render_run, token=token)  # type: ignore[union-attr]
+
+
+def _fanout_view(query: dict) -> FanoutView:
+    """A run page's ?fanout=<step id>&fstatus=<branch status>&fpage=<n>: the fan-out it pages or filters."""
+    if not query.get("fanout"):
+        return FanoutView()
+    return FanoutView(_int_param(query, "fanout", 1, 10**18), query.get("fstatus") or None,
+                      _int_param(query, "fpage", 1, 10**6))
 
 
 def _api_url(url: urllib.parse.SplitResult) -> str:

@@ -71,6 +71,18 @@ class DashFail(ductwork.Pipeline):
         p.start(dash_boom)
 
 
+def dash_wide_one(x):
+    if x in (3, 30):
+        raise ValueError(f"bad {x}")
+    return x
+
+
+class DashWide(ductwork.Pipeline):   # wider than a run page shows: its branches are grouped and paged
+    @staticmethod
+    def define(p):
+        p.start(dash_ident).expand(to=dash_wide_one).collapse(into=dash_ident)
+
+
 class DashIdle(ductwork.Pipeline):  # no runtime serves it: its steps stay queued
     @staticmethod
     def define(p):
@@ -432,6 +444,42 @@ def test_run_page_draws_the_pipeline_graph_and_the_timeline(runs, serve):
                                                                      "then": {"kind": "chain", "next": 1}}},
                                    {"id": 1, "step": "b", "after": {"kind": "end"}}], {0: {"succeeded": 1}})
     assert "sleep 60s" in waits and 'st-none" data-node="1"' in waits   # (b not reached: no steps)
+
+
+def test_wide_fan_out_is_grouped_paged_and_filtered(start_runtime, serve):
+    """A 45-way expand (two branches halt): the run page shows the first DASHBOARD_BRANCHES branches under a
+    summary counting all 45 by status, pages through the rest, filters by status, and reads only the steps it
+    shows; the graph still counts every step."""
+    width, shown = 45, ductwork.DASHBOARD_BRANCHES
+    start_runtime(["DashWide"])
+    run = DashWide.trigger(list(range(width)))
+    assert run.wait(60) == "halted"
+    base = serve()
+    data = get_json(base + f"/api/runs/{run.id}")
+    expand = data["tree"]["steps"][0]
+    assert expand["fanout"] == {"run": run.id, "step": expand["id"], "branches": width, "status": None, "page": 1,
+                                "by_status": {"completed": width - 2, "halted": 2}, "first": 0, "matching": width,
+                                "has_next": True}
+    assert [b["position"] for b in expand["branches"]] == list(range(shown))
+    assert data["steps"] == 1 + shown   # the expand's step and one step per shown branch
+    assert data["node_counts"] == {"0": {"succeeded": 1}, "1": {"failed": 2, "succeeded": width - 2}}
+    _, _, page = get(base + f"/runs/{run.id}")
+    assert f'<li class="fanout" id="fanout-{expand["id"]}"><b>fan-out of {width} branches</b>' in page
+    assert f"showing 1&ndash;{shown} of {width}" in page
+    assert page.count('<li class="branch">') == 1 + shown
+    assert re.search(rf'data-step="dash_wide_one" data-count="{width}"', page)
+    assert f'href="/runs/{run.id}?fanout={expand["id"]}&amp;fpage=2#fanout-{expand["id"]}">next' in page
+
+    last = get_json(base + f"/api/runs/{run.id}?fanout={expand['id']}&fpage=3")["tree"]["steps"][0]
+    assert [b["position"] for b in last["branches"]] == list(range(2 * shown, width))
+    assert last["fanout"]["has_next"] is False
+    halted = get_json(base + f"/api/runs/{run.id}?fanout={expand['id']}&fstatus=halted")["tree"]["steps"][0]
+    assert [(b["position"], b["status"]) for b in halted["branches"]] == [(3, "halted"), (30, "halted")]
+    assert [s["executions"][-1]["outcome"] for b in halted["branches"] for s in b["steps"]] == ["failed", "failed"]
+    _, _, page = get(base + f"/runs/{run.id}?fanout={expand['id']}&fstatus=halted")
+    assert "bad 30" in page and "<b>halted 2</b>" in page and "(showing 1&ndash;2 of 2 halted)" in page
+    code, _, body = get(base + f"/runs/{run.id}?fanout=x")
+    assert code == 400 and "fanout must be an integer" in body
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
