@@ -10874,13 +10874,21 @@ svg .edge{stroke:#a0a8b8}svg marker path{fill:#a0a8b8}svg .edge-label,svg .tl-ax
 svg .wait{fill:#2c2f38}}"""
 
 # Poll the JSON twin; when its ETag (a hash of the data) differs from the page's, fetch this
-# page's <main> alone (X-Ductwork-Fragment) and swap it in, keeping open <details> open.
+# page's <main> alone (X-Ductwork-Fragment) and swap it in, keeping open <details> open. Times
+# (<time datetime>, sent in UTC) are shown in the browser's time zone, with its short name; the
+# title keeps the UTC time for the hover.
 _DASHBOARD_JS = """const b=document.body,every=1000*b.dataset.refresh;let cur=b.dataset.etag;
+const p2=n=>String(n).padStart(2,"0");
+function local(){document.querySelectorAll("time[datetime]").forEach(t=>{const d=new Date(t.dateTime);
+const z=new Intl.DateTimeFormat([],{timeZoneName:"short"}).formatToParts(d).find(x=>x.type==="timeZoneName");
+t.textContent=d.getFullYear()+"-"+p2(d.getMonth()+1)+"-"+p2(d.getDate())+" "+p2(d.getHours())+":"
++p2(d.getMinutes())+":"+p2(d.getSeconds())+"."+String(d.getMilliseconds()).padStart(3,"0")+" "+(z?z.value:"")});}
+local();
 async function tick(){try{const r=await fetch(b.dataset.api,{cache:"no-store",headers:{"If-None-Match":cur}});
 if(r.status===200&&r.headers.get("ETag")!==cur){
 const f=await fetch(location.href,{cache:"no-store",headers:{"X-Ductwork-Fragment":"1"}});
 if(f.ok){const h=await f.text(),open=[...document.querySelectorAll("details[open]")].map(d=>d.id);
-document.querySelector("main").innerHTML=h;cur=f.headers.get("ETag");
+document.querySelector("main").innerHTML=h;cur=f.headers.get("ETag");local();
 open.forEach(i=>{const d=i&&document.getElementById(i);if(d)d.open=true});}}
 }catch(e){}setTimeout(tick,every);}setTimeout(tick,every);"""
 
@@ -10896,6 +10904,16 @@ def _ts(epoch: float | None) -> str:
     if epoch is None:
         return ""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}"
+
+
+def _when(epoch: float | None) -> str:
+    """An epoch time on a page: a <time> in UTC (machine-readable in ``datetime``, shown with "UTC" on hover
+    in ``title``) that the page's script rewrites to the browser's local time (without script: UTC, said so)."""
+    if epoch is None:
+        return ""
+    utc = _ts(epoch)
+    iso = utc.replace(" ", "T") + "Z"
+    return f'<time datetime="{iso}" title="{utc} UTC">{utc} UTC</time>'
 
 
 def _secs(value: float | None) -> str:
@@ -10986,8 +11004,8 @@ def _overview_runs(counts_by_pipeline: dict[str, dict[str, int]]) -> str:
 
 def _overview_scheduled(scheduled: dict[str, dict]) -> str:
     """The delayed runs still to start, per pipeline (nothing when there are none)."""
-    rows = [[_esc(p), str(due["runs"]), _ts(due["first"])] for p, due in scheduled.items()]
-    return ('<h2>Scheduled</h2><div id="scheduled">' + _table(["pipeline", "runs to start", "first at (UTC)"], rows)
+    rows = [[_esc(p), str(due["runs"]), _when(due["first"])] for p, due in scheduled.items()]
+    return ('<h2>Scheduled</h2><div id="scheduled">' + _table(["pipeline", "runs to start", "first at"], rows)
             + "</div>") if rows else ""
 
 
@@ -11012,23 +11030,23 @@ def _overview_processes(processes: list[dict], stale_after: float) -> str:
 
 def _overview_halts(halts: list[dict]) -> str:
     rows = [[_link(f'/runs/{h["run"]}', f'run {h["run"]}'), _esc(h["pipeline"]), _reasons(h["reasons"]),
-             _ts(h["finished_at"])] for h in halts]
-    return "<h2>Recent halts</h2>" + _table(["run", "pipeline", "reasons", "finished (UTC)"], rows)
+             _when(h["finished_at"])] for h in halts]
+    return "<h2>Recent halts</h2>" + _table(["run", "pipeline", "reasons", "finished"], rows)
 
 
 def _overview_errors(errors: list[dict]) -> str:
     rows = [[_link(f'/runs/{e["run"]}#step-{e["step"]}', f'run {e["run"]} step {e["step"]}'),
-             _esc(f'{e["pipeline"]}.{e["name"]}'), _badge(e["outcome"]), _esc(e["error"]), _ts(e["at"])]
+             _esc(f'{e["pipeline"]}.{e["name"]}'), _badge(e["outcome"]), _esc(e["error"]), _when(e["at"])]
             for e in errors]
     return ('<h2>Recent step errors <a href="/errors" class="muted">(all)</a></h2>'
-            + _table(["step", "pipeline.step", "outcome", "error", "at (UTC)"], rows))
+            + _table(["step", "pipeline.step", "outcome", "error", "at"], rows))
 
 
 def render_runs(data: dict) -> str:
     """The runs page's <main>: the filters, the bulk cancel's link (when offered), one page of runs, paging."""
-    rows = [[_link(f'/runs/{r["id"]}', str(r["id"])), _esc(r["pipeline"]), _badge(r["status"]), _ts(r["created_at"]),
-             _ts(r["finished_at"]), _secs(r["duration"]), _reasons(r["halt_reasons"])] for r in data["runs"]]
-    headers = ["run", "pipeline", "status", "created (UTC)", "finished (UTC)", "took", "halt reasons"]
+    rows = [[_link(f'/runs/{r["id"]}', str(r["id"])), _esc(r["pipeline"]), _badge(r["status"]), _when(r["created_at"]),
+             _when(r["finished_at"]), _secs(r["duration"]), _reasons(r["halt_reasons"])] for r in data["runs"]]
+    headers = ["run", "pipeline", "status", "created", "finished", "took", "halt reasons"]
     bulk = (f'<p class="actions"><a href="{_href(DASHBOARD_CONFIRM_CANCEL, pipeline=data["pipeline"])}">'
             f'cancel the runs in progress of {_esc(data["pipeline"])}&hellip;</a></p>'
             if data.get("actions", {}).get("bulk_cancel") else "")
@@ -11088,7 +11106,7 @@ def _render_branch(branch: dict) -> str:
     where = f', position {branch["position"]}' if branch["parent_id"] is not None else " (root)"
     reason = f' <span class="warn">{_esc(branch["halt_reason"])}</span>' if branch["halt_reason"] else ""
     if branch.get("waiting_for") is not None and branch["status"] == "advance":
-        until = f'until {_ts(branch["wait_until"])} UTC' if branch["wait_until"] is not None else "(no timeout)"
+        until = f'until {_when(branch["wait_until"])}' if branch["wait_until"] is not None else "(no timeout)"
         reason += f' <span class="muted waits">waits for signal {_esc(repr(branch["waiting_for"]))} {until}</span>'
     steps = "".join(_render_step(s) for s in branch["steps"])
     return f'<li class="branch">branch {int(branch["id"])}{where} {_badge(branch["status"])}{reason}' \
@@ -11099,16 +11117,16 @@ def _render_step(s: dict) -> str:
     """One step: its status and times, input, output, error, its executions, then its fan-out."""
     sid = int(s["id"])
     attempts = "".join(f'<li>{_badge(e["outcome"])} attempt {_esc(e["attempt"])}, process {_esc(e["process_id"])}, '
-                       f'{_ts(e["started_at"])} &rarr; {_ts(e["finished_at"])} ({_secs(e["duration"])})'
+                       f'{_when(e["started_at"])} &rarr; {_when(e["finished_at"])} ({_secs(e["duration"])})'
                        f'{_error(e["error"], f"err-{sid}-{i}")}</li>' for i, e in enumerate(s["executions"]))
     children = _render_fanout(s["fanout"]) if s.get("fanout") else ""
     children += "".join(_render_branch(b) for b in s["branches"])
     return (f'<li class="step" id="step-{sid}"><b>{_esc(s["name"])}</b> {_badge(s["status"])} '
             f'<span class="muted">step {sid}, attempts {_esc(s["attempts"])}, crashes {_esc(s["crashes"])}, '
-            f'queued {_ts(s["created_at"])}, started {_ts(s["started_at"])}, finished {_ts(s["finished_at"])}, '
+            f'queued {_when(s["created_at"])}, started {_when(s["started_at"])}, finished {_when(s["finished_at"])}, '
             f'took {_secs(s["duration"])}</span>'
             + (f' <span class="warn">{_esc(s["halt_reason"])}</span>' if s["halt_reason"] else "")
-            + (f' <span class="muted waits">not before {_ts(s["not_before"])} UTC</span>' if s.get("not_before")
+            + (f' <span class="muted waits">not before {_when(s["not_before"])}</span>' if s.get("not_before")
                else "")
             + _value(s["input"], "input", f"in-{sid}") + _value(s["output"], "output", f"out-{sid}")
             + _error(s["error"], f"error-{sid}") + (f'<ul class="muted">{attempts}</ul>' if attempts else "")
@@ -11140,7 +11158,7 @@ def render_run(data: dict, token: str | None = None) -> str:
     """A run's <main>: its summary, its action buttons (with a token: the actions its status allows), input,
     output, context, then the step tree."""
     r = data["run"]
-    summary = [[_esc(r["pipeline"]), _badge(r["status"]), _ts(r["created_at"]), _ts(r["finished_at"]),
+    summary = [[_esc(r["pipeline"]), _badge(r["status"]), _when(r["created_at"]), _when(r["finished_at"]),
                 _secs(r["duration"]), _reasons(r["halt_reasons"])]]
     context = [[_esc(k), f"<pre>{_esc(json.dumps(v, ensure_ascii=False, default=str))}</pre>"]
                for k, v in r["context"].items()]
@@ -11150,10 +11168,10 @@ def render_run(data: dict, token: str | None = None) -> str:
     why = (f'<p class="muted" id="cancel-reason">cancel reason: {_esc(clip(r["cancel_reason"], STATUS_ERROR_LINE))}'
            "</p>" if r.get("cancel_reason") else "")
     if r.get("scheduled_at") is not None:   # a delayed run: when it starts (started)
-        why += f'<p class="muted" id="scheduled-at">scheduled to start at {_ts(r["scheduled_at"])} UTC</p>'
+        why += f'<p class="muted" id="scheduled-at">scheduled to start at {_when(r["scheduled_at"])}</p>'
 
     return (f'<h2>Run {int(r["id"])}</h2>'
-            + _table(["pipeline", "status", "created (UTC)", "finished (UTC)", "took", "halt reasons"], summary)
+            + _table(["pipeline", "status", "created", "finished", "took", "halt reasons"], summary)
             + why + _run_forms(int(r["id"]), data.get("actions", {}), token)
             + _value(r["input"], "input", "run-in") + _value(r["output"], "output", "run-out")
             + _run_pictures(data)
@@ -11303,10 +11321,10 @@ def render_timeline(steps: list[dict], start: float, end: float) -> str:
 
 def render_errors(data: dict) -> str:
     """The errors page's <main>: the pipeline filter, one page of failed and crashed executions, paging."""
-    rows = [[_ts(e["finished_at"]), _link(f'/runs/{e["run"]}#step-{e["step"]}', f'run {e["run"]} step {e["step"]}'),
+    rows = [[_when(e["finished_at"]), _link(f'/runs/{e["run"]}#step-{e["step"]}', f'run {e["run"]} step {e["step"]}'),
              _esc(f'{e["pipeline"]}.{e["name"]}'), _badge(e["outcome"]), _esc(e["attempt"]),
              _error(e["error"], f'x-{e["id"]}')] for e in data["errors"]]
-    headers = ["at (UTC)", "step", "pipeline.step", "outcome", "attempt", "error"]
+    headers = ["at", "step", "pipeline.step", "outcome", "attempt", "error"]
     return ("<h2>Step errors</h2>" + _filters("/errors", data, pipeline=data["pipelines"])
             + _table(headers, rows, "none failed or crashed")
             + _paging("/errors", data, pipeline=data["pipeline"]))

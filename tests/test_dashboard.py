@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import logging
 import os
@@ -418,6 +419,8 @@ SVG_NODES = """return [...document.querySelectorAll('svg.graph g.node')].map(g =
   return {step: g.dataset.step, count: g.dataset.count, status: g.dataset.status,
           width: r.width, height: r.height};});"""
 BACKGROUND = "return getComputedStyle(document.body).backgroundColor;"
+TIMES = """return [...document.querySelectorAll('main time')].map(t => ({datetime: t.dateTime, text: t.textContent,
+  title: t.title}));"""
 SVG_BARS = """return [...document.querySelectorAll('svg.timeline rect.bar-x')].map(b => ({outcome: b.dataset.outcome,
   attempt: b.dataset.attempt, width: b.getBBox().width}));"""
 
@@ -529,6 +532,18 @@ def test_browser_follows_a_run_and_sees_live_updates(runs, serve, tmp_path):
         shot.write_bytes(base64.b64decode(browser.do("GET", "/screenshot")))
         browser.call("POST", browser.session + "/goog/cdp/execute", {"cmd": "Emulation.setEmulatedMedia", "params": {
             "features": [{"name": "prefers-color-scheme", "value": "light"}]}})
+        # times in the browser's zone (Asia/Kolkata: +05:30, no daylight saving time), UTC on hover
+        browser.call("POST", browser.session + "/goog/cdp/execute", {"cmd": "Emulation.setTimezoneOverride",
+                                                                      "params": {"timezoneId": "Asia/Kolkata"}})
+        browser.do("POST", "/url", {"url": base + f"/runs/{runs['fan'].id}"})
+        browser.wait_for("main time")
+        shown = browser.do("POST", "/execute/sync", {"script": TIMES, "args": []})
+        assert len(shown) >= 5
+        for t in shown:
+            utc = datetime.datetime.fromisoformat(t["datetime"].replace("Z", "+00:00"))
+            local = (utc + datetime.timedelta(hours=5, minutes=30)).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+            assert t["text"] == f"{local} GMT+5:30", t
+            assert t["title"] == utc.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC", t
         for path in ("/", "/runs", "/errors", f"/runs/{runs['fail'].id}", f"/runs/{runs['fan'].id}"):
             browser.do("POST", "/url", {"url": base + path})
             browser.wait_for("main")

@@ -58,7 +58,7 @@ def test_a_start_time_in_the_past_runs_at_once_and_one_in_the_future_waits(engin
     overview = ductwork.render_overview(ductwork.dashboard_overview(engine))
     assert '<h2>Scheduled</h2><div id="scheduled">' in overview and ductwork._ts(later.scheduled_at) in overview
     page = ductwork.render_run(ductwork.dashboard_run(engine.store, later.id))
-    assert f'id="scheduled-at">scheduled to start at {ductwork._ts(later.scheduled_at)} UTC' in page
+    assert f'id="scheduled-at">scheduled to start at {ductwork._when(later.scheduled_at)}</p>' in page
     assert later.cancel() and later.refresh().status == "cancelled"   # a scheduled run can be cancelled
     assert ductwork.status_report(engine)["scheduled"] == {}
     assert "<h2>Scheduled</h2>" not in ductwork.render_overview(ductwork.dashboard_overview(engine))
