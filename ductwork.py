@@ -10336,13 +10336,30 @@ class DashboardSQL:
         ORDER BY pipeline"""
 
     # the runs page: one page of runs, newest first
-    RUN_COLUMNS = "id, pipeline, status, created_at, finished_at, halt_reasons"
+    RUN_COLUMNS = "id, pipeline, status, created_at, finished_at, halt_reasons, trigger_key"
     runs = f"""
         SELECT {RUN_COLUMNS}
         FROM ductwork_runs
         WHERE 1 = 1{{where}}
         ORDER BY id DESC
         LIMIT :limit OFFSET :offset"""
+
+    # search: the run of an id
+    run_by_id = f"""
+        SELECT {RUN_COLUMNS}
+        FROM ductwork_runs
+        WHERE id = :id"""
+
+    # search: the runs of a trigger key, one per pipeline at most (the unique index on (pipeline, trigger_key),
+    # probed once per pipeline of {pipelines}: a JSON array of names)
+    runs_by_key = f"""
+        SELECT {RUN_COLUMNS}
+        FROM ductwork_runs
+        WHERE pipeline IN ({{pipelines}})
+          AND trigger_key = :key
+        ORDER BY id DESC"""
+    JSON_TEXTS = {"postgres": "SELECT json_array_elements_text(CAST(:pipelines AS JSON))",
+                  "sqlite": "SELECT value FROM json_each(:pipelines)"}
 
     # an action on one run: its status (no row: no such run)
     run_status = """
@@ -10527,6 +10544,28 @@ class FanoutView:
     def of(self, step_id: int) -> tuple[str | None, int]:
         """(status filter, page) for the fan-out of ``step_id``."""
         return (self.status, self.page) if step_id == self.step else (None, 1)
+
+
+def dashboard_search(store: Store, q: str) -> dict:
+    """Search: the run whose id ``q`` is, the runs whose trigger key it is (any pipeline), the pipelines
+    whose name holds it (any case); ``go`` is the one page every match points to (a page shows it at once)."""
+    q = clip((q or "").strip(), MAX_TRIGGER_KEY)
+    found: dict = {"q": q, "run": None, "keyed": [], "pipelines": [], "go": None}
+    if not q:
+        return found
+    with store.tx(write=False) as t:
+        pipelines = [pipeline for (pipeline,) in t.all(DashboardSQL.pipelines)]
+        if re.fullmatch(r"[0-9]{1,18}", q):
+            row = t.one(DashboardSQL.run_by_id, {"id": int(q)})
+            found["run"] = _records([row], DashboardSQL.RUN_COLUMNS, "halt_reasons")[0] if row else None
+        keyed = t.all(DashboardSQL.runs_by_key.replace("{pipelines}", DashboardSQL.JSON_TEXTS[t.dialect]),
+                      {"pipelines": json.dumps(pipelines), "key": q}) if pipelines else []
+    found["keyed"] = _records(keyed, DashboardSQL.RUN_COLUMNS, "halt_reasons")
+    found["pipelines"] = [p for p in pipelines if q.casefold() in p.casefold()]
+    targets = {f'/runs/{r["id"]}' for r in [found["run"], *found["keyed"]] if r}
+    targets |= {_href("/runs", pipeline=p) for p in found["pipelines"]}
+    found["go"] = targets.pop() if len(targets) == 1 else None
+    return found
 
 
 def dashboard_run(store: Store, run_id: int, view: FanoutView = FanoutView(),
@@ -10840,7 +10879,8 @@ def dashboard_metrics(engine: Engine) -> str:
 # -- html ------------------------------------------------------------------------------------
 _DASHBOARD_CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#222;background:#f7f7f9}
 nav{background:#223;padding:.6em 1.5em}nav a{color:#fff;margin-right:1.4em;text-decoration:none}
-nav b{color:#9cf;margin-right:2em}main{padding:.5em 1.5em 2em}summary{cursor:pointer;color:#336}form{margin:.6em 0}
+nav b{color:#9cf;margin-right:2em}nav form{display:inline;margin:0}
+nav input{font:inherit;padding:.15em .5em;width:16em;border:1px solid #667;border-radius:3px}main{padding:.5em 1.5em 2em}summary{cursor:pointer;color:#336}form{margin:.6em 0}
 table{border-collapse:collapse;margin:.4em 0 1.4em;background:#fff}th{background:#eef}
 th,td{border:1px solid #ddd;padding:.2em .6em;text-align:left;vertical-align:top}
 pre{margin:.2em 0;white-space:pre-wrap;word-break:break-all;max-height:24em;overflow:auto;background:#f0f0f3;
@@ -11044,15 +11084,12 @@ def _overview_errors(errors: list[dict]) -> str:
 
 def render_runs(data: dict) -> str:
     """The runs page's <main>: the filters, the bulk cancel's link (when offered), one page of runs, paging."""
-    rows = [[_link(f'/runs/{r["id"]}', str(r["id"])), _esc(r["pipeline"]), _badge(r["status"]), _when(r["created_at"]),
-             _when(r["finished_at"]), _secs(r["duration"]), _reasons(r["halt_reasons"])] for r in data["runs"]]
-    headers = ["run", "pipeline", "status", "created", "finished", "took", "halt reasons"]
     bulk = (f'<p class="actions"><a href="{_href(DASHBOARD_CONFIRM_CANCEL, pipeline=data["pipeline"])}">'
             f'cancel the runs in progress of {_esc(data["pipeline"])}&hellip;</a></p>'
             if data.get("actions", {}).get("bulk_cancel") else "")
     return ("<h2>Runs</h2>"
             + _filters("/runs", data, pipeline=data["pipelines"], status=list(RUN_STATUSES)) + bulk
-            + _table(headers, rows, "no runs")
+            + _runs_table(data["runs"])
             + _paging("/runs", data, pipeline=data["pipeline"], status=data["status"]))
 
 
@@ -11330,12 +11367,39 @@ def render_errors(data: dict) -> str:
             + _paging("/errors", data, pipeline=data["pipeline"]))
 
 
+def _runs_table(runs: list[dict], empty: str = "no runs") -> str:
+    rows = [[_link(f'/runs/{r["id"]}', str(r["id"])), _esc(r["pipeline"]), _badge(r["status"]), _esc(r["trigger_key"]),
+             _when(r["created_at"]), _when(r["finished_at"]), _secs(_duration(r["created_at"], r["finished_at"])),
+             _reasons(r["halt_reasons"])] for r in runs]
+    return _table(["run", "pipeline", "status", "key", "created", "finished", "took", "halt reasons"], rows, empty)
+
+
+def render_search(data: dict) -> str:
+    """The search page's <main>: the run of that id, the runs of that trigger key, the pipelines named so."""
+    q = data["q"]
+    if not q:
+        return '<h2>Search</h2><p class="muted">a run id, a trigger key or (part of) a pipeline name</p>'
+    parts = [f"<h2>Search: {_esc(q)}</h2>"]
+    if data["run"]:
+        parts.append("<h3>Run</h3>" + _runs_table([data["run"]]))
+    if data["keyed"]:
+        parts.append("<h3>Runs with that trigger key</h3>" + _runs_table(data["keyed"]))
+    if data["pipelines"]:
+        links = "".join(f'<li><a href="{_href("/runs", pipeline=p)}">{_esc(p)}</a></li>' for p in data["pipelines"])
+        parts.append(f"<h3>Pipelines</h3><ul>{links}</ul>")
+    if len(parts) == 1:
+        parts.append('<p class="muted" id="no-match">no run has that id or trigger key, no pipeline that name</p>')
+    return "".join(parts)
+
+
 def _page(title: str, api: str, etag: str, main: str, nonce: str, refresh: float) -> str:
     """A whole page: nav, <main>, and the refresh script (allowed by its nonce) polling ``api``."""
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)} - ductwork</title>'
             f'<meta name="viewport" content="width=device-width"><style>{_DASHBOARD_CSS}</style></head>'
             f'<body data-api="{_esc(api)}" data-etag="{_esc(etag)}" data-refresh="{refresh:g}"><nav><b>ductwork</b>'
             '<a href="/">overview</a><a href="/runs">runs</a><a href="/errors">errors</a><a href="/metrics">metrics</a>'
+            '<form method="get" action="/search" role="search"><input type="search" name="q" id="search" '
+            'placeholder="run id, trigger key, pipeline" aria-label="search runs" maxlength="500"></form>'
             f'</nav><main>{main}</main><script nonce="{nonce}">{_DASHBOARD_JS}</script></body></html>')
 
 
@@ -11391,6 +11455,8 @@ def dashboard_route(engine: Engine, path: str, query: dict, overview: Callable[[
         return "runs", data, render_runs
     if path == "/errors":
         return "errors", dashboard_errors(engine.store, query.get("pipeline"), **paging), render_errors
+    if path == "/search":
+        return "search", dashboard_search(engine.store, query.get("q", "")), render_search
     if path == DASHBOARD_CONFIRM_CANCEL and offered:
         return ("cancel runs", dashboard_bulk_cancel(engine.store, query.get("pipeline"), offered),
                 functools.partial(render_bulk_cancel, token=token))
@@ -11992,6 +12058,8 @@ class DashboardHandler:
         found = dashboard_route(engine, path, query, overview, token)
         if found is None:
             return DashboardReply(404, "text/plain", "not found")
+        if path == "/search" and not api and found[1]["go"]:   # one match: its page
+            return DashboardReply(303, "text/plain", f'see {found[1]["go"]}', location=found[1]["go"])
         reply = self.render(url, api, *found, nonce=nonce)
         if fresh and not api:   # a page whose forms need the session (a JSON twin renders none)
             reply = dataclasses.replace(reply, cookie=_session_cookie(fresh))

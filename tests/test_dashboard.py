@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import http.client
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -483,6 +485,45 @@ def test_wide_fan_out_is_grouped_paged_and_filtered(start_runtime, serve):
     assert "bad 30" in page and "<b>halted 2</b>" in page and "(showing 1&ndash;2 of 2 halted)" in page
     code, _, body = get(base + f"/runs/{run.id}?fanout=x")
     assert code == 400 and "fanout must be an integer" in body
+
+
+def location_of(url: str) -> tuple[int, str | None]:
+    """The status and Location of a GET, not followed."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=15)
+    try:
+        conn.request("GET", parts.path + "?" + parts.query)
+        response = conn.getresponse()
+        response.read()
+        return response.status, response.getheader("Location")
+    finally:
+        conn.close()
+
+
+def test_search_by_run_id_trigger_key_and_pipeline(runs, serve):
+    """Search: a run id or a pipeline name that is the only match opens its page (303), a trigger key shared by
+    two pipelines lists both runs, a part of several pipelines' names lists them, no match says so."""
+    keyed = [DashFan.trigger(2, key="order <b>7</b>"), DashSplit.trigger(2, key="order <b>7</b>")]
+    assert all(run.wait(30) == "completed" for run in keyed)
+    base = serve()
+    fan = runs["fan"].id
+    assert location_of(base + f"/search?q={fan}") == (303, f"/runs/{fan}")
+    assert location_of(base + "/search?q=%20dashfail%20") == (303, "/runs?pipeline=DashFail")
+    found = get_json(base + "/api/search?q=" + urllib.parse.quote("order <b>7</b>"))
+    assert sorted((r["id"], r["pipeline"], r["trigger_key"]) for r in found["keyed"]) == \
+        sorted((r.id, r.pipeline, "order <b>7</b>") for r in keyed)
+    assert found["run"] is None and found["pipelines"] == [] and found["go"] is None
+    code, _, page = get(base + "/search?q=" + urllib.parse.quote("order <b>7</b>"))
+    assert code == 200 and "<h3>Runs with that trigger key</h3>" in page
+    assert "order &lt;b&gt;7&lt;/b&gt;" in page and "<b>7</b>" not in page
+    assert all(f'<a href="/runs/{r.id}">' in page for r in keyed)
+    found = get_json(base + "/api/search?q=Dash")
+    assert found["pipelines"] == ["DashFail", "DashFan", "DashSplit"] and found["go"] is None
+    code, _, page = get(base + "/search?q=Dash")
+    assert code == 200 and '<a href="/runs?pipeline=DashSplit">DashSplit</a>' in page
+    code, _, page = get(base + "/search?q=99999999")
+    assert code == 200 and 'id="no-match"' in page
+    assert 'action="/search" role="search"' in get(base + "/")[2]   # in every page's nav
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
