@@ -10299,6 +10299,9 @@ DASHBOARD_PER_PAGE, DASHBOARD_MAX_STEPS, DASHBOARD_MINUTES = 50, 2000, 15
 # one fan-out); the rest are counted by status, and their steps are not read at all: a 1,000-way expand's
 # page reads and renders ~20 branches, not 1,000 (issue 20).
 DASHBOARD_BRANCHES = 20
+# The errors page groups the latest DASHBOARD_ERROR_SAMPLE failed and crashed executions by their error's first
+# line (its class and message), reading only that line's first STATUS_ERROR_LINE characters of each.
+DASHBOARD_ERROR_SAMPLE = 5000
 DASHBOARD_MAX_TEXT = 20000   # characters of one error text a page or JSON twin shows
 # The actions' URLs (POST only; see "actions" under http): /runs/<id>/cancel, /runs/<id>/revive, and the bulk
 # cancel, whose confirmation (a GET page: the count, then the form) has a URL of its own.
@@ -10422,6 +10425,16 @@ class DashboardSQL:
         ORDER BY e.id DESC
         LIMIT :limit OFFSET :offset"""
 
+    # the errors page's groups: the head of the error of the :limit latest failed and crashed executions
+    ERROR_HEAD_KEYS = ("step", "run", "pipeline", "name", "outcome", "head", "finished_at")
+    error_heads = """
+        SELECT e.step_id, e.run_id, s.pipeline, s.name, e.outcome, substr(e.error, 1, :head), e.finished_at
+        FROM ductwork_executions e
+        JOIN ductwork_steps s ON s.id = e.step_id
+        WHERE e.outcome IN ('failed', 'crashed'){where}
+        ORDER BY e.id DESC
+        LIMIT :limit"""
+
     # overview: runs completed per minute ago (0 = the last 60 s; integer division truncates alike on both databases)
     runs_per_minute = """
         SELECT CAST(({now} - finished_at) * 1000 AS BIGINT) / 60000, count(*)
@@ -10527,10 +10540,41 @@ def dashboard_runs(store: Store, pipeline: str | None = None, status: str | None
 
 
 def dashboard_errors(store: Store, pipeline: str | None = None, page: int = 1,
-                     per_page: int = DASHBOARD_PER_PAGE) -> dict:
-    """The errors page: one page of failed and crashed executions (newest first), filtered by pipeline."""
-    return _paged(store, "errors", DashboardSQL.errors, DashboardSQL.ERROR_COLUMNS, {"s.pipeline": pipeline},
+                     per_page: int = DASHBOARD_PER_PAGE, sample: int = DASHBOARD_ERROR_SAMPLE) -> dict:
+    """The errors page: the latest ``sample`` failed and crashed executions grouped by class and message (the
+    first page only), then one page of them (newest first); both filtered by pipeline."""
+    data = _paged(store, "errors", DashboardSQL.errors, DashboardSQL.ERROR_COLUMNS, {"s.pipeline": pipeline},
                   page, per_page)
+    if page == 1:
+        where, params = (" AND s.pipeline = :pipeline", {"pipeline": pipeline}) if pipeline else ("", {})
+        with store.tx(write=False) as t:
+            rows = t.all(DashboardSQL.error_heads.replace("{where}", where),
+                         {**params, "head": STATUS_ERROR_LINE, "limit": sample})
+        heads = [dict(zip(DashboardSQL.ERROR_HEAD_KEYS, row, strict=True)) for row in rows]
+        data.update(groups=_error_groups(heads), sample=sample, sampled=len(rows))
+    return data
+
+
+def _error_groups(heads: list[dict]) -> list[dict]:
+    """Executions (newest first) grouped by the first line of their error, ``Class: message`` (a crash's: what
+    the reaper wrote), most frequent first: each group's count, steps, first and last seen, latest example."""
+    groups: dict[str, dict] = {}
+    for e in heads:
+        line = (e["head"] or "").partition("\n")[0].strip() or "(no error text)"
+        kind, sep, message = line.partition(": ")
+        group = groups.get(line)
+        if group is None:   # the first met is the latest: the example
+            group = groups[line] = {"class": kind if sep else line, "message": message, "count": 0, "steps": [],
+                                    "outcomes": [], "first_seen": e["finished_at"], "last_seen": e["finished_at"],
+                                    "example": {"run": e["run"], "step": e["step"]}}
+        group["count"] += 1
+        group["first_seen"] = e["finished_at"]
+        where = f'{e["pipeline"]}.{e["name"]}'
+        if where not in group["steps"]:
+            group["steps"].append(where)
+        if e["outcome"] not in group["outcomes"]:
+            group["outcomes"].append(e["outcome"])
+    return sorted(groups.values(), key=lambda g: (-g["count"], -(g["last_seen"] or 0)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -10880,7 +10924,8 @@ def dashboard_metrics(engine: Engine) -> str:
 _DASHBOARD_CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#222;background:#f7f7f9}
 nav{background:#223;padding:.6em 1.5em}nav a{color:#fff;margin-right:1.4em;text-decoration:none}
 nav b{color:#9cf;margin-right:2em}nav form{display:inline;margin:0}
-nav input{font:inherit;padding:.15em .5em;width:16em;border:1px solid #667;border-radius:3px}main{padding:.5em 1.5em 2em}summary{cursor:pointer;color:#336}form{margin:.6em 0}
+nav input{font:inherit;padding:.15em .5em;width:16em;border:1px solid #667;border-radius:3px}
+main{padding:.5em 1.5em 2em}summary{cursor:pointer;color:#336}form{margin:.6em 0}
 table{border-collapse:collapse;margin:.4em 0 1.4em;background:#fff}th{background:#eef}
 th,td{border:1px solid #ddd;padding:.2em .6em;text-align:left;vertical-align:top}
 pre{margin:.2em 0;white-space:pre-wrap;word-break:break-all;max-height:24em;overflow:auto;background:#f0f0f3;
@@ -11363,6 +11408,7 @@ def render_errors(data: dict) -> str:
              _error(e["error"], f'x-{e["id"]}')] for e in data["errors"]]
     headers = ["at", "step", "pipeline.step", "outcome", "attempt", "error"]
     return ("<h2>Step errors</h2>" + _filters("/errors", data, pipeline=data["pipelines"])
+            + _render_error_groups(data) + "<h3>Latest</h3>"
             + _table(headers, rows, "none failed or crashed")
             + _paging("/errors", data, pipeline=data["pipeline"]))
 
@@ -11390,6 +11436,22 @@ def render_search(data: dict) -> str:
     if len(parts) == 1:
         parts.append('<p class="muted" id="no-match">no run has that id or trigger key, no pipeline that name</p>')
     return "".join(parts)
+
+
+def _render_error_groups(data: dict) -> str:
+    """The errors page's groups by class and message (its first page only)."""
+    if "groups" not in data:
+        return ""
+    rows = [[f'<span class="err-class">{_esc(g["class"])}</span>', _esc(clip(g["message"], STATUS_ERROR_LINE)),
+             str(g["count"]), _esc(", ".join(g["steps"][:3]) + (" &hellip;" if len(g["steps"]) > 3 else "")),
+             " ".join(_badge(o) for o in g["outcomes"]), _when(g["first_seen"]), _when(g["last_seen"]),
+             _link(f'/runs/{g["example"]["run"]}#step-{g["example"]["step"]}', f'run {g["example"]["run"]}')]
+            for g in data["groups"]]
+    scope = (f'the latest {data["sample"]} failed or crashed executions' if data["sampled"] >= data["sample"]
+             else "every failed or crashed execution")
+    return (f'<h3>Grouped by class and message</h3><p class="muted">of {scope}</p><div id="error-groups">'
+            + _table(["class", "message", "count", "steps", "outcome", "first seen", "last seen", "example"], rows,
+                     "none failed or crashed") + "</div>")
 
 
 def _page(title: str, api: str, etag: str, main: str, nonce: str, refresh: float) -> str:

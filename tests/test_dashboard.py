@@ -487,6 +487,32 @@ def test_wide_fan_out_is_grouped_paged_and_filtered(start_runtime, serve):
     assert code == 400 and "fanout must be an integer" in body
 
 
+def test_errors_grouped_by_class_and_message(runs, serve, engine):
+    """The errors page groups failed and crashed executions by class and message: counts, the steps, first and
+    last seen, the latest run as the example; over a bounded sample that the page names."""
+    again, other = DashFail.trigger(1), DashFail.trigger(2)
+    assert again.wait(30) == other.wait(30) == "halted"
+    base = serve()
+    data = get_json(base + "/api/errors")
+    groups = {(g["class"], g["message"]): g for g in data["groups"]}
+    assert set(groups) == {("ValueError", "<b>bad</b> input 1"), ("ValueError", "<b>bad</b> input 2")}
+    one, two = groups["ValueError", "<b>bad</b> input 1"], groups["ValueError", "<b>bad</b> input 2"]
+    assert (one["count"], two["count"]) == (8, 4)   # four attempts a run
+    assert [g["count"] for g in data["groups"]] == [8, 4]   # the most frequent first
+    assert one["steps"] == ["DashFail.dash_boom"] and one["outcomes"] == ["failed"]
+    assert one["example"]["run"] == again.id and two["example"]["run"] == other.id
+    assert one["first_seen"] < one["last_seen"] and data["sampled"] == 12
+    code, _, page = get(base + "/errors")
+    assert code == 200 and '<div id="error-groups">' in page and "of every failed or crashed execution" in page
+    assert "&lt;b&gt;bad&lt;/b&gt; input 1</td><td>8</td>" in page
+    assert f'<a href="/runs/{again.id}#step-' in page
+    bounded = ductwork.dashboard_errors(engine.store, sample=5)
+    assert bounded["sampled"] == 5 and sum(g["count"] for g in bounded["groups"]) == 5
+    assert "of the latest 5 failed or crashed executions" in ductwork.render_errors(bounded)
+    assert "groups" not in get_json(base + "/api/errors?page=2")   # the first page groups, the others list
+    assert get_json(base + "/api/errors?pipeline=DashFan")["groups"] == []
+
+
 def location_of(url: str) -> tuple[int, str | None]:
     """The status and Location of a GET, not followed."""
     parts = urllib.parse.urlsplit(url)
