@@ -182,6 +182,10 @@ PRUNE_ROWS = 5000   # steps per batch at most (a batch stops before the run that
 PRUNE_PAUSE = 0.02
 PRUNE_YIELD = {"postgres": 3.0, "sqlite": 9.0}
 ROLLUP_CHUNK = 200_000   # ids a rollup transaction counts at most (each statement well inside a socket timeout)
+# The queue's history the dashboard charts (migration 9): once a minute by the database's clock, the first
+# advancer process to ask writes each pipeline's claimable steps and the age of its oldest, and deletes the
+# samples older than QUEUE_SAMPLE_MINUTES (two days: the dashboard's longest window is one).
+QUEUE_SAMPLE_MINUTES = 2880
 
 CH_JOBS, CH_ADVANCE = "ductwork_jobs", "ductwork_advance"
 # A cancel's wake-up hint (payload: a pipeline): the worker processes look at once whether a step they hold was
@@ -2243,6 +2247,14 @@ MIGRATIONS: list[Migration] = [
         # the W3C trace context of the run's span (SPEC §19, see "Tracing"), NULL when not traced
         "ALTER TABLE ductwork_runs ADD COLUMN trace_context TEXT",
     )),
+    # 9: the queue's history for the dashboard's charts (issue 20): per minute of the database's clock and
+    # pipeline, the claimable steps and the age of the oldest; the row of pipeline '' says the minute was
+    # sampled (a minute without it: no advancer was up). See QUEUE_SAMPLE_MINUTES and Engine.sample_queue.
+    Migration(9, (
+        """CREATE TABLE ductwork_queue_samples (
+            minute BIGINT NOT NULL, pipeline TEXT NOT NULL, depth BIGINT NOT NULL, oldest_age {float} NOT NULL,
+            PRIMARY KEY (minute, pipeline))""",
+    )),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1].version
 _TYPES = {"sqlite": {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "float": "REAL"},
@@ -3699,6 +3711,33 @@ class SQL:
           AND node > 0
           AND attempts = 0
           AND crashes = 0"""
+
+    # -- ductwork_queue_samples: the queue's history (migration 9) ----------------------------------------
+    # The claimable steps per pipeline now, and the seconds the oldest of them has waited: since it was queued,
+    # or since its delay ended (its available_at alone is its run's start: the claim order, see insert_steps).
+    # /metrics reads it as is, the samples below copy it.
+    claimable = """
+        SELECT pipeline, count(*), max({now} - CASE WHEN available_at > created_at THEN available_at
+                                                    ELSE created_at END)
+        FROM ductwork_steps
+        WHERE status = 'queued' AND available_at <= (SELECT {now})
+        GROUP BY pipeline"""
+
+    # A minute's sample taken by this transaction (its marker row; no row back: another process took it).
+    queue_sample_taken = """
+        INSERT INTO ductwork_queue_samples (minute, pipeline, depth, oldest_age)
+        VALUES (:minute, '', 0, 0)
+        ON CONFLICT (minute, pipeline) DO NOTHING
+        RETURNING minute"""
+
+    queue_sample = f"""
+        INSERT INTO ductwork_queue_samples (minute, pipeline, depth, oldest_age)
+        SELECT CAST(:minute AS BIGINT), q.*
+        FROM ({claimable}) q"""
+
+    queue_samples_pruned = """
+        DELETE FROM ductwork_queue_samples
+        WHERE minute < :before"""
 
     # -- ductwork_schedules: each schedule's last tick (SPEC §16) --------------------------------------
     # The tick a schedule fired last (or was first seen at), locked for the firing transaction.
@@ -6026,6 +6065,18 @@ class Engine:
                 log.exception("%s handler %s of %s raised", kind, getattr(handler, "__name__", handler), run.pipeline,
                               extra={"run": run.id})
 
+    # -- the queue's history (the dashboard's charts) --------------------------------------
+    def sample_queue(self) -> float:
+        """The queue's sample of this minute of the database's clock, unless another process took it (see
+        QUEUE_SAMPLE_MINUTES); returns the seconds until the next minute begins, by that clock."""
+        with self.store.tx() as t:
+            (now,) = t.one(StoreSQL.now)
+            minute = int(float(now) // 60)
+            if t.all(SQL.queue_sample_taken, {"minute": minute}):
+                t.run(SQL.queue_sample, {"minute": minute})
+                t.run(SQL.queue_samples_pruned, {"before": minute - QUEUE_SAMPLE_MINUTES})
+        return (minute + 1) * 60 - float(now)
+
     # -- retention ----------------------------------------------------------------------
     def prune(self, ages: dict[str, float], wait: bool = False, stop: threading.Event | None = None,
               batch: int = PRUNE_BATCH) -> collections.Counter | None:
@@ -8274,10 +8325,12 @@ class Runtime:
         self.store.mark_urgent()
         interval = float(self.config.get("supervisor.heartbeat_interval"))
         reap_every = min(interval * 2, float(self.config.get("supervisor.reaper_timeout")) / 2)
-        next_reap = 0.0
+        next_reap = next_sample = 0.0
         while not self.dead.wait(interval):
             try:
                 self.heartbeat()
+                if self.spec.advancers and time.monotonic() >= next_sample:   # the queue's history, once a minute
+                    next_sample = time.monotonic() + self.engine.sample_queue()
                 if time.monotonic() >= next_reap:
                     self.reap()
                     self.release_orphans()
@@ -10294,7 +10347,14 @@ def _run_check(check: DoctorCheck, ctx: DoctorContext) -> Finding:
 # threads; an accept loop reads request headers (10 s at most) without a thread each.
 # Layout: the statements, the data (JSON twins, /metrics), the html, then the http server.
 
-DASHBOARD_PER_PAGE, DASHBOARD_MAX_STEPS, DASHBOARD_MINUTES = 50, 2000, 15
+DASHBOARD_PER_PAGE, DASHBOARD_MAX_STEPS = 50, 2000
+# The overview's chart windows (?window=): name -> (seconds, seconds per point): 15 to 48 points a chart.
+OVERVIEW_WINDOWS = {"15m": (900, 60), "1h": (3600, 120), "6h": (21600, 600), "24h": (86400, 1800)}
+DASHBOARD_WINDOW = "1h"
+# The charts' durations are counted in log-spaced bins (three per doubling, from 1 ms to 37 hours: SQL only
+# counts, on both databases) and a percentile is read off them as Prometheus's histogram_quantile does, by
+# linear interpolation inside its bin: within ~13 % of the exact value, whatever the number of rows.
+DURATION_BINS = tuple(0.001 * 2 ** (i / 3) for i in range(82))
 # A fan-out's branches a run page shows (in position order; ?fanout=<step>&fstatus=&fpage= pages and filters
 # one fan-out); the rest are counted by status, and their steps are not read at all: a 1,000-way expand's
 # page reads and renders ~20 branches, not 1,000 (issue 20).
@@ -10435,28 +10495,30 @@ class DashboardSQL:
         ORDER BY e.id DESC
         LIMIT :limit"""
 
-    # overview: runs completed per minute ago (0 = the last 60 s; integer division truncates alike on both databases)
-    runs_per_minute = """
-        SELECT CAST(({now} - finished_at) * 1000 AS BIGINT) / 60000, count(*)
+    # overview: per point of a chart (0 = the latest :bucket_ms; :now is the database's clock, read once; integer
+    # division truncates alike on both databases), the runs completed and their durations' bins ({bin}, see
+    # DURATION_BINS), since :since
+    runs_completed = """
+        SELECT CAST((:now - finished_at) * 1000 AS BIGINT) / :bucket_ms, {bin}, count(*)
         FROM ductwork_runs
-        WHERE status = 'completed' AND finished_at >= (SELECT {now}) - :window
-        GROUP BY 1"""
+        WHERE status = 'completed' AND finished_at >= :since
+        GROUP BY 1, 2"""
 
-    # overview: steps finished (succeeded or failed) per minute ago, bucketed as runs_per_minute
-    steps_per_minute = """
-        SELECT CAST(({now} - finished_at) * 1000 AS BIGINT) / 60000, count(*)
+    # ... the steps finished (succeeded or failed) and their last execution's durations' bins
+    steps_finished = """
+        SELECT CAST((:now - finished_at) * 1000 AS BIGINT) / :bucket_ms, {bin}, count(*)
         FROM ductwork_steps
-        WHERE status IN ('succeeded', 'failed') AND finished_at >= (SELECT {now}) - :window
-        GROUP BY 1"""
+        WHERE status IN ('succeeded', 'failed') AND finished_at >= :since AND claimed_at IS NOT NULL
+        GROUP BY 1, 2"""
 
-    # /metrics: claimable steps per pipeline, and the seconds the oldest of them has waited: since it was queued,
-    # or since its delay ended (its available_at alone is its run's start: the claim order, see insert_steps)
-    queue = """
-        SELECT pipeline, count(*), max({now} - CASE WHEN available_at > created_at THEN available_at
-                                                    ELSE created_at END)
-        FROM ductwork_steps
-        WHERE status = 'queued' AND available_at <= (SELECT {now})
-        GROUP BY pipeline"""
+    # ... and the queue's samples (migration 9) of the window's minutes
+    queue_samples = """
+        SELECT minute, pipeline, depth, oldest_age
+        FROM ductwork_queue_samples
+        WHERE minute > :since"""
+
+    # /metrics: claimable steps per pipeline, and the seconds the oldest of them has waited
+    queue = SQL.claimable
 
     # /metrics: the info of the live processes (their abandoned threads: step timeouts)
     process_infos = """
@@ -10495,23 +10557,91 @@ def _duration(start: float | None, end: float | None) -> float | None:
 
 
 # -- data: the JSON twins ------------------------------------------------------------------
-def dashboard_overview(engine: Engine, minutes: int = DASHBOARD_MINUTES) -> dict:
-    """The overview: the status report plus runs completed and steps finished per minute."""
+def dashboard_overview(engine: Engine, window: str = DASHBOARD_WINDOW) -> dict:
+    """The overview: the status report, the schedules, and the charts' series over ``window`` (a name of
+    OVERVIEW_WINDOWS), each a list with one value per point, the latest first: runs completed and steps
+    finished, the p50 and p95 of their durations (None: none finished then), and per pipeline the queue's depth
+    and the age of its oldest claimable step (the largest sample of the point; None: no sample then)."""
     report = status_report(engine)
-    window = {"window": minutes * 60}
+    seconds, bucket = OVERVIEW_WINDOWS[window]
+    points = seconds // bucket
     with engine.store.tx(write=False) as t:
-        runs_completed = t.all(DashboardSQL.runs_per_minute, window)
-        steps_finished = t.all(DashboardSQL.steps_per_minute, window)
-    report["throughput"] = {"minutes": minutes, "runs_completed": _per_minute(runs_completed, minutes),
-                            "steps_finished": _per_minute(steps_finished, minutes)}
+        now = float(t.one(StoreSQL.now)[0])
+        params = {"now": now, "since": now - seconds, "bucket_ms": bucket * 1000}
+        runs = t.all(DashboardSQL.runs_completed.replace("{bin}", _DURATION_BIN_SQL["finished_at - created_at"]),
+                     params)
+        steps = t.all(DashboardSQL.steps_finished.replace("{bin}", _DURATION_BIN_SQL["finished_at - claimed_at"]),
+                      params)
+        minute = int(now // 60)
+        samples = t.all(DashboardSQL.queue_samples, {"since": minute - seconds // 60})
+    run_bins, step_bins = _binned(runs, points), _binned(steps, points)
+    report["window"] = {"name": window, "seconds": seconds, "bucket": bucket, "points": points,
+                        "choices": list(OVERVIEW_WINDOWS)}
+    report["throughput"] = {"runs_completed": [sum(b.values()) for b in run_bins],
+                            "steps_finished": [sum(b.values()) for b in step_bins]}
+    report["durations"] = {kind: {f"p{round(q * 100)}": [_quantile(b, q) for b in bins] for q in (0.5, 0.95)}
+                           for kind, bins in (("run", run_bins), ("step", step_bins))}
+    report["queue"] = _queue_history(samples, minute, bucket, points)
+    report["schedules"] = schedule_report(engine, engine.config)
     report["stale_after"] = float(engine.config.get("supervisor.reaper_timeout"))
     return report
 
 
-def _per_minute(rows: list[tuple], minutes: int) -> list[int]:
-    """(minutes ago, count) rows as one count per minute, most recent first, zeros filled in."""
-    counts = {int(minute): int(n) for minute, n in rows}
-    return [counts.get(minute, 0) for minute in range(minutes)]
+def _bin_sql(expr: str, low: int = 0, high: int = len(DURATION_BINS)) -> str:
+    """SQL giving the DURATION_BINS bin of ``expr`` (the first bin whose bound it does not pass; past the last:
+    len(DURATION_BINS)): a tree of CASEs, seven comparisons a row, the same on both databases."""
+    if low == high:
+        return str(low)
+    mid = (low + high) // 2
+    return (f"CASE WHEN {expr} <= {DURATION_BINS[mid]!r} THEN {_bin_sql(expr, low, mid)} "
+            f"ELSE {_bin_sql(expr, mid + 1, high)} END")
+
+
+_DURATION_BIN_SQL = {expr: _bin_sql(f"({expr})") for expr in ("finished_at - created_at", "finished_at - claimed_at")}
+
+
+def _binned(rows: list[tuple], points: int) -> list[dict[int, int]]:
+    """(point, bin, count) rows as each point's counts by bin (points past the window, a clock step: dropped)."""
+    out: list[dict[int, int]] = [{} for _ in range(points)]
+    for point, b, n in rows:
+        if 0 <= int(point) < points:
+            out[int(point)][int(b)] = out[int(point)].get(int(b), 0) + int(n)
+    return out
+
+
+def _quantile(bins: dict[int, int], q: float) -> float | None:
+    """The ``q`` quantile of durations counted in DURATION_BINS bins, interpolated inside its bin (None: none)."""
+    total = sum(bins.values())
+    if not total:
+        return None
+    rank, seen = q * total, 0
+    for b in sorted(bins):
+        if seen + bins[b] >= rank:
+            low = DURATION_BINS[b - 1] if b > 0 else 0.0
+            high = DURATION_BINS[b] if b < len(DURATION_BINS) else low
+            return round(low + (high - low) * (rank - seen) / bins[b], 4)
+        seen += bins[b]
+    return None   # (not reached: the last bin holds the rank)
+
+
+def _queue_history(samples: list[tuple], minute: int, bucket: int, points: int) -> dict:
+    """The queue's samples as per-point series: ``sampled`` (a sample was taken in the point), and per pipeline
+    ``depth`` and ``oldest_age``, the largest of the point's samples (0 where sampled without the pipeline's
+    claimable steps, None where nothing was sampled)."""
+    sampled = [False] * points
+    seen: dict[str, dict[int, tuple[int, float]]] = {}
+    for m, pipeline, depth, oldest in samples:
+        point = (minute - int(m)) * 60 // bucket
+        if not 0 <= point < points:
+            continue
+        sampled[point] = True
+        if pipeline:
+            was = seen.setdefault(pipeline, {}).get(point, (0, 0.0))
+            seen[pipeline][point] = (max(was[0], int(depth)), max(was[1], float(oldest)))
+    fill = [0 if on else None for on in sampled]
+    depth = {p: [by[i][0] if i in by else f for i, f in enumerate(fill)] for p, by in sorted(seen.items())}
+    oldest = {p: [round(by[i][1], 3) if i in by else f for i, f in enumerate(fill)] for p, by in sorted(seen.items())}
+    return {"sampled": sampled, "depth": depth, "oldest_age": oldest}
 
 
 def _paged(store: Store, key: str, sql: str, columns: str, filters: dict[str, str | None], page: int, per_page: int,
@@ -10934,7 +11064,6 @@ padding:.4em}
 .st-halted,.st-failed,.st-crashed{background:#f6c4c4}.st-cancelled,.st-cancelling,.st-stopping{background:#e2d6ee}
 .st-in_progress,.st-running,.st-advancing{background:#cfe0ff}
 .st-queued,.st-waiting,.st-advance,.st-blocked{background:#fff2b8}
-.bar{display:inline-block;height:.8em;background:#69c;margin-right:.4em}
 ul.tree{list-style:none;padding-left:1.2em;border-left:2px solid #ccd;margin:.3em 0}li.step{margin:.35em 0}
 .muted{color:#777}.warn{color:#c00}.actions form{display:inline-block;margin:.2em 1em .8em 0}
 .notice{background:#e6f2e6;border:1px solid #bcd9bc;padding:.4em .8em;margin:.6em 0}
@@ -10943,7 +11072,14 @@ svg .node rect{fill:#fff;stroke:#889}svg .node.st-succeeded rect{fill:#c8f0c8}
 svg .node.st-failed rect,svg .node.st-crashed rect{fill:#f6c4c4}svg .node.st-running rect{fill:#cfe0ff}
 svg .node.st-queued rect,svg .node.st-blocked rect{fill:#fff2b8}svg .node.st-cancelled rect{fill:#e2d6ee}
 svg .edge{stroke:#667;stroke-width:1.4}svg marker path{fill:#667}svg .edge-label,svg .tl-axis{fill:#555}
-svg .wait{fill:#e9e9ef}svg .bar-x{fill:#69c}svg .o-succeeded{fill:#4a4}svg .o-failed{fill:#d44}
+svg .wait{fill:#e9e9ef}svg .bar-x{fill:#69c}
+.charts{display:flex;flex-wrap:wrap;gap:0 1.5em}figure.chart{margin:0 0 1em}figcaption{font-weight:600}
+svg.chart{margin:.2em 0}svg .axis{stroke:#889}svg polyline.series{fill:none;stroke-width:1.6}
+.s0{stroke:#2166ac;fill:#2166ac;color:#2166ac}.s1{stroke:#c2410c;fill:#c2410c;color:#c2410c}
+.s2{stroke:#15803d;fill:#15803d;color:#15803d}.s3{stroke:#7e22ce;fill:#7e22ce;color:#7e22ce}
+.s4{stroke:#a16207;fill:#a16207;color:#a16207}.s5{stroke:#0e7490;fill:#0e7490;color:#0e7490}
+.s6{stroke:#be185d;fill:#be185d;color:#be185d}.s7{stroke:#4b5563;fill:#4b5563;color:#4b5563}
+.legend .key{margin-right:1em}svg .o-succeeded{fill:#4a4}svg .o-failed{fill:#d44}
 svg .o-crashed{fill:#a0a}svg .o-cancelled{fill:#98a}svg .o-running{fill:#69c}
 @media (prefers-color-scheme:dark){body{color:#e4e4ea;background:#15171c}table{background:#1d2027}th{background:#272b38}
 th,td{border-color:#3a3d48}pre{background:#22252d}summary,a{color:#9cc4ff}.muted{color:#a0a3ad}.warn{color:#ff8a80}
@@ -10956,7 +11092,11 @@ svg .node rect{fill:#1d2027;stroke:#8890a0}svg .node text,svg .tl-label{fill:#e4
 svg .node.st-succeeded rect{fill:#1f5a2a}svg .node.st-failed rect,svg .node.st-crashed rect{fill:#7a2626}
 svg .node.st-running rect{fill:#24467a}svg .node.st-queued rect,svg .node.st-blocked rect{fill:#6b5a12}
 svg .edge{stroke:#a0a8b8}svg marker path{fill:#a0a8b8}svg .edge-label,svg .tl-axis{fill:#a0a3ad}
-svg .wait{fill:#2c2f38}}"""
+svg .wait{fill:#2c2f38}svg .axis{stroke:#8890a0}
+.s0{stroke:#6cb4ff;fill:#6cb4ff;color:#6cb4ff}.s1{stroke:#ff9a5c;fill:#ff9a5c;color:#ff9a5c}
+.s2{stroke:#5fd98a;fill:#5fd98a;color:#5fd98a}.s3{stroke:#d6a2ff;fill:#d6a2ff;color:#d6a2ff}
+.s4{stroke:#f5cc4a;fill:#f5cc4a;color:#f5cc4a}.s5{stroke:#4fd6e8;fill:#4fd6e8;color:#4fd6e8}
+.s6{stroke:#ff8cc6;fill:#ff8cc6;color:#ff8cc6}.s7{stroke:#c0c6d0;fill:#c0c6d0;color:#c0c6d0}}"""
 
 # Poll the JSON twin; when its ETag (a hash of the data) differs from the page's, fetch this
 # page's <main> alone (X-Ductwork-Fragment) and swap it in, keeping open <details> open. Times
@@ -11072,11 +11212,68 @@ def _filters(path: str, data: dict, **choices: list[str]) -> str:
 
 
 def render_overview(data: dict) -> str:
-    """The overview's <main>: runs per pipeline, throughput, processes, recent halts and errors."""
-    return (_overview_runs(data["runs"]) + _overview_scheduled(data["scheduled"])
-            + _overview_throughput(data["throughput"])
+    """The overview's <main>: the charts over the chosen window, runs per pipeline, what waits, schedules and
+    delayed runs, processes, recent halts and errors."""
+    return (_overview_charts(data) + _overview_runs(data["runs"])
+            + _overview_waiting(data["waiting"], data["waits"]) + _overview_schedules(data["schedules"])
+            + _overview_scheduled(data["scheduled"])
             + _overview_processes(data["processes"], data["stale_after"])
             + _overview_halts(data["recent_halts"]) + _overview_errors(data["recent_errors"]))
+
+
+def _overview_charts(data: dict) -> str:
+    """The window's choices and its charts: throughput, durations (p50, p95), the queue per pipeline."""
+    w = data["window"]
+    choices = " ".join(f'<b aria-current="page">{name}</b>' if name == w["name"]
+                       else f'<a href="{_href("/", window=name)}">{name}</a>' for name in w["choices"])
+    every = _span_text(w["bucket"])
+    tp, d, q = data["throughput"], data["durations"], data["queue"]
+    queue_note = ("" if any(q["sampled"]) else
+                  '<p class="muted">no queue samples in this window: an advancer process takes one a minute</p>')
+    return (f'<h2>Activity</h2><p class="windows">window: {choices}</p><div class="charts">'
+            + render_chart("throughput", f"finished per {every}", {"runs completed": tp["runs_completed"],
+                                                                    "steps finished": tp["steps_finished"]}, w)
+            + render_chart("step-duration", "step duration (s)", d["step"], w)
+            + render_chart("run-duration", "run duration (s)", d["run"], w)
+            + render_chart("queue-depth", "claimable steps", q["depth"], w)
+            + render_chart("queue-age", "oldest claimable step waited (s)", q["oldest_age"], w)
+            + "</div>" + queue_note)
+
+
+def _span_text(seconds: float) -> str:
+    """A span of time as its largest whole unit: 120 -> "2 min", 3600 -> "1 h"."""
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)} {unit}"
+    return f"{seconds:g} s"
+
+
+def _overview_waiting(waiting: dict[str, dict], waits: list[dict]) -> str:
+    """What waits, per pipeline (for a signal, asleep, for a concurrency slot), and the first parked branches."""
+    if not waiting:
+        return ""
+    rows = [[_esc(p), str(w["signal"]), _when(w["first_timeout"]), str(w["sleeping"]), _when(w["first_wake"]),
+             str(w["for_slot"])] for p, w in waiting.items()]
+    table = _table(["pipeline", "for a signal", "first timeout", "asleep", "first wakes", "for a slot"], rows)
+    parked = [[_link(f'/runs/{w["run"]}', f'run {w["run"]}'), _esc(w["pipeline"]), _esc(repr(w["signal"])),
+               _when(w["until"]) or "no timeout"] for w in waits]
+    return ('<h2>Waiting</h2><div id="waiting">' + table
+            + (_table(["run", "pipeline", "signal", "until"], parked) if parked else "") + "</div>")
+
+
+def _overview_schedules(schedules: list[dict]) -> str:
+    """The registered pipelines' schedules: on or off, the next tick, the last fired and its run."""
+    if not schedules:
+        return ""
+    def last(r: dict) -> str:
+        if r["last"] is None:
+            return "never fired"
+        run = _link(f'/runs/{r["last_run"]}', f'run {r["last_run"]}') if r["last_run"] else "(seen, not fired)"
+        return f'{_when(r["last"])} {run}'
+    rows = [[_esc(r["pipeline"]), _esc(r["schedule"]), _badge("on" if r["on"] else "off"),
+             _when(r["next"]) if r["on"] else "off (config schedules)", last(r)] for r in schedules]
+    return ('<h2>Schedules</h2><div id="schedules">'
+            + _table(["pipeline", "schedule", "state", "next", "last"], rows) + "</div>")
 
 
 def _overview_runs(counts_by_pipeline: dict[str, dict[str, int]]) -> str:
@@ -11092,16 +11289,6 @@ def _overview_scheduled(scheduled: dict[str, dict]) -> str:
     rows = [[_esc(p), str(due["runs"]), _when(due["first"])] for p, due in scheduled.items()]
     return ('<h2>Scheduled</h2><div id="scheduled">' + _table(["pipeline", "runs to start", "first at"], rows)
             + "</div>") if rows else ""
-
-
-def _overview_throughput(tp: dict) -> str:
-    top = max([1, *tp["runs_completed"], *tp["steps_finished"]])
-    rows = [[f"{m} min ago" if m else "last minute",
-             *(f'<span class="bar" style="width:{round(120 * n / top)}px"></span>{n}'
-               for n in (tp["runs_completed"][m], tp["steps_finished"][m]))]
-            for m in range(tp["minutes"])]
-    return (f'<h2>Throughput (last {tp["minutes"]} minutes)</h2>'
-            + _table(["minute", "runs completed", "steps finished"], rows))
 
 
 def _overview_processes(processes: list[dict], stale_after: float) -> str:
@@ -11401,6 +11588,59 @@ def render_timeline(steps: list[dict], start: float, end: float) -> str:
             + "</svg>" + more)
 
 
+CHART_SIZE = (360, 120, 46, 24)   # a chart's plot width and height, its left and bottom margins (px)
+CHART_SERIES = 8                  # series a chart draws at most (the largest; the others are counted)
+
+
+def render_chart(name: str, title: str, series: dict[str, list[float | None]], window: dict) -> str:
+    """A line chart of series over the window (values latest first; None: nothing to plot there, a gap): an
+    SVG with a polyline per run of values and a dot per value (its value on hover), the largest value and the
+    window's span on the axes, a legend. At most CHART_SERIES series, the largest first."""
+    width, height, left, bottom = CHART_SIZE
+    points = int(window["points"])
+    ranked = sorted(series.items(), key=lambda kv: -max((v for v in kv[1] if v is not None), default=0))
+    shown, more = ranked[:CHART_SERIES], len(ranked) - CHART_SERIES
+    top = max([v for _, values in shown for v in values if v is not None] or [0]) or 1
+    step = width / max(points - 1, 1)
+
+    def xy(i: int, v: float) -> tuple[str, str]:   # i points before now: right to left
+        return f"{left + round(width - i * step, 1):g}", f"{round(8 + height * (1 - v / top), 1):g}"
+    parts = [f'<line class="axis" x1="{left}" y1="{8 + height}" x2="{left + width}" y2="{8 + height}"/>',
+             f'<text class="tl-axis" x="{left - 4}" y="{14}" text-anchor="end">{_esc(_chart_value(top))}</text>',
+             f'<text class="tl-axis" x="{left - 4}" y="{8 + height}" text-anchor="end">0</text>',
+             f'<text class="tl-axis" x="{left}" y="{height + bottom}">-{_esc(_span_text(window["seconds"]))}</text>',
+             f'<text class="tl-axis" x="{left + width}" y="{height + bottom}" text-anchor="end">now</text>']
+    legend = []
+    for k, (label, values) in enumerate(shown):
+        runs: list[list[str]] = [[]]
+        for i in range(points - 1, -1, -1):   # oldest first: left to right
+            v = values[i] if i < len(values) else None
+            if v is None:   # a gap: the line breaks
+                runs.append([])
+                continue
+            x, y = xy(i, v)
+            runs[-1].append(f"{x},{y}")
+            parts.append(f'<circle class="s{k}" data-series="{_esc(label)}" cx="{x}" cy="{y}" r="2"><title>'
+                         f'{_esc(label)}: {_esc(_chart_value(v))}</title></circle>')
+        parts += [f'<polyline class="series s{k}" data-series="{_esc(label)}" points="{" ".join(run)}"/>'
+                  for run in runs if run]
+        legend.append(f'<span class="key"><i class="s{k}" aria-hidden="true">&#9632;</i> {_esc(label)}</span>')
+    if more > 0:
+        legend.append(f'<span class="muted">+{more} more</span>')
+    size = f'width="{left + width + 10}" height="{height + bottom + 12}"'
+    return (f'<figure class="chart" id="chart-{_esc(name)}"><figcaption>{_esc(title)}</figcaption>'
+            f'<svg class="chart" data-chart="{_esc(name)}" data-points="{points}" role="img" '
+            f'aria-label="{_esc(title)}" {size} viewBox="0 0 {left + width + 10} {height + bottom + 12}">'
+            + "".join(parts) + "</svg>"
+            + f'<div class="legend">{" ".join(legend) or "<span class=muted>nothing in this window</span>"}</div>'
+            "</figure>")
+
+
+def _chart_value(v: float) -> str:
+    """A chart's value as its label: whole counts as is, seconds to three significant digits."""
+    return str(int(v)) if float(v).is_integer() else f"{v:.3g}"
+
+
 def render_errors(data: dict) -> str:
     """The errors page's <main>: the pipeline filter, one page of failed and crashed executions, paging."""
     rows = [[_when(e["finished_at"]), _link(f'/runs/{e["run"]}#step-{e["step"]}', f'run {e["run"]} step {e["step"]}'),
@@ -11500,17 +11740,20 @@ def _int_param(query: dict, name: str, default: int, high: int) -> int:
     return value
 
 
-def dashboard_route(engine: Engine, path: str, query: dict, overview: Callable[[], dict] | None = None,
+def dashboard_route(engine: Engine, path: str, query: dict, overview: Callable[[str], dict] | None = None,
                     token: str | None = None) -> tuple[str, dict, Any] | None:
     """(title, data, renderer) for a page path (``/...``, without ``/api``); None when unknown.
-    ``overview`` computes the overview's data (default: dashboard_overview, uncached). ``token``: this
+    ``overview`` computes the overview's data for a window (default: dashboard_overview, uncached). ``token``: this
     session's CSRF token on a dashboard that offers actions (None: read-only: the data's ``actions`` are all
     false, no form is rendered and the bulk cancel's confirmation is not a page)."""
     paging = {"page": _int_param(query, "page", 1, 10**6),
               "per_page": _int_param(query, "per_page", DASHBOARD_PER_PAGE, 500)}
     offered = token is not None
     if path in ("/", "/overview"):
-        return "overview", (overview or functools.partial(dashboard_overview, engine))(), render_overview
+        window = query.get("window") or DASHBOARD_WINDOW
+        if window not in OVERVIEW_WINDOWS:
+            raise _BadRequest(f"window must be one of {', '.join(OVERVIEW_WINDOWS)}")
+        return "overview", (overview or functools.partial(dashboard_overview, engine))(window), render_overview
     if path == "/runs":
         data = dashboard_runs(engine.store, query.get("pipeline"), query.get("status"), **paging)
         data["actions"] = runs_actions(data["pipeline"], data["status"], offered)
@@ -11925,7 +12168,8 @@ class DashboardServer:
         self.threads, self.max_connections = int(limits["threads"]), int(limits["max_connections"])
         self.request_timeout = float(limits["request_timeout"])
         self.throttle = _AuthThrottle()
-        self.shared = {"overview": _Shared(DASHBOARD_CACHE_SECONDS), "metrics": _Shared(DASHBOARD_CACHE_SECONDS)}
+        self.shared = {"metrics": _Shared(DASHBOARD_CACHE_SECONDS),
+                       **{("overview", window): _Shared(DASHBOARD_CACHE_SECONDS) for window in OVERVIEW_WINDOWS}}
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()  # (socket, address, header) for the pool; None = stop
         self.workers: list[threading.Thread] = []
         self.open_lock, self.open_count = threading.Lock(), 0
@@ -12115,7 +12359,9 @@ class DashboardHandler:
         if path == DASHBOARD_CONFIRM_CANCEL and not self.server.actions:
             return DashboardReply(403, "text/plain", self.server.read_only_reason)
         query = dict(urllib.parse.parse_qsl(url.query))
-        overview = functools.partial(shared["overview"].get, functools.partial(dashboard_overview, engine))
+        def overview(window: str) -> dict:   # one computation a window for every client (see _Shared)
+            return shared["overview", window].get(functools.partial(dashboard_overview, engine, window))
+
         token, fresh = self.page_token()
         found = dashboard_route(engine, path, query, overview, token)
         if found is None:

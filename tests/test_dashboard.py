@@ -22,7 +22,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import ROOT
+from conftest import FAST, ROOT
 from procs import dashboard_port
 
 import ductwork
@@ -84,6 +84,14 @@ class DashWide(ductwork.Pipeline):   # wider than a run page shows: its branches
     @staticmethod
     def define(p):
         p.start(dash_ident).expand(to=dash_wide_one).collapse(into=dash_ident)
+
+
+class DashWaits(ductwork.Pipeline):   # parks for a signal; its schedule is listed (hourly: it never fires here)
+    schedule = [ductwork.Schedule(every=3600)]
+
+    @staticmethod
+    def define(p):
+        p.start(dash_ident).wait_for("go").chain(to=dash_ident)
 
 
 class DashIdle(ductwork.Pipeline):  # no runtime serves it: its steps stay queued
@@ -511,6 +519,112 @@ def test_errors_grouped_by_class_and_message(runs, serve, engine):
     assert "of the latest 5 failed or crashed executions" in ductwork.render_errors(bounded)
     assert "groups" not in get_json(base + "/api/errors?page=2")   # the first page groups, the others list
     assert get_json(base + "/api/errors?pipeline=DashFan")["groups"] == []
+
+
+def queue_samples(engine) -> list[tuple]:
+    with engine.store.tx(write=False) as t:
+        return t.all("SELECT minute, pipeline, depth, oldest_age FROM ductwork_queue_samples ORDER BY minute, pipeline")
+
+
+def test_queue_sampled_once_a_minute_for_the_charts(engine, start_runtime, serve):
+    """An advancer process samples the queue once a minute of the database's clock (the first to ask takes
+    it, the others take nothing), drops the samples older than QUEUE_SAMPLE_MINUTES, and the overview charts
+    them per pipeline."""
+    for i in range(3):
+        DashIdle.trigger(i)   # nobody serves DashIdle: three claimable steps
+    start_runtime(["DashFan"])   # its advancer samples at its first heartbeat (FAST: 0.2 s)
+    deadline = time.monotonic() + 50 * FAST["supervisor"]["heartbeat_interval"]
+    while not any(row[1] == "DashIdle" for row in queue_samples(engine)):
+        assert time.monotonic() < deadline, queue_samples(engine)
+        time.sleep(0.05)
+    taken = queue_samples(engine)
+    minute = max(row[0] for row in taken)
+    assert [(p, d) for m, p, d, _ in taken if m == minute] == [("", 0), ("DashIdle", 3)]
+    assert 0 <= [a for m, p, _, a in taken if m == minute and p == "DashIdle"][0] < 60
+    left = engine.sample_queue()   # asked again within the minute: another process had taken it
+    assert 0 < left <= 60
+    assert [row for row in queue_samples(engine) if row[0] == minute] == [r for r in taken if r[0] == minute]
+    old = minute - ductwork.QUEUE_SAMPLE_MINUTES - 1
+    with engine.store.tx() as t:   # a sample older than kept, and this minute as if nobody had sampled it yet
+        t.run("INSERT INTO ductwork_queue_samples VALUES (:m, 'DashIdle', 9, 1.5)", {"m": old})
+        t.run("DELETE FROM ductwork_queue_samples WHERE minute = :m", {"m": minute})
+    engine.sample_queue()   # (or the runtime's advancer, when a minute began since: either prunes)
+    after = queue_samples(engine)
+    assert all(m > old for m, *_ in after)
+    assert [d for m, p, d, _ in after if p == "DashIdle" and m == max(r[0] for r in after)] == [3]
+    base = serve()
+    queue = get_json(base + "/api/overview?window=15m")["queue"]
+    assert next(d for d in queue["depth"]["DashIdle"] if d is not None) == 3
+    assert queue["sampled"][0] or queue["sampled"][1]   # this minute's, or (a minute began) the one before
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
+def test_duration_bins_in_sql_and_their_quantiles(engine):
+    """The CASE tree puts a duration in the same bin on both databases as a binary search does, and a quantile
+    read off the bins lies in the bin of the exact one."""
+    import bisect
+    values = [0.0, 0.0004, 0.001, 0.00101, 0.0123, 0.2, 0.25, 1.0, 3.7, 59.9, 61.0, 3600.0, 86400.0, 10 ** 6]
+    case = ductwork._bin_sql("x")
+    with engine.store.tx(write=False) as t:
+        got = [int(t.one(f"SELECT {case} FROM (SELECT CAST(:x AS DOUBLE PRECISION) AS x) v"
+                         if t.dialect == "postgres" else f"SELECT {case} FROM (SELECT :x AS x) v", {"x": v})[0])
+               for v in values]
+    assert got == [bisect.bisect_left(ductwork.DURATION_BINS, v) for v in values]
+    durations = [0.01 * 1.07 ** i for i in range(100)]   # 10 ms to 8 s
+    bins: dict[int, int] = {}
+    for d in durations:
+        b = bisect.bisect_left(ductwork.DURATION_BINS, d)
+        bins[b] = bins.get(b, 0) + 1
+    for q in (0.5, 0.95):
+        exact = sorted(durations)[int(q * len(durations)) - 1]
+        estimate = ductwork._quantile(bins, q)
+        assert bisect.bisect_left(ductwork.DURATION_BINS, estimate) == bisect.bisect_left(ductwork.DURATION_BINS,
+                                                                                            exact), (q, estimate)
+    assert ductwork._quantile({}, 0.5) is None
+
+
+def test_overview_charts_waits_and_schedules(runs, serve, start_runtime, engine):
+    """The overview over a chosen window: throughput, step and run durations (p50, p95) from the rows, what
+    waits (a branch parked for a signal) and the schedules; the charts drawn as SVG; a bad window is a 400."""
+    start_runtime(["DashWaits"])
+    parked = DashWaits.trigger(1)
+    base = serve()
+    deadline = time.monotonic() + 30
+    # (parked: in both the list and the counts, two statements that on Postgres read committed rows each)
+    while not ((data := get_json(base + "/api/overview?window=15m"))["waits"] and "DashWaits" in data["waiting"]):
+        assert time.monotonic() < deadline, "the run did not park"
+        time.sleep(ductwork.DASHBOARD_CACHE_SECONDS / 4)
+    assert data["window"] == {"name": "15m", "seconds": 900, "bucket": 60, "points": 15,
+                              "choices": ["15m", "1h", "6h", "24h"]}
+    assert sum(data["throughput"]["runs_completed"]) == 2 and sum(data["throughput"]["steps_finished"]) == 11
+    with engine.store.tx(write=False) as t:
+        took = [d for (d,) in t.all("SELECT finished_at - claimed_at FROM ductwork_steps "
+                                    "WHERE status IN ('succeeded', 'failed')")]
+        ran = [d for (d,) in t.all("SELECT finished_at - created_at FROM ductwork_runs WHERE status = 'completed'")]
+    for kind, durations in (("step", took), ("run", ran)):
+        series = data["durations"][kind]
+        p50, p95 = (next(v for v in series[q] if v is not None) for q in ("p50", "p95"))
+        low = max([b for b in ductwork.DURATION_BINS if b < min(durations)] or [0])
+        high = min(b for b in ductwork.DURATION_BINS if b >= max(durations))
+        assert low <= p50 <= p95 <= high, (kind, p50, p95, durations)
+    assert data["waiting"]["DashWaits"]["signal"] == 1
+    assert [(w["run"], w["signal"]) for w in data["waits"]] == [(parked.id, "go")]
+    mine = [(s["schedule"], s["on"], s["last_run"]) for s in data["schedules"] if s["pipeline"] == "DashWaits"]
+    assert mine == [(ductwork.Schedule(every=3600).describe(), True, None)]   # (every registered pipeline's listed)
+    code, _, page = get(base + "/?window=15m")
+    assert code == 200 and '<b aria-current="page">15m</b>' in page and '<a href="/?window=6h">6h</a>' in page
+    charts = re.findall(r'<svg class="chart" data-chart="([\w-]+)" data-points="(\d+)"', page)
+    assert charts == [(name, "15") for name in ("throughput", "step-duration", "run-duration", "queue-depth",
+                                                 "queue-age")]
+    throughput = re.search(r'data-chart="throughput".*?</svg>', page, re.S).group(0)
+    assert sorted(set(re.findall(r'<polyline class="series s\d" data-series="([\w ]+)"', throughput))) == \
+        ["runs completed", "steps finished"]
+    assert len(re.findall(r'<circle class="s\d" data-series="runs completed"', throughput)) == 15
+    assert '<div id="waiting">' in page and f'<a href="/runs/{parked.id}">run {parked.id}</a>' in page
+    assert '<div id="schedules">' in page and ductwork._esc(ductwork.Schedule(every=3600).describe()) in page
+    assert get_json(base + "/api/overview?window=24h")["window"]["points"] == 48
+    code, _, body = get(base + "/?window=2d")
+    assert code == 400 and "window must be one of 15m, 1h, 6h, 24h" in body
 
 
 def location_of(url: str) -> tuple[int, str | None]:
