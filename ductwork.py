@@ -11055,17 +11055,21 @@ _DASHBOARD_CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#222
 nav{background:#223;padding:.6em 1.5em}nav a{color:#fff;margin-right:1.4em;text-decoration:none}
 nav b{color:#9cf;margin-right:2em}nav form{display:inline;margin:0}
 nav input{font:inherit;padding:.15em .5em;width:16em;border:1px solid #667;border-radius:3px}
-main{padding:.5em 1.5em 2em}summary{cursor:pointer;color:#336}form{margin:.6em 0}
+main{padding:.5em 1.5em 2em}main:focus{outline:none}
+:focus-visible{outline:3px solid #d97706;outline-offset:2px}
+.skip{position:absolute;left:-999em;background:#fff;color:#1a1a1a;padding:.4em .8em}.skip:focus{left:1em;top:.3em}
+summary{cursor:pointer;color:#336}form{margin:.6em 0}
 table{border-collapse:collapse;margin:.4em 0 1.4em;background:#fff}th{background:#eef}
 th,td{border:1px solid #ddd;padding:.2em .6em;text-align:left;vertical-align:top}
 pre{margin:.2em 0;white-space:pre-wrap;word-break:break-all;max-height:24em;overflow:auto;background:#f0f0f3;
 padding:.4em}
-.st{padding:0 .45em;border-radius:3px;background:#ddd;font-size:.9em}.st-completed,.st-succeeded{background:#c8f0c8}
+.st{padding:0 .45em;border-radius:3px;background:#ddd;color:#1a1a1a;font-size:.9em}
+.st-completed,.st-succeeded{background:#c8f0c8}
 .st-halted,.st-failed,.st-crashed{background:#f6c4c4}.st-cancelled,.st-cancelling,.st-stopping{background:#e2d6ee}
 .st-in_progress,.st-running,.st-advancing{background:#cfe0ff}
 .st-queued,.st-waiting,.st-advance,.st-blocked{background:#fff2b8}
 ul.tree{list-style:none;padding-left:1.2em;border-left:2px solid #ccd;margin:.3em 0}li.step{margin:.35em 0}
-.muted{color:#777}.warn{color:#c00}.actions form{display:inline-block;margin:.2em 1em .8em 0}
+.muted{color:#5f6068}.warn{color:#c00}.actions form{display:inline-block;margin:.2em 1em .8em 0}
 .notice{background:#e6f2e6;border:1px solid #bcd9bc;padding:.4em .8em;margin:.6em 0}
 svg{display:block;margin:.4em 0 1.2em;max-width:100%;height:auto;font-size:12px}
 svg .node rect{fill:#fff;stroke:#889}svg .node.st-succeeded rect{fill:#c8f0c8}
@@ -11109,6 +11113,9 @@ const z=new Intl.DateTimeFormat([],{timeZoneName:"short"}).formatToParts(d).find
 t.textContent=d.getFullYear()+"-"+p2(d.getMonth()+1)+"-"+p2(d.getDate())+" "+p2(d.getHours())+":"
 +p2(d.getMinutes())+":"+p2(d.getSeconds())+"."+String(d.getMilliseconds()).padStart(3,"0")+" "+(z?z.value:"")});}
 local();
+document.addEventListener("keydown",e=>{const t=e.target.tagName;   // "/": to the search box
+if(e.key==="/"&&!e.ctrlKey&&!e.metaKey&&!e.altKey&&!/^(INPUT|TEXTAREA|SELECT)$/.test(t)){
+e.preventDefault();document.getElementById("search").focus();}});
 async function tick(){try{const r=await fetch(b.dataset.api,{cache:"no-store",headers:{"If-None-Match":cur}});
 if(r.status===200&&r.headers.get("ETag")!==cur){
 const f=await fetch(location.href,{cache:"no-store",headers:{"X-Ductwork-Fragment":"1"}});
@@ -11698,11 +11705,13 @@ def _page(title: str, api: str, etag: str, main: str, nonce: str, refresh: float
     """A whole page: nav, <main>, and the refresh script (allowed by its nonce) polling ``api``."""
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)} - ductwork</title>'
             f'<meta name="viewport" content="width=device-width"><style>{_DASHBOARD_CSS}</style></head>'
-            f'<body data-api="{_esc(api)}" data-etag="{_esc(etag)}" data-refresh="{refresh:g}"><nav><b>ductwork</b>'
+            f'<body data-api="{_esc(api)}" data-etag="{_esc(etag)}" data-refresh="{refresh:g}">'
+            '<a class="skip" href="#main">skip to the content</a><nav><b>ductwork</b>'
             '<a href="/">overview</a><a href="/runs">runs</a><a href="/errors">errors</a><a href="/metrics">metrics</a>'
             '<form method="get" action="/search" role="search"><input type="search" name="q" id="search" '
             'placeholder="run id, trigger key, pipeline" aria-label="search runs" maxlength="500"></form>'
-            f'</nav><main>{main}</main><script nonce="{nonce}">{_DASHBOARD_JS}</script></body></html>')
+            f'</nav><main id="main" tabindex="-1">{main}</main><script nonce="{nonce}">{_DASHBOARD_JS}</script>'
+            "</body></html>")
 
 
 # -- http --------------------------------------------------------------------------------------

@@ -429,6 +429,30 @@ SVG_NODES = """return [...document.querySelectorAll('svg.graph g.node')].map(g =
   return {step: g.dataset.step, count: g.dataset.count, status: g.dataset.status,
           width: r.width, height: r.height};});"""
 BACKGROUND = "return getComputedStyle(document.body).backgroundColor;"
+CHARTS = """return [...document.querySelectorAll('svg.chart')].map(s => ({chart: s.dataset.chart,
+  series: [...new Set([...s.querySelectorAll('polyline.series')].map(p => p.dataset.series))].sort(),
+  dots: s.querySelectorAll('circle').length, width: s.getBBox().width}));"""
+ACTIVE = """const a = document.activeElement; return {id: a.id, cls: a.className, tag: a.tagName,
+  outline: getComputedStyle(a).outlineStyle};"""
+# WCAG 2 contrast of every element's own visible text (outside SVG and aria-hidden) against its effective
+# background (the first ancestor's that is not transparent): the ones under 4.5:1, and how many were checked.
+CONTRAST = """const lum = c => { const [r, g, b] = c.match(/[\\d.]+/g).slice(0, 3).map(Number).map(v => {
+    v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); });
+  return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+const opaque = c => { const m = c.match(/[\\d.]+/g); return m.length < 4 || Number(m[3]) > 0; };
+const under = el => { for (; el; el = el.parentElement) { const c = getComputedStyle(el).backgroundColor;
+    if (opaque(c)) return c; } return 'rgb(255, 255, 255)'; };
+const bad = []; let checked = 0;
+for (const el of document.querySelectorAll('body *')) {
+  if (el.closest('svg, [aria-hidden=true], script, style')) continue;
+  if (![...el.childNodes].some(n => n.nodeType === 3 && n.textContent.trim())) continue;
+  const box = el.getBoundingClientRect(); if (!box.width || !box.height) continue;
+  const fg = getComputedStyle(el).color, bg = under(el);
+  const [hi, lo] = [lum(fg), lum(bg)].sort((a, b) => b - a), ratio = (hi + 0.05) / (lo + 0.05);
+  checked++; if (ratio < 4.5) bad.push({text: el.textContent.trim().slice(0, 40), tag: el.tagName,
+                                        cls: String(el.className), fg, bg, ratio: ratio.toFixed(2)});
+}
+return {checked, bad};"""
 TIMES = """return [...document.querySelectorAll('main time')].map(t => ({datetime: t.dateTime, text: t.textContent,
   title: t.title}));"""
 SVG_BARS = """return [...document.querySelectorAll('svg.timeline rect.bar-x')].map(b => ({outcome: b.dataset.outcome,
@@ -666,8 +690,26 @@ def test_search_by_run_id_trigger_key_and_pipeline(runs, serve):
     assert 'action="/search" role="search"' in get(base + "/")[2]   # in every page's nav
 
 
+def press(browser: WebDriver, *keys: str) -> None:
+    """Each key pressed and released, in order (WebDriver actions: the browser's own keyboard events)."""
+    actions = [a for k in keys for a in ({"type": "keyDown", "value": k}, {"type": "keyUp", "value": k})]
+    browser.do("POST", "/actions", {"actions": [{"type": "key", "id": "keyboard", "actions": actions}]})
+
+
+def run_script(browser: WebDriver, script: str):
+    return browser.do("POST", "/execute/sync", {"script": script, "args": []})
+
+
+def color_scheme(browser: WebDriver, scheme: str) -> None:
+    browser.call("POST", browser.session + "/goog/cdp/execute", {"cmd": "Emulation.setEmulatedMedia", "params": {
+        "features": [{"name": "prefers-color-scheme", "value": scheme}]}})
+
+
+TAB, ENTER = "\ue004", "\ue007"
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_browser_follows_a_run_and_sees_live_updates(runs, serve, tmp_path):
+def test_browser_follows_a_run_and_sees_live_updates(runs, serve, start_runtime, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not (chromium and driver):
@@ -725,17 +767,65 @@ def test_browser_follows_a_run_and_sees_live_updates(runs, serve, tmp_path):
             local = (utc + datetime.timedelta(hours=5, minutes=30)).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
             assert t["text"] == f"{local} GMT+5:30", t
             assert t["title"] == utc.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC", t
-        for path in ("/", "/runs", "/errors", f"/runs/{runs['fail'].id}", f"/runs/{runs['fan'].id}"):
-            browser.do("POST", "/url", {"url": base + path})
-            browser.wait_for("main")
-            shot = tmp_path / f"dashboard{path.replace('/', '-')}.png"
-            shot.write_bytes(base64.b64decode(browser.do("GET", "/screenshot")))
-            assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
-            if path == f"/runs/{runs['fail'].id}":   # four failed attempts: four red bars, the node failed
-                bars = browser.do("POST", "/execute/sync", {"script": SVG_BARS, "args": []})
-                assert [b["outcome"] for b in bars] == ["failed"] * 4
-                assert [n["status"] for n in browser.do("POST", "/execute/sync", {"script": SVG_NODES, "args": []})] \
-                    == ["failed"]
+
+        # the keyboard: Tab first reaches the skip link (its focus drawn), Enter moves to the content, "/" to the
+        # search box, where a pipeline's name and Enter open its runs
+        browser.do("POST", "/url", {"url": base + "/"})
+        browser.wait_for("svg.chart")
+        press(browser, TAB)
+        assert run_script(browser, ACTIVE) == {"id": "", "cls": "skip", "tag": "A", "outline": "solid"}
+        press(browser, ENTER)
+        assert run_script(browser, ACTIVE)["id"] == "main"
+        press(browser, "/")
+        assert run_script(browser, ACTIVE)["id"] == "search"
+        browser.do("POST", f"/element/{browser.find_all('#search')[0]}/value", {"text": "DashFan" + ENTER})
+        browser.wait_for('form[action="/runs"]')
+        assert browser.do("GET", "/url") == f"{base}/runs?pipeline=DashFan"
+
+        # a 45-way fan-out: a summary, the first branches, a click on "halted 2" shows those two alone
+        start_runtime(["DashWide"])
+        wide = DashWide.trigger(list(range(45)))
+        assert wide.wait(60) == "halted"
+        browser.do("POST", "/url", {"url": base + f"/runs/{wide.id}"})
+        summary = browser.text(browser.wait_for("li.fanout")[0])
+        assert summary.startswith("fan-out of 45 branches: all completed 43 halted 2"), summary
+        assert len(browser.find_all("li.branch")) == 1 + ductwork.DASHBOARD_BRANCHES
+        halted_link = browser.find_all('li.fanout a[href*="fstatus=halted"]')[0]
+        browser.do("POST", f"/element/{halted_link}/click", {})
+        browser.wait_for("li.fanout b + a, li.fanout a + b")
+        assert "fstatus=halted" in browser.do("GET", "/url") and len(browser.find_all("li.branch")) == 3
+
+        # every page, light and dark: a screenshot each, its text readable (WCAG AA: 4.5:1), its pictures drawn
+        pages = ["/", "/?window=24h", "/runs", "/errors", "/search?q=Dash", "/runs/confirm-cancel?pipeline=DashFan",
+                 f"/runs/{runs['fail'].id}", f"/runs/{runs['fan'].id}", f"/runs/{wide.id}"]
+        for scheme in ("light", "dark"):
+            color_scheme(browser, scheme)
+            for path in pages:
+                browser.do("POST", "/url", {"url": base + path})
+                browser.wait_for("main")
+                name = re.sub(r"[^\w]+", "-", path).strip("-") or "overview"
+                shot = tmp_path / f"dashboard-{name}-{scheme}.png"
+                shot.write_bytes(base64.b64decode(browser.do("GET", "/screenshot")))
+                assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
+                contrast = run_script(browser, CONTRAST)
+                assert contrast["checked"] > 5 and contrast["bad"] == [], (path, scheme, contrast["bad"][:5])
+                if path in ("/", "/?window=24h"):   # five charts of the window's points, each drawn
+                    charts = run_script(browser, CHARTS)
+                    points = 30 if path == "/" else 48
+                    assert [c["chart"] for c in charts] == ["throughput", "step-duration", "run-duration",
+                                                            "queue-depth", "queue-age"]
+                    assert charts[0]["series"] == ["runs completed", "steps finished"]
+                    assert charts[0]["dots"] == 2 * points and charts[1]["series"] == ["p50", "p95"]
+                    assert all(c["width"] > 300 for c in charts)
+                if path == f"/runs/{runs['fail'].id}":   # four failed attempts: four red bars, the node failed
+                    bars = run_script(browser, SVG_BARS)
+                    assert [b["outcome"] for b in bars] == ["failed"] * 4
+                    assert [n["status"] for n in run_script(browser, SVG_NODES)] == ["failed"]
+                if path == f"/runs/{wide.id}":   # every step counted on the graph, the shown ones' bars drawn
+                    nodes = {n["step"]: (n["count"], n["status"]) for n in run_script(browser, SVG_NODES)}
+                    assert nodes["dash_wide_one"] == ("45", "failed")
+                    bars = run_script(browser, SVG_BARS)
+                    assert len(bars) == 1 + (ductwork.DASHBOARD_BRANCHES - 1) + 4   # item 3: four attempts
     finally:
         browser.close()
 
