@@ -182,10 +182,27 @@ PRUNE_ROWS = 5000   # steps per batch at most (a batch stops before the run that
 PRUNE_PAUSE = 0.02
 PRUNE_YIELD = {"postgres": 3.0, "sqlite": 9.0}
 ROLLUP_CHUNK = 200_000   # ids a rollup transaction counts at most (each statement well inside a socket timeout)
-# The queue's history the dashboard charts (migration 9): once a minute by the database's clock, the first
-# advancer process to ask writes each pipeline's claimable steps and the age of its oldest, and deletes the
-# samples older than QUEUE_SAMPLE_MINUTES (two days: the dashboard's longest window is one).
+# The history the dashboard charts (migration 9): once a minute by the database's clock, the first advancer
+# process to ask writes each pipeline's claimable steps and the age of its oldest, and the steps finished and
+# runs completed two minutes before (STATS_LAG: a transaction that began before that minute ended has
+# committed), counted by duration bin; it deletes the rows older than QUEUE_SAMPLE_MINUTES (two days: the
+# dashboard's longest window is one). The overview reads those, and the rows of the last minutes itself.
 QUEUE_SAMPLE_MINUTES = 2880
+STATS_LAG = 2
+# Durations are counted in log-spaced bins (three per doubling, from 1 ms to 37 hours: SQL only counts, on both
+# databases) and a percentile is read off them as Prometheus's histogram_quantile does, by linear interpolation
+# inside its bin: the estimate and the exact value share a bin (at most 26 % apart), whatever the number of rows.
+DURATION_BINS = tuple(0.001 * 2 ** (i / 3) for i in range(82))
+
+
+def duration_bin_sql(expr: str, low: int = 0, high: int = len(DURATION_BINS)) -> str:
+    """SQL giving the DURATION_BINS bin of ``expr`` (the first bin whose bound it does not pass; past the last:
+    len(DURATION_BINS)): a tree of CASEs, seven comparisons a row, the same on both databases."""
+    if low == high:
+        return str(low)
+    mid = (low + high) // 2
+    return (f"CASE WHEN {expr} <= {DURATION_BINS[mid]!r} THEN {duration_bin_sql(expr, low, mid)} "
+            f"ELSE {duration_bin_sql(expr, mid + 1, high)} END")
 
 CH_JOBS, CH_ADVANCE = "ductwork_jobs", "ductwork_advance"
 # A cancel's wake-up hint (payload: a pipeline): the worker processes look at once whether a step they hold was
@@ -2250,10 +2267,15 @@ MIGRATIONS: list[Migration] = [
     # 9: the queue's history for the dashboard's charts (issue 20): per minute of the database's clock and
     # pipeline, the claimable steps and the age of the oldest; the row of pipeline '' says the minute was
     # sampled (a minute without it: no advancer was up). See QUEUE_SAMPLE_MINUTES and Engine.sample_queue.
+    # ... and per minute, pipeline and kind ('step': steps finished, 'run': runs completed), their counts by
+    # duration bin (DURATION_BINS; STATS_LAG).
     Migration(9, (
         """CREATE TABLE ductwork_queue_samples (
             minute BIGINT NOT NULL, pipeline TEXT NOT NULL, depth BIGINT NOT NULL, oldest_age {float} NOT NULL,
             PRIMARY KEY (minute, pipeline))""",
+        """CREATE TABLE ductwork_minute_stats (
+            minute BIGINT NOT NULL, pipeline TEXT NOT NULL, kind TEXT NOT NULL, bin INTEGER NOT NULL,
+            count BIGINT NOT NULL, PRIMARY KEY (minute, pipeline, kind, bin))""",
     )),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -3735,8 +3757,28 @@ class SQL:
         SELECT CAST(:minute AS BIGINT), q.*
         FROM ({claimable}) q"""
 
+    # The steps finished and runs completed in [:start, :end) (a minute), by pipeline and duration bin.
+    minute_stats = f"""
+        INSERT INTO ductwork_minute_stats (minute, pipeline, kind, bin, count)
+        SELECT CAST(:minute AS BIGINT), pipeline, 'step', {duration_bin_sql("(finished_at - claimed_at)")}, count(*)
+        FROM ductwork_steps
+        WHERE status IN ('succeeded', 'failed')
+          AND finished_at >= :start AND finished_at < :end
+          AND claimed_at IS NOT NULL
+        GROUP BY 2, 4
+        UNION ALL
+        SELECT CAST(:minute AS BIGINT), pipeline, 'run', {duration_bin_sql("(finished_at - created_at)")}, count(*)
+        FROM ductwork_runs
+        WHERE status = 'completed'
+          AND finished_at >= :start AND finished_at < :end
+        GROUP BY 2, 4"""
+
     queue_samples_pruned = """
         DELETE FROM ductwork_queue_samples
+        WHERE minute < :before"""
+
+    minute_stats_pruned = """
+        DELETE FROM ductwork_minute_stats
         WHERE minute < :before"""
 
     # -- ductwork_schedules: each schedule's last tick (SPEC §16) --------------------------------------
@@ -6067,15 +6109,25 @@ class Engine:
 
     # -- the queue's history (the dashboard's charts) --------------------------------------
     def sample_queue(self) -> float:
-        """The queue's sample of this minute of the database's clock, unless another process took it (see
+        """This minute's sample of the database's clock, unless another process took it (see
         QUEUE_SAMPLE_MINUTES); returns the seconds until the next minute begins, by that clock."""
         with self.store.tx() as t:
             (now,) = t.one(StoreSQL.now)
-            minute = int(float(now) // 60)
-            if t.all(SQL.queue_sample_taken, {"minute": minute}):
-                t.run(SQL.queue_sample, {"minute": minute})
-                t.run(SQL.queue_samples_pruned, {"before": minute - QUEUE_SAMPLE_MINUTES})
-        return (minute + 1) * 60 - float(now)
+            self.take_sample(t, int(float(now) // 60))
+        return (int(float(now) // 60) + 1) * 60 - float(now)
+
+    @staticmethod
+    def take_sample(t: Tx, minute: int) -> bool:
+        """The sample of ``minute`` (its queue now, its stats STATS_LAG minutes before) unless taken; whether
+        this transaction took it."""
+        if not t.all(SQL.queue_sample_taken, {"minute": minute}):
+            return False
+        t.run(SQL.queue_sample, {"minute": minute})
+        counted = minute - STATS_LAG
+        t.run(SQL.minute_stats, {"minute": counted, "start": counted * 60, "end": (counted + 1) * 60})
+        t.run(SQL.queue_samples_pruned, {"before": minute - QUEUE_SAMPLE_MINUTES})
+        t.run(SQL.minute_stats_pruned, {"before": minute - QUEUE_SAMPLE_MINUTES})
+        return True
 
     # -- retention ----------------------------------------------------------------------
     def prune(self, ages: dict[str, float], wait: bool = False, stop: threading.Event | None = None,
@@ -10351,10 +10403,6 @@ DASHBOARD_PER_PAGE, DASHBOARD_MAX_STEPS = 50, 2000
 # The overview's chart windows (?window=): name -> (seconds, seconds per point): 15 to 48 points a chart.
 OVERVIEW_WINDOWS = {"15m": (900, 60), "1h": (3600, 120), "6h": (21600, 600), "24h": (86400, 1800)}
 DASHBOARD_WINDOW = "1h"
-# The charts' durations are counted in log-spaced bins (three per doubling, from 1 ms to 37 hours: SQL only
-# counts, on both databases) and a percentile is read off them as Prometheus's histogram_quantile does, by
-# linear interpolation inside its bin: within ~13 % of the exact value, whatever the number of rows.
-DURATION_BINS = tuple(0.001 * 2 ** (i / 3) for i in range(82))
 # A fan-out's branches a run page shows (in position order; ?fanout=<step>&fstatus=&fpage= pages and filters
 # one fan-out); the rest are counted by status, and their steps are not read at all: a 1,000-way expand's
 # page reads and renders ~20 branches, not 1,000 (issue 20).
@@ -10495,18 +10543,27 @@ class DashboardSQL:
         ORDER BY e.id DESC
         LIMIT :limit"""
 
-    # overview: per point of a chart (0 = the latest :bucket_ms; :now is the database's clock, read once; integer
-    # division truncates alike on both databases), the runs completed and their durations' bins ({bin}, see
-    # DURATION_BINS), since :since
-    runs_completed = """
-        SELECT CAST((:now - finished_at) * 1000 AS BIGINT) / :bucket_ms, {bin}, count(*)
+    # overview: the minutes' stats (migration 9) of the window, all pipelines together: steps and runs by duration
+    # bin (DURATION_BINS) ...
+    minute_stats = """
+        SELECT minute, kind, bin, sum(count)
+        FROM ductwork_minute_stats
+        WHERE minute > :since AND minute <= :until
+        GROUP BY minute, kind, bin"""
+
+    # ... and those of the minutes not counted yet (STATS_LAG), read from the rows: per point of a chart (0 = the
+    # :bucket_ms before :end, the end of this minute of the database's clock; integer division truncates alike
+    # on both databases) the runs completed and the steps finished (succeeded or failed) by duration bin
+    runs_completed = f"""
+        SELECT CAST((:end - finished_at) * 1000 AS BIGINT) / :bucket_ms,
+               {duration_bin_sql("(finished_at - created_at)")}, count(*)
         FROM ductwork_runs
         WHERE status = 'completed' AND finished_at >= :since
         GROUP BY 1, 2"""
 
-    # ... the steps finished (succeeded or failed) and their last execution's durations' bins
-    steps_finished = """
-        SELECT CAST((:now - finished_at) * 1000 AS BIGINT) / :bucket_ms, {bin}, count(*)
+    steps_finished = f"""
+        SELECT CAST((:end - finished_at) * 1000 AS BIGINT) / :bucket_ms,
+               {duration_bin_sql("(finished_at - claimed_at)")}, count(*)
         FROM ductwork_steps
         WHERE status IN ('succeeded', 'failed') AND finished_at >= :since AND claimed_at IS NOT NULL
         GROUP BY 1, 2"""
@@ -10566,14 +10623,15 @@ def dashboard_overview(engine: Engine, window: str = DASHBOARD_WINDOW) -> dict:
     seconds, bucket = OVERVIEW_WINDOWS[window]
     points = seconds // bucket
     with engine.store.tx(write=False) as t:
-        now = float(t.one(StoreSQL.now)[0])
-        params = {"now": now, "since": now - seconds, "bucket_ms": bucket * 1000}
-        runs = t.all(DashboardSQL.runs_completed.replace("{bin}", _DURATION_BIN_SQL["finished_at - created_at"]),
-                     params)
-        steps = t.all(DashboardSQL.steps_finished.replace("{bin}", _DURATION_BIN_SQL["finished_at - claimed_at"]),
-                      params)
-        minute = int(now // 60)
+        minute = int(float(t.one(StoreSQL.now)[0]) // 60)
+        counted = minute - STATS_LAG   # the last minute the samples counted; the rows of the later ones
+        live = {"end": (minute + 1) * 60, "since": (counted + 1) * 60, "bucket_ms": bucket * 1000}
+        runs = t.all(DashboardSQL.runs_completed, live)
+        steps = t.all(DashboardSQL.steps_finished, live)
+        stats = t.all(DashboardSQL.minute_stats, {"since": minute - seconds // 60, "until": counted})
         samples = t.all(DashboardSQL.queue_samples, {"since": minute - seconds // 60})
+    for m, kind, b, n in stats:   # a minute's stats at its point, with the rows read
+        (runs if kind == "run" else steps).append(((minute - int(m)) * 60 // bucket, b, n))
     run_bins, step_bins = _binned(runs, points), _binned(steps, points)
     report["window"] = {"name": window, "seconds": seconds, "bucket": bucket, "points": points,
                         "choices": list(OVERVIEW_WINDOWS)}
@@ -10585,19 +10643,6 @@ def dashboard_overview(engine: Engine, window: str = DASHBOARD_WINDOW) -> dict:
     report["schedules"] = schedule_report(engine, engine.config)
     report["stale_after"] = float(engine.config.get("supervisor.reaper_timeout"))
     return report
-
-
-def _bin_sql(expr: str, low: int = 0, high: int = len(DURATION_BINS)) -> str:
-    """SQL giving the DURATION_BINS bin of ``expr`` (the first bin whose bound it does not pass; past the last:
-    len(DURATION_BINS)): a tree of CASEs, seven comparisons a row, the same on both databases."""
-    if low == high:
-        return str(low)
-    mid = (low + high) // 2
-    return (f"CASE WHEN {expr} <= {DURATION_BINS[mid]!r} THEN {_bin_sql(expr, low, mid)} "
-            f"ELSE {_bin_sql(expr, mid + 1, high)} END")
-
-
-_DURATION_BIN_SQL = {expr: _bin_sql(f"({expr})") for expr in ("finished_at - created_at", "finished_at - claimed_at")}
 
 
 def _binned(rows: list[tuple], points: int) -> list[dict[int, int]]:

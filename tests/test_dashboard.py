@@ -582,13 +582,41 @@ def test_queue_sampled_once_a_minute_for_the_charts(engine, start_runtime, serve
     assert queue["sampled"][0] or queue["sampled"][1]   # this minute's, or (a minute began) the one before
 
 
+def test_minute_stats_count_finished_work_and_the_overview_charts_them(runs, engine, serve):
+    """The sample STATS_LAG minutes after a minute counts its steps finished and runs completed per pipeline
+    and duration bin, exactly as the rows say; the overview charts a counted minute at its point."""
+    import bisect
+    import collections
+    with engine.store.tx(write=False) as t:
+        steps = t.all("SELECT pipeline, finished_at, finished_at - claimed_at FROM ductwork_steps "
+                      "WHERE status IN ('succeeded', 'failed')")
+        done = t.all("SELECT pipeline, finished_at, finished_at - created_at FROM ductwork_runs "
+                     "WHERE status = 'completed'")
+    expected = collections.Counter(
+        (int(at // 60), pipeline, kind, bisect.bisect_left(ductwork.DURATION_BINS, took))
+        for kind, rows in (("step", steps), ("run", done)) for pipeline, at, took in rows)
+    assert sum(expected.values()) == 10 + 2
+    with engine.store.tx() as t:   # the samples of the minutes STATS_LAG after these (not taken yet)
+        assert all(ductwork.Engine.take_sample(t, m + ductwork.STATS_LAG) for m in {k[0] for k in expected})
+        stats = t.all("SELECT minute, pipeline, kind, bin, count FROM ductwork_minute_stats")
+    assert collections.Counter({tuple(row[:4]): row[4] for row in stats}) == expected
+    minute = int(engine.store.now() // 60)
+    half = bisect.bisect_left(ductwork.DURATION_BINS, 0.5)
+    with engine.store.tx() as t:   # a minute counted five minutes ago: seven steps of about half a second
+        t.run("INSERT INTO ductwork_minute_stats VALUES (:m, 'DashFan', 'step', :b, 7)", {"m": minute - 5, "b": half})
+    data = get_json(serve() + "/api/overview?window=15m")
+    assert data["throughput"]["steps_finished"][5] == 7 and data["throughput"]["runs_completed"][5] == 0
+    assert ductwork.DURATION_BINS[half - 1] <= data["durations"]["step"]["p50"][5] <= ductwork.DURATION_BINS[half]
+    assert sum(data["throughput"]["steps_finished"]) == 7 + 10   # and the fixture's, read from the rows
+
+
 @pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
 def test_duration_bins_in_sql_and_their_quantiles(engine):
     """The CASE tree puts a duration in the same bin on both databases as a binary search does, and a quantile
     read off the bins lies in the bin of the exact one."""
     import bisect
     values = [0.0, 0.0004, 0.001, 0.00101, 0.0123, 0.2, 0.25, 1.0, 3.7, 59.9, 61.0, 3600.0, 86400.0, 10 ** 6]
-    case = ductwork._bin_sql("x")
+    case = ductwork.duration_bin_sql("x")
     with engine.store.tx(write=False) as t:
         got = [int(t.one(f"SELECT {case} FROM (SELECT CAST(:x AS DOUBLE PRECISION) AS x) v"
                          if t.dialect == "postgres" else f"SELECT {case} FROM (SELECT :x AS x) v", {"x": v})[0])
