@@ -8381,8 +8381,8 @@ class Runtime:
         while not self.dead.wait(interval):
             try:
                 self.heartbeat()
-                if self.spec.advancers and time.monotonic() >= next_sample:   # the queue's history, once a minute
-                    next_sample = time.monotonic() + self.engine.sample_queue()
+                if self.spec.advancers and time.monotonic() >= next_sample:   # the charts' history, once a minute
+                    next_sample = time.monotonic() + self.sample_history(interval)
                 if time.monotonic() >= next_reap:
                     self.reap()
                     self.release_orphans()
@@ -8397,6 +8397,19 @@ class Runtime:
                 self.outage.failed(exc)
             except Exception:
                 log.exception("heartbeat failed")
+
+    def sample_history(self, retry: float) -> float:
+        """Advancer processes: this minute's sample of the queue and stats (Engine.sample_queue); the seconds
+        until the next is due (``retry`` after an outage; a minute after an error, logged: a sample that
+        fails never holds up the heartbeat's reaping)."""
+        try:
+            return self.engine.sample_queue()
+        except (DatabaseUnavailable, sqlite3.OperationalError) as exc:   # the heartbeat reports outages
+            log.debug("queue sample skipped: %s", first_line(exc))
+            return retry
+        except Exception:
+            log.exception("queue sample failed")
+            return 60.0
 
     def prune_loop(self) -> None:
         """Advancer processes: every prune_interval (jittered, so that peers drift apart), delete the finished
