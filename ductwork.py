@@ -189,10 +189,32 @@ ROLLUP_CHUNK = 200_000   # ids a rollup transaction counts at most (each stateme
 # dashboard's longest window is one). The overview reads those, and the rows of the last minutes itself.
 QUEUE_SAMPLE_MINUTES = 2880
 STATS_LAG = 2
+STATS_CATCH_UP = 60   # minutes a sample counts at most: those since the last sample (or, the first, the last hour)
+STATS_LIVE = 10       # minutes of rows the overview reads at most (when no sample counted them)
 # Durations are counted in log-spaced bins (three per doubling, from 1 ms to 37 hours: SQL only counts, on both
 # databases) and a percentile is read off them as Prometheus's histogram_quantile does, by linear interpolation
 # inside its bin: the estimate and the exact value share a bin (at most 26 % apart), whatever the number of rows.
 DURATION_BINS = tuple(0.001 * 2 ** (i / 3) for i in range(82))
+
+
+# What the charts count, per kind: the table, its finished rows, their duration (a delayed run's from its start).
+FINISHED_KINDS = {"step": ("ductwork_steps", "status IN ('succeeded', 'failed') AND claimed_at IS NOT NULL",
+                           "finished_at - claimed_at"),
+                  "run": ("ductwork_runs", "status = 'completed'", "finished_at - COALESCE(scheduled_at, created_at)")}
+
+
+def finished_by_minute(kind: str) -> str:
+    """The rows of a FINISHED_KINDS kind finished in [:start, :end), counted per minute of their finish (epoch
+    minutes; integer division truncates alike on both databases), pipeline and duration bin: what the minute
+    stats store and what the overview reads of the minutes not stored yet, one statement text for both."""
+    table, finished, duration = FINISHED_KINDS[kind]
+    return f"""
+        SELECT CAST(finished_at * 1000 AS BIGINT) / 60000 AS minute, pipeline,
+               {duration_bin_sql(f"({duration})")} AS bin, count(*) AS n
+        FROM {table}
+        WHERE {finished}
+          AND finished_at >= :start AND finished_at < :end
+        GROUP BY 1, 2, 3"""
 
 
 def duration_bin_sql(expr: str, low: int = 0, high: int = len(DURATION_BINS)) -> str:
@@ -3757,21 +3779,28 @@ class SQL:
         SELECT CAST(:minute AS BIGINT), q.*
         FROM ({claimable}) q"""
 
-    # The steps finished and runs completed in [:start, :end) (a minute), by pipeline and duration bin.
-    minute_stats = f"""
+    # The sample before :minute (its minute; none: no row): what it counted (see STATS_LAG).
+    queue_sample_before = """
+        SELECT max(minute)
+        FROM ductwork_queue_samples
+        WHERE pipeline = ''
+          AND minute < :minute"""
+
+    # Whether a minute's sample was taken: a look before a write transaction that would wait for the taker's.
+    queue_sample_seen = """
+        SELECT 1
+        FROM ductwork_queue_samples
+        WHERE minute = :minute
+          AND pipeline = ''"""
+
+    # The steps finished (runs completed) in the minutes [:start, :end), by minute, pipeline and duration bin
+    # (WHERE true: SQLite parses ON CONFLICT after a SELECT only behind a WHERE).
+    minute_stats = {kind: f"""
         INSERT INTO ductwork_minute_stats (minute, pipeline, kind, bin, count)
-        SELECT CAST(:minute AS BIGINT), pipeline, 'step', {duration_bin_sql("(finished_at - claimed_at)")}, count(*)
-        FROM ductwork_steps
-        WHERE status IN ('succeeded', 'failed')
-          AND finished_at >= :start AND finished_at < :end
-          AND claimed_at IS NOT NULL
-        GROUP BY 2, 4
-        UNION ALL
-        SELECT CAST(:minute AS BIGINT), pipeline, 'run', {duration_bin_sql("(finished_at - created_at)")}, count(*)
-        FROM ductwork_runs
-        WHERE status = 'completed'
-          AND finished_at >= :start AND finished_at < :end
-        GROUP BY 2, 4"""
+        SELECT minute, pipeline, '{kind}', bin, n
+        FROM ({finished_by_minute(kind)}) f
+        WHERE true
+        ON CONFLICT (minute, pipeline, kind, bin) DO NOTHING""" for kind in FINISHED_KINDS}
 
     queue_samples_pruned = """
         DELETE FROM ductwork_queue_samples
@@ -6110,21 +6139,29 @@ class Engine:
     # -- the queue's history (the dashboard's charts) --------------------------------------
     def sample_queue(self) -> float:
         """This minute's sample of the database's clock, unless another process took it (see
-        QUEUE_SAMPLE_MINUTES); returns the seconds until the next minute begins, by that clock."""
-        with self.store.tx() as t:
-            (now,) = t.one(StoreSQL.now)
-            self.take_sample(t, int(float(now) // 60))
-        return (int(float(now) // 60) + 1) * 60 - float(now)
+        QUEUE_SAMPLE_MINUTES): a look first, a write transaction only when it was not; returns the seconds
+        until the next minute begins, by that clock."""
+        with self.store.tx(write=False) as t:
+            now = float(t.one(StoreSQL.now)[0])
+            seen = t.one(SQL.queue_sample_seen, {"minute": int(now // 60)})
+        if seen is None:
+            with self.store.tx() as t:
+                self.take_sample(t, int(now // 60))
+        return (int(now // 60) + 1) * 60 - now
 
     @staticmethod
     def take_sample(t: Tx, minute: int) -> bool:
-        """The sample of ``minute`` (its queue now, its stats STATS_LAG minutes before) unless taken; whether
-        this transaction took it."""
+        """The sample of ``minute`` unless taken (whether this transaction took it): the queue now, and the
+        stats of the minutes up to STATS_LAG before it that the sample before it had not counted (at most
+        STATS_CATCH_UP), so a minute nobody sampled is counted by the next sample."""
         if not t.all(SQL.queue_sample_taken, {"minute": minute}):
             return False
         t.run(SQL.queue_sample, {"minute": minute})
-        counted = minute - STATS_LAG
-        t.run(SQL.minute_stats, {"minute": counted, "start": counted * 60, "end": (counted + 1) * 60})
+        (before,) = t.one(SQL.queue_sample_before, {"minute": minute})
+        last = minute - STATS_LAG
+        first = max(last - STATS_CATCH_UP + 1, int(before) - STATS_LAG + 1 if before is not None else -1)
+        for kind in FINISHED_KINDS:
+            t.run(SQL.minute_stats[kind], {"start": first * 60, "end": (last + 1) * 60})
         t.run(SQL.queue_samples_pruned, {"before": minute - QUEUE_SAMPLE_MINUTES})
         t.run(SQL.minute_stats_pruned, {"before": minute - QUEUE_SAMPLE_MINUTES})
         return True
@@ -10556,30 +10593,25 @@ class DashboardSQL:
         ORDER BY e.id DESC
         LIMIT :limit"""
 
-    # overview: the minutes' stats (migration 9) of the window, all pipelines together: steps and runs by duration
-    # bin (DURATION_BINS) ...
+    # overview: the last minute the samples counted (the latest sample's, STATS_LAG before it) ...
+    last_sample = """
+        SELECT max(minute)
+        FROM ductwork_queue_samples
+        WHERE pipeline = ''
+          AND minute <= :minute"""
+
+    # ... the minutes' stats (migration 9) of the window, all pipelines together: steps and runs by duration bin
     minute_stats = """
         SELECT minute, kind, bin, sum(count)
         FROM ductwork_minute_stats
         WHERE minute > :since AND minute <= :until
         GROUP BY minute, kind, bin"""
 
-    # ... and those of the minutes not counted yet (STATS_LAG), read from the rows: per point of a chart (0 = the
-    # :bucket_ms before :end, the end of this minute of the database's clock; integer division truncates alike
-    # on both databases) the runs completed and the steps finished (succeeded or failed) by duration bin
-    runs_completed = f"""
-        SELECT CAST((:end - finished_at) * 1000 AS BIGINT) / :bucket_ms,
-               {duration_bin_sql("(finished_at - created_at)")}, count(*)
-        FROM ductwork_runs
-        WHERE status = 'completed' AND finished_at >= :since
-        GROUP BY 1, 2"""
-
-    steps_finished = f"""
-        SELECT CAST((:end - finished_at) * 1000 AS BIGINT) / :bucket_ms,
-               {duration_bin_sql("(finished_at - claimed_at)")}, count(*)
-        FROM ductwork_steps
-        WHERE status IN ('succeeded', 'failed') AND finished_at >= :since AND claimed_at IS NOT NULL
-        GROUP BY 1, 2"""
+    # ... and those of the minutes after, read from the rows (the stats' own statement, all pipelines together)
+    finished = {kind: f"""
+        SELECT minute, bin, sum(n)
+        FROM ({finished_by_minute(kind)}) f
+        GROUP BY minute, bin""" for kind in FINISHED_KINDS}
 
     # ... and the queue's samples (migration 9) of the window's minutes
     queue_samples = """
@@ -10637,17 +10669,19 @@ def dashboard_overview(engine: Engine, window: str = DASHBOARD_WINDOW) -> dict:
     points = seconds // bucket
     with engine.store.tx(write=False) as t:
         minute = int(float(t.one(StoreSQL.now)[0]) // 60)
-        counted = minute - STATS_LAG   # the last minute the samples counted; the rows of the later ones
-        live = {"end": (minute + 1) * 60, "since": (counted + 1) * 60, "bucket_ms": bucket * 1000}
-        runs = t.all(DashboardSQL.runs_completed, live)
-        steps = t.all(DashboardSQL.steps_finished, live)
-        stats = t.all(DashboardSQL.minute_stats, {"since": minute - seconds // 60, "until": counted})
-        samples = t.all(DashboardSQL.queue_samples, {"since": minute - seconds // 60})
-    for m, kind, b, n in stats:   # a minute's stats at its point, with the rows read
-        (runs if kind == "run" else steps).append(((minute - int(m)) * 60 // bucket, b, n))
-    run_bins, step_bins = _binned(runs, points), _binned(steps, points)
+        since = minute - seconds // 60   # (the window's minutes: since < m <= minute)
+        (sampled,) = t.one(DashboardSQL.last_sample, {"minute": minute})
+        counted = max(int(sampled) - STATS_LAG if sampled is not None else since, minute - STATS_LIVE)
+        rows = {"start": (counted + 1) * 60, "end": (minute + 1) * 60}
+        found = [(m, kind, b, n) for kind in FINISHED_KINDS for m, b, n in t.all(DashboardSQL.finished[kind], rows)]
+        found += t.all(DashboardSQL.minute_stats, {"since": since, "until": counted})
+        samples = t.all(DashboardSQL.queue_samples, {"since": since})
+    by_kind: dict[str, list[tuple]] = {kind: [] for kind in FINISHED_KINDS}
+    for m, kind, b, n in found:   # each minute at its point: points of ``bucket`` seconds back from this minute's end
+        by_kind[kind].append(((minute - int(m)) * 60 // bucket, b, n))
+    run_bins, step_bins = _binned(by_kind["run"], points), _binned(by_kind["step"], points)
     report["window"] = {"name": window, "seconds": seconds, "bucket": bucket, "points": points,
-                        "choices": list(OVERVIEW_WINDOWS)}
+                        "choices": list(OVERVIEW_WINDOWS), "minute": minute}
     report["throughput"] = {"runs_completed": [sum(b.values()) for b in run_bins],
                             "steps_finished": [sum(b.values()) for b in step_bins]}
     report["durations"] = {kind: {f"p{round(q * 100)}": [_quantile(b, q) for b in bins] for q in (0.5, 0.95)}
@@ -10781,7 +10815,7 @@ class FanoutView:
 def dashboard_search(store: Store, q: str) -> dict:
     """Search: the run whose id ``q`` is, the runs whose trigger key it is (any pipeline), the pipelines
     whose name holds it (any case); ``go`` is the one page every match points to (a page shows it at once)."""
-    q = clip((q or "").strip(), MAX_TRIGGER_KEY)
+    q = (q or "").strip()[:MAX_TRIGGER_KEY]
     found: dict = {"q": q, "run": None, "keyed": [], "pipelines": [], "go": None}
     if not q:
         return found
@@ -10795,7 +10829,7 @@ def dashboard_search(store: Store, q: str) -> dict:
     found["keyed"] = _records(keyed, DashboardSQL.RUN_COLUMNS, "halt_reasons")
     found["pipelines"] = [p for p in pipelines if q.casefold() in p.casefold()]
     targets = {f'/runs/{r["id"]}' for r in [found["run"], *found["keyed"]] if r}
-    targets |= {_href("/runs", pipeline=p) for p in found["pipelines"]}
+    targets |= {"/runs?" + urllib.parse.urlencode({"pipeline": p}) for p in found["pipelines"]}
     found["go"] = targets.pop() if len(targets) == 1 else None
     return found
 
@@ -10841,6 +10875,13 @@ def _shown_branches(branch_rows: list[tuple], run_id: int, view: FanoutView) -> 
             roots.append(b)
         else:
             children.setdefault(b["parent_id"], {}).setdefault(b["origin_step_id"], []).append(b)
+    # the branches down to the fan-out paged or filtered (nested in another's later page, say) are shown too
+    parent_of = {b["id"]: b["parent_id"] for b in records}
+    holder = next((b["parent_id"] for b in records if b["origin_step_id"] == view.step), None)
+    forced: set[int] = set()
+    while holder is not None and holder not in forced:
+        forced.add(holder)
+        holder = parent_of.get(holder)
     shown: dict[int, dict] = {}
     fanouts: dict[int, dict] = {}
     todo = roots[:1]
@@ -10857,7 +10898,8 @@ def _shown_branches(branch_rows: list[tuple], run_id: int, view: FanoutView) -> 
             fanouts[step_id] = {"run": run_id, "step": step_id, "branches": len(fanned), "by_status": by_status,
                                 "status": status, "page": page, "first": first, "matching": len(chosen),
                                 "has_next": len(chosen) > first + DASHBOARD_BRANCHES}
-            todo.extend(chosen[first:first + DASHBOARD_BRANCHES])
+            page_of = chosen[first:first + DASHBOARD_BRANCHES]
+            todo.extend(page_of + [b for b in fanned if b["id"] in forced and b not in page_of])
     return shown, fanouts
 
 
@@ -11166,8 +11208,9 @@ svg .wait{fill:#2c2f38}svg .axis{stroke:#8890a0}
 # title keeps the UTC time for the hover.
 _DASHBOARD_JS = """const b=document.body,every=1000*b.dataset.refresh;let cur=b.dataset.etag;
 const p2=n=>String(n).padStart(2,"0");
-function local(){document.querySelectorAll("time[datetime]").forEach(t=>{const d=new Date(t.dateTime);
-const z=new Intl.DateTimeFormat([],{timeZoneName:"short"}).formatToParts(d).find(x=>x.type==="timeZoneName");
+function local(){const f=new Intl.DateTimeFormat([],{timeZoneName:"short"});
+document.querySelectorAll("time[datetime]").forEach(t=>{const d=new Date(t.dateTime);
+const z=f.formatToParts(d).find(x=>x.type==="timeZoneName");
 t.textContent=d.getFullYear()+"-"+p2(d.getMonth()+1)+"-"+p2(d.getDate())+" "+p2(d.getHours())+":"
 +p2(d.getMinutes())+":"+p2(d.getSeconds())+"."+String(d.getMilliseconds()).padStart(3,"0")+" "+(z?z.value:"")});}
 local();
@@ -11470,7 +11513,7 @@ def _render_step(s: dict) -> str:
 def _render_fanout(f: dict) -> str:
     """A fan-out's summary line above its branches: how many, by status (each a link to those alone), which
     of them are shown, and the links to the next and previous ones. Nothing for a small fan-out shown whole."""
-    if f["branches"] <= DASHBOARD_BRANCHES and f["status"] is None:
+    if f["branches"] <= DASHBOARD_BRANCHES and f["status"] is None and f["page"] == 1:
         return ""
     run, step = int(f["run"]), int(f["step"])
 
@@ -11480,7 +11523,8 @@ def _render_fanout(f: dict) -> str:
                         for name, n in sorted(f["by_status"].items()))
     every = link("all", None, 1) if f["status"] is not None else "<b>all</b>"
     last = min(f["first"] + DASHBOARD_BRANCHES, f["matching"])
-    which = (f"showing {f['first'] + 1}&ndash;{last} of {f['matching']}" if f["matching"] else "none shown")
+    which = (f"showing {f['first'] + 1}&ndash;{last} of {f['matching']}" if f["first"] < f["matching"]
+             else f"none on this page, of {f['matching']}")
     previous = f" {link('&larr; previous', f['status'], f['page'] - 1)}" if f["page"] > 1 else ""
     following = f" {link('next &rarr;', f['status'], f['page'] + 1)}" if f["has_next"] else ""
     return (f'<li class="fanout" id="fanout-{step}"><b>fan-out of {int(f["branches"])} branches</b>: {every} '
@@ -11660,11 +11704,11 @@ CHART_SERIES = 8                  # series a chart draws at most (the largest; t
 def render_chart(name: str, title: str, series: dict[str, list[float | None]], window: dict) -> str:
     """A line chart of series over the window (values latest first; None: nothing to plot there, a gap): an
     SVG with a polyline per run of values and a dot per value (its value on hover), the largest value and the
-    window's span on the axes, a legend. At most CHART_SERIES series, the largest first."""
+    window's span on the axes, a legend. At most CHART_SERIES series, the first ones (in their order: a series
+    keeps its colour from one refresh to the next)."""
     width, height, left, bottom = CHART_SIZE
     points = int(window["points"])
-    ranked = sorted(series.items(), key=lambda kv: -max((v for v in kv[1] if v is not None), default=0))
-    shown, more = ranked[:CHART_SERIES], len(ranked) - CHART_SERIES
+    shown, more = list(series.items())[:CHART_SERIES], len(series) - CHART_SERIES
     top = max([v for _, values in shown for v in values if v is not None] or [0]) or 1
     step = width / max(points - 1, 1)
 
@@ -11748,7 +11792,7 @@ def _render_error_groups(data: dict) -> str:
     if "groups" not in data:
         return ""
     rows = [[f'<span class="err-class">{_esc(g["class"])}</span>', _esc(clip(g["message"], STATUS_ERROR_LINE)),
-             str(g["count"]), _esc(", ".join(g["steps"][:3]) + (" &hellip;" if len(g["steps"]) > 3 else "")),
+             str(g["count"]), _esc(", ".join(g["steps"][:3])) + (" &hellip;" if len(g["steps"]) > 3 else ""),
              " ".join(_badge(o) for o in g["outcomes"]), _when(g["first_seen"]), _when(g["last_seen"]),
              _link(f'/runs/{g["example"]["run"]}#step-{g["example"]["step"]}', f'run {g["example"]["run"]}')]
             for g in data["groups"]]
@@ -12433,7 +12477,8 @@ class DashboardHandler:
         found = dashboard_route(engine, path, query, overview, token)
         if found is None:
             return DashboardReply(404, "text/plain", "not found")
-        if path == "/search" and not api and found[1]["go"]:   # one match: its page
+        # one match: its page (not for a live refresh's fragment: the search page stays what it is)
+        if path == "/search" and not api and found[1]["go"] and self.headers.get("X-Ductwork-Fragment") != "1":
             return DashboardReply(303, "text/plain", f'see {found[1]["go"]}', location=found[1]["go"])
         reply = self.render(url, api, *found, nonce=nonce)
         if fresh and not api:   # a page whose forms need the session (a JSON twin renders none)

@@ -86,6 +86,21 @@ class DashWide(ductwork.Pipeline):   # wider than a run page shows: its branches
         p.start(dash_ident).expand(to=dash_wide_one).collapse(into=dash_ident)
 
 
+def dash_grid(n):
+    return [list(range(n)) for _ in range(n)]
+
+
+def dash_total(xs):
+    return sum(xs)
+
+
+class DashNested(ductwork.Pipeline):   # a fan-out in each branch of a fan-out
+    @staticmethod
+    def define(p):
+        p.start(dash_grid).expand(to=dash_ident).expand(to=dash_add).collapse(into=dash_total).collapse(
+            into=dash_ident)
+
+
 class DashWaits(ductwork.Pipeline):   # parks for a signal; its schedule is listed (hourly: it never fires here)
     schedule = [ductwork.Schedule(every=3600)]
 
@@ -385,7 +400,7 @@ class WebDriver:
             time.sleep(0.1)
         args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                "--window-size=1280,2000", f"--user-data-dir={tmp_path / 'chromium-profile'}"]
+                "--window-size=1280,2000", "--lang=en-US", f"--user-data-dir={tmp_path / 'chromium-profile'}"]
         caps = {"capabilities": {"alwaysMatch": {"goog:chromeOptions": {"binary": chromium, "args": args}}}}
         self.session = "/session/" + self.call("POST", "/session", caps)["sessionId"]
 
@@ -545,6 +560,29 @@ def test_errors_grouped_by_class_and_message(runs, serve, engine):
     assert get_json(base + "/api/errors?pipeline=DashFan")["groups"] == []
 
 
+def test_nested_fan_out_paged_inside_a_later_page(engine, serve):
+    """The inner fan-out of the outer fan-out's 22nd branch (on the outer's second page) pages too: the branches
+    down to it are shown with the outer's first page."""
+    width = ductwork.DASHBOARD_BRANCHES + 2
+    run = ductwork.run_inline(DashNested, width)
+    assert run.status == "completed" and run.output == [sum(range(1, width + 1))] * width
+    base = serve()
+    outer = get_json(base + f"/api/runs/{run.id}")["tree"]["steps"][0]
+    page2 = get_json(base + f"/api/runs/{run.id}?fanout={outer['id']}&fpage=2")["tree"]["steps"][0]
+    assert [b["position"] for b in page2["branches"]] == [width - 2, width - 1]
+    inner = page2["branches"][-1]["steps"][0]
+    assert inner["fanout"]["branches"] == width and len(inner["branches"]) == ductwork.DASHBOARD_BRANCHES
+    data = get_json(base + f"/api/runs/{run.id}?fanout={inner['id']}&fpage=2")
+    shown = data["tree"]["steps"][0]["branches"]
+    assert [b["position"] for b in shown] == [*range(ductwork.DASHBOARD_BRANCHES), width - 1]
+    deep = shown[-1]["steps"][0]
+    assert deep["id"] == inner["id"] and deep["fanout"]["page"] == 2
+    assert [(b["position"], b["steps"][0]["input"]) for b in deep["branches"]] == [(width - 2, width - 2),
+                                                                                  (width - 1, width - 1)]
+    _, _, page = get(base + f"/runs/{run.id}?fanout={inner['id']}&fpage=9")   # past the end: said so
+    assert f"none on this page, of {width}" in page
+
+
 def queue_samples(engine) -> list[tuple]:
     with engine.store.tx(write=False) as t:
         return t.all("SELECT minute, pipeline, depth, oldest_age FROM ductwork_queue_samples ORDER BY minute, pipeline")
@@ -557,7 +595,7 @@ def test_queue_sampled_once_a_minute_for_the_charts(engine, start_runtime, serve
     for i in range(3):
         DashIdle.trigger(i)   # nobody serves DashIdle: three claimable steps
     start_runtime(["DashFan"])   # its advancer samples at its first heartbeat (FAST: 0.2 s)
-    deadline = time.monotonic() + 50 * FAST["supervisor"]["heartbeat_interval"]
+    deadline = time.monotonic() + 150 * FAST["supervisor"]["heartbeat_interval"]
     while not any(row[1] == "DashIdle" for row in queue_samples(engine)):
         assert time.monotonic() < deadline, queue_samples(engine)
         time.sleep(0.05)
@@ -572,10 +610,10 @@ def test_queue_sampled_once_a_minute_for_the_charts(engine, start_runtime, serve
     with engine.store.tx() as t:   # a sample older than kept, and this minute as if nobody had sampled it yet
         t.run("INSERT INTO ductwork_queue_samples VALUES (:m, 'DashIdle', 9, 1.5)", {"m": old})
         t.run("DELETE FROM ductwork_queue_samples WHERE minute = :m", {"m": minute})
-    engine.sample_queue()   # (or the runtime's advancer, when a minute began since: either prunes)
+        assert ductwork.Engine.take_sample(t, minute)
     after = queue_samples(engine)
     assert all(m > old for m, *_ in after)
-    assert [d for m, p, d, _ in after if p == "DashIdle" and m == max(r[0] for r in after)] == [3]
+    assert [(p, d) for m, p, d, _ in after if m == minute] == [("", 0), ("DashIdle", 3)]
     base = serve()
     queue = get_json(base + "/api/overview?window=15m")["queue"]
     assert next(d for d in queue["depth"]["DashIdle"] if d is not None) == 3
@@ -596,17 +634,23 @@ def test_minute_stats_count_finished_work_and_the_overview_charts_them(runs, eng
         (int(at // 60), pipeline, kind, bisect.bisect_left(ductwork.DURATION_BINS, took))
         for kind, rows in (("step", steps), ("run", done)) for pipeline, at, took in rows)
     assert sum(expected.values()) == 10 + 2
-    with engine.store.tx() as t:   # the samples of the minutes STATS_LAG after these (not taken yet)
-        assert all(ductwork.Engine.take_sample(t, m + ductwork.STATS_LAG) for m in {k[0] for k in expected})
-        stats = t.all("SELECT minute, pipeline, kind, bin, count FROM ductwork_minute_stats")
-    assert collections.Counter({tuple(row[:4]): row[4] for row in stats}) == expected
     minute = int(engine.store.now() // 60)
+    with engine.store.tx() as t:   # the first sample ever (it counts the hour up to STATS_LAG minutes before it)
+        t.run("DELETE FROM ductwork_queue_samples")
+        assert ductwork.Engine.take_sample(t, minute + ductwork.STATS_LAG)
+        stats = t.all("SELECT minute, pipeline, kind, bin, count FROM ductwork_minute_stats")
+    assert max(k[0] for k in expected) <= minute
+    assert collections.Counter({tuple(row[:4]): row[4] for row in stats}) == expected
     half = bisect.bisect_left(ductwork.DURATION_BINS, 0.5)
-    with engine.store.tx() as t:   # a minute counted five minutes ago: seven steps of about half a second
+    with engine.store.tx() as t:   # a minute counted five minutes ago: seven steps of about half a second; and
+        # this minute's sample (as the runtime's advancer takes it), so that minute is read from the stats
         t.run("INSERT INTO ductwork_minute_stats VALUES (:m, 'DashFan', 'step', :b, 7)", {"m": minute - 5, "b": half})
+        t.run("INSERT INTO ductwork_queue_samples VALUES (:m, '', 0, 0) ON CONFLICT DO NOTHING", {"m": minute})
     data = get_json(serve() + "/api/overview?window=15m")
-    assert data["throughput"]["steps_finished"][5] == 7 and data["throughput"]["runs_completed"][5] == 0
-    assert ductwork.DURATION_BINS[half - 1] <= data["durations"]["step"]["p50"][5] <= ductwork.DURATION_BINS[half]
+    point = data["window"]["minute"] - (minute - 5)   # (a minute may have begun since)
+    assert data["throughput"]["steps_finished"][point] == 7 and data["throughput"]["runs_completed"][point] == 0
+    p50 = data["durations"]["step"]["p50"][point]
+    assert ductwork.DURATION_BINS[half - 1] <= p50 <= ductwork.DURATION_BINS[half]
     assert sum(data["throughput"]["steps_finished"]) == 7 + 10   # and the fixture's, read from the rows
 
 
@@ -647,7 +691,7 @@ def test_overview_charts_waits_and_schedules(runs, serve, start_runtime, engine)
         assert time.monotonic() < deadline, "the run did not park"
         time.sleep(ductwork.DASHBOARD_CACHE_SECONDS / 4)
     assert data["window"] == {"name": "15m", "seconds": 900, "bucket": 60, "points": 15,
-                              "choices": ["15m", "1h", "6h", "24h"]}
+                              "choices": ["15m", "1h", "6h", "24h"], "minute": data["window"]["minute"]}
     assert sum(data["throughput"]["runs_completed"]) == 2 and sum(data["throughput"]["steps_finished"]) == 11
     with engine.store.tx(write=False) as t:
         took = [d for (d,) in t.all("SELECT finished_at - claimed_at FROM ductwork_steps "
@@ -820,8 +864,12 @@ def test_browser_follows_a_run_and_sees_live_updates(runs, serve, start_runtime,
         assert len(browser.find_all("li.branch")) == 1 + ductwork.DASHBOARD_BRANCHES
         halted_link = browser.find_all('li.fanout a[href*="fstatus=halted"]')[0]
         browser.do("POST", f"/element/{halted_link}/click", {})
-        browser.wait_for("li.fanout b + a, li.fanout a + b")
-        assert "fstatus=halted" in browser.do("GET", "/url") and len(browser.find_all("li.branch")) == 3
+        deadline = time.monotonic() + 15
+        while "fstatus=halted" not in browser.do("GET", "/url"):
+            assert time.monotonic() < deadline, browser.do("GET", "/url")
+            time.sleep(0.1)
+        browser.wait_for("li.fanout")
+        assert len(browser.find_all("li.branch")) == 3
 
         # every page, light and dark: a screenshot each, its text readable (WCAG AA: 4.5:1), its pictures drawn
         pages = ["/", "/?window=24h", "/runs", "/errors", "/search?q=Dash", "/runs/confirm-cancel?pipeline=DashFan",
