@@ -189,7 +189,9 @@ ROLLUP_CHUNK = 200_000   # ids a rollup transaction counts at most (each stateme
 # dashboard's longest window is one). The overview reads those, and the rows of the last minutes itself.
 QUEUE_SAMPLE_MINUTES = 2880
 STATS_LAG = 2
-STATS_CATCH_UP = 60   # minutes a sample counts at most: those since the last sample (or, the first, the last hour)
+# Minutes a sample counts at most: those since the sample before (the first ever counts its own): a catch-up
+# after an outage reads that many minutes of rows in one transaction, once.
+STATS_CATCH_UP = 15
 STATS_LIVE = 10       # minutes of rows the overview reads at most (when no sample counted them)
 # Durations are counted in log-spaced bins (three per doubling, from 1 ms to 37 hours: SQL only counts, on both
 # databases) and a percentile is read off them as Prometheus's histogram_quantile does, by linear interpolation
@@ -6153,13 +6155,13 @@ class Engine:
     def take_sample(t: Tx, minute: int) -> bool:
         """The sample of ``minute`` unless taken (whether this transaction took it): the queue now, and the
         stats of the minutes up to STATS_LAG before it that the sample before it had not counted (at most
-        STATS_CATCH_UP), so a minute nobody sampled is counted by the next sample."""
+        STATS_CATCH_UP), so a minute nobody sampled is counted by the next sample (the first ever: its own)."""
         if not t.all(SQL.queue_sample_taken, {"minute": minute}):
             return False
         t.run(SQL.queue_sample, {"minute": minute})
         (before,) = t.one(SQL.queue_sample_before, {"minute": minute})
         last = minute - STATS_LAG
-        first = max(last - STATS_CATCH_UP + 1, int(before) - STATS_LAG + 1 if before is not None else -1)
+        first = max(last - STATS_CATCH_UP + 1, int(before) - STATS_LAG + 1) if before is not None else last
         for kind in FINISHED_KINDS:
             t.run(SQL.minute_stats[kind], {"start": first * 60, "end": (last + 1) * 60})
         t.run(SQL.queue_samples_pruned, {"before": minute - QUEUE_SAMPLE_MINUTES})

@@ -635,8 +635,11 @@ def test_minute_stats_count_finished_work_and_the_overview_charts_them(runs, eng
         for kind, rows in (("step", steps), ("run", done)) for pipeline, at, took in rows)
     assert sum(expected.values()) == 10 + 2
     minute = int(engine.store.now() // 60)
-    with engine.store.tx() as t:   # the first sample ever (it counts the hour up to STATS_LAG minutes before it)
+    earliest = min(k[0] for k in expected)
+    with engine.store.tx() as t:   # a sample that counted up to the minute before the fixture's, then (a
+        # minute or two missed) the one that catches up to STATS_LAG minutes before this one
         t.run("DELETE FROM ductwork_queue_samples")
+        t.run("INSERT INTO ductwork_queue_samples VALUES (:m, '', 0, 0)", {"m": earliest - 1 + ductwork.STATS_LAG})
         assert ductwork.Engine.take_sample(t, minute + ductwork.STATS_LAG)
         stats = t.all("SELECT minute, pipeline, kind, bin, count FROM ductwork_minute_stats")
     assert max(k[0] for k in expected) <= minute
