@@ -10514,15 +10514,14 @@ class DashboardSQL:
         WHERE id = :id"""
 
     # search: the runs of a trigger key, one per pipeline at most (the unique index on (pipeline, trigger_key),
-    # probed once per pipeline of {pipelines}: a JSON array of names)
+    # probed once per pipeline of {pipelines}: BulkSQL.rows over PIPELINE_ROWS, the :rows parameter)
+    PIPELINE_ROWS = [("pipeline", "TEXT")]
     runs_by_key = f"""
         SELECT {RUN_COLUMNS}
         FROM ductwork_runs
-        WHERE pipeline IN ({{pipelines}})
+        WHERE pipeline IN (SELECT r.pipeline FROM {{pipelines}})
           AND trigger_key = :key
         ORDER BY id DESC"""
-    JSON_TEXTS = {"postgres": "SELECT json_array_elements_text(CAST(:pipelines AS JSON))",
-                  "sqlite": "SELECT value FROM json_each(:pipelines)"}
 
     # an action on one run: its status (no row: no such run)
     run_status = """
@@ -10642,6 +10641,18 @@ def _bare(column: str) -> str:
     return column.rpartition(".")[2]
 
 
+def _with_durations(runs: list[dict]) -> list[dict]:
+    """Run records (DashboardSQL.RUN_COLUMNS), each given its duration."""
+    for run in runs:
+        run["duration"] = _duration(run["created_at"], run["finished_at"])
+    return runs
+
+
+def _run_records(rows: list[tuple]) -> list[dict]:
+    """Rows of DashboardSQL.RUN_COLUMNS as records, each with its duration."""
+    return _with_durations(_records(rows, DashboardSQL.RUN_COLUMNS, "halt_reasons"))
+
+
 def _records(rows: list[tuple], columns: str, decode: str = "") -> list[dict]:
     """Rows as dicts keyed by the select list ``columns`` (plain columns, each maybe ``AS alias``: the
     key is the alias, else the bare column name); the ``decode`` keys hold JSON (shown raw when corrupt)."""
@@ -10758,8 +10769,7 @@ def dashboard_runs(store: Store, pipeline: str | None = None, status: str | None
     """The runs page: one page of runs (newest first), filtered by pipeline and status."""
     data = _paged(store, "runs", DashboardSQL.runs, DashboardSQL.RUN_COLUMNS, {"pipeline": pipeline, "status": status},
                   page, per_page, decode="halt_reasons")
-    for run in data["runs"]:
-        run["duration"] = _duration(run["created_at"], run["finished_at"])
+    _with_durations(data["runs"])
     return data
 
 
@@ -10825,10 +10835,12 @@ def dashboard_search(store: Store, q: str) -> dict:
         pipelines = [pipeline for (pipeline,) in t.all(DashboardSQL.pipelines)]
         if re.fullmatch(r"[0-9]{1,18}", q):
             row = t.one(DashboardSQL.run_by_id, {"id": int(q)})
-            found["run"] = _records([row], DashboardSQL.RUN_COLUMNS, "halt_reasons")[0] if row else None
-        keyed = t.all(DashboardSQL.runs_by_key.replace("{pipelines}", DashboardSQL.JSON_TEXTS[t.dialect]),
-                      {"pipelines": json.dumps(pipelines), "key": q}) if pipelines else []
-    found["keyed"] = _records(keyed, DashboardSQL.RUN_COLUMNS, "halt_reasons")
+            found["run"] = _run_records([row])[0] if row else None
+        names = BulkSQL.rows(t.dialect, DashboardSQL.PIPELINE_ROWS)
+        keyed = t.all(DashboardSQL.runs_by_key.replace("{pipelines}", names),
+                      {"rows": _document(DashboardSQL.PIPELINE_ROWS, [(p,) for p in pipelines]), "key": q}
+                      ) if pipelines else []
+    found["keyed"] = _run_records(keyed)
     found["pipelines"] = [p for p in pipelines if q.casefold() in p.casefold()]
     targets = {f'/runs/{r["id"]}' for r in [found["run"], *found["keyed"]] if r}
     targets |= {"/runs?" + urllib.parse.urlencode({"pipeline": p}) for p in found["pipelines"]}
@@ -10901,7 +10913,8 @@ def _shown_branches(branch_rows: list[tuple], run_id: int, view: FanoutView) -> 
                                 "status": status, "page": page, "first": first, "matching": len(chosen),
                                 "has_next": len(chosen) > first + DASHBOARD_BRANCHES}
             page_of = chosen[first:first + DASHBOARD_BRANCHES]
-            todo.extend(page_of + [b for b in fanned if b["id"] in forced and b not in page_of])
+            on_page = {b["id"] for b in page_of}
+            todo.extend(page_of + [b for b in fanned if b["id"] in forced - on_page])
     return shown, fanouts
 
 
@@ -11766,7 +11779,7 @@ def render_errors(data: dict) -> str:
 
 def _runs_table(runs: list[dict], empty: str = "no runs") -> str:
     rows = [[_link(f'/runs/{r["id"]}', str(r["id"])), _esc(r["pipeline"]), _badge(r["status"]), _esc(r["trigger_key"]),
-             _when(r["created_at"]), _when(r["finished_at"]), _secs(_duration(r["created_at"], r["finished_at"])),
+             _when(r["created_at"]), _when(r["finished_at"]), _secs(r["duration"]),
              _reasons(r["halt_reasons"])] for r in runs]
     return _table(["run", "pipeline", "status", "key", "created", "finished", "took", "halt reasons"], rows, empty)
 
