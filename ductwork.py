@@ -1222,6 +1222,7 @@ class _PgConnection:
         self.named = 0
         self.parsed: dict[str, Any] = {}     # pooled: SQL text -> ($n statement, its parameter maker)
         self.generation = 0
+        self.begun = False   # a BEGIN written but not yet answered (it goes with the transaction's first statement)
 
     def execute(self, sql: str, params: Params) -> tuple[list[tuple], int]:
         named = params if isinstance(params, dict) else {f"p{i}": value for i, value in enumerate(params)}
@@ -1242,6 +1243,10 @@ class _PgConnection:
         prepared = self.prepared.get(sql)
         if prepared is None:
             if len(self.prepared) >= self.MAX_PREPARED:
+                if self.begun:   # (pg8000's close reads its own answer: the BEGIN's must be read first)
+                    self.begun = False
+                    core._flush(c._sock)
+                    c.handle_messages(core.Context("BEGIN"))
                 for name_bin, *_ in self.prepared.values():
                     c.close_prepared_statement(name_bin)
                 self.prepared.clear()
@@ -1254,11 +1259,16 @@ class _PgConnection:
             core._write(c._sock, core.SYNC_MSG)
             core._flush(c._sock)
             described = core.Context(statement)
-            c.handle_messages(described)
+            self._answered(described)
             prepared = self.prepared[sql] = (name_bin, make_vals, described.columns, described.input_funcs, statement)
         name_bin, make_vals, columns, input_funcs, statement = prepared
-        context = c.execute_named(name_bin, core.make_params(c.py_types, make_vals(params)), columns, input_funcs,
-                                  statement)
+        # (pg8000's execute_named, with the BEGIN's answer read before the statement's)
+        context = core.Context(columns=columns, input_funcs=input_funcs, statement=statement)
+        c.send_BIND(name_bin, core.make_params(c.py_types, make_vals(params)))
+        c.send_EXECUTE()
+        core._write(c._sock, core.SYNC_MSG)
+        core._flush(c._sock)
+        self._answered(context)
         return [tuple(r) for r in context.rows or ()], context.row_count
 
     def _execute_unnamed(self, sql: str, params: dict[str, Any]) -> tuple[list[tuple], int]:
@@ -1276,17 +1286,37 @@ class _PgConnection:
         c.send_EXECUTE()
         core._write(c._sock, core.SYNC_MSG)
         core._flush(c._sock)
-        c.handle_messages(context)
+        self._answered(context)
         return [tuple(r) for r in context.rows or ()], context.row_count
 
+    def _answered(self, context: Any) -> None:
+        """Read the answer to what was just sent into ``context``, after a BEGIN's sent before it: a failed BEGIN's
+        error is raised once both are read (the connection stays in step with the server)."""
+        if self.begun:
+            self.begun = False
+            try:
+                self.conn.handle_messages(self.core.Context("BEGIN"))
+            except Exception:
+                with contextlib.suppress(Exception):
+                    self.conn.handle_messages(context)
+                raise
+        self.conn.handle_messages(context)
+
+    def _simple(self, sql: str) -> None:
+        self.conn.send_QUERY(sql)
+        self.core._flush(self.conn._sock)
+        self._answered(self.core.Context(sql))
+
     def begin(self, write: bool) -> None:
-        self.conn.execute_simple("BEGIN")
+        # written, not sent: it goes with the transaction's first statement, one round trip fewer per transaction
+        self.conn.send_QUERY("BEGIN")
+        self.begun = True
 
     def commit(self) -> None:
-        self.conn.execute_simple("COMMIT")
+        self._simple("COMMIT")
 
     def rollback(self) -> None:
-        self.conn.execute_simple("ROLLBACK")
+        self._simple("ROLLBACK")
 
     def close(self) -> None:
         self.conn.close()
@@ -4281,19 +4311,29 @@ class SQL:
                      ORDER BY {{order}}
                      LIMIT :limit
                      {{skip_locked}}){{fence}}
-        RETURNING {JobClaim.select_list()}"""
-    CLAIM_STEPS_AT = CLAIM_STEPS.replace("{priorities}", """priority = COALESCE((SELECT min(priority)
+        RETURNING {JobClaim.select_list()}{{top}}"""
+    # ... each row also says the highest priority queued (the statement's snapshot: evaluated once, an index's
+    # last entry), so that a claim of too few at the highest one (a chain's every hop, a burst's tail) knows it
+    # need not look further (SQL.next_priority) without asking
+    CLAIM_TOP = """,
+                  (SELECT max(priority)
+                   FROM ductwork_steps
+                   WHERE pipeline = :pipeline
+                     AND status = 'queued') AS top"""
+    CLAIM_AT = """priority = COALESCE((SELECT min(priority)
                                                 FROM ductwork_steps
                                                 WHERE pipeline = :pipeline
                                                   AND status = 'queued'
                                                   AND priority >= :lowest
                                                   AND priority < :below),
-                                               :below)""").replace("{order}", "available_at, run_id, id")
+                                               :below)"""
+    CLAIM_STEPS_AT = CLAIM_STEPS.replace("{top}", CLAIM_TOP).replace("{priorities}", CLAIM_AT).replace(
+        "{order}", "available_at, run_id, id")
     claim_steps = CLAIM_STEPS_AT.replace("{keyed}", "")
 
     # ... and, once PRIORITY_WALK priorities were walked with too few, the rest of them in one statement: the steps
     # that wait in those priorities are read too (filtered), which a claim of few priorities never does.
-    CLAIM_STEPS_REST = CLAIM_STEPS.replace("{priorities}", "priority >= :lowest").replace(
+    CLAIM_STEPS_REST = CLAIM_STEPS.replace("{top}", "").replace("{priorities}", "priority >= :lowest").replace(
         "{order}", "priority, available_at, run_id, id")
     claim_steps_rest = CLAIM_STEPS_REST.replace("{keyed}", "")
 
@@ -5331,6 +5371,17 @@ class Engine:
         params = {"process_id": process_id, "token": token, "pipeline": pipeline, "limit": limit, **more}
         return sorted(t.all(SQL.fenced(statement, self.fence_claims), params))
 
+    def _claim_at(self, t: Tx, claim: str, pipeline: str, process_id: int, token: str, limit: int, lowest: int,
+                  below: int, keyed: dict) -> tuple[list[tuple], int | None]:
+        """SQL.claim_steps (or claim_keyed): its rows (the JobClaim columns), and the highest priority queued as it
+        claimed (None: unknown, it claimed none). SQLite's RETURNING sees the claim's own writes: none left queued
+        is none above the priority claimed."""
+        rows = self._claim_rows(t, claim, pipeline, process_id, token, limit, lowest=lowest, below=below, **keyed)
+        if not rows:
+            return rows, None
+        top = rows[0][-1]
+        return [row[:-1] for row in rows], (rows[0][JOB_CLAIM_PRIORITY] if top is None else top)
+
     def _claim_steps_in(self, t: Tx, pipeline: str, process_id: int, token: str, limit: int) -> list[JobClaim]:
         """Claim up to ``limit`` steps: lowest priority first, oldest run first within one (SQL.claim_steps), those
         of capped steps only as far as their keys have free slots (the others wait blocked: _within_caps)."""
@@ -5365,7 +5416,7 @@ class Engine:
         claim, rest = ((SQL.claim_steps, SQL.claim_steps_rest) if statics is None
                        else (SQL.claim_keyed(False, t.dialect), SQL.claim_keyed(True, t.dialect)))
         below = self._claimed_at.get(pipeline, highest)
-        rows = self._claim_rows(t, claim, pipeline, process_id, token, limit, lowest=lowest, below=below, **keyed)
+        rows, top = self._claim_at(t, claim, pipeline, process_id, token, limit, lowest, below, keyed)
         at = JOB_CLAIM_PRIORITY
         tried = rows[-1][at] if rows else None
         if not rows and below != highest:   # (none where this process claimed last: which priority was tried)
@@ -5374,12 +5425,11 @@ class Engine:
             if tried is None:
                 return []
             if tried > below:   # (the lowest queued is above where it looked: not tried yet)
-                rows = self._claim_rows(t, claim, pipeline, process_id, token, limit, lowest=tried, below=highest,
-                                        **keyed)
+                rows, top = self._claim_at(t, claim, pipeline, process_id, token, limit, tried, highest, keyed)
                 tried = rows[-1][at] if rows else tried
         for walked in range(1, PRIORITY_WALK + 1):
-            if len(rows) >= limit:
-                break
+            if len(rows) >= limit or (tried is not None and top is not None and tried >= top):
+                break   # (full, or nothing is queued above the priority tried)
             if tried is None:   # the lowest priority queued had no claimable step: which it was
                 tried = t.one(SQL.next_priority, {"pipeline": pipeline, "lowest": lowest})[0]
             if tried is None or tried >= PRIORITY_RANGE[1]:
@@ -5391,8 +5441,8 @@ class Engine:
             tried = t.one(SQL.next_priority, {"pipeline": pipeline, "lowest": tried + 1})[0]
             if tried is None:
                 break
-            more = self._claim_rows(t, claim, pipeline, process_id, token, limit - len(rows), lowest=tried,
-                                    below=highest, **keyed)
+            more, top = self._claim_at(t, claim, pipeline, process_id, token, limit - len(rows), tried, highest,
+                                       keyed)
             rows += more
             tried = more[-1][at] if more else tried
         if rows:   # (where the next claim looks first; a stale value costs a statement, never a step's turn)

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import bench_app  # noqa: F401 - the pipelines
-from common import Database, pause, stop, table, wait_for, write_config
+from common import RUNS_LEFT, Database, pause, stop, table, wait_for, write_config
 
 import ductwork
 
@@ -52,7 +52,7 @@ def measure(kind: str, tmp: Path, pipeline: str, steps: int, nap: float, async_c
                 released = float(t.one("SELECT {now}")[0])
                 t.run("UPDATE ductwork_steps SET available_at = available_at - 3600 WHERE status = 'queued'")
                 t.notify(ductwork.CH_JOBS, pipeline)
-            wait_for(lambda: one(store, "SELECT count(*) FROM ductwork_runs WHERE status = 'in_progress'") == 0,
+            wait_for(lambda: one(store, RUNS_LEFT) == 0,
                      1800, 0.02)
             last = one(store, "SELECT max(finished_at) FROM ductwork_runs")
             return float(last) - released

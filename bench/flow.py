@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import BENCH_APP, ROOT, Database, pause, record, stop, table, wait_for, write_config
+from common import BENCH_APP, ROOT, RUNS_LEFT, Database, pause, record, stop, table, wait_for, write_config
 
 import ductwork
 
@@ -99,7 +99,7 @@ def release(store: ductwork.Store, pipeline: str) -> float:
 
 
 def drained(store: ductwork.Store) -> bool:
-    return one(store, "SELECT count(*) FROM ductwork_runs WHERE status = 'in_progress'") == 0
+    return one(store, RUNS_LEFT) == 0
 
 
 def finish_times(store: ductwork.Store, released: float) -> list[float]:

@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS bench_ready (worker text PRIMARY KEY);
 """
 
 
-from common import fmt, pause, record, table, wait_for  # noqa: E402 - shared with the other benches
+from common import LEFT_OVER, fmt, pause, record, table, wait_for  # noqa: E402 - shared with the other benches
 
 
 def _connect(url: str):
@@ -270,7 +270,7 @@ class PgQueuerPeer(Peer):
         self.loop.run_until_complete(self.q.enqueue(["fan"] * width, [payload] * width, [0] * width))
 
     def pending(self, db: Database) -> int:
-        return db.value("SELECT count(*) FROM pgqueuer")
+        return db.value(LEFT_OVER.format(table="pgqueuer", condition="true"))
 
 
 class ProcrastinatePeer(Peer):
@@ -314,7 +314,7 @@ class ProcrastinatePeer(Peer):
         self.loop.run_until_complete(self.tasks["fan"].batch_defer_async(*[{"run": run} for _ in range(width)]))
 
     def pending(self, db: Database) -> int:
-        return db.value("SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')")
+        return db.value(LEFT_OVER.format(table="procrastinate_jobs", condition="status IN ('todo', 'doing')"))
 
 
 PEERS = {"pgqueuer": PgQueuerPeer, "procrastinate": ProcrastinatePeer}

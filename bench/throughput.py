@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Database, compiled_copy, fmt, pause, record, start, stop, table, wait_for, write_config
+from common import RUNS_LEFT, Database, compiled_copy, fmt, pause, record, start, stop, table, wait_for, write_config
 
 import ductwork
 
@@ -45,7 +45,8 @@ class Cluster:
 
 
 def unfinished(cluster: Cluster) -> int:
-    return cluster.count("SELECT count(*) FROM ductwork_runs WHERE status = 'in_progress'")
+    """1 while a run is in progress, 0 once none is (common.RUNS_LEFT: the probe must not load what it times)."""
+    return cluster.count(RUNS_LEFT)
 
 
 def throughput_single(db: Database, tmp: Path, steps: int) -> float:

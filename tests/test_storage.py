@@ -205,6 +205,48 @@ def test_postgres_keeps_a_bounded_number_of_prepared_statements(pg_server_url):
         held = t.one("SELECT count(*) FROM pg_prepared_statements")[0]
     assert values == [i + 1 for i in range(limit + 40)]
     assert 0 < held <= limit, held
+    with store.tx(write=False) as t:   # the statements that fill the cache, then one that empties it, first in its
+        for i in range(limit - held):  # transaction (its BEGIN not answered yet when the closes are sent)
+            t.one(f"SELECT {i} + 1000")
+    with store.tx(write=False) as t:
+        assert t.one("SELECT -1 + ?", (2,))[0] == 1
+        assert t.one("SELECT xact_start < statement_timestamp() FROM pg_stat_activity "
+                     "WHERE pid = pg_backend_pid()")[0] is True   # (still one transaction since before it)
+        assert t.one("SELECT count(*) FROM pg_prepared_statements")[0] <= 3
+    store.close()
+
+
+@pytest.mark.postgres
+def test_postgres_begin_goes_with_the_first_statement_and_a_transaction_is_still_one(pg_server_url):
+    """BEGIN is written, and sent with the transaction's first statement (one round trip fewer): an empty
+    transaction, one that fails before its first statement, and one rolled back all leave the connection in step
+    with the server, and a transaction's writes are still all or nothing."""
+    store = ductwork.Store(pg_server_url)
+    with store.tx() as t:
+        t.run("CREATE TABLE IF NOT EXISTS begin_probe (n INTEGER)")
+        t.run("DELETE FROM begin_probe")
+    backend = _backend(store)
+    with store.tx():
+        pass
+    assert _backend(store) == backend   # (an empty transaction: its BEGIN answered at the COMMIT, in step)
+    with pytest.raises(ZeroDivisionError), store.tx():
+        raise ZeroDivisionError("before any statement")
+    with pytest.raises(RuntimeError), store.tx() as t:
+        t.run("INSERT INTO begin_probe (n) VALUES (1)")
+        assert t.one("SELECT count(*) FROM begin_probe")[0] == 1
+        raise RuntimeError("rolled back")
+    with store.tx(write=False) as t:
+        assert t.one("SELECT count(*) FROM begin_probe")[0] == 0
+        first = t.one("SELECT txid_current()")[0]
+        assert t.one("SELECT txid_current()")[0] == first   # (both statements in one transaction)
+    with pytest.raises(Exception, match="no_such_table"), store.tx() as t:
+        t.run("INSERT INTO begin_probe (n) VALUES (2)")
+        t.run("INSERT INTO no_such_table (n) VALUES (3)")
+    with store.tx() as t:
+        assert t.one("SELECT count(*) FROM begin_probe")[0] == 0
+        t.run("DROP TABLE begin_probe")
+        assert t.one("SELECT count(*) FROM pg_stat_activity WHERE pid = pg_backend_pid() "
+                     "AND state = 'active'")[0] == 1
     store.close()
 
 
