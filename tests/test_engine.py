@@ -608,6 +608,10 @@ def test_batch_statements_use_indexes_on_big_tables(engine):
             "steps_succeeded": (B.steps_succeeded(dialect),
                                 {**t.keyed(B.STEP, [(i, "1") for i in batch]), "process_id": 1, "token": "x",
                                  **({"lock_ids": t.ids(batch), "lock_class": 1} if dialect == "postgres" else {})}),
+            **({"steps_succeeded_logged": (B.steps_succeeded_logged(),
+                                           {**t.keyed(B.STEP_RAN, [(i, "1", 0.001) for i in batch]), "process_id": 1,
+                                            "token": "x", "lock_ids": t.ids(batch), "lock_class": 1})}
+               if dialect == "postgres" else {}),
             "lock_branches": (B.lock_branches(dialect), {"ids": t.ids(batch)}),
             "apply_branches": (B.apply_branches(dialect),
                                t.keyed(B.BRANCH, [(i, "running", "", "completed", 0, 0, 0, "1", None) for i in batch])),
@@ -692,6 +696,31 @@ def test_an_execution_records_when_its_step_started_not_when_it_was_claimed(engi
     assert all(claimed <= started <= finished for _, claimed, started, finished in rows), rows
     # 50 ms apart, less SQLite's millisecond clock
     assert rows[1][2] - rows[0][2] >= 0.05 - 0.002, rows
+
+
+def test_execution_rows_say_step_run_pipeline_process_attempt_and_outcome(engine):
+    """Each committed attempt is one execution row (on Postgres a success's row is written by the statement that
+    marks its step succeeded): what it ran, for whom, which attempt, how it ended."""
+    run = EngSingle.trigger(1)
+    [c] = engine.claim_steps("EngSingle", 4100, 1)
+    c.mark_started()
+    assert engine.commit([ductwork.StepResult(c, False, "boom", delay=0)]).accepted == [True]
+    [again] = engine.claim_steps("EngSingle", 4200, 1)
+    again.mark_started()
+    assert engine.commit([ductwork.StepResult(again, True, "2")]).accepted == [True]
+    lost = EngSingle.trigger(2)
+    [stale] = engine.claim_steps("EngSingle", 4300, 1)
+    with engine.store.tx() as t:   # (its claim lost: no execution row for its result)
+        t.run("UPDATE ductwork_steps SET claim_token = 'other' WHERE id = ?", (stale.step_id,))
+    stale.mark_started()
+    assert engine.commit([ductwork.StepResult(stale, True, "3")]).accepted == [False]
+    with engine.store.tx(write=False) as t:
+        rows = t.all("SELECT step_id, run_id, pipeline, process_id, attempt, outcome, error, started_at, finished_at "
+                     "FROM ductwork_executions ORDER BY id")
+    assert [tuple(row[:7]) for row in rows] == [(c.step_id, run.id, "EngSingle", 4100, 1, "failed", "boom"),
+                                                (c.step_id, run.id, "EngSingle", 4200, 2, "succeeded", None)]
+    assert all(claim.claimed_at <= row[7] <= row[8] for claim, row in zip((c, again), rows, strict=True)), rows
+    assert lost.refresh().status == "in_progress"
 
 
 def test_run_list_newest_first_by_pipeline_and_status(engine, start_runtime):
