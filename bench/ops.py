@@ -34,6 +34,19 @@ import ductwork
 
 _STORES: dict[str, ductwork.Store] = {}
 
+# The health check's baseline: the least a Python program that asks Postgres anything does (import pg8000, connect,
+# SELECT 1, close), with the database URL as its argument.
+BARE_PG8000 = """
+import sys
+from urllib.parse import unquote, urlsplit
+import pg8000.native
+u = urlsplit(sys.argv[1])
+conn = pg8000.native.Connection(unquote(u.username or "postgres"), host=u.hostname or "127.0.0.1", port=u.port or 5432,
+                                database=u.path.lstrip("/"), password=unquote(u.password) if u.password else None)
+conn.run("SELECT 1")
+conn.close()
+"""
+
 
 def rows(url: str, role: str | None = None) -> list[tuple]:
     store = _STORES.setdefault(url, ductwork.Store(url))  # one connection: polling must not cost a connect
@@ -66,14 +79,26 @@ def bench_engine(kind: str, repeat: int, tmp: Path, cached: Path) -> list[list[s
         cfg = write_config(tmp / f"{kind}.yml", db.url, supervisor={"heartbeat_interval": 0.5})
         sup = start(cfg)
         wait_for(lambda: len(rows(db.url)) == 6, 30)  # supervisor + advancer + 4 workers (one per pipeline)
-        # health check: the whole process, interpreter start included
-        floor = [timed([sys.executable, "-c", "pass"]) for _ in range(repeat * 4)]
+        # health check: the whole process, interpreter start included, against `python -c pass` and (Postgres) a bare
+        # script that imports pg8000, connects and runs SELECT 1: interleaved, one of each per round
+        forms = {"floor": ([sys.executable, "-c", "pass"], None)}
+        if kind == "postgres":
+            forms["bare"] = ([sys.executable, "-c", BARE_PG8000, db.url], None)
         for label, compiled in (("python ductwork.py", None), ("python -m ductwork, bytecode cached", cached)):
             cmd, cwd = command(compiled)
-            health = [timed([*cmd, "healthcheck", "-c", str(cfg)], cwd) for _ in range(repeat * 4)]
+            forms[label] = ([*cmd, "healthcheck", "-c", str(cfg)], cwd)
+        took: dict[str, list[float]] = {form: [] for form in forms}
+        for _ in range(repeat * 4):
+            for form, (cmd, cwd) in forms.items():
+                took[form].append(timed(cmd, cwd))
+        floor, bare = took.pop("floor"), took.pop("bare", None)
+        for label, health in took.items():
             over = statistics.median(health) - statistics.median(floor)
-            out.append([kind, f"healthcheck wall time ({label})", fmt(health, " ms"),
-                        f"python -c pass: {fmt(floor, ' ms')}; over it: {over:.0f} ms"])
+            note = f"python -c pass: {fmt(floor, ' ms')}; over it: {over:.0f} ms"
+            if bare:
+                note += (f"; bare pg8000 SELECT 1 script: {fmt(bare, ' ms')}, ratio "
+                         f"{statistics.median(health) / statistics.median(bare):.2f} (target <= 1.2 for -m)")
+            out.append([kind, f"healthcheck wall time ({label})", fmt(health, " ms"), note])
         # restart latency after SIGKILL of a worker child: until its replacement has registered
         latencies = []
         for _ in range(repeat):
