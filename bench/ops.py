@@ -33,6 +33,10 @@ from common import (
 import ductwork
 
 _STORES: dict[str, ductwork.Store] = {}
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_app  # noqa: E402 - the pipelines a supervisor of the bench config serves: a worker child each
+
+WORKERS = len([name for name in ductwork._REGISTRY if hasattr(bench_app, name)])
 
 # The health check's baseline: the least a Python program that asks Postgres anything does (import pg8000, connect,
 # SELECT 1, close), with the database URL as its argument.
@@ -64,7 +68,7 @@ def timed(cmd: list[str], cwd: Path | None = None) -> float:
 def supervisor_rss(cfg: Path, url: str, compiled: Path | None) -> float:
     """RSS of an idle supervisor with its children registered, MB."""
     sup = start(cfg, compiled=compiled)
-    wait_for(lambda: len(rows(url)) == 6, 30)
+    wait_for(lambda: len(rows(url)) == 2 + WORKERS, 30)
     pause(1.0)
     rss, _ = memory_kb(sup.pid)
     stop(sup)
@@ -78,7 +82,7 @@ def bench_engine(kind: str, repeat: int, tmp: Path, cached: Path) -> list[list[s
     try:
         cfg = write_config(tmp / f"{kind}.yml", db.url, supervisor={"heartbeat_interval": 0.5})
         sup = start(cfg)
-        wait_for(lambda: len(rows(db.url)) == 6, 30)  # supervisor + advancer + 4 workers (one per pipeline)
+        wait_for(lambda: len(rows(db.url)) == 2 + WORKERS, 30)  # supervisor + advancer + a worker per pipeline
         # health check: the whole process, interpreter start included, against `python -c pass` and (Postgres) a bare
         # script that imports pg8000, connects and runs SELECT 1: interleaved, one of each per round
         forms = {"floor": ([sys.executable, "-c", "pass"], None)}
@@ -105,7 +109,7 @@ def bench_engine(kind: str, repeat: int, tmp: Path, cached: Path) -> list[list[s
             victim = next(r for r in rows(db.url, "worker"))
             t0 = time.perf_counter()
             os.kill(victim[1], signal.SIGKILL)
-            wait_for(lambda v=victim: len(rows(db.url, "worker")) == 4
+            wait_for(lambda v=victim: len(rows(db.url, "worker")) == WORKERS
                      and all(r[1] != v[1] for r in rows(db.url, "worker")), 10)
             latencies.append((time.perf_counter() - t0) * 1000)
         out.append([kind, "restart after SIGKILL of a child (to new row)", fmt(latencies, " ms"), ""])
@@ -117,12 +121,13 @@ def bench_engine(kind: str, repeat: int, tmp: Path, cached: Path) -> list[list[s
         wait_for(lambda: not rows(db.url), 30)
         for label, compiled in (("python ductwork.py", None), ("python -m ductwork, bytecode cached", cached)):
             rss = [supervisor_rss(cfg, db.url, compiled) for _ in range(max(1, repeat // 2))]
-            out.append([kind, f"supervisor RSS ({label})", fmt(rss, " MB"), "idle, 4 workers + 1 advancer registered"])
+            out.append([kind, f"supervisor RSS ({label})", fmt(rss, " MB"),
+                        f"idle, {WORKERS} workers + 1 advancer registered"])
         # idle shutdown: SIGTERM to exit
         shutdowns = []
         for _ in range(repeat):
             sup = start(cfg)
-            wait_for(lambda: len(rows(db.url)) == 6, 30)
+            wait_for(lambda: len(rows(db.url)) == 2 + WORKERS, 30)
             pause(1.0)  # idle: every thread has connected and is waiting for work
             t0 = time.perf_counter()
             os.kill(sup.pid, signal.SIGTERM)
@@ -132,11 +137,9 @@ def bench_engine(kind: str, repeat: int, tmp: Path, cached: Path) -> list[list[s
         # drain overhead: SIGTERM with a 0.5 s step in flight; overhead = exit time - the step's remaining time
         overheads = []
         ductwork.configure(database_url=db.url)
-        sys.path.insert(0, str(ROOT / "bench"))
-        import bench_app
         for _ in range(repeat):
             sup = start(cfg)
-            wait_for(lambda: len(rows(db.url)) == 6, 30)
+            wait_for(lambda: len(rows(db.url)) == 2 + WORKERS, 30)
             run = bench_app.BenchNap.trigger(0.5)
             wait_for(lambda r=run: r.steps[0].status == "running", 10)
             claimed = time.perf_counter()
