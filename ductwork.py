@@ -4037,18 +4037,23 @@ class SQL:
         VALUES (:pipeline, :name, :label, :n)
         ON CONFLICT (pipeline, name, label) DO UPDATE SET value = ductwork_counters.value + excluded.value"""
 
-    # Roll up (roll_up_counts). First, the newest ids under a lock that waits for the transactions inserting
-    # into the tables, so that every row up to them is committed (a later insert gets a higher id); the lock
-    # is held for that one read. A writer (or a vacuum) that holds a table longer than the timeout makes this
-    # turn give up, never the writers wait: a fan-in's commit, which takes the tables the other way round,
-    # would otherwise deadlock with it for deadlock_timeout.
+    # Roll up (roll_up_counts). First, each table's newest id under a lock that waits for the transactions
+    # inserting into it, so that every row up to it is committed (a later insert gets a higher id); the lock is
+    # held for that one read, one table per transaction. A commit takes the two tables in either order (a
+    # success's execution row is its first write and a completed run's row comes later; a fan-in's join the other
+    # way round): holding one while waiting for the other would close a cycle with it that only the timeout ends,
+    # the commit stalled for it. A writer (or a vacuum) that holds a table longer than the timeout makes this
+    # turn give up, never the writers wait.
     roll_up_timeout = """
         SET LOCAL lock_timeout = '200ms'"""
-    roll_up_lock = """
-        LOCK TABLE ductwork_runs, ductwork_executions IN SHARE MODE"""
-    newest_ids = """
-        SELECT (SELECT coalesce(max(id), 0) FROM ductwork_runs),
-               (SELECT coalesce(max(id), 0) FROM ductwork_executions)"""
+    ROLL_UP_BARRIERS = {   # each mark's table (ROLLED_UP's names): its lock, then its newest id
+        "runs": ("""
+        LOCK TABLE ductwork_runs IN SHARE MODE""", """
+        SELECT coalesce(max(id), 0) FROM ductwork_runs"""),
+        "executions": ("""
+        LOCK TABLE ductwork_executions IN SHARE MODE""", """
+        SELECT coalesce(max(id), 0) FROM ductwork_executions"""),
+    }
     # Then, under the pruners' lock alone (no prune deletes meanwhile), the rows past the marks up to those ids
     # join the totals and the marks move there.
     roll_up_runs = """
@@ -4075,7 +4080,7 @@ class SQL:
         SET mark = :upto
         WHERE name = :name
           AND mark < :upto"""
-    # each mark (in newest_ids' order) and the statement that rolls its rows up
+    # each mark and the statement that rolls its rows up
     ROLLED_UP = {"runs": roll_up_runs, "executions": roll_up_executions}
 
     # status: the latest halts.
@@ -5261,11 +5266,14 @@ def roll_up_counts(store: Store, wait: bool = False) -> bool | None:
     held the tables past the lock timeout (the next turn tries again), None when another process holds the
     pruners' lock (``wait``: wait for it)."""
     try:
-        with store.tx() as t:   # (SQLite: this write transaction keeps every writer out already)
-            if t.dialect == "postgres":
-                t.run(SQL.roll_up_timeout)
-                t.run(SQL.roll_up_lock)
-            newest = t.one(SQL.newest_ids)
+        newest = []
+        for name in SQL.ROLLED_UP:   # (one table at a time: see SQL.ROLL_UP_BARRIERS)
+            lock, newest_id = SQL.ROLL_UP_BARRIERS[name]
+            with store.tx() as t:   # (SQLite: this write transaction keeps every writer out already)
+                if t.dialect == "postgres":
+                    t.run(SQL.roll_up_timeout)
+                    t.run(lock)
+                newest.append(t.one(newest_id)[0])
         for (name, statement), newest_id in zip(SQL.ROLLED_UP.items(), newest, strict=True):
             upto = None
             while upto != int(newest_id):

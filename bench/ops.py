@@ -39,14 +39,16 @@ import bench_app  # noqa: E402 - the pipelines a supervisor of the bench config 
 WORKERS = len([name for name in ductwork._REGISTRY if hasattr(bench_app, name)])
 
 # The health check's baseline: the least a Python program that asks Postgres anything does (import pg8000, connect,
-# SELECT 1, close), with the database URL as its argument.
+# SELECT 1, close), with the database URL as its argument; without TLS (pg8000 by itself loads the CA bundle and
+# asks the server for TLS at every connect, which the health check does only with a server that agrees to it).
 BARE_PG8000 = """
 import sys
 from urllib.parse import unquote, urlsplit
 import pg8000.native
 u = urlsplit(sys.argv[1])
 conn = pg8000.native.Connection(unquote(u.username or "postgres"), host=u.hostname or "127.0.0.1", port=u.port or 5432,
-                                database=u.path.lstrip("/"), password=unquote(u.password) if u.password else None)
+                                database=u.path.lstrip("/"), password=unquote(u.password) if u.password else None,
+                                ssl_context=False)
 conn.run("SELECT 1")
 conn.close()
 """

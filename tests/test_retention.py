@@ -567,6 +567,40 @@ def test_rollups_while_work_goes_on_count_every_row_once(engine, start_runtime):
     assert counts.executed == {("RetChain", "succeeded"): 2 * len(chains), ("RetFan", "succeeded"): 7 * len(fans)}
 
 
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_a_rollup_during_a_commit_that_completes_a_run_waits_for_it_and_goes_through(engine):
+    """A success's commit writes its execution row first and its run's completion later; a rollup that starts in
+    between waits for the executions table, never holding the runs table meanwhile (that cycle only ended at the
+    rollup's lock timeout: the rollup gave up and the commit stalled)."""
+    run = RetIdle.trigger(1)
+    [claim] = engine.claim_steps("RetIdle", 5100, 1)
+    claim.mark_started()
+    rolled: list = []
+    rollers: list[threading.Thread] = []
+    watcher = ductwork.Store(engine.store.url)   # (the commit's own thread is inside its transaction)
+
+    def paused(point, step=None):   # the commit holds its execution row, its run not completed yet
+        if point != "after_branch_claim":
+            return
+        roller = threading.Thread(target=lambda: rolled.append(engine.roll_up()))
+        roller.start()
+        deadline = time.monotonic() + 10
+        while not rolled and time.monotonic() < deadline:   # until the rollup waits for a lock (or is done)
+            with watcher.tx(write=False) as t:
+                if t.one("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                         "AND wait_event_type = 'Lock' AND query LIKE '%LOCK TABLE ductwork_%'")[0]:
+                    break
+        rollers.append(roller)
+    engine.fault = paused
+    assert engine.commit([ductwork.StepResult(claim, True, "1")]).accepted == [True]
+    [roller] = rollers
+    roller.join(10)
+    watcher.close()
+    assert rolled == [True]
+    assert run.refresh().status == "completed"
+    assert_counters_match_rows(engine)
+
+
 def schema_1_with_runs(url: str, runs: int) -> ductwork.Store:
     """A database at schema 1 (this ductwork's first migration only) holding finished runs."""
     store = ductwork.Store(url)
