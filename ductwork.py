@@ -4889,14 +4889,16 @@ class BulkSQL:
                   "sqlite": ""}
 
     # Steps that succeeded, with their outputs (fenced on their claim; on Postgres their runs locked first).
+    SUCCEEDED = ("status = 'succeeded', output = r.output, attempts = attempts + 1, finished_at = {now}, "
+                 "claimed_by = NULL, claim_token = NULL")
+    STILL_HELD = ("ductwork_steps.status = 'running' AND ductwork_steps.claimed_by = :process_id "
+                  "AND ductwork_steps.claim_token = :token")
+
     @classmethod
     @functools.cache
     def steps_succeeded(cls, dialect: str) -> str:
-        return cls.update(dialect, "ductwork_steps",
-                          "status = 'succeeded', output = r.output, attempts = attempts + 1, finished_at = {now}, "
-                          "claimed_by = NULL, claim_token = NULL", cls.STEP,
-                          "ductwork_steps.status = 'running' AND ductwork_steps.claimed_by = :process_id "
-                          "AND ductwork_steps.claim_token = :token" + cls.SHARE_RUNS[dialect], "ductwork_steps.id")
+        return cls.update(dialect, "ductwork_steps", cls.SUCCEEDED, cls.STEP, cls.STILL_HELD + cls.SHARE_RUNS[dialect],
+                          "ductwork_steps.id")
 
     # Postgres: ... and their execution rows, in the same statement (a data-modifying WITH: a round trip and a read
     # of the rows fewer per commit). Attempt, claim time and pipeline are the step row's own; the start is :ran_for
@@ -4906,11 +4908,8 @@ class BulkSQL:
     @classmethod
     @functools.cache
     def steps_succeeded_logged(cls) -> str:
-        done = cls.update("postgres", "ductwork_steps",
-                          "status = 'succeeded', output = r.output, attempts = attempts + 1, finished_at = {now}, "
-                          "claimed_by = NULL, claim_token = NULL", cls.STEP_RAN,
-                          "ductwork_steps.status = 'running' AND ductwork_steps.claimed_by = :process_id "
-                          "AND ductwork_steps.claim_token = :token" + cls.SHARE_RUNS["postgres"],
+        done = cls.update("postgres", "ductwork_steps", cls.SUCCEEDED, cls.STEP_RAN,
+                          cls.STILL_HELD + cls.SHARE_RUNS["postgres"],
                           "ductwork_steps.id, ductwork_steps.run_id, ductwork_steps.pipeline, "
                           "ductwork_steps.attempts + ductwork_steps.crashes AS attempt, ductwork_steps.claimed_at, "
                           "r.ran_for")
