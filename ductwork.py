@@ -1244,9 +1244,8 @@ class _PgConnection:
         if prepared is None:
             if len(self.prepared) >= self.MAX_PREPARED:
                 if self.begun:   # (pg8000's close reads its own answer: the BEGIN's must be read first)
-                    self.begun = False
                     core._flush(c._sock)
-                    c.handle_messages(core.Context("BEGIN"))
+                    self._answer_begin()
                 for name_bin, *_ in self.prepared.values():
                     c.close_prepared_statement(name_bin)
                 self.prepared.clear()
@@ -1293,14 +1292,18 @@ class _PgConnection:
         """Read the answer to what was just sent into ``context``, after a BEGIN's sent before it: a failed BEGIN's
         error is raised once both are read (the connection stays in step with the server)."""
         if self.begun:
-            self.begun = False
             try:
-                self.conn.handle_messages(self.core.Context("BEGIN"))
+                self._answer_begin()
             except Exception:
                 with contextlib.suppress(Exception):
                     self.conn.handle_messages(context)
                 raise
         self.conn.handle_messages(context)
+
+    def _answer_begin(self) -> None:
+        """Read the answer to the BEGIN written before (and sent by the flush since)."""
+        self.begun = False
+        self.conn.handle_messages(self.core.Context("BEGIN"))
 
     def _simple(self, sql: str) -> None:
         self.conn.send_QUERY(sql)
@@ -4888,28 +4891,23 @@ class BulkSQL:
                               "pg_advisory_xact_lock_shared(:lock_class, CAST(lock_id % 2147483647 AS INTEGER))) >= 0",
                   "sqlite": ""}
 
-    # Steps that succeeded, with their outputs (fenced on their claim; on Postgres their runs locked first).
-    SUCCEEDED = ("status = 'succeeded', output = r.output, attempts = attempts + 1, finished_at = {now}, "
-                 "claimed_by = NULL, claim_token = NULL")
-    STILL_HELD = ("ductwork_steps.status = 'running' AND ductwork_steps.claimed_by = :process_id "
-                  "AND ductwork_steps.claim_token = :token")
-
-    @classmethod
-    @functools.cache
-    def steps_succeeded(cls, dialect: str) -> str:
-        return cls.update(dialect, "ductwork_steps", cls.SUCCEEDED, cls.STEP, cls.STILL_HELD + cls.SHARE_RUNS[dialect],
-                          "ductwork_steps.id")
-
-    # Postgres: ... and their execution rows, in the same statement (a data-modifying WITH: a round trip and a read
-    # of the rows fewer per commit). Attempt, claim time and pipeline are the step row's own; the start is :ran_for
-    # (the runner's measure) before now, never before the claim, as in insert_executions.
+    # Steps that succeeded, with their outputs (fenced on their claim; on Postgres their runs locked first), and
+    # their execution rows: Postgres in the same statement (a data-modifying WITH: a round trip and a read of the
+    # rows fewer per commit; attempt, claim time and pipeline are the step row's own, the start :ran_for, the
+    # runner's measure, before now and never before the claim, as in insert_executions), SQLite in the next one
+    # (Engine._write_successes: it has no round trips to save). The rows are STEP_RAN's on both.
     STEP_RAN = STEP + [("ran_for", "DOUBLE PRECISION")]
 
     @classmethod
     @functools.cache
-    def steps_succeeded_logged(cls) -> str:
-        done = cls.update("postgres", "ductwork_steps", cls.SUCCEEDED, cls.STEP_RAN,
-                          cls.STILL_HELD + cls.SHARE_RUNS["postgres"],
+    def steps_succeeded(cls, dialect: str) -> str:
+        set_succeeded = ("status = 'succeeded', output = r.output, attempts = attempts + 1, finished_at = {now}, "
+                         "claimed_by = NULL, claim_token = NULL")
+        held = ("ductwork_steps.status = 'running' AND ductwork_steps.claimed_by = :process_id "
+                "AND ductwork_steps.claim_token = :token" + cls.SHARE_RUNS[dialect])
+        if dialect == "sqlite":
+            return cls.update(dialect, "ductwork_steps", set_succeeded, cls.STEP, held, "ductwork_steps.id")
+        done = cls.update(dialect, "ductwork_steps", set_succeeded, cls.STEP_RAN, held,
                           "ductwork_steps.id, ductwork_steps.run_id, ductwork_steps.pipeline, "
                           "ductwork_steps.attempts + ductwork_steps.crashes AS attempt, ductwork_steps.claimed_at, "
                           "r.ran_for")
@@ -5780,9 +5778,8 @@ class Engine:
             discarded = self._discard_cancelled(t, rejected) if rejected else set()
             if finished:
                 self._advance_finished(t, finished, inline)
-            logged = t.dialect == "postgres"   # (the successes' executions: written with them, _write_successes)
-            self._record_executions(t, [r for r, ok in zip(results, accepted, strict=True) if ok
-                                        and not (logged and r.ok)],
+            # (the successes' execution rows were written with them: _write_successes)
+            self._record_executions(t, [r for r, ok in zip(results, accepted, strict=True) if ok and not r.ok],
                                     [r for r in rejected if r.claim.step_id in discarded])
             # (the slots let go last but the claim: their keys' locks are held to the commit, so the least time)
             self.free_slots(t, [(r.claim.pipeline, r.claim.name, r.claim.concurrency_key)
@@ -5833,26 +5830,25 @@ class Engine:
             discarded |= {row[0] for row in self.unclaim_cancelled(t, "discarded", params)}
         return discarded
 
-    @staticmethod
-    def _write_successes(t: _EngineTx, results: list[StepResult], runs: set[int]) -> set[int]:
+    def _write_successes(self, t: _EngineTx, results: list[StepResult], runs: set[int]) -> set[int]:
         """Mark succeeded steps in one statement per claim, the first of them taking the locks of ``runs`` on
-        Postgres (BulkSQL.SHARE_RUNS); returns the step ids still held."""
+        Postgres (BulkSQL.SHARE_RUNS), with the execution rows of those still held (BulkSQL.steps_succeeded);
+        returns their step ids."""
         accepted: set[int] = set()
         groups: dict[tuple[int, str], list[StepResult]] = {}
         for r in results:
             groups.setdefault((r.claim.process_id, r.claim.token), []).append(r)
         locks = run_lock_order(runs)
         for (process_id, token), group in groups.items():
-            params = {"process_id": process_id, "token": token}
-            if t.dialect == "postgres":   # (their executions written too: _commit leaves them out)
-                params |= {**t.keyed(BulkSQL.STEP_RAN, [(r.claim.step_id, r.value, r.claim.ran_for()) for r in group]),
-                           "lock_ids": t.ids(locks), "lock_class": SQL.RUN_LOCK_CLASS}
+            params = {**t.keyed(BulkSQL.STEP_RAN, [(r.claim.step_id, r.value, r.claim.ran_for()) for r in group]),
+                      "process_id": process_id, "token": token}
+            if t.dialect == "postgres":
+                params |= {"lock_ids": t.ids(locks), "lock_class": SQL.RUN_LOCK_CLASS}
                 locks = []
-                statement = BulkSQL.steps_succeeded_logged()
-            else:
-                params |= t.keyed(BulkSQL.STEP, [(r.claim.step_id, r.value) for r in group])
-                statement = BulkSQL.steps_succeeded(t.dialect)
-            accepted |= {row[0] for row in t.all(statement, params)}
+            held = {row[0] for row in t.all(BulkSQL.steps_succeeded(t.dialect), params)}
+            if t.dialect == "sqlite":   # (Postgres wrote their execution rows in that statement)
+                self._record_executions(t, [r for r in group if r.claim.step_id in held])
+            accepted |= held
         return accepted
 
     def gives_up(self, r: StepResult) -> bool:

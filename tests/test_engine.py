@@ -608,7 +608,7 @@ def test_batch_statements_use_indexes_on_big_tables(engine):
             "steps_succeeded": (B.steps_succeeded(dialect),
                                 {**t.keyed(B.STEP, [(i, "1") for i in batch]), "process_id": 1, "token": "x",
                                  **({"lock_ids": t.ids(batch), "lock_class": 1} if dialect == "postgres" else {})}),
-            **({"steps_succeeded_logged": (B.steps_succeeded_logged(),
+            **({"steps_succeeded_logged": (B.steps_succeeded(dialect),
                                            {**t.keyed(B.STEP_RAN, [(i, "1", 0.001) for i in batch]), "process_id": 1,
                                             "token": "x", "lock_ids": t.ids(batch), "lock_class": 1})}
                if dialect == "postgres" else {}),
