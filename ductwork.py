@@ -280,6 +280,43 @@ def backoff(attempt: int, base: float, cap: float, jitter: float = 0.0) -> float
     return delay
 
 
+# The module's records are dataclasses with one __repr__, __eq__ and (frozen) __hash__ shared by all of them:
+# before Python 3.13, dataclasses compiles each generated method apart, and the three of forty classes cost
+# about 15 ms at every start of the module (a health check, run every few seconds, pays it each time).
+def _record_values(obj: Any) -> tuple:
+    return tuple(getattr(obj, f.name) for f in dataclasses.fields(obj) if f.compare)
+
+
+def _record_repr(self: Any) -> str:
+    shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr)
+    return f"{type(self).__qualname__}({shown})"
+
+
+def _record_eq(self: Any, other: object) -> bool:
+    if other.__class__ is not self.__class__:
+        return NotImplemented
+    return _record_values(self) == _record_values(other)
+
+
+def _record_hash(self: Any) -> int:
+    return hash(_record_values(self))
+
+
+def record(cls: type | None = None, /, *, frozen: bool = False, eq: bool = True) -> Any:
+    """``dataclasses.dataclass`` (``frozen``; ``eq=False``: compared by identity) with the shared methods
+    above: what dataclass would generate (equal when of one class with equal fields; frozen ones hash
+    their fields, mutable ones are unhashable), made once for the module."""
+    def wrap(cls: type) -> type:
+        methods = {"__repr__": _record_repr}
+        if eq:
+            methods.update(__eq__=_record_eq, __hash__=_record_hash if frozen else None)
+        for name, method in methods.items():
+            if name not in cls.__dict__:   # a class's own method stays (Schedule's __eq__ and __hash__)
+                setattr(cls, name, method)
+        return dataclasses.dataclass(cls, frozen=frozen, repr=False, eq=False)
+    return wrap if cls is None else wrap(cls)
+
+
 # =====================================================================================
 # logging: one line per event, text or JSON, with pid/role/pipeline; secrets masked; metrics; tracing
 # =====================================================================================
@@ -903,7 +940,7 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-@dataclasses.dataclass
+@record
 class Config:
     """Validated configuration: ``get("job_worker.max_retry", pipeline, step)``."""
 
@@ -1049,7 +1086,7 @@ def _check_listen_url(database: DatabaseInfo, url: str) -> None:
 # =====================================================================================
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class DatabaseInfo:
     """A parsed database URL (the password never shows in ``repr`` or ``display``)."""
     dialect: str                # "sqlite" | "postgres"
@@ -1410,19 +1447,11 @@ class _PoolWaiter:
 
 
 class _TLS:
-    """The SSL context pg8000 gets: pg8000 only calls ``wrap_socket``, once the server has
-    agreed to TLS, so the context (and the ssl module) is made then, once per process and mode.
-    Left to itself, pg8000 builds a default context for every connection, loading the system
-    CA bundle (about 17 ms of CPU) even when the server has no TLS or verification is off."""
+    """The SSL contexts of this process, one per sslmode, each made when a server first agrees to
+    TLS in that mode (left to itself, pg8000 builds a default context for every connection, loading
+    the system CA bundle, about 17 ms of CPU, even when the server has no TLS or verification is off)."""
 
     contexts: dict[str, Any] = {}
-    refused: set[tuple[str | None, int]] = set()   # servers that said no to TLS (sslmode prefer/allow)
-
-    def __init__(self, mode: str):
-        self.mode = mode
-
-    def wrap_socket(self, sock: Any, server_hostname: str | None = None) -> Any:
-        return self.context(self.mode).wrap_socket(sock, server_hostname=server_hostname)
 
     @classmethod
     def context(cls, mode: str) -> Any:
@@ -1438,6 +1467,36 @@ class _TLS:
                 ctx.verify_mode = ssl.CERT_NONE
             cls.contexts[mode] = ctx
         return ctx
+
+
+# The protocol's SSLRequest (its length, 8, then the request code 80877103), answered by one byte: S or N.
+_SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
+_SSLMODES_PLAIN_OK = ("disable", "allow", "prefer")
+
+
+def _pg_socket(info: DatabaseInfo) -> Any:
+    """A socket connected to ``info``'s server with TLS settled as libpq's sslmode says, for pg8000
+    to log in on. A server without TLS answers the request with N and the login goes on plain on
+    the same socket (prefer, allow), as libpq does: pg8000 by itself either builds a default context
+    first or fails, and a second connect cost every process a TCP handshake and a backend's refusal.
+    Its timeout (``connect_timeout``) stays the socket's, as pg8000 sets it."""
+    import socket
+    sock = socket.create_connection((info.host, info.port), info.connect_timeout)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)   # as pg8000 does: a vanished peer is found
+        if info.sslmode == "disable":
+            return sock
+        sock.sendall(_SSL_REQUEST)
+        answer = sock.recv(1)
+        if answer == b"S":
+            return _TLS.context(info.sslmode).wrap_socket(sock, server_hostname=info.host)
+        if answer == b"N" and info.sslmode in _SSLMODES_PLAIN_OK:
+            return sock
+        raise DatabaseUnavailable(f"the server refuses SSL (sslmode={info.sslmode})" if answer == b"N"
+                                  else "network error: no answer to the SSL request")
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _defer_scramp() -> None:
@@ -1907,28 +1966,21 @@ class Store:
 
     @staticmethod
     def _connect_pg(info: DatabaseInfo) -> Any:
-        """A new pg8000 connection to ``info``'s database (TLS as its sslmode says)."""
+        """A new pg8000 connection to ``info``'s database, on a socket whose TLS is settled (``_pg_socket``)."""
         try:
             _defer_scramp()
             import pg8000.native
         except ImportError:
             raise ConfigError("PostgreSQL URLs need pg8000: pip install pg8000") from None
-        plain_ok = info.sslmode in ("disable", "allow", "prefer")
-        known_plain = info.sslmode == "disable" or (plain_ok and (info.host, info.port) in _TLS.refused)
-        tls = False if known_plain else _TLS(info.sslmode)
-
-        def connect(ssl_context: Any) -> Any:
-            return pg8000.native.Connection(
-                user=info.user, password=info.password, host=info.host, port=info.port, database=info.database,
-                timeout=info.connect_timeout, ssl_context=ssl_context, application_name="ductwork")
         try:
+            sock = _pg_socket(info)
             try:
-                return _PgConnection(connect(tls), pooled=info.pgbouncer)
-            except pg8000.native.InterfaceError as exc:
-                if not (tls and plain_ok and "refuses SSL" in str(exc)):
-                    raise
-                _TLS.refused.add((info.host, info.port))  # prefer/allow: plain, now and for later connections
-                return _PgConnection(connect(False), pooled=info.pgbouncer)
+                return _PgConnection(pg8000.native.Connection(
+                    user=info.user, password=info.password, database=info.database, sock=sock, ssl_context=False,
+                    application_name="ductwork"), pooled=info.pgbouncer)
+            except BaseException:
+                sock.close()
+                raise
         except Exception as exc:
             if info.password is None and isinstance(exc, AttributeError):   # pg8000 on a password request
                 raise DatabaseUnavailable(f"cannot connect to {info.display}: the server asks for a password and "
@@ -2104,7 +2156,7 @@ def _retry_conflicts(fn: Callable[[], Any], attempts: int = 5, lock_timeouts: bo
 #               one text per dialect (a dialect it does not name runs nothing).
 #   dropped     indexes the new ones replace, dropped (concurrently) once the version is recorded.
 #   after       what an existing database needs once the version is there (run outside the transaction).
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class Migration:
     """One schema version: its statements, the indexes built before them, those dropped after (see above)."""
 
@@ -2526,7 +2578,7 @@ def _exception_classes(name: str, value: Any) -> tuple[type[BaseException], ...]
     return classes
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class Retry:
     """A step's retry policy: a Step class attribute ``retry = ductwork.Retry(...)``, or
     ``@ductwork.step(retry=...)`` on a function step. After failed attempt n the next is claimable
@@ -2652,7 +2704,7 @@ def _step_name(step: Any, pipeline: str) -> str:
     raise DefinitionError(f"pipeline {pipeline}: {step!r} is not a ductwork.Step subclass or a function")
 
 
-@dataclasses.dataclass
+@record
 class _Frame:
     """An open fan-out on a builder handle's stack."""
     kind: str          # expand | divide | divert
@@ -2918,7 +2970,7 @@ class Builder:
         return dst
 
 
-@dataclasses.dataclass
+@record
 class Definition:
     """A compiled pipeline graph (what each run stores)."""
 
@@ -3077,7 +3129,7 @@ def _at_or_before(values: tuple[int, ...], high: int) -> int | None:
     return next((v for v in reversed(values) if v <= high), None)
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class Cron:
     """A parsed 5-field cron expression (``parse_cron``): the values each field allows, sorted."""
 
@@ -3301,7 +3353,7 @@ def _schedule_every(every: Any, timezone: str) -> float:
     return float(every)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@record(frozen=True, eq=False)
 class Schedule:
     """When a pipeline fires by itself: a Pipeline class attribute ``schedule = ductwork.Schedule(...)`` (or a
     list of them). Exactly one of ``cron`` (5 fields or an @ alias, read in ``timezone``) and ``every``
@@ -3460,7 +3512,7 @@ class _Row:
         return cls(**dict(zip(cls.field_names(), row, strict=True)), **extra)
 
 
-@dataclasses.dataclass
+@record
 class JobClaim(_Row):
     """A step this process claimed to run (a row of ``SQL.claim_steps``)."""
 
@@ -3520,7 +3572,7 @@ class JobClaim(_Row):
 JOB_CLAIM_PRIORITY = JobClaim.field_names().index("priority")
 
 
-@dataclasses.dataclass
+@record
 class StepResult:
     """A finished execution waiting to be committed (several are committed in one transaction)."""
     claim: JobClaim
@@ -3531,7 +3583,7 @@ class StepResult:
     max_retry: int | None = None     # a failure: the step's retry budget (None: config job_worker.max_retry)
 
 
-@dataclasses.dataclass
+@record
 class Committed:
     """What one commit of results did."""
     accepted: list[bool]             # per result: still held, so written
@@ -3541,7 +3593,7 @@ class Committed:
     completed: list[int] = dataclasses.field(default_factory=list)  # runs that completed here (on_complete)
 
 
-@dataclasses.dataclass
+@record
 class BranchClaim(_Row):
     """A branch held for advancement: claimed (``SQL.claim_branches``) or row-locked by the
     transaction that commits its step (``BulkSQL.lock_branches``)."""
@@ -3564,7 +3616,7 @@ class BranchClaim(_Row):
     held: str = "advancing"  # the status it is held in: "running" when locked by a step's own commit
 
 
-@dataclasses.dataclass
+@record
 class StepState(_Row):
     """The latest step of a branch, as an advancement reads it (``SQL.current_step``)."""
 
@@ -3575,7 +3627,7 @@ class StepState(_Row):
     halt_reason: str | None
 
 
-@dataclasses.dataclass
+@record
 class HeldStep(_Row):
     """A running step held by a process that is being retired or reaped (``SQL.steps_held_by``)."""
 
@@ -3592,7 +3644,7 @@ class HeldStep(_Row):
     concurrency_key: str | None   # the slot it holds (a capped step's key)
 
 
-@dataclasses.dataclass
+@record
 class StepRecord(_Row):
     """One step of a run, as stored (``Run.steps``; input and output decoded)."""
 
@@ -3613,7 +3665,7 @@ class StepRecord(_Row):
     finished_at: float | None
 
 
-@dataclasses.dataclass
+@record
 class RunRow(_Row):
     """A run row as stored (``SQL.select_run``); JSON columns still encoded."""
 
@@ -3633,7 +3685,7 @@ class RunRow(_Row):
     priority: int               # trigger(priority=): lower first
 
 
-@dataclasses.dataclass
+@record
 class ProcessRow(_Row):
     """A process row with its ages on the database clock (``SQL.processes``)."""
 
@@ -3667,7 +3719,7 @@ class ProcessRow(_Row):
                 "heartbeat_age": round(float(self.heartbeat_age), 3), "age": round(float(self.age), 3)}
 
 
-@dataclasses.dataclass
+@record
 class _Outcome:
     """What an advancement decided for a branch (computed before any write)."""
     status: str
@@ -5085,7 +5137,7 @@ FAN_OUTS = ("expand", "divide", "divert")
 BOUNDED_FAN_OUTS = ("expand", "divide")   # pipeline_advancer.steps.max_depth bounds these (a divert starts one)
 
 
-@dataclasses.dataclass
+@record
 class Situation:
     """Everything one advancement decides on, read before deciding: ``decide()`` reads no
     database and writes nothing, so each rule is a plain function of this record."""
@@ -6545,7 +6597,7 @@ class RunContext:
         return self._engine.context_all(self.run_id)
 
 
-@dataclasses.dataclass
+@record
 class StepContext:
     """What a running step sees (also ``ductwork.current_step()`` for function steps)."""
     context: RunContext
@@ -7168,7 +7220,7 @@ QUICK_STEP = 0.005      # a step faster than this lets the batch grow
 QUICK_COMMIT = 0.02     # a finished result waits at most this long for its batch before committing
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class RoleSpec:
     """One kind of ductwork process, named in each vocabulary, and what it runs."""
     mode: str                      # what runs: Supervisor, or Runtime(role=mode): combined | advancer | worker
@@ -7549,7 +7601,7 @@ RECYCLE_WAKE = 0   # not a signal: the item on a Runtime's signal queue that mak
 RECYCLED_ENV = "DUCTWORK_RECYCLED"   # in a re-executed foreground process: how often it recycled itself
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class RecyclePolicy:
     """When a worker process is recycled (job_worker.recycle, jittered for this process); None: never."""
     steps: int | None = None        # once it started this many steps
@@ -9140,7 +9192,7 @@ def dump_threads(role: str) -> None:
 BOOT_BACKOFF_START, BOOT_BACKOFF_CAP = 0.5, 30.0
 
 
-@dataclasses.dataclass
+@record
 class ChildSpec:
     """One child the supervisor keeps alive: the advancer, or the worker of one pipeline."""
     key: str                      # "advancer" | "worker:<Pipeline>"
@@ -9153,7 +9205,7 @@ class ChildSpec:
     last_error: str = ""          # the last failed boot's error line
 
 
-@dataclasses.dataclass
+@record
 class Child:
     """One forked child process of a ChildSpec."""
     spec: ChildSpec
@@ -9701,7 +9753,7 @@ def exit_description(status: int) -> str:
 STATUS_ERROR_LINE = 300   # characters of an error's first line that status and the dashboard's summaries show
 
 
-@dataclasses.dataclass
+@record
 class Counts:
     """The counts (see "Counts (migration 2)"), each keyed by (pipeline, label)."""
 
@@ -9781,7 +9833,7 @@ def status_report(engine: Engine) -> dict:
     }
 
 
-@dataclasses.dataclass
+@record
 class Health:
     """The health check's verdict: ``code`` 0 healthy, 1 unhealthy/dead, 3 unreachable and no local proof."""
     code: int                     # the exit code of `ductwork healthcheck`
@@ -9844,7 +9896,7 @@ def healthy(max_age: float | None = None, role: str | None = None) -> bool:
 _TRUSTED_FOLDERS: set[str] = set()
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class LocalProof:
     """Local proof that a process's control loop runs: one file per process (``<role>.<pid>``, its
     mtime the last loop) in a folder of this user, this machine and this database. The health
@@ -9923,7 +9975,7 @@ class LocalProof:
 DRAIN_MARGIN = 5            # seconds a grace period needs beyond the drain budget: the hand-back, the row, the exit
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class DrainArithmetic:
     """What a SIGTERM costs a process of one role (README "Drain arithmetic"): its drain budget, and the grace
     period its process manager must give it, the budget and DRAIN_MARGIN."""
@@ -9960,7 +10012,7 @@ QUEUE_WARN_AGE = 60.0       # seconds a claimable step may wait before doctor wa
 QUEUE_WARN_POLLS = 10       # x job_worker.polling_timeout if that is longer: an idle worker looks that often
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class ConnectionDemand:
     """The most connections a deployment holds (SPEC §13): per host, each forking supervisor 1 (it is single-threaded),
     each other process (an advancer, a job worker, a ``forking: none`` process, a dashboard) its pool and its LISTEN
@@ -10011,7 +10063,7 @@ def connection_demand(config: Config, pipelines: int, hosts: int = 1) -> Connect
                             info.pgbouncer)
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class ConnectionBudget:
     """What the server leaves a deployment: its tightest limit less what other clients hold now."""
     available: int
@@ -10114,7 +10166,7 @@ def clock_skew(store: Store, samples: int = 3) -> tuple[float, float]:
     return best[1], best[0] / 2
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class Finding:
     """One line of doctor: a check's verdict and what it found or advises."""
     level: str          # ok | warn | fail
@@ -10127,7 +10179,7 @@ class Finding:
         return f"{self.level:<6}{self.check}: {self.text}"
 
 
-@dataclasses.dataclass
+@record
 class DoctorContext:
     """What the checks share: the config, one connection, and what earlier checks found."""
     config: Config
@@ -10430,7 +10482,7 @@ def _doctor_storage(ctx: DoctorContext) -> Finding:
     return Finding(DOCTOR_OK, "storage", text)
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class DoctorCheck:
     """One row of DOCTOR_CHECKS."""
     name: str
@@ -10893,7 +10945,7 @@ def _error_groups(heads: list[dict]) -> list[dict]:
     return sorted(groups.values(), key=lambda g: (-g["count"], -(g["last_seen"] or 0)))
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class FanoutView:
     """Which branches of one fan-out a run page shows: those of ``status`` (None: any), page ``page``."""
 
@@ -11065,7 +11117,7 @@ def dashboard_bulk_cancel(store: Store, pipeline: str | None, offered: bool) -> 
 
 
 # -- data: /metrics ------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class MetricFamily:
     """One /metrics family: a sample for every combination of its labels' values, read from one source."""
 
@@ -11923,7 +11975,7 @@ DASHBOARD_HEADERS = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "
 DASHBOARD_CHALLENGE = 'Basic realm="ductwork", charset="UTF-8"'
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class DashboardReply:
     """One response before it is sent: status code, content type, body and (for data) the data's ETag."""
 
@@ -12063,7 +12115,7 @@ class _Shared:
             return self.value
 
 
-@dataclasses.dataclass
+@record
 class _Client:
     """One address's failed logins: this window's start and count, its blocks so far and until when."""
 
@@ -12163,7 +12215,7 @@ class _ClientGone(Exception):
     """The client closed its connection before its request body arrived: nothing to answer."""
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class DashboardAction:
     """A state change an action URL names: ``kind`` cancel or revive (of ``run_id``), or bulk_cancel."""
 
@@ -12342,7 +12394,7 @@ def _close_socket(sock: Any, farewell: bytes = b"") -> None:
     sock.close()
 
 
-@dataclasses.dataclass
+@record
 class _Reading:
     """A connection whose request header is still arriving."""
 
@@ -12807,7 +12859,7 @@ def _add_common(parser: argparse.ArgumentParser, top: bool) -> None:
                         help="show tracebacks")
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class Command:
     """One command of the command line: the COMMANDS table's row."""
     name: str
@@ -12826,14 +12878,17 @@ class Command:
                 self.arguments(parser)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of every command in COMMANDS."""
+def build_parser(named: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command in COMMANDS, or of those ``named`` (the rest cannot be chosen then:
+    a probe that runs every few seconds need not build the thirteen parsers it does not use)."""
     parser = _Parser(prog="ductwork", description="Durable multi-step pipelines: supervisor, workers, tools.")
     parser.add_argument("--version", action="version", version=f"ductwork {__version__}")
     _add_common(parser, top=True)
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    chosen = None if named is None else {COMMANDS_BY_NAME[name] for name in named}
     for command in COMMANDS:
-        command.add_to(sub)
+        if chosen is None or command in chosen:
+            command.add_to(sub)
     return parser
 
 
@@ -13372,12 +13427,13 @@ COMMANDS_BY_NAME = {name: command for command in COMMANDS for name in (command.n
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line (``argv``, default sys.argv[1:]; without a command: run); the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    named = any(a in COMMANDS_BY_NAME for a in argv if not a.startswith("-"))
-    if not named and not any(a in ("-h", "--help", "--version") for a in argv):
-        argv = [DEFAULT_COMMAND, *argv]
+    named = [a for a in argv if a in COMMANDS_BY_NAME]   # the command, and any option value spelled like one
+    asks_help = any(a in ("-h", "--help", "--version") for a in argv)
+    if not named and not asks_help:
+        argv, named = [DEFAULT_COMMAND, *argv], [DEFAULT_COMMAND]
     debug = "--debug" in argv
     try:
-        args = build_parser().parse_args(argv)
+        args = _parse_arguments(argv, None if asks_help else named)
         command = COMMANDS_BY_NAME[args.command or DEFAULT_COMMAND]
         _warn_argv_passwords(args)
         if command.light:  # healthcheck: no app import, no logging setup
@@ -13396,6 +13452,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, sqlite3.Error) or type(exc).__module__.startswith("pg8000"):
             return _error_exit(EXIT_FAILURE, f"database error: {_db_error_text(exc)}", debug)
         return _error_exit(EXIT_FAILURE, f"{type(exc).__name__}: {exc} (--debug shows the traceback)", debug)
+
+
+def _parse_arguments(argv: list[str], named: list[str] | None) -> argparse.Namespace:
+    """``argv`` parsed by the parser of the ``named`` commands; a usage error is the whole parser's,
+    so its message (the commands to choose from) is the same as ever."""
+    try:
+        return build_parser(named).parse_args(argv)
+    except ConfigError:
+        if named is None:
+            raise
+        return build_parser().parse_args(argv)
 
 
 def _error_exit(code: int, message: str, debug: bool) -> int:

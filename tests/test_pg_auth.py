@@ -63,13 +63,17 @@ def test_a_trusted_login_never_loads_the_scram_stack():
 
 
 # -- TLS: sslmode as libpq means it; the context is built once per process, on first use ----------
-TLS_PROBE = ("import sys, ductwork\n"
+TLS_PROBE = ("import socket, sys\n"
+             "opened = []  # every TCP connect: one per connection, whatever the server says to TLS\n"
+             "connect = socket.create_connection\n"
+             "socket.create_connection = lambda *a, **k: opened.append(a) or connect(*a, **k)\n"
+             "import ductwork\n"
              "store = ductwork.Store(sys.argv[1])\n"
              "for _ in range(3):  # several connections: one context, made when the server said yes\n"
              "    with store.tx(write=False) as t:\n"
              "        ssl = t.one('SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()')[0]\n"
              "    store.close()\n"
-             "print(ssl, sorted(ductwork._TLS.contexts), 'ssl' in sys.modules)")
+             "print(ssl, sorted(ductwork._TLS.contexts), 'ssl' in sys.modules, len(opened))")
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +86,8 @@ def tls_probe(url: str) -> subprocess.CompletedProcess:
                           cwd=str(ROOT))
 
 
-@pytest.mark.parametrize("mode, expected", [("prefer", "True ['prefer'] True"), ("require", "True ['require'] True"),
-                                            ("disable", "False [] False")])
+@pytest.mark.parametrize("mode, expected", [("prefer", "True ['prefer'] True 3"),
+                                            ("require", "True ['require'] True 3"), ("disable", "False [] False 3")])
 def test_sslmode_against_a_tls_server(tls_cluster, mode, expected):
     out = tls_probe(f"{tls_cluster.url.split('?')[0]}?sslmode={mode}")
     assert out.returncode == 0 and out.stdout.strip() == expected, out.stderr
@@ -96,7 +100,7 @@ def test_verify_full_rejects_a_self_signed_certificate(tls_cluster):
 
 def test_sslmode_against_a_server_without_tls():
     plain = PG_ADMIN_URL.split("?")[0]
-    out = tls_probe(f"{plain}?sslmode=prefer")       # plain after the server's no: no context was ever built
-    assert out.returncode == 0 and out.stdout.strip() == "False [] True", out.stderr  # (pg8000 imports ssl to ask)
+    out = tls_probe(f"{plain}?sslmode=prefer")       # plain after the server's no: no context, not even the module
+    assert out.returncode == 0 and out.stdout.strip() == "False [] False 3", out.stderr
     out = run_cli("status", "--database-url", f"{plain}?sslmode=require")
     assert out.returncode == 1 and "refuses SSL" in out.stderr and out.stderr.count("\n") == 1, out.stderr
