@@ -142,6 +142,25 @@ def test_bad_flag(tmp_path, args):
     assert not (tmp_path / "ductwork.sqlite3").exists(), "a usage error must not touch the database"
 
 
+def test_a_named_command_parses_as_with_the_whole_parser():
+    """main() builds only the named commands' parsers (the health check runs every few seconds): what they
+    parse, and every usage error's text, are the whole parser's."""
+    for argv in (["healthcheck", "-c", "x.yml", "--max-age", "5"], ["-c", "status", "healthcheck", "-v"],
+                 ["trigger", "status", '{"a": 1}', "--key", "healthcheck"], ["health", "--role", "worker"]):
+        named = [a for a in argv if a in ductwork.COMMANDS_BY_NAME]
+        assert ductwork.build_parser(named).parse_args(argv) == ductwork.build_parser().parse_args(argv), argv
+    built = {a.dest: a for a in ductwork.build_parser(["healthcheck"])._actions}
+    assert sorted(built["command"].choices) == ["health", "healthcheck"]
+    for argv in (["frobnicate", "status"], ["status", "--nope"], ["healthcheck", "--max-age"]):
+        with pytest.raises(ductwork.ConfigError) as partial:
+            ductwork._parse_arguments(argv, [a for a in argv if a in ductwork.COMMANDS_BY_NAME])
+        with pytest.raises(ductwork.ConfigError) as whole:
+            ductwork.build_parser().parse_args(argv)
+        assert str(partial.value) == str(whole.value), argv
+        if argv[0] == "frobnicate":   # the commands to choose from: all of them
+            assert all(repr(c.name) in str(partial.value) for c in ductwork.COMMANDS), partial.value
+
+
 def test_bad_yaml(tmp_path):
     cfg = write(tmp_path, "bad.yml", "default:\n  role: [worker\n")
     assert_usage_error(cli(tmp_path, "-c", cfg, "validate"), "YAML", "bad.yml")

@@ -9,6 +9,7 @@ that is unique across the whole test suite (prefix ``Def``).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 
@@ -674,3 +675,20 @@ def test_validate_reports_a_pipeline_whose_step_went_missing(monkeypatch):
         ductwork.validate()
     assert "DefValidateBroken" in str(info.value)
     assert "DefB" in str(info.value)
+
+
+def test_records_compare_hash_and_show_as_dataclasses_would():
+    """record(): the module's dataclasses share one __repr__, __eq__ and __hash__ (made once, not per class)."""
+    retry = ductwork.Retry(max=3, delay=1.5)
+    assert retry == ductwork.Retry(max=3, delay=1.5) and retry != ductwork.Retry(max=4, delay=1.5)
+    assert hash(retry) == hash(ductwork.Retry(max=3, delay=1.5)) and len({retry, ductwork.Retry(max=3, delay=1.5)}) == 1
+    assert repr(retry).startswith("Retry(max=3, delay=1.5, backoff=")
+    assert (retry == "Retry") is False and retry.__eq__("Retry") is NotImplemented
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        retry.max = 4
+    health = ductwork.Health(0, "healthy")          # mutable: equal by fields, unhashable
+    assert health == ductwork.Health(0, "healthy", []) and health != ductwork.Health(1, "healthy")
+    assert type(health).__hash__ is None and repr(health) == "Health(code=0, line='healthy', processes=[])"
+    every = ductwork.Schedule(every=60)             # its own __eq__ and __hash__ stay
+    assert every == ductwork.Schedule(every=60) and hash(every) == hash(ductwork.Schedule(every=60))
+    assert dataclasses.replace(retry, max=5).max == 5 and dataclasses.asdict(health)["line"] == "healthy"
