@@ -5466,12 +5466,18 @@ class Engine:
         """Claim up to ``limit`` steps: lowest priority first, oldest run first within one (SQL.claim_steps), those
         of capped steps only as far as their keys have free slots (the others wait blocked: _within_caps)."""
         claims = self._claim_queue(t, pipeline, process_id, token, limit)
+        # The slots this transaction let go of (a commit's) are passed on after the claim statement, not before:
+        # their keys' locks, which every claim and let-go of those keys waits for, are held for the fewest round
+        # trips. The steps that unblocks have the first right to the slots freed (see _within_caps).
+        unblocked = self.unblock_freed(t)
         if not claims or not self.caps.capped(pipeline):
             return claims
         kept: list[JobClaim] = []
         free: dict[tuple[str, str], int | None] = {}   # (step, key) -> slots still free (None: its lock was busy)
+        reserved = {(name, key): ids for (of, name, key), ids in unblocked.items() if of == pipeline}
         for round_ in range(1, CAP_ROUNDS + 1):   # a key's slots all held: claim further, past the steps blocked
-            got, blocked, returned = self._within_caps(t, pipeline, claims, limit - len(kept), token, free)
+            got, blocked, returned = self._within_caps(t, pipeline, claims, limit - len(kept), token, free,
+                                                       reserved)
             kept += got
             if returned:   # (given back to the queue: others may claim them, at once)
                 t.notify(CH_JOBS, pipeline)
@@ -5532,7 +5538,8 @@ class Engine:
                 for row in rows]
 
     def _within_caps(self, t: Tx, pipeline: str, claims: list[JobClaim], need: int, token: str,
-                     free: dict[tuple[str, str], int | None]) -> tuple[list[JobClaim], int, int]:
+                     free: dict[tuple[str, str], int | None], reserved: dict[tuple[str, str], list[int]],
+                     ) -> tuple[list[JobClaim], int, int]:
         """Of just-claimed steps, those to run: at most ``need``, and a capped step only if this claim holds a slot
         of its key, or takes a free one (``free``, kept across the rounds of one claim: a key's slots are counted
         once, Postgres under the key's lock; -1 once this claim holds one). A claim's steps run one after another
@@ -5546,12 +5553,15 @@ class Engine:
             if held is None:
                 free[(name, key)] = None   # another claim (or a let-go) of the key is in flight: not this one's turn
                 continue
-            free[(name, key)] = max(0, self.caps.cap(pipeline, name) - held)
+            # (less the steps this transaction unblocked: the slots it freed are theirs, in their order)
+            free[(name, key)] = max(0, self.caps.cap(pipeline, name) - held - len(reserved.get((name, key), ())))
         kept: list[JobClaim] = []
         let_go: list[tuple[int, str, str | None]] = []   # (step id, status, key)
         for c in claims:
             key = keys[c.step_id]
             slot = None if key is None else free[(c.name, key)]
+            if slot == 0 and c.step_id in reserved.get((c.name, key), ()):   # (unblocked here: a slot freed is its)
+                slot = 1
             if key is not None and slot == 0:
                 let_go.append((c.step_id, "blocked", key))
             elif len(kept) >= need or (key is not None and slot is None):
@@ -5576,13 +5586,15 @@ class Engine:
         t.slots_freed += [item for item in freed if item[2] is not None]
 
     @staticmethod
-    def unblock_freed(t: Tx) -> None:
+    def unblock_freed(t: Tx) -> dict[tuple[str, str, str], list[int]]:
         """The slots this transaction let go of (free_slots): as many steps blocked on each key queued again
         (SQL.unblock_steps; Postgres: under the key's lock, waited for, the keys in lock order and all at once, so
         no two transactions wait for each other's keys, and the steps a claim blocked before it committed are
-        seen). Called before a transaction's claim, or at its end."""
+        seen). Called after a transaction's claim statement (Engine._claim_steps_in), or at its end. Returns the
+        steps it queued again per key (pipeline, name, key)."""
+        done: dict[tuple[str, str, str], list[int]] = {}
         if not t.slots_freed:   # (uncapped steps: nothing to do, at every commit)
-            return
+            return done
         counts = collections.Counter(t.slots_freed)
         t.slots_freed = []
         for (pipeline, name, key), n in sorted(counts.items(), key=lambda item: _slot_lock_key(*item[0])):
@@ -5594,10 +5606,13 @@ class Engine:
             else:
                 rows = t.all(SQL.unblock_steps, {**params, "key": key})
             unblocked = [step_id for (step_id,) in rows]
+            if unblocked:
+                done[(pipeline, name, key)] = unblocked
             if unblocked and isinstance(t, _EngineTx):   # (a commit that claims them itself wakes nobody for them)
                 t.queued(pipeline, unblocked)
             elif unblocked:
                 t.notify(CH_JOBS, pipeline)
+        return done
 
     def sweep_blocked(self, pipeline: str) -> int:
         """The safety net of the slots' hand-over, run by each worker process at its reaping cadence (from the
@@ -5833,11 +5848,12 @@ class Engine:
             # (the successes' execution rows were written with them: _write_successes)
             self._record_executions(t, [r for r, ok in zip(results, accepted, strict=True) if ok and not r.ok],
                                     [r for r in rejected if r.claim.step_id in discarded])
-            # (the slots let go last but the claim: their keys' locks are held to the commit, so the least time)
+            # (the slots let go last: their keys' locks are held to the commit, so the least time; the claim
+            # passes them on after its statement, else the unblock below does)
             self.free_slots(t, [(r.claim.pipeline, r.claim.name, r.claim.concurrency_key)
                                 for r, ok in zip(results, accepted, strict=True) if ok])
-            self.unblock_freed(t)
             claims = self._claim_next(t, results, claim_limit, token)
+            self.unblock_freed(t)
             if results:
                 self._flush_arrivals(t, results[0].claim.process_id, token)
         return Committed(accepted, t.halted, claims, discarded, t.completions)

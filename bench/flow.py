@@ -171,7 +171,8 @@ def report_order(kind: str, args: argparse.Namespace, order: dict, before: Versi
     table(f"{kind}: {args.runs} runs x {args.width}-way fan-out, released at once (medians of {args.repeat}; "
           "seconds after the release)",
           ["version", "first run done", "median run done", "last run done", "median / last", "steps/s"], rows)
-    print(f"run-order throughput ratio now / before: {med(now.label, 3) / med(before.label, 3):.2f} (goal >= 0.97)")
+    print(f"run-order throughput ratio now / before: {med(now.label, 3) / med(before.label, 3):.2f}"
+          f"{paired([row[3] for row in order[now.label]], [row[3] for row in order[before.label]])} (goal >= 0.97)")
     record(f"ductwork ({kind})", "fan-out backlog, median run done / last",
            [row[1] / row[2] for row in order[now.label]])
 
@@ -182,9 +183,19 @@ def report_claims(kind: str, args: argparse.Namespace, single: dict, before: Ver
     table(f"{kind}: {args.steps} single no-op steps, released at once (steps/s, medians of {args.repeat})",
           ["version", "steps/s"], [[label, f"{rate:.0f}"] for label, rate in rates.items()])
     print(f"claim throughput ratio now / before (no caps, no priorities): "
-          f"{rates[now.label] / rates[before.label]:.2f} (goal >= 0.97)")
-    print(f"claim throughput ratio cap {CAP} / uncapped: {rates[f'now, cap {CAP}'] / rates[now.label]:.2f} "
-          "(goal >= 0.8)")
+          f"{rates[now.label] / rates[before.label]:.2f}{paired(single[now.label], single[before.label])} "
+          "(goal >= 0.97)")
+    print(f"claim throughput ratio cap {CAP} / uncapped: {rates[f'now, cap {CAP}'] / rates[now.label]:.2f}"
+          f"{paired(single[f'now, cap {CAP}'], single[now.label])} (goal >= 0.8)")
+
+
+def paired(ours: list[float], theirs: list[float]) -> str:
+    """The ratios of the runs of one repeat (measured back to back, so a slow spell of the machine is in both):
+    their median and range, steadier than the ratio of the medians on a shared machine."""
+    if len(ours) < 2:
+        return ""
+    ratios = sorted(a / b for a, b in zip(ours, theirs, strict=True))
+    return f"; per repeat: median {statistics.median(ratios):.2f}, {ratios[0]:.2f}-{ratios[-1]:.2f}"
 
 
 if __name__ == "__main__":

@@ -313,6 +313,23 @@ def test_one_claim_holds_one_slot_however_many_steps_of_the_key_it_takes(engine)
     assert slots(engine, "FlowKeyed") == {("running", "t-c"): 4, ("blocked", "t-c"): 1}
 
 
+def test_a_slot_a_commit_frees_goes_to_the_step_it_unblocks_not_to_a_newer_one_its_claim_found(engine):
+    """A commit passes its slots on after its claim statement (their locks held the least time): the claim found
+    only the newer queued step, yet the older one blocked takes the slot freed, and the newer waits behind it."""
+    runs = [FlowKeyed.trigger("e").id for _ in range(3)]
+    first = engine.claim_steps("FlowKeyed", 1, 1)
+    assert [c.run_id for c in first] == runs[:1] and claim_one(engine, 1) == [("t-e", runs[1])]
+    assert claim_one(engine, 1) == []                                    # both slots held: the third waits
+    newer = FlowKeyed.trigger("e").id                                    # queued, behind the one blocked
+    done = engine.commit([ductwork.StepResult(c, True, "1") for c in first], claim_limit=1)
+    assert done.accepted == [True] and [c.run_id for c in done.claims] == [runs[2]]
+    found = rows(engine, "SELECT run_id, status FROM ductwork_steps WHERE run_id IN (:a, :b) ORDER BY run_id",
+                 {"a": runs[2], "b": newer})
+    assert [tuple(row) for row in found] == [(runs[2], "running"), (newer, "blocked")]
+    assert slots(engine, "FlowKeyed") == {("succeeded", "t-e"): 1, ("running", "t-e"): 2, ("blocked", "t-e"): 1}
+    assert claim_one(engine, 2, limit=5) == []
+
+
 def test_status_and_metrics_count_the_steps_waiting_for_a_slot(engine):
     for tenant in "ddd":
         FlowKeyed.trigger(tenant)
