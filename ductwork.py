@@ -4498,6 +4498,11 @@ class SQL:
     # seen). locked_slots_held waits for the lock (:wait) or tries it (-1: busy); locked_unblock waits.
     locked_slots_held = "SELECT ductwork_locked_slots_held(:class, :key, :wait, :pipeline, :name, :ckey, :token)"
     locked_unblock = "SELECT id FROM ductwork_locked_unblock(:class, :key, :pipeline, :name, :ckey, :limit) AS id"
+    # ... both, for a key a commit let go of and its claim takes steps of again (Engine.unblock_freed): one round
+    # trip under the key's lock, not two (the two read and write disjoint rows: which runs first makes no odds).
+    locked_unblock_held = """
+        SELECT ARRAY(SELECT id FROM ductwork_locked_unblock(:class, :key, :pipeline, :name, :ckey, :limit) AS id),
+               ductwork_locked_slots_held(:class, :key, TRUE, :pipeline, :name, :ckey, :token)"""
 
     @classmethod
     def slot_functions(cls) -> tuple[str, str]:
@@ -5424,6 +5429,24 @@ def _step_arguments(c: JobClaim) -> list:
     return value if c.node == 0 else [value]
 
 
+@record
+class _ClaimSlots:
+    """One claim's view of the slots of its capped steps' keys, kept across its rounds (Engine._claim_steps_in)."""
+    reserved: dict[tuple[str, str], set[int]]   # (step, key) -> the steps this transaction unblocked: theirs first
+    keys: dict[int, str | None] = dataclasses.field(default_factory=dict)   # step id -> its key (None: uncapped)
+    # (step, key) -> slots free to this claim's other steps, counted once (None: its lock was busy; -1: this claim
+    # holds one, and its other steps of the key run after the first, in that one slot)
+    free: dict[tuple[str, str], int | None] = dataclasses.field(default_factory=dict)
+    turns: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)   # ... and kept for the reserved
+
+    def count(self, group: tuple[str, str], cap: int, held: int) -> None:
+        """A key's slots counted: the cap less those other claims hold, the reserved steps' first (one each, at
+        most all there are), and the rest free."""
+        room = max(0, cap - held)
+        self.turns[group] = min(len(self.reserved.get(group, ())), room)
+        self.free[group] = room - self.turns[group]
+
+
 class Engine:
     """The state machine over one Store, with the configuration's budgets."""
 
@@ -5466,18 +5489,25 @@ class Engine:
         """Claim up to ``limit`` steps: lowest priority first, oldest run first within one (SQL.claim_steps), those
         of capped steps only as far as their keys have free slots (the others wait blocked: _within_caps)."""
         claims = self._claim_queue(t, pipeline, process_id, token, limit)
+        capped = self.caps.capped(pipeline)
+        keys = {c.step_id: self.caps.key(c) for c in claims} if capped else {}
         # The slots this transaction let go of (a commit's) are passed on after the claim statement, not before:
         # their keys' locks, which every claim and let-go of those keys waits for, are held for the fewest round
-        # trips. The steps that unblocks have the first right to the slots freed (see _within_caps).
-        unblocked = self.unblock_freed(t)
-        if not claims or not self.caps.capped(pipeline):
+        # trips (a key freed and claimed again: one, which also counts its slots). The steps that unblocks have
+        # the first right to the slots freed (_ClaimSlots.count), and this claim takes them on if it has room.
+        unblocked, counted = self.unblock_freed(
+            t, {(pipeline, c.name, keys[c.step_id]) for c in claims if keys.get(c.step_id) is not None}, token)
+        slots = _ClaimSlots({(name, key): set(ids) for (of, name, key), ids in unblocked.items() if of == pipeline},
+                            keys)
+        if slots.reserved and len(claims) < limit:
+            claims += self._claim_queue(t, pipeline, process_id, token, limit - len(claims))
+        if not claims or not capped:
             return claims
+        for (_, name, key), held in counted.items():
+            slots.count((name, key), self.caps.cap(pipeline, name), held)
         kept: list[JobClaim] = []
-        free: dict[tuple[str, str], int | None] = {}   # (step, key) -> slots still free (None: its lock was busy)
-        reserved = {(name, key): ids for (of, name, key), ids in unblocked.items() if of == pipeline}
         for round_ in range(1, CAP_ROUNDS + 1):   # a key's slots all held: claim further, past the steps blocked
-            got, blocked, returned = self._within_caps(t, pipeline, claims, limit - len(kept), token, free,
-                                                       reserved)
+            got, blocked, returned = self._within_caps(t, pipeline, claims, limit - len(kept), token, slots)
             kept += got
             if returned:   # (given back to the queue: others may claim them, at once)
                 t.notify(CH_JOBS, pipeline)
@@ -5538,37 +5568,43 @@ class Engine:
                 for row in rows]
 
     def _within_caps(self, t: Tx, pipeline: str, claims: list[JobClaim], need: int, token: str,
-                     free: dict[tuple[str, str], int | None], reserved: dict[tuple[str, str], list[int]],
-                     ) -> tuple[list[JobClaim], int, int]:
+                     slots: _ClaimSlots) -> tuple[list[JobClaim], int, int]:
         """Of just-claimed steps, those to run: at most ``need``, and a capped step only if this claim holds a slot
-        of its key, or takes a free one (``free``, kept across the rounds of one claim: a key's slots are counted
-        once, Postgres under the key's lock; -1 once this claim holds one). A claim's steps run one after another
-        on one thread, so they take one slot together however many of a key it holds. The others let go in one
-        statement: blocked (their key's slots all held by other claims), or queued again (more than ``need``, or
-        their key's lock busy). Returns the steps kept, and how many were blocked and given back."""
-        keys = {c.step_id: self.caps.key(c) for c in claims}
+        of its key, or takes a free one (``slots``, kept across the rounds of one claim: a key's slots are counted
+        once, Postgres under the key's lock). A claim's steps run one after another on one thread, so they take
+        one slot together however many of a key it holds. A step this transaction unblocked takes a slot kept for
+        it (one with none kept for it is as any other). The others let go in one statement: blocked (their key's
+        slots all held by other claims, or kept for the steps unblocked), or queued again (more than ``need``,
+        their key's lock busy, or one unblocked here once this claim holds a slot: its turn stays its own).
+        Returns the steps kept, and how many were blocked and given back."""
+        keys, free = slots.keys, slots.free
+        keys.update({c.step_id: self.caps.key(c) for c in claims if c.step_id not in keys})
         groups = {(c.name, keys[c.step_id]) for c in claims if keys[c.step_id] is not None} - free.keys()
         for name, key in sorted(groups, key=lambda group: _slot_lock_key(pipeline, *group)):
             held = self._slots_held(t, pipeline, name, key, token)
             if held is None:
                 free[(name, key)] = None   # another claim (or a let-go) of the key is in flight: not this one's turn
                 continue
-            # (less the steps this transaction unblocked: the slots it freed are theirs, in their order)
-            free[(name, key)] = max(0, self.caps.cap(pipeline, name) - held - len(reserved.get((name, key), ())))
+            slots.count((name, key), self.caps.cap(pipeline, name), held)
         kept: list[JobClaim] = []
         let_go: list[tuple[int, str, str | None]] = []   # (step id, status, key)
         for c in claims:
             key = keys[c.step_id]
-            slot = None if key is None else free[(c.name, key)]
-            if slot == 0 and c.step_id in reserved.get((c.name, key), ()):   # (unblocked here: a slot freed is its)
-                slot = 1
+            group = (c.name, key)
+            slot = None if key is None else free[group]
+            if c.step_id in slots.reserved.get(group, ()):   # (unblocked here: a slot kept for it, or its turn kept)
+                if slot == -1:
+                    slot = None
+                elif slot is not None and slots.turns[group]:
+                    slots.turns[group] -= 1
+                    slot = 1
             if key is not None and slot == 0:
                 let_go.append((c.step_id, "blocked", key))
             elif len(kept) >= need or (key is not None and slot is None):
                 let_go.append((c.step_id, "queued", None))
             else:
                 if key is not None:
-                    free[(c.name, key)] = -1   # (this claim's slot: its other steps of the key run after this one)
+                    free[group] = -1   # (this claim's slot: its other steps of the key run after this one)
                     c.concurrency_key = key
                     if c.stored_key != key:   # (kept: the key written, the claim kept)
                         let_go.append((c.step_id, "running", key))
@@ -5586,22 +5622,32 @@ class Engine:
         t.slots_freed += [item for item in freed if item[2] is not None]
 
     @staticmethod
-    def unblock_freed(t: Tx) -> dict[tuple[str, str, str], list[int]]:
+    def unblock_freed(t: Tx, counting: Iterable[tuple[str, str, str]] = (), token: str = "",
+                      ) -> tuple[dict[tuple[str, str, str], list[int]], dict[tuple[str, str, str], int]]:
         """The slots this transaction let go of (free_slots): as many steps blocked on each key queued again
         (SQL.unblock_steps; Postgres: under the key's lock, waited for, the keys in lock order and all at once, so
         no two transactions wait for each other's keys, and the steps a claim blocked before it committed are
         seen). Called after a transaction's claim statement (Engine._claim_steps_in), or at its end. Returns the
-        steps it queued again per key (pipeline, name, key)."""
+        steps it queued again per key (pipeline, name, key), and, Postgres, for the keys also ``counting`` (those
+        the claim of ``token`` holds steps of), their slots held by other claims, counted in the same round trip
+        (what _slots_held would count)."""
         done: dict[tuple[str, str, str], list[int]] = {}
+        counted: dict[tuple[str, str, str], int] = {}
         if not t.slots_freed:   # (uncapped steps: nothing to do, at every commit)
-            return done
+            return done, counted
         counts = collections.Counter(t.slots_freed)
         t.slots_freed = []
+        counting = set(counting) if t.dialect == "postgres" else set()
         for (pipeline, name, key), n in sorted(counts.items(), key=lambda item: _slot_lock_key(*item[0])):
-            params = {"pipeline": pipeline, "name": name, "limit": n}
+            params = {"pipeline": pipeline, "name": name, "limit": n, "ckey": key}
             if t.dialect == "postgres":   # (the lock and the unblock in one round trip)
                 lock = _slot_lock_key(pipeline, name, key)
-                rows = t.all(SQL.locked_unblock, {**params, "class": SQL.SLOT_LOCK_CLASS, "key": lock, "ckey": key})
+                params.update({"class": SQL.SLOT_LOCK_CLASS, "key": lock})
+                if (pipeline, name, key) in counting:
+                    ids, held = t.one(SQL.locked_unblock_held, {**params, "token": token})
+                    rows, counted[(pipeline, name, key)] = [(step_id,) for step_id in ids or ()], int(held)
+                else:
+                    rows = t.all(SQL.locked_unblock, params)
                 t.slot_locks.add(lock)
             else:
                 rows = t.all(SQL.unblock_steps, {**params, "key": key})
@@ -5612,7 +5658,7 @@ class Engine:
                 t.queued(pipeline, unblocked)
             elif unblocked:
                 t.notify(CH_JOBS, pipeline)
-        return done
+        return done, counted
 
     def sweep_blocked(self, pipeline: str) -> int:
         """The safety net of the slots' hand-over, run by each worker process at its reaping cadence (from the
@@ -5850,8 +5896,10 @@ class Engine:
                                     [r for r in rejected if r.claim.step_id in discarded])
             # (the slots let go last: their keys' locks are held to the commit, so the least time; the claim
             # passes them on after its statement, else the unblock below does)
-            self.free_slots(t, [(r.claim.pipeline, r.claim.name, r.claim.concurrency_key)
-                                for r, ok in zip(results, accepted, strict=True) if ok])
+            # (one slot per claim, however many of its steps of the key it commits)
+            self.free_slots(t, [freed[:3] for freed in dict.fromkeys(
+                (r.claim.pipeline, r.claim.name, r.claim.concurrency_key, r.claim.token)
+                for r, ok in zip(results, accepted, strict=True) if ok)])
             claims = self._claim_next(t, results, claim_limit, token)
             self.unblock_freed(t)
             if results:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import FAST, run_cli
 from procs import LOAD_SLACK, Proc, reap_deadline, wait_until
 
 import ductwork
@@ -313,21 +313,93 @@ def test_one_claim_holds_one_slot_however_many_steps_of_the_key_it_takes(engine)
     assert slots(engine, "FlowKeyed") == {("running", "t-c"): 4, ("blocked", "t-c"): 1}
 
 
-def test_a_slot_a_commit_frees_goes_to_the_step_it_unblocks_not_to_a_newer_one_its_claim_found(engine):
-    """A commit passes its slots on after its claim statement (their locks held the least time): the claim found
-    only the newer queued step, yet the older one blocked takes the slot freed, and the newer waits behind it."""
+def test_a_slot_a_commit_frees_goes_to_the_step_it_unblocks_not_to_a_newer_one_its_claim_found(engine, monkeypatch):
+    """A commit passes its slots on after its claim statement (their locks held the least time; on Postgres, a key
+    freed and claimed again in one round trip): the claim found only the newer queued step, yet the older one
+    blocked takes the slot freed, and the newer waits behind it."""
     runs = [FlowKeyed.trigger("e").id for _ in range(3)]
     first = engine.claim_steps("FlowKeyed", 1, 1)
     assert [c.run_id for c in first] == runs[:1] and claim_one(engine, 1) == [("t-e", runs[1])]
     assert claim_one(engine, 1) == []                                    # both slots held: the third waits
     newer = FlowKeyed.trigger("e").id                                    # queued, behind the one blocked
+    ran: list[str] = []
+    every = ductwork.Tx.all   # (Tx.one and Tx.all both come here)
+    def spy(t, sql, params=()):
+        ran.append(sql)
+        return every(t, sql, params)
+    monkeypatch.setattr(ductwork.Tx, "all", spy)
     done = engine.commit([ductwork.StepResult(c, True, "1") for c in first], claim_limit=1)
+    monkeypatch.undo()
+    names = {getattr(ductwork.SQL, name): name for name in ("locked_unblock_held", "locked_unblock",
+                                                            "locked_slots_held", "unblock_steps", "slots_held")}
+    assert [names[sql] for sql in ran if sql in names] == (
+        ["locked_unblock_held"] if engine.store.dialect == "postgres" else ["unblock_steps", "slots_held"])
     assert done.accepted == [True] and [c.run_id for c in done.claims] == [runs[2]]
     found = rows(engine, "SELECT run_id, status FROM ductwork_steps WHERE run_id IN (:a, :b) ORDER BY run_id",
                  {"a": runs[2], "b": newer})
     assert [tuple(row) for row in found] == [(runs[2], "running"), (newer, "blocked")]
     assert slots(engine, "FlowKeyed") == {("succeeded", "t-e"): 1, ("running", "t-e"): 2, ("blocked", "t-e"): 1}
     assert claim_one(engine, 2, limit=5) == []
+
+
+def step_states(engine, runs):
+    return {run_id: status for run_id, status in rows(
+        engine, "SELECT run_id, status FROM ductwork_steps WHERE pipeline = 'FlowKeyed' ORDER BY run_id")
+        if run_id in runs}
+
+
+def running_holders(engine):
+    return rows(engine, "SELECT count(DISTINCT claim_token) FROM ductwork_steps WHERE pipeline = 'FlowKeyed' "
+                        "AND status = 'running'")[0][0]
+
+
+def test_a_commit_passes_on_one_turn_per_claim_and_a_step_queued_with_its_turn_keeps_it(engine):
+    """A claim of two steps of a key holds one slot: its commit passes on one turn, not two, so the step an
+    earlier let-go queued (older) keeps the other slot, and the newer ones run in their order."""
+    runs = [FlowKeyed.trigger("f").id for _ in range(6)]
+    holder = engine.claim_steps("FlowKeyed", 1, 2)                       # runs 0 and 1: one claim, one slot
+    other = engine.claim_steps("FlowKeyed", 1, 1)                        # run 2: the other slot
+    assert engine.claim_steps("FlowKeyed", 1, 5) == []                   # runs 3, 4, 5 wait
+    engine.commit([ductwork.StepResult(other[0], True, "1")])            # run 3 queued: its turn
+    done = engine.commit([ductwork.StepResult(c, True, "1") for c in holder], claim_limit=1)
+    assert [c.run_id for c in done.claims] == [runs[3]]
+    assert [c.run_id for c in engine.claim_steps("FlowKeyed", 2, 5)] == [runs[4]]
+    assert step_states(engine, runs[3:]) == {runs[3]: "running", runs[4]: "running", runs[5]: "blocked"}
+
+
+def test_a_commit_that_frees_a_slot_claims_the_step_it_unblocked_itself(engine):
+    """A key's whole backlog waiting (none queued): the commit that frees a slot runs the next step of the key on
+    its own thread, as before it passed slots on after its claim statement (no wake-up, no second claim)."""
+    runs = [FlowKeyed.trigger("g").id for _ in range(5)]
+    first = engine.claim_steps("FlowKeyed", 1, 1)
+    engine.claim_steps("FlowKeyed", 1, 1)
+    assert engine.claim_steps("FlowKeyed", 1, 5) == []                   # runs 2, 3, 4 wait, none queued
+    done = engine.commit([ductwork.StepResult(c, True, "1") for c in first], claim_limit=4)
+    assert [c.run_id for c in done.claims] == [runs[2]]
+    assert step_states(engine, runs) == {runs[0]: "succeeded", runs[1]: "running", runs[2]: "running",
+                                         runs[3]: "blocked", runs[4]: "blocked"}
+
+
+def test_a_step_unblocked_by_a_commit_never_takes_a_slot_a_lower_cap_or_a_partial_commit_left_held(engine):
+    """The steps a commit unblocks have the first right to the slots it freed, never to more than are free: with
+    the cap lowered below the holders (an operator, in an incident), and after a commit of one of a claim's two
+    steps (its slot still held), the holders stay at the cap."""
+    runs = [FlowKeyed.trigger("h").id for _ in range(4)]
+    pair = engine.claim_steps("FlowKeyed", 1, 2)                         # one slot, two steps
+    engine.claim_steps("FlowKeyed", 1, 1)                                # the second slot
+    assert engine.claim_steps("FlowKeyed", 1, 1) == []                   # run 3 waits
+    FlowKeyed.trigger("h")                                               # a newer one, queued
+    done = engine.commit([ductwork.StepResult(pair[0], True, "1")], claim_limit=1)   # its other step still runs
+    assert done.claims == [] and running_holders(engine) == 2
+    assert step_states(engine, runs)[runs[3]] == "blocked"
+    lowered = ductwork.Engine(engine.store, ductwork.load_config(data=FAST, overrides={
+        "database_url": engine.store.url, "job_worker": {"concurrency": {"FlowKeyed": {"per_tenant": 1}}}}))
+    assert lowered.caps.cap("FlowKeyed", "per_tenant") == 1
+    done = lowered.commit([ductwork.StepResult(pair[1], True, "1")], claim_limit=1)
+    assert done.claims == [] and running_holders(engine) == 1
+    newer = max(step_states(engine, range(runs[3] + 1, runs[3] + 10)))
+    # (run 3 unblocked and claimed by the commit itself, but with no slot free for it: it waits again, first)
+    assert step_states(engine, [runs[3], newer]) == {runs[3]: "blocked", newer: "blocked"}
 
 
 def test_status_and_metrics_count_the_steps_waiting_for_a_slot(engine):
