@@ -3,7 +3,8 @@
 
 A map of this module, top to bottom (search for the ``# ===`` banners):
 
-    errors & constants   exception classes, exit codes, halt reasons, wake-up channels, backoff()
+    errors & constants   exception classes, exit codes, halt reasons, wake-up channels, backoff(), record() (the
+                         dataclass decorator of the module's records)
     logging              text/JSON log lines (ECS fields; in a serving process the app's loggers, warnings, prints and
                          uncaught exceptions too), password masking; this process's metrics (ProcessMetrics: the
                          histograms and counters its row carries to /metrics); OpenTelemetry tracing (_Tracing)
@@ -5496,13 +5497,14 @@ class Engine:
         # trips (a key freed and claimed again: one, which also counts its slots). The steps that unblocks have
         # the first right to the slots freed (_ClaimSlots.count), and this claim takes them on if it has room.
         unblocked, counted = self.unblock_freed(
-            t, {(pipeline, c.name, keys[c.step_id]) for c in claims if keys.get(c.step_id) is not None}, token)
-        slots = _ClaimSlots({(name, key): set(ids) for (of, name, key), ids in unblocked.items() if of == pipeline},
-                            keys)
-        if slots.reserved and len(claims) < limit:
+            t, {(pipeline, c.name, key) for c in claims if (key := keys[c.step_id]) is not None} if capped else (),
+            token)
+        reserved = {(name, key): set(ids) for (of, name, key), ids in unblocked.items() if of == pipeline}
+        if reserved and len(claims) < limit:
             claims += self._claim_queue(t, pipeline, process_id, token, limit - len(claims))
         if not claims or not capped:
             return claims
+        slots = _ClaimSlots(reserved, keys)
         for (_, name, key), held in counted.items():
             slots.count((name, key), self.caps.cap(pipeline, name), held)
         kept: list[JobClaim] = []
@@ -5894,9 +5896,9 @@ class Engine:
             # (the successes' execution rows were written with them: _write_successes)
             self._record_executions(t, [r for r, ok in zip(results, accepted, strict=True) if ok and not r.ok],
                                     [r for r in rejected if r.claim.step_id in discarded])
-            # (the slots let go last: their keys' locks are held to the commit, so the least time; the claim
-            # passes them on after its statement, else the unblock below does)
-            # (one slot per claim, however many of its steps of the key it commits)
+            # (the slots let go last: their keys' locks are held to the commit, so the least time; one per claim,
+            # however many of its steps of the key it commits; the claim passes them on after its statement, else
+            # the unblock below does)
             self.free_slots(t, [freed[:3] for freed in dict.fromkeys(
                 (r.claim.pipeline, r.claim.name, r.claim.concurrency_key, r.claim.token)
                 for r, ok in zip(results, accepted, strict=True) if ok)])
