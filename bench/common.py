@@ -156,9 +156,12 @@ SIDE_BY_SIDE = {
 
 def record(who: str, label: str, values: list[float]) -> None:
     """Keep a figure for bench/run.py's side-by-side table, when it asked for them
-    (DUCTWORK_BENCH_RESULTS names the file)."""
+    (DUCTWORK_BENCH_RESULTS names the file; DUCTWORK_BENCH_SCALE, when set, is added to the figure's name:
+    the same rows at another size are rows of their own)."""
     path = os.environ.get("DUCTWORK_BENCH_RESULTS")
     figure = next((v for k, v in reversed(SIDE_BY_SIDE.items()) if k in label), None)
+    if figure and os.environ.get("DUCTWORK_BENCH_SCALE"):
+        figure += f" ({os.environ['DUCTWORK_BENCH_SCALE']})"
     if path and figure:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"who": who, "figure": figure, "median": statistics.median(values)}) + "\n")
